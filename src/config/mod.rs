@@ -1,0 +1,708 @@
+//! Per-program configuration: layered TOML files and their validation.
+//!
+//! Owns the keys a program (one client of the monitor) can be configured with, their defaults,
+//! their ranges, and the error messages for bad files. Must not touch uffd, processes, sockets
+//! or page state: the only I/O here is reading config files.
+//!
+//! # Layering
+//!
+//! Later layers win, key by key:
+//! 1. the defaults built into [`ProgramConfig::default`];
+//! 2. `default.toml` in the config directory, if present;
+//! 3. `<name>.toml` in the config directory, if present, where `<name>` is the program name
+//!    (basename of argv\[0\] / comm, or the `USWAP_APP` value the client sends) — or instead an
+//!    explicit file (`uswap run --config FILE`), which must exist;
+//! 4. command-line / client [`Overrides`].
+//!
+//! # File layout
+//!
+//! Flat: every key is a top-level `key = value` pair; there are no sections. Sizes are strings
+//! with an optional binary suffix (`"512M"`, `"1.5G"`, `"4096"`) or integers (bytes);
+//! durations are strings with a unit (`"500ms"`, `"2s"`, `"100us"`). The shipped
+//! `config/default.toml` documents every key.
+//!
+//! # Errors
+//!
+//! Every [`ConfigError`] names the file, the key (when there is one) and the reason, e.g.
+//! `config/foo.toml:3: key "budget": invalid size "12Q" (expected a number with optional
+//! K/M/G/T suffix, e.g. 512M)`.
+
+mod units;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::{Spanned, Value};
+
+pub use units::{format_duration, format_size, parse_duration, parse_optional_size, parse_size};
+
+/// Bytes in one page, as u64 for size arithmetic.
+const PAGE_BYTES: u64 = crate::PAGE_SIZE as u64;
+
+/// Every key a config file may contain, in documentation order.
+pub const KEYS: &[&str] = &[
+    "budget",
+    "cooling",
+    "tick",
+    "max_evict_rate",
+    "batch_pages",
+    "run_pages",
+    "window",
+    "fill_ahead_pages",
+    "prefetch_pages",
+    "min_region",
+    "max_store",
+    "hot_ttl",
+];
+
+/// The settings of one program (one client of the monitor), fully resolved.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ProgramConfig {
+    /// Target for the program's managed resident anonymous memory (RssAnon); `None` = no
+    /// limit, nothing is evicted. Key `budget`.
+    pub budget_bytes: Option<u64>,
+    /// A trial-evicted page not refaulted within this is compressed; one refaulted within it
+    /// is hot. Key `cooling`.
+    pub cooling: Duration,
+    /// Policy period. Key `tick`.
+    pub tick: Duration,
+    /// Cap on eviction bandwidth. Key `max_evict_rate`.
+    pub max_evict_bytes_per_sec: u64,
+    /// Pages per agent batch. Key `batch_pages`.
+    pub batch_pages: u32,
+    /// Maximum pages per contiguous run (one ioctl). Key `run_pages`.
+    pub run_pages: u32,
+    /// Size of the staging window between agent and monitor. Key `window`.
+    pub window_bytes: u64,
+    /// Fresh (never evicted) faults are served with a zero-page run of up to this many pages.
+    /// Key `fill_ahead_pages`.
+    pub fill_ahead_pages: u32,
+    /// On a fault in evicted memory, also bring back up to this many following evicted pages.
+    /// Key `prefetch_pages`.
+    pub prefetch_pages: u32,
+    /// Anonymous regions smaller than this are not managed. Key `min_region`.
+    pub min_region_bytes: u64,
+    /// Per-program store quota; `None` = no quota. Key `max_store`.
+    pub max_store_bytes: Option<u64>,
+    /// How long a refaulted page is skipped by the clock hand. Key `hot_ttl`.
+    pub hot_ttl: Duration,
+}
+
+impl Default for ProgramConfig {
+    fn default() -> Self {
+        ProgramConfig {
+            budget_bytes: None,
+            cooling: Duration::from_secs(2),
+            tick: Duration::from_millis(20),
+            max_evict_bytes_per_sec: 1 << 30,
+            batch_pages: 512,
+            run_pages: 64,
+            window_bytes: 32 << 20,
+            fill_ahead_pages: 256,
+            prefetch_pages: 16,
+            min_region_bytes: 256 << 10,
+            max_store_bytes: None,
+            hot_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ProgramConfig {
+    /// Renders the configuration as a config file (every key, human units) that loads back to
+    /// the same value. For `uswap doctor` / debugging output.
+    pub fn to_toml(&self) -> String {
+        let opt_size = |v: Option<u64>| match v {
+            None => "none".to_string(),
+            Some(b) => format_size(b),
+        };
+        let mut out = String::new();
+        let mut line = |key: &str, value: String| {
+            out.push_str(key);
+            out.push_str(" = ");
+            out.push_str(&value);
+            out.push('\n');
+        };
+        line("budget", format!("\"{}\"", opt_size(self.budget_bytes)));
+        line("cooling", format!("\"{}\"", format_duration(self.cooling)));
+        line("tick", format!("\"{}\"", format_duration(self.tick)));
+        line(
+            "max_evict_rate",
+            format!("\"{}\"", format_size(self.max_evict_bytes_per_sec)),
+        );
+        line("batch_pages", self.batch_pages.to_string());
+        line("run_pages", self.run_pages.to_string());
+        line("window", format!("\"{}\"", format_size(self.window_bytes)));
+        line("fill_ahead_pages", self.fill_ahead_pages.to_string());
+        line("prefetch_pages", self.prefetch_pages.to_string());
+        line(
+            "min_region",
+            format!("\"{}\"", format_size(self.min_region_bytes)),
+        );
+        line(
+            "max_store",
+            format!("\"{}\"", opt_size(self.max_store_bytes)),
+        );
+        line("hot_ttl", format!("\"{}\"", format_duration(self.hot_ttl)));
+        out
+    }
+}
+
+/// One layer of settings: every key optional. Used for command-line / client overrides, and
+/// internally for each parsed file. `None` = this layer does not set the key.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Overrides {
+    /// `Some(None)` = `"none"` (no limit).
+    pub budget_bytes: Option<Option<u64>>,
+    pub cooling: Option<Duration>,
+    pub tick: Option<Duration>,
+    pub max_evict_bytes_per_sec: Option<u64>,
+    pub batch_pages: Option<u32>,
+    pub run_pages: Option<u32>,
+    pub window_bytes: Option<u64>,
+    pub fill_ahead_pages: Option<u32>,
+    pub prefetch_pages: Option<u32>,
+    pub min_region_bytes: Option<u64>,
+    /// `Some(None)` = `"none"` (no quota).
+    pub max_store_bytes: Option<Option<u64>>,
+    pub hot_ttl: Option<Duration>,
+}
+
+impl Overrides {
+    /// Sets `key` (a config-file key name, e.g. `"budget"`) from a string as it would be
+    /// written on a command line (`--set budget=512M`) or sent by a client. A string that is a
+    /// plain integer counts as a TOML integer, anything else as a TOML string.
+    pub fn set_str(&mut self, key: &str, value: &str) -> Result<(), ConfigError> {
+        let v = match value.trim().parse::<i64>() {
+            Ok(n) => Value::Integer(n),
+            Err(_) => Value::String(value.to_string()),
+        };
+        self.set_value(key, &v).map_err(|e| match e {
+            KeyError::Unknown => ConfigError::UnknownKey {
+                path: PathBuf::from("<override>"),
+                line: None,
+                key: key.to_string(),
+            },
+            KeyError::Invalid(reason) => ConfigError::Override {
+                key: key.to_string(),
+                reason,
+            },
+        })
+    }
+
+    /// Sets one key from a TOML value, validating type and range. The single place where a
+    /// key name meets its parser and its range.
+    fn set_value(&mut self, key: &str, v: &Value) -> Result<(), KeyError> {
+        match key {
+            "budget" => self.budget_bytes = Some(check_budget(opt_size_value(v)?)?),
+            "cooling" => self.cooling = Some(check_cooling(duration_value(v)?)?),
+            "tick" => self.tick = Some(check_tick(duration_value(v)?)?),
+            "max_evict_rate" => {
+                self.max_evict_bytes_per_sec = Some(check_evict_rate(rate_value(v)?)?)
+            }
+            "batch_pages" => self.batch_pages = Some(check_batch_pages(u32_value(v)?)?),
+            "run_pages" => self.run_pages = Some(check_run_pages(u32_value(v)?)?),
+            "window" => self.window_bytes = Some(check_window(size_value(v)?)?),
+            "fill_ahead_pages" => self.fill_ahead_pages = Some(check_fill_ahead(u32_value(v)?)?),
+            "prefetch_pages" => self.prefetch_pages = Some(check_prefetch(u32_value(v)?)?),
+            "min_region" => self.min_region_bytes = Some(size_value(v)?),
+            "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
+            "hot_ttl" => self.hot_ttl = Some(check_hot_ttl(duration_value(v)?)?),
+            _ => return Err(KeyError::Unknown),
+        }
+        Ok(())
+    }
+
+    /// Checks the ranges of values set directly in the struct (not through [`Self::set_str`]).
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |key: &str, reason: String| ConfigError::Override {
+            key: key.to_string(),
+            reason,
+        };
+        if let Some(v) = self.budget_bytes {
+            check_budget(v).map_err(|r| err("budget", r.reason()))?;
+        }
+        if let Some(v) = self.cooling {
+            check_cooling(v).map_err(|r| err("cooling", r.reason()))?;
+        }
+        if let Some(v) = self.tick {
+            check_tick(v).map_err(|r| err("tick", r.reason()))?;
+        }
+        if let Some(v) = self.max_evict_bytes_per_sec {
+            check_evict_rate(v).map_err(|r| err("max_evict_rate", r.reason()))?;
+        }
+        if let Some(v) = self.batch_pages {
+            check_batch_pages(v).map_err(|r| err("batch_pages", r.reason()))?;
+        }
+        if let Some(v) = self.run_pages {
+            check_run_pages(v).map_err(|r| err("run_pages", r.reason()))?;
+        }
+        if let Some(v) = self.window_bytes {
+            check_window(v).map_err(|r| err("window", r.reason()))?;
+        }
+        if let Some(v) = self.fill_ahead_pages {
+            check_fill_ahead(v).map_err(|r| err("fill_ahead_pages", r.reason()))?;
+        }
+        if let Some(v) = self.prefetch_pages {
+            check_prefetch(v).map_err(|r| err("prefetch_pages", r.reason()))?;
+        }
+        if let Some(v) = self.max_store_bytes {
+            check_max_store(v).map_err(|r| err("max_store", r.reason()))?;
+        }
+        if let Some(v) = self.hot_ttl {
+            check_hot_ttl(v).map_err(|r| err("hot_ttl", r.reason()))?;
+        }
+        Ok(())
+    }
+
+    /// Overlays this layer on `cfg`: every key this layer sets replaces the value in `cfg`.
+    pub fn apply_to(&self, cfg: &mut ProgramConfig) {
+        fn put<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                *dst = v.clone();
+            }
+        }
+        put(&mut cfg.budget_bytes, &self.budget_bytes);
+        put(&mut cfg.cooling, &self.cooling);
+        put(&mut cfg.tick, &self.tick);
+        put(
+            &mut cfg.max_evict_bytes_per_sec,
+            &self.max_evict_bytes_per_sec,
+        );
+        put(&mut cfg.batch_pages, &self.batch_pages);
+        put(&mut cfg.run_pages, &self.run_pages);
+        put(&mut cfg.window_bytes, &self.window_bytes);
+        put(&mut cfg.fill_ahead_pages, &self.fill_ahead_pages);
+        put(&mut cfg.prefetch_pages, &self.prefetch_pages);
+        put(&mut cfg.min_region_bytes, &self.min_region_bytes);
+        put(&mut cfg.max_store_bytes, &self.max_store_bytes);
+        put(&mut cfg.hot_ttl, &self.hot_ttl);
+    }
+}
+
+/// A bad config file, a missing explicit file, or a bad override. `Display` always names the
+/// file (or the override), the key when there is one, and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file exists but could not be read.
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// An explicitly named file (`--config FILE`) does not exist.
+    #[error("{}: config file not found", path.display())]
+    NotFound { path: PathBuf },
+    /// The file is not valid TOML.
+    #[error("{}:{line}:{column}: TOML syntax error: {reason}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    /// A key that uswap does not know (a typo, or a section header).
+    #[error(
+        "{}{}: unknown key \"{key}\" (known keys: {})",
+        path.display(),
+        LineSuffix(*line),
+        KEYS.join(", ")
+    )]
+    UnknownKey {
+        path: PathBuf,
+        line: Option<usize>,
+        key: String,
+    },
+    /// A known key with a value of the wrong type or out of range.
+    #[error("{}{}: key \"{key}\": {reason}", path.display(), LineSuffix(*line))]
+    InvalidValue {
+        path: PathBuf,
+        line: Option<usize>,
+        key: String,
+        reason: String,
+    },
+    /// A command-line / client override out of range.
+    #[error("override of key \"{key}\": {reason}")]
+    Override { key: String, reason: String },
+}
+
+/// Renders `:<line>` after a path when the line is known.
+struct LineSuffix(Option<usize>);
+
+impl fmt::Display for LineSuffix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(line) => write!(f, ":{line}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Why one key's value was refused.
+#[derive(Debug)]
+enum KeyError {
+    Unknown,
+    Invalid(String),
+}
+
+impl KeyError {
+    fn reason(self) -> String {
+        match self {
+            KeyError::Unknown => "unknown key".to_string(),
+            KeyError::Invalid(r) => r,
+        }
+    }
+}
+
+impl From<String> for KeyError {
+    fn from(reason: String) -> Self {
+        KeyError::Invalid(reason)
+    }
+}
+
+/// The file as serde sees it: every key optional, unknown keys refused, values kept as raw
+/// TOML with their position so each can be validated under its own key name.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    budget: Option<Spanned<Value>>,
+    cooling: Option<Spanned<Value>>,
+    tick: Option<Spanned<Value>>,
+    max_evict_rate: Option<Spanned<Value>>,
+    batch_pages: Option<Spanned<Value>>,
+    run_pages: Option<Spanned<Value>>,
+    window: Option<Spanned<Value>>,
+    fill_ahead_pages: Option<Spanned<Value>>,
+    prefetch_pages: Option<Spanned<Value>>,
+    min_region: Option<Spanned<Value>>,
+    max_store: Option<Spanned<Value>>,
+    hot_ttl: Option<Spanned<Value>>,
+}
+
+impl RawConfig {
+    /// The fields paired with their key names, in [`KEYS`] order.
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 12] {
+        [
+            ("budget", self.budget),
+            ("cooling", self.cooling),
+            ("tick", self.tick),
+            ("max_evict_rate", self.max_evict_rate),
+            ("batch_pages", self.batch_pages),
+            ("run_pages", self.run_pages),
+            ("window", self.window),
+            ("fill_ahead_pages", self.fill_ahead_pages),
+            ("prefetch_pages", self.prefetch_pages),
+            ("min_region", self.min_region),
+            ("max_store", self.max_store),
+            ("hot_ttl", self.hot_ttl),
+        ]
+    }
+}
+
+/// Loads the configuration of `program` (see the module doc for the layering).
+///
+/// `config_dir` is where `default.toml` and `<program>.toml` are looked up (none = built-in
+/// defaults only, plus `explicit_file`). `explicit_file` replaces the `<program>.toml` lookup
+/// and must exist. A program name that is not a safe file name (see [`program_file_name`]) is
+/// simply not looked up. Returns the configuration and the files that were used, in order.
+pub fn load_program_config(
+    config_dir: Option<&Path>,
+    program: &str,
+    explicit_file: Option<&Path>,
+    overrides: &Overrides,
+) -> Result<(ProgramConfig, Vec<PathBuf>), ConfigError> {
+    let mut cfg = ProgramConfig::default();
+    let mut used = Vec::new();
+    if let Some(dir) = config_dir {
+        let path = dir.join("default.toml");
+        if let Some(text) = read_if_present(&path)? {
+            parse_layer(&path, &text)?.apply_to(&mut cfg);
+            used.push(path);
+        }
+    }
+    match (explicit_file, config_dir) {
+        (Some(path), _) => {
+            let text = read_if_present(path)?.ok_or_else(|| ConfigError::NotFound {
+                path: path.to_path_buf(),
+            })?;
+            parse_layer(path, &text)?.apply_to(&mut cfg);
+            used.push(path.to_path_buf());
+        }
+        (None, Some(dir)) => {
+            // `default` is already layer 2; do not apply it twice.
+            if let Some(name) = program_file_name(program).filter(|n| n != "default.toml") {
+                let path = dir.join(name);
+                if let Some(text) = read_if_present(&path)? {
+                    parse_layer(&path, &text)?.apply_to(&mut cfg);
+                    used.push(path);
+                }
+            }
+        }
+        (None, None) => {}
+    }
+    overrides.validate()?;
+    overrides.apply_to(&mut cfg);
+    Ok((cfg, used))
+}
+
+/// Parses and validates one file on its own (for tests and `uswap doctor`).
+pub fn validate_file(path: &Path) -> Result<(), ConfigError> {
+    let text = read_if_present(path)?.ok_or_else(|| ConfigError::NotFound {
+        path: path.to_path_buf(),
+    })?;
+    parse_layer(path, &text).map(|_| ())
+}
+
+/// The file name (`<name>.toml`) for a program name, or `None` if the name is not safe to
+/// use as one: empty, longer than 200 bytes, containing `/` or `..`, starting with `.`, or
+/// containing anything but `[A-Za-z0-9._-]`.
+pub fn program_file_name(program: &str) -> Option<String> {
+    let ok = !program.is_empty()
+        && program.len() <= 200
+        && !program.starts_with('.')
+        && !program.contains("..")
+        && program
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    ok.then(|| format!("{program}.toml"))
+}
+
+/// Reads a file; `Ok(None)` if it does not exist, an error if it exists but cannot be read.
+fn read_if_present(path: &Path) -> Result<Option<String>, ConfigError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// Parses one file's text into a layer, validating every key.
+fn parse_layer(path: &Path, text: &str) -> Result<Overrides, ConfigError> {
+    let syntax = |e: toml::de::Error| {
+        let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line,
+            column,
+            reason: e.message().trim().to_string(),
+        }
+    };
+    // First pass: syntax, and unknown keys with a message that lists the known ones.
+    let table: toml::Table = toml::from_str(text).map_err(syntax)?;
+    if let Some(key) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(ConfigError::UnknownKey {
+            path: path.to_path_buf(),
+            line: find_key_line(text, key),
+            key: key.clone(),
+        });
+    }
+    // Second pass: each known key under its own name, with its position.
+    let raw: RawConfig = toml::from_str(text).map_err(syntax)?;
+    let mut layer = Overrides::default();
+    for (key, field) in raw.into_fields() {
+        let Some(spanned) = field else { continue };
+        let line = Some(line_col(text, spanned.span().start).0);
+        layer
+            .set_value(key, spanned.get_ref())
+            .map_err(|e| ConfigError::InvalidValue {
+                path: path.to_path_buf(),
+                line,
+                key: key.to_string(),
+                reason: e.reason(),
+            })?;
+    }
+    Ok(layer)
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Best-effort line of `key = ...` (bare keys only); `None` if not found.
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            let l = l.strip_prefix('[').unwrap_or(l);
+            l.strip_prefix(key)
+                .is_some_and(|rest| rest.starts_with([' ', '\t', '=', ']']))
+        })
+        .map(|i| i + 1)
+}
+
+// ---- value parsers: TOML value -> typed value, reason on failure ----
+
+fn type_name(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("string \"{s}\""),
+        Value::Integer(i) => format!("integer {i}"),
+        Value::Float(f) => format!("float {f}"),
+        Value::Boolean(b) => format!("boolean {b}"),
+        Value::Datetime(d) => format!("datetime {d}"),
+        Value::Array(_) => "array".to_string(),
+        Value::Table(_) => "table".to_string(),
+    }
+}
+
+fn size_value(v: &Value) -> Result<u64, KeyError> {
+    match v {
+        Value::String(s) => Ok(parse_size(s)?),
+        Value::Integer(i) => u64::try_from(*i)
+            .map_err(|_| KeyError::Invalid(format!("size must not be negative, found {i}"))),
+        other => Err(KeyError::Invalid(format!(
+            "expected a size (a string like \"512M\" or an integer number of bytes), found {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn opt_size_value(v: &Value) -> Result<Option<u64>, KeyError> {
+    match v {
+        Value::String(s) => Ok(parse_optional_size(s)?),
+        Value::Integer(_) => size_value(v).map(Some),
+        other => Err(KeyError::Invalid(format!(
+            "expected a size (a string like \"512M\", an integer number of bytes, or \"none\"), found {}",
+            type_name(other)
+        ))),
+    }
+}
+
+/// A size per second: a size, optionally followed by `/s`.
+fn rate_value(v: &Value) -> Result<u64, KeyError> {
+    match v {
+        Value::String(s) => {
+            let s = s.trim();
+            Ok(parse_size(s.strip_suffix("/s").unwrap_or(s))?)
+        }
+        _ => size_value(v),
+    }
+}
+
+fn duration_value(v: &Value) -> Result<Duration, KeyError> {
+    match v {
+        Value::String(s) => Ok(parse_duration(s)?),
+        Value::Integer(i) => Err(KeyError::Invalid(format!(
+            "expected a duration string with a unit, e.g. \"{i}ms\" or \"{i}s\", found integer {i}"
+        ))),
+        other => Err(KeyError::Invalid(format!(
+            "expected a duration string with a unit, e.g. \"500ms\", found {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn u32_value(v: &Value) -> Result<u32, KeyError> {
+    match v {
+        Value::Integer(i) => u32::try_from(*i)
+            .map_err(|_| KeyError::Invalid(format!("{i} is out of range for a page count"))),
+        other => Err(KeyError::Invalid(format!(
+            "expected an integer, found {}",
+            type_name(other)
+        ))),
+    }
+}
+
+// ---- ranges: one function per key, shared by files and overrides ----
+
+fn in_range<T: PartialOrd + fmt::Display>(v: T, lo: T, hi: T) -> Result<T, KeyError> {
+    if v < lo || v > hi {
+        Err(KeyError::Invalid(format!(
+            "{v} is out of range (allowed {lo}..={hi})"
+        )))
+    } else {
+        Ok(v)
+    }
+}
+
+fn duration_in_range(d: Duration, lo: Duration, hi: Duration) -> Result<Duration, KeyError> {
+    if d < lo || d > hi {
+        Err(KeyError::Invalid(format!(
+            "{} is out of range (allowed {}..={})",
+            format_duration(d),
+            format_duration(lo),
+            format_duration(hi)
+        )))
+    } else {
+        Ok(d)
+    }
+}
+
+fn check_budget(v: Option<u64>) -> Result<Option<u64>, KeyError> {
+    match v {
+        Some(b) if b < PAGE_BYTES => Err(KeyError::Invalid(format!(
+            "budget {b} is less than one page ({PAGE_BYTES} bytes); use \"none\" for no limit"
+        ))),
+        _ => Ok(v),
+    }
+}
+
+fn check_cooling(d: Duration) -> Result<Duration, KeyError> {
+    duration_in_range(d, Duration::from_millis(1), Duration::from_secs(3600))
+}
+
+fn check_tick(d: Duration) -> Result<Duration, KeyError> {
+    duration_in_range(d, Duration::from_millis(1), Duration::from_secs(10))
+}
+
+fn check_hot_ttl(d: Duration) -> Result<Duration, KeyError> {
+    duration_in_range(d, Duration::ZERO, Duration::from_secs(24 * 3600))
+}
+
+fn check_evict_rate(v: u64) -> Result<u64, KeyError> {
+    if v < PAGE_BYTES {
+        Err(KeyError::Invalid(format!(
+            "{v} bytes/s is less than one page per second ({PAGE_BYTES})"
+        )))
+    } else {
+        Ok(v)
+    }
+}
+
+fn check_batch_pages(v: u32) -> Result<u32, KeyError> {
+    in_range(v, 1, 4096)
+}
+
+fn check_run_pages(v: u32) -> Result<u32, KeyError> {
+    in_range(v, 1, 512)
+}
+
+fn check_fill_ahead(v: u32) -> Result<u32, KeyError> {
+    in_range(v, 1, 16384)
+}
+
+fn check_prefetch(v: u32) -> Result<u32, KeyError> {
+    in_range(v, 0, 4096)
+}
+
+fn check_window(v: u64) -> Result<u64, KeyError> {
+    if v < (1 << 20) {
+        Err(KeyError::Invalid(format!(
+            "window {} is smaller than the minimum 1M",
+            format_size(v)
+        )))
+    } else if v % PAGE_BYTES != 0 {
+        Err(KeyError::Invalid(format!(
+            "window {v} is not a multiple of the page size ({PAGE_BYTES})"
+        )))
+    } else {
+        Ok(v)
+    }
+}
+
+fn check_max_store(v: Option<u64>) -> Result<Option<u64>, KeyError> {
+    match v {
+        Some(b) if b < PAGE_BYTES => Err(KeyError::Invalid(format!(
+            "max_store {b} is less than one page ({PAGE_BYTES} bytes); use \"none\" for no quota"
+        ))),
+        _ => Ok(v),
+    }
+}

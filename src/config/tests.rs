@@ -1,0 +1,394 @@
+//! Tests of the config module: shipped files, layering, overrides, unit parsing and the
+//! error messages (each must name the file, the key and the reason).
+
+use super::*;
+use std::fs;
+
+/// The shipped config directory of this crate.
+fn shipped_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+}
+
+/// A temporary config directory holding the given files.
+fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+/// The error message for a single file with `text`, named `foo.toml`.
+fn error_for(text: &str) -> String {
+    let dir = dir_with(&[("foo.toml", text)]);
+    let err = validate_file(&dir.path().join("foo.toml")).unwrap_err();
+    err.to_string()
+}
+
+#[test]
+fn shipped_files_all_parse() {
+    let mut count = 0;
+    for entry in fs::read_dir(shipped_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            validate_file(&path).unwrap_or_else(|e| panic!("{e}"));
+            count += 1;
+        }
+    }
+    assert!(count >= 2, "expected default.toml and at least one example");
+}
+
+#[test]
+fn shipped_default_toml_documents_every_key_and_matches_builtin_defaults() {
+    let text = fs::read_to_string(shipped_dir().join("default.toml")).unwrap();
+    for key in KEYS {
+        let line = text
+            .lines()
+            .position(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("default.toml lacks key {key}"));
+        let prev = text.lines().nth(line - 1).unwrap();
+        assert!(prev.starts_with('#'), "key {key} has no comment above it");
+    }
+    let (cfg, used) = load_program_config(
+        Some(&shipped_dir()),
+        "nosuchprogram",
+        None,
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(used, vec![shipped_dir().join("default.toml")]);
+    assert_eq!(cfg, ProgramConfig::default());
+}
+
+#[test]
+fn shipped_redis_example_is_picked_by_program_name() {
+    let (cfg, used) = load_program_config(
+        Some(&shipped_dir()),
+        "redis-server",
+        None,
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(used.len(), 2);
+    assert_eq!(cfg.budget_bytes, Some(2 << 30));
+    assert_eq!(cfg.batch_pages, 512);
+}
+
+#[test]
+fn raw_struct_fields_match_keys() {
+    let text: String = KEYS.iter().map(|k| format!("{k} = 1\n")).collect();
+    let raw: RawConfig = toml::from_str(&text).unwrap();
+    let names: Vec<_> = raw
+        .into_fields()
+        .iter()
+        .filter(|(_, f)| f.is_some())
+        .map(|(k, _)| *k)
+        .collect();
+    assert_eq!(names, KEYS);
+}
+
+#[test]
+fn load_layers_in_order_default_then_program_then_overrides() {
+    let dir = dir_with(&[
+        (
+            "default.toml",
+            "budget = \"1G\"\ncooling = \"3s\"\ntick = \"50ms\"\n",
+        ),
+        ("app.toml", "budget = \"512M\"\ncooling = \"1s\"\n"),
+    ]);
+    let over = Overrides {
+        cooling: Some(Duration::from_millis(700)),
+        ..Default::default()
+    };
+    let (cfg, used) = load_program_config(Some(dir.path()), "app", None, &over).unwrap();
+    assert_eq!(
+        used,
+        vec![dir.path().join("default.toml"), dir.path().join("app.toml")]
+    );
+    assert_eq!(cfg.budget_bytes, Some(512 << 20)); // app.toml over default.toml
+    assert_eq!(cfg.tick, Duration::from_millis(50)); // only default.toml sets it
+    assert_eq!(cfg.cooling, Duration::from_millis(700)); // override wins
+    assert_eq!(cfg.batch_pages, 512); // built-in default
+}
+
+#[test]
+fn load_overrides_win_and_none_clears_budget() {
+    let dir = dir_with(&[("app.toml", "budget = \"1G\"\n")]);
+    let mut over = Overrides::default();
+    over.set_str("budget", "none").unwrap();
+    over.set_str("batch_pages", "128").unwrap();
+    let (cfg, _) = load_program_config(Some(dir.path()), "app", None, &over).unwrap();
+    assert_eq!(cfg.budget_bytes, None);
+    assert_eq!(cfg.batch_pages, 128);
+}
+
+#[test]
+fn load_no_dir_gives_builtin_defaults() {
+    let (cfg, used) = load_program_config(None, "app", None, &Overrides::default()).unwrap();
+    assert!(used.is_empty());
+    assert_eq!(cfg, ProgramConfig::default());
+}
+
+#[test]
+fn load_explicit_file_replaces_program_lookup() {
+    let dir = dir_with(&[
+        ("default.toml", "tick = \"50ms\"\n"),
+        ("app.toml", "budget = \"1G\"\n"),
+        ("other.toml", "budget = \"2G\"\n"),
+    ]);
+    let other = dir.path().join("other.toml");
+    let (cfg, used) =
+        load_program_config(Some(dir.path()), "app", Some(&other), &Overrides::default()).unwrap();
+    assert_eq!(used, vec![dir.path().join("default.toml"), other]);
+    assert_eq!(cfg.budget_bytes, Some(2 << 30));
+    assert_eq!(cfg.tick, Duration::from_millis(50));
+}
+
+#[test]
+fn load_explicit_file_missing_is_error() {
+    let dir = dir_with(&[]);
+    let missing = dir.path().join("missing.toml");
+    let err = load_program_config(
+        Some(dir.path()),
+        "app",
+        Some(&missing),
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, ConfigError::NotFound { .. }));
+    assert!(err.to_string().contains("missing.toml"), "{err}");
+}
+
+#[test]
+fn load_unsafe_program_names_not_looked_up() {
+    let dir = dir_with(&[("default.toml", "tick = \"50ms\"\n")]);
+    fs::create_dir(dir.path().join("sub")).unwrap();
+    fs::write(dir.path().join("sub/x.toml"), "budget = \"1G\"\n").unwrap();
+    fs::write(dir.path().join(".hidden.toml"), "budget = \"1G\"\n").unwrap();
+    for name in [
+        "sub/x",
+        "../x",
+        "..",
+        ".hidden",
+        "",
+        "a b",
+        "x\0y",
+        "/etc/passwd",
+    ] {
+        let (cfg, used) =
+            load_program_config(Some(dir.path()), name, None, &Overrides::default()).unwrap();
+        assert_eq!(used.len(), 1, "{name:?}");
+        assert_eq!(cfg.budget_bytes, None, "{name:?}");
+    }
+    assert_eq!(
+        program_file_name("redis-server").as_deref(),
+        Some("redis-server.toml")
+    );
+    assert_eq!(
+        program_file_name("python3.12").as_deref(),
+        Some("python3.12.toml")
+    );
+    assert_eq!(program_file_name("a..b"), None);
+}
+
+#[test]
+fn load_program_named_default_applies_default_once() {
+    let dir = dir_with(&[("default.toml", "tick = \"50ms\"\n")]);
+    let (_, used) =
+        load_program_config(Some(dir.path()), "default", None, &Overrides::default()).unwrap();
+    assert_eq!(used.len(), 1);
+}
+
+#[test]
+fn load_bad_program_file_error_names_it() {
+    let dir = dir_with(&[("app.toml", "budget = \"12Q\"\n")]);
+    let err =
+        load_program_config(Some(dir.path()), "app", None, &Overrides::default()).unwrap_err();
+    assert!(err.to_string().contains("app.toml"), "{err}");
+}
+
+#[test]
+fn load_override_out_of_range_is_error() {
+    let over = Overrides {
+        batch_pages: Some(0),
+        ..Default::default()
+    };
+    let err = load_program_config(None, "app", None, &over).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("\"batch_pages\"") && msg.contains("out of range"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn error_bad_size_names_file_key_reason() {
+    let msg = error_for("tick = \"20ms\"\nbudget = \"12Q\"\n");
+    assert!(
+        msg.contains("foo.toml:2: key \"budget\": invalid size \"12Q\""),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("expected a number with optional K/M/G/T suffix, e.g. 512M"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn error_bad_duration_names_file_key_reason() {
+    let msg = error_for("cooling = \"2 fortnights\"\n");
+    assert!(
+        msg.contains("foo.toml:1: key \"cooling\": invalid duration"),
+        "{msg}"
+    );
+    let msg = error_for("cooling = \"2\"\n");
+    assert!(
+        msg.contains("key \"cooling\"") && msg.contains("missing unit"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn error_out_of_range_integer_names_file_key_reason() {
+    let msg = error_for("batch_pages = 5000\n");
+    assert!(
+        msg.contains("foo.toml:1: key \"batch_pages\": 5000 is out of range (allowed 1..=4096)"),
+        "{msg}"
+    );
+    let msg = error_for("run_pages = -1\n");
+    assert!(
+        msg.contains("key \"run_pages\"") && msg.contains("out of range"),
+        "{msg}"
+    );
+    let msg = error_for("window = \"512K\"\n");
+    assert!(
+        msg.contains("key \"window\"") && msg.contains("minimum 1M"),
+        "{msg}"
+    );
+    let msg = error_for("tick = \"1m\"\n");
+    assert!(
+        msg.contains("key \"tick\"") && msg.contains("out of range"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn error_unknown_key_lists_known_keys() {
+    let msg = error_for("budget = \"1G\"\nbugdet = \"1G\"\n");
+    assert!(msg.contains("foo.toml:2: unknown key \"bugdet\""), "{msg}");
+    assert!(msg.contains("known keys: budget, cooling, tick"), "{msg}");
+    let msg = error_for("[policy]\nbudget = \"1G\"\n");
+    assert!(msg.contains("unknown key \"policy\""), "{msg}");
+}
+
+#[test]
+fn error_wrong_type_names_file_key_reason() {
+    let msg = error_for("budget = true\n");
+    assert!(
+        msg.contains("key \"budget\": expected a size") && msg.contains("found boolean true"),
+        "{msg}"
+    );
+    let msg = error_for("batch_pages = \"512\"\n");
+    assert!(
+        msg.contains("key \"batch_pages\": expected an integer, found string \"512\""),
+        "{msg}"
+    );
+    let msg = error_for("cooling = 2\n");
+    assert!(
+        msg.contains("key \"cooling\": expected a duration string with a unit"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn error_syntax_names_file_and_line() {
+    let msg = error_for("budget = \"1G\"\ntick = \n");
+    assert!(
+        msg.contains("foo.toml:2:") && msg.contains("TOML syntax error"),
+        "{msg}"
+    );
+    let msg = error_for("budget = \"1G\"\nbudget = \"2G\"\n");
+    assert!(
+        msg.contains("foo.toml:2:") && msg.contains("TOML syntax error"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn parse_size_accepts_suffixes_fractions_and_bytes() {
+    assert_eq!(parse_size("4096"), Ok(4096));
+    assert_eq!(parse_size("64K"), Ok(64 << 10));
+    assert_eq!(parse_size("512M"), Ok(512 << 20));
+    assert_eq!(parse_size("512m"), Ok(512 << 20));
+    assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+    assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+    assert_eq!(parse_size(" 1 T "), Ok(1 << 40));
+    assert_eq!(parse_size(".5K"), Ok(512));
+    for bad in [
+        "",
+        "12Q",
+        "M",
+        "1.2.3M",
+        "-1",
+        "0.1K",
+        "99999999999999999999T",
+        "1e3",
+    ] {
+        assert!(parse_size(bad).is_err(), "{bad:?}");
+    }
+    assert_eq!(parse_optional_size("none"), Ok(None));
+    assert_eq!(parse_optional_size("1K"), Ok(Some(1024)));
+}
+
+#[test]
+fn parse_duration_accepts_units_and_fractions() {
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+    assert_eq!(parse_duration("100us"), Ok(Duration::from_micros(100)));
+    assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    assert_eq!(parse_duration("7ns"), Ok(Duration::from_nanos(7)));
+    for bad in ["", "2", "s", "2 weeks", "1..2s", "-1s"] {
+        assert!(parse_duration(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn format_round_trips_through_parse() {
+    for b in [0u64, 1, 1536, 4096, 64 << 10, 512 << 20, 3 << 29, 5 << 40] {
+        assert_eq!(parse_size(&format_size(b)), Ok(b), "{b}");
+    }
+    for d in [
+        Duration::ZERO,
+        Duration::from_nanos(7),
+        Duration::from_micros(100),
+        Duration::from_millis(1500),
+        Duration::from_secs(7200),
+    ] {
+        assert_eq!(parse_duration(&format_duration(d)), Ok(d), "{d:?}");
+    }
+}
+
+#[test]
+fn to_toml_loads_back_to_same_config() {
+    let cfg = ProgramConfig {
+        budget_bytes: Some(3 << 29),
+        max_store_bytes: Some(8 << 30),
+        cooling: Duration::from_millis(1500),
+        ..ProgramConfig::default()
+    };
+    let dir = dir_with(&[("x.toml", &cfg.to_toml())]);
+    let (back, _) =
+        load_program_config(Some(dir.path()), "x", None, &Overrides::default()).unwrap();
+    assert_eq!(back, cfg);
+}
+
+#[test]
+fn overrides_set_str_unknown_key_is_error() {
+    let mut over = Overrides::default();
+    let err = over.set_str("bugdet", "1G").unwrap_err();
+    assert!(err.to_string().contains("unknown key \"bugdet\""), "{err}");
+    let err = over.set_str("cooling", "fast").unwrap_err();
+    assert!(err.to_string().contains("key \"cooling\""), "{err}");
+}
