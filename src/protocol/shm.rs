@@ -1,0 +1,316 @@
+//! The shared memory window between the monitor and the shim's agent.
+//!
+//! The monitor creates a memfd of [`window_len_bytes`] and sends it with `HelloAck`; both map
+//! it shared. Layout (all offsets in bytes, little-endian, naturally aligned):
+//!
+//! | offset                  | what                                                        |
+//! |-------------------------|-------------------------------------------------------------|
+//! | 0 .. 4096               | [`Control`] header: sequence numbers, epoch, agent reports  |
+//! | 4096 × (1 + i)          | batch descriptor `i` of the ring (`RING_LEN` of them)        |
+//! | `DATA_OFF` + 4096 × k   | page slot `k`: the bytes of one evicted page                 |
+//!
+//! Request ring (single producer: the monitor's policy; single consumer: the agent):
+//! the monitor fills descriptor `post_seq % RING_LEN`, stores `post_seq + 1` (release) and
+//! writes the request eventfd. The agent processes descriptors from `done_seq` up to
+//! `post_seq`; for each run it issues one UFFDIO_MOVE into staging, copies the moved pages into
+//! the run's slots, writes one result byte per page, then stores `done_seq + 1` (release) and
+//! writes the done eventfd. The monitor never posts more than `RING_LEN` descriptors ahead.
+//!
+//! Epoch: the monitor increments `epoch` as soon as it reads an UNMAP, REMAP or REMOVE event;
+//! the agent skips (result [`RESULT_CANCELLED`]) any run of a batch whose epoch is no longer
+//! current, so a range that changed under a queued request is not moved.
+//!
+//! Trust: each side treats the other's writes as untrusted bytes. The monitor clamps
+//! `done_seq`, maps unknown result bytes to [`RESULT_FAILED`] and validates the reported RSS;
+//! the agent validates run addresses against slot bounds. Non-atomic fields are accessed with
+//! volatile reads and writes, atomic ones through `AtomicU64`/`AtomicU32` views.
+//!
+//! Owns: the layout and its accessors. Must not: make syscalls, allocate.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+pub const SHM_MAGIC: u64 = 0x5553_5741_5057_494e; // "USWAPWIN"
+pub const SHM_VERSION: u32 = 1;
+pub const SLOT_BYTES: usize = 4096;
+/// Batch descriptors in the ring.
+pub const RING_LEN: usize = 8;
+/// Runs per batch descriptor.
+pub const MAX_RUNS: usize = 128;
+/// Pages per batch descriptor.
+pub const MAX_BATCH_PAGES: usize = 1024;
+pub const DESC_BYTES: usize = 4096;
+pub const DATA_OFF: usize = 4096 * (1 + RING_LEN);
+
+// Per-page results written by the agent.
+pub const RESULT_PENDING: u8 = 0;
+/// The page was moved out; its bytes are in the slot.
+pub const RESULT_MOVED: u8 = 1;
+/// Nothing was mapped there (never touched, or discarded): nothing to keep.
+pub const RESULT_HOLE: u8 = 2;
+/// EBUSY: pinned, or shared copy-on-write after fork. It stays resident.
+pub const RESULT_BUSY: u8 = 3;
+/// Any other refusal (protection mismatch, VMA gone...). It stays where it was.
+pub const RESULT_FAILED: u8 = 4;
+/// Skipped because the epoch changed.
+pub const RESULT_CANCELLED: u8 = 5;
+
+// Bits of `requests` (monitor → agent).
+/// Re-read /proc/self/maps and send a `Regions` snapshot.
+pub const REQ_RESCAN: u32 = 1;
+/// Refresh `rss_anon_bytes`.
+pub const REQ_RSS: u32 = 2;
+/// Stop: the agent exits its loop (the monitor is detaching).
+pub const REQ_SHUTDOWN: u32 = 4;
+
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = 8;
+const OFF_SLOTS: usize = 12;
+const OFF_EPOCH: usize = 16;
+const OFF_POST_SEQ: usize = 24;
+const OFF_DONE_SEQ: usize = 32;
+const OFF_RSS: usize = 40;
+const OFF_RSS_SEQ: usize = 48;
+const OFF_REQUESTS: usize = 56;
+const OFF_AGENT_NS: usize = 64;
+const OFF_AGENT_MOVED: usize = 72;
+
+const D_SEQ: usize = 0;
+const D_EPOCH: usize = 8;
+const D_NRUNS: usize = 16;
+const D_NPAGES: usize = 20;
+const D_AGENT_NS: usize = 24;
+const D_RUNS: usize = 64;
+const D_RESULTS: usize = D_RUNS + MAX_RUNS * 16;
+const _: () = assert!(D_RESULTS + MAX_BATCH_PAGES <= DESC_BYTES);
+
+/// Bytes of a window holding `slots` page slots.
+pub const fn window_len_bytes(slots: usize) -> usize {
+    DATA_OFF + slots * SLOT_BYTES
+}
+
+/// Page slots in a window of `len` bytes.
+pub const fn slots_in(len: usize) -> usize {
+    if len < DATA_OFF {
+        0
+    } else {
+        (len - DATA_OFF) / SLOT_BYTES
+    }
+}
+
+/// One contiguous run of a batch: `pages` pages from `addr`, into slots `first_slot..`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub addr: u64,
+    pub pages: u32,
+    pub first_slot: u32,
+}
+
+/// A view of a mapped window. Copyable handle; the mapping is owned elsewhere.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    base: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the window is shared memory accessed only through atomics and volatile operations;
+// the raw pointer is valid for as long as the owner keeps the mapping.
+unsafe impl Send for Window {}
+// SAFETY: as above.
+unsafe impl Sync for Window {}
+
+impl Window {
+    /// # Safety
+    /// `base` must point to a shared mapping of at least `len` bytes that stays mapped for as
+    /// long as this `Window` (or a copy) is used, and `len >= DATA_OFF`.
+    pub unsafe fn new(base: *mut u8, len: usize) -> Window {
+        assert!(len >= DATA_OFF && (base as usize) % 4096 == 0);
+        Window { base, len }
+    }
+
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    pub fn len_bytes(&self) -> usize {
+        self.len
+    }
+
+    pub fn slots(&self) -> usize {
+        slots_in(self.len)
+    }
+
+    fn u64_at(&self, off: usize) -> &AtomicU64 {
+        assert!(off + 8 <= self.len && off % 8 == 0);
+        // SAFETY: in bounds and aligned (checked above); the mapping outlives `self`; an
+        // AtomicU64 has the layout of a u64 and all bit patterns are valid.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    fn u32_at(&self, off: usize) -> &AtomicU32 {
+        assert!(off + 4 <= self.len && off % 4 == 0);
+        // SAFETY: as in `u64_at`.
+        unsafe { &*(self.base.add(off) as *const AtomicU32) }
+    }
+
+    /// Written once by the monitor before sending the window.
+    pub fn init(&self) {
+        self.u64_at(OFF_MAGIC).store(SHM_MAGIC, Ordering::Relaxed);
+        self.u32_at(OFF_VERSION).store(SHM_VERSION, Ordering::Relaxed);
+        self.u32_at(OFF_SLOTS).store(self.slots() as u32, Ordering::Relaxed);
+    }
+
+    /// Checked by the agent before use.
+    pub fn is_valid(&self) -> bool {
+        self.u64_at(OFF_MAGIC).load(Ordering::Relaxed) == SHM_MAGIC
+            && self.u32_at(OFF_VERSION).load(Ordering::Relaxed) == SHM_VERSION
+            && self.u32_at(OFF_SLOTS).load(Ordering::Relaxed) as usize == self.slots()
+    }
+
+    pub fn epoch(&self) -> &AtomicU64 {
+        self.u64_at(OFF_EPOCH)
+    }
+    pub fn post_seq(&self) -> &AtomicU64 {
+        self.u64_at(OFF_POST_SEQ)
+    }
+    pub fn done_seq(&self) -> &AtomicU64 {
+        self.u64_at(OFF_DONE_SEQ)
+    }
+    pub fn rss_anon_bytes(&self) -> &AtomicU64 {
+        self.u64_at(OFF_RSS)
+    }
+    pub fn rss_seq(&self) -> &AtomicU64 {
+        self.u64_at(OFF_RSS_SEQ)
+    }
+    pub fn requests(&self) -> &AtomicU32 {
+        self.u32_at(OFF_REQUESTS)
+    }
+    /// Total nanoseconds the agent spent in batches (for CPU accounting).
+    pub fn agent_busy_ns(&self) -> &AtomicU64 {
+        self.u64_at(OFF_AGENT_NS)
+    }
+    pub fn agent_moved_pages(&self) -> &AtomicU64 {
+        self.u64_at(OFF_AGENT_MOVED)
+    }
+
+    /// Address of page slot `slot` in this mapping.
+    pub fn slot_ptr(&self, slot: usize) -> *mut u8 {
+        assert!(slot < self.slots());
+        // SAFETY: slot < slots(), so the slot lies inside the mapping.
+        unsafe { self.base.add(DATA_OFF + slot * SLOT_BYTES) }
+    }
+
+    pub fn desc(&self, seq: u64) -> Desc<'_> {
+        let idx = (seq % RING_LEN as u64) as usize;
+        Desc { w: self, off: 4096 * (1 + idx) }
+    }
+}
+
+/// A batch descriptor in the ring.
+pub struct Desc<'a> {
+    w: &'a Window,
+    off: usize,
+}
+
+impl Desc<'_> {
+    fn rd64(&self, off: usize) -> u64 {
+        self.w.u64_at(self.off + off).load(Ordering::Relaxed)
+    }
+    fn wr64(&self, off: usize, v: u64) {
+        self.w.u64_at(self.off + off).store(v, Ordering::Relaxed)
+    }
+    fn rd32(&self, off: usize) -> u32 {
+        self.w.u32_at(self.off + off).load(Ordering::Relaxed)
+    }
+    fn wr32(&self, off: usize, v: u32) {
+        self.w.u32_at(self.off + off).store(v, Ordering::Relaxed)
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.rd64(D_SEQ)
+    }
+    pub fn epoch(&self) -> u64 {
+        self.rd64(D_EPOCH)
+    }
+    pub fn nruns(&self) -> usize {
+        (self.rd32(D_NRUNS) as usize).min(MAX_RUNS)
+    }
+    pub fn npages(&self) -> usize {
+        (self.rd32(D_NPAGES) as usize).min(MAX_BATCH_PAGES)
+    }
+    pub fn agent_ns(&self) -> u64 {
+        self.rd64(D_AGENT_NS)
+    }
+    pub fn set_agent_ns(&self, ns: u64) {
+        self.wr64(D_AGENT_NS, ns)
+    }
+
+    pub fn run(&self, i: usize) -> Run {
+        assert!(i < MAX_RUNS);
+        let o = D_RUNS + i * 16;
+        Run { addr: self.rd64(o), pages: self.rd32(o + 8), first_slot: self.rd32(o + 12) }
+    }
+
+    /// Monitor side: writes a whole batch (runs must total at most MAX_BATCH_PAGES pages).
+    pub fn write(&self, seq: u64, epoch: u64, runs: &[Run]) {
+        assert!(runs.len() <= MAX_RUNS);
+        let mut pages = 0usize;
+        for (i, r) in runs.iter().enumerate() {
+            let o = D_RUNS + i * 16;
+            self.wr64(o, r.addr);
+            self.wr32(o + 8, r.pages);
+            self.wr32(o + 12, r.first_slot);
+            pages += r.pages as usize;
+        }
+        assert!(pages <= MAX_BATCH_PAGES);
+        for p in 0..pages {
+            self.set_result(p, RESULT_PENDING);
+        }
+        self.wr64(D_SEQ, seq);
+        self.wr64(D_EPOCH, epoch);
+        self.wr32(D_NRUNS, runs.len() as u32);
+        self.wr32(D_NPAGES, pages as u32);
+        self.wr64(D_AGENT_NS, 0);
+    }
+
+    /// Result of the `page_idx`-th page of the batch (runs in order).
+    pub fn result(&self, page_idx: usize) -> u8 {
+        assert!(page_idx < MAX_BATCH_PAGES);
+        // SAFETY: in bounds of the descriptor; a volatile byte read of shared memory.
+        unsafe { std::ptr::read_volatile(self.w.base.add(self.off + D_RESULTS + page_idx)) }
+    }
+
+    pub fn set_result(&self, page_idx: usize, r: u8) {
+        assert!(page_idx < MAX_BATCH_PAGES);
+        // SAFETY: in bounds of the descriptor; a volatile byte write of shared memory.
+        unsafe { std::ptr::write_volatile(self.w.base.add(self.off + D_RESULTS + page_idx), r) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_roundtrip_in_plain_memory() {
+        let len = window_len_bytes(16);
+        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: non-zero size; freed below.
+        let base = unsafe { std::alloc::alloc_zeroed(layout) };
+        // SAFETY: `base` is `len` bytes, page aligned, freed after the last use.
+        let w = unsafe { Window::new(base, len) };
+        w.init();
+        assert!(w.is_valid());
+        assert_eq!(w.slots(), 16);
+        let runs = [Run { addr: 0x1000, pages: 3, first_slot: 0 }, Run { addr: 0x9000, pages: 2, first_slot: 3 }];
+        w.desc(9).write(9, 4, &runs);
+        let d = w.desc(9);
+        assert_eq!((d.seq(), d.epoch(), d.nruns(), d.npages()), (9, 4, 2, 5));
+        assert_eq!(d.run(1), runs[1]);
+        d.set_result(4, RESULT_BUSY);
+        assert_eq!(d.result(4), RESULT_BUSY);
+        assert_eq!(d.result(0), RESULT_PENDING);
+        assert_eq!(w.slot_ptr(1) as usize - w.slot_ptr(0) as usize, SLOT_BYTES);
+        // SAFETY: allocated above with the same layout.
+        unsafe { std::alloc::dealloc(base, layout) };
+    }
+}

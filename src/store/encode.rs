@@ -1,0 +1,138 @@
+//! Page encoding: same-filled detection and lz4 compression, as pure functions.
+//!
+//! Owns: the decision of how a page is kept (same-filled word, lz4 blob, or raw) and the
+//! compression and decompression calls themselves. Runs outside any lock: it never sees the
+//! [`Store`](super::Store), only a page and a caller-owned scratch buffer.
+//! Must not touch: slabs, the word table, uffd, processes, syscalls.
+
+use crate::PAGE_SIZE;
+
+/// Longest lz4 payload kept compressed, in bytes: 3/4 of a page. A page that compresses to
+/// more than this is kept raw, since the saving would not pay for a decompression per fault.
+pub const LZ4_MAX_LEN_BYTES: usize = PAGE_SIZE * 3 / 4;
+
+/// Bytes in a same-filled word.
+const WORD_BYTES: usize = 8;
+
+/// Scratch capacity lz4_flex insists on for one page (it refuses smaller outputs up front).
+pub(crate) const SCRATCH_BYTES: usize = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
+
+/// How a page is to be kept, as decided by [`encode`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Encoded<'a> {
+    /// Every 8-byte word of the page equals this one (native byte order).
+    SameFilled(u64),
+    /// The lz4 block-format payload, `1..=LZ4_MAX_LEN_BYTES` bytes, borrowed from the scratch.
+    Lz4(&'a [u8]),
+    /// Incompressible: keep the page verbatim.
+    Raw,
+}
+
+/// Returns the word a page is filled with, if every 8-byte word of it is the same.
+pub fn same_filled_word(page: &[u8; PAGE_SIZE]) -> Option<u64> {
+    let mut words = page
+        .chunks_exact(WORD_BYTES)
+        .map(|w| u64::from_ne_bytes(w.try_into().expect("chunks_exact yields 8 bytes")));
+    let first = words.next()?;
+    words.all(|w| w == first).then_some(first)
+}
+
+/// Decides how to keep `page` and compresses it if that is worth it. Pure: no `&Store`, so
+/// it can run before the store's lock is taken. `scratch` is grown once to
+/// [`SCRATCH_BYTES`] and reused; an [`Encoded::Lz4`] borrows from it.
+pub fn encode<'a>(page: &[u8; PAGE_SIZE], scratch: &'a mut Vec<u8>) -> Encoded<'a> {
+    if let Some(word) = same_filled_word(page) {
+        return Encoded::SameFilled(word);
+    }
+    if scratch.len() < SCRATCH_BYTES {
+        scratch.resize(SCRATCH_BYTES, 0);
+    }
+    match lz4_flex::block::compress_into(page, scratch) {
+        Ok(len_bytes) if (1..=LZ4_MAX_LEN_BYTES).contains(&len_bytes) => {
+            Encoded::Lz4(&scratch[..len_bytes])
+        }
+        // Too long to be worth it, or (cannot happen with SCRATCH_BYTES) no room: raw.
+        Ok(_) | Err(_) => Encoded::Raw,
+    }
+}
+
+/// Fills `out` with `word` repeated.
+pub(crate) fn fill_word(out: &mut [u8; PAGE_SIZE], word: u64) {
+    if word == 0 {
+        out.fill(0);
+        return;
+    }
+    let bytes = word.to_ne_bytes();
+    for w in out.chunks_exact_mut(WORD_BYTES) {
+        w.copy_from_slice(&bytes);
+    }
+}
+
+/// Decompresses one lz4 payload into `out`; `Err(detail)` unless it yields exactly one page.
+pub(crate) fn decompress(payload: &[u8], out: &mut [u8; PAGE_SIZE]) -> Result<(), String> {
+    match lz4_flex::block::decompress_into(payload, out) {
+        Ok(PAGE_SIZE) => Ok(()),
+        Ok(n) => Err(format!("decompressed to {n} bytes, not {PAGE_SIZE}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encode_zero_page_same_filled_zero() {
+        let page = [0u8; PAGE_SIZE];
+        assert_eq!(encode(&page, &mut Vec::new()), Encoded::SameFilled(0));
+    }
+
+    #[test]
+    fn encode_repeated_word_same_filled() {
+        let mut page = [0u8; PAGE_SIZE];
+        fill_word(&mut page, 0xdead_beef_0123_4567);
+        assert_eq!(
+            encode(&page, &mut Vec::new()),
+            Encoded::SameFilled(0xdead_beef_0123_4567)
+        );
+    }
+
+    #[test]
+    fn encode_one_byte_differs_not_same_filled() {
+        let mut page = [0u8; PAGE_SIZE];
+        page[PAGE_SIZE - 1] = 1;
+        let mut scratch = Vec::new();
+        match encode(&page, &mut scratch) {
+            Encoded::Lz4(p) => assert!(p.len() < 100, "mostly-zero page: {} bytes", p.len()),
+            other => panic!("expected Lz4, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn encode_random_page_raw() {
+        // xorshift: incompressible bytes.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut page = [0u8; PAGE_SIZE];
+        for b in page.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        assert_eq!(encode(&page, &mut Vec::new()), Encoded::Raw);
+    }
+
+    #[test]
+    fn decompress_truncated_payload_err() {
+        let mut page = [0u8; PAGE_SIZE];
+        page[..26].copy_from_slice(b"abcdefghijklmnopqrstuvwxyz");
+        let mut scratch = Vec::new();
+        let Encoded::Lz4(p) = encode(&page, &mut scratch) else {
+            panic!("expected Lz4")
+        };
+        let mut out = [0u8; PAGE_SIZE];
+        decompress(p, &mut out).expect("whole payload decodes");
+        assert_eq!(out, page);
+        assert!(decompress(&p[..p.len() - 1], &mut out).is_err());
+    }
+}

@@ -1,0 +1,267 @@
+//! The compressed page store: pages in, handles out.
+//!
+//! Owns: where evicted page contents live while they are out of their process. A page is kept
+//! as a repeated word (no blob), as an lz4 block in a size-class slot, or raw in a page-sized
+//! slot; slots live in large anonymous mappings ([`slab`]), not one heap allocation per page.
+//! The [`Handle`] returned for a page *is* its metadata: the store keeps no per-page table, so
+//! a stored page costs its 8-byte handle (in the monitor's page map) plus a share of
+//! [`Store::metadata_bytes`].
+//! Must not touch: uffd, processes, sockets, policy. It works in pages and handles only; its
+//! only system calls are the anonymous mmap/munmap of slab chunks.
+//!
+//! Files: `handle.rs` (handle bit layout), `encode.rs` (same-filled detection, lz4; pure),
+//! `slab.rs` (chunks, bitmaps, quota), `samefill.rs` (refcounted fill words), `stats.rs`.
+//!
+//! Concurrency: [`encode`] is a pure function, so callers compress outside their lock and
+//! then [`Store::insert`] the result under it. `Store` is `Send` and has no interior
+//! mutability; the monitor wraps it in its own lock.
+
+mod encode;
+mod handle;
+mod samefill;
+mod slab;
+mod stats;
+#[cfg(test)]
+mod tests;
+
+pub use encode::{encode, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES};
+pub use handle::{Handle, PageKind};
+pub use slab::{CHUNK_BYTES, CLASS_STEP_BYTES};
+pub use stats::StoreStats;
+
+use crate::PAGE_SIZE;
+use handle::{BlobLoc, Decoded};
+use samefill::WordTable;
+use slab::{lz4_class_for_len, SlotLoc, Slabs, RAW_CLASS_IDX};
+use stats::Counters;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Placing the page would pass `StoreConfig::max_bytes` (or an index space is exhausted).
+    /// Nothing was stored or lost: the caller keeps the page where it is.
+    #[error("store is full")]
+    Full,
+    /// The handle does not name a live page of this store.
+    #[error("corrupt handle {bits:#x}: {reason}")]
+    CorruptHandle { bits: u64, reason: &'static str },
+    /// A stored lz4 payload did not decompress to one page.
+    #[error("decompressing handle {bits:#x} failed: {detail}")]
+    DecompressFailed { bits: u64, detail: String },
+    /// Mapping a new slab chunk failed.
+    #[error("mapping a slab chunk failed: {0}")]
+    Map(#[source] std::io::Error),
+}
+
+/// Store settings.
+#[derive(Debug, Clone, Default)]
+pub struct StoreConfig {
+    /// Upper bound on slab bytes mapped ([`StoreStats::slab_bytes_mapped`]), in bytes.
+    /// Slabs grow in [`CHUNK_BYTES`] steps, so a bound below one chunk admits only
+    /// same-filled pages. Same-filled pages take no slab space and are never refused by it.
+    pub max_bytes: Option<u64>,
+}
+
+/// Compressed pages in size-class slabs. See the module doc.
+pub struct Store {
+    slabs: Slabs,
+    words: WordTable,
+    counters: Counters,
+}
+
+impl Store {
+    /// An empty store; maps nothing until the first blob arrives.
+    pub fn new(cfg: StoreConfig) -> Store {
+        Store {
+            slabs: Slabs::new(cfg.max_bytes),
+            words: WordTable::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// Places an encoded page; `page` is the original (used for [`Encoded::Raw`], and for an
+    /// [`Encoded::Lz4`] payload too long or empty to be one of ours, which is kept raw).
+    /// On [`StoreError::Full`] nothing changed.
+    pub fn insert(
+        &mut self,
+        enc: Encoded<'_>,
+        page: &[u8; PAGE_SIZE],
+    ) -> Result<Handle, StoreError> {
+        let placed = match enc {
+            Encoded::SameFilled(word) => {
+                debug_assert_eq!(same_filled_word(page), Some(word));
+                match self.words.acquire(word) {
+                    Some(word_ref) => {
+                        self.counters
+                            .account(PageKind::SameFilled, word == 0, 0, 1);
+                        Ok(Handle::same_filled(word_ref))
+                    }
+                    None => Err(StoreError::Full),
+                }
+            }
+            Encoded::Lz4(payload) => match lz4_class_for_len(payload.len()) {
+                Some(class_idx) => self.place_blob(class_idx, payload),
+                None => self.place_blob(RAW_CLASS_IDX, page),
+            },
+            Encoded::Raw => self.place_blob(RAW_CLASS_IDX, page),
+        };
+        if matches!(placed, Err(StoreError::Full)) {
+            self.counters.inserts_refused_full += 1;
+        }
+        placed
+    }
+
+    fn place_blob(&mut self, class_idx: u8, payload: &[u8]) -> Result<Handle, StoreError> {
+        let loc = self.slabs.store(class_idx, payload)?;
+        let h = Handle::blob(BlobLoc {
+            class_idx: loc.class_idx,
+            chunk_idx: loc.chunk_idx,
+            slot_idx: loc.slot_idx,
+            // <= PAGE_SIZE, checked by Slabs::store against the slot size.
+            len_bytes: payload.len() as u32,
+        });
+        self.counters
+            .account(h.kind(), false, payload.len() as u64, 1);
+        Ok(h)
+    }
+
+    /// Convenience: [`encode`] + [`Store::insert`], with a scratch buffer of its own.
+    pub fn put(&mut self, page: &[u8; PAGE_SIZE]) -> Result<Handle, StoreError> {
+        let mut scratch = Vec::new();
+        let enc = encode(page, &mut scratch);
+        self.insert(enc, page)
+    }
+
+    /// Checks a decoded blob handle's length against its class; returns the slab location.
+    fn blob_slot(bits: u64, loc: BlobLoc) -> Result<SlotLoc, StoreError> {
+        let len_bytes = loc.len_bytes as usize;
+        let len_ok = if loc.class_idx == RAW_CLASS_IDX {
+            len_bytes == PAGE_SIZE
+        } else {
+            lz4_class_for_len(len_bytes) == Some(loc.class_idx)
+        };
+        if !len_ok {
+            return Err(StoreError::CorruptHandle {
+                bits,
+                reason: "length does not match size class",
+            });
+        }
+        Ok(SlotLoc {
+            class_idx: loc.class_idx,
+            chunk_idx: loc.chunk_idx,
+            slot_idx: loc.slot_idx,
+        })
+    }
+
+    /// Copies the page behind `h` into `out`. The page stays stored.
+    pub fn get(&self, h: Handle, out: &mut [u8; PAGE_SIZE]) -> Result<(), StoreError> {
+        let bits = h.to_bits();
+        let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
+        match h.decode().ok_or(corrupt("reserved bits set"))? {
+            Decoded::SameFilled { word_ref } => {
+                let word = self
+                    .words
+                    .word(word_ref)
+                    .ok_or(corrupt("no such fill word"))?;
+                encode::fill_word(out, word);
+                Ok(())
+            }
+            Decoded::Blob(loc) => {
+                let slot = Self::blob_slot(bits, loc)?;
+                let payload = self
+                    .slabs
+                    .read(slot, loc.len_bytes as usize)
+                    .map_err(corrupt)?;
+                if loc.class_idx == RAW_CLASS_IDX {
+                    out.copy_from_slice(payload);
+                    Ok(())
+                } else {
+                    encode::decompress(payload, out)
+                        .map_err(|detail| StoreError::DecompressFailed { bits, detail })
+                }
+            }
+        }
+    }
+
+    /// Drops the page behind `h`, freeing its slot (and its chunk, if that was the last).
+    /// A handle that names no live page changes nothing and returns
+    /// [`StoreError::CorruptHandle`]; it means the caller's page map is wrong.
+    pub fn try_remove(&mut self, h: Handle) -> Result<(), StoreError> {
+        let bits = h.to_bits();
+        let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
+        match h.decode().ok_or(corrupt("reserved bits set"))? {
+            Decoded::SameFilled { word_ref } => {
+                if !self.words.release(word_ref) {
+                    return Err(corrupt("no such fill word"));
+                }
+                self.counters
+                    .account(PageKind::SameFilled, word_ref == 0, 0, -1);
+            }
+            Decoded::Blob(loc) => {
+                let slot = Self::blob_slot(bits, loc)?;
+                self.slabs.free(slot).map_err(corrupt)?;
+                self.counters
+                    .account(h.kind(), false, u64::from(loc.len_bytes), -1);
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Store::try_remove`] for callers that hold only handles the store gave them. A bad
+    /// handle is logged (and is a panic in debug builds: the page map is inconsistent).
+    pub fn remove(&mut self, h: Handle) {
+        if let Err(e) = self.try_remove(h) {
+            tracing::error!(error = %e, "store: remove of a handle naming no live page");
+            debug_assert!(false, "store: remove failed: {e}");
+        }
+    }
+
+    /// A snapshot of the counters. O(1).
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.counters;
+        let mapped = self.slabs.mapped_bytes();
+        let used = c.bytes_out;
+        StoreStats {
+            pages_same_filled: c.pages_same_filled,
+            pages_zero: c.pages_zero,
+            pages_lz4: c.pages_lz4,
+            pages_raw: c.pages_raw,
+            bytes_in: c.bytes_in(),
+            bytes_out: c.bytes_out,
+            slab_bytes_mapped: mapped,
+            slab_bytes_used: used,
+            slab_bytes_slots: self.slabs.used_slot_bytes(),
+            fragmentation: if mapped == 0 {
+                0.0
+            } else {
+                1.0 - used as f64 / mapped as f64
+            },
+            chunks: self.slabs.live_chunks(),
+            fill_words: self.words.live_words() as u64,
+            metadata_bytes: self.metadata_bytes(),
+            inserts_refused_full: c.inserts_refused_full,
+        }
+    }
+
+    /// Bytes of store bookkeeping shared by all pages: the `Store` itself, the chunk table,
+    /// per-chunk bitmaps, the per-class free lists and the word table. Handles are not
+    /// included: the monitor holds them, 8 bytes per page. O(1).
+    pub fn metadata_bytes(&self) -> u64 {
+        std::mem::size_of::<Store>() as u64
+            + self.slabs.metadata_bytes()
+            + self.words.metadata_bytes()
+    }
+
+    /// Pages currently stored, of every kind.
+    pub fn stored_pages(&self) -> u64 {
+        self.counters.pages()
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,400 @@
+//! Size-class slabs: fixed-size slots carved out of large anonymous mappings.
+//!
+//! Owns: the chunks (one `memmap2::MmapMut::map_anon` of [`CHUNK_BYTES`] each, all of one
+//! size class), the per-chunk used-slot bitmaps, the per-class lists of chunks with a free
+//! slot, and the byte quota on mapped memory. An empty chunk is unmapped at once, so memory
+//! comes back as pages leave.
+//! Must not touch: compression, handle bits (it works in class/chunk/slot indices), uffd,
+//! processes. Its only system calls are the mmap/munmap done by `memmap2`.
+//!
+//! Size classes: slots of 64, 128, ..., 3072 bytes for lz4 payloads (64-byte steps, so at most
+//! 63 bytes of a slot go unused), and one class of 4096-byte slots for raw pages.
+
+use super::encode::LZ4_MAX_LEN_BYTES;
+use super::handle::{MAX_CHUNK_IDX, MAX_SLOT_IDX};
+use super::StoreError;
+use crate::PAGE_SIZE;
+use memmap2::MmapMut;
+
+/// Bytes of one chunk (one anonymous mapping).
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// Step between lz4 size classes, in bytes.
+pub const CLASS_STEP_BYTES: usize = 64;
+/// Number of lz4 size classes.
+const LZ4_CLASSES: usize = LZ4_MAX_LEN_BYTES / CLASS_STEP_BYTES;
+/// The class of raw (page-sized) slots; it comes after the lz4 classes.
+pub const RAW_CLASS_IDX: u8 = LZ4_CLASSES as u8;
+/// Number of size classes, raw included.
+pub const NUM_CLASSES: usize = LZ4_CLASSES + 1;
+
+const BITS_PER_WORD: usize = u64::BITS as usize;
+/// `Chunk::partial_pos` of a chunk that is full (on no partial list).
+const NOT_PARTIAL: u32 = u32::MAX;
+
+const _: () = assert!(LZ4_MAX_LEN_BYTES % CLASS_STEP_BYTES == 0);
+const _: () = assert!(NUM_CLASSES <= 1 << super::handle::CLASS_BITS);
+const _: () = assert!(CHUNK_BYTES / CLASS_STEP_BYTES <= MAX_SLOT_IDX as usize + 1);
+const _: () = assert!(CHUNK_BYTES % PAGE_SIZE == 0);
+
+/// Slot size of a class, in bytes.
+pub fn slot_bytes(class_idx: u8) -> usize {
+    if class_idx == RAW_CLASS_IDX {
+        PAGE_SIZE
+    } else {
+        (usize::from(class_idx) + 1) * CLASS_STEP_BYTES
+    }
+}
+
+/// Slots in one chunk of a class.
+pub fn slots_per_chunk(class_idx: u8) -> usize {
+    CHUNK_BYTES / slot_bytes(class_idx)
+}
+
+/// The smallest lz4 class that holds a payload of `len_bytes`; `None` if it needs more than
+/// [`LZ4_MAX_LEN_BYTES`] or is empty.
+pub fn lz4_class_for_len(len_bytes: usize) -> Option<u8> {
+    if len_bytes == 0 || len_bytes > LZ4_MAX_LEN_BYTES {
+        return None;
+    }
+    // < LZ4_CLASSES <= 64, so it fits in u8.
+    Some(len_bytes.div_ceil(CLASS_STEP_BYTES) as u8 - 1)
+}
+
+/// One mapping holding slots of a single class.
+struct Chunk {
+    map: MmapMut,
+    /// Bit `i` set = slot `i` in use. Bits past the last slot are set, so they never look free.
+    used_bitmap: Box<[u64]>,
+    used_slots: u32,
+    class_idx: u8,
+    /// Index in `Slabs::partial[class_idx]`, or [`NOT_PARTIAL`] while the chunk is full.
+    partial_pos: u32,
+}
+
+impl Chunk {
+    fn new(class_idx: u8) -> Result<Chunk, StoreError> {
+        let map = MmapMut::map_anon(CHUNK_BYTES).map_err(StoreError::Map)?;
+        let slots = slots_per_chunk(class_idx);
+        let words = slots.div_ceil(BITS_PER_WORD);
+        let mut used_bitmap = vec![0u64; words].into_boxed_slice();
+        let tail_bits = slots % BITS_PER_WORD;
+        if tail_bits != 0 {
+            used_bitmap[words - 1] = !((1u64 << tail_bits) - 1);
+        }
+        Ok(Chunk {
+            map,
+            used_bitmap,
+            used_slots: 0,
+            class_idx,
+            partial_pos: NOT_PARTIAL,
+        })
+    }
+
+    fn is_used(&self, slot_idx: usize) -> bool {
+        self.used_bitmap[slot_idx / BITS_PER_WORD] & (1 << (slot_idx % BITS_PER_WORD)) != 0
+    }
+
+    /// Marks the lowest free slot used and returns it; `None` when full. Lowest-first keeps
+    /// the touched (resident) part of a chunk a prefix of it.
+    fn take_slot(&mut self) -> Option<usize> {
+        let (word_idx, word) = self
+            .used_bitmap
+            .iter_mut()
+            .enumerate()
+            .find(|(_, w)| **w != u64::MAX)?;
+        let bit = word.trailing_ones() as usize;
+        *word |= 1 << bit;
+        self.used_slots += 1;
+        Some(word_idx * BITS_PER_WORD + bit)
+    }
+
+    fn is_full(&self) -> bool {
+        self.used_slots as usize == slots_per_chunk(self.class_idx)
+    }
+
+    fn slot_range(&self, slot_idx: usize, len_bytes: usize) -> std::ops::Range<usize> {
+        let start = slot_idx * slot_bytes(self.class_idx);
+        start..start + len_bytes
+    }
+}
+
+/// All chunks of all classes.
+pub(crate) struct Slabs {
+    /// Indexed by `chunk_idx`; `None` for a released chunk whose index is on `free_chunk_idxs`.
+    chunks: Vec<Option<Chunk>>,
+    free_chunk_idxs: Vec<u32>,
+    /// Per class: indices of its chunks that have at least one free slot.
+    partial: Vec<Vec<u32>>,
+    live_chunks: u64,
+    /// Sum of the slot sizes of the slots in use.
+    used_slot_bytes: u64,
+    bitmap_words: u64,
+    max_mapped_bytes: Option<u64>,
+}
+
+/// Where a blob is, as the slabs see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SlotLoc {
+    pub class_idx: u8,
+    pub chunk_idx: u32,
+    pub slot_idx: u32,
+}
+
+impl Slabs {
+    pub fn new(max_mapped_bytes: Option<u64>) -> Slabs {
+        Slabs {
+            chunks: Vec::new(),
+            free_chunk_idxs: Vec::new(),
+            partial: (0..NUM_CLASSES).map(|_| Vec::new()).collect(),
+            live_chunks: 0,
+            used_slot_bytes: 0,
+            bitmap_words: 0,
+            max_mapped_bytes,
+        }
+    }
+
+    /// Takes a slot of `class_idx` and copies `data` (at most the slot size) to its start.
+    /// Maps a new chunk when the class has no free slot; that fails with
+    /// [`StoreError::Full`] when it would pass the quota, leaving everything unchanged.
+    pub fn store(&mut self, class_idx: u8, data: &[u8]) -> Result<SlotLoc, StoreError> {
+        assert!(usize::from(class_idx) < NUM_CLASSES, "class_idx {class_idx}");
+        assert!(data.len() <= slot_bytes(class_idx), "blob larger than its slot");
+        let chunk_idx = match self.partial[usize::from(class_idx)].last() {
+            Some(&idx) => idx,
+            None => self.add_chunk(class_idx)?,
+        };
+        let chunk = self.chunks[chunk_idx as usize]
+            .as_mut()
+            .expect("partial lists name live chunks only");
+        let slot_idx = chunk
+            .take_slot()
+            .expect("a chunk on a partial list has a free slot");
+        let range = chunk.slot_range(slot_idx, data.len());
+        chunk.map[range].copy_from_slice(data);
+        if chunk.is_full() {
+            let popped = self.partial[usize::from(class_idx)].pop();
+            debug_assert_eq!(popped, Some(chunk_idx));
+            chunk.partial_pos = NOT_PARTIAL;
+        }
+        self.used_slot_bytes += slot_bytes(class_idx) as u64;
+        Ok(SlotLoc {
+            class_idx,
+            chunk_idx,
+            // < slots_per_chunk <= MAX_SLOT_IDX + 1 (asserted at compile time).
+            slot_idx: slot_idx as u32,
+        })
+    }
+
+    /// Maps a chunk for `class_idx` and puts it on the class's partial list.
+    fn add_chunk(&mut self, class_idx: u8) -> Result<u32, StoreError> {
+        let mapped_after = (self.live_chunks + 1) * CHUNK_BYTES as u64;
+        if self.max_mapped_bytes.is_some_and(|max| mapped_after > max) {
+            return Err(StoreError::Full);
+        }
+        let chunk_idx = match self.free_chunk_idxs.last() {
+            Some(&idx) => idx,
+            None if self.chunks.len() <= MAX_CHUNK_IDX as usize => self.chunks.len() as u32,
+            None => return Err(StoreError::Full),
+        };
+        let mut chunk = Chunk::new(class_idx)?;
+        let partial = &mut self.partial[usize::from(class_idx)];
+        chunk.partial_pos = partial.len() as u32;
+        partial.push(chunk_idx);
+        self.bitmap_words += chunk.used_bitmap.len() as u64;
+        if self.free_chunk_idxs.pop().is_none() {
+            self.chunks.push(None);
+        }
+        self.chunks[chunk_idx as usize] = Some(chunk);
+        self.live_chunks += 1;
+        Ok(chunk_idx)
+    }
+
+    /// The live chunk holding `loc`, or why there is none.
+    fn chunk_of(&self, loc: SlotLoc) -> Result<&Chunk, &'static str> {
+        if usize::from(loc.class_idx) >= NUM_CLASSES {
+            return Err("no such size class");
+        }
+        let chunk = self
+            .chunks
+            .get(loc.chunk_idx as usize)
+            .and_then(Option::as_ref)
+            .ok_or("chunk not mapped")?;
+        if chunk.class_idx != loc.class_idx {
+            return Err("chunk belongs to another size class");
+        }
+        if loc.slot_idx as usize >= slots_per_chunk(loc.class_idx) {
+            return Err("slot index past the end of the chunk");
+        }
+        if !chunk.is_used(loc.slot_idx as usize) {
+            return Err("slot is free");
+        }
+        Ok(chunk)
+    }
+
+    /// The first `len_bytes` of a slot in use.
+    pub fn read(&self, loc: SlotLoc, len_bytes: usize) -> Result<&[u8], &'static str> {
+        let chunk = self.chunk_of(loc)?;
+        if len_bytes > slot_bytes(loc.class_idx) {
+            return Err("length larger than the slot");
+        }
+        Ok(&chunk.map[chunk.slot_range(loc.slot_idx as usize, len_bytes)])
+    }
+
+    /// Frees a slot; unmaps its chunk if that was the chunk's last slot in use. On error
+    /// (the slot was not in use) nothing changes.
+    pub fn free(&mut self, loc: SlotLoc) -> Result<(), &'static str> {
+        self.chunk_of(loc)?;
+        let class = usize::from(loc.class_idx);
+        let chunk = self.chunks[loc.chunk_idx as usize]
+            .as_mut()
+            .expect("checked by chunk_of");
+        let slot_idx = loc.slot_idx as usize;
+        let was_full = chunk.is_full();
+        chunk.used_bitmap[slot_idx / BITS_PER_WORD] &= !(1 << (slot_idx % BITS_PER_WORD));
+        chunk.used_slots -= 1;
+        self.used_slot_bytes -= slot_bytes(loc.class_idx) as u64;
+        if was_full {
+            chunk.partial_pos = self.partial[class].len() as u32;
+            self.partial[class].push(loc.chunk_idx);
+        }
+        if chunk.used_slots == 0 {
+            self.release_chunk(loc.chunk_idx);
+        }
+        Ok(())
+    }
+
+    /// Unmaps an empty chunk and frees its index.
+    fn release_chunk(&mut self, chunk_idx: u32) {
+        let chunk = self.chunks[chunk_idx as usize]
+            .take()
+            .expect("releasing a live chunk");
+        debug_assert_eq!(chunk.used_slots, 0);
+        let partial = &mut self.partial[usize::from(chunk.class_idx)];
+        let pos = chunk.partial_pos as usize;
+        debug_assert_eq!(partial.get(pos), Some(&chunk_idx), "empty chunk is partial");
+        partial.swap_remove(pos);
+        if let Some(&moved_idx) = partial.get(pos) {
+            self.chunks[moved_idx as usize]
+                .as_mut()
+                .expect("partial lists name live chunks only")
+                .partial_pos = pos as u32;
+        }
+        self.bitmap_words -= chunk.used_bitmap.len() as u64;
+        self.live_chunks -= 1;
+        self.free_chunk_idxs.push(chunk_idx);
+        // Dropping the MmapMut unmaps it.
+        drop(chunk);
+    }
+
+    /// Chunks currently mapped.
+    pub fn live_chunks(&self) -> u64 {
+        self.live_chunks
+    }
+
+    /// Bytes of all mapped chunks.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.live_chunks * CHUNK_BYTES as u64
+    }
+
+    /// Sum of the slot sizes of the slots in use.
+    pub fn used_slot_bytes(&self) -> u64 {
+        self.used_slot_bytes
+    }
+
+    /// Bytes of bookkeeping: the chunk table, bitmaps, partial lists and free index list.
+    pub fn metadata_bytes(&self) -> u64 {
+        let table = self.chunks.capacity() * std::mem::size_of::<Option<Chunk>>();
+        let free = self.free_chunk_idxs.capacity() * std::mem::size_of::<u32>();
+        let partial: usize = self.partial.iter().map(|p| p.capacity() * 4).sum::<usize>()
+            + self.partial.capacity() * std::mem::size_of::<Vec<u32>>();
+        (table + free + partial) as u64 + self.bitmap_words * 8
+    }
+
+    /// Checks the internal invariants; for tests.
+    #[cfg(test)]
+    pub fn check_invariants(&self) {
+        let mut live = 0;
+        let mut used_bytes = 0;
+        let mut words = 0;
+        for (idx, chunk) in self.chunks.iter().enumerate() {
+            let Some(chunk) = chunk else {
+                assert!(self.free_chunk_idxs.contains(&(idx as u32)));
+                continue;
+            };
+            live += 1;
+            words += chunk.used_bitmap.len() as u64;
+            let slots = slots_per_chunk(chunk.class_idx);
+            let counted = (0..slots).filter(|&s| chunk.is_used(s)).count();
+            assert_eq!(counted, chunk.used_slots as usize, "chunk {idx} count");
+            assert!(chunk.used_slots > 0, "empty chunk {idx} still mapped");
+            used_bytes += counted as u64 * slot_bytes(chunk.class_idx) as u64;
+            let partial = &self.partial[usize::from(chunk.class_idx)];
+            if chunk.is_full() {
+                assert_eq!(chunk.partial_pos, NOT_PARTIAL);
+                assert!(!partial.contains(&(idx as u32)));
+            } else {
+                assert_eq!(partial[chunk.partial_pos as usize], idx as u32);
+            }
+        }
+        assert_eq!(live, self.live_chunks);
+        assert_eq!(used_bytes, self.used_slot_bytes);
+        assert_eq!(words, self.bitmap_words);
+        let partial_total: usize = self.partial.iter().map(Vec::len).sum();
+        let partial_live = self
+            .chunks
+            .iter()
+            .flatten()
+            .filter(|c| !c.is_full())
+            .count();
+        assert_eq!(partial_total, partial_live);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lz4_class_for_len_rounds_up_to_64_bytes() {
+        assert_eq!(lz4_class_for_len(0), None);
+        assert_eq!(lz4_class_for_len(1), Some(0));
+        assert_eq!(lz4_class_for_len(64), Some(0));
+        assert_eq!(lz4_class_for_len(65), Some(1));
+        assert_eq!(lz4_class_for_len(LZ4_MAX_LEN_BYTES), Some(RAW_CLASS_IDX - 1));
+        assert_eq!(lz4_class_for_len(LZ4_MAX_LEN_BYTES + 1), None);
+        for len in 1..=LZ4_MAX_LEN_BYTES {
+            let c = lz4_class_for_len(len).unwrap();
+            assert!(slot_bytes(c) >= len && slot_bytes(c) < len + CLASS_STEP_BYTES);
+        }
+    }
+
+    #[test]
+    fn chunk_tail_bits_never_allocated() {
+        // 1088-byte class: 240 slots, so the last bitmap word is partly tail.
+        let class_idx = lz4_class_for_len(1088).unwrap();
+        let mut chunk = Chunk::new(class_idx).unwrap();
+        let slots = slots_per_chunk(class_idx);
+        assert_eq!(slots, 240);
+        for want in 0..slots {
+            assert_eq!(chunk.take_slot(), Some(want));
+        }
+        assert!(chunk.is_full());
+        assert_eq!(chunk.take_slot(), None);
+    }
+
+    #[test]
+    fn free_last_slot_unmaps_chunk_and_reuses_index() {
+        let mut s = Slabs::new(None);
+        let a = s.store(RAW_CLASS_IDX, &[1; PAGE_SIZE]).unwrap();
+        let b = s.store(0, &[2; 10]).unwrap();
+        assert_eq!(s.live_chunks(), 2);
+        s.free(a).unwrap();
+        assert_eq!(s.live_chunks(), 1);
+        assert_eq!(s.free(a), Err("chunk not mapped"));
+        s.check_invariants();
+        let c = s.store(5, &[3; 300]).unwrap();
+        assert_eq!(c.chunk_idx, a.chunk_idx, "freed chunk index reused");
+        assert_eq!(s.read(b, 10).unwrap(), &[2; 10]);
+        s.check_invariants();
+    }
+}

@@ -1,0 +1,98 @@
+//! Store statistics: the counters the store keeps and the snapshot it hands out.
+//!
+//! Owns: [`StoreStats`] (a plain snapshot, serializable for the monitor's renderers) and the
+//! running per-kind counters. Rendering (text, JSON, Prometheus) is the monitor's job.
+//! Must not touch: slabs, compression, uffd, processes, syscalls.
+
+use super::handle::PageKind;
+use crate::PAGE_SIZE;
+
+/// A snapshot of the store. Byte counts are exact except `metadata_bytes`, which counts
+/// container capacities (see [`Store::metadata_bytes`](super::Store::metadata_bytes)).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StoreStats {
+    /// Pages kept as a repeated word (no blob).
+    pub pages_same_filled: u64,
+    /// Of those, pages of the zero word.
+    pub pages_zero: u64,
+    /// Pages kept lz4-compressed.
+    pub pages_lz4: u64,
+    /// Pages kept verbatim.
+    pub pages_raw: u64,
+    /// Uncompressed bytes of all stored pages (`PAGE_SIZE` per page).
+    pub bytes_in: u64,
+    /// Payload bytes kept: lz4 lengths plus `PAGE_SIZE` per raw page; 0 for same-filled.
+    pub bytes_out: u64,
+    /// Bytes of all slab chunks mapped (virtual; untouched tails are not resident).
+    pub slab_bytes_mapped: u64,
+    /// Payload bytes in slabs (equals `bytes_out`).
+    pub slab_bytes_used: u64,
+    /// Bytes of the slots in use (payload rounded up to its size class).
+    pub slab_bytes_slots: u64,
+    /// `1 - slab_bytes_used / slab_bytes_mapped`; 0 with nothing mapped.
+    pub fragmentation: f64,
+    /// Slab chunks mapped.
+    pub chunks: u64,
+    /// Distinct non-zero fill words in the word table.
+    pub fill_words: u64,
+    /// Bytes of store bookkeeping (bitmaps, chunk table, word table), handles excluded.
+    pub metadata_bytes: u64,
+    /// Inserts refused with `StoreError::Full`, since the store was made.
+    pub inserts_refused_full: u64,
+}
+
+impl StoreStats {
+    /// All stored pages.
+    pub fn pages(&self) -> u64 {
+        self.pages_same_filled + self.pages_lz4 + self.pages_raw
+    }
+
+    /// `bytes_in / (slab_bytes_mapped + metadata_bytes)`: what the store really saves; 0 when empty.
+    pub fn effective_ratio(&self) -> f64 {
+        let cost = self.slab_bytes_mapped + self.metadata_bytes;
+        if cost == 0 {
+            0.0
+        } else {
+            self.bytes_in as f64 / cost as f64
+        }
+    }
+}
+
+/// Running counters, updated on every insert and remove.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Counters {
+    pub pages_zero: u64,
+    pub pages_same_filled: u64,
+    pub pages_lz4: u64,
+    pub pages_raw: u64,
+    pub bytes_out: u64,
+    pub inserts_refused_full: u64,
+}
+
+impl Counters {
+    /// Accounts one page coming in (`sign = 1`) or leaving (`sign = -1`).
+    pub fn account(&mut self, kind: PageKind, is_zero: bool, payload_bytes: u64, sign: i64) {
+        let step = |v: &mut u64, by: u64| {
+            *v = if sign > 0 { *v + by } else { *v - by };
+        };
+        match kind {
+            PageKind::SameFilled => {
+                step(&mut self.pages_same_filled, 1);
+                if is_zero {
+                    step(&mut self.pages_zero, 1);
+                }
+            }
+            PageKind::Lz4 => step(&mut self.pages_lz4, 1),
+            PageKind::Raw => step(&mut self.pages_raw, 1),
+        }
+        step(&mut self.bytes_out, payload_bytes);
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages_same_filled + self.pages_lz4 + self.pages_raw
+    }
+
+    pub fn bytes_in(&self) -> u64 {
+        self.pages() * PAGE_SIZE as u64
+    }
+}

@@ -1,0 +1,415 @@
+//! Tests of the store as a whole: round trips, interleavings against a model, quota.
+//!
+//! Owns: nothing but test code. Must not touch: anything outside `store`.
+
+use super::slab::{slots_per_chunk, RAW_CLASS_IDX};
+use super::*;
+use proptest::prelude::*;
+use std::collections::HashMap;
+
+type Page = Box<[u8; PAGE_SIZE]>;
+
+fn page_from(bytes: &[u8]) -> Page {
+    let mut p: Page = Box::new([0u8; PAGE_SIZE]);
+    p.copy_from_slice(bytes);
+    p
+}
+
+/// xorshift64*: deterministic pseudo-random numbers for page generators.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A low-entropy, text-like page (words from a small vocabulary).
+fn text_page(seed: u64) -> Page {
+    const WORDS: [&str; 12] = [
+        "the ", "page ", "store ", "monitor ", "cold ", "fault ", "uswap ", "lz4 ", "slab ",
+        "\n", "id=", "0123 ",
+    ];
+    let mut rng = Rng(seed | 1);
+    let mut p: Page = Box::new([0u8; PAGE_SIZE]);
+    let mut pos = 0;
+    while pos < PAGE_SIZE {
+        let w = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
+        let n = w.len().min(PAGE_SIZE - pos);
+        p[pos..pos + n].copy_from_slice(&w[..n]);
+        pos += n;
+    }
+    p
+}
+
+fn random_page(seed: u64) -> Page {
+    let mut rng = Rng(seed | 1);
+    let mut p: Page = Box::new([0u8; PAGE_SIZE]);
+    for w in p.chunks_exact_mut(8) {
+        w.copy_from_slice(&rng.next().to_ne_bytes());
+    }
+    p
+}
+
+fn filled_page(word: u64) -> Page {
+    let mut p: Page = Box::new([0u8; PAGE_SIZE]);
+    encode::fill_word(&mut p, word);
+    p
+}
+
+/// A page of one of several shapes, chosen by `shape`.
+fn page_of_shape(shape: u8, seed: u64) -> Page {
+    match shape % 5 {
+        0 => filled_page(0),
+        1 => filled_page(seed % 4), // few distinct words: shares table entries
+        2 => text_page(seed),
+        3 => random_page(seed),
+        _ => {
+            // Partly zero: random head, zero tail of varying length (many lz4 classes).
+            let mut p = random_page(seed);
+            let keep = (seed % PAGE_SIZE as u64) as usize;
+            p[keep..].fill(0);
+            p
+        }
+    }
+}
+
+fn arb_page() -> impl Strategy<Value = Page> {
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), PAGE_SIZE).prop_map(|v| page_from(&v)),
+        any::<u64>().prop_map(filled_page),
+        (
+            prop::collection::vec(any::<u8>(), PAGE_SIZE),
+            0..PAGE_SIZE,
+            0..PAGE_SIZE
+        )
+            .prop_map(|(v, start, len)| {
+                let mut p = page_from(&v);
+                let end = (start + len).min(PAGE_SIZE);
+                p[start..end].fill(0);
+                p
+            }),
+        any::<u64>().prop_map(text_page),
+        (any::<u8>(), any::<u64>()).prop_map(|(s, seed)| page_of_shape(s, seed)),
+    ]
+}
+
+fn read_back(store: &Store, h: Handle) -> Page {
+    let mut out: Page = Box::new([0xAAu8; PAGE_SIZE]);
+    store.get(h, &mut out).expect("live handle reads back");
+    out
+}
+
+/// Checks the store's stats against the live pages of a model.
+fn check_against_model(store: &Store, model: &HashMap<u64, (Handle, Page)>) {
+    let stats = store.stats();
+    let mut want_kinds = [0u64; 3];
+    let mut want_bytes_out = 0u64;
+    for (h, page) in model.values() {
+        assert_eq!(&read_back(store, *h), page, "{h:?}");
+        match h.kind() {
+            PageKind::SameFilled => want_kinds[0] += 1,
+            PageKind::Lz4 => want_kinds[1] += 1,
+            PageKind::Raw => want_kinds[2] += 1,
+        }
+        if h.kind() != PageKind::SameFilled {
+            want_bytes_out += u64::from(match h.decode() {
+                Some(handle::Decoded::Blob(loc)) => loc.len_bytes,
+                other => panic!("blob kind with {other:?}"),
+            });
+        }
+    }
+    assert_eq!(
+        [stats.pages_same_filled, stats.pages_lz4, stats.pages_raw],
+        want_kinds
+    );
+    assert_eq!(store.stored_pages(), model.len() as u64);
+    assert_eq!(stats.pages(), model.len() as u64);
+    assert_eq!(stats.bytes_in, model.len() as u64 * PAGE_SIZE as u64);
+    assert_eq!(stats.bytes_out, want_bytes_out);
+    assert_eq!(stats.slab_bytes_used, want_bytes_out);
+    assert!(stats.slab_bytes_used <= stats.slab_bytes_slots);
+    assert!(stats.slab_bytes_slots <= stats.slab_bytes_mapped);
+    assert_eq!(stats.slab_bytes_mapped, stats.chunks * CHUNK_BYTES as u64);
+    assert!((0.0..=1.0).contains(&stats.fragmentation));
+    store.slabs.check_invariants();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn put_get_arbitrary_page_round_trips(page in arb_page()) {
+        let mut store = Store::new(StoreConfig::default());
+        let h = store.put(&page).unwrap();
+        prop_assert!(h.to_bits() < 1 << 61);
+        prop_assert_eq!(&read_back(&store, h), &page);
+        let want_kind = if same_filled_word(&page).is_some() {
+            PageKind::SameFilled
+        } else {
+            h.kind()
+        };
+        prop_assert_eq!(h.kind(), want_kind);
+        prop_assert_eq!(store.stored_pages(), 1);
+        // The handle survives a round trip through its bits.
+        prop_assert_eq!(&read_back(&store, Handle::from_bits(h.to_bits())), &page);
+        store.remove(h);
+        prop_assert_eq!(store.stored_pages(), 0);
+        prop_assert_eq!(store.stats().slab_bytes_mapped, 0);
+    }
+
+    #[test]
+    fn insert_remove_interleaving_matches_model(
+        ops in prop::collection::vec((any::<bool>(), any::<u8>(), any::<u64>()), 1..400)
+    ) {
+        let mut store = Store::new(StoreConfig::default());
+        let mut model: HashMap<u64, (Handle, Page)> = HashMap::new();
+        let mut next_key = 0u64;
+        let mut scratch = Vec::new();
+        for (i, (insert, shape, seed)) in ops.into_iter().enumerate() {
+            if insert || model.is_empty() {
+                let page = page_of_shape(shape, seed);
+                let enc = encode(&page, &mut scratch);
+                let h = store.insert(enc, &page).unwrap();
+                model.insert(next_key, (h, page));
+                next_key += 1;
+            } else {
+                let keys: Vec<u64> = model.keys().copied().collect();
+                let key = keys[(seed % keys.len() as u64) as usize];
+                let (h, page) = model.remove(&key).unwrap();
+                prop_assert_eq!(&read_back(&store, h), &page);
+                store.remove(h);
+            }
+            if i % 37 == 0 {
+                check_against_model(&store, &model);
+            }
+        }
+        check_against_model(&store, &model);
+        for (h, _) in model.into_values() {
+            store.remove(h);
+        }
+        let stats = store.stats();
+        prop_assert_eq!(stats.pages(), 0);
+        prop_assert_eq!(stats.chunks, 0, "empty chunks must be unmapped");
+        prop_assert_eq!(stats.slab_bytes_mapped, 0);
+        prop_assert_eq!(stats.slab_bytes_slots, 0);
+        prop_assert_eq!(stats.bytes_out, 0);
+        prop_assert_eq!(stats.fill_words, 0);
+        store.slabs.check_invariants();
+    }
+}
+
+#[test]
+fn store_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Store>();
+}
+
+#[test]
+fn put_zero_page_uses_no_slab_or_word_entry() {
+    let mut store = Store::new(StoreConfig::default());
+    let h = store.put(&filled_page(0)).unwrap();
+    assert_eq!(h, Handle::ZERO_PAGE);
+    let stats = store.stats();
+    assert_eq!((stats.pages_same_filled, stats.pages_zero), (1, 1));
+    assert_eq!((stats.chunks, stats.fill_words), (0, 0));
+}
+
+#[test]
+fn put_same_word_pages_share_one_table_entry() {
+    let mut store = Store::new(StoreConfig::default());
+    let page = filled_page(0x0101_0101_0101_0101);
+    let a = store.put(&page).unwrap();
+    let b = store.put(&page).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(store.stats().fill_words, 1);
+    store.remove(a);
+    assert_eq!(&read_back(&store, b), &page, "second reference keeps the word");
+    store.remove(b);
+    assert_eq!(store.stats().fill_words, 0);
+    assert!(matches!(
+        store.get(b, &mut filled_page(0)),
+        Err(StoreError::CorruptHandle { .. })
+    ));
+}
+
+#[test]
+fn remove_then_put_reuses_slot_memory() {
+    let mut store = Store::new(StoreConfig::default());
+    let pages: Vec<Page> = (0..300).map(|i| text_page(i + 1)).collect();
+    let handles: Vec<Handle> = pages.iter().map(|p| store.put(p).unwrap()).collect();
+    let mapped_full = store.stats().slab_bytes_mapped;
+    assert!(mapped_full > 0);
+    // Remove every other page, then put as many new ones: no new chunk is needed.
+    let mut live = Vec::new();
+    for (i, h) in handles.into_iter().enumerate() {
+        if i % 2 == 0 {
+            store.remove(h);
+        } else {
+            live.push((h, i));
+        }
+    }
+    for i in 0..150 {
+        let p = text_page(1000 + i);
+        store.put(&p).unwrap();
+    }
+    assert!(
+        store.stats().slab_bytes_mapped <= mapped_full,
+        "freed slots must be reused before mapping more"
+    );
+    for (h, i) in live {
+        assert_eq!(read_back(&store, h), pages[i]);
+    }
+}
+
+#[test]
+fn remove_all_raw_pages_releases_every_chunk() {
+    let mut store = Store::new(StoreConfig::default());
+    let per_chunk = slots_per_chunk(RAW_CLASS_IDX);
+    let handles: Vec<Handle> = (0..per_chunk as u64 * 3 + 1)
+        .map(|i| store.put(&random_page(i + 7)).unwrap())
+        .collect();
+    assert!(handles.iter().all(|h| h.kind() == PageKind::Raw));
+    assert_eq!(store.stats().chunks, 4);
+    let meta_full = store.metadata_bytes();
+    // Emptying the first chunk's slots releases exactly one chunk.
+    for h in &handles[..per_chunk] {
+        store.remove(*h);
+    }
+    assert_eq!(store.stats().chunks, 3);
+    for h in &handles[per_chunk..] {
+        store.remove(*h);
+    }
+    let stats = store.stats();
+    assert_eq!(stats.chunks, 0);
+    assert_eq!(stats.slab_bytes_mapped, 0);
+    assert_eq!(stats.fragmentation, 0.0);
+    assert!(store.metadata_bytes() < meta_full, "bitmaps are freed too");
+}
+
+#[test]
+fn quota_exceeded_full_and_nothing_lost() {
+    let max_bytes = 2 * CHUNK_BYTES as u64;
+    let mut store = Store::new(StoreConfig {
+        max_bytes: Some(max_bytes),
+    });
+    let per_chunk = slots_per_chunk(RAW_CLASS_IDX) as u64;
+    let mut handles = Vec::new();
+    let mut seed = 1;
+    let refused = loop {
+        match store.put(&random_page(seed)) {
+            Ok(h) => handles.push((h, seed)),
+            Err(e) => break e,
+        }
+        seed += 1;
+        assert!(seed < 10_000, "quota never enforced");
+    };
+    assert!(matches!(refused, StoreError::Full), "{refused:?}");
+    assert_eq!(handles.len() as u64, 2 * per_chunk);
+    let stats = store.stats();
+    assert!(stats.slab_bytes_mapped <= max_bytes);
+    assert_eq!(stats.inserts_refused_full, 1);
+    assert_eq!(store.stored_pages(), 2 * per_chunk);
+    // Same-filled pages take no slab space and are still accepted.
+    let z = store.put(&filled_page(5)).unwrap();
+    // A different class needs a new chunk: refused too.
+    assert!(matches!(
+        store.put(&text_page(3)),
+        Err(StoreError::Full)
+    ));
+    // Every stored page is intact.
+    for (h, seed) in &handles {
+        assert_eq!(read_back(&store, *h), random_page(*seed));
+    }
+    // Freeing one slot makes room again in the same class.
+    let (h0, _) = handles.swap_remove(0);
+    store.remove(h0);
+    store.put(&random_page(seed)).unwrap();
+    store.remove(z);
+}
+
+#[test]
+fn get_forged_handles_corrupt_not_panic() {
+    let mut store = Store::new(StoreConfig::default());
+    let text = text_page(9);
+    let h = store.put(&text).unwrap();
+    assert_eq!(h.kind(), PageKind::Lz4);
+    let mut out = filled_page(0);
+    let Some(handle::Decoded::Blob(loc)) = h.decode() else {
+        panic!("lz4 handle is a blob")
+    };
+    let forged = [
+        Handle::from_bits(h.to_bits() | 1 << 62),
+        // Wrong chunk, wrong slot, wrong class.
+        Handle::blob(handle::BlobLoc {
+            chunk_idx: loc.chunk_idx + 1,
+            ..loc
+        }),
+        Handle::blob(handle::BlobLoc {
+            slot_idx: loc.slot_idx + 1,
+            ..loc
+        }),
+        Handle::blob(handle::BlobLoc {
+            class_idx: RAW_CLASS_IDX,
+            len_bytes: PAGE_SIZE as u32,
+            ..loc
+        }),
+        // Length outside the class.
+        Handle::blob(handle::BlobLoc {
+            len_bytes: loc.len_bytes + 64,
+            ..loc
+        }),
+        // Unknown fill word.
+        Handle::from_bits(17),
+    ];
+    for f in forged {
+        assert!(
+            matches!(store.get(f, &mut out), Err(StoreError::CorruptHandle { .. })),
+            "{f:?}"
+        );
+        assert!(store.try_remove(f).is_err(), "{f:?}");
+    }
+    // Same class, shorter length: the payload is cut and cannot decompress to a page.
+    let short = Handle::blob(handle::BlobLoc {
+        len_bytes: (loc.len_bytes - 1).max(1),
+        ..loc
+    });
+    if short != h {
+        assert!(matches!(
+            store.get(short, &mut out),
+            Err(StoreError::DecompressFailed { .. })
+        ));
+    }
+    // Nothing was disturbed.
+    assert_eq!(read_back(&store, h), text);
+    store.try_remove(h).unwrap();
+    assert!(matches!(
+        store.try_remove(h),
+        Err(StoreError::CorruptHandle { .. })
+    ));
+}
+
+#[test]
+fn insert_lz4_payload_too_long_kept_raw() {
+    let mut store = Store::new(StoreConfig::default());
+    let page = random_page(3);
+    let bogus = vec![0u8; LZ4_MAX_LEN_BYTES + 1];
+    let h = store.insert(Encoded::Lz4(&bogus), &page).unwrap();
+    assert_eq!(h.kind(), PageKind::Raw);
+    assert_eq!(read_back(&store, h), page);
+}
+
+#[test]
+fn metadata_per_page_mixed_10k_pages_at_most_16_bytes() {
+    let mut store = Store::new(StoreConfig::default());
+    let mut rng = Rng(42);
+    for _ in 0..10_000 {
+        let r = rng.next();
+        store.put(&page_of_shape((r % 5) as u8, r >> 8)).unwrap();
+    }
+    let pages = store.stored_pages();
+    let per_page = (8 * pages + store.metadata_bytes()) as f64 / pages as f64;
+    assert!(per_page <= 16.0, "metadata per page {per_page:.2} bytes");
+}
