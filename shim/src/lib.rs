@@ -1,1 +1,438 @@
-//! placeholder
+//! `libuswap_shim.so`: loaded into an unmodified program with `LD_PRELOAD`.
+//!
+//! In the program's own process it
+//! 1. creates the program's userfaultfd (the syscall, then `/dev/userfaultfd`; never
+//!    `UFFD_USER_MODE_ONLY`) and a second, private one for the agent's staging area;
+//! 2. connects to the monitor, forwards the descriptor with SCM_RIGHTS and waits for the
+//!    acknowledgement before `main` runs (no monitor: the program runs unmanaged, one line on
+//!    stderr at most);
+//! 3. starts the agent thread (see [`agent`]), which reports the program's anonymous regions
+//!    and moves pages out on the monitor's request;
+//! 4. brings every evicted page home before a `fork` (the child gets a complete copy and runs
+//!    unmanaged), and pauses eviction around it.
+//!
+//! Owns: the program-side state in [`SHIM`]. Must not: allocate or take locks the program may
+//! hold anywhere the agent runs or in the interposed memory functions; link lz4 or the monitor.
+
+mod agent;
+mod maps;
+mod raw;
+
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+
+use uswap::protocol::io::{recv_packet, send_packet};
+use uswap::protocol::wire::{Hello, Msg, MAX_MSG_LEN};
+use uswap::uffd::{sys, Uffd};
+
+/// Shim states.
+const OFF: u32 = 0;
+const MANAGED: u32 = 2;
+const DETACHED: u32 = 3;
+
+/// Everything the shim shares between the constructor, the interposers, the fork handlers and
+/// the agent. Lives in the shim's own data segment, which is reported as excluded memory.
+pub(crate) struct Shim {
+    pub state: AtomicU32,
+    pub sock: AtomicI32,
+    /// The forwarded descriptor (events on): kept open here so that the program's evicted
+    /// memory never reads as zeros while the monitor holds its copy.
+    pub uffd: AtomicI32,
+    /// The agent's private descriptor (no events): staging is registered with it and every
+    /// UFFDIO_MOVE is issued on it, so a pending REMOVE/UNMAP event of the program never makes
+    /// a move fail with EAGAIN and staging cleanup raises no event.
+    pub agent_uffd: AtomicI32,
+    pub req_efd: AtomicI32,
+    pub done_efd: AtomicI32,
+    pub window_base: AtomicUsize,
+    pub window_len: AtomicUsize,
+    pub staging_base: AtomicUsize,
+    pub staging_len: AtomicUsize,
+    pub stack_base: AtomicUsize,
+    pub stack_len: AtomicUsize,
+    pub scratch_base: AtomicUsize,
+    pub scratch_len: AtomicUsize,
+    /// Set by the interposers when the address space changed; the agent rescans.
+    pub maps_dirty: AtomicBool,
+    /// Serialises packets on the socket (agent snapshots vs. fork requests).
+    pub sock_busy: AtomicBool,
+}
+
+pub(crate) static SHIM: Shim = Shim {
+    state: AtomicU32::new(OFF),
+    sock: AtomicI32::new(-1),
+    uffd: AtomicI32::new(-1),
+    agent_uffd: AtomicI32::new(-1),
+    req_efd: AtomicI32::new(-1),
+    done_efd: AtomicI32::new(-1),
+    window_base: AtomicUsize::new(0),
+    window_len: AtomicUsize::new(0),
+    staging_base: AtomicUsize::new(0),
+    staging_len: AtomicUsize::new(0),
+    stack_base: AtomicUsize::new(0),
+    stack_len: AtomicUsize::new(0),
+    scratch_base: AtomicUsize::new(0),
+    scratch_len: AtomicUsize::new(0),
+    maps_dirty: AtomicBool::new(false),
+    sock_busy: AtomicBool::new(false),
+};
+
+/// Size of the agent's stack (its TLS and thread descriptor live at its top).
+const AGENT_STACK_BYTES: usize = 256 * 1024;
+/// Scratch memory of the agent: maps buffer and packet buffer.
+pub(crate) const SCRATCH_BYTES: usize = 256 * 1024;
+
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = uswap_shim_init;
+
+extern "C" fn uswap_shim_init() {
+    if let Err(why) = init() {
+        let quiet = raw::getenv(c"USWAP_QUIET").is_some_and(|v| v == b"1");
+        if !quiet {
+            raw::eprint_line(&[b"uswap: running unmanaged: ", why.as_bytes()]);
+        }
+        teardown_partial();
+    }
+}
+
+/// Closes whatever a failed `init` left open.
+fn teardown_partial() {
+    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.agent_uffd, &SHIM.req_efd, &SHIM.done_efd] {
+        let v = fd.swap(-1, Ordering::AcqRel);
+        if v >= 0 {
+            // SAFETY: closing a descriptor this shim opened.
+            unsafe { libc::close(v) };
+        }
+    }
+    SHIM.state.store(OFF, Ordering::Release);
+}
+
+fn connect(path: &[u8]) -> Result<i32, &'static str> {
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err("cannot create a socket");
+    }
+    // SAFETY: sockaddr_un is plain old data.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as u16;
+    if path.len() >= addr.sun_path.len() {
+        // SAFETY: closing our own descriptor.
+        unsafe { libc::close(fd) };
+        return Err("socket path too long");
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    let len = (std::mem::size_of::<libc::sa_family_t>() + path.len() + 1) as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
+    if rc < 0 {
+        // SAFETY: closing our own descriptor.
+        unsafe { libc::close(fd) };
+        return Err("no monitor answers on the socket (start `uswap daemon` or use `uswap run`)");
+    }
+    let tv = libc::timeval { tv_sec: 10, tv_usec: 0 };
+    // SAFETY: setting a timeval option on our socket.
+    unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32)
+    };
+    Ok(fd)
+}
+
+fn program_name(buf: &mut [u8; 256]) -> usize {
+    // SAFETY: readlink writes at most buf.len() bytes.
+    let n = unsafe { libc::readlink(c"/proc/self/exe".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n <= 0 {
+        return 0;
+    }
+    let n = n as usize;
+    let start = buf[..n].iter().rposition(|c| *c == b'/').map_or(0, |p| p + 1);
+    buf.copy_within(start..n, 0);
+    n - start
+}
+
+fn init() -> Result<(), &'static str> {
+    // SAFETY: sysconf has no preconditions.
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page_size != uswap::PAGE_SIZE as i64 {
+        return Err("page size is not 4 KiB");
+    }
+    let default_path;
+    let path: &[u8] = match raw::getenv(c"USWAP_SOCKET") {
+        Some(p) if !p.is_empty() => p,
+        _ => {
+            default_path = uswap::protocol::default_socket_path();
+            use std::os::unix::ffi::OsStrExt;
+            let p: &[u8] = default_path.as_os_str().as_bytes();
+            // Leak-free: default_path lives until the end of init.
+            p
+        }
+    };
+    let sock = connect(path)?;
+    SHIM.sock.store(sock, Ordering::Release);
+
+    let uffd = Uffd::create(uswap::uffd::FORWARDED_FEATURES, sys::UFFD_FEATURE_EVENT_UNMAP | sys::UFFD_FEATURE_EVENT_REMOVE | sys::UFFD_FEATURE_EVENT_REMAP, true)
+        .map_err(|_| "cannot create a userfaultfd (a non-root user needs read-write access to /dev/userfaultfd; see `uswap doctor`)")?;
+    let agent_uffd = Uffd::create(sys::UFFD_FEATURE_MOVE, sys::UFFD_FEATURE_MOVE, false)
+        .map_err(|_| "this kernel has no UFFDIO_MOVE (Linux 6.8 or later is needed)")?;
+
+    // Agent memory: stack, staging and scratch, never registered with the forwarded
+    // descriptor, never inherited by a fork.
+    let stack = raw::map_anon(AGENT_STACK_BYTES, libc::MAP_NORESERVE | libc::MAP_STACK);
+    let staging_len = uswap::protocol::shm::MAX_BATCH_PAGES * uswap::PAGE_SIZE;
+    let staging = raw::map_anon(staging_len, libc::MAP_NORESERVE);
+    let scratch = raw::map_anon(SCRATCH_BYTES, 0);
+    if stack == 0 || staging == 0 || scratch == 0 {
+        return Err("cannot map the agent's memory");
+    }
+    for (a, l) in [(stack, AGENT_STACK_BYTES), (staging, staging_len), (scratch, SCRATCH_BYTES)] {
+        // SAFETY: advising our own fresh mappings.
+        unsafe { libc::madvise(a as *mut _, l, libc::MADV_DONTFORK) };
+    }
+    // SAFETY: advising our own fresh mapping: staging pages are moved one by one.
+    unsafe { libc::madvise(staging as *mut _, staging_len, libc::MADV_NOHUGEPAGE) };
+    agent_uffd
+        .register(staging as u64, staging_len as u64, sys::UFFDIO_REGISTER_MODE_MISSING)
+        .map_err(|_| "cannot register the staging area")?;
+    SHIM.stack_base.store(stack, Ordering::Relaxed);
+    SHIM.stack_len.store(AGENT_STACK_BYTES, Ordering::Relaxed);
+    SHIM.staging_base.store(staging, Ordering::Relaxed);
+    SHIM.staging_len.store(staging_len, Ordering::Relaxed);
+    SHIM.scratch_base.store(scratch, Ordering::Relaxed);
+    SHIM.scratch_len.store(SCRATCH_BYTES, Ordering::Relaxed);
+
+    // Hello, with the descriptor attached.
+    let mut name = [0u8; 256];
+    let name_len = program_name(&mut name);
+    let app = raw::getenv(c"USWAP_APP").unwrap_or(b"");
+    let overrides = raw::getenv(c"USWAP_OVERRIDES").unwrap_or(b"");
+    let hello = Msg::Hello(Hello {
+        // SAFETY: getpid has no preconditions.
+        pid: unsafe { libc::getpid() } as u32,
+        page_size: uswap::PAGE_SIZE as u32,
+        uffd_features: uffd.features(),
+        name: &name[..name_len],
+        app,
+        overrides,
+    });
+    // SAFETY: the scratch mapping is ours and SCRATCH_BYTES >= MAX_MSG_LEN.
+    let pkt = unsafe { std::slice::from_raw_parts_mut(scratch as *mut u8, MAX_MSG_LEN) };
+    let n = hello.encode(pkt).map_err(|_| "hello message does not fit")?;
+    send_packet(sock, &pkt[..n], &[uffd.as_raw_fd()]).map_err(|_| "the monitor closed the connection")?;
+
+    let mut got = recv_packet(sock, pkt, 0)
+        .map_err(|_| "the monitor did not answer in time")?
+        .ok_or("the monitor closed the connection")?;
+    let (window_len, text) = match Msg::decode(&pkt[..got.len]) {
+        Ok(Msg::HelloAck(a)) if a.status == 0 => (a.window_len_bytes as usize, a.text),
+        Ok(Msg::HelloAck(_)) | Ok(Msg::Error { .. }) => return Err("the monitor refused this program (see the monitor's log)"),
+        _ => return Err("the monitor sent an unexpected reply"),
+    };
+    let _ = text;
+    let (Some(win), Some(req), Some(done)) = (got.take_fd(0), got.take_fd(1), got.take_fd(2)) else {
+        return Err("the monitor's reply lacks its descriptors");
+    };
+    // SAFETY: mapping the memfd the monitor sent, shared, at a new address.
+    let base = unsafe {
+        libc::mmap(std::ptr::null_mut(), window_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, win.as_raw_fd(), 0)
+    };
+    if base == libc::MAP_FAILED || window_len < uswap::protocol::shm::DATA_OFF {
+        return Err("cannot map the monitor's window");
+    }
+    // SAFETY: advising the mapping we just made.
+    unsafe { libc::madvise(base, window_len, libc::MADV_DONTFORK) };
+    drop(win);
+    SHIM.window_base.store(base as usize, Ordering::Relaxed);
+    SHIM.window_len.store(window_len, Ordering::Relaxed);
+    SHIM.req_efd.store(req.into_raw_fd(), Ordering::Relaxed);
+    SHIM.done_efd.store(done.into_raw_fd(), Ordering::Relaxed);
+    SHIM.uffd.store(uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
+    SHIM.agent_uffd.store(agent_uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
+    // Blocking from now on (fork requests may wait for a long restore).
+    let tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    // SAFETY: setting a timeval option on our socket.
+    unsafe {
+        libc::setsockopt(sock, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32)
+    };
+
+    SHIM.maps_dirty.store(true, Ordering::Release);
+    SHIM.state.store(MANAGED, Ordering::Release);
+    agent::start().map_err(|_| "cannot start the agent thread")?;
+    // SAFETY: registering plain extern "C" handlers.
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    Ok(())
+}
+
+/// Takes the socket for one request/response exchange.
+pub(crate) fn sock_lock(spin: bool) -> bool {
+    loop {
+        if SHIM.sock_busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+            return true;
+        }
+        if !spin {
+            return false;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+}
+
+pub(crate) fn sock_unlock() {
+    SHIM.sock_busy.store(false, Ordering::Release);
+}
+
+/// Before fork: ask the monitor to bring every evicted page home and pause eviction, so the
+/// child (which inherits no registration and no monitor) gets a complete copy.
+extern "C" fn fork_prepare() {
+    if SHIM.state.load(Ordering::Acquire) != MANAGED {
+        return;
+    }
+    sock_lock(true);
+    let sock = SHIM.sock.load(Ordering::Acquire);
+    let mut buf = [0u8; 256];
+    let ok = Msg::ForkPrepare
+        .encode(&mut buf)
+        .ok()
+        .and_then(|n| send_packet(sock, &buf[..n], &[]).ok())
+        .and_then(|_| loop {
+            match recv_packet(sock, &mut buf, 0) {
+                Ok(Some(r)) => match Msg::decode(&buf[..r.len]) {
+                    Ok(Msg::ForkReady { status, .. }) => break Some(status == 0),
+                    _ => continue,
+                },
+                _ => break None,
+            }
+        });
+    if ok != Some(true) {
+        raw::eprint_line(&[b"uswap: the monitor could not bring the memory home before fork; the child may be incomplete"]);
+    }
+    // The socket stays locked until fork_parent / fork_child.
+}
+
+extern "C" fn fork_parent() {
+    if SHIM.state.load(Ordering::Acquire) != MANAGED {
+        return;
+    }
+    let sock = SHIM.sock.load(Ordering::Acquire);
+    let mut buf = [0u8; 64];
+    if let Ok(n) = (Msg::ForkDone { child_pid: 0 }).encode(&mut buf) {
+        let _ = send_packet(sock, &buf[..n], &[]);
+    }
+    sock_unlock();
+}
+
+/// In the child: it has no agent thread, its memory is unregistered (no EVENT_FORK) and whole;
+/// drop the parent's descriptors so the monitor sees only the parent on this connection.
+extern "C" fn fork_child() {
+    if SHIM.state.load(Ordering::Acquire) != MANAGED {
+        return;
+    }
+    SHIM.state.store(DETACHED, Ordering::Release);
+    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.agent_uffd, &SHIM.req_efd, &SHIM.done_efd] {
+        let v = fd.swap(-1, Ordering::AcqRel);
+        if v >= 0 {
+            // SAFETY: closing the child's copies of descriptors the shim opened.
+            unsafe { libc::close(v) };
+        }
+    }
+    sock_unlock();
+}
+
+/// Marks the address space as changed and wakes the agent (once per burst).
+fn note_maps_changed() {
+    if SHIM.state.load(Ordering::Relaxed) == MANAGED && !SHIM.maps_dirty.swap(true, Ordering::AcqRel) {
+        agent::kick();
+    }
+}
+
+// Interposers. They make the raw syscall themselves (no lookup of the next symbol, so no
+// allocation and no recursion), then note the change for the agent.
+
+/// # Safety
+/// Same contract as mmap(2).
+#[no_mangle]
+pub unsafe extern "C" fn mmap(addr: *mut libc::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: libc::off_t) -> *mut libc::c_void {
+    // SAFETY: forwarding the caller's arguments to the syscall unchanged.
+    let r = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) };
+    if r == -1 {
+        return libc::MAP_FAILED;
+    }
+    if flags & libc::MAP_ANONYMOUS != 0 && flags & libc::MAP_PRIVATE != 0 {
+        note_maps_changed();
+    }
+    r as *mut libc::c_void
+}
+
+/// # Safety
+/// Same contract as mmap64(3).
+#[no_mangle]
+pub unsafe extern "C" fn mmap64(addr: *mut libc::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: libc::off64_t) -> *mut libc::c_void {
+    // SAFETY: same contract.
+    unsafe { mmap(addr, len, prot, flags, fd, off) }
+}
+
+/// # Safety
+/// Same contract as munmap(2).
+#[no_mangle]
+pub unsafe extern "C" fn munmap(addr: *mut libc::c_void, len: usize) -> i32 {
+    // SAFETY: forwarding the caller's arguments to the syscall unchanged.
+    let r = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };
+    note_maps_changed();
+    r as i32
+}
+
+/// # Safety
+/// Same contract as mremap(2). The fifth argument is read only with MREMAP_FIXED, as libc does.
+#[no_mangle]
+pub unsafe extern "C" fn mremap(old: *mut libc::c_void, old_len: usize, new_len: usize, flags: i32, new_addr: *mut libc::c_void) -> *mut libc::c_void {
+    let new_addr = if flags & libc::MREMAP_FIXED != 0 { new_addr } else { std::ptr::null_mut() };
+    // SAFETY: forwarding the caller's arguments to the syscall unchanged.
+    let r = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
+    note_maps_changed();
+    if r == -1 {
+        return libc::MAP_FAILED;
+    }
+    r as *mut libc::c_void
+}
+
+type SbrkFn = unsafe extern "C" fn(libc::intptr_t) -> *mut libc::c_void;
+type BrkFn = unsafe extern "C" fn(*mut libc::c_void) -> i32;
+
+fn next_symbol(name: &std::ffi::CStr) -> usize {
+    // SAFETY: dlsym with RTLD_NEXT and a NUL-terminated name.
+    unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize }
+}
+
+/// # Safety
+/// Same contract as sbrk(2).
+#[no_mangle]
+pub unsafe extern "C" fn sbrk(incr: libc::intptr_t) -> *mut libc::c_void {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let mut f = NEXT.load(Ordering::Relaxed);
+    if f == 0 {
+        f = next_symbol(c"sbrk");
+        NEXT.store(f, Ordering::Relaxed);
+    }
+    // SAFETY: `f` is libc's sbrk, found by dlsym.
+    let r = unsafe { std::mem::transmute::<usize, SbrkFn>(f)(incr) };
+    note_maps_changed();
+    r
+}
+
+/// # Safety
+/// Same contract as brk(2).
+#[no_mangle]
+pub unsafe extern "C" fn brk(addr: *mut libc::c_void) -> i32 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let mut f = NEXT.load(Ordering::Relaxed);
+    if f == 0 {
+        f = next_symbol(c"brk");
+        NEXT.store(f, Ordering::Relaxed);
+    }
+    // SAFETY: `f` is libc's brk, found by dlsym.
+    let r = unsafe { std::mem::transmute::<usize, BrkFn>(f)(addr) };
+    note_maps_changed();
+    r
+}

@@ -1,0 +1,353 @@
+//! The agent: a thread of the managed program that moves pages out on the monitor's request.
+//!
+//! On a stock kernel UFFDIO_MOVE works only inside the descriptor's own mm, so eviction has to
+//! be issued from here. For each batch descriptor in the shared window the agent moves every
+//! run into its staging area with one UFFDIO_MOVE on its private descriptor (from then on any
+//! access to those pages faults to the monitor through the forwarded descriptor), copies the
+//! moved pages into the run's window slots, marks each page's result, drops the staging pages
+//! and signals the monitor.
+//!
+//! It also reports the program's anonymous regions (a snapshot of /proc/self/maps after any
+//! change, and on request) and its resident anonymous size.
+//!
+//! Rules it lives by: it blocks every signal; it runs on its own stack and scratch memory,
+//! which are never registered and reported as excluded; it never allocates (the program's
+//! allocator's memory can be evicted) and never waits for the monitor's fault thread while
+//! holding anything the program needs. It is the only code in the program that issues
+//! UFFDIO_MOVE.
+
+use std::sync::atomic::Ordering;
+
+use uswap::protocol::io::send_packet;
+use uswap::protocol::shm::{self, Window};
+use uswap::protocol::wire::{RegionEntry, RegionsBuilder, REGIONS_FIRST, REGIONS_LAST, REGION_EXCLUDED, REGION_MANAGED};
+use uswap::uffd::{sys, UffdError};
+use uswap::PAGE_SIZE;
+
+use crate::{maps, raw, sock_lock, sock_unlock, SCRATCH_BYTES, SHIM};
+
+/// Minimum time between two unrequested rescans of /proc/self/maps.
+const RESCAN_MIN_INTERVAL_NS: u64 = 10_000_000;
+/// Scratch layout: [0, 64K) packet buffer, [64K, 192K) maps buffer, [192K, 196K) mincore
+/// vector, [196K, 256K) status buffer.
+const PKT_OFF: usize = 0;
+const MAPS_OFF: usize = 64 * 1024;
+const MAPS_LEN: usize = 128 * 1024;
+const MINCORE_OFF: usize = 192 * 1024;
+const STATUS_OFF: usize = 196 * 1024;
+const STATUS_LEN: usize = 8 * 1024;
+const _: () = assert!(STATUS_OFF + STATUS_LEN <= SCRATCH_BYTES);
+
+pub(crate) fn kick() {
+    let efd = SHIM.req_efd.load(Ordering::Relaxed);
+    if efd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write to an eventfd.
+        unsafe { libc::write(efd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+pub(crate) fn start() -> Result<(), i32> {
+    // SAFETY: pthread attribute calls on a local attr; the stack is our own mapping of
+    // stack_len bytes, which outlives the thread (it is never unmapped). All signals are
+    // blocked around pthread_create so the agent starts with every signal blocked.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        let rc = libc::pthread_attr_setstack(
+            &mut attr,
+            SHIM.stack_base.load(Ordering::Relaxed) as *mut _,
+            SHIM.stack_len.load(Ordering::Relaxed),
+        );
+        if rc != 0 {
+            return Err(rc);
+        }
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let mut tid: libc::pthread_t = 0;
+        let rc = libc::pthread_create(&mut tid, &attr, agent_main, std::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+        if rc != 0 {
+            return Err(rc);
+        }
+        // A name helps `top -H` and debuggers; the name is static.
+        libc::pthread_setname_np(tid, c"uswap-agent".as_ptr());
+    }
+    Ok(())
+}
+
+fn scratch(off: usize, len: usize) -> &'static mut [u8] {
+    let base = SHIM.scratch_base.load(Ordering::Relaxed);
+    assert!(off + len <= SHIM.scratch_len.load(Ordering::Relaxed));
+    // SAFETY: the scratch mapping is owned by the agent thread alone and never unmapped; the
+    // regions handed out by the fixed offsets above do not overlap and each is used by one
+    // caller at a time on this single thread.
+    unsafe { std::slice::from_raw_parts_mut((base + off) as *mut u8, len) }
+}
+
+extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
+    let base = SHIM.window_base.load(Ordering::Relaxed);
+    let len = SHIM.window_len.load(Ordering::Relaxed);
+    // SAFETY: the window mapping was made in `init` and is never unmapped while we run.
+    let win = unsafe { Window::new(base as *mut u8, len) };
+    if !win.is_valid() {
+        raw::eprint_line(&[b"uswap: the monitor's window is not valid; eviction disabled"]);
+        return std::ptr::null_mut();
+    }
+    let req_efd = SHIM.req_efd.load(Ordering::Relaxed);
+    let done_efd = SHIM.done_efd.load(Ordering::Relaxed);
+    let mut last_scan_ns = 0u64;
+    let mut snapshot: u32 = 0;
+    loop {
+        let now = raw::monotonic_ns();
+        let dirty = SHIM.maps_dirty.load(Ordering::Acquire);
+        let timeout_ms = if dirty {
+            ((last_scan_ns + RESCAN_MIN_INTERVAL_NS).saturating_sub(now) / 1_000_000) as i32
+        } else {
+            -1
+        };
+        let mut pfd = libc::pollfd { fd: req_efd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: polling one pollfd on our stack.
+        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if rc > 0 {
+            let mut v = 0u64;
+            // SAFETY: an 8-byte read from an eventfd into a local.
+            unsafe { libc::read(req_efd, (&mut v as *mut u64).cast(), 8) };
+        }
+        if SHIM.state.load(Ordering::Acquire) != crate::MANAGED {
+            return std::ptr::null_mut();
+        }
+        let requests = win.requests().swap(0, Ordering::AcqRel);
+        if requests & shm::REQ_SHUTDOWN != 0 {
+            return std::ptr::null_mut();
+        }
+        let worked = run_batches(&win);
+        if requests & shm::REQ_RSS != 0 || worked {
+            if let Some(rss) = maps::rss_anon_bytes(scratch(STATUS_OFF, STATUS_LEN)) {
+                win.rss_anon_bytes().store(rss, Ordering::Relaxed);
+                win.rss_seq().fetch_add(1, Ordering::Release);
+            }
+        }
+        let now = raw::monotonic_ns();
+        let due = SHIM.maps_dirty.load(Ordering::Acquire) && now >= last_scan_ns + RESCAN_MIN_INTERVAL_NS;
+        if requests & shm::REQ_RESCAN != 0 || due {
+            // Clear first: a change during the scan marks it dirty again.
+            SHIM.maps_dirty.store(false, Ordering::Release);
+            snapshot = snapshot.wrapping_add(1);
+            if !send_snapshot(snapshot) {
+                SHIM.maps_dirty.store(true, Ordering::Release);
+            }
+            last_scan_ns = now;
+        }
+        if worked || requests != 0 {
+            let one: u64 = 1;
+            // SAFETY: an 8-byte write to an eventfd.
+            unsafe { libc::write(done_efd, (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+/// Processes every posted batch. Returns whether there was any.
+fn run_batches(win: &Window) -> bool {
+    let mut worked = false;
+    loop {
+        let done = win.done_seq().load(Ordering::Relaxed);
+        let posted = win.post_seq().load(Ordering::Acquire);
+        if done >= posted || posted - done > shm::RING_LEN as u64 {
+            return worked;
+        }
+        let t0 = raw::monotonic_ns();
+        let desc = win.desc(done);
+        let moved = run_batch(win, &desc);
+        desc.set_agent_ns(raw::monotonic_ns() - t0);
+        win.agent_busy_ns().fetch_add(raw::monotonic_ns() - t0, Ordering::Relaxed);
+        win.agent_moved_pages().fetch_add(moved, Ordering::Relaxed);
+        win.done_seq().store(done + 1, Ordering::Release);
+        worked = true;
+    }
+}
+
+fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
+    let agent_uffd = SHIM.agent_uffd.load(Ordering::Relaxed);
+    let staging = SHIM.staging_base.load(Ordering::Relaxed) as u64;
+    let staging_pages = SHIM.staging_len.load(Ordering::Relaxed) / PAGE_SIZE;
+    let slots = win.slots();
+    let mut page_idx = 0usize;
+    let mut used_pages = 0usize;
+    let mut moved_total = 0u64;
+    let npages = desc.npages();
+    for r in 0..desc.nruns() {
+        let run = desc.run(r);
+        let pages = run.pages as usize;
+        let valid = pages > 0
+            && page_idx + pages <= npages
+            && page_idx + pages <= staging_pages
+            && run.first_slot as usize + pages <= slots
+            && run.addr % PAGE_SIZE as u64 == 0;
+        if !valid {
+            for p in page_idx..npages.min(page_idx + pages.max(1)) {
+                desc.set_result(p, shm::RESULT_FAILED);
+            }
+            page_idx += pages.max(1);
+            continue;
+        }
+        if win.epoch().load(Ordering::Acquire) != desc.epoch() {
+            for p in page_idx..page_idx + pages {
+                desc.set_result(p, shm::RESULT_CANCELLED);
+            }
+            page_idx += pages;
+            continue;
+        }
+        let dst = staging + (page_idx * PAGE_SIZE) as u64;
+        move_run(agent_uffd, dst, run.addr, pages, desc, page_idx);
+        // Which staging pages now hold a page: holes (never touched, or already gone) stay
+        // unpopulated and must never be read (a read would fault on the agent's descriptor).
+        let vec = scratch(MINCORE_OFF, 4096);
+        // SAFETY: mincore on our own staging range writes `pages` bytes (<= 4096) into `vec`.
+        let rc = unsafe { libc::mincore(dst as *mut _, pages * PAGE_SIZE, vec.as_mut_ptr()) };
+        for i in 0..pages {
+            let p = page_idx + i;
+            if desc.result(p) != shm::RESULT_PENDING {
+                continue;
+            }
+            if rc == 0 && vec[i] & 1 != 0 {
+                let slot = win.slot_ptr(run.first_slot as usize + i);
+                // SAFETY: the staging page is present (mincore) and ours; the slot lies inside
+                // the window; the two never overlap.
+                unsafe { std::ptr::copy_nonoverlapping((dst + (i * PAGE_SIZE) as u64) as *const u8, slot, PAGE_SIZE) };
+                desc.set_result(p, shm::RESULT_MOVED);
+                moved_total += 1;
+            } else if rc == 0 {
+                desc.set_result(p, shm::RESULT_HOLE);
+            } else {
+                // Cannot tell: keep the page's fate unknown to the monitor as failed. Its
+                // bytes, if moved, stay in staging and are dropped below, so report FAILED
+                // only when nothing moved; mincore on our own mapping does not fail.
+                desc.set_result(p, shm::RESULT_FAILED);
+            }
+        }
+        page_idx += pages;
+        used_pages = used_pages.max(page_idx);
+    }
+    for p in page_idx..npages {
+        desc.set_result(p, shm::RESULT_FAILED);
+    }
+    if used_pages > 0 {
+        // SAFETY: dropping our own staging pages; staging is registered only with the agent's
+        // descriptor, which has no event features, so this raises no event.
+        unsafe { libc::madvise(staging as *mut _, used_pages * PAGE_SIZE, libc::MADV_DONTNEED) };
+    }
+    moved_total
+}
+
+fn move_ioctl(uffd: i32, dst: u64, src: u64, len: u64) -> Result<u64, UffdError> {
+    let mut m = sys::UffdioMove {
+        dst,
+        src,
+        len,
+        mode: sys::UFFDIO_MOVE_MODE_DONTWAKE | sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES,
+        moved: 0,
+    };
+    // SAFETY: UFFDIO_MOVE reads and writes one `struct uffdio_move`.
+    let rc = unsafe { libc::ioctl(uffd, sys::UFFDIO_MOVE as _, &mut m) };
+    if rc < 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+        return Err(UffdError::from_errno(uswap::uffd::Op::Move, errno, m.moved.max(0) as u64));
+    }
+    Ok(m.moved as u64)
+}
+
+/// Moves `pages` pages from `src` to `dst` in as few ioctls as the kernel allows; a page it
+/// refuses is marked (busy or failed) and skipped.
+fn move_run(uffd: i32, dst: u64, src: u64, pages: usize, desc: &shm::Desc<'_>, first_page_idx: usize) {
+    let mut off = 0usize;
+    let mut retries = 0;
+    while off < pages {
+        let at = (off * PAGE_SIZE) as u64;
+        let len = ((pages - off) * PAGE_SIZE) as u64;
+        match move_ioctl(uffd, dst + at, src + at, len) {
+            Ok(n) => {
+                off += (n as usize).div_ceil(PAGE_SIZE).max(1);
+            }
+            Err(e) => {
+                off += e.done_bytes() as usize / PAGE_SIZE;
+                if off >= pages {
+                    break;
+                }
+                let result = match e {
+                    UffdError::Retry { .. } if retries < 3 => {
+                        retries += 1;
+                        continue;
+                    }
+                    UffdError::Busy { .. } => shm::RESULT_BUSY,
+                    _ => shm::RESULT_FAILED,
+                };
+                desc.set_result(first_page_idx + off, result);
+                off += 1;
+                retries = 0;
+            }
+        }
+    }
+}
+
+/// Sends a snapshot of the anonymous regions, the managed ones and those never to be evicted.
+/// Returns false if the socket was busy or the scan failed (the caller retries later).
+fn send_snapshot(snapshot: u32) -> bool {
+    if !sock_lock(false) {
+        return false;
+    }
+    let ok = send_snapshot_locked(snapshot);
+    sock_unlock();
+    ok
+}
+
+fn send_snapshot_locked(snapshot: u32) -> bool {
+    let sock = SHIM.sock.load(Ordering::Acquire);
+    let pkt = scratch(PKT_OFF, 64 * 1024);
+    let maps_buf = scratch(MAPS_OFF, MAPS_LEN);
+    let mut builder = RegionsBuilder::new(pkt);
+    let mut first = true;
+    let mut ok = true;
+    // The agent's own memory and the shim's data segment are excluded.
+    let shim_addr = &SHIM as *const _ as u64;
+    let own = [
+        (SHIM.stack_base.load(Ordering::Relaxed) as u64, SHIM.stack_len.load(Ordering::Relaxed) as u64),
+        (SHIM.staging_base.load(Ordering::Relaxed) as u64, SHIM.staging_len.load(Ordering::Relaxed) as u64),
+        (SHIM.scratch_base.load(Ordering::Relaxed) as u64, SHIM.scratch_len.load(Ordering::Relaxed) as u64),
+    ];
+    let flush = |b: &mut RegionsBuilder<'_>, last: bool, first: &mut bool| -> bool {
+        let flags = if *first { REGIONS_FIRST } else { 0 } | if last { REGIONS_LAST } else { 0 };
+        *first = false;
+        let packet = b.finish(snapshot, flags);
+        send_packet(sock, packet, &[]).is_ok()
+    };
+    let scanned = maps::for_each_mapping(maps_buf, |m| {
+        if !ok {
+            return;
+        }
+        let len = m.end - m.start;
+        let is_own = own.iter().any(|(a, l)| *a == m.start && *l == len)
+            || (m.start <= shim_addr && shim_addr < m.end)
+            || (m.start <= shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end);
+        let flags = if is_own && m.writable && m.private {
+            REGION_EXCLUDED
+        } else if m.is_manageable() {
+            REGION_MANAGED
+        } else {
+            return;
+        };
+        if builder.is_full() && !flush(&mut builder, false, &mut first) {
+            ok = false;
+            return;
+        }
+        builder.push(RegionEntry { start: m.start, len_bytes: len, flags });
+    });
+    if !scanned || !ok {
+        return false;
+    }
+    flush(&mut builder, true, &mut first)
+}
