@@ -2,10 +2,12 @@
 //!
 //! On a stock kernel UFFDIO_MOVE works only inside the descriptor's own mm, so eviction has to
 //! be issued from here. For each batch descriptor in the shared window the agent moves every
-//! run into its staging area with one UFFDIO_MOVE on its private descriptor (from then on any
+//! run into its staging area with one UFFDIO_MOVE on the forwarded descriptor (from then on any
 //! access to those pages faults to the monitor through the forwarded descriptor), copies the
 //! moved pages into the run's window slots, marks each page's result, drops the staging pages
-//! and signals the monitor.
+//! (a REMOVE event the monitor reads and ignores; the agent may wait for the monitor, never
+//! the other way round) and signals the monitor. The ordering rules against the program's own
+//! munmap/mremap/MADV_DONTNEED are in `uswap::protocol::shm`.
 //!
 //! It also reports the program's anonymous regions (a snapshot of /proc/self/maps after any
 //! change, and on request) and its resident anonymous size.
@@ -172,7 +174,7 @@ fn run_batches(win: &Window) -> bool {
 }
 
 fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
-    let agent_uffd = SHIM.agent_uffd.load(Ordering::Relaxed);
+    let uffd = SHIM.uffd.load(Ordering::Relaxed);
     let staging = SHIM.staging_base.load(Ordering::Relaxed) as u64;
     let staging_pages = SHIM.staging_len.load(Ordering::Relaxed) / PAGE_SIZE;
     let slots = win.slots();
@@ -195,15 +197,26 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
             page_idx += pages.max(1);
             continue;
         }
-        if win.epoch().load(Ordering::Acquire) != desc.epoch() {
-            for p in page_idx..page_idx + pages {
-                desc.set_result(p, shm::RESULT_CANCELLED);
-            }
+        let run_end = run.addr + (pages * PAGE_SIZE) as u64;
+        // No read of the program's events in progress, and none since the batch was posted
+        // that touches this run.
+        let Some(read_seq) = quiescent(win) else {
+            mark(desc, page_idx, pages, shm::RESULT_CANCELLED);
+            page_idx += pages;
+            continue;
+        };
+        if win.events_overlap(desc.epoch(), run.addr, run_end) != Some(false) {
+            mark(desc, page_idx, pages, shm::RESULT_CANCELLED);
             page_idx += pages;
             continue;
         }
+        let epoch_before = win.epoch().load(Ordering::Acquire);
         let dst = staging + (page_idx * PAGE_SIZE) as u64;
-        move_run(agent_uffd, dst, run.addr, pages, desc, page_idx);
+        move_run(uffd, dst, run.addr, pages, desc, page_idx);
+        // A read of the program's events that started during the move may have released a
+        // MADV_DONTNEED/munmap of this run: then the moved bytes may predate it.
+        let discard = win.read_begin().load(Ordering::SeqCst) != read_seq
+            && quiescent(win).is_some_and(|_| win.events_overlap(epoch_before, run.addr, run_end) == Some(true));
         // Which staging pages now hold a page: holes (never touched, or already gone) stay
         // unpopulated and must never be read (a read would fault on the agent's descriptor).
         let vec = scratch(MINCORE_OFF, 4096);
@@ -214,7 +227,10 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
             if desc.result(p) != shm::RESULT_PENDING {
                 continue;
             }
-            if rc == 0 && vec[i] & 1 != 0 {
+            if rc == 0 && vec[i] & 1 != 0 && discard {
+                desc.set_result(p, shm::RESULT_DISCARDED);
+                win.agent_discarded_pages().fetch_add(1, Ordering::Relaxed);
+            } else if rc == 0 && vec[i] & 1 != 0 {
                 let slot = win.slot_ptr(run.first_slot as usize + i);
                 // SAFETY: the staging page is present (mincore) and ours; the slot lies inside
                 // the window; the two never overlap.
@@ -237,11 +253,33 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
         desc.set_result(p, shm::RESULT_FAILED);
     }
     if used_pages > 0 {
-        // SAFETY: dropping our own staging pages; staging is registered only with the agent's
-        // descriptor, which has no event features, so this raises no event.
+        // SAFETY: dropping our own staging pages. This raises a REMOVE event that blocks us until
+        // the monitor's fault thread reads it (it never waits for us).
         unsafe { libc::madvise(staging as *mut _, used_pages * PAGE_SIZE, libc::MADV_DONTNEED) };
     }
     moved_total
+}
+
+fn mark(desc: &shm::Desc<'_>, first: usize, pages: usize, result: u8) {
+    for p in first..first + pages {
+        desc.set_result(p, result);
+    }
+}
+
+/// Waits (briefly) until no read of the program's events is in progress; returns the read
+/// sequence number then, or `None` if the monitor stays mid-read for too long.
+fn quiescent(win: &Window) -> Option<u64> {
+    for spin in 0..10_000 {
+        let begin = win.read_begin().load(Ordering::SeqCst);
+        if win.read_end().load(Ordering::SeqCst) == begin {
+            return Some(begin);
+        }
+        if spin > 100 {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+    None
 }
 
 fn move_ioctl(uffd: i32, dst: u64, src: u64, len: u64) -> Result<u64, UffdError> {
@@ -279,8 +317,11 @@ fn move_run(uffd: i32, dst: u64, src: u64, pages: usize, desc: &shm::Desc<'_>, f
                     break;
                 }
                 let result = match e {
-                    UffdError::Retry { .. } if retries < 3 => {
+                    // A program event is queued and unread: the monitor reads it soon.
+                    UffdError::Retry { .. } if retries < 1000 => {
                         retries += 1;
+                        // SAFETY: sched_yield has no preconditions.
+                        unsafe { libc::sched_yield() };
                         continue;
                     }
                     UffdError::Busy { .. } => shm::RESULT_BUSY,

@@ -38,10 +38,6 @@ pub(crate) struct Shim {
     /// The forwarded descriptor (events on): kept open here so that the program's evicted
     /// memory never reads as zeros while the monitor holds its copy.
     pub uffd: AtomicI32,
-    /// The agent's private descriptor (no events): staging is registered with it and every
-    /// UFFDIO_MOVE is issued on it, so a pending REMOVE/UNMAP event of the program never makes
-    /// a move fail with EAGAIN and staging cleanup raises no event.
-    pub agent_uffd: AtomicI32,
     pub req_efd: AtomicI32,
     pub done_efd: AtomicI32,
     pub window_base: AtomicUsize,
@@ -62,7 +58,6 @@ pub(crate) static SHIM: Shim = Shim {
     state: AtomicU32::new(OFF),
     sock: AtomicI32::new(-1),
     uffd: AtomicI32::new(-1),
-    agent_uffd: AtomicI32::new(-1),
     req_efd: AtomicI32::new(-1),
     done_efd: AtomicI32::new(-1),
     window_base: AtomicUsize::new(0),
@@ -98,7 +93,7 @@ extern "C" fn uswap_shim_init() {
 
 /// Closes whatever a failed `init` left open.
 fn teardown_partial() {
-    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.agent_uffd, &SHIM.req_efd, &SHIM.done_efd] {
+    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd] {
         let v = fd.swap(-1, Ordering::AcqRel);
         if v >= 0 {
             // SAFETY: closing a descriptor this shim opened.
@@ -173,10 +168,11 @@ fn init() -> Result<(), &'static str> {
     let sock = connect(path)?;
     SHIM.sock.store(sock, Ordering::Release);
 
-    let uffd = Uffd::create(uswap::uffd::FORWARDED_FEATURES, sys::UFFD_FEATURE_EVENT_UNMAP | sys::UFFD_FEATURE_EVENT_REMOVE | sys::UFFD_FEATURE_EVENT_REMAP, true)
-        .map_err(|_| "cannot create a userfaultfd (a non-root user needs read-write access to /dev/userfaultfd; see `uswap doctor`)")?;
-    let agent_uffd = Uffd::create(sys::UFFD_FEATURE_MOVE, sys::UFFD_FEATURE_MOVE, false)
-        .map_err(|_| "this kernel has no UFFDIO_MOVE (Linux 6.8 or later is needed)")?;
+    let required = sys::UFFD_FEATURE_EVENT_UNMAP | sys::UFFD_FEATURE_EVENT_REMOVE | sys::UFFD_FEATURE_EVENT_REMAP | sys::UFFD_FEATURE_MOVE;
+    let uffd = Uffd::create(uswap::uffd::FORWARDED_FEATURES, required, true).map_err(|e| match e {
+        uswap::uffd::UffdError::Os { errno: libc::EINVAL, .. } => "this kernel lacks UFFDIO_MOVE or the uffd events (Linux 6.8 or later is needed)",
+        _ => "cannot create a userfaultfd (a non-root user needs read-write access to /dev/userfaultfd; see `uswap doctor`)",
+    })?;
 
     // Agent memory: stack, staging and scratch, never registered with the forwarded
     // descriptor, never inherited by a fork.
@@ -193,7 +189,9 @@ fn init() -> Result<(), &'static str> {
     }
     // SAFETY: advising our own fresh mapping: staging pages are moved one by one.
     unsafe { libc::madvise(staging as *mut _, staging_len, libc::MADV_NOHUGEPAGE) };
-    agent_uffd
+    // Staging is registered with the forwarded descriptor and moves are issued on it: a move
+    // then fails with EAGAIN while an address-space event of the program is unread.
+    uffd
         .register(staging as u64, staging_len as u64, sys::UFFDIO_REGISTER_MODE_MISSING)
         .map_err(|_| "cannot register the staging area")?;
     SHIM.stack_base.store(stack, Ordering::Relaxed);
@@ -249,7 +247,6 @@ fn init() -> Result<(), &'static str> {
     SHIM.req_efd.store(req.into_raw_fd(), Ordering::Relaxed);
     SHIM.done_efd.store(done.into_raw_fd(), Ordering::Relaxed);
     SHIM.uffd.store(uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
-    SHIM.agent_uffd.store(agent_uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
     // Blocking from now on (fork requests may wait for a long restore).
     let tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
     // SAFETY: setting a timeval option on our socket.
@@ -330,7 +327,7 @@ extern "C" fn fork_child() {
         return;
     }
     SHIM.state.store(DETACHED, Ordering::Release);
-    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.agent_uffd, &SHIM.req_efd, &SHIM.done_efd] {
+    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd] {
         let v = fd.swap(-1, Ordering::AcqRel);
         if v >= 0 {
             // SAFETY: closing the child's copies of descriptors the shim opened.

@@ -16,9 +16,22 @@
 //! the run's slots, writes one result byte per page, then stores `done_seq + 1` (release) and
 //! writes the done eventfd. The monitor never posts more than `RING_LEN` descriptors ahead.
 //!
-//! Epoch: the monitor increments `epoch` as soon as it reads an UNMAP, REMAP or REMOVE event;
-//! the agent skips (result [`RESULT_CANCELLED`]) any run of a batch whose epoch is no longer
-//! current, so a range that changed under a queued request is not moved.
+//! Address-space changes. The agent issues its moves on the forwarded descriptor, with staging
+//! registered there too, so a move fails with EAGAIN while a REMOVE/UNMAP/REMAP event of the
+//! program is queued and unread (the kernel's `mmap_changing`). What remains is the moment after
+//! the monitor's fault thread has read such an event. The fault thread therefore
+//! 1. increments `read_begin` before every read(2) of the descriptor;
+//! 2. for every REMOVE/UNMAP/REMAP it read, appends `(seq, start, end)` to the event log and
+//!    sets `epoch = seq`;
+//! 3. sets `read_end = read_begin`.
+//!
+//! Before a run the agent waits until `read_end == read_begin` (no read in progress), then
+//! cancels the run (result [`RESULT_CANCELLED`]) if a logged event since the batch's epoch
+//! overlaps it. After the move it checks `read_begin` again: if a read started meanwhile, it
+//! waits for it to finish and marks the moved pages [`RESULT_DISCARDED`] when a new logged event
+//! overlaps the run: their bytes may predate a discard the program asked for. An event log that
+//! overflowed counts as overlapping everything before the move (cancel) and as not overlapping
+//! after it (keep: never lose a write). The monitor counts both outcomes.
 //!
 //! Trust: each side treats the other's writes as untrusted bytes. The monitor clamps
 //! `done_seq`, maps unknown result bytes to [`RESULT_FAILED`] and validates the reported RSS;
@@ -51,8 +64,14 @@ pub const RESULT_HOLE: u8 = 2;
 pub const RESULT_BUSY: u8 = 3;
 /// Any other refusal (protection mismatch, VMA gone...). It stays where it was.
 pub const RESULT_FAILED: u8 = 4;
-/// Skipped because the epoch changed.
+/// Skipped: the range changed (REMOVE/UNMAP/REMAP) since the batch was posted.
 pub const RESULT_CANCELLED: u8 = 5;
+/// Moved, but an overlapping REMOVE/UNMAP/REMAP was read while the move ran: the bytes may
+/// predate a discard, so they are dropped (the page reads as the kernel left it).
+pub const RESULT_DISCARDED: u8 = 6;
+
+/// Entries in the event log.
+pub const EVENT_LOG_LEN: usize = 128;
 
 // Bits of `requests` (monitor → agent).
 /// Re-read /proc/self/maps and send a `Regions` snapshot.
@@ -73,6 +92,11 @@ const OFF_RSS_SEQ: usize = 48;
 const OFF_REQUESTS: usize = 56;
 const OFF_AGENT_NS: usize = 64;
 const OFF_AGENT_MOVED: usize = 72;
+const OFF_READ_BEGIN: usize = 80;
+const OFF_READ_END: usize = 88;
+const OFF_AGENT_DISCARDED: usize = 96;
+const OFF_EVENT_LOG: usize = 512;
+const _: () = assert!(OFF_EVENT_LOG + EVENT_LOG_LEN * 24 <= 4096);
 
 const D_SEQ: usize = 0;
 const D_EPOCH: usize = 8;
@@ -190,6 +214,51 @@ impl Window {
     }
     pub fn agent_moved_pages(&self) -> &AtomicU64 {
         self.u64_at(OFF_AGENT_MOVED)
+    }
+    pub fn agent_discarded_pages(&self) -> &AtomicU64 {
+        self.u64_at(OFF_AGENT_DISCARDED)
+    }
+    pub fn read_begin(&self) -> &AtomicU64 {
+        self.u64_at(OFF_READ_BEGIN)
+    }
+    pub fn read_end(&self) -> &AtomicU64 {
+        self.u64_at(OFF_READ_END)
+    }
+
+    /// Monitor side: logs an address-space change and publishes it as the new epoch.
+    pub fn log_event(&self, start: u64, end: u64) {
+        let seq = self.epoch().load(Ordering::Relaxed) + 1;
+        let o = OFF_EVENT_LOG + (seq as usize % EVENT_LOG_LEN) * 24;
+        self.u64_at(o).store(seq, Ordering::Relaxed);
+        self.u64_at(o + 8).store(start, Ordering::Relaxed);
+        self.u64_at(o + 16).store(end, Ordering::Relaxed);
+        self.epoch().store(seq, Ordering::Release);
+    }
+
+    /// Agent side: whether an event logged after `since` (up to the current epoch) overlaps
+    /// `[start, end)`. `None` when the log no longer holds them all.
+    pub fn events_overlap(&self, since: u64, start: u64, end: u64) -> Option<bool> {
+        let now = self.epoch().load(Ordering::Acquire);
+        if now <= since {
+            return Some(false);
+        }
+        if now - since >= EVENT_LOG_LEN as u64 {
+            return None;
+        }
+        for seq in since + 1..=now {
+            let o = OFF_EVENT_LOG + (seq as usize % EVENT_LOG_LEN) * 24;
+            if self.u64_at(o).load(Ordering::Relaxed) != seq {
+                return None; // overwritten meanwhile
+            }
+            let (s, e) = (self.u64_at(o + 8).load(Ordering::Relaxed), self.u64_at(o + 16).load(Ordering::Relaxed));
+            if s < end && start < e {
+                return Some(true);
+            }
+        }
+        if self.epoch().load(Ordering::Acquire) - since >= EVENT_LOG_LEN as u64 {
+            return None;
+        }
+        Some(false)
     }
 
     /// Address of page slot `slot` in this mapping.
@@ -310,6 +379,15 @@ mod tests {
         assert_eq!(d.result(4), RESULT_BUSY);
         assert_eq!(d.result(0), RESULT_PENDING);
         assert_eq!(w.slot_ptr(1) as usize - w.slot_ptr(0) as usize, SLOT_BYTES);
+        w.log_event(0x1000, 0x3000);
+        w.log_event(0x8000, 0x9000);
+        assert_eq!(w.events_overlap(0, 0x2000, 0x2001), Some(true));
+        assert_eq!(w.events_overlap(1, 0x2000, 0x2001), Some(false));
+        assert_eq!(w.events_overlap(2, 0x0, u64::MAX), Some(false));
+        for _ in 0..EVENT_LOG_LEN {
+            w.log_event(0, 1);
+        }
+        assert_eq!(w.events_overlap(0, 0x2000, 0x2001), None);
         // SAFETY: allocated above with the same layout.
         unsafe { std::alloc::dealloc(base, layout) };
     }
