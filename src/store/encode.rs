@@ -15,7 +15,7 @@ pub const LZ4_MAX_LEN_BYTES: usize = PAGE_SIZE * 3 / 4;
 const WORD_BYTES: usize = 8;
 
 /// Scratch capacity lz4_flex insists on for one page (it refuses smaller outputs up front).
-pub(crate) const SCRATCH_BYTES: usize = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
+pub const SCRATCH_BYTES: usize = lz4_flex::block::get_maximum_output_size(PAGE_SIZE);
 
 /// How a page is to be kept, as decided by [`encode`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub fn same_filled_word(page: &[u8; PAGE_SIZE]) -> Option<u64> {
 
 /// Decides how to keep `page` and compresses it if that is worth it. Pure: no `&Store`, so
 /// it can run before the store's lock is taken. `scratch` is grown once to
-/// [`SCRATCH_BYTES`] and reused; an [`Encoded::Lz4`] borrows from it.
+/// [`SCRATCH_BYTES`](super::SCRATCH_BYTES) and reused; an [`Encoded::Lz4`] borrows from it.
 pub fn encode<'a>(page: &[u8; PAGE_SIZE], scratch: &'a mut Vec<u8>) -> Encoded<'a> {
     if let Some(word) = same_filled_word(page) {
         return Encoded::SameFilled(word);

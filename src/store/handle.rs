@@ -44,7 +44,10 @@ const RESERVED_MASK: u64 = !((1u64 << (BLOB_BIT + 1)) - 1);
 /// Bits of a same-filled handle that hold the word reference.
 const WORD_REF_MASK: u64 = u32::MAX as u64;
 
-const _: () = assert!(BLOB_BIT == 59, "layout table in the module doc is out of date");
+const _: () = assert!(
+    BLOB_BIT == 59,
+    "layout table in the module doc is out of date"
+);
 const _: () = assert!(RESERVED_MASK == 0xF000_0000_0000_0000);
 
 /// Largest chunk index a handle can carry.
@@ -78,7 +81,9 @@ pub struct Handle(u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Decoded {
     /// `word_ref` is 0 for the zero word, else word-table index + 1.
-    SameFilled { word_ref: u32 },
+    SameFilled {
+        word_ref: u32,
+    },
     Blob(BlobLoc),
 }
 

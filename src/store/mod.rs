@@ -2,7 +2,7 @@
 //!
 //! Owns: where evicted page contents live while they are out of their process. A page is kept
 //! as a repeated word (no blob), as an lz4 block in a size-class slot, or raw in a page-sized
-//! slot; slots live in large anonymous mappings ([`slab`]), not one heap allocation per page.
+//! slot; slots live in large anonymous mappings (`slab.rs`), not one heap allocation per page.
 //! The [`Handle`] returned for a page *is* its metadata: the store keeps no per-page table, so
 //! a stored page costs its 8-byte handle (in the monitor's page map) plus a share of
 //! [`Store::metadata_bytes`].
@@ -24,7 +24,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use encode::{encode, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES};
+pub use encode::{encode, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES, SCRATCH_BYTES};
 pub use handle::{Handle, PageKind};
 pub use slab::{CHUNK_BYTES, CLASS_STEP_BYTES};
 pub use stats::StoreStats;
@@ -32,7 +32,7 @@ pub use stats::StoreStats;
 use crate::PAGE_SIZE;
 use handle::{BlobLoc, Decoded};
 use samefill::WordTable;
-use slab::{lz4_class_for_len, SlotLoc, Slabs, RAW_CLASS_IDX};
+use slab::{lz4_class_for_len, Slabs, SlotLoc, RAW_CLASS_IDX};
 use stats::Counters;
 
 /// Why a store operation failed.
@@ -67,6 +67,8 @@ pub struct Store {
     slabs: Slabs,
     words: WordTable,
     counters: Counters,
+    /// Compression scratch for [`Store::put`]; empty until its first call.
+    put_scratch: Vec<u8>,
 }
 
 impl Store {
@@ -76,6 +78,7 @@ impl Store {
             slabs: Slabs::new(cfg.max_bytes),
             words: WordTable::default(),
             counters: Counters::default(),
+            put_scratch: Vec::new(),
         }
     }
 
@@ -92,8 +95,7 @@ impl Store {
                 debug_assert_eq!(same_filled_word(page), Some(word));
                 match self.words.acquire(word) {
                     Some(word_ref) => {
-                        self.counters
-                            .account(PageKind::SameFilled, word == 0, 0, 1);
+                        self.counters.account(PageKind::SameFilled, word == 0, 0, 1);
                         Ok(Handle::same_filled(word_ref))
                     }
                     None => Err(StoreError::Full),
@@ -125,11 +127,13 @@ impl Store {
         Ok(h)
     }
 
-    /// Convenience: [`encode`] + [`Store::insert`], with a scratch buffer of its own.
+    /// Convenience: [`encode`] + [`Store::insert`], with a scratch buffer of the store's own
+    /// (so it compresses under the caller's lock; the monitor's hot path uses `encode` first).
     pub fn put(&mut self, page: &[u8; PAGE_SIZE]) -> Result<Handle, StoreError> {
-        let mut scratch = Vec::new();
-        let enc = encode(page, &mut scratch);
-        self.insert(enc, page)
+        let mut scratch = std::mem::take(&mut self.put_scratch);
+        let placed = self.insert(encode(page, &mut scratch), page);
+        self.put_scratch = scratch;
+        placed
     }
 
     /// Checks a decoded blob handle's length against its class; returns the slab location.
@@ -216,7 +220,7 @@ impl Store {
         }
     }
 
-    /// A snapshot of the counters. O(1).
+    /// A snapshot of the counters. O(size classes).
     pub fn stats(&self) -> StoreStats {
         let c = &self.counters;
         let mapped = self.slabs.mapped_bytes();
@@ -244,10 +248,10 @@ impl Store {
     }
 
     /// Bytes of store bookkeeping shared by all pages: the `Store` itself, the chunk table,
-    /// per-chunk bitmaps, the per-class free lists and the word table. Handles are not
-    /// included: the monitor holds them, 8 bytes per page. O(1).
+    /// per-chunk bitmaps, the per-class free lists, the word table and the `put` scratch.
+    /// Handles are not included: the monitor holds them, 8 bytes per page. O(size classes).
     pub fn metadata_bytes(&self) -> u64 {
-        std::mem::size_of::<Store>() as u64
+        (std::mem::size_of::<Store>() + self.put_scratch.capacity()) as u64
             + self.slabs.metadata_bytes()
             + self.words.metadata_bytes()
     }

@@ -31,10 +31,10 @@ const BITS_PER_WORD: usize = u64::BITS as usize;
 /// `Chunk::partial_pos` of a chunk that is full (on no partial list).
 const NOT_PARTIAL: u32 = u32::MAX;
 
-const _: () = assert!(LZ4_MAX_LEN_BYTES % CLASS_STEP_BYTES == 0);
+const _: () = assert!(LZ4_CLASSES * CLASS_STEP_BYTES == LZ4_MAX_LEN_BYTES);
 const _: () = assert!(NUM_CLASSES <= 1 << super::handle::CLASS_BITS);
 const _: () = assert!(CHUNK_BYTES / CLASS_STEP_BYTES <= MAX_SLOT_IDX as usize + 1);
-const _: () = assert!(CHUNK_BYTES % PAGE_SIZE == 0);
+const _: () = assert!(CHUNK_BYTES / PAGE_SIZE * PAGE_SIZE == CHUNK_BYTES);
 
 /// Slot size of a class, in bytes.
 pub fn slot_bytes(class_idx: u8) -> usize {
@@ -157,8 +157,14 @@ impl Slabs {
     /// Maps a new chunk when the class has no free slot; that fails with
     /// [`StoreError::Full`] when it would pass the quota, leaving everything unchanged.
     pub fn store(&mut self, class_idx: u8, data: &[u8]) -> Result<SlotLoc, StoreError> {
-        assert!(usize::from(class_idx) < NUM_CLASSES, "class_idx {class_idx}");
-        assert!(data.len() <= slot_bytes(class_idx), "blob larger than its slot");
+        assert!(
+            usize::from(class_idx) < NUM_CLASSES,
+            "class_idx {class_idx}"
+        );
+        assert!(
+            data.len() <= slot_bytes(class_idx),
+            "blob larger than its slot"
+        );
         let chunk_idx = match self.partial[usize::from(class_idx)].last() {
             Some(&idx) => idx,
             None => self.add_chunk(class_idx)?,
@@ -360,7 +366,10 @@ mod tests {
         assert_eq!(lz4_class_for_len(1), Some(0));
         assert_eq!(lz4_class_for_len(64), Some(0));
         assert_eq!(lz4_class_for_len(65), Some(1));
-        assert_eq!(lz4_class_for_len(LZ4_MAX_LEN_BYTES), Some(RAW_CLASS_IDX - 1));
+        assert_eq!(
+            lz4_class_for_len(LZ4_MAX_LEN_BYTES),
+            Some(RAW_CLASS_IDX - 1)
+        );
         assert_eq!(lz4_class_for_len(LZ4_MAX_LEN_BYTES + 1), None);
         for len in 1..=LZ4_MAX_LEN_BYTES {
             let c = lz4_class_for_len(len).unwrap();

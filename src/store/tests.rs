@@ -29,8 +29,8 @@ impl Rng {
 /// A low-entropy, text-like page (words from a small vocabulary).
 fn text_page(seed: u64) -> Page {
     const WORDS: [&str; 12] = [
-        "the ", "page ", "store ", "monitor ", "cold ", "fault ", "uswap ", "lz4 ", "slab ",
-        "\n", "id=", "0123 ",
+        "the ", "page ", "store ", "monitor ", "cold ", "fault ", "uswap ", "lz4 ", "slab ", "\n",
+        "id=", "0123 ",
     ];
     let mut rng = Rng(seed | 1);
     let mut p: Page = Box::new([0u8; PAGE_SIZE]);
@@ -226,7 +226,11 @@ fn put_same_word_pages_share_one_table_entry() {
     assert_eq!(a, b);
     assert_eq!(store.stats().fill_words, 1);
     store.remove(a);
-    assert_eq!(&read_back(&store, b), &page, "second reference keeps the word");
+    assert_eq!(
+        &read_back(&store, b),
+        &page,
+        "second reference keeps the word"
+    );
     store.remove(b);
     assert_eq!(store.stats().fill_words, 0);
     assert!(matches!(
@@ -315,10 +319,7 @@ fn quota_exceeded_full_and_nothing_lost() {
     // Same-filled pages take no slab space and are still accepted.
     let z = store.put(&filled_page(5)).unwrap();
     // A different class needs a new chunk: refused too.
-    assert!(matches!(
-        store.put(&text_page(3)),
-        Err(StoreError::Full)
-    ));
+    assert!(matches!(store.put(&text_page(3)), Err(StoreError::Full)));
     // Every stored page is intact.
     for (h, seed) in &handles {
         assert_eq!(read_back(&store, *h), random_page(*seed));
@@ -366,7 +367,10 @@ fn get_forged_handles_corrupt_not_panic() {
     ];
     for f in forged {
         assert!(
-            matches!(store.get(f, &mut out), Err(StoreError::CorruptHandle { .. })),
+            matches!(
+                store.get(f, &mut out),
+                Err(StoreError::CorruptHandle { .. })
+            ),
             "{f:?}"
         );
         assert!(store.try_remove(f).is_err(), "{f:?}");
