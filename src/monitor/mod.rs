@@ -1,1 +1,7 @@
-//! placeholder
+//! The monitor: accepts clients, keeps each one's page state, serves its faults and evicts its
+//! cold pages.
+//!
+//! Owns: clients and everything about them. Must not: touch any process except through the
+//! descriptors a client forwarded (no ptrace, no process_vm_readv, no /proc/PID/mem).
+
+pub mod pages;

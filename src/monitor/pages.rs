@@ -1,0 +1,452 @@
+//! The per-page state machine of one client: where each page's last bytes are.
+//!
+//! Every page the monitor has ever acted on has one 64-bit word (pages never touched by the
+//! monitor have none and read as `Absent`). The words live in 512-page chunks keyed by address,
+//! allocated on first use, so a huge sparse region costs nothing until pages in it are evicted.
+//!
+//! | bits 63..61 | state    | bits 60..0                                                   |
+//! |-------------|----------|--------------------------------------------------------------|
+//! | 0           | Absent   | bit 0: hot; bits 60..1: hot since (ms, monitor clock)         |
+//! | 1           | Moving   | generation (bits 60..24) and window slot (bits 23..0)         |
+//! | 2           | Window   | generation and window slot, as Moving                         |
+//! | 3           | Stored   | the store [`Handle`] (61 bits)                                |
+//!
+//! - `Absent`: the kernel has the page (resident) or nothing (hole); a fault means fresh memory
+//!   and is served with zeros. A hot `Absent` page was refaulted after a trial eviction.
+//! - `Moving`: posted to the agent in batch `generation`, destined for `slot`. Its bytes are in
+//!   the program, in staging, or in the slot; a fault on it waits for the batch to complete.
+//! - `Window`: its bytes are in window `slot`, cooling; a fault copies them back from the slot.
+//! - `Stored`: compressed in the store; a fault decompresses and copies it back.
+//!
+//! The generation is the batch sequence number: a batch completion or a compression result is
+//! applied only if the word still holds the generation and slot it was issued for. Anything that
+//! happened meanwhile (a REMOVE or UNMAP reset the word, a REMAP moved it) makes a stale result
+//! harmless: its slot or blob is freed and the word is left alone. Each slot remembers the
+//! address of the page it belongs to, so a REMAP that moves a `Moving`/`Window` page is followed.
+//!
+//! Owns: the words, the window slot table and the FIFO of cooling pages. Must not: issue
+//! syscalls or touch the window's bytes (callers copy); all calls are made under the client's
+//! lock.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use crate::store::Handle;
+use crate::PAGE_SIZE;
+
+const PAGE_BYTES: u64 = PAGE_SIZE as u64;
+const CHUNK_PAGES: usize = 512;
+const CHUNK_BYTES: u64 = CHUNK_PAGES as u64 * PAGE_BYTES;
+
+const TAG_SHIFT: u32 = 61;
+const TAG_ABSENT: u64 = 0;
+const TAG_MOVING: u64 = 1;
+const TAG_WINDOW: u64 = 2;
+const TAG_STORED: u64 = 3;
+const PAYLOAD_MASK: u64 = (1 << TAG_SHIFT) - 1;
+const SLOT_BITS: u32 = 24;
+const SLOT_MASK: u64 = (1 << SLOT_BITS) - 1;
+/// Generations are compared modulo 2^37.
+pub const GEN_MASK: u64 = (1 << (TAG_SHIFT - SLOT_BITS)) - 1;
+/// Most window slots a client may have.
+pub const MAX_SLOTS: usize = 1 << SLOT_BITS;
+
+/// A decoded page word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    Absent { hot_since_ms: Option<u64> },
+    Moving { gen: u64, slot: u32 },
+    Window { gen: u64, slot: u32 },
+    Stored(Handle),
+}
+
+impl PageState {
+    fn encode(self) -> u64 {
+        match self {
+            PageState::Absent { hot_since_ms: None } => 0,
+            PageState::Absent { hot_since_ms: Some(ms) } => ((ms << 1) | 1) & PAYLOAD_MASK,
+            PageState::Moving { gen, slot } => (TAG_MOVING << TAG_SHIFT) | ((gen & GEN_MASK) << SLOT_BITS) | slot as u64,
+            PageState::Window { gen, slot } => (TAG_WINDOW << TAG_SHIFT) | ((gen & GEN_MASK) << SLOT_BITS) | slot as u64,
+            PageState::Stored(h) => {
+                let bits = h.to_bits();
+                debug_assert_eq!(bits & !PAYLOAD_MASK, 0, "store handles fit in 61 bits");
+                (TAG_STORED << TAG_SHIFT) | (bits & PAYLOAD_MASK)
+            }
+        }
+    }
+
+    fn decode(w: u64) -> PageState {
+        let payload = w & PAYLOAD_MASK;
+        match w >> TAG_SHIFT {
+            TAG_ABSENT if payload & 1 == 1 => PageState::Absent { hot_since_ms: Some(payload >> 1) },
+            TAG_ABSENT => PageState::Absent { hot_since_ms: None },
+            TAG_MOVING => PageState::Moving { gen: payload >> SLOT_BITS, slot: (payload & SLOT_MASK) as u32 },
+            TAG_WINDOW => PageState::Window { gen: payload >> SLOT_BITS, slot: (payload & SLOT_MASK) as u32 },
+            TAG_STORED => PageState::Stored(Handle::from_bits(payload)),
+            _ => unreachable!("tags 4..7 are never written: encode() produces only 0..=3"),
+        }
+    }
+
+    /// Whether the page's bytes are with the monitor (a fault must be served from them).
+    pub fn is_evicted(&self) -> bool {
+        !matches!(self, PageState::Absent { .. })
+    }
+}
+
+/// One window slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    /// Address of the page it belongs to (follows REMAP).
+    addr: u64,
+    gen: u64,
+    in_use: bool,
+}
+
+/// Something the owner must release after a page left the monitor's care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Released {
+    Nothing,
+    /// The store blob of a page that was discarded or faulted in.
+    Blob(Handle),
+}
+
+/// How a fault on a page must be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPlan {
+    /// Fresh memory: zeros, for up to `pages` pages from the fault (a run of `Absent` pages).
+    Zero { pages: u64 },
+    /// Copy from window slot `slot`.
+    FromWindow { slot: u32 },
+    /// Decompress from the store.
+    FromStore(Handle),
+    /// The page is being moved by the agent: wait for batch `gen`.
+    Wait { gen: u64 },
+}
+
+/// Counts kept by the page map.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageCounts {
+    pub moving: u64,
+    pub window: u64,
+    pub stored: u64,
+}
+
+/// The page words, window slots and cooling FIFO of one client.
+#[derive(Debug)]
+pub struct Pages {
+    chunks: BTreeMap<u64, Box<[u64; CHUNK_PAGES]>>,
+    slots: Vec<Slot>,
+    free_slots: Vec<u32>,
+    /// Pages that entered the window: (slot, gen, entered_ms), oldest first. Entries whose slot
+    /// has since been reused or freed are skipped when popped.
+    cooling: VecDeque<(u32, u64, u64)>,
+    counts: PageCounts,
+}
+
+fn chunk_of(addr: u64) -> (u64, usize) {
+    (addr & !(CHUNK_BYTES - 1), ((addr % CHUNK_BYTES) / PAGE_BYTES) as usize)
+}
+
+impl Pages {
+    pub fn new(slot_count: usize) -> Pages {
+        assert!(slot_count <= MAX_SLOTS);
+        Pages {
+            chunks: BTreeMap::new(),
+            slots: vec![Slot { addr: 0, gen: 0, in_use: false }; slot_count],
+            free_slots: (0..slot_count as u32).rev().collect(),
+            cooling: VecDeque::new(),
+            counts: PageCounts::default(),
+        }
+    }
+
+    pub fn counts(&self) -> PageCounts {
+        self.counts
+    }
+
+    pub fn free_slot_count(&self) -> usize {
+        self.free_slots.len()
+    }
+
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Bytes of page-map metadata (chunk words).
+    pub fn metadata_bytes(&self) -> u64 {
+        (self.chunks.len() * (CHUNK_PAGES * 8 + 48)) as u64
+    }
+
+    pub fn state(&self, addr: u64) -> PageState {
+        let (base, idx) = chunk_of(addr);
+        match self.chunks.get(&base) {
+            Some(c) => PageState::decode(c[idx]),
+            None => PageState::Absent { hot_since_ms: None },
+        }
+    }
+
+    fn set(&mut self, addr: u64, s: PageState) {
+        let old = self.state(addr);
+        self.count(old, -1);
+        self.count(s, 1);
+        let (base, idx) = chunk_of(addr);
+        let w = s.encode();
+        if w == 0 {
+            if let Some(c) = self.chunks.get_mut(&base) {
+                c[idx] = 0;
+                if c.iter().all(|w| *w == 0) {
+                    self.chunks.remove(&base);
+                }
+            }
+            return;
+        }
+        self.chunks.entry(base).or_insert_with(|| Box::new([0; CHUNK_PAGES]))[idx] = w;
+    }
+
+    fn count(&mut self, s: PageState, d: i64) {
+        let c = match s {
+            PageState::Moving { .. } => &mut self.counts.moving,
+            PageState::Window { .. } => &mut self.counts.window,
+            PageState::Stored(_) => &mut self.counts.stored,
+            PageState::Absent { .. } => return,
+        };
+        *c = c.wrapping_add_signed(d);
+    }
+
+    fn take_slot(&mut self, addr: u64, gen: u64) -> Option<u32> {
+        let s = self.free_slots.pop()?;
+        self.slots[s as usize] = Slot { addr, gen: gen & GEN_MASK, in_use: true };
+        Some(s)
+    }
+
+    fn free_slot(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        if s.in_use {
+            s.in_use = false;
+            self.free_slots.push(slot);
+        }
+    }
+
+    /// Policy: marks `addr` as posted in batch `gen`. Returns its slot, or `None` if the page
+    /// is not a candidate (not `Absent`) or the window is full.
+    pub fn begin_evict(&mut self, addr: u64, gen: u64) -> Option<u32> {
+        if !matches!(self.state(addr), PageState::Absent { .. }) {
+            return None;
+        }
+        let slot = self.take_slot(addr, gen)?;
+        self.set(addr, PageState::Moving { gen: gen & GEN_MASK, slot });
+        Some(slot)
+    }
+
+    /// Address the page in `slot` belongs to now, if the slot is in use for batch `gen`.
+    pub fn slot_owner(&self, slot: u32, gen: u64) -> Option<u64> {
+        let s = self.slots.get(slot as usize)?;
+        (s.in_use && s.gen == gen & GEN_MASK).then_some(s.addr)
+    }
+
+    /// Agent finished the page of batch `gen` in `slot`: `moved` says whether its bytes are
+    /// now in the slot. Returns whether the page entered the window.
+    pub fn complete(&mut self, slot: u32, gen: u64, moved: bool, now_ms: u64, busy: bool) -> bool {
+        let Some(addr) = self.slot_owner(slot, gen) else {
+            return false;
+        };
+        let current = PageState::Moving { gen: gen & GEN_MASK, slot };
+        if self.state(addr) != current {
+            // Stale: the page was removed or unmapped meanwhile; its bytes are not wanted.
+            self.free_slot(slot);
+            return false;
+        }
+        if moved {
+            self.set(addr, PageState::Window { gen: gen & GEN_MASK, slot });
+            self.cooling.push_back((slot, gen & GEN_MASK, now_ms));
+            true
+        } else {
+            // Nothing there, or refused: the kernel keeps it. A busy page is skipped by the
+            // clock hand for a while, like a hot one.
+            self.set(addr, PageState::Absent { hot_since_ms: busy.then_some(now_ms) });
+            self.free_slot(slot);
+            false
+        }
+    }
+
+    /// A slot whose page was found stale by other means (batch outcome unknown).
+    pub fn release_slot_if(&mut self, slot: u32, gen: u64) {
+        if self.slot_owner(slot, gen).is_some() {
+            let addr = self.slots[slot as usize].addr;
+            if self.state(addr) == (PageState::Moving { gen: gen & GEN_MASK, slot }) {
+                self.set(addr, PageState::Absent { hot_since_ms: None });
+            }
+            self.free_slot(slot);
+        }
+    }
+
+    /// How to serve a fault at `addr`; `fill_ahead_pages` bounds a zero run, `region_end`
+    /// bounds everything.
+    pub fn plan_fault(&self, addr: u64, fill_ahead_pages: u64, region_end: u64) -> FaultPlan {
+        match self.state(addr) {
+            PageState::Absent { .. } => {
+                let mut pages = 1;
+                while pages < fill_ahead_pages.max(1) {
+                    let next = addr + pages * PAGE_BYTES;
+                    if next >= region_end || self.state(next).is_evicted() {
+                        break;
+                    }
+                    pages += 1;
+                }
+                FaultPlan::Zero { pages }
+            }
+            PageState::Moving { gen, .. } => FaultPlan::Wait { gen },
+            PageState::Window { slot, .. } => FaultPlan::FromWindow { slot },
+            PageState::Stored(h) => FaultPlan::FromStore(h),
+        }
+    }
+
+    /// The page at `addr` is back in the program (COPY succeeded): it is hot now. Returns the
+    /// blob to free.
+    pub fn faulted_in(&mut self, addr: u64, now_ms: u64) -> Released {
+        let old = self.state(addr);
+        self.set(addr, PageState::Absent { hot_since_ms: Some(now_ms) });
+        match old {
+            PageState::Window { slot, .. } => {
+                self.free_slot(slot);
+                Released::Nothing
+            }
+            PageState::Stored(h) => Released::Blob(h),
+            _ => Released::Nothing,
+        }
+    }
+
+    /// REMOVE or UNMAP of `[start, end)`: the program discarded the memory; whatever the monitor
+    /// holds for it is dropped. Calls `release` for each blob.
+    pub fn discard_range(&mut self, start: u64, end: u64, mut release: impl FnMut(Handle)) {
+        let start = start & !(PAGE_BYTES - 1);
+        let bases: Vec<u64> = self.chunks.range(start & !(CHUNK_BYTES - 1)..end).map(|(b, _)| *b).collect();
+        for base in bases {
+            let lo = base.max(start);
+            let hi = (base + CHUNK_BYTES).min(end);
+            let mut a = lo;
+            while a < hi {
+                match self.state(a) {
+                    PageState::Absent { hot_since_ms: None } => {}
+                    PageState::Absent { .. } => self.set(a, PageState::Absent { hot_since_ms: None }),
+                    PageState::Moving { slot, .. } => {
+                        // The agent's result for it will find the word changed and be dropped;
+                        // the slot stays taken until then.
+                        self.set(a, PageState::Absent { hot_since_ms: None });
+                        let _ = slot;
+                    }
+                    PageState::Window { slot, .. } => {
+                        self.set(a, PageState::Absent { hot_since_ms: None });
+                        self.free_slot(slot);
+                    }
+                    PageState::Stored(h) => {
+                        self.set(a, PageState::Absent { hot_since_ms: None });
+                        release(h);
+                    }
+                }
+                a += PAGE_BYTES;
+            }
+        }
+    }
+
+    /// REMAP: the pages of `[from, from+len)` now live at `to`. Words move with them; slots
+    /// follow. Whatever the monitor held for the destination range is dropped first (the kernel
+    /// unmapped it).
+    pub fn remap(&mut self, from: u64, to: u64, len: u64, mut release: impl FnMut(Handle)) {
+        let mut moved = Vec::new();
+        let bases: Vec<u64> = self.chunks.range(from & !(CHUNK_BYTES - 1)..from + len).map(|(b, _)| *b).collect();
+        for base in bases {
+            let lo = base.max(from);
+            let hi = (base + CHUNK_BYTES).min(from + len);
+            let mut a = lo;
+            while a < hi {
+                let s = self.state(a);
+                if s != (PageState::Absent { hot_since_ms: None }) {
+                    moved.push((a - from, s));
+                    self.set(a, PageState::Absent { hot_since_ms: None });
+                }
+                a += PAGE_BYTES;
+            }
+        }
+        self.discard_range(to, to + len, &mut release);
+        for (off, s) in moved {
+            let dst = to + off;
+            if let PageState::Moving { slot, .. } | PageState::Window { slot, .. } = s {
+                self.slots[slot as usize].addr = dst;
+            }
+            self.set(dst, s);
+        }
+    }
+
+    /// Pops the cooling FIFO: pages that entered the window at or before `cooled_before_ms`, or
+    /// the oldest ones while fewer than `min_free` slots are free. Returns (addr, slot, gen).
+    pub fn pop_cooled(&mut self, cooled_before_ms: u64, min_free: usize, max: usize, out: &mut Vec<(u64, u32, u64)>) {
+        let mut pressure = min_free.saturating_sub(self.free_slots.len());
+        while out.len() < max {
+            let Some(&(slot, gen, entered_ms)) = self.cooling.front() else { break };
+            let live = self.slot_owner(slot, gen).filter(|a| self.state(*a) == (PageState::Window { gen, slot }));
+            let Some(addr) = live else {
+                self.cooling.pop_front();
+                continue;
+            };
+            if entered_ms > cooled_before_ms && pressure == 0 {
+                break;
+            }
+            pressure = pressure.saturating_sub(1);
+            self.cooling.pop_front();
+            out.push((addr, slot, gen));
+        }
+    }
+
+    /// A cooled page was compressed into `h`: if it is still in the window under the same
+    /// generation, it becomes `Stored` and its slot is freed; otherwise `h` is returned to be
+    /// freed (the page was faulted in or discarded meanwhile).
+    pub fn commit_stored(&mut self, slot: u32, gen: u64, h: Handle) -> Result<(), Handle> {
+        let Some(addr) = self.slot_owner(slot, gen) else { return Err(h) };
+        if self.state(addr) != (PageState::Window { gen: gen & GEN_MASK, slot }) {
+            return Err(h);
+        }
+        self.set(addr, PageState::Stored(h));
+        self.free_slot(slot);
+        Ok(())
+    }
+
+    /// A cooled page could not be stored (quota): it stays in the window, back of the FIFO.
+    pub fn requeue(&mut self, slot: u32, gen: u64, now_ms: u64) {
+        self.cooling.push_back((slot, gen & GEN_MASK, now_ms));
+    }
+
+    /// Clears a hot mark (the clock hand's second chance).
+    pub fn clear_hot(&mut self, addr: u64) {
+        if let PageState::Absent { hot_since_ms: Some(_) } = self.state(addr) {
+            self.set(addr, PageState::Absent { hot_since_ms: None });
+        }
+    }
+
+    /// First address in `[from, end)` that has a word (anything but plain Absent), or `end`.
+    pub fn next_with_word(&self, from: u64, end: u64) -> u64 {
+        for (base, c) in self.chunks.range(from & !(CHUNK_BYTES - 1)..end) {
+            let lo = (*base).max(from);
+            let first = ((lo - base) / PAGE_BYTES) as usize;
+            if let Some(i) = c[first..].iter().position(|w| *w != 0) {
+                return (base + ((first + i) as u64) * PAGE_BYTES).min(end);
+            }
+        }
+        end
+    }
+
+    /// Every evicted page, in address order (for bringing everything home).
+    pub fn evicted_pages(&self) -> Vec<(u64, PageState)> {
+        let mut v = Vec::new();
+        for (base, c) in &self.chunks {
+            for (i, w) in c.iter().enumerate() {
+                let s = PageState::decode(*w);
+                if s.is_evicted() {
+                    v.push((base + i as u64 * PAGE_BYTES, s));
+                }
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,317 @@
+//! The page state machine against a reference model: a simulated program memory, agent,
+//! window and store, under random interleavings of writes, reads, eviction posts, agent moves,
+//! batch completions, cooling, REMOVE and REMAP. After every step every page must read back the
+//! last value the program wrote (or zero after a discard).
+
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::store::{Store, StoreConfig};
+
+const BASE: u64 = 0x10_0000;
+const PAGES: u64 = 24;
+const SLOTS: usize = 16;
+
+fn addr(p: u64) -> u64 {
+    BASE + p * PAGE_BYTES
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, u64),
+    Read(u64),
+    Post(u64, u64),
+    AgentMove(usize),
+    Complete(usize),
+    Cool,
+    Remove(u64, u64),
+    Remap(u64, u64, u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..PAGES, 1..1000u64).prop_map(|(p, v)| Op::Write(p, v)),
+        3 => (0..PAGES).prop_map(Op::Read),
+        3 => (0..PAGES, 1..8u64).prop_map(|(p, n)| Op::Post(p, n)),
+        3 => (0..4usize).prop_map(Op::AgentMove),
+        3 => (0..4usize).prop_map(Op::Complete),
+        1 => Just(Op::Cool),
+        1 => (0..PAGES, 1..4u64).prop_map(|(p, n)| Op::Remove(p, n)),
+        1 => (0..PAGES, 0..PAGES, 1..4u64).prop_map(|(a, b, n)| Op::Remap(a, b, n)),
+    ]
+}
+
+struct Batch {
+    gen: u64,
+    pages: Vec<(u64, u32)>,
+    /// Per page: Some(moved) once the agent ran.
+    results: Option<Vec<bool>>,
+    /// Events logged after the batch was posted, for the agent's overlap check.
+    epoch: usize,
+}
+
+struct Sim {
+    pages: Pages,
+    store: Store,
+    /// Program memory: Some(value) = resident, None = missing (pte none).
+    mem: HashMap<u64, Option<u64>>,
+    reference: HashMap<u64, u64>,
+    window: Vec<u64>,
+    batches: Vec<Batch>,
+    events: Vec<(u64, u64)>,
+    next_gen: u64,
+    now_ms: u64,
+}
+
+fn page_of(v: u64) -> [u8; PAGE_SIZE] {
+    let mut p = [0u8; PAGE_SIZE];
+    for c in p.chunks_exact_mut(8) {
+        c.copy_from_slice(&v.to_le_bytes());
+    }
+    p[0] = (v % 251) as u8; // not same-filled: exercises lz4/raw too
+    p
+}
+
+fn value_of(p: &[u8; PAGE_SIZE]) -> u64 {
+    u64::from_le_bytes(p[8..16].try_into().unwrap())
+}
+
+impl Sim {
+    fn new() -> Sim {
+        let mut mem = HashMap::new();
+        for p in 0..PAGES {
+            mem.insert(addr(p), None);
+        }
+        Sim {
+            pages: Pages::new(SLOTS),
+            store: Store::new(StoreConfig { max_bytes: None }),
+            mem,
+            reference: HashMap::new(),
+            window: vec![0; SLOTS],
+            batches: Vec::new(),
+            events: Vec::new(),
+            next_gen: 1,
+            now_ms: 0,
+        }
+    }
+
+    /// The monitor serves a fault at `a` (the program's page is missing).
+    fn fault(&mut self, a: u64) {
+        loop {
+            match self.pages.plan_fault(a, 4, BASE + PAGES * PAGE_BYTES) {
+                FaultPlan::Zero { pages } => {
+                    for i in 0..pages {
+                        let x = a + i * PAGE_BYTES;
+                        match self.mem.get(&x) {
+                            Some(None) => {
+                                self.mem.insert(x, Some(0));
+                            }
+                            _ => break, // EEXIST: the zero run stops at a present page
+                        }
+                    }
+                    return;
+                }
+                FaultPlan::FromWindow { slot } => {
+                    self.mem.insert(a, Some(self.window[slot as usize]));
+                    assert_eq!(self.pages.faulted_in(a, self.now_ms), Released::Nothing);
+                    return;
+                }
+                FaultPlan::FromStore(h) => {
+                    let mut out = [0u8; PAGE_SIZE];
+                    self.store.get(h, &mut out).unwrap();
+                    self.mem.insert(a, Some(value_of(&out)));
+                    match self.pages.faulted_in(a, self.now_ms) {
+                        Released::Blob(b) => self.store.remove(b),
+                        Released::Nothing => panic!("stored page released no blob"),
+                    }
+                    return;
+                }
+                FaultPlan::Wait { gen } => {
+                    let i = self.batches.iter().position(|b| b.gen & GEN_MASK == gen).expect("waiting on a batch that exists");
+                    self.agent_move(i);
+                    self.complete(i);
+                }
+            }
+        }
+    }
+
+    fn access(&mut self, p: u64) -> u64 {
+        let a = addr(p);
+        if self.mem[&a].is_none() {
+            self.fault(a);
+        }
+        self.mem[&a].expect("fault service leaves the page present")
+    }
+
+    fn agent_move(&mut self, i: usize) {
+        if i >= self.batches.len() || self.batches[i].results.is_some() {
+            return;
+        }
+        let mut results = Vec::new();
+        for &(a, slot) in &self.batches[i].pages {
+            // The agent's check: an event logged since the batch was posted that overlaps.
+            let cancelled = self.events[self.batches[i].epoch..].iter().any(|(s, e)| *s <= a && a < *e);
+            match self.mem.get(&a) {
+                Some(Some(v)) if !cancelled => {
+                    self.window[slot as usize] = *v;
+                    self.mem.insert(a, None);
+                    results.push(true);
+                }
+                _ => results.push(false),
+            }
+        }
+        self.batches[i].results = Some(results);
+    }
+
+    fn complete(&mut self, i: usize) {
+        if i >= self.batches.len() {
+            return;
+        }
+        if self.batches[i].results.is_none() {
+            self.agent_move(i);
+        }
+        let b = self.batches.remove(i);
+        for ((_, slot), moved) in b.pages.iter().zip(b.results.unwrap()) {
+            self.pages.complete(*slot, b.gen, moved, self.now_ms, false);
+        }
+    }
+
+    fn step(&mut self, op: &Op) {
+        self.now_ms += 1;
+        match *op {
+            Op::Write(p, v) => {
+                self.access(p);
+                self.mem.insert(addr(p), Some(v));
+                self.reference.insert(addr(p), v);
+            }
+            Op::Read(p) => {
+                let got = self.access(p);
+                assert_eq!(got, self.reference.get(&addr(p)).copied().unwrap_or(0), "page {p}");
+            }
+            Op::Post(p, n) => {
+                if self.batches.len() >= 4 {
+                    return;
+                }
+                let gen = self.next_gen;
+                self.next_gen += 1;
+                let mut pages = Vec::new();
+                for q in p..(p + n).min(PAGES) {
+                    if let Some(slot) = self.pages.begin_evict(addr(q), gen) {
+                        pages.push((addr(q), slot));
+                    }
+                }
+                self.batches.push(Batch { gen, pages, results: None, epoch: self.events.len() });
+            }
+            Op::AgentMove(i) => self.agent_move(i),
+            Op::Complete(i) => self.complete(i),
+            Op::Cool => {
+                let mut out = Vec::new();
+                self.pages.pop_cooled(u64::MAX, 0, 64, &mut out);
+                for (_a, slot, gen) in out {
+                    let h = self.store.put(&page_of(self.window[slot as usize])).unwrap();
+                    if let Err(h) = self.pages.commit_stored(slot, gen, h) {
+                        self.store.remove(h);
+                    }
+                }
+            }
+            Op::Remove(p, n) => {
+                let (s, e) = (addr(p), addr((p + n).min(PAGES)));
+                // The monitor reads the event (and logs it), then the kernel zaps the range.
+                self.events.push((s, e));
+                let store = &mut self.store;
+                self.pages.discard_range(s, e, |h| store.remove(h));
+                let mut a = s;
+                while a < e {
+                    self.mem.insert(a, None);
+                    self.reference.remove(&a);
+                    a += PAGE_BYTES;
+                }
+            }
+            Op::Remap(from, to, n) => {
+                let n = n.min(PAGES - from).min(PAGES - to);
+                if n == 0 || (from < to + n && to < from + n) {
+                    return; // the kernel refuses overlapping mremap
+                }
+                let (f, t, len) = (addr(from), addr(to), n * PAGE_BYTES);
+                // The kernel moves the page tables first, then the monitor reads the event.
+                let moved: Vec<_> = (0..n).map(|i| (self.mem[&(f + i * PAGE_BYTES)], self.reference.remove(&(f + i * PAGE_BYTES)))).collect();
+                for i in 0..n {
+                    self.mem.insert(f + i * PAGE_BYTES, None);
+                    self.reference.remove(&(t + i * PAGE_BYTES));
+                }
+                for (i, (m, r)) in moved.into_iter().enumerate() {
+                    self.mem.insert(t + i as u64 * PAGE_BYTES, m);
+                    if let Some(r) = r {
+                        self.reference.insert(t + i as u64 * PAGE_BYTES, r);
+                    }
+                }
+                self.events.push((f, f + len));
+                self.events.push((t, t + len));
+                let store = &mut self.store;
+                self.pages.remap(f, t, len, |h| store.remove(h));
+                // The old range is a fresh mapping again in this model (mremap + new mmap).
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #[test]
+    fn state_machine_matches_reference_model(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut sim = Sim::new();
+        for op in &ops {
+            sim.step(op);
+        }
+        // Drain the agent, then every page must read back the reference.
+        while !sim.batches.is_empty() {
+            sim.complete(0);
+        }
+        for p in 0..PAGES {
+            let got = sim.access(p);
+            prop_assert_eq!(got, sim.reference.get(&addr(p)).copied().unwrap_or(0), "page {}", p);
+        }
+        // Nothing leaked: every slot is free again once nothing is in flight or in the window.
+        let c = sim.pages.counts();
+        prop_assert_eq!(c.moving, 0);
+        prop_assert_eq!(sim.pages.free_slot_count() as u64, SLOTS as u64 - c.window);
+        prop_assert_eq!(sim.store.stored_pages(), c.stored);
+    }
+}
+
+#[test]
+fn word_encoding_roundtrips() {
+    let states = [
+        PageState::Absent { hot_since_ms: None },
+        PageState::Absent { hot_since_ms: Some(123_456) },
+        PageState::Moving { gen: GEN_MASK, slot: (MAX_SLOTS - 1) as u32 },
+        PageState::Window { gen: 7, slot: 3 },
+    ];
+    for s in states {
+        assert_eq!(PageState::decode(s.encode()), s);
+    }
+    let mut store = Store::new(StoreConfig { max_bytes: None });
+    let h = store.put(&page_of(77)).unwrap();
+    assert_eq!(PageState::decode(PageState::Stored(h).encode()), PageState::Stored(h));
+}
+
+#[test]
+fn stale_completion_after_remove_frees_slot_and_keeps_absent() {
+    let mut p = Pages::new(4);
+    let slot = p.begin_evict(addr(1), 5).unwrap();
+    p.discard_range(addr(0), addr(4), |_| panic!("no blob"));
+    assert!(!p.complete(slot, 5, true, 0, false));
+    assert_eq!(p.state(addr(1)), PageState::Absent { hot_since_ms: None });
+    assert_eq!(p.free_slot_count(), 4);
+}
+
+#[test]
+fn fill_ahead_stops_at_evicted_page_and_region_end() {
+    let mut p = Pages::new(4);
+    p.begin_evict(addr(5), 1).unwrap();
+    assert_eq!(p.plan_fault(addr(2), 16, addr(PAGES)), FaultPlan::Zero { pages: 3 });
+    assert_eq!(p.plan_fault(addr(6), 16, addr(8)), FaultPlan::Zero { pages: 2 });
+    assert_eq!(p.plan_fault(addr(5), 16, addr(8)), FaultPlan::Wait { gen: 1 });
+}
