@@ -1,1 +1,1318 @@
-fn main() {}
+//! `uswap-workload`: test and benchmark workload for uswap.
+//!
+//! A plain program (it does not use the `uswap` library: it is one of the "unmodified
+//! programs" under test) with one subcommand per memory-management scenario: fill memory
+//! with deterministic page contents, go idle so a monitor can evict the pages, then touch
+//! them again in some interesting way (plain reads, syscalls that fault in kernel mode,
+//! partial writes, threads, munmap/mremap/madvise/realloc, fork, pinned pages) and verify
+//! every page.
+//!
+//! Every subcommand ends with one line `RESULT ok ...` (exit 0) or `RESULT FAIL <reason>`
+//! (exit 1). Machine-readable lines: `RSSANON <bytes>`, `FILL_MIBS <MiB/s>`,
+//! `TOUCH_MIBS <MiB/s>`, `LAT_US p50=.. p99=.. p999=.. max=.. n=..`, `TOTAL_S <secs>`.
+//!
+//! Page format (4 KiB, little-endian u64 words): word 0 is the page index, word 1 is
+//! `MAGIC << 32 | version`, words 2..511 are pseudo-text (16 eight-byte words picked by a
+//! counter-based PRNG seeded by index and version: compressible, unique per page), word 511
+//! is a checksum of words 0..511. Verification checks the header, a few words at fixed
+//! offsets and the embedded checksum, which is cheap even in debug builds.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+const PAGE: usize = 4096;
+const WORDS: usize = PAGE / 8;
+const MIB: usize = 1 << 20;
+const CHUNK: usize = 64 * 1024;
+const PAGES_PER_CHUNK: usize = CHUNK / PAGE;
+const MAGIC: u64 = 0x5553_5750; // "USWP"
+const MAX_DIAG: usize = 10;
+/// Word indices checked against the generator on every verification.
+const SPOT: [usize; 5] = [2, 77, 255, 256, 509];
+
+static DIAG_LINES: AtomicUsize = AtomicUsize::new(0);
+
+const fn w8(b: &[u8; 8]) -> u64 {
+    u64::from_le_bytes(*b)
+}
+
+const TEXT: [u64; 16] = [
+    w8(b"the page"),
+    w8(b" memory "),
+    w8(b"is cold "),
+    w8(b"and then"),
+    w8(b" swapped"),
+    w8(b" out to "),
+    w8(b"a store,"),
+    w8(b" fault! "),
+    w8(b"compress"),
+    w8(b"ed bytes"),
+    w8(b" return "),
+    w8(b"on touch"),
+    w8(b". Again "),
+    w8(b"monitor "),
+    w8(b"userfaul"),
+    w8(b"tfd 4KiB"),
+];
+
+// ---------------------------------------------------------------------------------------
+// Page contents
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn page_seed(idx: u64, ver: u32) -> u64 {
+    mix(idx ^ (u64::from(ver) << 40) ^ 0x0123_4567_89AB_CDEF)
+}
+
+fn header1(ver: u32) -> u64 {
+    (MAGIC << 32) | u64::from(ver)
+}
+
+fn checksum(ws: &[u64]) -> u64 {
+    let mut h = 0xCBF2_9CE4_8422_2325u64;
+    for &x in ws {
+        h = (h ^ x).wrapping_mul(0x0000_0100_0000_01B3);
+    }
+    h ^ (h >> 29)
+}
+
+/// Expected text word `j` (2 <= j < WORDS-1).
+fn text_word(seed: u64, j: usize) -> u64 {
+    let r = mix(seed.wrapping_add((j / 16) as u64));
+    TEXT[((r >> ((j % 16) * 4)) & 15) as usize]
+}
+
+/// Writes page `idx` version `ver` into `w` (stores only: the page is not read before it
+/// has been fully written).
+fn fill_page(w: &mut [u64], idx: u64, ver: u32) {
+    let w = &mut w[..WORDS];
+    w[0] = idx;
+    w[1] = header1(ver);
+    let seed = page_seed(idx, ver);
+    let mut r = mix(seed);
+    for (j, slot) in w.iter_mut().enumerate().take(WORDS - 1).skip(2) {
+        if j % 16 == 0 {
+            r = mix(seed.wrapping_add((j / 16) as u64));
+        }
+        *slot = TEXT[((r >> ((j % 16) * 4)) & 15) as usize];
+    }
+    w[WORDS - 1] = checksum(&w[..WORDS - 1]);
+}
+
+fn expected_word(idx: u64, ver: u32, j: usize) -> u64 {
+    match j {
+        0 => idx,
+        1 => header1(ver),
+        j if j < WORDS - 1 => text_word(page_seed(idx, ver), j),
+        _ => {
+            let mut p = [0u64; WORDS];
+            fill_page(&mut p, idx, ver);
+            p[WORDS - 1]
+        }
+    }
+}
+
+fn word_byte(w: u64, off: usize) -> u8 {
+    w.to_le_bytes()[off % 8]
+}
+
+fn set_word_byte(w: &mut u64, off: usize, v: u8) {
+    let mut b = w.to_le_bytes();
+    b[off % 8] = v;
+    *w = u64::from_le_bytes(b);
+}
+
+/// The byte a partial writer stores at `off` of page `idx`: always differs from the
+/// original content so a lost write is detected.
+fn patch_value(idx: u64, ver: u32, off: usize) -> u8 {
+    word_byte(expected_word(idx, ver, off / 8), off) ^ 0x5A
+}
+
+/// Cheap verification: header, spot words, embedded checksum.
+fn verify_page(w: &[u64], idx: u64, ver: u32) -> bool {
+    if w.len() < WORDS || w[0] != idx || w[1] != header1(ver) {
+        return false;
+    }
+    let seed = page_seed(idx, ver);
+    if SPOT.iter().any(|&j| w[j] != text_word(seed, j)) {
+        return false;
+    }
+    w[WORDS - 1] == checksum(&w[..WORDS - 1])
+}
+
+/// Verification of a page in which single bytes were overwritten: `patches` lists
+/// (byte offset, expected value); offsets must lie in 16..4088.
+fn verify_patched(w: &[u64], idx: u64, ver: u32, patches: &[(usize, u8)]) -> bool {
+    if patches.is_empty() {
+        return verify_page(w, idx, ver);
+    }
+    let mut s = [0u64; WORDS];
+    s.copy_from_slice(&w[..WORDS]);
+    for &(off, val) in patches {
+        if word_byte(s[off / 8], off) != val {
+            return false;
+        }
+        let orig = word_byte(expected_word(idx, ver, off / 8), off);
+        set_word_byte(&mut s[off / 8], off, orig);
+    }
+    verify_page(&s, idx, ver)
+}
+
+fn diag(line: String) {
+    let n = DIAG_LINES.fetch_add(1, Ordering::Relaxed);
+    if n < MAX_DIAG {
+        println!("{line}");
+    } else if n == MAX_DIAG {
+        println!("MISMATCH (further mismatch lines suppressed)");
+    }
+}
+
+fn describe_header(w: &[u64]) -> String {
+    if w[1] >> 32 == MAGIC {
+        format!("idx={} ver={}", w[0], w[1] & 0xFFFF_FFFF)
+    } else {
+        format!("raw {:#018x} {:#018x}", w[0], w[1])
+    }
+}
+
+fn report_mismatch(label: &str, w: &[u64], idx: u64, ver: u32, patches: &[(usize, u8)]) {
+    let mut e = [0u64; WORDS];
+    fill_page(&mut e, idx, ver);
+    for &(off, val) in patches {
+        set_word_byte(&mut e[off / 8], off, val);
+    }
+    let first = (0..PAGE).find(|&o| word_byte(w[o / 8], o) != word_byte(e[o / 8], o));
+    let zero = w[..WORDS].iter().all(|&x| x == 0);
+    let where_ = match first {
+        Some(o) => format!(
+            "first differing offset {o} (expected {:#04x}, found {:#04x})",
+            word_byte(e[o / 8], o),
+            word_byte(w[o / 8], o)
+        ),
+        None => "no differing byte (checksum/patch logic?)".to_string(),
+    };
+    diag(format!(
+        "MISMATCH {label} page {idx}: expected header idx={idx} ver={ver}, found {}{}, {where_}",
+        describe_header(w),
+        if zero { " (page reads all zeros)" } else { "" },
+    ));
+}
+
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    pages: u64,
+    bad: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: Tally) {
+        self.pages += o.pages;
+        self.bad += o.bad;
+    }
+    fn check(&mut self, label: &str, w: &[u64], idx: u64, ver: u32, patches: &[(usize, u8)]) {
+        self.pages += 1;
+        if !verify_patched(w, idx, ver, patches) {
+            self.bad += 1;
+            report_mismatch(label, w, idx, ver, patches);
+        }
+    }
+    /// Verifies consecutive pages `first_idx..` of version `ver` in `words`.
+    fn range(&mut self, label: &str, words: &[u64], first_idx: u64, ver: u32) {
+        for (k, p) in words.chunks_exact(WORDS).enumerate() {
+            self.check(label, p, first_idx + k as u64, ver, &[]);
+        }
+    }
+    /// Checks that every page in `words` reads as zeros.
+    fn zeros(&mut self, label: &str, words: &[u64], first_idx: u64) {
+        for (k, p) in words.chunks_exact(WORDS).enumerate() {
+            self.pages += 1;
+            if let Some(j) = p.iter().position(|&x| x != 0) {
+                self.bad += 1;
+                diag(format!(
+                    "MISMATCH {label} page {}: expected zeros, found nonzero word at offset {} \
+                     ({:#018x}); header {}",
+                    first_idx + k as u64,
+                    j * 8,
+                    p[j],
+                    describe_header(p)
+                ));
+            }
+        }
+    }
+    fn print(&self, what: &str) {
+        println!(
+            "verify {what}: {} pages verified, {} mismatches",
+            self.pages, self.bad
+        );
+    }
+}
+
+fn fill_range(words: &mut [u64], first_idx: u64, ver: u32) {
+    for (k, p) in words.chunks_exact_mut(WORDS).enumerate() {
+        fill_page(p, first_idx + k as u64, ver);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory and OS helpers
+
+/// An anonymous private mapping, unmapped on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+fn errno_str() -> String {
+    std::io::Error::last_os_error().to_string()
+}
+
+impl Mapping {
+    fn anon(len: usize) -> Result<Mapping, String> {
+        Mapping::map(
+            len,
+            std::ptr::null_mut(),
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    }
+
+    fn map(len: usize, hint: *mut u8, prot: i32) -> Result<Mapping, String> {
+        // SAFETY: a fresh anonymous private mapping without MAP_FIXED cannot clobber any
+        // existing memory; the hint is only a hint.
+        let p = unsafe {
+            libc::mmap(
+                hint.cast(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mmap of {len} bytes failed: {}", errno_str()));
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    fn words(&self) -> &[u64] {
+        // SAFETY: ptr is page-aligned and valid for len bytes (readable, writable) for as
+        // long as self lives; a shared borrow of self excludes words_mut.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<u64>(), self.len / 8) }
+    }
+
+    fn words_mut(&mut self) -> &mut [u64] {
+        // SAFETY: as in words(); the exclusive borrow of self makes this the only view.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.cast::<u64>(), self.len / 8) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in words_mut().
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    fn atomic_bytes(&self) -> &[AtomicU8] {
+        // SAFETY: AtomicU8 has the size and alignment of u8; the mapping is valid for len
+        // bytes while self lives. While this shared view is used for concurrent stores,
+        // callers do not hold a non-atomic view of the same bytes at the same time.
+        unsafe { std::slice::from_raw_parts(self.ptr.cast::<AtomicU8>(), self.len) }
+    }
+
+    /// mremap; on success self's range now belongs to the returned mapping.
+    fn remap(self, new_len: usize, flags: i32, new_addr: *mut u8) -> Result<Mapping, String> {
+        // SAFETY: we own [ptr, ptr+len); with MREMAP_FIXED the caller passes an address
+        // range it reserved itself, so nothing else is clobbered.
+        let p = unsafe { libc::mremap(self.ptr.cast(), self.len, new_len, flags, new_addr) };
+        if p == libc::MAP_FAILED {
+            return Err(format!("mremap to {new_len} bytes failed: {}", errno_str()));
+        }
+        std::mem::forget(self);
+        Ok(Mapping {
+            ptr: p.cast(),
+            len: new_len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: we own this mapping and no borrows of it outlive self.
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+fn rss_anon() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn print_rss() -> u64 {
+    let r = rss_anon();
+    println!("RSSANON {r}");
+    r
+}
+
+fn idle(ms: u64) {
+    println!("idle {ms} ms");
+    flush();
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+fn flush() {
+    let _ = std::io::stdout().flush();
+}
+
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid, writable timespec.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn pipe() -> Result<(i32, i32), String> {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe2: {}", errno_str()));
+    }
+    Ok((fds[0], fds[1]))
+}
+
+fn close(fd: i32) {
+    // SAFETY: fd is a descriptor this program opened and closes exactly once.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+/// read(2) exactly `len` bytes into `ptr`.
+///
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+unsafe fn read_full(fd: i32, ptr: *mut u8, len: usize) -> Result<(), String> {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: ptr+done..ptr+len is within the caller's valid range.
+        let n = unsafe { libc::read(fd, ptr.add(done).cast(), len - done) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("read(2) at +{done}: {e}"));
+        }
+        if n == 0 {
+            return Err(format!("read(2): early EOF after {done} of {len} bytes"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// write(2) exactly `len` bytes from `ptr`.
+///
+/// # Safety
+/// `ptr` must be valid for reads of `len` bytes.
+unsafe fn write_full(fd: i32, ptr: *const u8, len: usize) -> Result<(), String> {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: ptr+done..ptr+len is within the caller's valid range.
+        let n = unsafe { libc::write(fd, ptr.add(done).cast(), len - done) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(format!("write(2) at +{done}: {e}"));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+fn ok_if(t: Tally, what: &str) -> Result<String, String> {
+    if t.bad == 0 {
+        Ok(format!("{what} pages={} mismatches=0", t.pages))
+    } else {
+        Err(format!("{what}: {} of {} pages mismatched", t.bad, t.pages))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Arguments
+
+struct Opts {
+    vals: Vec<(String, String)>,
+    flags: Vec<String>,
+}
+
+impl Opts {
+    fn parse(args: &[String], valued: &[&str], boolean: &[&str]) -> Result<Opts, String> {
+        let mut o = Opts {
+            vals: Vec::new(),
+            flags: Vec::new(),
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let Some(name) = a.strip_prefix("--") else {
+                return Err(format!("unexpected argument {a:?}"));
+            };
+            let (name, inline) = match name.split_once('=') {
+                Some((n, v)) => (n, Some(v.to_string())),
+                None => (name, None),
+            };
+            if valued.contains(&name) {
+                let v = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or(format!("--{name} needs a value"))?.clone(),
+                };
+                o.vals.push((name.to_string(), v));
+            } else if boolean.contains(&name) && inline.is_none() {
+                o.flags.push(name.to_string());
+            } else {
+                return Err(format!("unknown option --{name}"));
+            }
+        }
+        Ok(o)
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.vals
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn num(&self, name: &str, default: u64) -> Result<u64, String> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name}: not a number: {v:?}")),
+        }
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.flags.iter().any(|f| f == name)
+    }
+
+    fn mib(&self) -> Result<(usize, usize), String> {
+        let mib = self.num("mib", 64)?;
+        if mib == 0 || mib > (1 << 20) {
+            return Err("--mib must be at least 1".into());
+        }
+        let len = mib as usize * MIB;
+        Ok((len, len / PAGE))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Subcommands
+
+fn fill_timed(m: &mut Mapping, first_idx: u64, ver: u32, what: &str) {
+    let t0 = Instant::now();
+    fill_range(m.words_mut(), first_idx, ver);
+    println!(
+        "filled {what}: {} MiB ({} pages) in {:.3} s",
+        m.len / MIB,
+        m.len / PAGE,
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+fn cmd_fill_verify(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let rounds = o.num("rounds", 1)?.max(1);
+    let rss = o.flag("rss-report");
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    if rss {
+        println!("RSS filled anon={}", rss_anon());
+    }
+    let mut vers = vec![1u32; npages];
+    let mut total = Tally::default();
+    for round in 1..=rounds {
+        if round > 1 {
+            let w = m.words_mut();
+            let mut n = 0;
+            for (i, v) in vers.iter_mut().enumerate() {
+                if (i as u64 + round) % 2 == 0 {
+                    *v += 1;
+                    fill_page(&mut w[i * WORDS..(i + 1) * WORDS], i as u64, *v);
+                    n += 1;
+                }
+            }
+            println!("round {round}: rewrote {n} pages with a new version");
+        }
+        idle(idle_ms);
+        print_rss();
+        let t0 = Instant::now();
+        let mut t = Tally::default();
+        for (i, p) in m.words().chunks_exact(WORDS).enumerate() {
+            t.check("fill-verify", p, i as u64, vers[i], &[]);
+        }
+        t.print(&format!(
+            "round {round} ({:.3} s)",
+            t0.elapsed().as_secs_f64()
+        ));
+        if rss {
+            println!("RSS verified anon={}", rss_anon());
+        }
+        total.add(t);
+    }
+    ok_if(total, &format!("fill-verify rounds={rounds}"))
+}
+
+fn cmd_read_syscall(o: &Opts) -> Result<String, String> {
+    let (len, _) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    idle(idle_ms);
+    print_rss();
+    let nchunks = len / CHUNK;
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let base = m.ptr as usize;
+    let t0 = Instant::now();
+    let (main_res, writer_res, reader_tally) = std::thread::scope(|s| {
+        // Feeds version-7 content of the even chunks into the pipe.
+        let writer = s.spawn(move || -> Result<(), String> {
+            let mut buf = vec![0u64; CHUNK / 8];
+            for c in (0..nchunks).step_by(2) {
+                fill_range(&mut buf, (c * PAGES_PER_CHUNK) as u64, 7);
+                // SAFETY: buf is a live Vec of exactly CHUNK bytes.
+                unsafe { write_full(in_w, buf.as_ptr().cast(), CHUNK)? };
+            }
+            Ok(())
+        });
+        // Receives the odd chunks written out of the (evicted) buffer and verifies them.
+        let reader = s.spawn(move || -> Result<Tally, String> {
+            let mut buf = vec![0u64; CHUNK / 8];
+            let mut t = Tally::default();
+            for c in (1..nchunks).step_by(2) {
+                // SAFETY: buf is a live Vec of exactly CHUNK bytes.
+                unsafe { read_full(out_r, buf.as_mut_ptr().cast(), CHUNK)? };
+                t.range(
+                    "write(2)-from-buffer",
+                    &buf,
+                    (c * PAGES_PER_CHUNK) as u64,
+                    1,
+                );
+            }
+            Ok(t)
+        });
+        let mut res = Ok(());
+        for c in 0..nchunks {
+            let p = (base + c * CHUNK) as *mut u8;
+            let r = if c % 2 == 0 {
+                // SAFETY: p..p+CHUNK lies inside the mapping, which outlives this scope;
+                // no Rust reference to it is alive here.
+                unsafe { read_full(in_r, p, CHUNK) }
+            } else {
+                // SAFETY: as above (read-only use).
+                unsafe { write_full(out_w, p, CHUNK) }
+            };
+            if let Err(e) = r {
+                res = Err(format!("chunk {c}: {e}"));
+                break;
+            }
+        }
+        // Unblock the helper threads if we stopped early.
+        close(in_r);
+        close(out_w);
+        (res, writer.join(), reader.join())
+    });
+    close(in_w);
+    close(out_r);
+    main_res?;
+    let secs = t0.elapsed().as_secs_f64();
+    writer_res.map_err(|_| "writer thread panicked".to_string())??;
+    let out_t = reader_tally.map_err(|_| "reader thread panicked".to_string())??;
+    println!(
+        "syscalls: read(2) into {} chunks, write(2) from {} chunks of 64 KiB in {secs:.3} s",
+        nchunks.div_ceil(2),
+        nchunks / 2
+    );
+    out_t.print("data written out of the buffer by write(2)");
+    let mut t = Tally::default();
+    for (c, ch) in m.words().chunks_exact(CHUNK / 8).enumerate() {
+        let ver = if c % 2 == 0 { 7 } else { 1 };
+        t.range("read-syscall", ch, (c * PAGES_PER_CHUNK) as u64, ver);
+    }
+    t.print("buffer (even chunks filled by read(2))");
+    t.add(out_t);
+    ok_if(t, "read-syscall")
+}
+
+const PARTIAL_OFF: usize = 1000;
+
+fn cmd_write_after_evict(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    idle(idle_ms);
+    print_rss();
+    let t0 = Instant::now();
+    {
+        let w = m.words_mut();
+        for i in (0..npages).step_by(2) {
+            fill_page(&mut w[i * WORDS..(i + 1) * WORDS], i as u64, 2);
+        }
+    }
+    {
+        let b = m.bytes_mut();
+        for i in (1..npages).step_by(2) {
+            b[i * PAGE + PARTIAL_OFF] = patch_value(i as u64, 1, PARTIAL_OFF);
+        }
+    }
+    println!(
+        "wrote {} pages fully (no read first) and 1 byte of {} pages in {:.3} s",
+        npages.div_ceil(2),
+        npages / 2,
+        t0.elapsed().as_secs_f64()
+    );
+    let mut t = Tally::default();
+    for (i, p) in m.words().chunks_exact(WORDS).enumerate() {
+        let idx = i as u64;
+        if i % 2 == 0 {
+            t.check("full-rewrite", p, idx, 2, &[]);
+        } else {
+            t.check(
+                "partial-write",
+                p,
+                idx,
+                1,
+                &[(PARTIAL_OFF, patch_value(idx, 1, PARTIAL_OFF))],
+            );
+        }
+    }
+    t.print("all pages");
+    ok_if(t, "write-after-evict")
+}
+
+fn cmd_threads(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let nthreads = o.num("threads", 4)? as usize;
+    if !(1..=256).contains(&nthreads) {
+        return Err("--threads must be 1..=256".into());
+    }
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    idle(idle_ms);
+    print_rss();
+
+    let barrier = Barrier::new(nthreads);
+    let t0 = Instant::now();
+    let words = m.words();
+    let tallies: Vec<Tally> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..nthreads)
+            .map(|_| {
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    let mut t = Tally::default();
+                    t.range("threads-read", words, 0, 1);
+                    t
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or(Tally { pages: 0, bad: 1 }))
+            .collect()
+    });
+    let mut read_t = Tally::default();
+    for t in &tallies {
+        read_t.add(*t);
+    }
+    read_t.print(&format!(
+        "{nthreads} threads reading the same pages ({:.3} s)",
+        t0.elapsed().as_secs_f64()
+    ));
+
+    idle(idle_ms);
+    print_rss();
+    let offs: Vec<usize> = (0..nthreads).map(|t| 16 + t * 15).collect();
+    let t0 = Instant::now();
+    let bytes = m.atomic_bytes();
+    std::thread::scope(|s| {
+        for &off in &offs {
+            let barrier = &barrier;
+            s.spawn(move || {
+                barrier.wait();
+                for i in 0..npages {
+                    bytes[i * PAGE + off].store(patch_value(i as u64, 1, off), Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    println!(
+        "{nthreads} threads wrote disjoint bytes of the same {npages} pages in {:.3} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut write_t = Tally::default();
+    let mut patches = Vec::with_capacity(nthreads);
+    for (i, p) in m.words().chunks_exact(WORDS).enumerate() {
+        let idx = i as u64;
+        patches.clear();
+        patches.extend(offs.iter().map(|&off| (off, patch_value(idx, 1, off))));
+        write_t.check("threads-write", p, idx, 1, &patches);
+    }
+    write_t.print("after concurrent writes");
+    read_t.add(write_t);
+    ok_if(read_t, &format!("threads={nthreads}"))
+}
+
+fn cmd_munmap(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut a = Mapping::anon(len)?;
+    let mut b = Mapping::anon(len)?;
+    fill_timed(&mut a, 0, 1, "region A");
+    fill_timed(&mut b, npages as u64, 1, "region B");
+    idle(idle_ms);
+    print_rss();
+    let old = a.ptr;
+    drop(a);
+    println!("munmap'ed region A at {old:p}");
+    let mut c = Mapping::map(len, old, libc::PROT_READ | libc::PROT_WRITE)?;
+    println!(
+        "fresh mapping at {:p} ({})",
+        c.ptr,
+        if c.ptr == old {
+            "same address"
+        } else {
+            "different address"
+        }
+    );
+    let mut t = Tally::default();
+    t.zeros("fresh-after-munmap", c.words(), 0);
+    t.range("region-B", b.words(), npages as u64, 1);
+    t.print("fresh region (zeros) and region B");
+    fill_timed(&mut c, 0, 3, "fresh region");
+    idle(idle_ms);
+    print_rss();
+    let mut t2 = Tally::default();
+    t2.range("fresh-region", c.words(), 0, 3);
+    t2.range("region-B", b.words(), npages as u64, 1);
+    t2.print("both regions after another idle");
+    t.add(t2);
+    ok_if(t, "munmap")
+}
+
+fn cmd_mremap(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let reserve = Mapping::map(2 * len, std::ptr::null_mut(), libc::PROT_NONE)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    idle(idle_ms);
+    print_rss();
+    let old = m.ptr;
+    let mut m = m.remap(2 * len, libc::MREMAP_MAYMOVE, std::ptr::null_mut())?;
+    println!(
+        "mremap grow {} -> {} MiB: {old:p} -> {:p} ({})",
+        len / MIB,
+        2 * len / MIB,
+        m.ptr,
+        if m.ptr == old { "in place" } else { "moved" }
+    );
+    let mut t = Tally::default();
+    t.range("grown-old-part", &m.words()[..len / 8], 0, 1);
+    t.zeros("grown-tail", &m.words()[len / 8..], npages as u64);
+    t.print("after grow (old part, zero tail)");
+    fill_range(&mut m.words_mut()[len / 8..], npages as u64, 2);
+    let target = reserve.ptr;
+    let before = m.ptr;
+    let m = m.remap(2 * len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, target)?;
+    // The reservation was replaced by the move; do not unmap it again.
+    std::mem::forget(reserve);
+    println!("mremap fixed move {before:p} -> {:p}", m.ptr);
+    if m.ptr != target {
+        return Err(format!(
+            "MREMAP_FIXED landed at {:p}, not {target:p}",
+            m.ptr
+        ));
+    }
+    idle(idle_ms);
+    print_rss();
+    let mut t2 = Tally::default();
+    t2.range("moved-first-half", &m.words()[..len / 8], 0, 1);
+    t2.range("moved-second-half", &m.words()[len / 8..], npages as u64, 2);
+    t2.print("after fixed move and idle");
+    t.add(t2);
+    ok_if(t, "mremap")
+}
+
+fn cmd_dontneed(o: &Opts) -> Result<String, String> {
+    let (len, _) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    idle(idle_ms);
+    print_rss();
+    let nchunks = len / CHUNK;
+    for c in (0..nchunks).step_by(2) {
+        // SAFETY: the range is a chunk of our own mapping, and no Rust reference into it
+        // is alive (m is not borrowed here); its content is intentionally discarded.
+        let r = unsafe { libc::madvise(m.ptr.add(c * CHUNK).cast(), CHUNK, libc::MADV_DONTNEED) };
+        if r != 0 {
+            return Err(format!("madvise(MADV_DONTNEED) chunk {c}: {}", errno_str()));
+        }
+    }
+    println!(
+        "MADV_DONTNEED on {} of {nchunks} chunks of 64 KiB",
+        nchunks.div_ceil(2)
+    );
+    let mut t = Tally::default();
+    for (c, ch) in m.words().chunks_exact(CHUNK / 8).enumerate() {
+        let first = (c * PAGES_PER_CHUNK) as u64;
+        if c % 2 == 0 {
+            t.zeros("dontneed-chunk", ch, first);
+        } else {
+            t.range("kept-chunk", ch, first, 1);
+        }
+    }
+    t.print("after MADV_DONTNEED (zeros / kept)");
+    for (c, ch) in m.words_mut().chunks_exact_mut(CHUNK / 8).enumerate() {
+        if c % 2 == 0 {
+            fill_range(ch, (c * PAGES_PER_CHUNK) as u64, 2);
+        }
+    }
+    idle(idle_ms);
+    print_rss();
+    let mut t2 = Tally::default();
+    for (c, ch) in m.words().chunks_exact(CHUNK / 8).enumerate() {
+        let ver = if c % 2 == 0 { 2 } else { 1 };
+        t2.range("dontneed-refilled", ch, (c * PAGES_PER_CHUNK) as u64, ver);
+    }
+    t2.print("after refill and idle");
+    t.add(t2);
+    ok_if(t, "dontneed")
+}
+
+fn cmd_realloc(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    // SAFETY: plain malloc; the result is checked for null and freed below.
+    let p = unsafe { libc::malloc(len) }.cast::<u64>();
+    if p.is_null() {
+        return Err("malloc failed".into());
+    }
+    {
+        // SAFETY: malloc returned len bytes aligned to at least 16; nothing else aliases them.
+        let w = unsafe { std::slice::from_raw_parts_mut(p, len / 8) };
+        let t0 = Instant::now();
+        fill_range(w, 0, 1);
+        println!(
+            "filled malloc block of {} MiB at {p:p} in {:.3} s",
+            len / MIB,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    idle(idle_ms);
+    print_rss();
+    // SAFETY: p came from malloc and is not used again after a successful realloc.
+    let q = unsafe { libc::realloc(p.cast(), 2 * len) }.cast::<u64>();
+    if q.is_null() {
+        // SAFETY: realloc failed, so p is still ours to free.
+        unsafe { libc::free(p.cast()) };
+        return Err("realloc failed".into());
+    }
+    println!("realloc to {} MiB: {p:p} -> {q:p}", 2 * len / MIB);
+    let mut t = Tally::default();
+    {
+        // SAFETY: realloc returned 2*len bytes, 16-aligned, owned by us alone.
+        let w = unsafe { std::slice::from_raw_parts_mut(q, 2 * len / 8) };
+        t.range("realloc-first-half", &w[..len / 8], 0, 1);
+        t.print("first half after realloc");
+        fill_range(&mut w[len / 8..], npages as u64, 2);
+    }
+    idle(idle_ms);
+    print_rss();
+    {
+        // SAFETY: as above.
+        let w = unsafe { std::slice::from_raw_parts(q, 2 * len / 8) };
+        let mut t2 = Tally::default();
+        t2.range("realloc-first-half", &w[..len / 8], 0, 1);
+        t2.range("realloc-second-half", &w[len / 8..], npages as u64, 2);
+        t2.print("whole block after idle");
+        t.add(t2);
+    }
+    // SAFETY: q came from realloc and no slice into it is alive.
+    unsafe { libc::free(q.cast()) };
+    ok_if(t, "realloc")
+}
+
+fn cmd_fork_cow(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    idle(idle_ms);
+    print_rss();
+    flush();
+    // SAFETY: this program has no other threads of its own at this point; the child only
+    // verifies memory, prints, flushes and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno_str()));
+    }
+    if pid == 0 {
+        let mut t = Tally::default();
+        t.range("fork-child", m.words(), 0, 1);
+        println!("child: verified {} pages, {} mismatches", t.pages, t.bad);
+        flush();
+        // SAFETY: _exit ends the child without running the parent's atexit handlers.
+        unsafe { libc::_exit(if t.bad == 0 { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child; status is a valid int.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    if r != pid {
+        return Err(format!("waitpid: {}", errno_str()));
+    }
+    let child_ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    println!(
+        "child exited: status {status:#x} ({})",
+        if child_ok { "ok" } else { "FAILED" }
+    );
+    let mut t = Tally::default();
+    t.range("fork-parent", m.words(), 0, 1);
+    t.print("parent after child exit");
+    let mut vers = vec![1u32; npages];
+    {
+        let w = m.words_mut();
+        for i in (0..npages).step_by(4) {
+            vers[i] = 2;
+            fill_page(&mut w[i * WORDS..(i + 1) * WORDS], i as u64, 2);
+        }
+    }
+    let mut t2 = Tally::default();
+    for (i, p) in m.words().chunks_exact(WORDS).enumerate() {
+        t2.check("fork-parent-rewritten", p, i as u64, vers[i], &[]);
+    }
+    t2.print("parent after rewriting every 4th page");
+    idle(idle_ms);
+    print_rss();
+    let mut t3 = Tally::default();
+    for (i, p) in m.words().chunks_exact(WORDS).enumerate() {
+        t3.check("fork-parent-idle2", p, i as u64, vers[i], &[]);
+    }
+    t3.print("parent after second idle");
+    t.add(t2);
+    t.add(t3);
+    if !child_ok {
+        return Err(format!("child failed (status {status:#x})"));
+    }
+    ok_if(t, "fork-cow")
+}
+
+fn cmd_pin(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let want = (o.num("pin-pages", 16)? as usize).min(npages);
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    let (pr, pw) = pipe()?;
+    // SAFETY: fcntl on our own pipe; failure is harmless (default capacity 16 pages).
+    let cap = unsafe { libc::fcntl(pw, libc::F_SETPIPE_SZ, (want * PAGE).max(CHUNK) as i32) };
+    let iov: Vec<libc::iovec> = (0..want)
+        .map(|i| libc::iovec {
+            // SAFETY: i < npages, so the page lies inside the mapping.
+            iov_base: unsafe { m.ptr.add(i * PAGE) }.cast(),
+            iov_len: PAGE,
+        })
+        .collect();
+    let mut pinned = 0usize;
+    let mut vi = 0;
+    while vi < iov.len() {
+        // SAFETY: the iovecs describe pages of our mapping, which stays mapped while the
+        // pipe holds references to them (the pipe is closed before m is dropped).
+        let n = unsafe {
+            libc::vmsplice(
+                pw,
+                iov[vi..].as_ptr(),
+                iov.len() - vi,
+                libc::SPLICE_F_NONBLOCK,
+            )
+        };
+        if n <= 0 {
+            println!("vmsplice stopped after {pinned} bytes: {}", errno_str());
+            break;
+        }
+        pinned += n as usize;
+        vi = pinned / PAGE;
+        if pinned % PAGE != 0 {
+            break;
+        }
+    }
+    let pinned_pages = pinned / PAGE;
+    println!("pinned {pinned_pages} pages with vmsplice into an unread pipe (capacity {cap})");
+    if pinned_pages == 0 {
+        close(pr);
+        close(pw);
+        return Err("vmsplice pinned nothing".into());
+    }
+    idle(idle_ms);
+    print_rss();
+    let mut t = Tally::default();
+    t.range("pin", m.words(), 0, 1);
+    t.print("region with pinned pages");
+    let mut buf = vec![0u64; pinned_pages * WORDS];
+    // SAFETY: buf is a live Vec of pinned_pages * PAGE bytes.
+    let r = unsafe { read_full(pr, buf.as_mut_ptr().cast(), pinned_pages * PAGE) };
+    close(pr);
+    close(pw);
+    r?;
+    let mut tp = Tally::default();
+    tp.range("pipe-content", &buf, 0, 1);
+    tp.print("pinned pages read back out of the pipe");
+    t.add(tp);
+    ok_if(t, &format!("pin pinned_pages={pinned_pages}"))
+}
+
+fn cmd_fill_rate(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let repeat = o.num("repeat", 3)?.max(1);
+    let mib = (len / MIB) as f64;
+    let (mut best_touch, mut best_fill) = (0f64, 0f64);
+    for r in 1..=repeat {
+        let a = Mapping::anon(len)?;
+        let t0 = Instant::now();
+        for i in 0..npages {
+            // SAFETY: i*PAGE < len, inside the fresh mapping; no references to it exist.
+            unsafe { std::ptr::write_volatile(a.ptr.add(i * PAGE).cast::<u64>(), i as u64) };
+        }
+        let touch_s = t0.elapsed().as_secs_f64();
+        drop(a);
+        let b = Mapping::anon(len)?;
+        let t0 = Instant::now();
+        // SAFETY: b is a fresh mapping of len bytes with no references into it.
+        unsafe { std::ptr::write_bytes(b.ptr, 0x5A, len) };
+        let fill_s = t0.elapsed().as_secs_f64();
+        drop(b);
+        let (touch, fill) = (mib / touch_s, mib / fill_s);
+        println!(
+            "repeat {r}: first touch {touch:.1} MiB/s ({:.3} us/page), full fill {fill:.1} MiB/s",
+            touch_s * 1e6 / npages as f64
+        );
+        best_touch = best_touch.max(touch);
+        best_fill = best_fill.max(fill);
+    }
+    println!("TOUCH_MIBS {best_touch:.1}");
+    println!("FILL_MIBS {best_fill:.1}");
+    Ok(format!(
+        "fill-rate fill_mibs={best_fill:.1} touch_mibs={best_touch:.1}"
+    ))
+}
+
+fn cmd_fault_latency(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let random = match o.get("pattern").unwrap_or("seq") {
+        "seq" => false,
+        "random" => true,
+        p => return Err(format!("--pattern must be seq or random, not {p:?}")),
+    };
+    let default_k = if random { 20_000 } else { npages as u64 };
+    let k = (o.num("touches", default_k)? as usize).min(npages);
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    let order: Vec<usize> = if random {
+        let mut v: Vec<usize> = (0..npages).collect();
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        for i in (1..v.len()).rev() {
+            s = mix(s);
+            v.swap(i, (s % (i as u64 + 1)) as usize);
+        }
+        v.truncate(k);
+        v
+    } else {
+        (0..k).collect()
+    };
+    idle(idle_ms);
+    println!("RSS idle anon={}", rss_anon());
+    let mut lat = Vec::with_capacity(k);
+    let mut bad = 0u64;
+    let base = m.ptr;
+    let t_all = now_ns();
+    for &i in &order {
+        let t0 = now_ns();
+        // SAFETY: i < npages so the page lies in the mapping; volatile reads of plain data
+        // that no one writes concurrently.
+        let (b, w0, w1) = unsafe {
+            let p = base.add(i * PAGE);
+            (
+                std::ptr::read_volatile(p),
+                std::ptr::read_volatile(p.cast::<u64>()),
+                std::ptr::read_volatile(p.cast::<u64>().add(1)),
+            )
+        };
+        let good = b == (i as u64).to_le_bytes()[0] && w0 == i as u64 && w1 == header1(1);
+        let t1 = now_ns();
+        lat.push(t1 - t0);
+        if !good {
+            bad += 1;
+            diag(format!(
+                "MISMATCH fault-latency page {i}: expected header idx={i} ver=1, found {}",
+                describe_header(&[w0, w1])
+            ));
+        }
+    }
+    let total_s = (now_ns() - t_all) as f64 / 1e9;
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((p * lat.len() as f64).ceil() as usize)
+            .saturating_sub(1)
+            .min(lat.len() - 1);
+        lat[i] as f64 / 1000.0
+    };
+    println!(
+        "LAT_US p50={:.2} p99={:.2} p999={:.2} max={:.2} n={}",
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
+        lat.last().map_or(0.0, |&x| x as f64 / 1000.0),
+        lat.len()
+    );
+    println!("TOTAL_S {total_s:.4}");
+    print_rss();
+    if bad > 0 {
+        return Err(format!(
+            "fault-latency: {bad} of {} touched pages had a wrong header",
+            lat.len()
+        ));
+    }
+    Ok(format!(
+        "fault-latency pattern={} n={}",
+        if random { "random" } else { "seq" },
+        lat.len()
+    ))
+}
+
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(h, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
+    })
+}
+
+fn cmd_output_echo(args: &[String]) -> Result<String, String> {
+    println!("output-echo: deterministic output of uswap-workload");
+    let rest = &args[2..];
+    let mut h = 0xCBF2_9CE4_8422_2325u64;
+    for a in rest {
+        h = fnv(h, a.as_bytes());
+        h = fnv(h, &[0]);
+    }
+    println!(
+        "args {} (after the subcommand) checksum {h:#018x}",
+        rest.len()
+    );
+    let mut buf = vec![0u64; MIB / 8];
+    fill_range(&mut buf, 0, 1);
+    let d = buf
+        .chunks_exact(WORDS)
+        .fold(0u64, |acc, p| mix(acc ^ checksum(p)));
+    println!("data 1 MiB ({} pages) checksum {d:#018x}", MIB / PAGE);
+    for i in 0..3u64 {
+        println!("line {i}: {}", mix(i));
+    }
+    Ok(format!("output-echo data={d:#018x}"))
+}
+
+const USAGE: &str = "\
+usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaults to 1500)
+  fill-verify      --mib N [--idle-ms M] [--rounds R] [--rss-report]
+  read-syscall     --mib N [--idle-ms M]
+  write-after-evict --mib N [--idle-ms M]
+  threads          --mib N [--threads T] [--idle-ms M]
+  munmap           --mib N [--idle-ms M]
+  mremap           --mib N [--idle-ms M]
+  dontneed         --mib N [--idle-ms M]
+  realloc          --mib N [--idle-ms M]
+  fork-cow         --mib N [--idle-ms M]
+  pin              --mib N [--idle-ms M] [--pin-pages P]
+  fill-rate        --mib N [--repeat K]
+  fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K]
+  output-echo      [any args]
+defaults: --mib 64, --rounds 1, --threads 4, --pin-pages 16, --repeat 3,
+          --touches all pages (seq) / 20000 (random)
+every subcommand ends with `RESULT ok ...` (exit 0) or `RESULT FAIL <reason>` (exit 1)";
+
+fn run(args: &[String]) -> Result<String, String> {
+    let sub = args.get(1).map(String::as_str).unwrap_or("");
+    let rest = args.get(2..).unwrap_or(&[]);
+    let idle = ["mib", "idle-ms"];
+    let parse = |extra_vals: &[&str], flags: &[&str]| {
+        let mut v: Vec<&str> = idle.to_vec();
+        v.extend_from_slice(extra_vals);
+        Opts::parse(rest, &v, flags).map_err(|e| format!("usage: {sub}: {e}"))
+    };
+    match sub {
+        "fill-verify" => cmd_fill_verify(&parse(&["rounds"], &["rss-report"])?),
+        "read-syscall" => cmd_read_syscall(&parse(&[], &[])?),
+        "write-after-evict" => cmd_write_after_evict(&parse(&[], &[])?),
+        "threads" => cmd_threads(&parse(&["threads"], &[])?),
+        "munmap" => cmd_munmap(&parse(&[], &[])?),
+        "mremap" => cmd_mremap(&parse(&[], &[])?),
+        "dontneed" => cmd_dontneed(&parse(&[], &[])?),
+        "realloc" => cmd_realloc(&parse(&[], &[])?),
+        "fork-cow" => cmd_fork_cow(&parse(&[], &[])?),
+        "pin" => cmd_pin(&parse(&["pin-pages"], &[])?),
+        "fill-rate" => cmd_fill_rate(
+            &Opts::parse(rest, &["mib", "repeat"], &[])
+                .map_err(|e| format!("usage: {sub}: {e}"))?,
+        ),
+        "fault-latency" => cmd_fault_latency(&parse(&["pattern", "touches"], &[])?),
+        "output-echo" => cmd_output_echo(args),
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok("help".into())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            Err(format!("usage: unknown subcommand {sub:?}"))
+        }
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let res = run(&args);
+    let code = match res {
+        Ok(s) => {
+            println!("RESULT ok {s}");
+            0
+        }
+        Err(e) => {
+            println!("RESULT FAIL {e}");
+            1
+        }
+    };
+    flush();
+    std::process::exit(code);
+}
