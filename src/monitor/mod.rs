@@ -5,3 +5,11 @@
 //! descriptors a client forwarded (no ptrace, no process_vm_readv, no /proc/PID/mem).
 
 pub mod pages;
+pub mod client;
+pub mod fault;
+pub mod regions;
+pub mod server;
+pub mod stats;
+
+pub use server::{connect, query_status, Listener, Monitor, MonitorOptions};
+pub use stats::ClientReport;

@@ -1,0 +1,272 @@
+//! `uswap run` and `uswap daemon`.
+//!
+//! `run` validates its flags and config file first (no syscalls), then either uses a daemon that
+//! answers on the socket or starts an embedded monitor on a private socket, starts the program
+//! with the shim preloaded, waits for it, and prints a summary. It exits with the program's
+//! status (128 + signal number if it was killed).
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::UsageError;
+use crate::config::{self, Overrides};
+use crate::monitor::{ClientReport, Listener, Monitor, MonitorOptions};
+use crate::protocol::{ENV_OVERRIDES, ENV_SOCKET};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Managed resident memory target, e.g. 256M, 2G, or "none".
+    #[arg(long)]
+    pub budget: Option<String>,
+    /// A config file for this run (its keys override config/<program>.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Any config key, e.g. --set cooling=500ms (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Write the run's figures as JSON to this file.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// Use the daemon on this socket (default: the standard socket if a daemon answers there).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Directory of per-program config files for the embedded monitor.
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+    /// Do not print the summary.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// The program and its arguments.
+    #[arg(last = true, required = true)]
+    pub cmd: Vec<String>,
+}
+
+static CHILD_PID: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: i32) {
+    let pid = CHILD_PID.load(Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// The shim library: `$USWAP_SHIM`, else next to this executable, else in ../lib/uswap/.
+pub fn find_shim() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("USWAP_SHIM") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("locating the uswap executable")?;
+    let dir = exe.parent().context("executable has no directory")?;
+    for cand in [dir.join("libuswap_shim.so"), dir.join("../libuswap_shim.so"), dir.join("../lib/uswap/libuswap_shim.so")] {
+        if cand.exists() {
+            return Ok(cand);
+        }
+    }
+    bail!("libuswap_shim.so not found next to {} (build it with `cargo build --workspace`, or set USWAP_SHIM)", exe.display())
+}
+
+/// Builds the overrides text sent to the monitor: the --config file's keys, then --set and
+/// --budget. Validated here, so a typo fails before the program starts.
+fn overrides_text(args: &RunArgs) -> anyhow::Result<String> {
+    let mut table = toml::Table::new();
+    if let Some(file) = &args.config {
+        config::validate_file(file).map_err(|e| UsageError(e.to_string()))?;
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        table = text.parse().map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+    }
+    let mut check = Overrides::default();
+    let mut set = |k: &str, v: &str| -> anyhow::Result<()> {
+        check.set_str(k, v).map_err(|e| UsageError(e.to_string()))?;
+        table.insert(k.to_string(), toml::Value::String(v.to_string()));
+        Ok(())
+    };
+    for kv in &args.set {
+        let (k, v) = kv.split_once('=').ok_or_else(|| UsageError(format!("--set {kv}: expected KEY=VALUE")))?;
+        set(k.trim(), v.trim())?;
+    }
+    if let Some(b) = &args.budget {
+        set("budget", b).map_err(|e| UsageError(format!("--budget: {e}")))?;
+    }
+    Ok(toml::to_string(&table)?)
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn print_summary(r: &ClientReport, wall: Duration) {
+    let budget = r.budget_bytes.map_or("none".to_string(), mib);
+    let st = &r.store;
+    let held = st.slab_bytes_mapped + r.pages_in_window * 4096;
+    eprintln!("uswap: {} (pid {}) ran {:.1} s", r.name, r.pid, wall.as_secs_f64());
+    eprintln!(
+        "  managed RSS   peak {}, final {} (budget {})",
+        mib(r.peak_rss_anon_bytes),
+        mib(r.rss_anon_bytes),
+        budget
+    );
+    eprintln!(
+        "  pages         evicted {} ({}), restored {}, unevictable {}",
+        r.pages_evicted,
+        mib(r.pages_evicted * 4096),
+        r.pages_restored,
+        r.pages_unevictable
+    );
+    eprintln!(
+        "  store         {} pages now, {} in -> {} held, compression ratio {:.2}",
+        st.pages_same_filled + st.pages_lz4 + st.pages_raw,
+        mib(st.bytes_in),
+        mib(held),
+        r.compression_ratio
+    );
+    eprintln!(
+        "  faults        {} (fresh {}, window {}, store {}), service p50 {:.1} us, p99 {:.1} us",
+        r.faults, r.faults_zero, r.faults_window, r.faults_store, r.fault_latency.p50_us, r.fault_latency.p99_us
+    );
+    if r.peak_rss_anon_bytes > r.rss_anon_bytes {
+        eprintln!(
+            "  memory saved  {} of program memory held in {} by uswap",
+            mib(r.pages_evicted.saturating_sub(r.pages_restored) * 4096),
+            mib(held)
+        );
+    }
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let overrides = overrides_text(&args)?;
+    let shim = find_shim()?;
+    // A daemon, or an embedded monitor on a private socket.
+    let daemon_socket = args.socket.clone().or_else(|| {
+        let p = crate::protocol::default_socket_path();
+        crate::monitor::connect(&p).is_ok().then_some(p)
+    });
+    let mut embedded: Option<(Arc<Monitor>, Arc<Listener>, std::thread::JoinHandle<()>, PathBuf)> = None;
+    let socket = match &daemon_socket {
+        Some(p) => p.clone(),
+        None => {
+            let dir = std::env::temp_dir().join(format!("uswap-run-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let path = dir.join("uswap.sock");
+            let listener = Arc::new(Listener::bind(&path, 0o600)?);
+            let monitor = Monitor::new(MonitorOptions {
+                config_dir: args.config_dir.clone().or_else(super::default_config_dir),
+                overrides: Overrides::default(),
+                keep_finished: 64,
+            });
+            let m = Arc::clone(&monitor);
+            let lfd_path = listener.path().to_path_buf();
+            let l = Arc::clone(&listener);
+            let handle = std::thread::Builder::new().name("uswap-monitor".into()).spawn(move || {
+                if let Err(e) = m.serve(&l) {
+                    tracing::error!("embedded monitor: {e:#}");
+                }
+            })?;
+            embedded = Some((monitor, listener, handle, dir));
+            lfd_path
+        }
+    };
+
+    let mut preload = shim.display().to_string();
+    if let Some(old) = std::env::var_os("LD_PRELOAD") {
+        if !old.is_empty() {
+            preload = format!("{preload} {}", old.to_string_lossy());
+        }
+    }
+    let started = Instant::now();
+    let mut child = std::process::Command::new(&args.cmd[0])
+        .args(&args.cmd[1..])
+        .env("LD_PRELOAD", preload)
+        .env(ENV_SOCKET, &socket)
+        .env(ENV_OVERRIDES, &overrides)
+        .spawn()
+        .with_context(|| format!("starting {}", args.cmd[0]))?;
+    let pid = child.id() as i32;
+    CHILD_PID.store(pid, Ordering::Relaxed);
+    // SAFETY: installing a handler that only calls kill(2); ignoring SIGINT/SIGQUIT, which the
+    // terminal delivers to the program too.
+    unsafe {
+        libc::signal(libc::SIGTERM, forward_signal as *const () as usize);
+        libc::signal(libc::SIGHUP, forward_signal as *const () as usize);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+    }
+    let status = child.wait().context("waiting for the program")?;
+    let wall = started.elapsed();
+    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+
+    let reports: Vec<ClientReport> = match &embedded {
+        Some((monitor, _, _, _)) => {
+            monitor.wait_idle(Duration::from_secs(10));
+            monitor.reports()
+        }
+        None => Vec::new(),
+    };
+    // The program's own report (the first process; exec'd or forked ones follow).
+    let mine: Vec<&ClientReport> = reports.iter().filter(|r| r.pid == pid).collect();
+    if !args.quiet {
+        match (mine.first(), &daemon_socket) {
+            (Some(r), _) => print_summary(r, wall),
+            (None, Some(p)) => eprintln!("uswap: managed by the daemon on {}; see `uswap status`", p.display()),
+            (None, None) => eprintln!("uswap: the program did not attach to the monitor (see the line above)"),
+        }
+    }
+    if let Some(path) = &args.stats_json {
+        let json = serde_json::json!({ "exit_code": code, "wall_s": wall.as_secs_f64(), "clients": reports });
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some((monitor, listener, handle, dir)) = embedded {
+        monitor.stop();
+        let _ = handle.join();
+        drop(listener);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    Ok(code)
+}
+
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop(_: i32) {
+    STOP.store(1, Ordering::Relaxed);
+}
+
+pub fn daemon(socket: Option<PathBuf>, config_dir: Option<PathBuf>, mode: &str) -> anyhow::Result<()> {
+    let mode = u32::from_str_radix(mode, 8).map_err(|_| UsageError(format!("--mode {mode}: expected an octal mode like 600 or 660")))?;
+    let path = socket.unwrap_or_else(crate::protocol::default_socket_path);
+    let config_dir = config_dir.or_else(super::default_config_dir);
+    if let Some(d) = &config_dir {
+        for entry in std::fs::read_dir(d).with_context(|| format!("reading config dir {}", d.display()))? {
+            let p = entry?.path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                config::validate_file(&p).map_err(|e| UsageError(e.to_string()))?;
+            }
+        }
+    }
+    let listener = Listener::bind(&path, mode)?;
+    let monitor = Monitor::new(MonitorOptions { config_dir: config_dir.clone(), overrides: Overrides::default(), keep_finished: 256 });
+    tracing::info!(socket = %path.display(), config_dir = ?config_dir, "uswap daemon listening");
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_stop as *const () as usize);
+        libc::signal(libc::SIGINT, on_stop as *const () as usize);
+    }
+    let m = Arc::clone(&monitor);
+    std::thread::spawn(move || {
+        while STOP.load(Ordering::Relaxed) == 0 {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        m.stop();
+    });
+    monitor.serve(&listener)?;
+    if monitor.live_clients() > 0 {
+        tracing::warn!(clients = monitor.live_clients(), "stopping with clients attached; they keep being served until they exit");
+        monitor.wait_idle(Duration::from_secs(u64::MAX / 4));
+    }
+    Ok(())
+}

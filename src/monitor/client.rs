@@ -1,0 +1,535 @@
+//! One client: a program that forwarded its userfaultfd. Owns its shared window, its page
+//! state, its store, and two threads:
+//!
+//! - the **control thread** (the connection's thread): reads the client's socket (region
+//!   snapshots, fork requests), runs the policy every tick (posting eviction batches to the
+//!   agent) and compresses cooled pages from the window into the store;
+//! - the **fault thread** ([`super::fault`]): reads the uffd, applies REMOVE/UNMAP/REMAP
+//!   events, processes the agent's batch completions, and serves every fault. It never waits
+//!   for the agent: a fault on a page the agent is still moving is parked until its batch
+//!   completes.
+//!
+//! Both take the client's [`State`] lock only for short state transitions (and the fault thread
+//! across the COPY/ZEROPAGE ioctl that makes a transition real, so no other transition can
+//! slip between a decision and the kernel acting on it).
+//!
+//! Must not: touch the program other than through its forwarded descriptor and the window.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use parking_lot::Mutex;
+use tracing::{debug, info, warn};
+
+use super::pages::{PageState, Pages};
+use super::regions::Regions;
+use super::stats::{ClientReport, Counters, Latency, Percentiles};
+use crate::config::ProgramConfig;
+use crate::policy::{ClockPolicy, PageClass, PageView, PolicyParams};
+use crate::protocol::io::{recv_packet, send_packet};
+use crate::protocol::shm::{self, Window};
+use crate::protocol::wire::{Msg, REGIONS_FIRST, REGIONS_LAST};
+use crate::store::{Store, StoreConfig};
+use crate::uffd::{sys, Uffd, UffdError};
+use crate::PAGE_SIZE;
+
+const PAGE_BYTES: u64 = PAGE_SIZE as u64;
+
+/// Everything mutable about a client, behind one lock.
+pub struct State {
+    pub pages: Pages,
+    pub store: Store,
+    pub regions: Regions,
+    pub policy: ClockPolicy,
+    /// Batches posted and not yet completed: (seq, slot per page in order).
+    pub inflight: std::collections::VecDeque<(u64, Vec<u32>)>,
+    pub next_seq: u64,
+    /// Eviction paused (fork in progress, or detaching).
+    pub paused: bool,
+}
+
+/// A mapped shared window; unmapped on drop.
+pub struct Mapping {
+    pub win: Window,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the window was mapped by `Client::new` with this base and length and no
+        // `Window` copy outlives the client (threads are joined first).
+        unsafe { libc::munmap(self.win.base().cast(), self.win.len_bytes()) };
+    }
+}
+
+pub struct Client {
+    pub id: u64,
+    pub pid: i32,
+    pub uid: u32,
+    pub name: String,
+    pub cfg: ProgramConfig,
+    pub uffd: Uffd,
+    pub mapping: Mapping,
+    pub req_efd: OwnedFd,
+    pub done_efd: OwnedFd,
+    /// Wakes the fault thread (shutdown, or a batch was posted).
+    pub cmd_efd: OwnedFd,
+    pub state: Mutex<State>,
+    pub counters: Counters,
+    pub latency: Latency,
+    pub closing: AtomicBool,
+    pub started: Instant,
+    pub last_rss_seq: AtomicU64,
+}
+
+fn eventfd() -> anyhow::Result<OwnedFd> {
+    // SAFETY: eventfd(2) with constant flags returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("eventfd");
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn signal(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: an 8-byte write to an eventfd.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+}
+
+pub fn drain(fd: RawFd) {
+    let mut v = 0u64;
+    // SAFETY: an 8-byte read from a non-blocking eventfd into a local.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+fn policy_params(cfg: &ProgramConfig) -> PolicyParams {
+    PolicyParams {
+        budget_bytes: cfg.budget_bytes,
+        cooling: cfg.cooling,
+        tick: cfg.tick,
+        max_evict_bytes_per_sec: cfg.max_evict_bytes_per_sec,
+        batch_pages: cfg.batch_pages.min(shm::MAX_BATCH_PAGES as u32),
+        run_pages: cfg.run_pages,
+        hot_ttl: cfg.hot_ttl,
+    }
+}
+
+impl Client {
+    /// Sets up the window for a client whose `Hello` was accepted. Returns the client and the
+    /// window memfd to send in the acknowledgement.
+    pub fn new(id: u64, pid: i32, uid: u32, name: String, cfg: ProgramConfig, uffd: Uffd) -> anyhow::Result<(Client, OwnedFd)> {
+        let slots = ((cfg.window_bytes as usize) / PAGE_SIZE).clamp(shm::MAX_BATCH_PAGES, super::pages::MAX_SLOTS);
+        let len = shm::window_len_bytes(slots);
+        // SAFETY: memfd_create with a static name and flags.
+        let memfd = unsafe { libc::memfd_create(c"uswap-window".as_ptr(), libc::MFD_CLOEXEC) };
+        if memfd < 0 {
+            return Err(std::io::Error::last_os_error()).context("memfd_create for the window");
+        }
+        // SAFETY: a fresh descriptor we own.
+        let memfd = unsafe { OwnedFd::from_raw_fd(memfd) };
+        // SAFETY: sizing our own memfd.
+        if unsafe { libc::ftruncate(memfd.as_raw_fd(), len as i64) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("sizing the window");
+        }
+        // SAFETY: a new shared mapping of our memfd at an address the kernel picks.
+        let base = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, memfd.as_raw_fd(), 0)
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mapping the window");
+        }
+        // SAFETY: `base` is a fresh page-aligned mapping of `len` bytes that `Mapping` unmaps
+        // only when the client is dropped.
+        let win = unsafe { Window::new(base.cast(), len) };
+        win.init();
+        let store = Store::new(StoreConfig { max_bytes: cfg.max_store_bytes });
+        let state = State {
+            pages: Pages::new(slots),
+            store,
+            regions: Regions::default(),
+            policy: ClockPolicy::new(policy_params(&cfg)),
+            inflight: Default::default(),
+            next_seq: 0,
+            paused: false,
+        };
+        let client = Client {
+            id,
+            pid,
+            uid,
+            name,
+            cfg,
+            uffd,
+            mapping: Mapping { win },
+            req_efd: eventfd()?,
+            done_efd: eventfd()?,
+            cmd_efd: eventfd()?,
+            state: Mutex::new(state),
+            counters: Counters::default(),
+            latency: Latency::default(),
+            closing: AtomicBool::new(false),
+            started: Instant::now(),
+            last_rss_seq: AtomicU64::new(0),
+        };
+        Ok((client, memfd))
+    }
+
+    pub fn win(&self) -> &Window {
+        &self.mapping.win
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn request_agent(&self, bits: u32) {
+        self.win().requests().fetch_or(bits, Ordering::AcqRel);
+        signal(self.req_efd.as_raw_fd());
+    }
+
+    /// The control loop: socket messages, policy ticks, compression. Returns when the client
+    /// disconnects (exit, exec) or misbehaves.
+    pub fn control_loop(self: &Arc<Self>, sock: RawFd) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; crate::protocol::wire::MAX_MSG_LEN];
+        let tick = self.cfg.tick;
+        let mut next_tick = Instant::now();
+        let mut last_rescan = Instant::now();
+        self.request_agent(shm::REQ_RESCAN | shm::REQ_RSS);
+        loop {
+            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 };
+            // SAFETY: polling one pollfd on our stack.
+            let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+            if rc > 0 {
+                let Some(got) = recv_packet(sock, &mut buf, libc::MSG_DONTWAIT).context("reading the client's socket")? else {
+                    return Ok(()); // end of stream: the program exited or exec'd
+                };
+                if got.fd_count() > 0 {
+                    bail!("client sent descriptors after the handshake");
+                }
+                let msg = Msg::decode(&buf[..got.len]).context("malformed message from the client")?;
+                self.handle_msg(sock, msg)?;
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + tick;
+                if last_rescan.elapsed() >= Duration::from_millis(500) {
+                    last_rescan = Instant::now();
+                    self.request_agent(shm::REQ_RESCAN);
+                }
+                self.tick();
+            }
+        }
+    }
+
+    fn handle_msg(self: &Arc<Self>, sock: RawFd, msg: Msg<'_>) -> anyhow::Result<()> {
+        match msg {
+            Msg::Regions(r) => {
+                let mut st = self.state.lock();
+                let done = st.regions.feed(r.snapshot, r.flags & REGIONS_FIRST != 0, r.flags & REGIONS_LAST != 0, r.iter(), self.cfg.min_region_bytes);
+                if done {
+                    debug!(client = self.id, managed_bytes = st.regions.managed_bytes(), "region snapshot");
+                }
+            }
+            Msg::ForkPrepare => {
+                let (status, restored) = match self.bring_all_home() {
+                    Ok(n) => (0, n),
+                    Err(e) => {
+                        warn!(client = self.id, "bringing pages home before fork failed: {e:#}");
+                        (libc::EIO, 0)
+                    }
+                };
+                let mut out = [0u8; 64];
+                let n = Msg::ForkReady { status, pages_restored: restored }.encode(&mut out)?;
+                send_packet(sock, &out[..n], &[]).context("answering ForkPrepare")?;
+            }
+            Msg::ForkDone { .. } => {
+                self.state.lock().paused = false;
+            }
+            Msg::Bye { .. } => {}
+            other => bail!("unexpected message kind {} after the handshake", other.kind()),
+        }
+        Ok(())
+    }
+
+    /// Pauses eviction, waits for in-flight batches, and copies every evicted page back into
+    /// the program. Eviction stays paused until `ForkDone`.
+    fn bring_all_home(&self) -> anyhow::Result<u64> {
+        self.state.lock().paused = true;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.state.lock().inflight.is_empty() {
+            if Instant::now() > deadline {
+                bail!("the agent did not finish its batches within 30 s");
+            }
+            signal(self.req_efd.as_raw_fd());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut restored = 0;
+        let mut page = vec![0u8; PAGE_SIZE];
+        loop {
+            let mut st = self.state.lock();
+            let evicted = st.pages.evicted_pages();
+            if evicted.is_empty() {
+                return Ok(restored);
+            }
+            let mut retry = false;
+            for (addr, s) in evicted {
+                let src: *const u8 = match s {
+                    PageState::Window { slot, .. } => self.win().slot_ptr(slot as usize),
+                    PageState::Stored(h) => {
+                        let p: &mut [u8; PAGE_SIZE] = (&mut page[..]).try_into().expect("one page");
+                        st.store.get(h, p).context("reading a stored page back")?;
+                        page.as_ptr()
+                    }
+                    _ => continue,
+                };
+                match self.uffd.copy(addr, src, PAGE_BYTES, false) {
+                    Ok(_) | Err(UffdError::Exists { .. }) => {}
+                    Err(UffdError::Retry { .. }) => {
+                        retry = true;
+                        break;
+                    }
+                    Err(UffdError::TargetGone { .. }) => bail!("the program is gone"),
+                    Err(e) => {
+                        // Not mapped any more: the UNMAP event will drop it.
+                        debug!(client = self.id, addr, "restore before fork: {e}");
+                        continue;
+                    }
+                }
+                if let super::pages::Released::Blob(h) = st.pages.faulted_in(addr, self.now_ms()) {
+                    st.store.remove(h);
+                }
+                restored += 1;
+                Counters::add(&self.counters.pages_restored, 1);
+            }
+            drop(st);
+            if retry {
+                // An event is queued: the fault thread reads it; try again shortly.
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    }
+
+    /// One policy tick: trial-evict what the budget asks for, compress what has cooled.
+    fn tick(&self) {
+        let win = self.win();
+        // Fresh RSS figure for the next tick.
+        self.request_agent(shm::REQ_RSS);
+        let rss_seq = win.rss_seq().load(Ordering::Acquire);
+        let rss = win.rss_anon_bytes().load(Ordering::Relaxed);
+        if rss_seq != self.last_rss_seq.swap(rss_seq, Ordering::Relaxed) {
+            self.counters.rss_anon_bytes.store(rss, Ordering::Relaxed);
+            self.counters.peak_rss_anon_bytes.fetch_max(rss, Ordering::Relaxed);
+        }
+        self.compress_cooled();
+        if self.cfg.budget_bytes.is_some() {
+            self.evict(rss);
+        }
+        self.counters.agent_busy_ns.store(win.agent_busy_ns().load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    fn evict(&self, rss: u64) {
+        let win = self.win();
+        let mut st = self.state.lock();
+        if st.paused || st.inflight.len() >= shm::RING_LEN {
+            return;
+        }
+        let inflight_pages = st.pages.counts().moving;
+        let mut want = st.policy.eviction_target_pages(rss, inflight_pages);
+        let batch_pages = (self.cfg.batch_pages as usize).min(shm::MAX_BATCH_PAGES);
+        let now_ms = self.now_ms();
+        while want > 0 && st.inflight.len() < shm::RING_LEN {
+            let free = st.pages.free_slot_count() as u64;
+            let chunk = want.min(batch_pages as u64).min(free);
+            if chunk == 0 {
+                break;
+            }
+            let regions = st.regions.managed();
+            if regions.is_empty() {
+                break;
+            }
+            let st_ref = &mut *st;
+            let mut view = View { pages: &mut st_ref.pages };
+            let runs = st_ref.policy.sweep(now_ms, &regions, &mut view, chunk, chunk * 16 + 4096);
+            if runs.is_empty() {
+                break;
+            }
+            let seq = st.next_seq;
+            let mut desc_runs: Vec<shm::Run> = Vec::new();
+            let mut slots_in_order = Vec::new();
+            for run in runs {
+                let Some(region) = st.regions.containing(run.addr) else { continue };
+                if !st.regions.is_registered(&region) {
+                    match self.uffd.register(region.start, region.end - region.start, sys::UFFDIO_REGISTER_MODE_MISSING) {
+                        Ok(_) => st.regions.mark_registered(region.clone()),
+                        Err(e) => {
+                            debug!(client = self.id, start = region.start, end = region.end, "register refused: {e}");
+                            Counters::add(&self.counters.register_errors, 1);
+                            st.regions.drop_range(&region);
+                            continue;
+                        }
+                    }
+                }
+                // Split the run where its slots stop being contiguous.
+                for i in 0..run.pages as u64 {
+                    if desc_runs.len() >= shm::MAX_RUNS && desc_runs.last().is_none_or(|r: &shm::Run| r.pages == 0) {
+                        break;
+                    }
+                    let addr = run.addr + i * PAGE_BYTES;
+                    let Some(slot) = st.pages.begin_evict(addr, seq) else { continue };
+                    let extend = desc_runs.last().is_some_and(|r| {
+                        r.addr + r.pages as u64 * PAGE_BYTES == addr && r.first_slot + r.pages == slot
+                    });
+                    if extend {
+                        desc_runs.last_mut().expect("checked").pages += 1;
+                    } else if desc_runs.len() < shm::MAX_RUNS {
+                        desc_runs.push(shm::Run { addr, pages: 1, first_slot: slot });
+                    } else {
+                        // Out of run descriptors: give the page back.
+                        st.pages.release_slot_if(slot, seq);
+                        continue;
+                    }
+                    slots_in_order.push(slot);
+                }
+            }
+            if desc_runs.is_empty() {
+                break;
+            }
+            let posted = slots_in_order.len() as u64;
+            win.desc(seq).write(seq, win.epoch().load(Ordering::Acquire), &desc_runs);
+            st.next_seq = seq + 1;
+            st.inflight.push_back((seq, slots_in_order));
+            win.post_seq().store(seq + 1, Ordering::Release);
+            Counters::add(&self.counters.pages_posted, posted);
+            Counters::add(&self.counters.batches, 1);
+            want = want.saturating_sub(posted);
+        }
+        drop(st);
+        signal(self.req_efd.as_raw_fd());
+    }
+
+    /// Compresses pages that have cooled in the window (or must leave it under pressure).
+    fn compress_cooled(&self) {
+        let now_ms = self.now_ms();
+        let cooling_ms = self.cfg.cooling.as_millis() as u64;
+        let mut todo = Vec::new();
+        {
+            let mut st = self.state.lock();
+            let min_free = st.pages.slot_count() / 4;
+            st.pages.pop_cooled(now_ms.saturating_sub(cooling_ms), min_free.max(shm::MAX_BATCH_PAGES), 8192, &mut todo);
+        }
+        if todo.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let mut scratch = Vec::new();
+        let mut encoded: Vec<(u32, u64, crate::store::Handle)> = Vec::new();
+        for chunk in todo.chunks(256) {
+            let mut st = self.state.lock();
+            for &(_addr, slot, gen) in chunk {
+                // The slot is stable: only this thread reuses slots, and a fault that takes the
+                // page back only frees it.
+                // SAFETY: the slot pointer is inside the window mapping, valid for PAGE_SIZE bytes.
+                let page: &[u8; PAGE_SIZE] = unsafe { &*(self.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) };
+                let enc = crate::store::encode(page, &mut scratch);
+                match st.store.insert(enc, page) {
+                    Ok(h) => encoded.push((slot, gen, h)),
+                    Err(crate::store::StoreError::Full) => {
+                        Counters::add(&self.counters.pages_store_full, 1);
+                        st.pages.requeue(slot, gen, now_ms);
+                    }
+                    Err(e) => warn!(client = self.id, "store insert failed: {e}"),
+                }
+            }
+            for (slot, gen, h) in encoded.drain(..) {
+                match st.pages.commit_stored(slot, gen, h) {
+                    Ok(()) => Counters::add(&self.counters.pages_compressed, 1),
+                    Err(h) => st.store.remove(h),
+                }
+            }
+        }
+        Counters::add(&self.counters.compress_ns, t0.elapsed().as_nanos() as u64);
+    }
+
+    pub fn report(&self, alive: bool) -> ClientReport {
+        let st = self.state.lock();
+        let counts = st.pages.counts();
+        let store = st.store.stats();
+        let stored = store.pages();
+        let c = &self.counters;
+        let g = Counters::get;
+        ClientReport {
+            id: self.id,
+            pid: self.pid,
+            uid: self.uid,
+            name: self.name.clone(),
+            alive,
+            backend: "stock (agent moves)",
+            budget_bytes: self.cfg.budget_bytes,
+            rss_anon_bytes: g(&c.rss_anon_bytes),
+            peak_rss_anon_bytes: g(&c.peak_rss_anon_bytes),
+            managed_bytes: st.regions.managed_bytes(),
+            pages_in_flight: counts.moving,
+            pages_in_window: counts.window,
+            pages_stored: counts.stored,
+            window_bytes: (st.pages.slot_count() * PAGE_SIZE) as u64,
+            faults: g(&c.faults),
+            faults_zero: g(&c.faults_zero),
+            faults_window: g(&c.faults_window),
+            faults_store: g(&c.faults_store),
+            faults_waited: g(&c.faults_waited),
+            faults_retried: g(&c.faults_retried),
+            pages_posted: g(&c.pages_posted),
+            pages_evicted: g(&c.pages_moved),
+            pages_restored: g(&c.pages_restored),
+            pages_prefetched: g(&c.pages_prefetched),
+            pages_holes: g(&c.pages_holes),
+            pages_unevictable: g(&c.pages_busy),
+            pages_failed: g(&c.pages_failed),
+            pages_cancelled: g(&c.pages_cancelled),
+            pages_discarded: g(&c.pages_discarded),
+            pages_compressed: g(&c.pages_compressed),
+            pages_store_full: g(&c.pages_store_full),
+            events_remove: g(&c.events_remove),
+            events_unmap: g(&c.events_unmap),
+            events_remap: g(&c.events_remap),
+            compression_ratio: store.effective_ratio(),
+            metadata_bytes_per_stored_page: if stored == 0 {
+                0.0
+            } else {
+                (st.pages.metadata_bytes() + store.metadata_bytes) as f64 / stored as f64
+            },
+            fault_latency: Percentiles::of(&self.latency.fault_ns.lock()),
+            agent_wait_latency: Percentiles::of(&self.latency.wait_ns.lock()),
+            monitor_compress_cpu_s: g(&c.compress_ns) as f64 / 1e9,
+            monitor_fault_cpu_s: g(&c.fault_service_ns) as f64 / 1e9,
+            agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
+            store,
+        }
+    }
+
+    pub fn log_summary(&self) {
+        let r = self.report(false);
+        info!(client = self.id, name = %self.name, evicted = r.pages_evicted, restored = r.pages_restored, faults = r.faults, "client detached");
+    }
+}
+
+/// The clock hand's view of the page map.
+struct View<'a> {
+    pages: &'a mut Pages,
+}
+
+impl PageView for View<'_> {
+    fn class(&self, page_addr: u64) -> PageClass {
+        match self.pages.state(page_addr) {
+            PageState::Absent { hot_since_ms: None } => PageClass::Candidate,
+            PageState::Absent { hot_since_ms: Some(ms) } => PageClass::Hot { since_ms: ms },
+            _ => PageClass::Busy,
+        }
+    }
+    fn clear_hot(&mut self, page_addr: u64) {
+        self.pages.clear_hot(page_addr);
+    }
+}

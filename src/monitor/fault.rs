@@ -1,0 +1,319 @@
+//! The fault thread of one client: the only reader of its userfaultfd.
+//!
+//! Order of work in each round (the order matters):
+//! 1. `read_begin += 1`, read every queued message, apply every REMOVE/UNMAP/REMAP first (in
+//!    the order read) and log it in the window for the agent, then `read_end = read_begin`.
+//!    Applying discards before serving the faults read with them means a fault on a page that
+//!    was discarded in the same read gets zeros, which is what the program asked for.
+//! 2. Process the agent's completed batches (pages enter the window, or go back to `Absent`).
+//! 3. Serve faults: new ones, ones parked on a batch that has now completed, and ones whose
+//!    COPY failed with EAGAIN (a REMOVE/UNMAP/REMAP was queued; step 1 of the next round reads
+//!    it, then the copy is retried).
+//!
+//! It never blocks on the agent: it only polls the uffd, the agent's done eventfd and its own
+//! command eventfd.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tracing::{debug, warn};
+
+use super::client::{drain, Client};
+use super::pages::{FaultPlan, PageState, Released};
+use super::stats::Counters;
+use crate::protocol::shm;
+use crate::uffd::{sys, Event, UffdError};
+use crate::PAGE_SIZE;
+
+const PAGE_BYTES: u64 = PAGE_SIZE as u64;
+const MSGS_PER_READ: usize = 64;
+
+struct Pending {
+    addr: u64,
+    since: Instant,
+    /// Set when parked on a batch.
+    waited: bool,
+}
+
+/// Runs until the client goes away. Returns why.
+pub fn run(client: Arc<Client>) -> &'static str {
+    let win = client.win();
+    let uffd_fd = client.uffd.as_raw_fd();
+    let done_fd = client.done_efd.as_raw_fd();
+    let cmd_fd = client.cmd_efd.as_raw_fd();
+    let mut raw = [sys::UffdMsg::default(); MSGS_PER_READ];
+    let mut events = [Event::Unknown; MSGS_PER_READ];
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut buf = vec![0u8; PAGE_SIZE * (1 + client.cfg.prefetch_pages as usize)];
+    loop {
+        if client.closing.load(Ordering::Acquire) {
+            return "closing";
+        }
+        let timeout_ms = if pending.is_empty() { 200 } else { 1 };
+        let mut pfds = [
+            libc::pollfd { fd: uffd_fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: done_fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd { fd: cmd_fd, events: libc::POLLIN, revents: 0 },
+        ];
+        // SAFETY: polling three pollfds on our stack.
+        unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout_ms) };
+        if pfds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            return "userfaultfd closed";
+        }
+        if pfds[2].revents & libc::POLLIN != 0 {
+            drain(cmd_fd);
+        }
+        // 1. Events.
+        if pfds[0].revents & libc::POLLIN != 0 {
+            loop {
+                win.read_begin().fetch_add(1, Ordering::SeqCst);
+                let n = match client.uffd.read_events(&mut raw, &mut events) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        win.read_end().store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
+                        warn!(client = client.id, "reading the userfaultfd: {e}");
+                        return "userfaultfd read failed";
+                    }
+                };
+                let t_read = Instant::now();
+                apply_events(&client, &events[..n]);
+                win.read_end().store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
+                for ev in &events[..n] {
+                    if let Event::Pagefault { addr, .. } = *ev {
+                        Counters::add(&client.counters.faults, 1);
+                        pending.push(Pending { addr, since: t_read, waited: false });
+                    }
+                }
+                if n < MSGS_PER_READ {
+                    break;
+                }
+            }
+        }
+        // 2. Completions.
+        if pfds[1].revents & libc::POLLIN != 0 || !pending.is_empty() {
+            drain(done_fd);
+            complete_batches(&client);
+        }
+        // 3. Faults.
+        if !pending.is_empty() {
+            let mut still = Vec::new();
+            for p in pending.drain(..) {
+                match serve(&client, p.addr, &mut buf) {
+                    Served::Done => {
+                        let ns = p.since.elapsed().as_nanos() as u64;
+                        client.latency.record_fault(ns);
+                        Counters::add(&client.counters.fault_service_ns, ns);
+                        if p.waited {
+                            client.latency.record_wait(ns);
+                        }
+                    }
+                    Served::Wait => {
+                        if !p.waited {
+                            Counters::add(&client.counters.faults_waited, 1);
+                        }
+                        still.push(Pending { waited: true, ..p });
+                        super::client::signal(client.req_efd.as_raw_fd());
+                    }
+                    Served::Retry => {
+                        Counters::add(&client.counters.faults_retried, 1);
+                        still.push(p);
+                    }
+                    Served::Gone => return "the program is gone",
+                }
+            }
+            pending = still;
+        }
+    }
+}
+
+fn apply_events(client: &Client, events: &[Event]) {
+    let win = client.win();
+    let mut st = None;
+    for ev in events {
+        let (start, end) = match *ev {
+            Event::Remove { start, end } => {
+                Counters::add(&client.counters.events_remove, 1);
+                (start, end)
+            }
+            Event::Unmap { start, end } => {
+                Counters::add(&client.counters.events_unmap, 1);
+                (start, end)
+            }
+            Event::Remap { from, to, len } => {
+                Counters::add(&client.counters.events_remap, 1);
+                win.log_event(from, from + len);
+                win.log_event(to, to + len);
+                let st = st.get_or_insert_with(|| client.state.lock());
+                let st = &mut **st;
+                st.regions.forget(from, from + len);
+                st.regions.forget(to, to + len);
+                let store = &mut st.store;
+                st.pages.remap(from, to, len, |h| store.remove(h));
+                continue;
+            }
+            _ => continue,
+        };
+        let st = st.get_or_insert_with(|| client.state.lock());
+        let st = &mut **st;
+        // The agent's own staging cleanup raises REMOVE events too; they touch nothing of the
+        // program and are not logged (they would only age the agent's event log).
+        if st.regions.is_excluded(start, end) {
+            continue;
+        }
+        win.log_event(start, end);
+        if matches!(ev, Event::Unmap { .. }) {
+            st.regions.forget(start, end);
+        }
+        let store = &mut st.store;
+        st.pages.discard_range(start, end, |h| store.remove(h));
+    }
+}
+
+fn complete_batches(client: &Client) {
+    let win = client.win();
+    let done = win.done_seq().load(Ordering::Acquire);
+    let mut st = client.state.lock();
+    let now_ms = client.now_ms();
+    while let Some((seq, _)) = st.inflight.front() {
+        let seq = *seq;
+        if seq >= done {
+            break;
+        }
+        let (_, slots) = st.inflight.pop_front().expect("front exists");
+        let desc = win.desc(seq);
+        let c = &client.counters;
+        for (i, slot) in slots.iter().enumerate() {
+            let r = if desc.seq() == seq { desc.result(i) } else { shm::RESULT_FAILED };
+            let moved = r == shm::RESULT_MOVED;
+            match r {
+                shm::RESULT_MOVED => Counters::add(&c.pages_moved, 1),
+                shm::RESULT_HOLE => Counters::add(&c.pages_holes, 1),
+                shm::RESULT_BUSY => Counters::add(&c.pages_busy, 1),
+                shm::RESULT_CANCELLED => Counters::add(&c.pages_cancelled, 1),
+                shm::RESULT_DISCARDED => Counters::add(&c.pages_discarded, 1),
+                _ => Counters::add(&c.pages_failed, 1),
+            }
+            st.pages.complete(*slot, seq, moved, now_ms, r == shm::RESULT_BUSY);
+        }
+    }
+}
+
+enum Served {
+    Done,
+    Wait,
+    Retry,
+    Gone,
+}
+
+fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
+    let mut st = client.state.lock();
+    let region_end = st.regions.containing(addr).map_or(addr + PAGE_BYTES, |r| r.end);
+    let plan = st.pages.plan_fault(addr, client.cfg.fill_ahead_pages as u64, region_end);
+    let c = &client.counters;
+    let result = match plan {
+        FaultPlan::Wait { .. } => return Served::Wait,
+        FaultPlan::Zero { pages } => {
+            Counters::add(&c.faults_zero, 1);
+            match client.uffd.zeropage(addr, pages * PAGE_BYTES, false) {
+                Ok(n) => {
+                    Counters::add(&c.zero_pages_filled, n / PAGE_BYTES);
+                    Ok(())
+                }
+                // Part done, then a present page: the faulting page itself was zeroed if any
+                // progress was made; if not, it is present already. Wake either way.
+                Err(UffdError::Exists { .. }) => client.uffd.wake(addr, PAGE_BYTES).map(|_| ()),
+                Err(e) => Err(e),
+            }
+        }
+        FaultPlan::FromWindow { .. } | FaultPlan::FromStore(_) => {
+            // Gather the faulting page and the evicted pages right after it into `buf`.
+            let max_pages = (buf.len() / PAGE_SIZE) as u64;
+            let mut n = 0u64;
+            while n < max_pages {
+                let a = addr + n * PAGE_BYTES;
+                if n > 0 && a >= region_end {
+                    break;
+                }
+                let dst: &mut [u8; PAGE_SIZE] = (&mut buf[n as usize * PAGE_SIZE..(n as usize + 1) * PAGE_SIZE]).try_into().expect("one page");
+                match st.pages.state(a) {
+                    PageState::Window { slot, .. } => {
+                        // SAFETY: the slot lies inside the window mapping; the page is ours to
+                        // read while we hold the lock (the slot cannot be reused meanwhile).
+                        let src = unsafe { &*(client.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) };
+                        dst.copy_from_slice(src);
+                    }
+                    PageState::Stored(h) => {
+                        if let Err(e) = st.store.get(h, dst) {
+                            // Corrupt store entry: never hand out wrong bytes. Leave the page
+                            // evicted and stop serving this client (fail closed).
+                            warn!(client = client.id, addr = a, "stored page unreadable: {e}");
+                            if n == 0 {
+                                return Served::Gone;
+                            }
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+                n += 1;
+            }
+            if matches!(plan, FaultPlan::FromWindow { .. }) {
+                Counters::add(&c.faults_window, 1);
+            } else {
+                Counters::add(&c.faults_store, 1);
+            }
+            match client.uffd.copy(addr, buf.as_ptr(), n * PAGE_BYTES, false) {
+                Ok(done) => {
+                    finish(client, &mut st, addr, done / PAGE_BYTES);
+                    Ok(())
+                }
+                Err(UffdError::Exists { done_bytes, .. }) => {
+                    // Some page in the run is present already (served by a concurrent path):
+                    // keep the ones copied, leave the rest as they are.
+                    finish(client, &mut st, addr, done_bytes / PAGE_BYTES);
+                    client.uffd.wake(addr, PAGE_BYTES).map(|_| ())
+                }
+                Err(UffdError::Retry { done_bytes, .. }) if done_bytes > 0 => {
+                    finish(client, &mut st, addr, done_bytes / PAGE_BYTES);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(()) => Served::Done,
+        Err(UffdError::Retry { .. }) => Served::Retry,
+        Err(UffdError::TargetGone { .. }) => Served::Gone,
+        Err(e) => {
+            // The range is not mapped or not registered any more (an UNMAP is on its way):
+            // release the faulting thread; if it touches the address again it faults anew.
+            debug!(client = client.id, addr, "fault service: {e}");
+            let _ = client.uffd.wake(addr, PAGE_BYTES);
+            Served::Done
+        }
+    }
+}
+
+/// `pages` pages from `addr` are back in the program.
+fn finish(client: &Client, st: &mut super::client::State, addr: u64, pages: u64) {
+    let now = client.now_ms();
+    for i in 0..pages {
+        let a = addr + i * PAGE_BYTES;
+        let released = if i == 0 {
+            st.pages.faulted_in(a, now)
+        } else {
+            // Prefetched, not touched: not hot.
+            let r = st.pages.faulted_in(a, now);
+            st.pages.clear_hot(a);
+            r
+        };
+        if let Released::Blob(h) = released {
+            st.store.remove(h);
+        }
+    }
+    Counters::add(&client.counters.pages_restored, pages);
+    Counters::add(&client.counters.pages_prefetched, pages.saturating_sub(1));
+}

@@ -1,0 +1,155 @@
+//! The client's address-space picture: managed anonymous regions minus excluded ranges, as
+//! reported by the shim's snapshots, and which of them are registered with the descriptor.
+//!
+//! Owns: range arithmetic. Must not: issue syscalls (registration is done by the caller).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use crate::protocol::wire::{RegionEntry, REGION_EXCLUDED, REGION_MANAGED};
+
+#[derive(Debug, Default)]
+pub struct Regions {
+    /// Managed ranges (start → end), excluded parts already cut out, sorted, disjoint.
+    managed: BTreeMap<u64, u64>,
+    /// Ranges registered with the client's uffd (start → end).
+    registered: BTreeMap<u64, u64>,
+    /// Ranges never to evict.
+    excluded: Vec<Range<u64>>,
+    /// Snapshot being received.
+    pending: Vec<RegionEntry>,
+    pending_snapshot: Option<u32>,
+    pub snapshots: u64,
+}
+
+fn subtract(r: Range<u64>, cuts: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = vec![r];
+    for c in cuts {
+        let mut next = Vec::new();
+        for p in out {
+            if c.end <= p.start || p.end <= c.start {
+                next.push(p);
+                continue;
+            }
+            if p.start < c.start {
+                next.push(p.start..c.start);
+            }
+            if c.end < p.end {
+                next.push(c.end..p.end);
+            }
+        }
+        out = next;
+    }
+    out
+}
+
+impl Regions {
+    /// Feeds one `Regions` packet. Returns true when a snapshot completed.
+    pub fn feed(&mut self, snapshot: u32, first: bool, last: bool, entries: impl Iterator<Item = RegionEntry>, min_region_bytes: u64) -> bool {
+        if first {
+            self.pending.clear();
+            self.pending_snapshot = Some(snapshot);
+        }
+        if self.pending_snapshot != Some(snapshot) {
+            return false; // a chunk of a snapshot whose start we missed: ignore it
+        }
+        self.pending.extend(entries);
+        if !last {
+            return false;
+        }
+        self.pending_snapshot = None;
+        let excluded: Vec<Range<u64>> =
+            self.pending.iter().filter(|e| e.flags & REGION_EXCLUDED != 0).map(|e| e.start..e.start + e.len_bytes).collect();
+        let mut managed = BTreeMap::new();
+        for e in self.pending.iter().filter(|e| e.flags == REGION_MANAGED) {
+            for r in subtract(e.start..e.start + e.len_bytes, &excluded) {
+                if r.end - r.start >= min_region_bytes {
+                    managed.insert(r.start, r.end);
+                }
+            }
+        }
+        // Registrations that no longer match a managed range are forgotten (the kernel drops
+        // them on unmap; a stale entry would only cost a redundant register call).
+        self.registered.retain(|s, e| managed.get(s) == Some(e));
+        self.managed = managed;
+        self.excluded = excluded;
+        self.pending.clear();
+        self.snapshots += 1;
+        true
+    }
+
+    pub fn managed(&self) -> Vec<Range<u64>> {
+        self.managed.iter().map(|(s, e)| *s..*e).collect()
+    }
+
+    pub fn managed_bytes(&self) -> u64 {
+        self.managed.iter().map(|(s, e)| e - s).sum()
+    }
+
+    /// The managed range containing `addr`.
+    pub fn containing(&self, addr: u64) -> Option<Range<u64>> {
+        let (s, e) = self.managed.range(..=addr).next_back()?;
+        (addr < *e).then_some(*s..*e)
+    }
+
+    pub fn is_registered(&self, r: &Range<u64>) -> bool {
+        self.registered.get(&r.start) == Some(&r.end)
+    }
+
+    pub fn mark_registered(&mut self, r: Range<u64>) {
+        self.registered.insert(r.start, r.end);
+    }
+
+    /// A range the kernel refused to register: stop managing it until the next snapshot.
+    pub fn drop_range(&mut self, r: &Range<u64>) {
+        self.managed.remove(&r.start);
+        self.registered.remove(&r.start);
+    }
+
+    /// UNMAP/REMAP of `[start, end)`: the ranges that overlap it are gone until the next
+    /// snapshot says otherwise.
+    pub fn forget(&mut self, start: u64, end: u64) {
+        let gone: Vec<u64> = self.managed.range(..end).filter(|(s, e)| **s < end && start < **e).map(|(s, _)| *s).collect();
+        for s in gone {
+            self.managed.remove(&s);
+            self.registered.remove(&s);
+        }
+    }
+
+    pub fn is_excluded(&self, start: u64, end: u64) -> bool {
+        self.excluded.iter().any(|r| r.start <= start && end <= r.end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(start: u64, len: u64, flags: u64) -> RegionEntry {
+        RegionEntry { start, len_bytes: len, flags }
+    }
+
+    #[test]
+    fn snapshot_subtracts_excluded_and_small_ranges() {
+        let mut r = Regions::default();
+        let entries = [e(0x10000, 0x100000, REGION_MANAGED), e(0x20000, 0x1000, REGION_EXCLUDED), e(0x500000, 0x1000, REGION_MANAGED)];
+        assert!(r.feed(1, true, true, entries.into_iter(), 0x2000));
+        assert_eq!(r.managed(), vec![0x21000..0x110000]);
+        assert!(r.is_excluded(0x20000, 0x21000));
+        assert_eq!(r.containing(0x30000), Some(0x21000..0x110000));
+        assert_eq!(r.containing(0x10000), None);
+    }
+
+    #[test]
+    fn chunks_of_a_snapshot_accumulate_and_strays_are_ignored() {
+        let mut r = Regions::default();
+        assert!(!r.feed(2, false, true, [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(), 0));
+        assert!(!r.feed(3, true, false, [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(), 0));
+        assert!(r.feed(3, false, true, [e(0x100000, 0x10000, REGION_MANAGED)].into_iter(), 0));
+        assert_eq!(r.managed().len(), 2);
+        r.mark_registered(0x1000..0x11000);
+        r.forget(0x2000, 0x3000);
+        assert_eq!(r.managed(), vec![0x100000..0x110000]);
+        assert!(!r.is_registered(&(0x1000..0x11000)));
+    }
+}
