@@ -554,7 +554,7 @@ fn cmd_fill_verify(o: &Opts) -> Result<String, String> {
             let w = m.words_mut();
             let mut n = 0;
             for (i, v) in vers.iter_mut().enumerate() {
-                if (i as u64 + round) % 2 == 0 {
+                if (i as u64 + round) & 1 == 0 {
                     *v += 1;
                     fill_page(&mut w[i * WORDS..(i + 1) * WORDS], i as u64, *v);
                     n += 1;
@@ -1063,7 +1063,7 @@ fn cmd_pin(o: &Opts) -> Result<String, String> {
         }
         pinned += n as usize;
         vi = pinned / PAGE;
-        if pinned % PAGE != 0 {
+        if pinned & (PAGE - 1) != 0 {
             break;
         }
     }
