@@ -366,15 +366,18 @@ fn send_snapshot_locked(snapshot: u32) -> bool {
         let packet = b.finish(snapshot, flags);
         send_packet(sock, packet, &[]).is_ok()
     };
+    // Our own ranges first, always: the kernel may have merged them with a neighbour, so the
+    // monitor subtracts them from whatever managed region contains them.
+    for (start, len) in own {
+        builder.push(RegionEntry { start, len_bytes: len, flags: REGION_EXCLUDED });
+    }
     let scanned = maps::for_each_mapping(maps_buf, |m| {
         if !ok {
             return;
         }
         let len = m.end - m.start;
-        let is_own = own.iter().any(|(a, l)| *a == m.start && *l == len)
-            || (m.start <= shim_addr && shim_addr < m.end)
-            || (m.start <= shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end);
-        let flags = if is_own && m.writable && m.private {
+        let holds_shim = m.start < shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end;
+        let flags = if holds_shim && m.writable && m.private {
             REGION_EXCLUDED
         } else if m.is_manageable() {
             REGION_MANAGED

@@ -183,7 +183,9 @@ fn init() -> Result<(), &'static str> {
     if stack == 0 || staging == 0 || scratch == 0 {
         return Err("cannot map the agent's memory");
     }
-    for (a, l) in [(stack, AGENT_STACK_BYTES), (staging, staging_len), (scratch, SCRATCH_BYTES)] {
+    // Staging and scratch do not follow a fork. The agent's stack must: glibc keeps the
+    // agent's thread descriptor at its top and walks every thread descriptor in the child.
+    for (a, l) in [(staging, staging_len), (scratch, SCRATCH_BYTES)] {
         // SAFETY: advising our own fresh mappings.
         unsafe { libc::madvise(a as *mut _, l, libc::MADV_DONTFORK) };
     }

@@ -120,22 +120,19 @@ fn print_summary(r: &ClientReport, wall: Duration) {
         r.pages_unevictable
     );
     eprintln!(
-        "  store         {} pages now, {} in -> {} held, compression ratio {:.2}",
+        "  store         {} compressed to {} (ratio {:.2}); at exit {} pages held in {}",
+        mib(r.compressed_bytes_in),
+        mib(r.compressed_bytes_out),
+        r.compression_ratio,
         st.pages_same_filled + st.pages_lz4 + st.pages_raw,
-        mib(st.bytes_in),
-        mib(held),
-        r.compression_ratio
+        mib(held)
     );
     eprintln!(
         "  faults        {} (fresh {}, window {}, store {}), service p50 {:.1} us, p99 {:.1} us",
         r.faults, r.faults_zero, r.faults_window, r.faults_store, r.fault_latency.p50_us, r.fault_latency.p99_us
     );
-    if r.peak_rss_anon_bytes > r.rss_anon_bytes {
-        eprintln!(
-            "  memory saved  {} of program memory held in {} by uswap",
-            mib(r.pages_evicted.saturating_sub(r.pages_restored) * 4096),
-            mib(held)
-        );
+    if let Some(saved) = r.saved_at_peak_bytes() {
+        eprintln!("  memory saved  {} at the deepest point (program memory out of RAM minus what uswap held for it)", mib(saved));
     }
 }
 

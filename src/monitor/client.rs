@@ -324,6 +324,14 @@ impl Client {
             self.counters.peak_rss_anon_bytes.fetch_max(rss, Ordering::Relaxed);
         }
         self.compress_cooled();
+        {
+            let st = self.state.lock();
+            let c = st.pages.counts();
+            let out_of_ram = (c.window + c.stored) * PAGE_BYTES;
+            let stats = st.store.stats();
+            let held = c.window * PAGE_BYTES + stats.slab_bytes_mapped + stats.metadata_bytes + st.pages.metadata_bytes();
+            self.counters.peak_saved_bytes.fetch_max(out_of_ram.saturating_sub(held), Ordering::Relaxed);
+        }
         if self.cfg.budget_bytes.is_some() {
             self.evict(rss);
         }
@@ -434,8 +442,17 @@ impl Client {
                 // SAFETY: the slot pointer is inside the window mapping, valid for PAGE_SIZE bytes.
                 let page: &[u8; PAGE_SIZE] = unsafe { &*(self.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) };
                 let enc = crate::store::encode(page, &mut scratch);
+                let out_len = match &enc {
+                    crate::store::Encoded::SameFilled(_) => 0,
+                    crate::store::Encoded::Lz4(b) => b.len() as u64,
+                    crate::store::Encoded::Raw => PAGE_BYTES,
+                };
                 match st.store.insert(enc, page) {
-                    Ok(h) => encoded.push((slot, gen, h)),
+                    Ok(h) => {
+                        encoded.push((slot, gen, h));
+                        Counters::add(&self.counters.compressed_bytes_in, PAGE_BYTES);
+                        Counters::add(&self.counters.compressed_bytes_out, out_len);
+                    }
                     Err(crate::store::StoreError::Full) => {
                         Counters::add(&self.counters.pages_store_full, 1);
                         st.pages.requeue(slot, gen, now_ms);
@@ -495,7 +512,13 @@ impl Client {
             events_remove: g(&c.events_remove),
             events_unmap: g(&c.events_unmap),
             events_remap: g(&c.events_remap),
-            compression_ratio: store.effective_ratio(),
+            compression_ratio: {
+                let (i, o) = (g(&c.compressed_bytes_in), g(&c.compressed_bytes_out));
+                if o == 0 { if i == 0 { 0.0 } else { f64::INFINITY.min(i as f64) } } else { i as f64 / o as f64 }
+            },
+            peak_saved_bytes: g(&c.peak_saved_bytes),
+            compressed_bytes_in: g(&c.compressed_bytes_in),
+            compressed_bytes_out: g(&c.compressed_bytes_out),
             metadata_bytes_per_stored_page: if stored == 0 {
                 0.0
             } else {

@@ -37,11 +37,16 @@ pub struct Counters {
     pub events_unmap: AtomicU64,
     pub events_remap: AtomicU64,
     pub compress_ns: AtomicU64,
+    /// Bytes given to the compressor and bytes it kept (cumulative).
+    pub compressed_bytes_in: AtomicU64,
+    pub compressed_bytes_out: AtomicU64,
     pub fault_service_ns: AtomicU64,
     pub register_errors: AtomicU64,
     pub rss_anon_bytes: AtomicU64,
     pub peak_rss_anon_bytes: AtomicU64,
     pub agent_busy_ns: AtomicU64,
+    /// Largest (evicted bytes - bytes uswap held for them) seen at a tick.
+    pub peak_saved_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -136,6 +141,11 @@ pub struct ClientReport {
     pub events_unmap: u64,
     pub events_remap: u64,
     pub compression_ratio: f64,
+    /// Largest saving seen: program memory out of RAM minus what uswap held for it.
+    pub peak_saved_bytes: u64,
+    /// Cumulative over the client's life: bytes compressed and bytes kept.
+    pub compressed_bytes_in: u64,
+    pub compressed_bytes_out: u64,
     pub metadata_bytes_per_stored_page: f64,
     pub fault_latency: Percentiles,
     pub agent_wait_latency: Percentiles,
@@ -143,4 +153,10 @@ pub struct ClientReport {
     pub monitor_fault_cpu_s: f64,
     pub agent_cpu_s: f64,
     pub store: StoreStats,
+}
+
+impl ClientReport {
+    pub fn saved_at_peak_bytes(&self) -> Option<u64> {
+        (self.peak_saved_bytes > 0).then_some(self.peak_saved_bytes)
+    }
 }
