@@ -28,11 +28,16 @@ fn shim() -> &'static Path {
     static SHIM: OnceLock<PathBuf> = OnceLock::new();
     SHIM.get_or_init(|| {
         let exe = std::env::current_exe().expect("test exe");
-        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf();
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf();
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let target_dir = profile_dir.parent().expect("target dir");
         let mut cmd = Command::new(env!("CARGO"));
-        cmd.args(["build", "-p", "uswap-shim", "--quiet"]).env("CARGO_TARGET_DIR", target_dir);
+        cmd.args(["build", "-p", "uswap-shim", "--quiet"])
+            .env("CARGO_TARGET_DIR", target_dir);
         if release {
             cmd.arg("--release");
         }
@@ -70,7 +75,11 @@ impl Run {
         self.client()[key].as_u64().unwrap_or(0)
     }
     fn rss_lines(&self) -> Vec<u64> {
-        self.stdout.lines().filter_map(|l| l.strip_prefix("RSSANON ")).filter_map(|v| v.trim().parse().ok()).collect()
+        self.stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("RSSANON "))
+            .filter_map(|v| v.trim().parse().ok())
+            .collect()
     }
     fn describe(&self) -> String {
         format!(
@@ -87,7 +96,12 @@ impl Run {
             return Err(format!("the program failed\n{}", self.describe()).into());
         }
         if self.get("pages_evicted") < min_evicted {
-            return Err(format!("only {} pages evicted, expected >= {min_evicted}\n{}", self.get("pages_evicted"), self.describe()).into());
+            return Err(format!(
+                "only {} pages evicted, expected >= {min_evicted}\n{}",
+                self.get("pages_evicted"),
+                self.describe()
+            )
+            .into());
         }
         if self.get("pages_restored") == 0 {
             return Err(format!("no page came back from the monitor\n{}", self.describe()).into());
@@ -100,17 +114,39 @@ fn run_under_uswap(tag: &str, budget: &str, extra: &[&str], prog: &[&str]) -> Ru
     let dir = tmpdir(tag);
     let stats = dir.join("stats.json");
     let mut cmd = Command::new(uswap());
-    cmd.arg("run").args(["--budget", budget, "--set", "cooling=200ms", "--set", "tick=10ms", "--quiet"]);
-    cmd.args(extra).arg("--stats-json").arg(&stats).arg("--").args(prog);
-    cmd.env("USWAP_SHIM", shim()).env_remove("USWAP_SOCKET").env("XDG_RUNTIME_DIR", &dir);
+    cmd.arg("run").args([
+        "--budget",
+        budget,
+        "--set",
+        "cooling=200ms",
+        "--set",
+        "tick=10ms",
+        "--quiet",
+    ]);
+    cmd.args(extra)
+        .arg("--stats-json")
+        .arg(&stats)
+        .arg("--")
+        .args(prog);
+    cmd.env("USWAP_SHIM", shim())
+        .env_remove("USWAP_SOCKET")
+        .env("XDG_RUNTIME_DIR", &dir);
     let out = cmd.output().expect("running uswap");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stats = std::fs::read(&stats).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or(Value::Null);
+    let stats = std::fs::read(&stats)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(Value::Null);
     let _ = std::fs::remove_dir_all(&dir);
     Run { out, stdout, stats }
 }
 
-fn workload_test(tag: &'static str, args: &'static [&'static str], budget: &'static str, min_evicted: u64) -> Trial {
+fn workload_test(
+    tag: &'static str,
+    args: &'static [&'static str],
+    budget: &'static str,
+    min_evicted: u64,
+) -> Trial {
     Trial::test(tag, move || {
         let mut prog = vec![workload()];
         prog.extend_from_slice(args);
@@ -122,18 +158,40 @@ fn workload_test(tag: &'static str, args: &'static [&'static str], budget: &'sta
 fn fill_verify_rss_settles_below_budget_plus_slack() -> R {
     // 128 MiB of data, 32 MiB budget; slack: one tick of fill-ahead plus the policy's
     // hysteresis and the unmanaged anonymous memory of a small Rust program (~8 MiB).
-    let r = run_under_uswap("fill", "32M", &[], &[workload(), "fill-verify", "--mib", "128", "--idle-ms", "2500"]);
+    let r = run_under_uswap(
+        "fill",
+        "32M",
+        &[],
+        &[
+            workload(),
+            "fill-verify",
+            "--mib",
+            "128",
+            "--idle-ms",
+            "2500",
+        ],
+    );
     r.ok_with_eviction(16_000)?;
     let rss = r.rss_lines();
     let slack = 12 << 20;
     match rss.first() {
         Some(&b) if b <= (32 << 20) + slack => Ok(()),
-        other => Err(format!("RssAnon after idle {other:?} exceeds budget 32 MiB + {} MiB slack\n{}", slack >> 20, r.describe()).into()),
+        other => Err(format!(
+            "RssAnon after idle {other:?} exceeds budget 32 MiB + {} MiB slack\n{}",
+            slack >> 20,
+            r.describe()
+        )
+        .into()),
     }
 }
 
 fn fork_cow_child_complete_and_shared_pages_unevictable() -> R {
-    let r = run_under_uswap("fork", "16M", &[], &[workload(), "fork-cow", "--mib", "48", "--idle-ms", "1500"]);
+    let r = run_under_uswap(
+        "fork",
+        "16M",
+        &[],
+        &[workload(), "fork-cow", "--mib", "48", "--idle-ms", "1500"],
+    );
     r.ok_with_eviction(4000)?;
     if !r.stdout.contains("child: verified") || r.stdout.contains("child: verified 0 pages") {
         return Err(format!("child did not verify\n{}", r.describe()).into());
@@ -142,19 +200,32 @@ fn fork_cow_child_complete_and_shared_pages_unevictable() -> R {
         return Err(format!("nothing was brought home before the fork\n{}", r.describe()).into());
     }
     if r.get("pages_unevictable") == 0 {
-        return Err(format!("pages shared copy-on-write after fork were not reported unevictable\n{}", r.describe()).into());
+        return Err(format!(
+            "pages shared copy-on-write after fork were not reported unevictable\n{}",
+            r.describe()
+        )
+        .into());
     }
     Ok(())
 }
 
 fn pinned_pages_keep_working_and_are_reported() -> R {
-    let r = run_under_uswap("pin", "8M", &[], &[workload(), "pin", "--mib", "32", "--idle-ms", "1500"]);
+    let r = run_under_uswap(
+        "pin",
+        "8M",
+        &[],
+        &[workload(), "pin", "--mib", "32", "--idle-ms", "1500"],
+    );
     r.ok_with_eviction(2000)?;
     if !r.stdout.contains("io_uring fixed buffers") || r.stdout.contains("unavailable") {
         return Err(format!("could not pin with io_uring\n{}", r.describe()).into());
     }
     if r.get("pages_unevictable") == 0 {
-        return Err(format!("pinned pages were not reported unevictable\n{}", r.describe()).into());
+        return Err(format!(
+            "pinned pages were not reported unevictable\n{}",
+            r.describe()
+        )
+        .into());
     }
     Ok(())
 }
@@ -178,7 +249,10 @@ fn shim_without_monitor_changes_nothing() -> R {
         .into());
     }
     let err = String::from_utf8_lossy(&shimmed.stderr);
-    if err.lines().count() > 1 || !plain.stderr.is_empty() && err.lines().count() > plain.stderr.split(|b| *b == b'\n').count() {
+    if err.lines().count() > 1
+        || !plain.stderr.is_empty()
+            && err.lines().count() > plain.stderr.split(|b| *b == b'\n').count()
+    {
         return Err(format!("more than one line on stderr: {err}").into());
     }
     if !plain.stdout.windows(6).any(|w| w == b"RESULT") {
@@ -188,10 +262,17 @@ fn shim_without_monitor_changes_nothing() -> R {
 }
 
 fn bad_budget_is_refused_naming_the_flag() -> R {
-    let out = Command::new(uswap()).args(["run", "--budget", "12Q", "--", "true"]).env("USWAP_SHIM", shim()).output()?;
+    let out = Command::new(uswap())
+        .args(["run", "--budget", "12Q", "--", "true"])
+        .env("USWAP_SHIM", shim())
+        .output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.code() != Some(2) || !err.contains("budget") || !err.contains("12Q") {
-        return Err(format!("expected exit 2 naming budget and 12Q, got {:?}: {err}", out.status.code()).into());
+        return Err(format!(
+            "expected exit 2 naming budget and 12Q, got {:?}: {err}",
+            out.status.code()
+        )
+        .into());
     }
     Ok(())
 }
@@ -200,11 +281,25 @@ fn bad_config_file_is_refused_naming_file_key_reason() -> R {
     let dir = tmpdir("badcfg");
     let f = dir.join("mine.toml");
     std::fs::write(&f, "cooling = \"fast\"\n")?;
-    let out = Command::new(uswap()).arg("run").arg("--config").arg(&f).args(["--", "true"]).env("USWAP_SHIM", shim()).output()?;
+    let out = Command::new(uswap())
+        .arg("run")
+        .arg("--config")
+        .arg(&f)
+        .args(["--", "true"])
+        .env("USWAP_SHIM", shim())
+        .output()?;
     let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
-    if out.status.code() != Some(2) || !err.contains("mine.toml") || !err.contains("cooling") || !err.contains("fast") {
-        return Err(format!("expected exit 2 naming the file, key and value, got {:?}: {err}", out.status.code()).into());
+    if out.status.code() != Some(2)
+        || !err.contains("mine.toml")
+        || !err.contains("cooling")
+        || !err.contains("fast")
+    {
+        return Err(format!(
+            "expected exit 2 naming the file, key and value, got {:?}: {err}",
+            out.status.code()
+        )
+        .into());
     }
     Ok(())
 }
@@ -233,12 +328,22 @@ fn start_daemon(tag: &str, as_user: Option<(u32, u32)>) -> Result<Daemon, Failed
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
         cmd = Command::new("setpriv");
-        cmd.args([format!("--reuid={uid}"), format!("--regid={gid}"), "--clear-groups".into(), "--inh-caps=-all".into(), "--bounding-set=-all".into()]);
+        cmd.args([
+            format!("--reuid={uid}"),
+            format!("--regid={gid}"),
+            "--clear-groups".into(),
+            "--inh-caps=-all".into(),
+            "--bounding-set=-all".into(),
+        ]);
         cmd.arg(uswap());
     } else {
         cmd = Command::new(uswap());
     }
-    cmd.arg("daemon").arg("--socket").arg(&socket).args(["--mode", "666", "--config-dir"]).arg(&dir);
+    cmd.arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--mode", "666", "--config-dir"])
+        .arg(&dir);
     cmd.stdout(Stdio::null()).stderr(Stdio::null());
     let child = cmd.spawn()?;
     let d = Daemon { child, socket, dir };
@@ -253,9 +358,18 @@ fn start_daemon(tag: &str, as_user: Option<(u32, u32)>) -> Result<Daemon, Failed
 }
 
 fn status_json(socket: &Path) -> Result<Value, Failed> {
-    let out = Command::new(uswap()).arg("status").arg("--json").arg("--socket").arg(socket).output()?;
+    let out = Command::new(uswap())
+        .arg("status")
+        .arg("--json")
+        .arg("--socket")
+        .arg(socket)
+        .output()?;
     if !out.status.success() {
-        return Err(format!("uswap status failed: {}", String::from_utf8_lossy(&out.stderr)).into());
+        return Err(format!(
+            "uswap status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }
@@ -268,21 +382,31 @@ fn daemon_as_other_unprivileged_user_serves_client() -> R {
         .args(["fill-verify", "--mib", "48", "--idle-ms", "2000"])
         .env("LD_PRELOAD", shim())
         .env("USWAP_SOCKET", &d.socket)
-        .env("USWAP_OVERRIDES", "budget = \"8M\"\ncooling = \"200ms\"\ntick = \"10ms\"")
+        .env(
+            "USWAP_OVERRIDES",
+            "budget = \"8M\"\ncooling = \"200ms\"\ntick = \"10ms\"",
+        )
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !stdout.contains("RESULT ok") {
-        return Err(format!("program failed under a daemon running as nobody:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr)).into());
+        return Err(format!(
+            "program failed under a daemon running as nobody:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
     }
     let st = status_json(&d.socket)?;
-    let c = st.as_array().and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload")).ok_or("client missing from status")?;
+    let c = st
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload"))
+        .ok_or("client missing from status")?;
     if c["pages_evicted"].as_u64().unwrap_or(0) < 2000 || c["uid"].as_u64() != Some(0) {
         return Err(format!("the daemon did not evict for the client: {c}").into());
     }
     // The daemon really runs as nobody.
     let status = std::fs::read_to_string(format!("/proc/{}/status", d.child.id()))?;
     let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
-    if !uid_line.split_whitespace().nth(1).is_some_and(|u| u == "65534") {
+    if uid_line.split_whitespace().nth(1) != Some("65534") {
         return Err(format!("daemon is not running as nobody: {uid_line}").into());
     }
     Ok(())
@@ -294,7 +418,10 @@ fn daemon_returns_store_space_when_program_exits() -> R {
         .args(["fill-verify", "--mib", "32", "--idle-ms", "1500"])
         .env("LD_PRELOAD", shim())
         .env("USWAP_SOCKET", &d.socket)
-        .env("USWAP_OVERRIDES", "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"")
+        .env(
+            "USWAP_OVERRIDES",
+            "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
+        )
         .output()?;
     if !out.status.success() {
         return Err(format!("program failed: {}", String::from_utf8_lossy(&out.stdout)).into());
@@ -303,7 +430,11 @@ fn daemon_returns_store_space_when_program_exits() -> R {
     let end = Instant::now() + Duration::from_secs(10);
     let c = loop {
         let st = status_json(&d.socket)?;
-        let c = st.as_array().and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload")).cloned().ok_or("client missing")?;
+        let c = st
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload"))
+            .cloned()
+            .ok_or("client missing")?;
         if c["alive"] == Value::Bool(false) || Instant::now() > end {
             break c;
         }
@@ -315,7 +446,8 @@ fn daemon_returns_store_space_when_program_exits() -> R {
     if c["pages_compressed"].as_u64().unwrap_or(0) == 0 {
         return Err(format!("nothing was ever stored, the check proves nothing: {c}").into());
     }
-    let held = c["store"]["slab_bytes_mapped"].as_u64().unwrap_or(1) + c["pages_stored"].as_u64().unwrap_or(1);
+    let held = c["store"]["slab_bytes_mapped"].as_u64().unwrap_or(1)
+        + c["pages_stored"].as_u64().unwrap_or(1);
     if held != 0 {
         return Err(format!("store space not returned at exit: {c}").into());
     }
@@ -323,7 +455,10 @@ fn daemon_returns_store_space_when_program_exits() -> R {
 }
 
 fn doctor_reports_the_machine() -> R {
-    let out = Command::new(uswap()).arg("doctor").env("USWAP_SHIM", shim()).output()?;
+    let out = Command::new(uswap())
+        .arg("doctor")
+        .env("USWAP_SHIM", shim())
+        .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !text.contains("userfaultfd features") || !text.contains("kernel") {
         return Err(format!("doctor output lacks the checks:\n{text}").into());
@@ -336,23 +471,103 @@ fn main() {
     let root = is_root();
     let needs_root = |t: Trial| if root { t } else { t.with_ignored_flag(true) };
     let tests = vec![
-        Trial::test("fill_verify_rss_settles_below_budget_plus_slack", fill_verify_rss_settles_below_budget_plus_slack),
-        workload_test("read_syscall_into_evicted_buffer_is_served", &["read-syscall", "--mib", "32", "--idle-ms", "1500"], "8M", 2000),
-        workload_test("write_after_evict_keeps_every_byte", &["write-after-evict", "--mib", "32", "--idle-ms", "1500"], "8M", 2000),
-        workload_test("eight_threads_fault_same_pages_consistently", &["threads", "--mib", "32", "--threads", "8", "--idle-ms", "1500"], "8M", 2000),
-        workload_test("munmap_of_evicted_memory_then_fresh_map_reads_zero", &["munmap", "--mib", "24", "--idle-ms", "1500"], "8M", 2000),
-        workload_test("mremap_moved_and_grown_keeps_data", &["mremap", "--mib", "32", "--idle-ms", "1500"], "8M", 2000),
-        workload_test("dontneed_of_evicted_memory_reads_zero", &["dontneed", "--mib", "32", "--idle-ms", "1500"], "8M", 2000),
-        workload_test("realloc_of_evicted_memory_keeps_data", &["realloc", "--mib", "32", "--idle-ms", "1500"], "8M", 2000),
-        workload_test("fill_verify_two_rounds_rewrites_survive", &["fill-verify", "--mib", "32", "--idle-ms", "1200", "--rounds", "2"], "8M", 2000),
-        Trial::test("fork_cow_child_complete_and_shared_pages_unevictable", fork_cow_child_complete_and_shared_pages_unevictable),
-        Trial::test("pinned_pages_keep_working_and_are_reported", pinned_pages_keep_working_and_are_reported),
-        Trial::test("shim_without_monitor_changes_nothing", shim_without_monitor_changes_nothing),
-        Trial::test("bad_budget_is_refused_naming_the_flag", bad_budget_is_refused_naming_the_flag),
-        Trial::test("bad_config_file_is_refused_naming_file_key_reason", bad_config_file_is_refused_naming_file_key_reason),
+        Trial::test(
+            "fill_verify_rss_settles_below_budget_plus_slack",
+            fill_verify_rss_settles_below_budget_plus_slack,
+        ),
+        workload_test(
+            "read_syscall_into_evicted_buffer_is_served",
+            &["read-syscall", "--mib", "32", "--idle-ms", "1500"],
+            "8M",
+            2000,
+        ),
+        workload_test(
+            "write_after_evict_keeps_every_byte",
+            &["write-after-evict", "--mib", "32", "--idle-ms", "1500"],
+            "8M",
+            2000,
+        ),
+        workload_test(
+            "eight_threads_fault_same_pages_consistently",
+            &[
+                "threads",
+                "--mib",
+                "32",
+                "--threads",
+                "8",
+                "--idle-ms",
+                "1500",
+            ],
+            "8M",
+            2000,
+        ),
+        workload_test(
+            "munmap_of_evicted_memory_then_fresh_map_reads_zero",
+            &["munmap", "--mib", "24", "--idle-ms", "1500"],
+            "8M",
+            2000,
+        ),
+        workload_test(
+            "mremap_moved_and_grown_keeps_data",
+            &["mremap", "--mib", "32", "--idle-ms", "1500"],
+            "8M",
+            2000,
+        ),
+        workload_test(
+            "dontneed_of_evicted_memory_reads_zero",
+            &["dontneed", "--mib", "32", "--idle-ms", "1500"],
+            "8M",
+            2000,
+        ),
+        workload_test(
+            "realloc_of_evicted_memory_keeps_data",
+            &["realloc", "--mib", "32", "--idle-ms", "1500"],
+            "8M",
+            2000,
+        ),
+        workload_test(
+            "fill_verify_two_rounds_rewrites_survive",
+            &[
+                "fill-verify",
+                "--mib",
+                "32",
+                "--idle-ms",
+                "1200",
+                "--rounds",
+                "2",
+            ],
+            "8M",
+            2000,
+        ),
+        Trial::test(
+            "fork_cow_child_complete_and_shared_pages_unevictable",
+            fork_cow_child_complete_and_shared_pages_unevictable,
+        ),
+        Trial::test(
+            "pinned_pages_keep_working_and_are_reported",
+            pinned_pages_keep_working_and_are_reported,
+        ),
+        Trial::test(
+            "shim_without_monitor_changes_nothing",
+            shim_without_monitor_changes_nothing,
+        ),
+        Trial::test(
+            "bad_budget_is_refused_naming_the_flag",
+            bad_budget_is_refused_naming_the_flag,
+        ),
+        Trial::test(
+            "bad_config_file_is_refused_naming_file_key_reason",
+            bad_config_file_is_refused_naming_file_key_reason,
+        ),
         Trial::test("doctor_reports_the_machine", doctor_reports_the_machine),
-        needs_root(Trial::test("daemon_as_other_unprivileged_user_serves_client", daemon_as_other_unprivileged_user_serves_client)),
-        Trial::test("daemon_returns_store_space_when_program_exits", daemon_returns_store_space_when_program_exits),
+        needs_root(Trial::test(
+            "daemon_as_other_unprivileged_user_serves_client",
+            daemon_as_other_unprivileged_user_serves_client,
+        )),
+        Trial::test(
+            "daemon_returns_store_space_when_program_exits",
+            daemon_returns_store_space_when_program_exits,
+        ),
     ];
     if !root {
         eprintln!("note: not root: daemon_as_other_unprivileged_user_serves_client is ignored (it switches to user nobody)");

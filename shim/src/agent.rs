@@ -22,7 +22,9 @@ use std::sync::atomic::Ordering;
 
 use uswap::protocol::io::send_packet;
 use uswap::protocol::shm::{self, Window};
-use uswap::protocol::wire::{RegionEntry, RegionsBuilder, REGIONS_FIRST, REGIONS_LAST, REGION_EXCLUDED, REGION_MANAGED};
+use uswap::protocol::wire::{
+    RegionEntry, RegionsBuilder, REGIONS_FIRST, REGIONS_LAST, REGION_EXCLUDED, REGION_MANAGED,
+};
 use uswap::uffd::{sys, UffdError};
 use uswap::PAGE_SIZE;
 
@@ -112,7 +114,11 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
         } else {
             -1
         };
-        let mut pfd = libc::pollfd { fd: req_efd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: req_efd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: polling one pollfd on our stack.
         let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         if rc > 0 {
@@ -135,7 +141,8 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
             }
         }
         let now = raw::monotonic_ns();
-        let due = SHIM.maps_dirty.load(Ordering::Acquire) && now >= last_scan_ns + RESCAN_MIN_INTERVAL_NS;
+        let due =
+            SHIM.maps_dirty.load(Ordering::Acquire) && now >= last_scan_ns + RESCAN_MIN_INTERVAL_NS;
         if requests & shm::REQ_RESCAN != 0 || due {
             // Clear first: a change during the scan marks it dirty again.
             SHIM.maps_dirty.store(false, Ordering::Release);
@@ -166,7 +173,8 @@ fn run_batches(win: &Window) -> bool {
         let desc = win.desc(done);
         let moved = run_batch(win, &desc);
         desc.set_agent_ns(raw::monotonic_ns() - t0);
-        win.agent_busy_ns().fetch_add(raw::monotonic_ns() - t0, Ordering::Relaxed);
+        win.agent_busy_ns()
+            .fetch_add(raw::monotonic_ns() - t0, Ordering::Relaxed);
         win.agent_moved_pages().fetch_add(moved, Ordering::Relaxed);
         win.done_seq().store(done + 1, Ordering::Release);
         worked = true;
@@ -216,34 +224,39 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
         // A read of the program's events that started during the move may have released a
         // MADV_DONTNEED/munmap of this run: then the moved bytes may predate it.
         let discard = win.read_begin().load(Ordering::SeqCst) != read_seq
-            && quiescent(win).is_some_and(|_| win.events_overlap(epoch_before, run.addr, run_end) == Some(true));
-        // Which staging pages now hold a page: holes (never touched, or already gone) stay
-        // unpopulated and must never be read (a read would fault on the agent's descriptor).
+            && quiescent(win)
+                .is_some_and(|_| win.events_overlap(epoch_before, run.addr, run_end) == Some(true));
+        // Which staging pages now hold a page. Holes (never touched, or already gone) stay
+        // unpopulated; reading one would fault to the monitor for nothing. If mincore could
+        // not tell (it does not fail on our own mapping), every page is treated as present:
+        // a hole then reads as zeros, and nothing moved is ever dropped.
         let vec = scratch(MINCORE_OFF, 4096);
         // SAFETY: mincore on our own staging range writes `pages` bytes (<= 4096) into `vec`.
         let rc = unsafe { libc::mincore(dst as *mut _, pages * PAGE_SIZE, vec.as_mut_ptr()) };
-        for i in 0..pages {
+        for (i, residency) in vec.iter().take(pages).enumerate() {
             let p = page_idx + i;
             if desc.result(p) != shm::RESULT_PENDING {
                 continue;
             }
-            if rc == 0 && vec[i] & 1 != 0 && discard {
+            let present = rc != 0 || residency & 1 != 0;
+            if !present {
+                desc.set_result(p, shm::RESULT_HOLE);
+            } else if discard {
                 desc.set_result(p, shm::RESULT_DISCARDED);
                 win.agent_discarded_pages().fetch_add(1, Ordering::Relaxed);
-            } else if rc == 0 && vec[i] & 1 != 0 {
+            } else {
                 let slot = win.slot_ptr(run.first_slot as usize + i);
-                // SAFETY: the staging page is present (mincore) and ours; the slot lies inside
-                // the window; the two never overlap.
-                unsafe { std::ptr::copy_nonoverlapping((dst + (i * PAGE_SIZE) as u64) as *const u8, slot, PAGE_SIZE) };
+                // SAFETY: the staging page is ours and mapped (present, or a hole the monitor
+                // fills with zeros); the slot lies inside the window; the two never overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        (dst + (i * PAGE_SIZE) as u64) as *const u8,
+                        slot,
+                        PAGE_SIZE,
+                    )
+                };
                 desc.set_result(p, shm::RESULT_MOVED);
                 moved_total += 1;
-            } else if rc == 0 {
-                desc.set_result(p, shm::RESULT_HOLE);
-            } else {
-                // Cannot tell: keep the page's fate unknown to the monitor as failed. Its
-                // bytes, if moved, stay in staging and are dropped below, so report FAILED
-                // only when nothing moved; mincore on our own mapping does not fail.
-                desc.set_result(p, shm::RESULT_FAILED);
             }
         }
         page_idx += pages;
@@ -255,7 +268,13 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
     if used_pages > 0 {
         // SAFETY: dropping our own staging pages. This raises a REMOVE event that blocks us until
         // the monitor's fault thread reads it (it never waits for us).
-        unsafe { libc::madvise(staging as *mut _, used_pages * PAGE_SIZE, libc::MADV_DONTNEED) };
+        unsafe {
+            libc::madvise(
+                staging as *mut _,
+                used_pages * PAGE_SIZE,
+                libc::MADV_DONTNEED,
+            )
+        };
     }
     moved_total
 }
@@ -293,15 +312,28 @@ fn move_ioctl(uffd: i32, dst: u64, src: u64, len: u64) -> Result<u64, UffdError>
     // SAFETY: UFFDIO_MOVE reads and writes one `struct uffdio_move`.
     let rc = unsafe { libc::ioctl(uffd, sys::UFFDIO_MOVE as _, &mut m) };
     if rc < 0 {
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
-        return Err(UffdError::from_errno(uswap::uffd::Op::Move, errno, m.moved.max(0) as u64));
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        return Err(UffdError::from_errno(
+            uswap::uffd::Op::Move,
+            errno,
+            m.moved.max(0) as u64,
+        ));
     }
     Ok(m.moved as u64)
 }
 
 /// Moves `pages` pages from `src` to `dst` in as few ioctls as the kernel allows; a page it
 /// refuses is marked (busy or failed) and skipped.
-fn move_run(uffd: i32, dst: u64, src: u64, pages: usize, desc: &shm::Desc<'_>, first_page_idx: usize) {
+fn move_run(
+    uffd: i32,
+    dst: u64,
+    src: u64,
+    pages: usize,
+    desc: &shm::Desc<'_>,
+    first_page_idx: usize,
+) {
     let mut off = 0usize;
     let mut retries = 0;
     while off < pages {
@@ -356,9 +388,18 @@ fn send_snapshot_locked(snapshot: u32) -> bool {
     // The agent's own memory and the shim's data segment are excluded.
     let shim_addr = &SHIM as *const _ as u64;
     let own = [
-        (SHIM.stack_base.load(Ordering::Relaxed) as u64, SHIM.stack_len.load(Ordering::Relaxed) as u64),
-        (SHIM.staging_base.load(Ordering::Relaxed) as u64, SHIM.staging_len.load(Ordering::Relaxed) as u64),
-        (SHIM.scratch_base.load(Ordering::Relaxed) as u64, SHIM.scratch_len.load(Ordering::Relaxed) as u64),
+        (
+            SHIM.stack_base.load(Ordering::Relaxed) as u64,
+            SHIM.stack_len.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            SHIM.staging_base.load(Ordering::Relaxed) as u64,
+            SHIM.staging_len.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            SHIM.scratch_base.load(Ordering::Relaxed) as u64,
+            SHIM.scratch_len.load(Ordering::Relaxed) as u64,
+        ),
     ];
     let flush = |b: &mut RegionsBuilder<'_>, last: bool, first: &mut bool| -> bool {
         let flags = if *first { REGIONS_FIRST } else { 0 } | if last { REGIONS_LAST } else { 0 };
@@ -369,14 +410,19 @@ fn send_snapshot_locked(snapshot: u32) -> bool {
     // Our own ranges first, always: the kernel may have merged them with a neighbour, so the
     // monitor subtracts them from whatever managed region contains them.
     for (start, len) in own {
-        builder.push(RegionEntry { start, len_bytes: len, flags: REGION_EXCLUDED });
+        builder.push(RegionEntry {
+            start,
+            len_bytes: len,
+            flags: REGION_EXCLUDED,
+        });
     }
     let scanned = maps::for_each_mapping(maps_buf, |m| {
         if !ok {
             return;
         }
         let len = m.end - m.start;
-        let holds_shim = m.start < shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end;
+        let holds_shim =
+            m.start < shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end;
         let flags = if holds_shim && m.writable && m.private {
             REGION_EXCLUDED
         } else if m.is_manageable() {
@@ -388,7 +434,11 @@ fn send_snapshot_locked(snapshot: u32) -> bool {
             ok = false;
             return;
         }
-        builder.push(RegionEntry { start: m.start, len_bytes: len, flags });
+        builder.push(RegionEntry {
+            start: m.start,
+            len_bytes: len,
+            flags,
+        });
     });
     if !scanned || !ok {
         return false;

@@ -128,22 +128,40 @@ fn connect(path: &[u8]) -> Result<i32, &'static str> {
         unsafe { libc::close(fd) };
         return Err("no monitor answers on the socket (start `uswap daemon` or use `uswap run`)");
     }
-    let tv = libc::timeval { tv_sec: 10, tv_usec: 0 };
+    let tv = libc::timeval {
+        tv_sec: 10,
+        tv_usec: 0,
+    };
     // SAFETY: setting a timeval option on our socket.
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32)
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
     };
     Ok(fd)
 }
 
 fn program_name(buf: &mut [u8; 256]) -> usize {
     // SAFETY: readlink writes at most buf.len() bytes.
-    let n = unsafe { libc::readlink(c"/proc/self/exe".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::readlink(
+            c"/proc/self/exe".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if n <= 0 {
         return 0;
     }
     let n = n as usize;
-    let start = buf[..n].iter().rposition(|c| *c == b'/').map_or(0, |p| p + 1);
+    let start = buf[..n]
+        .iter()
+        .rposition(|c| *c == b'/')
+        .map_or(0, |p| p + 1);
     buf.copy_within(start..n, 0);
     n - start
 }
@@ -168,7 +186,10 @@ fn init() -> Result<(), &'static str> {
     let sock = connect(path)?;
     SHIM.sock.store(sock, Ordering::Release);
 
-    let required = sys::UFFD_FEATURE_EVENT_UNMAP | sys::UFFD_FEATURE_EVENT_REMOVE | sys::UFFD_FEATURE_EVENT_REMAP | sys::UFFD_FEATURE_MOVE;
+    let required = sys::UFFD_FEATURE_EVENT_UNMAP
+        | sys::UFFD_FEATURE_EVENT_REMOVE
+        | sys::UFFD_FEATURE_EVENT_REMAP
+        | sys::UFFD_FEATURE_MOVE;
     let uffd = Uffd::create(uswap::uffd::FORWARDED_FEATURES, required, true).map_err(|e| match e {
         uswap::uffd::UffdError::Os { errno: libc::EINVAL, .. } => "this kernel lacks UFFDIO_MOVE or the uffd events (Linux 6.8 or later is needed)",
         _ => "cannot create a userfaultfd (a non-root user needs read-write access to /dev/userfaultfd; see `uswap doctor`)",
@@ -193,9 +214,12 @@ fn init() -> Result<(), &'static str> {
     unsafe { libc::madvise(staging as *mut _, staging_len, libc::MADV_NOHUGEPAGE) };
     // Staging is registered with the forwarded descriptor and moves are issued on it: a move
     // then fails with EAGAIN while an address-space event of the program is unread.
-    uffd
-        .register(staging as u64, staging_len as u64, sys::UFFDIO_REGISTER_MODE_MISSING)
-        .map_err(|_| "cannot register the staging area")?;
+    uffd.register(
+        staging as u64,
+        staging_len as u64,
+        sys::UFFDIO_REGISTER_MODE_MISSING,
+    )
+    .map_err(|_| "cannot register the staging area")?;
     SHIM.stack_base.store(stack, Ordering::Relaxed);
     SHIM.stack_len.store(AGENT_STACK_BYTES, Ordering::Relaxed);
     SHIM.staging_base.store(staging, Ordering::Relaxed);
@@ -219,24 +243,37 @@ fn init() -> Result<(), &'static str> {
     });
     // SAFETY: the scratch mapping is ours and SCRATCH_BYTES >= MAX_MSG_LEN.
     let pkt = unsafe { std::slice::from_raw_parts_mut(scratch as *mut u8, MAX_MSG_LEN) };
-    let n = hello.encode(pkt).map_err(|_| "hello message does not fit")?;
-    send_packet(sock, &pkt[..n], &[uffd.as_raw_fd()]).map_err(|_| "the monitor closed the connection")?;
+    let n = hello
+        .encode(pkt)
+        .map_err(|_| "hello message does not fit")?;
+    send_packet(sock, &pkt[..n], &[uffd.as_raw_fd()])
+        .map_err(|_| "the monitor closed the connection")?;
 
     let mut got = recv_packet(sock, pkt, 0)
         .map_err(|_| "the monitor did not answer in time")?
         .ok_or("the monitor closed the connection")?;
     let (window_len, text) = match Msg::decode(&pkt[..got.len]) {
         Ok(Msg::HelloAck(a)) if a.status == 0 => (a.window_len_bytes as usize, a.text),
-        Ok(Msg::HelloAck(_)) | Ok(Msg::Error { .. }) => return Err("the monitor refused this program (see the monitor's log)"),
+        Ok(Msg::HelloAck(_)) | Ok(Msg::Error { .. }) => {
+            return Err("the monitor refused this program (see the monitor's log)")
+        }
         _ => return Err("the monitor sent an unexpected reply"),
     };
     let _ = text;
-    let (Some(win), Some(req), Some(done)) = (got.take_fd(0), got.take_fd(1), got.take_fd(2)) else {
+    let (Some(win), Some(req), Some(done)) = (got.take_fd(0), got.take_fd(1), got.take_fd(2))
+    else {
         return Err("the monitor's reply lacks its descriptors");
     };
     // SAFETY: mapping the memfd the monitor sent, shared, at a new address.
     let base = unsafe {
-        libc::mmap(std::ptr::null_mut(), window_len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, win.as_raw_fd(), 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            window_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            win.as_raw_fd(),
+            0,
+        )
     };
     if base == libc::MAP_FAILED || window_len < uswap::protocol::shm::DATA_OFF {
         return Err("cannot map the monitor's window");
@@ -248,12 +285,22 @@ fn init() -> Result<(), &'static str> {
     SHIM.window_len.store(window_len, Ordering::Relaxed);
     SHIM.req_efd.store(req.into_raw_fd(), Ordering::Relaxed);
     SHIM.done_efd.store(done.into_raw_fd(), Ordering::Relaxed);
-    SHIM.uffd.store(uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
+    SHIM.uffd
+        .store(uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
     // Blocking from now on (fork requests may wait for a long restore).
-    let tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
     // SAFETY: setting a timeval option on our socket.
     unsafe {
-        libc::setsockopt(sock, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32)
+        libc::setsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
     };
 
     SHIM.maps_dirty.store(true, Ordering::Release);
@@ -267,7 +314,11 @@ fn init() -> Result<(), &'static str> {
 /// Takes the socket for one request/response exchange.
 pub(crate) fn sock_lock(spin: bool) -> bool {
     loop {
-        if SHIM.sock_busy.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_ok() {
+        if SHIM
+            .sock_busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
             return true;
         }
         if !spin {
@@ -341,7 +392,9 @@ extern "C" fn fork_child() {
 
 /// Marks the address space as changed and wakes the agent (once per burst).
 fn note_maps_changed() {
-    if SHIM.state.load(Ordering::Relaxed) == MANAGED && !SHIM.maps_dirty.swap(true, Ordering::AcqRel) {
+    if SHIM.state.load(Ordering::Relaxed) == MANAGED
+        && !SHIM.maps_dirty.swap(true, Ordering::AcqRel)
+    {
         agent::kick();
     }
 }
@@ -352,7 +405,14 @@ fn note_maps_changed() {
 /// # Safety
 /// Same contract as mmap(2).
 #[no_mangle]
-pub unsafe extern "C" fn mmap(addr: *mut libc::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: libc::off_t) -> *mut libc::c_void {
+pub unsafe extern "C" fn mmap(
+    addr: *mut libc::c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: libc::off_t,
+) -> *mut libc::c_void {
     // SAFETY: forwarding the caller's arguments to the syscall unchanged.
     let r = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) };
     if r == -1 {
@@ -367,7 +427,14 @@ pub unsafe extern "C" fn mmap(addr: *mut libc::c_void, len: usize, prot: i32, fl
 /// # Safety
 /// Same contract as mmap64(3).
 #[no_mangle]
-pub unsafe extern "C" fn mmap64(addr: *mut libc::c_void, len: usize, prot: i32, flags: i32, fd: i32, off: libc::off64_t) -> *mut libc::c_void {
+pub unsafe extern "C" fn mmap64(
+    addr: *mut libc::c_void,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: i32,
+    off: libc::off64_t,
+) -> *mut libc::c_void {
     // SAFETY: same contract.
     unsafe { mmap(addr, len, prot, flags, fd, off) }
 }
@@ -385,8 +452,18 @@ pub unsafe extern "C" fn munmap(addr: *mut libc::c_void, len: usize) -> i32 {
 /// # Safety
 /// Same contract as mremap(2). The fifth argument is read only with MREMAP_FIXED, as libc does.
 #[no_mangle]
-pub unsafe extern "C" fn mremap(old: *mut libc::c_void, old_len: usize, new_len: usize, flags: i32, new_addr: *mut libc::c_void) -> *mut libc::c_void {
-    let new_addr = if flags & libc::MREMAP_FIXED != 0 { new_addr } else { std::ptr::null_mut() };
+pub unsafe extern "C" fn mremap(
+    old: *mut libc::c_void,
+    old_len: usize,
+    new_len: usize,
+    flags: i32,
+    new_addr: *mut libc::c_void,
+) -> *mut libc::c_void {
+    let new_addr = if flags & libc::MREMAP_FIXED != 0 {
+        new_addr
+    } else {
+        std::ptr::null_mut()
+    };
     // SAFETY: forwarding the caller's arguments to the syscall unchanged.
     let r = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
     note_maps_changed();

@@ -1050,7 +1050,15 @@ fn pin_with_io_uring(iov: &[libc::iovec]) -> Option<i32> {
         return None;
     }
     // SAFETY: IORING_REGISTER_BUFFERS (0) reads `iov.len()` iovecs describing our own memory.
-    let rc = unsafe { libc::syscall(libc::SYS_io_uring_register, fd, 0u32, iov.as_ptr(), iov.len() as u32) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            fd,
+            0u32,
+            iov.as_ptr(),
+            iov.len() as u32,
+        )
+    };
     if rc < 0 {
         close(fd);
         return None;

@@ -11,7 +11,9 @@ struct Check {
 }
 
 fn read(path: &str) -> Option<String> {
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// Returns the exit code: 0 when everything needed is there, 1 otherwise.
@@ -19,7 +21,9 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
     let mut checks = Vec::new();
     // Kernel version: UFFDIO_MOVE arrived in 6.8.
     let release = read("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter_map(|s| s.parse::<u32>().ok());
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse::<u32>().ok());
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
     checks.push(Check {
         ok: (major, minor) >= (6, 8),
@@ -52,7 +56,10 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
     // Features.
     match probe_features() {
         Ok(f) => {
-            let need = sys::UFFD_FEATURE_MOVE | sys::UFFD_FEATURE_EVENT_REMOVE | sys::UFFD_FEATURE_EVENT_UNMAP | sys::UFFD_FEATURE_EVENT_REMAP;
+            let need = sys::UFFD_FEATURE_MOVE
+                | sys::UFFD_FEATURE_EVENT_REMOVE
+                | sys::UFFD_FEATURE_EVENT_UNMAP
+                | sys::UFFD_FEATURE_EVENT_REMAP;
             checks.push(Check {
                 ok: f & need == need,
                 what: format!("userfaultfd features {f:#x} (MOVE {}, events {})", f & sys::UFFD_FEATURE_MOVE != 0, f & need == need),
@@ -62,7 +69,11 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
                 ok: true,
                 what: format!(
                     "backend: {}",
-                    if f & sys::UFFD_FEATURE_MOVE_CROSS_MM != 0 { "cross-mm UFFDIO_MOVE available (patched kernel)" } else { "stock (the shim's agent moves pages; no cross-mm patch)" }
+                    if f & sys::UFFD_FEATURE_MOVE_CROSS_MM != 0 {
+                        "cross-mm UFFDIO_MOVE available (patched kernel)"
+                    } else {
+                        "stock (the shim's agent moves pages; no cross-mm patch)"
+                    }
                 ),
                 fix: None,
             });
@@ -70,24 +81,46 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
         Err(e) => checks.push(Check {
             ok: false,
             what: format!("cannot create a userfaultfd: {e}"),
-            fix: Some("run as root, or give this user access to /dev/userfaultfd (see above)".into()),
+            fix: Some(
+                "run as root, or give this user access to /dev/userfaultfd (see above)".into(),
+            ),
         }),
     }
     // Shim.
     match super::run::find_shim() {
-        Ok(p) => checks.push(Check { ok: true, what: format!("shim {}", p.display()), fix: None }),
-        Err(e) => checks.push(Check { ok: false, what: format!("{e:#}"), fix: Some("cargo build --release --workspace".into()) }),
+        Ok(p) => checks.push(Check {
+            ok: true,
+            what: format!("shim {}", p.display()),
+            fix: None,
+        }),
+        Err(e) => checks.push(Check {
+            ok: false,
+            what: format!("{e:#}"),
+            fix: Some("cargo build --release --workspace".into()),
+        }),
     }
     // Socket.
     let path = socket.unwrap_or_else(crate::protocol::default_socket_path);
     let daemon = crate::monitor::connect(&path).is_ok();
     checks.push(Check {
         ok: true,
-        what: format!("daemon socket {}: {}", path.display(), if daemon { "a daemon answers" } else { "no daemon (uswap run starts its own monitor)" }),
+        what: format!(
+            "daemon socket {}: {}",
+            path.display(),
+            if daemon {
+                "a daemon answers"
+            } else {
+                "no daemon (uswap run starts its own monitor)"
+            }
+        ),
         fix: None,
     });
     let thp = read("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
-    checks.push(Check { ok: true, what: format!("transparent hugepages: {thp} (evicted ranges are managed in 4 KiB pages)"), fix: None });
+    checks.push(Check {
+        ok: true,
+        what: format!("transparent hugepages: {thp} (evicted ranges are managed in 4 KiB pages)"),
+        fix: None,
+    });
 
     let mut bad = 0;
     for c in &checks {
@@ -99,6 +132,13 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
             }
         }
     }
-    println!("{}", if bad == 0 { "uswap can run here.".to_string() } else { format!("{bad} problem(s) found.") });
+    println!(
+        "{}",
+        if bad == 0 {
+            "uswap can run here.".to_string()
+        } else {
+            format!("{bad} problem(s) found.")
+        }
+    );
     Ok(if bad == 0 { 0 } else { 1 })
 }

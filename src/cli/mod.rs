@@ -14,7 +14,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "uswap", version, about = "Transparent userspace swap: cold memory of unmodified programs, compressed in a monitor")]
+#[command(
+    name = "uswap",
+    version,
+    about = "Transparent userspace swap: cold memory of unmodified programs, compressed in a monitor"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -56,8 +60,12 @@ pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_FAILURE: i32 = 1;
 
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("USWAP_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("USWAP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn default_config_dir() -> Option<PathBuf> {
@@ -77,7 +85,11 @@ pub fn run_main() -> i32 {
             init_logging("warn");
             run::run(args)
         }
-        Cmd::Daemon { socket, config_dir, mode } => {
+        Cmd::Daemon {
+            socket,
+            config_dir,
+            mode,
+        } => {
             init_logging("info");
             run::daemon(socket, config_dir, &mode).map(|_| 0)
         }

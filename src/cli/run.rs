@@ -47,6 +47,14 @@ pub struct RunArgs {
     pub cmd: Vec<String>,
 }
 
+/// An in-process monitor: the monitor, its socket, its thread, its private directory.
+type Embedded = (
+    Arc<Monitor>,
+    Arc<Listener>,
+    std::thread::JoinHandle<()>,
+    PathBuf,
+);
+
 static CHILD_PID: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn forward_signal(sig: i32) {
@@ -64,7 +72,11 @@ pub fn find_shim() -> anyhow::Result<PathBuf> {
     }
     let exe = std::env::current_exe().context("locating the uswap executable")?;
     let dir = exe.parent().context("executable has no directory")?;
-    for cand in [dir.join("libuswap_shim.so"), dir.join("../libuswap_shim.so"), dir.join("../lib/uswap/libuswap_shim.so")] {
+    for cand in [
+        dir.join("libuswap_shim.so"),
+        dir.join("../libuswap_shim.so"),
+        dir.join("../lib/uswap/libuswap_shim.so"),
+    ] {
         if cand.exists() {
             return Ok(cand);
         }
@@ -78,8 +90,11 @@ fn overrides_text(args: &RunArgs) -> anyhow::Result<String> {
     let mut table = toml::Table::new();
     if let Some(file) = &args.config {
         config::validate_file(file).map_err(|e| UsageError(e.to_string()))?;
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        table = text.parse().map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        table = text
+            .parse()
+            .map_err(|e| UsageError(format!("{}: {e}", file.display())))?;
     }
     let mut check = Overrides::default();
     let mut set = |k: &str, v: &str| -> anyhow::Result<()> {
@@ -88,7 +103,9 @@ fn overrides_text(args: &RunArgs) -> anyhow::Result<String> {
         Ok(())
     };
     for kv in &args.set {
-        let (k, v) = kv.split_once('=').ok_or_else(|| UsageError(format!("--set {kv}: expected KEY=VALUE")))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| UsageError(format!("--set {kv}: expected KEY=VALUE")))?;
         set(k.trim(), v.trim())?;
     }
     if let Some(b) = &args.budget {
@@ -105,7 +122,12 @@ fn print_summary(r: &ClientReport, wall: Duration) {
     let budget = r.budget_bytes.map_or("none".to_string(), mib);
     let st = &r.store;
     let held = st.slab_bytes_mapped + r.pages_in_window * 4096;
-    eprintln!("uswap: {} (pid {}) ran {:.1} s", r.name, r.pid, wall.as_secs_f64());
+    eprintln!(
+        "uswap: {} (pid {}) ran {:.1} s",
+        r.name,
+        r.pid,
+        wall.as_secs_f64()
+    );
     eprintln!(
         "  managed RSS   peak {}, final {} (budget {})",
         mib(r.peak_rss_anon_bytes),
@@ -129,7 +151,12 @@ fn print_summary(r: &ClientReport, wall: Duration) {
     );
     eprintln!(
         "  faults        {} (fresh {}, window {}, store {}), service p50 {:.1} us, p99 {:.1} us",
-        r.faults, r.faults_zero, r.faults_window, r.faults_store, r.fault_latency.p50_us, r.fault_latency.p99_us
+        r.faults,
+        r.faults_zero,
+        r.faults_window,
+        r.faults_store,
+        r.fault_latency.p50_us,
+        r.fault_latency.p99_us
     );
     if let Some(saved) = r.saved_at_peak_bytes() {
         eprintln!("  memory saved  {} at the deepest point (program memory out of RAM minus what uswap held for it)", mib(saved));
@@ -144,7 +171,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let p = crate::protocol::default_socket_path();
         crate::monitor::connect(&p).is_ok().then_some(p)
     });
-    let mut embedded: Option<(Arc<Monitor>, Arc<Listener>, std::thread::JoinHandle<()>, PathBuf)> = None;
+    let mut embedded: Option<Embedded> = None;
     let socket = match &daemon_socket {
         Some(p) => p.clone(),
         None => {
@@ -160,11 +187,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             let m = Arc::clone(&monitor);
             let lfd_path = listener.path().to_path_buf();
             let l = Arc::clone(&listener);
-            let handle = std::thread::Builder::new().name("uswap-monitor".into()).spawn(move || {
-                if let Err(e) = m.serve(&l) {
-                    tracing::error!("embedded monitor: {e:#}");
-                }
-            })?;
+            let handle = std::thread::Builder::new()
+                .name("uswap-monitor".into())
+                .spawn(move || {
+                    if let Err(e) = m.serve(&l) {
+                        tracing::error!("embedded monitor: {e:#}");
+                    }
+                })?;
             embedded = Some((monitor, listener, handle, dir));
             lfd_path
         }
@@ -196,7 +225,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let status = child.wait().context("waiting for the program")?;
     let wall = started.elapsed();
-    let code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
 
     let reports: Vec<ClientReport> = match &embedded {
         Some((monitor, _, _, _)) => {
@@ -210,13 +241,19 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if !args.quiet {
         match (mine.first(), &daemon_socket) {
             (Some(r), _) => print_summary(r, wall),
-            (None, Some(p)) => eprintln!("uswap: managed by the daemon on {}; see `uswap status`", p.display()),
-            (None, None) => eprintln!("uswap: the program did not attach to the monitor (see the line above)"),
+            (None, Some(p)) => eprintln!(
+                "uswap: managed by the daemon on {}; see `uswap status`",
+                p.display()
+            ),
+            (None, None) => {
+                eprintln!("uswap: the program did not attach to the monitor (see the line above)")
+            }
         }
     }
     if let Some(path) = &args.stats_json {
         let json = serde_json::json!({ "exit_code": code, "wall_s": wall.as_secs_f64(), "clients": reports });
-        std::fs::write(path, serde_json::to_vec_pretty(&json)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some((monitor, listener, handle, dir)) = embedded {
         monitor.stop();
@@ -233,12 +270,22 @@ extern "C" fn on_stop(_: i32) {
     STOP.store(1, Ordering::Relaxed);
 }
 
-pub fn daemon(socket: Option<PathBuf>, config_dir: Option<PathBuf>, mode: &str) -> anyhow::Result<()> {
-    let mode = u32::from_str_radix(mode, 8).map_err(|_| UsageError(format!("--mode {mode}: expected an octal mode like 600 or 660")))?;
+pub fn daemon(
+    socket: Option<PathBuf>,
+    config_dir: Option<PathBuf>,
+    mode: &str,
+) -> anyhow::Result<()> {
+    let mode = u32::from_str_radix(mode, 8).map_err(|_| {
+        UsageError(format!(
+            "--mode {mode}: expected an octal mode like 600 or 660"
+        ))
+    })?;
     let path = socket.unwrap_or_else(crate::protocol::default_socket_path);
     let config_dir = config_dir.or_else(super::default_config_dir);
     if let Some(d) = &config_dir {
-        for entry in std::fs::read_dir(d).with_context(|| format!("reading config dir {}", d.display()))? {
+        for entry in
+            std::fs::read_dir(d).with_context(|| format!("reading config dir {}", d.display()))?
+        {
             let p = entry?.path();
             if p.extension().is_some_and(|e| e == "toml") {
                 config::validate_file(&p).map_err(|e| UsageError(e.to_string()))?;
@@ -246,7 +293,11 @@ pub fn daemon(socket: Option<PathBuf>, config_dir: Option<PathBuf>, mode: &str) 
         }
     }
     let listener = Listener::bind(&path, mode)?;
-    let monitor = Monitor::new(MonitorOptions { config_dir: config_dir.clone(), overrides: Overrides::default(), keep_finished: 256 });
+    let monitor = Monitor::new(MonitorOptions {
+        config_dir: config_dir.clone(),
+        overrides: Overrides::default(),
+        keep_finished: 256,
+    });
     tracing::info!(socket = %path.display(), config_dir = ?config_dir, "uswap daemon listening");
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
@@ -262,7 +313,10 @@ pub fn daemon(socket: Option<PathBuf>, config_dir: Option<PathBuf>, mode: &str) 
     });
     monitor.serve(&listener)?;
     if monitor.live_clients() > 0 {
-        tracing::warn!(clients = monitor.live_clients(), "stopping with clients attached; they keep being served until they exit");
+        tracing::warn!(
+            clients = monitor.live_clients(),
+            "stopping with clients attached; they keep being served until they exit"
+        );
         monitor.wait_idle(Duration::from_secs(u64::MAX / 4));
     }
     Ok(())

@@ -7,19 +7,36 @@ use anyhow::Context;
 use crate::monitor::query_status;
 
 fn mib(v: &serde_json::Value) -> String {
-    v.as_u64().map_or("-".into(), |b| format!("{:.1}", b as f64 / (1 << 20) as f64))
+    v.as_u64().map_or("-".into(), |b| {
+        format!("{:.1}", b as f64 / (1 << 20) as f64)
+    })
 }
 
 pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     let path = socket.unwrap_or_else(crate::protocol::default_socket_path);
-    let reports = query_status(&path).with_context(|| format!("no daemon answers on {} (start one with `uswap daemon`)", path.display()))?;
+    let reports = query_status(&path).with_context(|| {
+        format!(
+            "no daemon answers on {} (start one with `uswap daemon`)",
+            path.display()
+        )
+    })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
     }
     println!(
         "{:>5} {:>7} {:<16} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9}",
-        "ID", "PID", "NAME", "LIVE", "RSS MiB", "BUDGET", "STORE MiB", "WINDOW", "RATIO", "FAULTS", "P99 µs"
+        "ID",
+        "PID",
+        "NAME",
+        "LIVE",
+        "RSS MiB",
+        "BUDGET",
+        "STORE MiB",
+        "WINDOW",
+        "RATIO",
+        "FAULTS",
+        "P99 µs"
     );
     for r in &reports {
         let store_out = r["store"]["bytes_out"].clone();
@@ -27,8 +44,17 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
             "{:>5} {:>7} {:<16} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6.2} {:>9} {:>9.1}",
             r["id"],
             r["pid"],
-            r["name"].as_str().unwrap_or("?").chars().take(16).collect::<String>(),
-            if r["alive"].as_bool() == Some(true) { "yes" } else { "no" },
+            r["name"]
+                .as_str()
+                .unwrap_or("?")
+                .chars()
+                .take(16)
+                .collect::<String>(),
+            if r["alive"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            },
             mib(&r["rss_anon_bytes"]),
             mib(&r["budget_bytes"]),
             mib(&store_out),

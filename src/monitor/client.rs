@@ -121,8 +121,16 @@ fn policy_params(cfg: &ProgramConfig) -> PolicyParams {
 impl Client {
     /// Sets up the window for a client whose `Hello` was accepted. Returns the client and the
     /// window memfd to send in the acknowledgement.
-    pub fn new(id: u64, pid: i32, uid: u32, name: String, cfg: ProgramConfig, uffd: Uffd) -> anyhow::Result<(Client, OwnedFd)> {
-        let slots = ((cfg.window_bytes as usize) / PAGE_SIZE).clamp(shm::MAX_BATCH_PAGES, super::pages::MAX_SLOTS);
+    pub fn new(
+        id: u64,
+        pid: i32,
+        uid: u32,
+        name: String,
+        cfg: ProgramConfig,
+        uffd: Uffd,
+    ) -> anyhow::Result<(Client, OwnedFd)> {
+        let slots = ((cfg.window_bytes as usize) / PAGE_SIZE)
+            .clamp(shm::MAX_BATCH_PAGES, super::pages::MAX_SLOTS);
         let len = shm::window_len_bytes(slots);
         // SAFETY: memfd_create with a static name and flags.
         let memfd = unsafe { libc::memfd_create(c"uswap-window".as_ptr(), libc::MFD_CLOEXEC) };
@@ -137,7 +145,14 @@ impl Client {
         }
         // SAFETY: a new shared mapping of our memfd at an address the kernel picks.
         let base = unsafe {
-            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, memfd.as_raw_fd(), 0)
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
         };
         if base == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error()).context("mapping the window");
@@ -146,7 +161,9 @@ impl Client {
         // only when the client is dropped.
         let win = unsafe { Window::new(base.cast(), len) };
         win.init();
-        let store = Store::new(StoreConfig { max_bytes: cfg.max_store_bytes });
+        let store = Store::new(StoreConfig {
+            max_bytes: cfg.max_store_bytes,
+        });
         let state = State {
             pages: Pages::new(slots),
             store,
@@ -200,17 +217,30 @@ impl Client {
         self.request_agent(shm::REQ_RESCAN | shm::REQ_RSS);
         loop {
             let timeout = next_tick.saturating_duration_since(Instant::now());
-            let mut pfd = libc::pollfd { fd: sock, events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: sock,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: polling one pollfd on our stack.
-            let rc = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+            let rc = unsafe {
+                libc::poll(
+                    &mut pfd,
+                    1,
+                    timeout.as_millis().min(i32::MAX as u128) as i32,
+                )
+            };
             if rc > 0 {
-                let Some(got) = recv_packet(sock, &mut buf, libc::MSG_DONTWAIT).context("reading the client's socket")? else {
+                let Some(got) = recv_packet(sock, &mut buf, libc::MSG_DONTWAIT)
+                    .context("reading the client's socket")?
+                else {
                     return Ok(()); // end of stream: the program exited or exec'd
                 };
                 if got.fd_count() > 0 {
                     bail!("client sent descriptors after the handshake");
                 }
-                let msg = Msg::decode(&buf[..got.len]).context("malformed message from the client")?;
+                let msg =
+                    Msg::decode(&buf[..got.len]).context("malformed message from the client")?;
                 self.handle_msg(sock, msg)?;
             }
             if Instant::now() >= next_tick {
@@ -228,28 +258,48 @@ impl Client {
         match msg {
             Msg::Regions(r) => {
                 let mut st = self.state.lock();
-                let done = st.regions.feed(r.snapshot, r.flags & REGIONS_FIRST != 0, r.flags & REGIONS_LAST != 0, r.iter(), self.cfg.min_region_bytes);
+                let done = st.regions.feed(
+                    r.snapshot,
+                    r.flags & REGIONS_FIRST != 0,
+                    r.flags & REGIONS_LAST != 0,
+                    r.iter(),
+                    self.cfg.min_region_bytes,
+                );
                 if done {
-                    debug!(client = self.id, managed_bytes = st.regions.managed_bytes(), "region snapshot");
+                    debug!(
+                        client = self.id,
+                        managed_bytes = st.regions.managed_bytes(),
+                        "region snapshot"
+                    );
                 }
             }
             Msg::ForkPrepare => {
                 let (status, restored) = match self.bring_all_home() {
                     Ok(n) => (0, n),
                     Err(e) => {
-                        warn!(client = self.id, "bringing pages home before fork failed: {e:#}");
+                        warn!(
+                            client = self.id,
+                            "bringing pages home before fork failed: {e:#}"
+                        );
                         (libc::EIO, 0)
                     }
                 };
                 let mut out = [0u8; 64];
-                let n = Msg::ForkReady { status, pages_restored: restored }.encode(&mut out)?;
+                let n = Msg::ForkReady {
+                    status,
+                    pages_restored: restored,
+                }
+                .encode(&mut out)?;
                 send_packet(sock, &out[..n], &[]).context("answering ForkPrepare")?;
             }
             Msg::ForkDone { .. } => {
                 self.state.lock().paused = false;
             }
             Msg::Bye { .. } => {}
-            other => bail!("unexpected message kind {} after the handshake", other.kind()),
+            other => bail!(
+                "unexpected message kind {} after the handshake",
+                other.kind()
+            ),
         }
         Ok(())
     }
@@ -321,7 +371,9 @@ impl Client {
         let rss = win.rss_anon_bytes().load(Ordering::Relaxed);
         if rss_seq != self.last_rss_seq.swap(rss_seq, Ordering::Relaxed) {
             self.counters.rss_anon_bytes.store(rss, Ordering::Relaxed);
-            self.counters.peak_rss_anon_bytes.fetch_max(rss, Ordering::Relaxed);
+            self.counters
+                .peak_rss_anon_bytes
+                .fetch_max(rss, Ordering::Relaxed);
         }
         self.compress_cooled();
         {
@@ -329,13 +381,21 @@ impl Client {
             let c = st.pages.counts();
             let out_of_ram = (c.window + c.stored) * PAGE_BYTES;
             let stats = st.store.stats();
-            let held = c.window * PAGE_BYTES + stats.slab_bytes_mapped + stats.metadata_bytes + st.pages.metadata_bytes();
-            self.counters.peak_saved_bytes.fetch_max(out_of_ram.saturating_sub(held), Ordering::Relaxed);
+            let held = c.window * PAGE_BYTES
+                + stats.slab_bytes_mapped
+                + stats.metadata_bytes
+                + st.pages.metadata_bytes();
+            self.counters
+                .peak_saved_bytes
+                .fetch_max(out_of_ram.saturating_sub(held), Ordering::Relaxed);
         }
         if self.cfg.budget_bytes.is_some() {
             self.evict(rss);
         }
-        self.counters.agent_busy_ns.store(win.agent_busy_ns().load(Ordering::Relaxed), Ordering::Relaxed);
+        self.counters.agent_busy_ns.store(
+            win.agent_busy_ns().load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
     }
 
     fn evict(&self, rss: u64) {
@@ -359,8 +419,12 @@ impl Client {
                 break;
             }
             let st_ref = &mut *st;
-            let mut view = View { pages: &mut st_ref.pages };
-            let runs = st_ref.policy.sweep(now_ms, &regions, &mut view, chunk, chunk * 16 + 4096);
+            let mut view = View {
+                pages: &mut st_ref.pages,
+            };
+            let runs = st_ref
+                .policy
+                .sweep(now_ms, &regions, &mut view, chunk, chunk * 16 + 4096);
             if runs.is_empty() {
                 break;
             }
@@ -368,12 +432,23 @@ impl Client {
             let mut desc_runs: Vec<shm::Run> = Vec::new();
             let mut slots_in_order = Vec::new();
             for run in runs {
-                let Some(region) = st.regions.containing(run.addr) else { continue };
+                let Some(region) = st.regions.containing(run.addr) else {
+                    continue;
+                };
                 if !st.regions.is_registered(&region) {
-                    match self.uffd.register(region.start, region.end - region.start, sys::UFFDIO_REGISTER_MODE_MISSING) {
+                    match self.uffd.register(
+                        region.start,
+                        region.end - region.start,
+                        sys::UFFDIO_REGISTER_MODE_MISSING,
+                    ) {
                         Ok(_) => st.regions.mark_registered(region.clone()),
                         Err(e) => {
-                            debug!(client = self.id, start = region.start, end = region.end, "register refused: {e}");
+                            debug!(
+                                client = self.id,
+                                start = region.start,
+                                end = region.end,
+                                "register refused: {e}"
+                            );
                             Counters::add(&self.counters.register_errors, 1);
                             st.regions.drop_range(&region);
                             continue;
@@ -382,18 +457,22 @@ impl Client {
                 }
                 // Split the run where its slots stop being contiguous.
                 for i in 0..run.pages as u64 {
-                    if desc_runs.len() >= shm::MAX_RUNS && desc_runs.last().is_none_or(|r: &shm::Run| r.pages == 0) {
-                        break;
-                    }
                     let addr = run.addr + i * PAGE_BYTES;
-                    let Some(slot) = st.pages.begin_evict(addr, seq) else { continue };
+                    let Some(slot) = st.pages.begin_evict(addr, seq) else {
+                        continue;
+                    };
                     let extend = desc_runs.last().is_some_and(|r| {
-                        r.addr + r.pages as u64 * PAGE_BYTES == addr && r.first_slot + r.pages == slot
+                        r.addr + r.pages as u64 * PAGE_BYTES == addr
+                            && r.first_slot + r.pages == slot
                     });
                     if extend {
                         desc_runs.last_mut().expect("checked").pages += 1;
                     } else if desc_runs.len() < shm::MAX_RUNS {
-                        desc_runs.push(shm::Run { addr, pages: 1, first_slot: slot });
+                        desc_runs.push(shm::Run {
+                            addr,
+                            pages: 1,
+                            first_slot: slot,
+                        });
                     } else {
                         // Out of run descriptors: give the page back.
                         st.pages.release_slot_if(slot, seq);
@@ -406,7 +485,8 @@ impl Client {
                 break;
             }
             let posted = slots_in_order.len() as u64;
-            win.desc(seq).write(seq, win.epoch().load(Ordering::Acquire), &desc_runs);
+            win.desc(seq)
+                .write(seq, win.epoch().load(Ordering::Acquire), &desc_runs);
             st.next_seq = seq + 1;
             st.inflight.push_back((seq, slots_in_order));
             win.post_seq().store(seq + 1, Ordering::Release);
@@ -426,7 +506,12 @@ impl Client {
         {
             let mut st = self.state.lock();
             let min_free = st.pages.slot_count() / 4;
-            st.pages.pop_cooled(now_ms.saturating_sub(cooling_ms), min_free.max(shm::MAX_BATCH_PAGES), 8192, &mut todo);
+            st.pages.pop_cooled(
+                now_ms.saturating_sub(cooling_ms),
+                min_free.max(shm::MAX_BATCH_PAGES),
+                8192,
+                &mut todo,
+            );
         }
         if todo.is_empty() {
             return;
@@ -440,7 +525,8 @@ impl Client {
                 // The slot is stable: only this thread reuses slots, and a fault that takes the
                 // page back only frees it.
                 // SAFETY: the slot pointer is inside the window mapping, valid for PAGE_SIZE bytes.
-                let page: &[u8; PAGE_SIZE] = unsafe { &*(self.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) };
+                let page: &[u8; PAGE_SIZE] =
+                    unsafe { &*(self.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) };
                 let enc = crate::store::encode(page, &mut scratch);
                 let out_len = match &enc {
                     crate::store::Encoded::SameFilled(_) => 0,
@@ -514,7 +600,15 @@ impl Client {
             events_remap: g(&c.events_remap),
             compression_ratio: {
                 let (i, o) = (g(&c.compressed_bytes_in), g(&c.compressed_bytes_out));
-                if o == 0 { if i == 0 { 0.0 } else { f64::INFINITY.min(i as f64) } } else { i as f64 / o as f64 }
+                if o == 0 {
+                    if i == 0 {
+                        0.0
+                    } else {
+                        f64::INFINITY.min(i as f64)
+                    }
+                } else {
+                    i as f64 / o as f64
+                }
             },
             peak_saved_bytes: g(&c.peak_saved_bytes),
             compressed_bytes_in: g(&c.compressed_bytes_in),
@@ -548,7 +642,9 @@ impl PageView for View<'_> {
     fn class(&self, page_addr: u64) -> PageClass {
         match self.pages.state(page_addr) {
             PageState::Absent { hot_since_ms: None } => PageClass::Candidate,
-            PageState::Absent { hot_since_ms: Some(ms) } => PageClass::Hot { since_ms: ms },
+            PageState::Absent {
+                hot_since_ms: Some(ms),
+            } => PageClass::Hot { since_ms: ms },
             _ => PageClass::Busy,
         }
     }

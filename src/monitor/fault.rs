@@ -53,9 +53,21 @@ pub fn run(client: Arc<Client>) -> &'static str {
         }
         let timeout_ms = if pending.is_empty() { 200 } else { 1 };
         let mut pfds = [
-            libc::pollfd { fd: uffd_fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: done_fd, events: libc::POLLIN, revents: 0 },
-            libc::pollfd { fd: cmd_fd, events: libc::POLLIN, revents: 0 },
+            libc::pollfd {
+                fd: uffd_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: done_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: cmd_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         // SAFETY: polling three pollfds on our stack.
         unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout_ms) };
@@ -72,18 +84,24 @@ pub fn run(client: Arc<Client>) -> &'static str {
                 let n = match client.uffd.read_events(&mut raw, &mut events) {
                     Ok(n) => n,
                     Err(e) => {
-                        win.read_end().store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
+                        win.read_end()
+                            .store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
                         warn!(client = client.id, "reading the userfaultfd: {e}");
                         return "userfaultfd read failed";
                     }
                 };
                 let t_read = Instant::now();
                 apply_events(&client, &events[..n]);
-                win.read_end().store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
+                win.read_end()
+                    .store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
                 for ev in &events[..n] {
                     if let Event::Pagefault { addr, .. } = *ev {
                         Counters::add(&client.counters.faults, 1);
-                        pending.push(Pending { addr, since: t_read, waited: false });
+                        pending.push(Pending {
+                            addr,
+                            since: t_read,
+                            waited: false,
+                        });
                     }
                 }
                 if n < MSGS_PER_READ {
@@ -185,7 +203,11 @@ fn complete_batches(client: &Client) {
         let desc = win.desc(seq);
         let c = &client.counters;
         for (i, slot) in slots.iter().enumerate() {
-            let r = if desc.seq() == seq { desc.result(i) } else { shm::RESULT_FAILED };
+            let r = if desc.seq() == seq {
+                desc.result(i)
+            } else {
+                shm::RESULT_FAILED
+            };
             let moved = r == shm::RESULT_MOVED;
             match r {
                 shm::RESULT_MOVED => Counters::add(&c.pages_moved, 1),
@@ -195,7 +217,8 @@ fn complete_batches(client: &Client) {
                 shm::RESULT_DISCARDED => Counters::add(&c.pages_discarded, 1),
                 _ => Counters::add(&c.pages_failed, 1),
             }
-            st.pages.complete(*slot, seq, moved, now_ms, r == shm::RESULT_BUSY);
+            st.pages
+                .complete(*slot, seq, moved, now_ms, r == shm::RESULT_BUSY);
         }
     }
 }
@@ -209,8 +232,13 @@ enum Served {
 
 fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
     let mut st = client.state.lock();
-    let region_end = st.regions.containing(addr).map_or(addr + PAGE_BYTES, |r| r.end);
-    let plan = st.pages.plan_fault(addr, client.cfg.fill_ahead_pages as u64, region_end);
+    let region_end = st
+        .regions
+        .containing(addr)
+        .map_or(addr + PAGE_BYTES, |r| r.end);
+    let plan = st
+        .pages
+        .plan_fault(addr, client.cfg.fill_ahead_pages as u64, region_end);
     let c = &client.counters;
     let result = match plan {
         FaultPlan::Wait { .. } => return Served::Wait,
@@ -236,12 +264,17 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
                 if n > 0 && a >= region_end {
                     break;
                 }
-                let dst: &mut [u8; PAGE_SIZE] = (&mut buf[n as usize * PAGE_SIZE..(n as usize + 1) * PAGE_SIZE]).try_into().expect("one page");
+                let dst: &mut [u8; PAGE_SIZE] = (&mut buf
+                    [n as usize * PAGE_SIZE..(n as usize + 1) * PAGE_SIZE])
+                    .try_into()
+                    .expect("one page");
                 match st.pages.state(a) {
                     PageState::Window { slot, .. } => {
                         // SAFETY: the slot lies inside the window mapping; the page is ours to
                         // read while we hold the lock (the slot cannot be reused meanwhile).
-                        let src = unsafe { &*(client.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) };
+                        let src = unsafe {
+                            &*(client.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE])
+                        };
                         dst.copy_from_slice(src);
                     }
                     PageState::Stored(h) => {

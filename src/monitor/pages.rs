@@ -63,9 +63,15 @@ impl PageState {
     fn encode(self) -> u64 {
         match self {
             PageState::Absent { hot_since_ms: None } => 0,
-            PageState::Absent { hot_since_ms: Some(ms) } => ((ms << 1) | 1) & PAYLOAD_MASK,
-            PageState::Moving { gen, slot } => (TAG_MOVING << TAG_SHIFT) | ((gen & GEN_MASK) << SLOT_BITS) | slot as u64,
-            PageState::Window { gen, slot } => (TAG_WINDOW << TAG_SHIFT) | ((gen & GEN_MASK) << SLOT_BITS) | slot as u64,
+            PageState::Absent {
+                hot_since_ms: Some(ms),
+            } => ((ms << 1) | 1) & PAYLOAD_MASK,
+            PageState::Moving { gen, slot } => {
+                (TAG_MOVING << TAG_SHIFT) | ((gen & GEN_MASK) << SLOT_BITS) | slot as u64
+            }
+            PageState::Window { gen, slot } => {
+                (TAG_WINDOW << TAG_SHIFT) | ((gen & GEN_MASK) << SLOT_BITS) | slot as u64
+            }
             PageState::Stored(h) => {
                 let bits = h.to_bits();
                 debug_assert_eq!(bits & !PAYLOAD_MASK, 0, "store handles fit in 61 bits");
@@ -77,10 +83,18 @@ impl PageState {
     fn decode(w: u64) -> PageState {
         let payload = w & PAYLOAD_MASK;
         match w >> TAG_SHIFT {
-            TAG_ABSENT if payload & 1 == 1 => PageState::Absent { hot_since_ms: Some(payload >> 1) },
+            TAG_ABSENT if payload & 1 == 1 => PageState::Absent {
+                hot_since_ms: Some(payload >> 1),
+            },
             TAG_ABSENT => PageState::Absent { hot_since_ms: None },
-            TAG_MOVING => PageState::Moving { gen: payload >> SLOT_BITS, slot: (payload & SLOT_MASK) as u32 },
-            TAG_WINDOW => PageState::Window { gen: payload >> SLOT_BITS, slot: (payload & SLOT_MASK) as u32 },
+            TAG_MOVING => PageState::Moving {
+                gen: payload >> SLOT_BITS,
+                slot: (payload & SLOT_MASK) as u32,
+            },
+            TAG_WINDOW => PageState::Window {
+                gen: payload >> SLOT_BITS,
+                slot: (payload & SLOT_MASK) as u32,
+            },
             TAG_STORED => PageState::Stored(Handle::from_bits(payload)),
             _ => unreachable!("tags 4..7 are never written: encode() produces only 0..=3"),
         }
@@ -143,7 +157,10 @@ pub struct Pages {
 }
 
 fn chunk_of(addr: u64) -> (u64, usize) {
-    (addr & !(CHUNK_BYTES - 1), ((addr % CHUNK_BYTES) / PAGE_BYTES) as usize)
+    (
+        addr & !(CHUNK_BYTES - 1),
+        ((addr % CHUNK_BYTES) / PAGE_BYTES) as usize,
+    )
 }
 
 impl Pages {
@@ -151,7 +168,14 @@ impl Pages {
         assert!(slot_count <= MAX_SLOTS);
         Pages {
             chunks: BTreeMap::new(),
-            slots: vec![Slot { addr: 0, gen: 0, in_use: false }; slot_count],
+            slots: vec![
+                Slot {
+                    addr: 0,
+                    gen: 0,
+                    in_use: false
+                };
+                slot_count
+            ],
             free_slots: (0..slot_count as u32).rev().collect(),
             cooling: VecDeque::new(),
             counts: PageCounts::default(),
@@ -198,7 +222,9 @@ impl Pages {
             }
             return;
         }
-        self.chunks.entry(base).or_insert_with(|| Box::new([0; CHUNK_PAGES]))[idx] = w;
+        self.chunks
+            .entry(base)
+            .or_insert_with(|| Box::new([0; CHUNK_PAGES]))[idx] = w;
     }
 
     fn count(&mut self, s: PageState, d: i64) {
@@ -213,7 +239,11 @@ impl Pages {
 
     fn take_slot(&mut self, addr: u64, gen: u64) -> Option<u32> {
         let s = self.free_slots.pop()?;
-        self.slots[s as usize] = Slot { addr, gen: gen & GEN_MASK, in_use: true };
+        self.slots[s as usize] = Slot {
+            addr,
+            gen: gen & GEN_MASK,
+            in_use: true,
+        };
         Some(s)
     }
 
@@ -232,7 +262,13 @@ impl Pages {
             return None;
         }
         let slot = self.take_slot(addr, gen)?;
-        self.set(addr, PageState::Moving { gen: gen & GEN_MASK, slot });
+        self.set(
+            addr,
+            PageState::Moving {
+                gen: gen & GEN_MASK,
+                slot,
+            },
+        );
         Some(slot)
     }
 
@@ -248,20 +284,34 @@ impl Pages {
         let Some(addr) = self.slot_owner(slot, gen) else {
             return false;
         };
-        let current = PageState::Moving { gen: gen & GEN_MASK, slot };
+        let current = PageState::Moving {
+            gen: gen & GEN_MASK,
+            slot,
+        };
         if self.state(addr) != current {
             // Stale: the page was removed or unmapped meanwhile; its bytes are not wanted.
             self.free_slot(slot);
             return false;
         }
         if moved {
-            self.set(addr, PageState::Window { gen: gen & GEN_MASK, slot });
+            self.set(
+                addr,
+                PageState::Window {
+                    gen: gen & GEN_MASK,
+                    slot,
+                },
+            );
             self.cooling.push_back((slot, gen & GEN_MASK, now_ms));
             true
         } else {
             // Nothing there, or refused: the kernel keeps it. A busy page is skipped by the
             // clock hand for a while, like a hot one.
-            self.set(addr, PageState::Absent { hot_since_ms: busy.then_some(now_ms) });
+            self.set(
+                addr,
+                PageState::Absent {
+                    hot_since_ms: busy.then_some(now_ms),
+                },
+            );
             self.free_slot(slot);
             false
         }
@@ -271,7 +321,12 @@ impl Pages {
     pub fn release_slot_if(&mut self, slot: u32, gen: u64) {
         if self.slot_owner(slot, gen).is_some() {
             let addr = self.slots[slot as usize].addr;
-            if self.state(addr) == (PageState::Moving { gen: gen & GEN_MASK, slot }) {
+            if self.state(addr)
+                == (PageState::Moving {
+                    gen: gen & GEN_MASK,
+                    slot,
+                })
+            {
                 self.set(addr, PageState::Absent { hot_since_ms: None });
             }
             self.free_slot(slot);
@@ -303,7 +358,12 @@ impl Pages {
     /// blob to free.
     pub fn faulted_in(&mut self, addr: u64, now_ms: u64) -> Released {
         let old = self.state(addr);
-        self.set(addr, PageState::Absent { hot_since_ms: Some(now_ms) });
+        self.set(
+            addr,
+            PageState::Absent {
+                hot_since_ms: Some(now_ms),
+            },
+        );
         match old {
             PageState::Window { slot, .. } => {
                 self.free_slot(slot);
@@ -318,7 +378,11 @@ impl Pages {
     /// holds for it is dropped. Calls `release` for each blob.
     pub fn discard_range(&mut self, start: u64, end: u64, mut release: impl FnMut(Handle)) {
         let start = start & !(PAGE_BYTES - 1);
-        let bases: Vec<u64> = self.chunks.range(start & !(CHUNK_BYTES - 1)..end).map(|(b, _)| *b).collect();
+        let bases: Vec<u64> = self
+            .chunks
+            .range(start & !(CHUNK_BYTES - 1)..end)
+            .map(|(b, _)| *b)
+            .collect();
         for base in bases {
             let lo = base.max(start);
             let hi = (base + CHUNK_BYTES).min(end);
@@ -326,7 +390,9 @@ impl Pages {
             while a < hi {
                 match self.state(a) {
                     PageState::Absent { hot_since_ms: None } => {}
-                    PageState::Absent { .. } => self.set(a, PageState::Absent { hot_since_ms: None }),
+                    PageState::Absent { .. } => {
+                        self.set(a, PageState::Absent { hot_since_ms: None })
+                    }
                     PageState::Moving { slot, .. } => {
                         // The agent's result for it will find the word changed and be dropped;
                         // the slot stays taken until then.
@@ -352,7 +418,11 @@ impl Pages {
     /// unmapped it).
     pub fn remap(&mut self, from: u64, to: u64, len: u64, mut release: impl FnMut(Handle)) {
         let mut moved = Vec::new();
-        let bases: Vec<u64> = self.chunks.range(from & !(CHUNK_BYTES - 1)..from + len).map(|(b, _)| *b).collect();
+        let bases: Vec<u64> = self
+            .chunks
+            .range(from & !(CHUNK_BYTES - 1)..from + len)
+            .map(|(b, _)| *b)
+            .collect();
         for base in bases {
             let lo = base.max(from);
             let hi = (base + CHUNK_BYTES).min(from + len);
@@ -378,11 +448,21 @@ impl Pages {
 
     /// Pops the cooling FIFO: pages that entered the window at or before `cooled_before_ms`, or
     /// the oldest ones while fewer than `min_free` slots are free. Returns (addr, slot, gen).
-    pub fn pop_cooled(&mut self, cooled_before_ms: u64, min_free: usize, max: usize, out: &mut Vec<(u64, u32, u64)>) {
+    pub fn pop_cooled(
+        &mut self,
+        cooled_before_ms: u64,
+        min_free: usize,
+        max: usize,
+        out: &mut Vec<(u64, u32, u64)>,
+    ) {
         let mut pressure = min_free.saturating_sub(self.free_slots.len());
         while out.len() < max {
-            let Some(&(slot, gen, entered_ms)) = self.cooling.front() else { break };
-            let live = self.slot_owner(slot, gen).filter(|a| self.state(*a) == (PageState::Window { gen, slot }));
+            let Some(&(slot, gen, entered_ms)) = self.cooling.front() else {
+                break;
+            };
+            let live = self
+                .slot_owner(slot, gen)
+                .filter(|a| self.state(*a) == (PageState::Window { gen, slot }));
             let Some(addr) = live else {
                 self.cooling.pop_front();
                 continue;
@@ -400,8 +480,15 @@ impl Pages {
     /// generation, it becomes `Stored` and its slot is freed; otherwise `h` is returned to be
     /// freed (the page was faulted in or discarded meanwhile).
     pub fn commit_stored(&mut self, slot: u32, gen: u64, h: Handle) -> Result<(), Handle> {
-        let Some(addr) = self.slot_owner(slot, gen) else { return Err(h) };
-        if self.state(addr) != (PageState::Window { gen: gen & GEN_MASK, slot }) {
+        let Some(addr) = self.slot_owner(slot, gen) else {
+            return Err(h);
+        };
+        if self.state(addr)
+            != (PageState::Window {
+                gen: gen & GEN_MASK,
+                slot,
+            })
+        {
             return Err(h);
         }
         self.set(addr, PageState::Stored(h));
@@ -416,7 +503,10 @@ impl Pages {
 
     /// Clears a hot mark (the clock hand's second chance).
     pub fn clear_hot(&mut self, addr: u64) {
-        if let PageState::Absent { hot_since_ms: Some(_) } = self.state(addr) {
+        if let PageState::Absent {
+            hot_since_ms: Some(_),
+        } = self.state(addr)
+        {
             self.set(addr, PageState::Absent { hot_since_ms: None });
         }
     }

@@ -45,7 +45,14 @@ fn subtract(r: Range<u64>, cuts: &[Range<u64>]) -> Vec<Range<u64>> {
 
 impl Regions {
     /// Feeds one `Regions` packet. Returns true when a snapshot completed.
-    pub fn feed(&mut self, snapshot: u32, first: bool, last: bool, entries: impl Iterator<Item = RegionEntry>, min_region_bytes: u64) -> bool {
+    pub fn feed(
+        &mut self,
+        snapshot: u32,
+        first: bool,
+        last: bool,
+        entries: impl Iterator<Item = RegionEntry>,
+        min_region_bytes: u64,
+    ) -> bool {
         if first {
             self.pending.clear();
             self.pending_snapshot = Some(snapshot);
@@ -58,8 +65,12 @@ impl Regions {
             return false;
         }
         self.pending_snapshot = None;
-        let excluded: Vec<Range<u64>> =
-            self.pending.iter().filter(|e| e.flags & REGION_EXCLUDED != 0).map(|e| e.start..e.start + e.len_bytes).collect();
+        let excluded: Vec<Range<u64>> = self
+            .pending
+            .iter()
+            .filter(|e| e.flags & REGION_EXCLUDED != 0)
+            .map(|e| e.start..e.start + e.len_bytes)
+            .collect();
         let mut managed = BTreeMap::new();
         for e in self.pending.iter().filter(|e| e.flags == REGION_MANAGED) {
             for r in subtract(e.start..e.start + e.len_bytes, &excluded) {
@@ -109,7 +120,12 @@ impl Regions {
     /// UNMAP/REMAP of `[start, end)`: the ranges that overlap it are gone until the next
     /// snapshot says otherwise.
     pub fn forget(&mut self, start: u64, end: u64) {
-        let gone: Vec<u64> = self.managed.range(..end).filter(|(s, e)| **s < end && start < **e).map(|(s, _)| *s).collect();
+        let gone: Vec<u64> = self
+            .managed
+            .range(..end)
+            .filter(|(s, e)| **s < end && start < **e)
+            .map(|(s, _)| *s)
+            .collect();
         for s in gone {
             self.managed.remove(&s);
             self.registered.remove(&s);
@@ -117,7 +133,9 @@ impl Regions {
     }
 
     pub fn is_excluded(&self, start: u64, end: u64) -> bool {
-        self.excluded.iter().any(|r| r.start <= start && end <= r.end)
+        self.excluded
+            .iter()
+            .any(|r| r.start <= start && end <= r.end)
     }
 }
 
@@ -126,13 +144,21 @@ mod tests {
     use super::*;
 
     fn e(start: u64, len: u64, flags: u64) -> RegionEntry {
-        RegionEntry { start, len_bytes: len, flags }
+        RegionEntry {
+            start,
+            len_bytes: len,
+            flags,
+        }
     }
 
     #[test]
     fn snapshot_subtracts_excluded_and_small_ranges() {
         let mut r = Regions::default();
-        let entries = [e(0x10000, 0x100000, REGION_MANAGED), e(0x20000, 0x1000, REGION_EXCLUDED), e(0x500000, 0x1000, REGION_MANAGED)];
+        let entries = [
+            e(0x10000, 0x100000, REGION_MANAGED),
+            e(0x20000, 0x1000, REGION_EXCLUDED),
+            e(0x500000, 0x1000, REGION_MANAGED),
+        ];
         assert!(r.feed(1, true, true, entries.into_iter(), 0x2000));
         assert_eq!(r.managed(), vec![0x21000..0x110000]);
         assert!(r.is_excluded(0x20000, 0x21000));
@@ -143,9 +169,27 @@ mod tests {
     #[test]
     fn chunks_of_a_snapshot_accumulate_and_strays_are_ignored() {
         let mut r = Regions::default();
-        assert!(!r.feed(2, false, true, [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(), 0));
-        assert!(!r.feed(3, true, false, [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(), 0));
-        assert!(r.feed(3, false, true, [e(0x100000, 0x10000, REGION_MANAGED)].into_iter(), 0));
+        assert!(!r.feed(
+            2,
+            false,
+            true,
+            [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(),
+            0
+        ));
+        assert!(!r.feed(
+            3,
+            true,
+            false,
+            [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(),
+            0
+        ));
+        assert!(r.feed(
+            3,
+            false,
+            true,
+            [e(0x100000, 0x10000, REGION_MANAGED)].into_iter(),
+            0
+        ));
         assert_eq!(r.managed().len(), 2);
         r.mark_registered(0x1000..0x11000);
         r.forget(0x2000, 0x3000);

@@ -64,13 +64,20 @@ fn sockaddr(path: &Path) -> anyhow::Result<(libc::sockaddr_un, libc::socklen_t)>
     // SAFETY: sockaddr_un is plain old data.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     if bytes.len() >= addr.sun_path.len() {
-        bail!("socket path {} is longer than {} bytes", path.display(), addr.sun_path.len() - 1);
+        bail!(
+            "socket path {} is longer than {} bytes",
+            path.display(),
+            addr.sun_path.len() - 1
+        );
     }
     addr.sun_family = libc::AF_UNIX as u16;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
-    Ok((addr, (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t))
+    Ok((
+        addr,
+        (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t,
+    ))
 }
 
 fn seqpacket_socket() -> anyhow::Result<OwnedFd> {
@@ -88,8 +95,16 @@ pub fn connect(path: &Path) -> anyhow::Result<OwnedFd> {
     let fd = seqpacket_socket()?;
     let (addr, len) = sockaddr(path)?;
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-    if unsafe { libc::connect(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) } < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("connecting to {}", path.display()));
+    if unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    } < 0
+    {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("connecting to {}", path.display()));
     }
     Ok(fd)
 }
@@ -102,7 +117,8 @@ impl Listener {
             if connect(path).is_ok() {
                 bail!("a monitor is already listening on {}", path.display());
             }
-            std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale socket {}", path.display()))?;
         }
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -112,19 +128,30 @@ impl Listener {
         // SAFETY: setting the umask around bind so the socket is never briefly world-accessible.
         let old = unsafe { libc::umask(0o177) };
         // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
-        let rc = unsafe { libc::bind(fd.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) };
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_un).cast(),
+                len,
+            )
+        };
         // SAFETY: restoring the previous umask.
         unsafe { libc::umask(old) };
         if rc < 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("binding {}", path.display()));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("binding {}", path.display()));
         }
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {}", path.display()))?;
         // SAFETY: listen on our bound socket.
         if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
             return Err(std::io::Error::last_os_error()).context("listen");
         }
-        Ok(Listener { fd, path: path.to_path_buf() })
+        Ok(Listener {
+            fd,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -138,7 +165,15 @@ fn peer_cred(fd: RawFd) -> (i32, u32) {
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: as above.
-    unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
     (cred.pid, cred.uid)
 }
 
@@ -165,13 +200,24 @@ impl Monitor {
     pub fn serve(self: &Arc<Self>, listener: &Listener) -> anyhow::Result<()> {
         let lfd = listener.fd.as_raw_fd();
         while !self.stopping.load(Ordering::Acquire) {
-            let mut pfd = libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd: lfd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: polling one pollfd on our stack.
             if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
                 continue;
             }
             // SAFETY: accept4 on our listening socket; returns a new descriptor or -1.
-            let fd = unsafe { libc::accept4(lfd, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+            let fd = unsafe {
+                libc::accept4(
+                    lfd,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                )
+            };
             if fd < 0 {
                 continue;
             }
@@ -208,17 +254,33 @@ impl Monitor {
     fn connection(self: &Arc<Self>, conn: OwnedFd) -> anyhow::Result<()> {
         let fd = conn.as_raw_fd();
         let (peer_pid, peer_uid) = peer_cred(fd);
-        let tv = libc::timeval { tv_sec: 5, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
         // SAFETY: setting a timeval option on our socket.
-        unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32) };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
         let mut buf = vec![0u8; MAX_MSG_LEN];
-        let Some(mut got) = recv_packet(fd, &mut buf, 0).context("reading the first packet")? else {
+        let Some(mut got) = recv_packet(fd, &mut buf, 0).context("reading the first packet")?
+        else {
             return Ok(());
         };
         let msg = match Msg::decode(&buf[..got.len]) {
             Ok(m) => m,
             Err(e) => {
-                send_error(fd, libc::EPROTO as u32, &format!("malformed first packet: {e}"));
+                send_error(
+                    fd,
+                    libc::EPROTO as u32,
+                    &format!("malformed first packet: {e}"),
+                );
                 bail!("peer pid {peer_pid} uid {peer_uid}: malformed first packet: {e}");
             }
         };
@@ -226,7 +288,11 @@ impl Monitor {
             Msg::StatusRequest { .. } => {
                 let json = serde_json::to_vec(&self.reports())?;
                 let mut out = vec![0u8; MAX_MSG_LEN];
-                let json = if json.len() > MAX_MSG_LEN - 64 { b"[]".to_vec() } else { json };
+                let json = if json.len() > MAX_MSG_LEN - 64 {
+                    b"[]".to_vec()
+                } else {
+                    json
+                };
                 let n = Msg::StatusReply { json: &json }.encode(&mut out)?;
                 send_packet(fd, &out[..n], &[])?;
                 Ok(())
@@ -237,25 +303,40 @@ impl Monitor {
                     bail!("peer pid {peer_pid}: Hello without a descriptor");
                 };
                 if got.fd_count() > 0 {
-                    send_error(fd, libc::EINVAL as u32, "Hello carries more than one descriptor");
+                    send_error(
+                        fd,
+                        libc::EINVAL as u32,
+                        "Hello carries more than one descriptor",
+                    );
                     bail!("peer pid {peer_pid}: Hello with extra descriptors");
                 }
                 let uffd = match Uffd::from_received(uffd_fd, h.uffd_features) {
                     Ok(u) => u,
                     Err(_) => {
-                        send_error(fd, libc::EBADF as u32, "the descriptor is not a userfaultfd");
+                        send_error(
+                            fd,
+                            libc::EBADF as u32,
+                            "the descriptor is not a userfaultfd",
+                        );
                         bail!("peer pid {peer_pid}: descriptor is not a userfaultfd");
                     }
                 };
                 let name = String::from_utf8_lossy(h.name).into_owned();
                 let app = String::from_utf8_lossy(h.app).into_owned();
-                let cfg = match self.client_config(if app.is_empty() { &name } else { &app }, h.overrides) {
+                let cfg = match self
+                    .client_config(if app.is_empty() { &name } else { &app }, h.overrides)
+                {
                     Ok(c) => c,
                     Err(e) => {
                         let text = format!("{e:#}");
                         let mut out = vec![0u8; 2048];
                         let t = &text.as_bytes()[..text.len().min(1800)];
-                        let n = Msg::HelloAck(HelloAck { status: libc::EINVAL, window_len_bytes: 0, text: t }).encode(&mut out)?;
+                        let n = Msg::HelloAck(HelloAck {
+                            status: libc::EINVAL,
+                            window_len_bytes: 0,
+                            text: t,
+                        })
+                        .encode(&mut out)?;
                         let _ = send_packet(fd, &out[..n], &[]);
                         bail!("client {name} (pid {peer_pid}): {text}");
                     }
@@ -264,16 +345,39 @@ impl Monitor {
                 let (client, memfd) = Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd)?;
                 let client = Arc::new(client);
                 let mut out = vec![0u8; 256];
-                let n = Msg::HelloAck(HelloAck { status: 0, window_len_bytes: client.win().len_bytes() as u64, text: b"" }).encode(&mut out)?;
-                send_packet(fd, &out[..n], &[memfd.as_raw_fd(), client.req_efd.as_raw_fd(), client.done_efd.as_raw_fd()])
-                    .context("sending HelloAck")?;
+                let n = Msg::HelloAck(HelloAck {
+                    status: 0,
+                    window_len_bytes: client.win().len_bytes() as u64,
+                    text: b"",
+                })
+                .encode(&mut out)?;
+                send_packet(
+                    fd,
+                    &out[..n],
+                    &[
+                        memfd.as_raw_fd(),
+                        client.req_efd.as_raw_fd(),
+                        client.done_efd.as_raw_fd(),
+                    ],
+                )
+                .context("sending HelloAck")?;
                 drop(memfd);
                 info!(client = id, pid = peer_pid, uid = peer_uid, name = %name, budget = ?client.cfg.budget_bytes, "client attached");
                 self.run_client(client, fd)
             }
             other => {
-                send_error(fd, libc::EPROTO as u32, &format!("first message must be Hello or StatusRequest, not kind {}", other.kind()));
-                bail!("peer pid {peer_pid}: unexpected first message kind {}", other.kind());
+                send_error(
+                    fd,
+                    libc::EPROTO as u32,
+                    &format!(
+                        "first message must be Hello or StatusRequest, not kind {}",
+                        other.kind()
+                    ),
+                );
+                bail!(
+                    "peer pid {peer_pid}: unexpected first message kind {}",
+                    other.kind()
+                );
             }
         }
     }
@@ -281,17 +385,23 @@ impl Monitor {
     fn client_config(&self, program: &str, overrides_text: &[u8]) -> anyhow::Result<ProgramConfig> {
         let mut client_over = Overrides::default();
         if !overrides_text.is_empty() {
-            let text = std::str::from_utf8(overrides_text).context("USWAP_OVERRIDES is not UTF-8")?;
-            let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("USWAP_OVERRIDES: TOML syntax error: {e}"))?;
+            let text =
+                std::str::from_utf8(overrides_text).context("USWAP_OVERRIDES is not UTF-8")?;
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("USWAP_OVERRIDES: TOML syntax error: {e}"))?;
             for (k, v) in table {
                 let s = match v {
                     toml::Value::String(s) => s,
                     other => other.to_string(),
                 };
-                client_over.set_str(&k, &s).map_err(|e| anyhow::anyhow!("USWAP_OVERRIDES: {e}"))?;
+                client_over
+                    .set_str(&k, &s)
+                    .map_err(|e| anyhow::anyhow!("USWAP_OVERRIDES: {e}"))?;
             }
         }
-        let (mut cfg, _files) = load_program_config(self.opts.config_dir.as_deref(), program, None, &client_over)?;
+        let (mut cfg, _files) =
+            load_program_config(self.opts.config_dir.as_deref(), program, None, &client_over)?;
         self.opts.overrides.apply_to(&mut cfg);
         Ok(cfg)
     }
@@ -303,9 +413,20 @@ impl Monitor {
             .name(format!("uswap-fault-{}", client.id))
             .spawn(move || super::fault::run(fault_client))
             .context("spawning the fault thread")?;
-        let tv = libc::timeval { tv_sec: 0, tv_usec: 0 };
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        };
         // SAFETY: setting a timeval option on our socket.
-        unsafe { libc::setsockopt(sock, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32) };
+        unsafe {
+            libc::setsockopt(
+                sock,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
         let result = client.control_loop(sock);
         if let Err(e) = &result {
             warn!(client = client.id, "disconnecting: {e:#}");
@@ -349,7 +470,8 @@ pub fn query_status(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     let mut buf = vec![0u8; MAX_MSG_LEN];
     let n = Msg::StatusRequest { flags: 0 }.encode(&mut buf)?;
     send_packet(fd.as_raw_fd(), &buf[..n], &[])?;
-    let got = recv_packet(fd.as_raw_fd(), &mut buf, 0)?.context("the monitor closed the connection")?;
+    let got =
+        recv_packet(fd.as_raw_fd(), &mut buf, 0)?.context("the monitor closed the connection")?;
     match Msg::decode(&buf[..got.len])? {
         Msg::StatusReply { json } => serde_json::from_slice(json).context("decoding status"),
         Msg::Error { text, .. } => bail!("monitor refused: {}", String::from_utf8_lossy(text)),

@@ -67,8 +67,15 @@ pub struct Latency {
 
 impl Default for Latency {
     fn default() -> Self {
-        let h = || Mutex::new(Histogram::new_with_bounds(100, 60_000_000_000, 2).expect("valid histogram bounds"));
-        Latency { fault_ns: h(), wait_ns: h() }
+        let h = || {
+            Mutex::new(
+                Histogram::new_with_bounds(100, 60_000_000_000, 2).expect("valid histogram bounds"),
+            )
+        };
+        Latency {
+            fault_ns: h(),
+            wait_ns: h(),
+        }
     }
 }
 

@@ -16,7 +16,10 @@ struct CmsgBuf([u8; CMSG_SPACE_FDS]);
 /// Sends one packet, attaching `fds` (at most [`MAX_FDS`]).
 pub fn send_packet(sock: RawFd, packet: &[u8], fds: &[RawFd]) -> io::Result<()> {
     assert!(fds.len() <= MAX_FDS);
-    let mut iov = libc::iovec { iov_base: packet.as_ptr() as *mut _, iov_len: packet.len() };
+    let mut iov = libc::iovec {
+        iov_base: packet.as_ptr() as *mut _,
+        iov_len: packet.len(),
+    };
     let mut cbuf = CmsgBuf([0; CMSG_SPACE_FDS]);
     // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -35,7 +38,11 @@ pub fn send_packet(sock: RawFd, packet: &[u8], fds: &[RawFd]) -> io::Result<()> 
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
             (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), fd_bytes as usize);
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                fd_bytes as usize,
+            );
         }
     }
     loop {
@@ -71,7 +78,10 @@ impl Received {
 /// `buf`, or with more descriptors than [`MAX_FDS`], is an `InvalidData` error (the excess
 /// descriptors are closed by the kernel or by us).
 pub fn recv_packet(sock: RawFd, buf: &mut [u8], flags: i32) -> io::Result<Option<Received>> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     let mut cbuf = CmsgBuf([0; CMSG_SPACE_FDS]);
     // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -90,7 +100,10 @@ pub fn recv_packet(sock: RawFd, buf: &mut [u8], flags: i32) -> io::Result<Option
             return Err(e);
         }
     };
-    let mut out = Received { len: n, fds: [None, None, None, None] };
+    let mut out = Received {
+        len: n,
+        fds: [None, None, None, None],
+    };
     let mut count = 0;
     let mut too_many = false;
     // SAFETY: the kernel filled msg_control with well-formed cmsgs of msg_controllen bytes;
@@ -119,7 +132,10 @@ pub fn recv_packet(sock: RawFd, buf: &mut [u8], flags: i32) -> io::Result<Option
         return Ok(None);
     }
     if msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) != 0 || too_many {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "packet or descriptor list truncated (oversized message)"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "packet or descriptor list truncated (oversized message)",
+        ));
     }
     Ok(Some(out))
 }

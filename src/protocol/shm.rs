@@ -179,8 +179,10 @@ impl Window {
     /// Written once by the monitor before sending the window.
     pub fn init(&self) {
         self.u64_at(OFF_MAGIC).store(SHM_MAGIC, Ordering::Relaxed);
-        self.u32_at(OFF_VERSION).store(SHM_VERSION, Ordering::Relaxed);
-        self.u32_at(OFF_SLOTS).store(self.slots() as u32, Ordering::Relaxed);
+        self.u32_at(OFF_VERSION)
+            .store(SHM_VERSION, Ordering::Relaxed);
+        self.u32_at(OFF_SLOTS)
+            .store(self.slots() as u32, Ordering::Relaxed);
     }
 
     /// Checked by the agent before use.
@@ -250,7 +252,10 @@ impl Window {
             if self.u64_at(o).load(Ordering::Relaxed) != seq {
                 return None; // overwritten meanwhile
             }
-            let (s, e) = (self.u64_at(o + 8).load(Ordering::Relaxed), self.u64_at(o + 16).load(Ordering::Relaxed));
+            let (s, e) = (
+                self.u64_at(o + 8).load(Ordering::Relaxed),
+                self.u64_at(o + 16).load(Ordering::Relaxed),
+            );
             if s < end && start < e {
                 return Some(true);
             }
@@ -270,7 +275,10 @@ impl Window {
 
     pub fn desc(&self, seq: u64) -> Desc<'_> {
         let idx = (seq % RING_LEN as u64) as usize;
-        Desc { w: self, off: 4096 * (1 + idx) }
+        Desc {
+            w: self,
+            off: 4096 * (1 + idx),
+        }
     }
 }
 
@@ -316,7 +324,11 @@ impl Desc<'_> {
     pub fn run(&self, i: usize) -> Run {
         assert!(i < MAX_RUNS);
         let o = D_RUNS + i * 16;
-        Run { addr: self.rd64(o), pages: self.rd32(o + 8), first_slot: self.rd32(o + 12) }
+        Run {
+            addr: self.rd64(o),
+            pages: self.rd32(o + 8),
+            first_slot: self.rd32(o + 12),
+        }
     }
 
     /// Monitor side: writes a whole batch (runs must total at most MAX_BATCH_PAGES pages).
@@ -370,7 +382,18 @@ mod tests {
         w.init();
         assert!(w.is_valid());
         assert_eq!(w.slots(), 16);
-        let runs = [Run { addr: 0x1000, pages: 3, first_slot: 0 }, Run { addr: 0x9000, pages: 2, first_slot: 3 }];
+        let runs = [
+            Run {
+                addr: 0x1000,
+                pages: 3,
+                first_slot: 0,
+            },
+            Run {
+                addr: 0x9000,
+                pages: 2,
+                first_slot: 3,
+            },
+        ];
         w.desc(9).write(9, 4, &runs);
         let d = w.desc(9);
         assert_eq!((d.seq(), d.epoch(), d.nruns(), d.npages()), (9, 4, 2, 5));

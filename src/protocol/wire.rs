@@ -121,11 +121,13 @@ impl<'a> Regions<'a> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = RegionEntry> + 'a {
-        self.entries.chunks_exact(REGION_ENTRY_LEN).map(|c| RegionEntry {
-            start: u64_at(c, 0),
-            len_bytes: u64_at(c, 8),
-            flags: u64_at(c, 16),
-        })
+        self.entries
+            .chunks_exact(REGION_ENTRY_LEN)
+            .map(|c| RegionEntry {
+                start: u64_at(c, 0),
+                len_bytes: u64_at(c, 8),
+                flags: u64_at(c, 16),
+            })
     }
 }
 
@@ -138,14 +140,28 @@ pub enum Msg<'a> {
     /// The client is about to fork: bring every evicted page home and pause eviction.
     ForkPrepare,
     /// The monitor's answer to `ForkPrepare`.
-    ForkReady { status: i32, pages_restored: u64 },
+    ForkReady {
+        status: i32,
+        pages_restored: u64,
+    },
     /// The fork is over (in the parent); eviction may resume.
-    ForkDone { child_pid: u32 },
+    ForkDone {
+        child_pid: u32,
+    },
     /// The client is exiting or exec'ing.
-    Bye { status: i32 },
-    StatusRequest { flags: u32 },
-    StatusReply { json: &'a [u8] },
-    Error { code: u32, text: &'a [u8] },
+    Bye {
+        status: i32,
+    },
+    StatusRequest {
+        flags: u32,
+    },
+    StatusReply {
+        json: &'a [u8],
+    },
+    Error {
+        code: u32,
+        text: &'a [u8],
+    },
 }
 
 fn u64_at(b: &[u8], off: usize) -> u64 {
@@ -172,7 +188,10 @@ impl Writer<'_> {
     fn put(&mut self, bytes: &[u8]) -> Result<(), ProtoError> {
         let end = self.pos + bytes.len();
         if end > self.buf.len() || end > MAX_MSG_LEN {
-            return Err(ProtoError::BufferTooSmall { have: self.buf.len().min(MAX_MSG_LEN), need: end });
+            return Err(ProtoError::BufferTooSmall {
+                have: self.buf.len().min(MAX_MSG_LEN),
+                need: end,
+            });
         }
         self.buf[self.pos..end].copy_from_slice(bytes);
         self.pos = end;
@@ -200,7 +219,10 @@ struct Reader<'a> {
 impl<'a> Reader<'a> {
     fn need(&self, n: usize) -> Result<(), ProtoError> {
         if self.pos + n > self.b.len() {
-            Err(ProtoError::BadLength { kind: self.kind, len: self.b.len() })
+            Err(ProtoError::BadLength {
+                kind: self.kind,
+                len: self.b.len(),
+            })
         } else {
             Ok(())
         }
@@ -220,7 +242,10 @@ impl<'a> Reader<'a> {
     fn bytes(&mut self, max: usize, field: &'static str) -> Result<&'a [u8], ProtoError> {
         let n = self.u32()? as usize;
         if n > max {
-            return Err(ProtoError::BadField { kind: self.kind, field });
+            return Err(ProtoError::BadField {
+                kind: self.kind,
+                field,
+            });
         }
         self.need(n)?;
         let v = &self.b[self.pos..self.pos + n];
@@ -229,7 +254,10 @@ impl<'a> Reader<'a> {
     }
     fn end(&self) -> Result<(), ProtoError> {
         if self.pos != self.b.len() {
-            return Err(ProtoError::BadLength { kind: self.kind, len: self.b.len() });
+            return Err(ProtoError::BadLength {
+                kind: self.kind,
+                len: self.b.len(),
+            });
         }
         Ok(())
     }
@@ -253,9 +281,15 @@ impl<'a> Msg<'a> {
 
     /// Encodes into `buf`, returning the packet length.
     pub fn encode(&self, buf: &mut [u8]) -> Result<usize, ProtoError> {
-        let mut w = Writer { buf, pos: HEADER_LEN };
+        let mut w = Writer {
+            buf,
+            pos: HEADER_LEN,
+        };
         if w.buf.len() < HEADER_LEN {
-            return Err(ProtoError::BufferTooSmall { have: w.buf.len(), need: HEADER_LEN });
+            return Err(ProtoError::BufferTooSmall {
+                have: w.buf.len(),
+                need: HEADER_LEN,
+            });
         }
         match *self {
             Msg::Hello(h) => {
@@ -278,7 +312,10 @@ impl<'a> Msg<'a> {
                 w.put(r.entries)?;
             }
             Msg::ForkPrepare => {}
-            Msg::ForkReady { status, pages_restored } => {
+            Msg::ForkReady {
+                status,
+                pages_restored,
+            } => {
                 w.u32(status as u32)?;
                 w.u32(0)?;
                 w.u64(pages_restored)?;
@@ -308,7 +345,10 @@ impl<'a> Msg<'a> {
             return Err(ProtoError::Oversized { len: packet.len() });
         }
         if packet.len() < HEADER_LEN {
-            return Err(ProtoError::Truncated { len: packet.len(), need: HEADER_LEN });
+            return Err(ProtoError::Truncated {
+                len: packet.len(),
+                need: HEADER_LEN,
+            });
         }
         let magic = u32_at(packet, 0);
         if magic != MAGIC {
@@ -321,10 +361,16 @@ impl<'a> Msg<'a> {
         let kind = u16_at(packet, 6);
         let payload_len = u32_at(packet, 8) as usize;
         if u32_at(packet, 12) != 0 {
-            return Err(ProtoError::BadField { kind, field: "reserved" });
+            return Err(ProtoError::BadField {
+                kind,
+                field: "reserved",
+            });
         }
         if HEADER_LEN + payload_len != packet.len() {
-            return Err(ProtoError::Truncated { len: packet.len(), need: HEADER_LEN + payload_len });
+            return Err(ProtoError::Truncated {
+                len: packet.len(),
+                need: HEADER_LEN + payload_len,
+            });
         }
         let p = &packet[HEADER_LEN..];
         let mut r = Reader { b: p, pos: 0, kind };
@@ -337,37 +383,72 @@ impl<'a> Msg<'a> {
                 let app = r.bytes(MAX_NAME_LEN, "app")?;
                 let overrides = r.bytes(MAX_OVERRIDES_LEN, "overrides")?;
                 if page_size == 0 || !page_size.is_power_of_two() {
-                    return Err(ProtoError::BadField { kind, field: "page_size" });
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "page_size",
+                    });
                 }
-                Msg::Hello(Hello { pid, page_size, uffd_features, name, app, overrides })
+                Msg::Hello(Hello {
+                    pid,
+                    page_size,
+                    uffd_features,
+                    name,
+                    app,
+                    overrides,
+                })
             }
             KIND_HELLO_ACK => {
                 let status = r.u32()? as i32;
                 let _reserved = r.u32()?;
                 let window_len_bytes = r.u64()?;
                 let text = r.bytes(MAX_MSG_LEN, "text")?;
-                Msg::HelloAck(HelloAck { status, window_len_bytes, text })
+                Msg::HelloAck(HelloAck {
+                    status,
+                    window_len_bytes,
+                    text,
+                })
             }
             KIND_REGIONS => {
                 let snapshot = r.u32()?;
                 let flags = r.u32()?;
                 if flags & !(REGIONS_FIRST | REGIONS_LAST) != 0 {
-                    return Err(ProtoError::BadField { kind, field: "flags" });
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "flags",
+                    });
                 }
                 let entries = &p[8..];
-                if entries.len() % REGION_ENTRY_LEN != 0 || entries.len() / REGION_ENTRY_LEN > MAX_REGIONS_PER_MSG {
+                if entries.len() % REGION_ENTRY_LEN != 0
+                    || entries.len() / REGION_ENTRY_LEN > MAX_REGIONS_PER_MSG
+                {
                     return Err(ProtoError::BadLength { kind, len: p.len() });
                 }
-                let regions = Regions { snapshot, flags, entries };
+                let regions = Regions {
+                    snapshot,
+                    flags,
+                    entries,
+                };
                 for e in regions.iter() {
                     if e.start % 4096 != 0 || e.len_bytes == 0 || e.len_bytes % 4096 != 0 {
-                        return Err(ProtoError::BadField { kind, field: "region alignment" });
+                        return Err(ProtoError::BadField {
+                            kind,
+                            field: "region alignment",
+                        });
                     }
-                    if e.start.checked_add(e.len_bytes).is_none_or(|end| end > (1u64 << 57)) {
-                        return Err(ProtoError::BadField { kind, field: "region range" });
+                    if e.start
+                        .checked_add(e.len_bytes)
+                        .is_none_or(|end| end > (1u64 << 57))
+                    {
+                        return Err(ProtoError::BadField {
+                            kind,
+                            field: "region range",
+                        });
                     }
                     if e.flags & !(REGION_MANAGED | REGION_EXCLUDED) != 0 || e.flags == 0 {
-                        return Err(ProtoError::BadField { kind, field: "region flags" });
+                        return Err(ProtoError::BadField {
+                            kind,
+                            field: "region flags",
+                        });
                     }
                 }
                 return Ok(Msg::Regions(regions));
@@ -376,15 +457,25 @@ impl<'a> Msg<'a> {
             KIND_FORK_READY => {
                 let status = r.u32()? as i32;
                 let _reserved = r.u32()?;
-                Msg::ForkReady { status, pages_restored: r.u64()? }
+                Msg::ForkReady {
+                    status,
+                    pages_restored: r.u64()?,
+                }
             }
-            KIND_FORK_DONE => Msg::ForkDone { child_pid: r.u32()? },
-            KIND_BYE => Msg::Bye { status: r.u32()? as i32 },
+            KIND_FORK_DONE => Msg::ForkDone {
+                child_pid: r.u32()?,
+            },
+            KIND_BYE => Msg::Bye {
+                status: r.u32()? as i32,
+            },
             KIND_STATUS_REQUEST => Msg::StatusRequest { flags: r.u32()? },
             KIND_STATUS_REPLY => return Ok(Msg::StatusReply { json: p }),
             KIND_ERROR => {
                 let code = r.u32()?;
-                Msg::Error { code, text: r.bytes(MAX_MSG_LEN, "text")? }
+                Msg::Error {
+                    code,
+                    text: r.bytes(MAX_MSG_LEN, "text")?,
+                }
             }
             _ => return Err(ProtoError::UnknownKind { kind }),
         };
@@ -450,30 +541,62 @@ mod tests {
 
     #[test]
     fn roundtrip_every_kind() {
-        roundtrip(Msg::Hello(Hello { pid: 7, page_size: 4096, uffd_features: 0x1ffff, name: b"redis", app: b"", overrides: b"budget = \"64M\"" }));
-        roundtrip(Msg::HelloAck(HelloAck { status: 0, window_len_bytes: 1 << 25, text: b"ok" }));
+        roundtrip(Msg::Hello(Hello {
+            pid: 7,
+            page_size: 4096,
+            uffd_features: 0x1ffff,
+            name: b"redis",
+            app: b"",
+            overrides: b"budget = \"64M\"",
+        }));
+        roundtrip(Msg::HelloAck(HelloAck {
+            status: 0,
+            window_len_bytes: 1 << 25,
+            text: b"ok",
+        }));
         roundtrip(Msg::ForkPrepare);
-        roundtrip(Msg::ForkReady { status: 0, pages_restored: 12 });
+        roundtrip(Msg::ForkReady {
+            status: 0,
+            pages_restored: 12,
+        });
         roundtrip(Msg::ForkDone { child_pid: 99 });
         roundtrip(Msg::Bye { status: 3 });
         roundtrip(Msg::StatusRequest { flags: 1 });
         roundtrip(Msg::StatusReply { json: b"{}" });
-        roundtrip(Msg::Error { code: 22, text: b"bad" });
+        roundtrip(Msg::Error {
+            code: 22,
+            text: b"bad",
+        });
     }
 
     #[test]
     fn regions_builder_roundtrip() {
         let mut buf = vec![0u8; MAX_MSG_LEN];
         let mut b = RegionsBuilder::new(&mut buf);
-        b.push(RegionEntry { start: 0x1000, len_bytes: 0x2000, flags: REGION_MANAGED });
-        b.push(RegionEntry { start: 0x10000, len_bytes: 0x1000, flags: REGION_EXCLUDED });
+        b.push(RegionEntry {
+            start: 0x1000,
+            len_bytes: 0x2000,
+            flags: REGION_MANAGED,
+        });
+        b.push(RegionEntry {
+            start: 0x10000,
+            len_bytes: 0x1000,
+            flags: REGION_EXCLUDED,
+        });
         let pkt = b.finish(5, REGIONS_FIRST | REGIONS_LAST).to_vec();
         match Msg::decode(&pkt).unwrap() {
             Msg::Regions(r) => {
                 assert_eq!(r.snapshot, 5);
                 assert_eq!(r.len(), 2);
                 let v: Vec<_> = r.iter().collect();
-                assert_eq!(v[1], RegionEntry { start: 0x10000, len_bytes: 0x1000, flags: REGION_EXCLUDED });
+                assert_eq!(
+                    v[1],
+                    RegionEntry {
+                        start: 0x10000,
+                        len_bytes: 0x1000,
+                        flags: REGION_EXCLUDED
+                    }
+                );
             }
             m => panic!("decoded {m:?}"),
         }
@@ -483,27 +606,54 @@ mod tests {
     fn decode_rejects_bad_packets_with_named_reason() {
         let mut buf = [0u8; 256];
         let n = Msg::Bye { status: 0 }.encode(&mut buf).unwrap();
-        assert!(matches!(Msg::decode(&buf[..n - 1]), Err(ProtoError::Truncated { .. })));
-        assert!(matches!(Msg::decode(&buf[..3]), Err(ProtoError::Truncated { .. })));
+        assert!(matches!(
+            Msg::decode(&buf[..n - 1]),
+            Err(ProtoError::Truncated { .. })
+        ));
+        assert!(matches!(
+            Msg::decode(&buf[..3]),
+            Err(ProtoError::Truncated { .. })
+        ));
         let mut bad = buf;
         bad[0] = b'X';
-        assert!(matches!(Msg::decode(&bad[..n]), Err(ProtoError::BadMagic { .. })));
+        assert!(matches!(
+            Msg::decode(&bad[..n]),
+            Err(ProtoError::BadMagic { .. })
+        ));
         let mut bad = buf;
         bad[4] = 9;
-        assert!(matches!(Msg::decode(&bad[..n]), Err(ProtoError::Version { found: 9 })));
+        assert!(matches!(
+            Msg::decode(&bad[..n]),
+            Err(ProtoError::Version { found: 9 })
+        ));
         let mut bad = buf;
         bad[6] = 77;
-        assert!(matches!(Msg::decode(&bad[..n]), Err(ProtoError::UnknownKind { kind: 77 })));
-        assert!(matches!(Msg::decode(&vec![0u8; MAX_MSG_LEN + 1]), Err(ProtoError::Oversized { .. })));
+        assert!(matches!(
+            Msg::decode(&bad[..n]),
+            Err(ProtoError::UnknownKind { kind: 77 })
+        ));
+        assert!(matches!(
+            Msg::decode(&vec![0u8; MAX_MSG_LEN + 1]),
+            Err(ProtoError::Oversized { .. })
+        ));
         // A region that is not page aligned.
         let mut big = vec![0u8; MAX_MSG_LEN];
         let mut b = RegionsBuilder::new(&mut big);
-        b.push(RegionEntry { start: 0x1001, len_bytes: 0x1000, flags: REGION_MANAGED });
+        b.push(RegionEntry {
+            start: 0x1001,
+            len_bytes: 0x1000,
+            flags: REGION_MANAGED,
+        });
         let pkt = b.finish(1, REGIONS_LAST).to_vec();
         let e = Msg::decode(&pkt).unwrap_err();
         assert!(e.to_string().contains("region alignment"), "{e}");
         // A length-prefixed string that claims more than the packet holds.
-        let n = Msg::Error { code: 1, text: b"abc" }.encode(&mut buf).unwrap();
+        let n = Msg::Error {
+            code: 1,
+            text: b"abc",
+        }
+        .encode(&mut buf)
+        .unwrap();
         buf[HEADER_LEN + 4] = 200;
         assert!(Msg::decode(&buf[..n]).is_err());
     }

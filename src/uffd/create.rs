@@ -16,7 +16,9 @@ pub struct Uffd {
 }
 
 fn last_errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// Creates a raw descriptor: the syscall first, then `/dev/userfaultfd`. Never with
@@ -49,7 +51,11 @@ fn create_raw(nonblock: bool) -> Result<OwnedFd, UffdError> {
 }
 
 fn api(fd: BorrowedFd<'_>, features: u64) -> Result<sys::UffdioApi, UffdError> {
-    let mut api = sys::UffdioApi { api: sys::UFFD_API, features, ioctls: 0 };
+    let mut api = sys::UffdioApi {
+        api: sys::UFFD_API,
+        features,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API reads and writes one `struct uffdio_api`, which `api` is.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), sys::UFFDIO_API as _, &mut api) };
     if rc < 0 {
@@ -75,7 +81,10 @@ impl Uffd {
         }
         let fd = create_raw(nonblock)?;
         let got = api(fd.as_fd(), wanted & available)?;
-        Ok(Uffd { fd, features: got.features })
+        Ok(Uffd {
+            fd,
+            features: got.features,
+        })
     }
 
     /// Wraps a descriptor received from elsewhere (the monitor's side of SCM_RIGHTS), after
@@ -86,7 +95,13 @@ impl Uffd {
         let link = format_fd_link(fd.as_raw_fd(), &mut path);
         let mut target = [0u8; 64];
         // SAFETY: `link` is NUL-terminated inside `path`; `target` is a writable buffer of the given length.
-        let n = unsafe { libc::readlink(link.as_ptr().cast(), target.as_mut_ptr().cast(), target.len()) };
+        let n = unsafe {
+            libc::readlink(
+                link.as_ptr().cast(),
+                target.as_mut_ptr().cast(),
+                target.len(),
+            )
+        };
         if n < 0 || &target[..n as usize] != b"anon_inode:[userfaultfd]" {
             return Err(UffdError::from_errno(Op::Api, libc::EBADF, 0));
         }

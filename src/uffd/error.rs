@@ -45,7 +45,9 @@ pub enum UffdError {
     #[error("{op}: the target process is gone (ESRCH)")]
     TargetGone { op: Op },
     /// EEXIST: a page is already mapped at the destination.
-    #[error("{op}: a page is already present at the destination (EEXIST) after {done_bytes} bytes")]
+    #[error(
+        "{op}: a page is already present at the destination (EEXIST) after {done_bytes} bytes"
+    )]
     Exists { op: Op, done_bytes: u64 },
     /// EAGAIN: the address space is changing (an unread REMOVE/UNMAP/REMAP event) or the
     /// operation stopped part way; drain events and retry the rest.
@@ -71,7 +73,11 @@ impl UffdError {
             libc::EAGAIN => UffdError::Retry { op, done_bytes },
             libc::EBUSY => UffdError::Busy { op, done_bytes },
             libc::ENOENT => UffdError::NoSource { op, done_bytes },
-            _ => UffdError::Os { op, errno, done_bytes },
+            _ => UffdError::Os {
+                op,
+                errno,
+                done_bytes,
+            },
         }
     }
 
@@ -106,10 +112,25 @@ mod tests {
 
     #[test]
     fn from_errno_maps_actionable_errnos() {
-        assert_eq!(UffdError::from_errno(Op::Copy, libc::ESRCH, 0), UffdError::TargetGone { op: Op::Copy });
-        assert!(matches!(UffdError::from_errno(Op::Copy, libc::EEXIST, 4096), UffdError::Exists { done_bytes: 4096, .. }));
-        assert!(matches!(UffdError::from_errno(Op::Move, libc::EAGAIN, 0), UffdError::Retry { .. }));
-        assert!(matches!(UffdError::from_errno(Op::Move, libc::EBUSY, 0), UffdError::Busy { .. }));
+        assert_eq!(
+            UffdError::from_errno(Op::Copy, libc::ESRCH, 0),
+            UffdError::TargetGone { op: Op::Copy }
+        );
+        assert!(matches!(
+            UffdError::from_errno(Op::Copy, libc::EEXIST, 4096),
+            UffdError::Exists {
+                done_bytes: 4096,
+                ..
+            }
+        ));
+        assert!(matches!(
+            UffdError::from_errno(Op::Move, libc::EAGAIN, 0),
+            UffdError::Retry { .. }
+        ));
+        assert!(matches!(
+            UffdError::from_errno(Op::Move, libc::EBUSY, 0),
+            UffdError::Busy { .. }
+        ));
         let e = UffdError::from_errno(Op::Register, libc::EINVAL, 0);
         assert_eq!(e.errno(), libc::EINVAL);
         assert!(e.to_string().contains("UFFDIO_REGISTER"), "{e}");

@@ -23,5 +23,8 @@ pub use ops::Registered;
 
 /// The features the shim asks for on the descriptor it forwards: events that tell the monitor
 /// when evicted memory is discarded, unmapped or moved, and the faulting thread's id.
-pub const FORWARDED_FEATURES: u64 =
-    sys::UFFD_FEATURE_EVENT_REMAP | sys::UFFD_FEATURE_EVENT_REMOVE | sys::UFFD_FEATURE_EVENT_UNMAP | sys::UFFD_FEATURE_THREAD_ID | sys::UFFD_FEATURE_MOVE;
+pub const FORWARDED_FEATURES: u64 = sys::UFFD_FEATURE_EVENT_REMAP
+    | sys::UFFD_FEATURE_EVENT_REMOVE
+    | sys::UFFD_FEATURE_EVENT_UNMAP
+    | sys::UFFD_FEATURE_THREAD_ID
+    | sys::UFFD_FEATURE_MOVE;

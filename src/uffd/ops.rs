@@ -13,7 +13,9 @@ use super::msg::Event;
 use super::sys;
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// Outcome of a successful UFFDIO_REGISTER: which ioctls the range supports.
@@ -38,7 +40,11 @@ impl Uffd {
 
     /// Registers `[start, start+len)` in `mode` (a combination of `UFFDIO_REGISTER_MODE_*`).
     pub fn register(&self, start: u64, len: u64, mode: u64) -> Result<Registered, UffdError> {
-        let mut reg = sys::UffdioRegister { range: sys::UffdioRange { start, len }, mode, ioctls: 0 };
+        let mut reg = sys::UffdioRegister {
+            range: sys::UffdioRange { start, len },
+            mode,
+            ioctls: 0,
+        };
         if self.ioctl(sys::UFFDIO_REGISTER, &mut reg) < 0 {
             return Err(UffdError::from_errno(Op::Register, errno(), 0));
         }
@@ -64,21 +70,53 @@ impl Uffd {
 
     /// Copies `len` bytes from the caller's `src` into the descriptor's mm at `dst` and, unless
     /// `dontwake`, wakes the waiters. Returns the bytes copied.
-    pub fn copy(&self, dst: u64, src: *const u8, len: u64, dontwake: bool) -> Result<u64, UffdError> {
-        let mode = if dontwake { sys::UFFDIO_COPY_MODE_DONTWAKE } else { 0 };
-        let mut c = sys::UffdioCopy { dst, src: src as u64, len, mode, copy: 0 };
+    pub fn copy(
+        &self,
+        dst: u64,
+        src: *const u8,
+        len: u64,
+        dontwake: bool,
+    ) -> Result<u64, UffdError> {
+        let mode = if dontwake {
+            sys::UFFDIO_COPY_MODE_DONTWAKE
+        } else {
+            0
+        };
+        let mut c = sys::UffdioCopy {
+            dst,
+            src: src as u64,
+            len,
+            mode,
+            copy: 0,
+        };
         if self.ioctl(sys::UFFDIO_COPY, &mut c) < 0 {
-            return Err(UffdError::from_errno(Op::Copy, errno(), c.copy.max(0) as u64));
+            return Err(UffdError::from_errno(
+                Op::Copy,
+                errno(),
+                c.copy.max(0) as u64,
+            ));
         }
         Ok(c.copy as u64)
     }
 
     /// Maps the zero page over `[start, start+len)`. Returns the bytes zeroed.
     pub fn zeropage(&self, start: u64, len: u64, dontwake: bool) -> Result<u64, UffdError> {
-        let mode = if dontwake { sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE } else { 0 };
-        let mut z = sys::UffdioZeropage { range: sys::UffdioRange { start, len }, mode, zeropage: 0 };
+        let mode = if dontwake {
+            sys::UFFDIO_ZEROPAGE_MODE_DONTWAKE
+        } else {
+            0
+        };
+        let mut z = sys::UffdioZeropage {
+            range: sys::UffdioRange { start, len },
+            mode,
+            zeropage: 0,
+        };
         if self.ioctl(sys::UFFDIO_ZEROPAGE, &mut z) < 0 {
-            return Err(UffdError::from_errno(Op::Zeropage, errno(), z.zeropage.max(0) as u64));
+            return Err(UffdError::from_errno(
+                Op::Zeropage,
+                errno(),
+                z.zeropage.max(0) as u64,
+            ));
         }
         Ok(z.zeropage as u64)
     }
@@ -88,20 +126,43 @@ impl Uffd {
     /// combination of `UFFDIO_MOVE_MODE_*`. Returns the bytes moved (holes included when
     /// ALLOW_SRC_HOLES is set).
     pub fn move_pages(&self, dst: u64, src: u64, len: u64, mode: u64) -> Result<u64, UffdError> {
-        let mut m = sys::UffdioMove { dst, src, len, mode, moved: 0 };
+        let mut m = sys::UffdioMove {
+            dst,
+            src,
+            len,
+            mode,
+            moved: 0,
+        };
         if self.ioctl(sys::UFFDIO_MOVE, &mut m) < 0 {
-            return Err(UffdError::from_errno(Op::Move, errno(), m.moved.max(0) as u64));
+            return Err(UffdError::from_errno(
+                Op::Move,
+                errno(),
+                m.moved.max(0) as u64,
+            ));
         }
         Ok(m.moved as u64)
     }
 
     /// Sets (`protect`) or clears write protection on a range registered in WP mode.
-    pub fn writeprotect(&self, start: u64, len: u64, protect: bool, dontwake: bool) -> Result<(), UffdError> {
-        let mut mode = if protect { sys::UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
+    pub fn writeprotect(
+        &self,
+        start: u64,
+        len: u64,
+        protect: bool,
+        dontwake: bool,
+    ) -> Result<(), UffdError> {
+        let mut mode = if protect {
+            sys::UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        };
         if dontwake {
             mode |= sys::UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
         }
-        let mut wp = sys::UffdioWriteprotect { range: sys::UffdioRange { start, len }, mode };
+        let mut wp = sys::UffdioWriteprotect {
+            range: sys::UffdioRange { start, len },
+            mode,
+        };
         if self.ioctl(sys::UFFDIO_WRITEPROTECT, &mut wp) < 0 {
             return Err(UffdError::from_errno(Op::Writeprotect, errno(), 0));
         }
@@ -110,12 +171,20 @@ impl Uffd {
 
     /// Reads as many messages as are queued (up to `buf.len()`), decoding each. Returns the
     /// number read: 0 when the descriptor is non-blocking and nothing is queued.
-    pub fn read_events(&self, buf: &mut [sys::UffdMsg], out: &mut [Event]) -> Result<usize, UffdError> {
+    pub fn read_events(
+        &self,
+        buf: &mut [sys::UffdMsg],
+        out: &mut [Event],
+    ) -> Result<usize, UffdError> {
         let n = buf.len().min(out.len());
         // SAFETY: `buf` is `n` initialised `UffdMsg` (plain old data); the kernel writes whole
         // 32-byte messages into it and returns how many bytes it wrote.
         let rc = unsafe {
-            libc::read(self.as_raw_fd(), buf.as_mut_ptr().cast(), n * std::mem::size_of::<sys::UffdMsg>())
+            libc::read(
+                self.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                n * std::mem::size_of::<sys::UffdMsg>(),
+            )
         };
         if rc < 0 {
             let e = errno();

@@ -20,14 +20,33 @@ const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
 }
 
 pub const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0x3F, std::mem::size_of::<UffdioApi>());
-pub const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0x00, std::mem::size_of::<UffdioRegister>());
+pub const UFFDIO_REGISTER: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x00,
+    std::mem::size_of::<UffdioRegister>(),
+);
 pub const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0x01, std::mem::size_of::<UffdioRange>());
 pub const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0x02, std::mem::size_of::<UffdioRange>());
-pub const UFFDIO_COPY: u64 = ioc(IOC_READ | IOC_WRITE, 0x03, std::mem::size_of::<UffdioCopy>());
-pub const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, 0x04, std::mem::size_of::<UffdioZeropage>());
-pub const UFFDIO_MOVE: u64 = ioc(IOC_READ | IOC_WRITE, 0x05, std::mem::size_of::<UffdioMove>());
-pub const UFFDIO_WRITEPROTECT: u64 =
-    ioc(IOC_READ | IOC_WRITE, 0x06, std::mem::size_of::<UffdioWriteprotect>());
+pub const UFFDIO_COPY: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x03,
+    std::mem::size_of::<UffdioCopy>(),
+);
+pub const UFFDIO_ZEROPAGE: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x04,
+    std::mem::size_of::<UffdioZeropage>(),
+);
+pub const UFFDIO_MOVE: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x05,
+    std::mem::size_of::<UffdioMove>(),
+);
+pub const UFFDIO_WRITEPROTECT: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    0x06,
+    std::mem::size_of::<UffdioWriteprotect>(),
+);
 /// `/dev/userfaultfd` ioctl that creates a new descriptor: `_IO(0xAA, 0x00)`.
 pub const USERFAULTFD_IOC_NEW: u64 = UFFDIO << 8;
 

@@ -129,7 +129,11 @@ impl Sim {
                     return;
                 }
                 FaultPlan::Wait { gen } => {
-                    let i = self.batches.iter().position(|b| b.gen & GEN_MASK == gen).expect("waiting on a batch that exists");
+                    let i = self
+                        .batches
+                        .iter()
+                        .position(|b| b.gen & GEN_MASK == gen)
+                        .expect("waiting on a batch that exists");
                     self.agent_move(i);
                     self.complete(i);
                 }
@@ -152,7 +156,9 @@ impl Sim {
         let mut results = Vec::new();
         for &(a, slot) in &self.batches[i].pages {
             // The agent's check: an event logged since the batch was posted that overlaps.
-            let cancelled = self.events[self.batches[i].epoch..].iter().any(|(s, e)| *s <= a && a < *e);
+            let cancelled = self.events[self.batches[i].epoch..]
+                .iter()
+                .any(|(s, e)| *s <= a && a < *e);
             match self.mem.get(&a) {
                 Some(Some(v)) if !cancelled => {
                     self.window[slot as usize] = *v;
@@ -188,7 +194,11 @@ impl Sim {
             }
             Op::Read(p) => {
                 let got = self.access(p);
-                assert_eq!(got, self.reference.get(&addr(p)).copied().unwrap_or(0), "page {p}");
+                assert_eq!(
+                    got,
+                    self.reference.get(&addr(p)).copied().unwrap_or(0),
+                    "page {p}"
+                );
             }
             Op::Post(p, n) => {
                 if self.batches.len() >= 4 {
@@ -202,7 +212,12 @@ impl Sim {
                         pages.push((addr(q), slot));
                     }
                 }
-                self.batches.push(Batch { gen, pages, results: None, epoch: self.events.len() });
+                self.batches.push(Batch {
+                    gen,
+                    pages,
+                    results: None,
+                    epoch: self.events.len(),
+                });
             }
             Op::AgentMove(i) => self.agent_move(i),
             Op::Complete(i) => self.complete(i),
@@ -210,7 +225,10 @@ impl Sim {
                 let mut out = Vec::new();
                 self.pages.pop_cooled(u64::MAX, 0, 64, &mut out);
                 for (_a, slot, gen) in out {
-                    let h = self.store.put(&page_of(self.window[slot as usize])).unwrap();
+                    let h = self
+                        .store
+                        .put(&page_of(self.window[slot as usize]))
+                        .unwrap();
                     if let Err(h) = self.pages.commit_stored(slot, gen, h) {
                         self.store.remove(h);
                     }
@@ -236,7 +254,14 @@ impl Sim {
                 }
                 let (f, t, len) = (addr(from), addr(to), n * PAGE_BYTES);
                 // The kernel moves the page tables first, then the monitor reads the event.
-                let moved: Vec<_> = (0..n).map(|i| (self.mem[&(f + i * PAGE_BYTES)], self.reference.remove(&(f + i * PAGE_BYTES)))).collect();
+                let moved: Vec<_> = (0..n)
+                    .map(|i| {
+                        (
+                            self.mem[&(f + i * PAGE_BYTES)],
+                            self.reference.remove(&(f + i * PAGE_BYTES)),
+                        )
+                    })
+                    .collect();
                 for i in 0..n {
                     self.mem.insert(f + i * PAGE_BYTES, None);
                     self.reference.remove(&(t + i * PAGE_BYTES));
@@ -285,8 +310,13 @@ proptest! {
 fn word_encoding_roundtrips() {
     let states = [
         PageState::Absent { hot_since_ms: None },
-        PageState::Absent { hot_since_ms: Some(123_456) },
-        PageState::Moving { gen: GEN_MASK, slot: (MAX_SLOTS - 1) as u32 },
+        PageState::Absent {
+            hot_since_ms: Some(123_456),
+        },
+        PageState::Moving {
+            gen: GEN_MASK,
+            slot: (MAX_SLOTS - 1) as u32,
+        },
         PageState::Window { gen: 7, slot: 3 },
     ];
     for s in states {
@@ -294,7 +324,10 @@ fn word_encoding_roundtrips() {
     }
     let mut store = Store::new(StoreConfig { max_bytes: None });
     let h = store.put(&page_of(77)).unwrap();
-    assert_eq!(PageState::decode(PageState::Stored(h).encode()), PageState::Stored(h));
+    assert_eq!(
+        PageState::decode(PageState::Stored(h).encode()),
+        PageState::Stored(h)
+    );
 }
 
 #[test]
@@ -311,7 +344,16 @@ fn stale_completion_after_remove_frees_slot_and_keeps_absent() {
 fn fill_ahead_stops_at_evicted_page_and_region_end() {
     let mut p = Pages::new(4);
     p.begin_evict(addr(5), 1).unwrap();
-    assert_eq!(p.plan_fault(addr(2), 16, addr(PAGES)), FaultPlan::Zero { pages: 3 });
-    assert_eq!(p.plan_fault(addr(6), 16, addr(8)), FaultPlan::Zero { pages: 2 });
-    assert_eq!(p.plan_fault(addr(5), 16, addr(8)), FaultPlan::Wait { gen: 1 });
+    assert_eq!(
+        p.plan_fault(addr(2), 16, addr(PAGES)),
+        FaultPlan::Zero { pages: 3 }
+    );
+    assert_eq!(
+        p.plan_fault(addr(6), 16, addr(8)),
+        FaultPlan::Zero { pages: 2 }
+    );
+    assert_eq!(
+        p.plan_fault(addr(5), 16, addr(8)),
+        FaultPlan::Wait { gen: 1 }
+    );
 }
