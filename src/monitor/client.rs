@@ -623,6 +623,7 @@ impl Client {
             monitor_compress_cpu_s: g(&c.compress_ns) as f64 / 1e9,
             monitor_fault_cpu_s: g(&c.fault_service_ns) as f64 / 1e9,
             agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
+            monitor_cpu_s: (g(&c.fault_thread_cpu_ns) + g(&c.control_thread_cpu_ns)) as f64 / 1e9,
             store,
         }
     }

@@ -39,6 +39,16 @@ struct Pending {
 
 /// Runs until the client goes away. Returns why.
 pub fn run(client: Arc<Client>) -> &'static str {
+    let why = serve_loop(&client);
+    client
+        .counters
+        .fault_thread_cpu_ns
+        .store(super::stats::thread_cpu_ns(), Ordering::Relaxed);
+    why
+}
+
+fn serve_loop(client: &Arc<Client>) -> &'static str {
+    let client = Arc::clone(client);
     let win = client.win();
     let uffd_fd = client.uffd.as_raw_fd();
     let done_fd = client.done_efd.as_raw_fd();

@@ -28,7 +28,7 @@
 //! syscalls or touch the window's bytes (callers copy); all calls are made under the client's
 //! lock.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::store::Handle;
 use crate::PAGE_SIZE;
@@ -149,7 +149,9 @@ pub struct PageCounts {
 pub struct Pages {
     chunks: BTreeMap<u64, Box<[u64; CHUNK_PAGES]>>,
     slots: Vec<Slot>,
-    free_slots: Vec<u32>,
+    /// Free slots, ordered: allocation prefers the slot after the previous one, so a run of
+    /// pages gets contiguous slots and the agent moves it with one ioctl.
+    free_slots: BTreeSet<u32>,
     /// Pages that entered the window: (slot, gen, entered_ms), oldest first. Entries whose slot
     /// has since been reused or freed are skipped when popped.
     cooling: VecDeque<(u32, u64, u64)>,
@@ -176,7 +178,7 @@ impl Pages {
                 };
                 slot_count
             ],
-            free_slots: (0..slot_count as u32).rev().collect(),
+            free_slots: (0..slot_count as u32).collect(),
             cooling: VecDeque::new(),
             counts: PageCounts::default(),
         }
@@ -238,7 +240,15 @@ impl Pages {
     }
 
     fn take_slot(&mut self, addr: u64, gen: u64) -> Option<u32> {
-        let s = self.free_slots.pop()?;
+        // Continue the previous page's run of slots when the next slot is free.
+        let prev = addr.checked_sub(PAGE_BYTES).map(|a| self.state(a));
+        let s = match prev {
+            Some(PageState::Moving { slot, .. }) if self.free_slots.contains(&(slot + 1)) => {
+                slot + 1
+            }
+            _ => *self.free_slots.first()?,
+        };
+        self.free_slots.remove(&s);
         self.slots[s as usize] = Slot {
             addr,
             gen: gen & GEN_MASK,
@@ -251,7 +261,7 @@ impl Pages {
         let s = &mut self.slots[slot as usize];
         if s.in_use {
             s.in_use = false;
-            self.free_slots.push(slot);
+            self.free_slots.insert(slot);
         }
     }
 

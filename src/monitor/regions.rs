@@ -160,7 +160,7 @@ mod tests {
             e(0x500000, 0x1000, REGION_MANAGED),
         ];
         assert!(r.feed(1, true, true, entries.into_iter(), 0x2000));
-        assert_eq!(r.managed(), vec![0x21000..0x110000]);
+        assert_eq!(r.managed(), vec![0x10000..0x20000, 0x21000..0x110000]);
         assert!(r.is_excluded(0x20000, 0x21000));
         assert_eq!(r.containing(0x30000), Some(0x21000..0x110000));
         assert_eq!(r.containing(0x10000), None);

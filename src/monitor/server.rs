@@ -428,6 +428,10 @@ impl Monitor {
             )
         };
         let result = client.control_loop(sock);
+        client
+            .counters
+            .control_thread_cpu_ns
+            .store(super::stats::thread_cpu_ns(), Ordering::Relaxed);
         if let Err(e) = &result {
             warn!(client = client.id, "disconnecting: {e:#}");
             send_error(sock, libc::EPROTO as u32, &format!("{e:#}"));

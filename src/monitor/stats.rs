@@ -47,6 +47,9 @@ pub struct Counters {
     pub agent_busy_ns: AtomicU64,
     /// Largest (evicted bytes - bytes uswap held for them) seen at a tick.
     pub peak_saved_bytes: AtomicU64,
+    /// CPU time (user + system) of the client's fault and control threads, set when they end.
+    pub fault_thread_cpu_ns: AtomicU64,
+    pub control_thread_cpu_ns: AtomicU64,
 }
 
 impl Counters {
@@ -159,6 +162,8 @@ pub struct ClientReport {
     pub monitor_compress_cpu_s: f64,
     pub monitor_fault_cpu_s: f64,
     pub agent_cpu_s: f64,
+    /// CPU of the monitor's threads for this client (known once it detached).
+    pub monitor_cpu_s: f64,
     pub store: StoreStats,
 }
 
@@ -166,4 +171,15 @@ impl ClientReport {
     pub fn saved_at_peak_bytes(&self) -> Option<u64> {
         (self.peak_saved_bytes > 0).then_some(self.peak_saved_bytes)
     }
+}
+
+/// CPU time of the calling thread (user + system), in ns.
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
