@@ -163,7 +163,8 @@ mod tests {
         assert_eq!(r.managed(), vec![0x10000..0x20000, 0x21000..0x110000]);
         assert!(r.is_excluded(0x20000, 0x21000));
         assert_eq!(r.containing(0x30000), Some(0x21000..0x110000));
-        assert_eq!(r.containing(0x10000), None);
+        assert_eq!(r.containing(0x20000), None);
+        assert_eq!(r.containing(0x500000), None);
     }
 
     #[test]
