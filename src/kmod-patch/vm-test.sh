@@ -53,7 +53,7 @@ PKG=linux-source-6.12
 TARBALL=/usr/src/linux-source-6.12.tar.xz
 DEB_PKGS=(qemu-system-x86 "$PKG" bc flex bison libelf-dev libssl-dev cpio
 	busybox-static dwarves gcc make libc6-dev git xz-utils gzip)
-NEW_TESTS=(move-cross-mm move-cross-mm-thp move-cross-mm-busy
+NEW_TESTS=(move-cross-mm move-cross-mm-thp move-cross-mm-busy move-cross-mm-race
 	move-cross-mm-memcg)
 # uffd-stress runs: "type MiB bounces" (same on both kernels)
 STRESS=("anon 32 8" "shmem 32 8" "hugetlb 32 8")
