@@ -391,7 +391,8 @@ unit_results() {
 }
 
 evaluate_vm() {
-	local variant=$1 log=$LOGDIR/vm-$variant.txt rc secs s name t r
+	local variant=$1 log rc secs s name t r
+	log=$LOGDIR/vm-$variant.txt
 	if ! grep -aq '^@@DONE' "$log"; then
 		row "$variant: VM ran to completion" FAIL \
 			"no @@DONE after ${VMSECS[$variant]} s (see $LOGDIR/vm-$variant.log)"

@@ -279,6 +279,8 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
                     .try_into()
                     .expect("one page");
                 match st.pages.state(a) {
+                    // The faulting page itself is copied from its slot if it ends up alone.
+                    PageState::Window { .. } if n == 0 && max_pages == 1 => {}
                     PageState::Window { slot, .. } => {
                         // SAFETY: the slot lies inside the window mapping; the page is ours to
                         // read while we hold the lock (the slot cannot be reused meanwhile).
@@ -307,7 +309,14 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
             } else {
                 Counters::add(&c.faults_store, 1);
             }
-            match client.uffd.copy(addr, buf.as_ptr(), n * PAGE_BYTES, false) {
+            // A single page still in the window is copied straight from its slot.
+            let src = match (n, plan) {
+                (1, FaultPlan::FromWindow { slot }) => {
+                    client.win().slot_ptr(slot as usize) as *const u8
+                }
+                _ => buf.as_ptr(),
+            };
+            match client.uffd.copy(addr, src, n * PAGE_BYTES, false) {
                 Ok(done) => {
                     finish(client, &mut st, addr, done / PAGE_BYTES);
                     Ok(())
