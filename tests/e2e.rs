@@ -454,6 +454,36 @@ fn daemon_returns_store_space_when_program_exits() -> R {
     Ok(())
 }
 
+fn exec_ends_old_context_and_new_image_attaches() -> R {
+    // A shell (itself a client) execs the workload: the shell's context ends, the new image
+    // attaches afresh under the same pid and is managed.
+    let script = format!("exec {} fill-verify --mib 32 --idle-ms 1500", workload());
+    let r = run_under_uswap("exec", "8M", &[], &["/bin/sh", "-c", &script]);
+    let clients = r.stats["clients"].as_array().cloned().unwrap_or_default();
+    let same_pid: Vec<_> = clients
+        .iter()
+        .filter(|c| c["pid"] == clients.last().map_or(Value::Null, |l| l["pid"].clone()))
+        .collect();
+    if same_pid.len() < 2 {
+        return Err(format!(
+            "expected the shell and the exec'd image as two clients with one pid\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    if same_pid.iter().any(|c| c["alive"] != Value::Bool(false)) {
+        return Err(format!("a context outlived its image\n{}", r.describe()).into());
+    }
+    let last = same_pid.last().expect("two");
+    if last["name"] != "uswap-workload" || last["pages_evicted"].as_u64().unwrap_or(0) < 2000 {
+        return Err(format!("the exec'd image was not managed\n{}", r.describe()).into());
+    }
+    if !r.out.status.success() || !r.stdout.contains("RESULT ok") {
+        return Err(format!("the program failed\n{}", r.describe()).into());
+    }
+    Ok(())
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -560,6 +590,10 @@ fn main() {
             bad_config_file_is_refused_naming_file_key_reason,
         ),
         Trial::test("doctor_reports_the_machine", doctor_reports_the_machine),
+        Trial::test(
+            "exec_ends_old_context_and_new_image_attaches",
+            exec_ends_old_context_and_new_image_attaches,
+        ),
         needs_root(Trial::test(
             "daemon_as_other_unprivileged_user_serves_client",
             daemon_as_other_unprivileged_user_serves_client,

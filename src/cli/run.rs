@@ -236,10 +236,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         None => Vec::new(),
     };
-    // The program's own report (the first process; exec'd or forked ones follow).
+    // The program's own report: the last image that ran under its pid (a wrapper that exec'd
+    // the real program attached first).
     let mine: Vec<&ClientReport> = reports.iter().filter(|r| r.pid == pid).collect();
     if !args.quiet {
-        match (mine.first(), &daemon_socket) {
+        match (mine.last(), &daemon_socket) {
             (Some(r), _) => print_summary(r, wall),
             (None, Some(p)) => eprintln!(
                 "uswap: managed by the daemon on {}; see `uswap status`",
