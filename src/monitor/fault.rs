@@ -29,6 +29,10 @@ use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 const MSGS_PER_READ: usize = 64;
+/// A fault parked on the agent's batch for longer than this is logged (once per client): the
+/// agent's work per batch is bounded (at most `MAX_BATCH_PAGES` moves and copies), so a wait this
+/// long means the program's agent thread is not being scheduled.
+const SLOW_AGENT: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct Pending {
     addr: u64,
@@ -57,6 +61,8 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     let mut events = [Event::Unknown; MSGS_PER_READ];
     let mut pending: Vec<Pending> = Vec::new();
     let mut buf = vec![0u8; PAGE_SIZE * (1 + client.cfg.prefetch_pages as usize)];
+    let mut waiting = 0usize;
+    let mut warned_slow = false;
     loop {
         if client.closing.load(Ordering::Acquire) {
             return "closing";
@@ -119,14 +125,16 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                 }
             }
         }
-        // 2. Completions.
-        if pfds[1].revents & libc::POLLIN != 0 || !pending.is_empty() {
+        // 2. Completions (the agent signals each one; parked faults are retried on the next
+        //    signal or, as a safety net, on the 1 ms poll timeout).
+        if pfds[1].revents & libc::POLLIN != 0 || (waiting > 0 && pfds[0].revents == 0) {
             drain(done_fd);
             complete_batches(&client);
         }
         // 3. Faults.
         if !pending.is_empty() {
             let mut still = Vec::new();
+            waiting = 0;
             for p in pending.drain(..) {
                 match serve(&client, p.addr, &mut buf) {
                     Served::Done => {
@@ -138,8 +146,17 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                         }
                     }
                     Served::Wait => {
+                        waiting += 1;
                         if !p.waited {
                             Counters::add(&client.counters.faults_waited, 1);
+                        } else if p.since.elapsed() > SLOW_AGENT && !warned_slow {
+                            warned_slow = true;
+                            warn!(
+                                client = client.id,
+                                addr = p.addr,
+                                waited_ms = p.since.elapsed().as_millis() as u64,
+                                "a fault has waited long for the agent's batch"
+                            );
                         }
                         still.push(Pending { waited: true, ..p });
                         super::client::signal(client.req_efd.as_raw_fd());
