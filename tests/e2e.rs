@@ -484,6 +484,41 @@ fn exec_ends_old_context_and_new_image_attaches() -> R {
     Ok(())
 }
 
+fn protocol_violation_disconnects_but_gives_every_page_back() -> R {
+    let r = run_under_uswap(
+        "garbage",
+        "8M",
+        &[],
+        &[
+            workload(),
+            "garbage-to-monitor",
+            "--mib",
+            "32",
+            "--idle-ms",
+            "1500",
+        ],
+    );
+    // The program keeps all its data; the monitor had evicted it and handed it back.
+    r.ok_with_eviction(2000)?;
+    if !r.stdout.contains("sent garbage on 1 socket") {
+        return Err(format!("the garbage did not reach the monitor\n{}", r.describe()).into());
+    }
+    let err = String::from_utf8_lossy(&r.out.stderr);
+    if !err.contains("disconnecting") || !err.contains("malformed") {
+        return Err(format!("the monitor did not refuse the garbage\n{}", r.describe()).into());
+    }
+    // After the monitor let go, the program touched every page: they were all handed back
+    // (otherwise it would wait forever on its next fault).
+    if r.get("pages_stored") + r.get("pages_in_window") + r.get("pages_in_flight") != 0 {
+        return Err(format!(
+            "pages were left with the monitor after it let go\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -593,6 +628,10 @@ fn main() {
         Trial::test(
             "exec_ends_old_context_and_new_image_attaches",
             exec_ends_old_context_and_new_image_attaches,
+        ),
+        Trial::test(
+            "protocol_violation_disconnects_but_gives_every_page_back",
+            protocol_violation_disconnects_but_gives_every_page_back,
         ),
         needs_root(Trial::test(
             "daemon_as_other_unprivileged_user_serves_client",

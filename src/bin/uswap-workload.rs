@@ -665,6 +665,42 @@ fn cmd_read_syscall(o: &Opts) -> Result<String, String> {
 
 const PARTIAL_OFF: usize = 1000;
 
+/// Breaks the protocol on purpose: after its memory was evicted, the program writes garbage
+/// into the shim's socket (the only socket it has). The monitor must refuse it and still hand
+/// every page back, so the program goes on with all its data.
+fn cmd_garbage_to_monitor(o: &Opts) -> Result<String, String> {
+    let (len, _npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    idle(idle_ms);
+    print_rss();
+    let mut sent = 0;
+    for entry in std::fs::read_dir("/proc/self/fd").map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if !target.to_string_lossy().starts_with("socket:") {
+            continue;
+        }
+        let fd: i32 = entry.file_name().to_string_lossy().parse().unwrap_or(-1);
+        let junk = b"this is not a uswap packet";
+        // SAFETY: sending our own bytes on a descriptor of this process.
+        let n = unsafe { libc::send(fd, junk.as_ptr().cast(), junk.len(), libc::MSG_NOSIGNAL) };
+        if n > 0 {
+            sent += 1;
+        }
+    }
+    println!("sent garbage on {sent} socket(s)");
+    if sent == 0 {
+        return Err("found no socket to the monitor".into());
+    }
+    idle(idle_ms);
+    let mut t = Tally::default();
+    t.range("region", m.words(), 0, 1);
+    t.print("region after the monitor let go");
+    ok_if(t, "garbage-to-monitor")
+}
+
 fn cmd_write_after_evict(o: &Opts) -> Result<String, String> {
     let (len, npages) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
@@ -1306,6 +1342,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   pin              --mib N [--idle-ms M] [--pin-pages P]
   fill-rate        --mib N [--repeat K]
   fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K]
+  garbage-to-monitor --mib N [--idle-ms M]
   output-echo      [any args]
 defaults: --mib 64, --rounds 1, --threads 4, --pin-pages 16, --repeat 3,
           --touches all pages (seq) / 20000 (random)
@@ -1337,6 +1374,7 @@ fn run(args: &[String]) -> Result<String, String> {
         ),
         "fault-latency" => cmd_fault_latency(&parse(&["pattern", "touches"], &[])?),
         "output-echo" => cmd_output_echo(args),
+        "garbage-to-monitor" => cmd_garbage_to_monitor(&parse(&[], &[])?),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok("help".into())

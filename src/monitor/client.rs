@@ -362,6 +362,30 @@ impl Client {
         }
     }
 
+    /// Detaches from a program that is still running (a protocol error on our side or its
+    /// own): every evicted page goes back into it and its ranges are unregistered, so nothing
+    /// it wrote is lost and it never waits on a monitor that no longer listens.
+    pub fn give_everything_back(&self) {
+        match self.bring_all_home() {
+            Ok(n) => info!(
+                client = self.id,
+                pages = n,
+                "gave every evicted page back before detaching"
+            ),
+            Err(e) => warn!(
+                client = self.id,
+                "could not give every page back before detaching: {e:#}"
+            ),
+        }
+        let st = self.state.lock();
+        for r in st.regions.registered() {
+            if let Err(e) = self.uffd.unregister(r.start, r.end - r.start) {
+                debug!(client = self.id, start = r.start, "unregister: {e}");
+            }
+        }
+        self.request_agent(shm::REQ_SHUTDOWN);
+    }
+
     /// One policy tick: trial-evict what the budget asks for, compress what has cooled.
     fn tick(&self) {
         let win = self.win();

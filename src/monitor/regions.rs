@@ -14,6 +14,8 @@ pub struct Regions {
     managed: BTreeMap<u64, u64>,
     /// Ranges registered with the client's uffd (start → end).
     registered: BTreeMap<u64, u64>,
+    /// Every range ever registered and not since unmapped (for unregistering on detach).
+    ever_registered: BTreeMap<u64, u64>,
     /// Ranges never to evict.
     excluded: Vec<Range<u64>>,
     /// Snapshot being received.
@@ -107,7 +109,13 @@ impl Regions {
         self.registered.get(&r.start) == Some(&r.end)
     }
 
+    /// Every range registered with the client's uffd and not unmapped since.
+    pub fn registered(&self) -> Vec<Range<u64>> {
+        self.ever_registered.iter().map(|(s, e)| *s..*e).collect()
+    }
+
     pub fn mark_registered(&mut self, r: Range<u64>) {
+        self.ever_registered.insert(r.start, r.end);
         self.registered.insert(r.start, r.end);
     }
 
@@ -130,6 +138,8 @@ impl Regions {
             self.managed.remove(&s);
             self.registered.remove(&s);
         }
+        self.ever_registered
+            .retain(|s, e| !(*s >= start && *e <= end));
     }
 
     pub fn is_excluded(&self, start: u64, end: u64) -> bool {

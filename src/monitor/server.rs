@@ -435,6 +435,8 @@ impl Monitor {
         if let Err(e) = &result {
             warn!(client = client.id, "disconnecting: {e:#}");
             send_error(sock, libc::EPROTO as u32, &format!("{e:#}"));
+            // The program is still alive: hand its memory back before letting go of it.
+            client.give_everything_back();
         }
         // The program is gone (socket closed at exit/exec) or misbehaved. Its fault thread
         // stops when the uffd reports the mm gone; ask it to stop now in any case.
