@@ -109,18 +109,11 @@ fn connect(path: &[u8]) -> Result<i32, &'static str> {
     if fd < 0 {
         return Err("cannot create a socket");
     }
-    // SAFETY: sockaddr_un is plain old data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as u16;
-    if path.len() >= addr.sun_path.len() {
+    let Some((addr, len)) = uswap::protocol::io::unix_sockaddr(path) else {
         // SAFETY: closing our own descriptor.
         unsafe { libc::close(fd) };
         return Err("socket path too long");
-    }
-    for (d, s) in addr.sun_path.iter_mut().zip(path) {
-        *d = *s as libc::c_char;
-    }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + path.len() + 1) as libc::socklen_t;
+    };
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
     let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
     if rc < 0 {

@@ -54,7 +54,7 @@ TARBALL=/usr/src/linux-source-6.12.tar.xz
 DEB_PKGS=(qemu-system-x86 "$PKG" bc flex bison libelf-dev libssl-dev cpio
 	busybox-static dwarves gcc make libc6-dev git xz-utils gzip)
 NEW_TESTS=(move-cross-mm move-cross-mm-thp move-cross-mm-busy move-cross-mm-race
-	move-cross-mm-memcg)
+	move-cross-mm-swap move-cross-mm-memcg)
 # uffd-stress runs: "type MiB bounces" (same on both kernels)
 STRESS=("anon 32 8" "shmem 32 8" "hugetlb 32 8")
 
@@ -110,6 +110,10 @@ CONFIG_UNIX=y
 CONFIG_MULTIUSER=y
 CONFIG_KSM=y
 CONFIG_HUGETLBFS=y
+CONFIG_BLOCK=y
+CONFIG_SWAP=y
+CONFIG_BLK_DEV=y
+CONFIG_BLK_DEV_RAM=y
 CONFIG_IO_URING=y
 CONFIG_DEBUG_KERNEL=y
 CONFIG_DEBUG_VM=y
@@ -136,6 +140,8 @@ ensure_deps() {
 	PKGVER=$(dpkg-query -W -f='${Version}' "$PKG")
 	BUSYBOX=$(command -v busybox || echo /bin/busybox)
 	[ -x "$BUSYBOX" ] || die "busybox missing"
+	# The initramfs has no libc: busybox must be the static one.
+	! ldd "$BUSYBOX" >/dev/null 2>&1 || die "$BUSYBOX is not static (install busybox-static)"
 }
 
 series_patches() {
@@ -263,7 +269,8 @@ qemu_cmd() {
 	[ "$accel" = kvm ] && cpu=(-cpu host)
 	echo qemu-system-x86_64 -accel "$accel" "${cpu[@]}" -m 2G \
 		-smp cpus=2,sockets=2 -nographic -no-reboot -kernel "$kernel" \
-		-initrd "$initrd" -append "'console=ttyS0 panic=-1 quiet'"
+		-initrd "$initrd" \
+		-append "'console=ttyS0 panic=-1 quiet brd.rd_nr=1 brd.rd_size=65536'"
 }
 
 # initrd DIR: pack DIR into DIR.cpio.gz
@@ -315,7 +322,9 @@ mount -t tmpfs tmp /tmp
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo 64 >/proc/sys/vm/nr_hugepages
-echo "@@KERNEL $(uname -r) hugepages=$(cat /proc/sys/vm/nr_hugepages)"
+# 64 MiB of swap on a RAM disk, for the swapped-out-page test
+mkswap /dev/ram0 >/dev/null 2>&1 && swapon /dev/ram0
+echo "@@KERNEL $(uname -r) hugepages=$(cat /proc/sys/vm/nr_hugepages) swap_kB=$(awk '/SwapTotal/ {print $2}' /proc/meminfo)"
 run() {
 	name=$1; shift
 	echo "@@BEGIN $name"
@@ -397,7 +406,7 @@ evaluate_vm() {
 		row "$variant: VM ran to completion" FAIL \
 			"no @@DONE after ${VMSECS[$variant]} s (see $LOGDIR/vm-$variant.log)"
 	else
-		row "$variant: VM ran to completion" PASS "${VMSECS[$variant]} s, $(grep -a '^@@KERNEL' "$log" | cut -d' ' -f2-)"
+		row "$variant: VM ran to completion" PASS "${VMSECS[$variant]} s, $(grep -ao '@@KERNEL.*' "$log" | cut -d' ' -f2-)"
 	fi
 	# the 6.12 uffd-unit-tests
 	rc=$(end_rc "$log" unit)

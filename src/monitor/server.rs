@@ -60,24 +60,12 @@ impl Drop for Listener {
 
 fn sockaddr(path: &Path) -> anyhow::Result<(libc::sockaddr_un, libc::socklen_t)> {
     use std::os::unix::ffi::OsStrExt;
-    let bytes = path.as_os_str().as_bytes();
-    // SAFETY: sockaddr_un is plain old data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    if bytes.len() >= addr.sun_path.len() {
-        bail!(
-            "socket path {} is longer than {} bytes",
-            path.display(),
-            addr.sun_path.len() - 1
-        );
-    }
-    addr.sun_family = libc::AF_UNIX as u16;
-    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
-    }
-    Ok((
-        addr,
-        (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t,
-    ))
+    crate::protocol::io::unix_sockaddr(path.as_os_str().as_bytes()).with_context(|| {
+        format!(
+            "socket path {} is empty or longer than 107 bytes",
+            path.display()
+        )
+    })
 }
 
 fn seqpacket_socket() -> anyhow::Result<OwnedFd> {

@@ -5,6 +5,22 @@
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
+/// A `sockaddr_un` for `path` (bytes, no NUL) and its length, or `None` if the path does not
+/// fit. Shared by the shim's connect and the monitor's bind/connect.
+pub fn unix_sockaddr(path: &[u8]) -> Option<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if path.is_empty() || path.len() >= addr.sun_path.len() || path.contains(&0) {
+        return None;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(path) {
+        *d = *s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + path.len() + 1;
+    Some((addr, len as libc::socklen_t))
+}
+
 /// Most descriptors one packet carries.
 pub const MAX_FDS: usize = 4;
 
