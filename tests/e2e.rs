@@ -521,6 +521,51 @@ fn protocol_violation_disconnects_but_gives_every_page_back() -> R {
     Ok(())
 }
 
+fn run_through_daemon_reports_like_embedded() -> R {
+    let d = start_daemon("rundaemon", None)?;
+    let stats = d.dir.join("stats.json");
+    let out = Command::new(uswap())
+        .arg("run")
+        .arg("--socket")
+        .arg(&d.socket)
+        .args([
+            "--budget",
+            "8M",
+            "--set",
+            "cooling=200ms",
+            "--set",
+            "tick=10ms",
+            "--stats-json",
+        ])
+        .arg(&stats)
+        .arg("--")
+        .args([
+            workload(),
+            "fill-verify",
+            "--mib",
+            "32",
+            "--idle-ms",
+            "1500",
+        ])
+        .env("USWAP_SHIM", shim())
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    let json: Value = serde_json::from_slice(&std::fs::read(&stats)?)?;
+    let c = &json["clients"][0];
+    if !out.status.success()
+        || !err.contains("managed RSS")
+        || c["pages_evicted"].as_u64().unwrap_or(0) < 2000
+    {
+        return Err(
+            format!("summary or figures missing when run through a daemon:\n{err}\n{c}").into(),
+        );
+    }
+    if c["budget_bytes"].as_u64() != Some(8 << 20) {
+        return Err(format!("the daemon did not apply --budget: {c}").into());
+    }
+    Ok(())
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -630,6 +675,10 @@ fn main() {
         Trial::test(
             "exec_ends_old_context_and_new_image_attaches",
             exec_ends_old_context_and_new_image_attaches,
+        ),
+        Trial::test(
+            "run_through_daemon_reports_like_embedded",
+            run_through_daemon_reports_like_embedded,
         ),
         Trial::test(
             "protocol_violation_disconnects_but_gives_every_page_back",

@@ -229,12 +229,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
 
-    let reports: Vec<ClientReport> = match &embedded {
-        Some((monitor, _, _, _)) => {
+    let reports: Vec<ClientReport> = match (&embedded, &daemon_socket) {
+        (Some((monitor, _, _, _)), _) => {
             monitor.wait_idle(Duration::from_secs(10));
             monitor.reports()
         }
-        None => Vec::new(),
+        (None, Some(sock)) => daemon_reports(sock, pid),
+        (None, None) => Vec::new(),
     };
     // The program's own report: the last image that ran under its pid (a wrapper that exec'd
     // the real program attached first).
@@ -263,6 +264,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let _ = std::fs::remove_dir_all(dir);
     }
     Ok(code)
+}
+
+/// The daemon's reports for `pid`, once it has noticed the program is gone (up to 5 s).
+fn daemon_reports(sock: &std::path::Path, pid: i32) -> Vec<ClientReport> {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all: Vec<ClientReport> = crate::monitor::query_status(sock)
+            .map(|v| {
+                v.into_iter()
+                    .filter_map(|r| serde_json::from_value(r).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mine: Vec<ClientReport> = all.into_iter().filter(|r| r.pid == pid).collect();
+        if (!mine.is_empty() && mine.iter().all(|r| !r.alive)) || Instant::now() > end {
+            return mine;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 static STOP: AtomicI32 = AtomicI32::new(0);

@@ -593,7 +593,7 @@ impl Client {
             uid: self.uid,
             name: self.name.clone(),
             alive,
-            backend: "stock (agent moves)",
+            backend: "stock (agent moves)".into(),
             budget_bytes: self.cfg.budget_bytes,
             rss_anon_bytes: g(&c.rss_anon_bytes),
             peak_rss_anon_bytes: g(&c.peak_rss_anon_bytes),

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::store::StoreStats;
 
@@ -91,7 +91,7 @@ impl Latency {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct Percentiles {
     pub count: u64,
     pub p50_us: f64,
@@ -114,14 +114,15 @@ impl Percentiles {
 }
 
 /// Everything known about one client, for humans and machines.
-#[derive(Debug, Clone, Serialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct ClientReport {
     pub id: u64,
     pub pid: i32,
     pub uid: u32,
     pub name: String,
     pub alive: bool,
-    pub backend: &'static str,
+    pub backend: String,
     pub budget_bytes: Option<u64>,
     pub rss_anon_bytes: u64,
     pub peak_rss_anon_bytes: u64,

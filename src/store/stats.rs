@@ -9,7 +9,7 @@ use crate::PAGE_SIZE;
 
 /// A snapshot of the store. Byte counts are exact except `metadata_bytes`, which counts
 /// container capacities (see [`Store::metadata_bytes`](super::Store::metadata_bytes)).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct StoreStats {
     /// Pages kept as a repeated word (no blob).
     pub pages_same_filled: u64,
