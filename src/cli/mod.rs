@@ -62,8 +62,10 @@ pub const EXIT_FAILURE: i32 = 1;
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("USWAP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

@@ -33,17 +33,18 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         "RSS MiB",
         "BUDGET",
         "STORE MiB",
-        "WINDOW",
+        "WINDOW pg",
         "RATIO",
         "FAULTS",
-        "P99 µs"
+        "P99 us"
     );
     for r in &reports {
         let store_out = r["store"]["bytes_out"].clone();
+        let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
         println!(
             "{:>5} {:>7} {:<16} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6.2} {:>9} {:>9.1}",
-            r["id"],
-            r["pid"],
+            n(&r["id"]),
+            r["pid"].as_i64().unwrap_or(0),
             r["name"]
                 .as_str()
                 .unwrap_or("?")
@@ -58,9 +59,9 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
             mib(&r["rss_anon_bytes"]),
             mib(&r["budget_bytes"]),
             mib(&store_out),
-            r["pages_in_window"],
+            n(&r["pages_in_window"]),
             r["compression_ratio"].as_f64().unwrap_or(0.0),
-            r["faults"],
+            n(&r["faults"]),
             r["fault_latency"]["p99_us"].as_f64().unwrap_or(0.0),
         );
     }
