@@ -134,7 +134,7 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
             return std::ptr::null_mut();
         }
         let worked = run_batches(&win);
-        if requests & shm::REQ_RSS != 0 || worked {
+        if requests & shm::REQ_RSS != 0 {
             if let Some(rss) = maps::rss_anon_bytes(scratch(STATUS_OFF, STATUS_LEN)) {
                 win.rss_anon_bytes().store(rss, Ordering::Relaxed);
                 win.rss_seq().fetch_add(1, Ordering::Release);

@@ -416,6 +416,9 @@ evaluate_vm() {
 		row "$variant: uffd-unit-tests (6.12)" FAIL "did not run"
 	elif [ "$rc" != 0 ]; then
 		row "$variant: uffd-unit-tests (6.12)" FAIL "rc=$rc $s; failed: $(unit_results "$log" unit | grep '|failed' | cut -d'|' -f1 | tr '\n' ',')"
+	elif ! echo "$s" | grep -q 'skip=0,'; then
+		# a test that could not run is a failure, not a silent skip
+		row "$variant: uffd-unit-tests (6.12)" FAIL "$s; skipped: $(unit_results "$log" unit | grep '|skipped' | cut -d'|' -f1 | tr '\n' ',')"
 	else
 		row "$variant: uffd-unit-tests (6.12)" PASS "$s, ${secs} s"
 	fi
