@@ -329,6 +329,11 @@ fn start_daemon(tag: &str, as_user: Option<(u32, u32)>) -> Result<Daemon, Failed
     if let Some((uid, gid)) = as_user {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+        // The checkout may sit where the other user cannot reach (e.g. under /root): run a
+        // copy of the binary from the shared temporary directory.
+        let exe = dir.join("uswap");
+        std::fs::copy(uswap(), &exe)?;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
         cmd = Command::new("setpriv");
         cmd.args([
             format!("--reuid={uid}"),
@@ -337,7 +342,7 @@ fn start_daemon(tag: &str, as_user: Option<(u32, u32)>) -> Result<Daemon, Failed
             "--inh-caps=-all".into(),
             "--bounding-set=-all".into(),
         ]);
-        cmd.arg(uswap());
+        cmd.arg(&exe);
     } else {
         cmd = Command::new(uswap());
     }
