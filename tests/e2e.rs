@@ -571,6 +571,29 @@ fn run_through_daemon_reports_like_embedded() -> R {
     Ok(())
 }
 
+fn daemonising_program_closing_every_fd_keeps_its_memory() -> R {
+    let r = run_under_uswap(
+        "closefds",
+        "8M",
+        &[],
+        &[
+            workload(),
+            "close-all-fds",
+            "--mib",
+            "32",
+            "--idle-ms",
+            "1500",
+        ],
+    );
+    if !r.out.status.success() || !r.stdout.contains("RESULT ok") {
+        return Err(format!("the program failed\n{}", r.describe()).into());
+    }
+    if r.get("pages_evicted") < 2000 || r.get("pages_restored") < 2000 {
+        return Err(format!("nothing was evicted and handed back\n{}", r.describe()).into());
+    }
+    Ok(())
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -680,6 +703,10 @@ fn main() {
         Trial::test(
             "exec_ends_old_context_and_new_image_attaches",
             exec_ends_old_context_and_new_image_attaches,
+        ),
+        Trial::test(
+            "daemonising_program_closing_every_fd_keeps_its_memory",
+            daemonising_program_closing_every_fd_keeps_its_memory,
         ),
         Trial::test(
             "run_through_daemon_reports_like_embedded",

@@ -314,3 +314,25 @@ fn remove_and_unmap_events_are_delivered() {
         }
     );
 }
+
+#[test]
+fn copy_from_unmapped_source_installs_nothing() {
+    // The monitor's liveness probe relies on this: a UFFDIO_COPY whose source is unmapped fails
+    // (EFAULT) without installing a page at the destination.
+    let m = Map::new(2);
+    let u = uffd(0);
+    u.register(m.base, m.len as u64, sys::UFFDIO_REGISTER_MODE_MISSING)
+        .unwrap();
+    match u.copy(m.page(0), PAGE as *const u8, PAGE, true) {
+        Err(UffdError::Os {
+            errno: libc::EFAULT,
+            done_bytes: 0,
+            ..
+        }) => {}
+        other => panic!("expected EFAULT, got {other:?}"),
+    }
+    assert!(!m.resident(0), "nothing may be installed");
+    let src = vec![3u8; PAGE as usize];
+    assert_eq!(u.copy(m.page(0), src.as_ptr(), PAGE, false).unwrap(), PAGE);
+    assert_eq!(m.read(0), 3);
+}

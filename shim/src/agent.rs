@@ -44,7 +44,7 @@ const _: () = assert!(STATUS_OFF + STATUS_LEN <= SCRATCH_BYTES);
 
 pub(crate) fn kick() {
     let efd = SHIM.req_efd.load(Ordering::Relaxed);
-    if efd >= 0 {
+    if efd >= 0 && crate::fds_ok(&[crate::FD_REQ]) {
         let one: u64 = 1;
         // SAFETY: an 8-byte write to an eventfd.
         unsafe { libc::write(efd, (&one as *const u64).cast(), 8) };
@@ -121,13 +121,19 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
         };
         // SAFETY: polling one pollfd on our stack.
         let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        // Our descriptors must still be ours before we read, write or move through them.
+        if !crate::fds_ok(&[
+            crate::FD_SOCK,
+            crate::FD_UFFD,
+            crate::FD_REQ,
+            crate::FD_DONE,
+        ]) {
+            return std::ptr::null_mut();
+        }
         if rc > 0 {
             let mut v = 0u64;
-            // SAFETY: an 8-byte read from an eventfd into a local.
+            // SAFETY: an 8-byte read from our eventfd (checked just above) into a local.
             unsafe { libc::read(req_efd, (&mut v as *mut u64).cast(), 8) };
-        }
-        if SHIM.state.load(Ordering::Acquire) != crate::MANAGED {
-            return std::ptr::null_mut();
         }
         let requests = win.requests().swap(0, Ordering::AcqRel);
         if requests & shm::REQ_SHUTDOWN != 0 {
@@ -152,7 +158,7 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
             }
             last_scan_ns = now;
         }
-        if worked || requests != 0 {
+        if (worked || requests != 0) && crate::fds_ok(&[crate::FD_DONE]) {
             let one: u64 = 1;
             // SAFETY: an 8-byte write to an eventfd.
             unsafe { libc::write(done_efd, (&one as *const u64).cast(), 8) };
@@ -405,7 +411,7 @@ fn send_snapshot_locked(snapshot: u32) -> bool {
         let flags = if *first { REGIONS_FIRST } else { 0 } | if last { REGIONS_LAST } else { 0 };
         *first = false;
         let packet = b.finish(snapshot, flags);
-        send_packet(sock, packet, &[]).is_ok()
+        crate::fds_ok(&[crate::FD_SOCK]) && send_packet(sock, packet, &[]).is_ok()
     };
     // Our own ranges first, always: the kernel may have merged them with a neighbour, so the
     // monitor subtracts them from whatever managed region contains them.

@@ -52,6 +52,9 @@ pub(crate) struct Shim {
     pub maps_dirty: AtomicBool,
     /// Serialises packets on the socket (agent snapshots vs. fork requests).
     pub sock_busy: AtomicBool,
+    /// High-numbered duplicates of sock, uffd, req_efd, done_efd (in that order), to tell
+    /// whether the program closed one of ours and reused its number (see [`fds_ok`]).
+    pub refs: [AtomicI32; 4],
 }
 
 pub(crate) static SHIM: Shim = Shim {
@@ -70,7 +73,71 @@ pub(crate) static SHIM: Shim = Shim {
     scratch_len: AtomicUsize::new(0),
     maps_dirty: AtomicBool::new(false),
     sock_busy: AtomicBool::new(false),
+    refs: [
+        AtomicI32::new(-1),
+        AtomicI32::new(-1),
+        AtomicI32::new(-1),
+        AtomicI32::new(-1),
+    ],
 };
+
+/// Indices into [`Shim::refs`].
+pub(crate) const FD_SOCK: usize = 0;
+pub(crate) const FD_UFFD: usize = 1;
+pub(crate) const FD_REQ: usize = 2;
+pub(crate) const FD_DONE: usize = 3;
+
+fn fd_of(idx: usize) -> &'static AtomicI32 {
+    match idx {
+        FD_SOCK => &SHIM.sock,
+        FD_UFFD => &SHIM.uffd,
+        FD_REQ => &SHIM.req_efd,
+        _ => &SHIM.done_efd,
+    }
+}
+
+/// Whether our descriptors are still ours. Programs that daemonise close every descriptor
+/// (closefrom) and open new ones under the same numbers; writing a wake-up or a packet into
+/// such a number would corrupt the program's own files. Each descriptor is compared with its
+/// high-numbered duplicate (kcmp KCMP_FILE: same open file?). On any mismatch the shim detaches
+/// for good and never touches those numbers again; the monitor, seeing its socket closed,
+/// hands every evicted page back.
+pub(crate) fn fds_ok(which: &[usize]) -> bool {
+    if SHIM.state.load(Ordering::Acquire) != MANAGED {
+        return false;
+    }
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    for &i in which {
+        let (fd, r) = (
+            fd_of(i).load(Ordering::Relaxed),
+            SHIM.refs[i].load(Ordering::Relaxed),
+        );
+        // SAFETY: kcmp compares two descriptors of our own process; it reads nothing else.
+        let same = unsafe {
+            libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd, r)
+        } == 0;
+        if !same {
+            SHIM.state.store(DETACHED, Ordering::Release);
+            return false;
+        }
+    }
+    true
+}
+
+/// Makes the high-numbered duplicates (at 512 or above, close-on-exec).
+fn make_refs() -> Result<(), &'static str> {
+    for i in [FD_SOCK, FD_UFFD, FD_REQ, FD_DONE] {
+        // SAFETY: duplicating our own descriptor.
+        let d =
+            unsafe { libc::fcntl(fd_of(i).load(Ordering::Relaxed), libc::F_DUPFD_CLOEXEC, 512) };
+        if d < 0 {
+            return Err("cannot duplicate the shim's descriptors");
+        }
+        SHIM.refs[i].store(d, Ordering::Relaxed);
+    }
+    Ok(())
+}
 
 /// Size of the agent's stack (its TLS and thread descriptor live at its top).
 const AGENT_STACK_BYTES: usize = 256 * 1024;
@@ -93,7 +160,10 @@ extern "C" fn uswap_shim_init() {
 
 /// Closes whatever a failed `init` left open.
 fn teardown_partial() {
-    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd] {
+    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd]
+        .into_iter()
+        .chain(SHIM.refs.iter())
+    {
         let v = fd.swap(-1, Ordering::AcqRel);
         if v >= 0 {
             // SAFETY: closing a descriptor this shim opened.
@@ -296,6 +366,7 @@ fn init() -> Result<(), &'static str> {
         )
     };
 
+    make_refs()?;
     SHIM.maps_dirty.store(true, Ordering::Release);
     SHIM.state.store(MANAGED, Ordering::Release);
     agent::start().map_err(|_| "cannot start the agent thread")?;
@@ -333,6 +404,9 @@ extern "C" fn fork_prepare() {
         return;
     }
     sock_lock(true);
+    if !fds_ok(&[FD_SOCK]) {
+        return; // detached: fork_parent/fork_child see the state and unlock
+    }
     let sock = SHIM.sock.load(Ordering::Acquire);
     let mut buf = [0u8; 256];
     let ok = Msg::ForkPrepare
@@ -356,6 +430,7 @@ extern "C" fn fork_prepare() {
 
 extern "C" fn fork_parent() {
     if SHIM.state.load(Ordering::Acquire) != MANAGED {
+        sock_unlock();
         return;
     }
     let sock = SHIM.sock.load(Ordering::Acquire);
@@ -370,10 +445,14 @@ extern "C" fn fork_parent() {
 /// drop the parent's descriptors so the monitor sees only the parent on this connection.
 extern "C" fn fork_child() {
     if SHIM.state.load(Ordering::Acquire) != MANAGED {
+        sock_unlock();
         return;
     }
     SHIM.state.store(DETACHED, Ordering::Release);
-    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd] {
+    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd]
+        .into_iter()
+        .chain(SHIM.refs.iter())
+    {
         let v = fd.swap(-1, Ordering::AcqRel);
         if v >= 0 {
             // SAFETY: closing the child's copies of descriptors the shim opened.

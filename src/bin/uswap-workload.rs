@@ -701,6 +701,65 @@ fn cmd_garbage_to_monitor(o: &Opts) -> Result<String, String> {
     ok_if(t, "garbage-to-monitor")
 }
 
+/// Behaves like a program that daemonises: after its memory was evicted it closes every
+/// descriptor above stderr (closefrom), opens pipes that reuse those numbers, maps and unmaps
+/// memory (which makes the shim want to signal its agent) and checks that nothing foreign was
+/// written into or read out of its pipes, then verifies every page.
+fn cmd_close_all_fds(o: &Opts) -> Result<String, String> {
+    let (len, _npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    idle(idle_ms);
+    print_rss();
+    let mut closed = 0;
+    for fd in 3..1024 {
+        // SAFETY: closing descriptors of this process, as a daemon's closefrom(3) does.
+        if unsafe { libc::close(fd) } == 0 {
+            closed += 1;
+        }
+    }
+    println!("closed {closed} descriptors");
+    // Reuse the numbers, then give the shim every reason to write to them.
+    let mut pipes = Vec::new();
+    for _ in 0..8 {
+        pipes.push(pipe()?);
+    }
+    for _ in 0..64 {
+        let extra = Mapping::anon(1 << 20)?;
+        drop(extra);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for &(r, w) in &pipes {
+        let mut b = [0u8; 64];
+        // SAFETY: non-blocking read from our own pipe into a local buffer.
+        let n = unsafe {
+            libc::fcntl(r, libc::F_SETFL, libc::O_NONBLOCK);
+            libc::read(r, b.as_mut_ptr().cast(), b.len())
+        };
+        if n > 0 {
+            return Err(format!(
+                "{n} foreign bytes appeared in pipe fd {r} (written by the shim?)"
+            ));
+        }
+        let msg = b"mine";
+        // SAFETY: writing our own bytes to our own pipe.
+        unsafe { libc::write(w, msg.as_ptr().cast(), msg.len()) };
+        // SAFETY: reading them back into a local buffer.
+        let n = unsafe { libc::read(r, b.as_mut_ptr().cast(), b.len()) };
+        if n != 4 || &b[..4] != msg {
+            return Err(format!(
+                "pipe fd {r}: read {n} bytes back, not what was written"
+            ));
+        }
+    }
+    idle(idle_ms);
+    let mut t = Tally::default();
+    t.range("region", m.words(), 0, 1);
+    t.print("region after closing every descriptor");
+    ok_if(t, "close-all-fds")
+}
+
 fn cmd_write_after_evict(o: &Opts) -> Result<String, String> {
     let (len, npages) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
@@ -1343,6 +1402,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   fill-rate        --mib N [--repeat K]
   fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K]
   garbage-to-monitor --mib N [--idle-ms M]
+  close-all-fds    --mib N [--idle-ms M]
   output-echo      [any args]
 defaults: --mib 64, --rounds 1, --threads 4, --pin-pages 16, --repeat 3,
           --touches all pages (seq) / 20000 (random)
@@ -1375,6 +1435,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "fault-latency" => cmd_fault_latency(&parse(&["pattern", "touches"], &[])?),
         "output-echo" => cmd_output_echo(args),
         "garbage-to-monitor" => cmd_garbage_to_monitor(&parse(&[], &[])?),
+        "close-all-fds" => cmd_close_all_fds(&parse(&[], &[])?),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok("help".into())

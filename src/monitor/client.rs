@@ -308,20 +308,17 @@ impl Client {
     /// the program. Eviction stays paused until `ForkDone`.
     fn bring_all_home(&self) -> anyhow::Result<u64> {
         self.state.lock().paused = true;
+        // Pages in the window or the store go back first: the first copy also tells whether
+        // the program is still there (ESRCH once its mm is gone: exit or exec). Then the
+        // batches still in flight are waited for, and their pages brought back in turn.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.state.lock().inflight.is_empty() {
-            if Instant::now() > deadline {
-                bail!("the agent did not finish its batches within 30 s");
-            }
-            signal(self.req_efd.as_raw_fd());
-            std::thread::sleep(Duration::from_micros(200));
-        }
         let mut restored = 0;
         let mut page = vec![0u8; PAGE_SIZE];
         loop {
             let mut st = self.state.lock();
             let evicted = st.pages.evicted_pages();
-            if evicted.is_empty() {
+            let inflight = !st.inflight.is_empty();
+            if evicted.is_empty() && !inflight {
                 return Ok(restored);
             }
             let mut retry = false;
@@ -333,7 +330,7 @@ impl Client {
                         st.store.get(h, p).context("reading a stored page back")?;
                         page.as_ptr()
                     }
-                    _ => continue,
+                    _ => continue, // Moving: wait for its batch
                 };
                 match self.uffd.copy(addr, src, PAGE_BYTES, false) {
                     Ok(_) | Err(UffdError::Exists { .. }) => {}
@@ -344,7 +341,7 @@ impl Client {
                     Err(UffdError::TargetGone { .. }) => bail!("the program is gone"),
                     Err(e) => {
                         // Not mapped any more: the UNMAP event will drop it.
-                        debug!(client = self.id, addr, "restore before fork: {e}");
+                        debug!(client = self.id, addr, "bringing a page home: {e}");
                         continue;
                     }
                 }
@@ -355,11 +352,47 @@ impl Client {
                 Counters::add(&self.counters.pages_restored, 1);
             }
             drop(st);
-            if retry {
+            if Instant::now() > deadline {
+                bail!("the agent did not finish its batches within 30 s");
+            }
+            if inflight && !self.program_alive() {
+                bail!("the program is gone");
+            }
+            if inflight {
+                signal(self.req_efd.as_raw_fd());
+                std::thread::sleep(Duration::from_micros(200));
+                // Completions the agent published without a signal (it stops signalling once
+                // it finds its descriptors gone) are read from the window directly.
+                super::fault::complete_batches(self);
+            } else if retry {
                 // An event is queued: the fault thread reads it; try again shortly.
                 std::thread::sleep(Duration::from_micros(100));
             }
         }
+    }
+
+    /// Whether the program's address space still exists. Probes with a UFFDIO_COPY whose
+    /// source is an address never mapped in the monitor (page 1, below mmap_min_addr): the
+    /// kernel answers ESRCH when the mm is gone (exit, exec) and otherwise fails the copy from
+    /// the source (EFAULT) or finds the page present (EEXIST) before installing anything.
+    fn program_alive(&self) -> bool {
+        let st = self.state.lock();
+        let Some(addr) = st.regions.registered().first().map(|r| r.start) else {
+            return true;
+        };
+        drop(st);
+        !matches!(
+            self.uffd
+                .copy(addr, PAGE_SIZE as *const u8, PAGE_BYTES, true),
+            Err(UffdError::TargetGone { .. })
+        )
+    }
+
+    /// Whether the monitor holds, or is about to hold, the only copy of some page.
+    pub fn has_evicted_pages(&self) -> bool {
+        super::fault::complete_batches(self);
+        let c = self.state.lock().pages.counts();
+        c.moving + c.window + c.stored > 0
     }
 
     /// Detaches from a program that is still running (a protocol error on our side or its

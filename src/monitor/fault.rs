@@ -216,7 +216,8 @@ fn apply_events(client: &Client, events: &[Event]) {
     }
 }
 
-fn complete_batches(client: &Client) {
+/// Applies the agent's completed batches (from the window's `done_seq`).
+pub(super) fn complete_batches(client: &Client) {
     let win = client.win();
     let done = win.done_seq().load(Ordering::Acquire);
     let mut st = client.state.lock();

@@ -420,11 +420,18 @@ impl Monitor {
             .counters
             .control_thread_cpu_ns
             .store(super::stats::thread_cpu_ns(), Ordering::Relaxed);
-        if let Err(e) = &result {
-            warn!(client = client.id, "disconnecting: {e:#}");
-            send_error(sock, libc::EPROTO as u32, &format!("{e:#}"));
-            // The program is still alive: hand its memory back before letting go of it.
-            client.give_everything_back();
+        match &result {
+            Err(e) => {
+                warn!(client = client.id, "disconnecting: {e:#}");
+                send_error(sock, libc::EPROTO as u32, &format!("{e:#}"));
+                // The program is still alive: hand its memory back before letting go of it.
+                client.give_everything_back();
+            }
+            // End of stream. Normally the program is gone (exit, exec) and the first copy
+            // fails at once with ESRCH. But a program that closed its descriptors (a daemon's
+            // closefrom) is alive and its evicted pages live only here: hand them back.
+            Ok(()) if client.has_evicted_pages() => client.give_everything_back(),
+            Ok(()) => {}
         }
         // The program is gone (socket closed at exit/exec) or misbehaved. Its fault thread
         // stops when the uffd reports the mm gone; ask it to stop now in any case.
