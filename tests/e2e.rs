@@ -583,6 +583,7 @@ fn daemonising_program_closing_every_fd_keeps_its_memory() -> R {
             "32",
             "--idle-ms",
             "1500",
+            "--fork",
         ],
     );
     if !r.out.status.success() || !r.stdout.contains("RESULT ok") {
@@ -590,6 +591,13 @@ fn daemonising_program_closing_every_fd_keeps_its_memory() -> R {
     }
     if r.get("pages_evicted") < 2000 || r.get("pages_restored") < 2000 {
         return Err(format!("nothing was evicted and handed back\n{}", r.describe()).into());
+    }
+    if !r.stdout.contains("child after closefrom + fork: ok") {
+        return Err(format!(
+            "the child forked right after closefrom was not checked\n{}",
+            r.describe()
+        )
+        .into());
     }
     Ok(())
 }

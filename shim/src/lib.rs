@@ -369,6 +369,7 @@ fn init() -> Result<(), &'static str> {
     make_refs()?;
     SHIM.maps_dirty.store(true, Ordering::Release);
     SHIM.state.store(MANAGED, Ordering::Release);
+    WAS_MANAGED.store(true, Ordering::Relaxed);
     agent::start().map_err(|_| "cannot start the agent thread")?;
     // SAFETY: registering plain extern "C" handlers.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
@@ -397,15 +398,33 @@ pub(crate) fn sock_unlock() {
     SHIM.sock_busy.store(false, Ordering::Release);
 }
 
+/// Whether this process was managed (stays set when the shim detached because the program
+/// closed its descriptors; cleared in a forked child, whose memory is whole).
+static WAS_MANAGED: AtomicBool = AtomicBool::new(false);
+/// `fork_prepare` holds the socket lock for `fork_parent`/`fork_child` to release.
+static FORK_LOCKED: AtomicBool = AtomicBool::new(false);
+/// The monitor could not bring every page home: the child must not run on a partial copy.
+static FORK_UNSAFE: AtomicBool = AtomicBool::new(false);
+
 /// Before fork: ask the monitor to bring every evicted page home and pause eviction, so the
 /// child (which inherits no registration and no monitor) gets a complete copy.
 extern "C" fn fork_prepare() {
-    if SHIM.state.load(Ordering::Acquire) != MANAGED {
-        return;
+    FORK_UNSAFE.store(false, Ordering::Relaxed);
+    match SHIM.state.load(Ordering::Acquire) {
+        MANAGED => {}
+        DETACHED if WAS_MANAGED.load(Ordering::Relaxed) => {
+            touch_all_anonymous();
+            return;
+        }
+        _ => return,
     }
     sock_lock(true);
+    FORK_LOCKED.store(true, Ordering::Relaxed);
     if !fds_ok(&[FD_SOCK]) {
-        return; // detached: fork_parent/fork_child see the state and unlock
+        // The program closed our socket: the monitor is handing every page back; touching
+        // them waits for that.
+        touch_all_anonymous();
+        return;
     }
     let sock = SHIM.sock.load(Ordering::Acquire);
     let mut buf = [0u8; 256];
@@ -423,20 +442,55 @@ extern "C" fn fork_prepare() {
             }
         });
     if ok != Some(true) {
-        raw::eprint_line(&[b"uswap: the monitor could not bring the memory home before fork; the child may be incomplete"]);
+        FORK_UNSAFE.store(true, Ordering::Relaxed);
+        raw::eprint_line(&[b"uswap: the monitor could not bring every page home before fork: the child exits (70) rather than run on a partial copy"]);
     }
     // The socket stays locked until fork_parent / fork_child.
 }
 
+/// Reads one byte of every page of every anonymous region outside the shim's own memory,
+/// so every evicted page is faulted back in (served by the monitor) before a fork.
+fn touch_all_anonymous() {
+    let own = [
+        (
+            SHIM.stack_base.load(Ordering::Relaxed) as u64,
+            SHIM.stack_len.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            SHIM.staging_base.load(Ordering::Relaxed) as u64,
+            SHIM.staging_len.load(Ordering::Relaxed) as u64,
+        ),
+        (
+            SHIM.scratch_base.load(Ordering::Relaxed) as u64,
+            SHIM.scratch_len.load(Ordering::Relaxed) as u64,
+        ),
+    ];
+    let mut buf = [0u8; 16 * 1024];
+    maps::for_each_mapping(&mut buf, |m| {
+        if !m.is_manageable() {
+            return;
+        }
+        let mut a = m.start;
+        while a < m.end {
+            if !own.iter().any(|(s, l)| *s <= a && a < s + l) {
+                // SAFETY: `a` lies in a readable private mapping of this process (from maps).
+                unsafe { std::ptr::read_volatile(a as *const u8) };
+            }
+            a += uswap::PAGE_SIZE as u64;
+        }
+    });
+}
+
 extern "C" fn fork_parent() {
-    if SHIM.state.load(Ordering::Acquire) != MANAGED {
-        sock_unlock();
+    if !FORK_LOCKED.swap(false, Ordering::Relaxed) {
         return;
     }
-    let sock = SHIM.sock.load(Ordering::Acquire);
-    let mut buf = [0u8; 64];
-    if let Ok(n) = (Msg::ForkDone { child_pid: 0 }).encode(&mut buf) {
-        let _ = send_packet(sock, &buf[..n], &[]);
+    if SHIM.state.load(Ordering::Acquire) == MANAGED && fds_ok(&[FD_SOCK]) {
+        let sock = SHIM.sock.load(Ordering::Acquire);
+        let mut buf = [0u8; 64];
+        if let Ok(n) = (Msg::ForkDone { child_pid: 0 }).encode(&mut buf) {
+            let _ = send_packet(sock, &buf[..n], &[]);
+        }
     }
     sock_unlock();
 }
@@ -444,22 +498,29 @@ extern "C" fn fork_parent() {
 /// In the child: it has no agent thread, its memory is unregistered (no EVENT_FORK) and whole;
 /// drop the parent's descriptors so the monitor sees only the parent on this connection.
 extern "C" fn fork_child() {
-    if SHIM.state.load(Ordering::Acquire) != MANAGED {
-        sock_unlock();
-        return;
+    if FORK_UNSAFE.load(Ordering::Relaxed) {
+        raw::eprint_line(&[b"uswap: forked child exits: its memory copy may be incomplete"]);
+        // SAFETY: leaving the child at once, without running the parent's exit handlers.
+        unsafe { libc::_exit(70) };
     }
-    SHIM.state.store(DETACHED, Ordering::Release);
-    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd]
-        .into_iter()
-        .chain(SHIM.refs.iter())
-    {
-        let v = fd.swap(-1, Ordering::AcqRel);
-        if v >= 0 {
-            // SAFETY: closing the child's copies of descriptors the shim opened.
-            unsafe { libc::close(v) };
+    WAS_MANAGED.store(false, Ordering::Relaxed);
+    let locked = FORK_LOCKED.swap(false, Ordering::Relaxed);
+    if SHIM.state.load(Ordering::Acquire) == MANAGED {
+        SHIM.state.store(DETACHED, Ordering::Release);
+        for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd]
+            .into_iter()
+            .chain(SHIM.refs.iter())
+        {
+            let v = fd.swap(-1, Ordering::AcqRel);
+            if v >= 0 {
+                // SAFETY: closing the child's copies of descriptors the shim opened.
+                unsafe { libc::close(v) };
+            }
         }
     }
-    sock_unlock();
+    if locked {
+        sock_unlock();
+    }
 }
 
 /// Marks the address space as changed and wakes the agent (once per burst).

@@ -720,6 +720,31 @@ fn cmd_close_all_fds(o: &Opts) -> Result<String, String> {
         }
     }
     println!("closed {closed} descriptors");
+    if o.flag("fork") {
+        // Fork at once, while the monitor may still be handing pages back: the child must get
+        // a complete copy all the same.
+        // SAFETY: the child only verifies its memory and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork: {}", errno_str()));
+        }
+        if pid == 0 {
+            let mut t = Tally::default();
+            t.range("child", m.words(), 0, 1);
+            t.print("child right after closefrom + fork");
+            // SAFETY: leaving the child without running the parent's exit handlers.
+            unsafe { libc::_exit(if t.bad == 0 { 0 } else { 1 }) };
+        }
+        let mut st = 0;
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+        if !(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0) {
+            return Err(format!(
+                "child after closefrom + fork failed (status {st:#x})"
+            ));
+        }
+        println!("child after closefrom + fork: ok");
+    }
     // Reuse the numbers, then give the shim every reason to write to them.
     let mut pipes = Vec::new();
     for _ in 0..8 {
@@ -1402,7 +1427,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   fill-rate        --mib N [--repeat K]
   fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K]
   garbage-to-monitor --mib N [--idle-ms M]
-  close-all-fds    --mib N [--idle-ms M]
+  close-all-fds    --mib N [--idle-ms M] [--fork]
   output-echo      [any args]
 defaults: --mib 64, --rounds 1, --threads 4, --pin-pages 16, --repeat 3,
           --touches all pages (seq) / 20000 (random)
@@ -1435,7 +1460,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "fault-latency" => cmd_fault_latency(&parse(&["pattern", "touches"], &[])?),
         "output-echo" => cmd_output_echo(args),
         "garbage-to-monitor" => cmd_garbage_to_monitor(&parse(&[], &[])?),
-        "close-all-fds" => cmd_close_all_fds(&parse(&[], &[])?),
+        "close-all-fds" => cmd_close_all_fds(&parse(&[], &["fork"])?),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok("help".into())
