@@ -115,6 +115,38 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
         ),
         fix: None,
     });
+    // Config files.
+    match super::default_config_dir() {
+        Some(dir) => {
+            let mut files = 0;
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for p in rd
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                {
+                    files += 1;
+                    if let Err(e) = crate::config::validate_file(&p) {
+                        checks.push(Check {
+                            ok: false,
+                            what: format!("{e}"),
+                            fix: Some(format!("edit {}", p.display())),
+                        });
+                    }
+                }
+            }
+            checks.push(Check {
+                ok: true,
+                what: format!("config directory {} ({files} files checked)", dir.display()),
+                fix: None,
+            });
+        }
+        None => checks.push(Check {
+            ok: true,
+            what: "no config directory (/etc/uswap or ./config): built-in defaults".into(),
+            fix: None,
+        }),
+    }
     let thp = read("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     checks.push(Check {
         ok: true,

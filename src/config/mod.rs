@@ -667,8 +667,9 @@ fn check_evict_rate(v: u64) -> Result<u64, KeyError> {
     }
 }
 
+/// At most one request descriptor of the shared window (`protocol::shm::MAX_BATCH_PAGES`).
 fn check_batch_pages(v: u32) -> Result<u32, KeyError> {
-    in_range(v, 1, 4096)
+    in_range(v, 1, crate::protocol::shm::MAX_BATCH_PAGES as u32)
 }
 
 fn check_run_pages(v: u32) -> Result<u32, KeyError> {

@@ -252,7 +252,7 @@ fn error_bad_duration_names_file_key_reason() {
 fn error_out_of_range_integer_names_file_key_reason() {
     let msg = error_for("batch_pages = 5000\n");
     assert!(
-        msg.contains("foo.toml:1: key \"batch_pages\": 5000 is out of range (allowed 1..=4096)"),
+        msg.contains("foo.toml:1: key \"batch_pages\": 5000 is out of range (allowed 1..=1024)"),
         "{msg}"
     );
     let msg = error_for("run_pages = -1\n");
