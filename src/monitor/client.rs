@@ -38,6 +38,14 @@ use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
+/// A page compressed outside the lock, waiting to be placed: its bytes are in an arena.
+#[derive(Clone, Copy)]
+enum Compressed {
+    Same(u64),
+    Lz4(usize, usize),
+    Raw,
+}
+
 /// Everything mutable about a client, behind one lock.
 pub struct State {
     pub pages: Pages,
@@ -457,6 +465,49 @@ impl Client {
 
     fn evict(&self, rss: u64) {
         let win = self.win();
+        {
+            let st = self.state.lock();
+            if st.paused
+                || st.inflight.len() >= shm::RING_LEN
+                || st
+                    .policy
+                    .eviction_target_pages(rss, st.pages.counts().moving)
+                    == 0
+            {
+                return;
+            }
+        }
+        // Register every managed region not registered yet, outside the client's lock: it takes
+        // the program's mmap lock for writing, and the fault path must not wait behind it.
+        let unregistered: Vec<_> = {
+            let st = self.state.lock();
+            st.regions
+                .managed()
+                .into_iter()
+                .filter(|r| !st.regions.is_registered(r))
+                .collect()
+        };
+        for region in unregistered {
+            let result = self.uffd.register(
+                region.start,
+                region.end - region.start,
+                sys::UFFDIO_REGISTER_MODE_MISSING,
+            );
+            let mut st = self.state.lock();
+            match result {
+                Ok(_) => st.regions.mark_registered(region),
+                Err(e) => {
+                    debug!(
+                        client = self.id,
+                        start = region.start,
+                        end = region.end,
+                        "register refused: {e}"
+                    );
+                    Counters::add(&self.counters.register_errors, 1);
+                    st.regions.drop_range(&region);
+                }
+            }
+        }
         let mut st = self.state.lock();
         if st.paused || st.inflight.len() >= shm::RING_LEN {
             return;
@@ -476,9 +527,7 @@ impl Client {
                 break;
             }
             let st_ref = &mut *st;
-            let mut view = View {
-                pages: &mut st_ref.pages,
-            };
+            let mut view = View::new(&mut st_ref.pages);
             let runs = st_ref
                 .policy
                 .sweep(now_ms, &regions, &mut view, chunk, chunk * 16 + 4096);
@@ -493,24 +542,7 @@ impl Client {
                     continue;
                 };
                 if !st.regions.is_registered(&region) {
-                    match self.uffd.register(
-                        region.start,
-                        region.end - region.start,
-                        sys::UFFDIO_REGISTER_MODE_MISSING,
-                    ) {
-                        Ok(_) => st.regions.mark_registered(region.clone()),
-                        Err(e) => {
-                            debug!(
-                                client = self.id,
-                                start = region.start,
-                                end = region.end,
-                                "register refused: {e}"
-                            );
-                            Counters::add(&self.counters.register_errors, 1);
-                            st.regions.drop_range(&region);
-                            continue;
-                        }
-                    }
+                    continue; // appeared since the registration pass: next tick
                 }
                 // Split the run where its slots stop being contiguous.
                 for i in 0..run.pages as u64 {
@@ -575,42 +607,69 @@ impl Client {
         }
         let t0 = Instant::now();
         let mut scratch = Vec::new();
-        let mut encoded: Vec<(u32, u64, crate::store::Handle)> = Vec::new();
+        // Compression runs without the client's lock (the fault path never waits for it);
+        // only placing the results in the store and the page map takes the lock, per chunk.
+        let mut arena: Vec<u8> = Vec::new();
+        let mut outs: Vec<(u32, u64, Compressed)> = Vec::new();
         for chunk in todo.chunks(256) {
-            let mut st = self.state.lock();
+            arena.clear();
+            outs.clear();
             for &(_addr, slot, gen) in chunk {
                 // The slot is stable: only this thread reuses slots, and a fault that takes the
                 // page back only frees it.
-                // SAFETY: the slot pointer is inside the window mapping, valid for PAGE_SIZE bytes.
-                let page: &[u8; PAGE_SIZE] =
-                    unsafe { &*(self.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) };
-                let enc = crate::store::encode(page, &mut scratch);
-                let out_len = match &enc {
-                    crate::store::Encoded::SameFilled(_) => 0,
-                    crate::store::Encoded::Lz4(b) => b.len() as u64,
-                    crate::store::Encoded::Raw => PAGE_BYTES,
+                let page = self.slot_page(slot);
+                let c = match crate::store::encode(page, &mut scratch) {
+                    crate::store::Encoded::SameFilled(w) => Compressed::Same(w),
+                    crate::store::Encoded::Lz4(b) => {
+                        arena.extend_from_slice(b);
+                        Compressed::Lz4(arena.len() - b.len(), b.len())
+                    }
+                    crate::store::Encoded::Raw => Compressed::Raw,
+                };
+                outs.push((slot, gen, c));
+            }
+            let mut st = self.state.lock();
+            for &(slot, gen, c) in &outs {
+                let page = self.slot_page(slot);
+                let (enc, out_len) = match c {
+                    Compressed::Same(w) => (crate::store::Encoded::SameFilled(w), 0),
+                    Compressed::Lz4(off, len) => (
+                        crate::store::Encoded::Lz4(&arena[off..off + len]),
+                        len as u64,
+                    ),
+                    Compressed::Raw => (crate::store::Encoded::Raw, PAGE_BYTES),
                 };
                 match st.store.insert(enc, page) {
                     Ok(h) => {
-                        encoded.push((slot, gen, h));
                         Counters::add(&self.counters.compressed_bytes_in, PAGE_BYTES);
                         Counters::add(&self.counters.compressed_bytes_out, out_len);
+                        match st.pages.commit_stored(slot, gen, h) {
+                            Ok(()) => Counters::add(&self.counters.pages_compressed, 1),
+                            Err(h) => st.store.remove(h), // faulted in or discarded meanwhile
+                        }
                     }
-                    Err(crate::store::StoreError::Full) => {
-                        Counters::add(&self.counters.pages_store_full, 1);
+                    Err(e) => {
+                        // Full (quota) or unmappable: the page stays in the window and is tried
+                        // again later; nothing is lost.
+                        if matches!(e, crate::store::StoreError::Full) {
+                            Counters::add(&self.counters.pages_store_full, 1);
+                        } else {
+                            warn!(client = self.id, "store insert failed: {e}");
+                        }
                         st.pages.requeue(slot, gen, now_ms);
                     }
-                    Err(e) => warn!(client = self.id, "store insert failed: {e}"),
                 }
             }
-            for (slot, gen, h) in encoded.drain(..) {
-                match st.pages.commit_stored(slot, gen, h) {
-                    Ok(()) => Counters::add(&self.counters.pages_compressed, 1),
-                    Err(h) => st.store.remove(h),
-                }
-            }
+            drop(st);
         }
         Counters::add(&self.counters.compress_ns, t0.elapsed().as_nanos() as u64);
+    }
+
+    /// The bytes of window slot `slot`.
+    fn slot_page(&self, slot: u32) -> &[u8; PAGE_SIZE] {
+        // SAFETY: the slot pointer lies inside the window mapping, valid for PAGE_SIZE bytes
+        // for as long as the client (and so the mapping) lives.
+        unsafe { &*(self.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) }
     }
 
     pub fn report(&self, alive: bool) -> ClientReport {
@@ -691,14 +750,40 @@ impl Client {
     }
 }
 
-/// The clock hand's view of the page map.
+/// The clock hand's view of the page map. The hand walks addresses in order, so the words of
+/// the current 512-page chunk are copied once instead of looking each page up.
 struct View<'a> {
     pages: &'a mut Pages,
+    chunk_base: std::cell::Cell<u64>,
+    words: std::cell::RefCell<[u64; super::pages::CHUNK_PAGES]>,
+}
+
+impl<'a> View<'a> {
+    fn new(pages: &'a mut Pages) -> Self {
+        View {
+            pages,
+            chunk_base: std::cell::Cell::new(u64::MAX),
+            words: std::cell::RefCell::new([0; super::pages::CHUNK_PAGES]),
+        }
+    }
+
+    fn state(&self, addr: u64) -> PageState {
+        let base = addr & !(super::pages::CHUNK_BYTES - 1);
+        let mut words = self.words.borrow_mut();
+        if self.chunk_base.get() != base {
+            match self.pages.chunk_words(base) {
+                Some(w) => *words = *w,
+                None => *words = [0; super::pages::CHUNK_PAGES],
+            }
+            self.chunk_base.set(base);
+        }
+        Pages::decode_word(words[((addr - base) / PAGE_BYTES) as usize])
+    }
 }
 
 impl PageView for View<'_> {
     fn class(&self, page_addr: u64) -> PageClass {
-        match self.pages.state(page_addr) {
+        match self.state(page_addr) {
             PageState::Absent { hot_since_ms: None } => PageClass::Candidate,
             PageState::Absent {
                 hot_since_ms: Some(ms),
@@ -708,5 +793,10 @@ impl PageView for View<'_> {
     }
     fn clear_hot(&mut self, page_addr: u64) {
         self.pages.clear_hot(page_addr);
+        let base = page_addr & !(super::pages::CHUNK_BYTES - 1);
+        if self.chunk_base.get() == base {
+            // The cleared word now reads as a plain Absent page: 0.
+            self.words.borrow_mut()[((page_addr - base) / PAGE_BYTES) as usize] = 0;
+        }
     }
 }

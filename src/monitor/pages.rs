@@ -34,8 +34,10 @@ use crate::store::Handle;
 use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
-const CHUNK_PAGES: usize = 512;
-const CHUNK_BYTES: u64 = CHUNK_PAGES as u64 * PAGE_BYTES;
+/// Pages per chunk of words.
+pub const CHUNK_PAGES: usize = 512;
+/// Address span of one chunk.
+pub const CHUNK_BYTES: u64 = CHUNK_PAGES as u64 * PAGE_BYTES;
 
 const TAG_SHIFT: u32 = 61;
 const TAG_ABSENT: u64 = 0;
@@ -199,6 +201,16 @@ impl Pages {
     /// Bytes of page-map metadata (chunk words).
     pub fn metadata_bytes(&self) -> u64 {
         (self.chunks.len() * (CHUNK_PAGES * 8 + 48)) as u64
+    }
+
+    /// The words of the chunk starting at `base` (a multiple of [`CHUNK_BYTES`]), if any.
+    pub fn chunk_words(&self, base: u64) -> Option<&[u64; CHUNK_PAGES]> {
+        self.chunks.get(&base).map(|b| &**b)
+    }
+
+    /// Decodes a word from [`Pages::chunk_words`].
+    pub fn decode_word(w: u64) -> PageState {
+        PageState::decode(w)
     }
 
     pub fn state(&self, addr: u64) -> PageState {
