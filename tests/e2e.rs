@@ -602,6 +602,53 @@ fn daemonising_program_closing_every_fd_keeps_its_memory() -> R {
     Ok(())
 }
 
+fn children_left_behind_get_their_memory_back_when_uswap_exits() -> R {
+    // The shell exits at once; the workload it started in the background goes on after
+    // `uswap run` (and its embedded monitor) is gone, and must keep every page.
+    let dir = tmpdir("leftbehind");
+    let out_file = dir.join("out.txt");
+    let script = format!(
+        "{} fill-verify --mib 32 --idle-ms 5000 > {} 2>&1 &",
+        workload(),
+        out_file.display()
+    );
+    let st = Command::new(uswap())
+        .args([
+            "run",
+            "--quiet",
+            "--budget",
+            "8M",
+            "--set",
+            "cooling=200ms",
+            "--set",
+            "tick=10ms",
+            "--",
+        ])
+        .args(["/bin/sh", "-c", &script])
+        .env("USWAP_SHIM", shim())
+        .env("XDG_RUNTIME_DIR", &dir)
+        .output()?;
+    let err = String::from_utf8_lossy(&st.stderr);
+    let end = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let t = std::fs::read_to_string(&out_file).unwrap_or_default();
+        if t.contains("RESULT") || Instant::now() > end {
+            break t;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    if !err.contains("got their memory back") || err.contains("(0 pages)") {
+        return Err(
+            format!("uswap did not release the process left behind:\n{err}\n{text}").into(),
+        );
+    }
+    if !text.contains("RESULT ok") {
+        return Err(format!("the process left behind lost data or hung:\n{text}\n{err}").into());
+    }
+    Ok(())
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -715,6 +762,10 @@ fn main() {
         Trial::test(
             "daemonising_program_closing_every_fd_keeps_its_memory",
             daemonising_program_closing_every_fd_keeps_its_memory,
+        ),
+        Trial::test(
+            "children_left_behind_get_their_memory_back_when_uswap_exits",
+            children_left_behind_get_their_memory_back_when_uswap_exits,
         ),
         Trial::test(
             "run_through_daemon_reports_like_embedded",

@@ -231,7 +231,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 
     let reports: Vec<ClientReport> = match (&embedded, &daemon_socket) {
         (Some((monitor, _, _, _)), _) => {
-            monitor.wait_idle(Duration::from_secs(10));
+            if !monitor.wait_idle(Duration::from_secs(2)) {
+                // Processes the program left behind (exec'd children still running) must not
+                // depend on a monitor that is about to exit.
+                let (n, pages) = monitor.release_all();
+                eprintln!("uswap: {n} process(es) left behind by the program got their memory back ({pages} pages) and run on unmanaged");
+                monitor.wait_idle(Duration::from_secs(2));
+            }
             monitor.reports()
         }
         (None, Some(sock)) => daemon_reports(sock, pid),
@@ -334,11 +340,13 @@ pub fn daemon(
     });
     monitor.serve(&listener)?;
     if monitor.live_clients() > 0 {
-        tracing::warn!(
-            clients = monitor.live_clients(),
-            "stopping with clients attached; they keep being served until they exit"
+        let (n, pages) = monitor.release_all();
+        tracing::info!(
+            clients = n,
+            pages,
+            "stopping: every attached program got its memory back and runs on unmanaged"
         );
-        monitor.wait_idle(Duration::from_secs(u64::MAX / 4));
+        monitor.wait_idle(Duration::from_secs(5));
     }
     Ok(())
 }

@@ -224,6 +224,9 @@ impl Client {
         let mut last_rescan = Instant::now();
         self.request_agent(shm::REQ_RESCAN | shm::REQ_RSS);
         loop {
+            if self.closing.load(Ordering::Acquire) {
+                return Ok(()); // released by the monitor (see Monitor::release_all)
+            }
             let timeout = next_tick.saturating_duration_since(Instant::now());
             let mut pfd = libc::pollfd {
                 fd: sock,
@@ -406,18 +409,24 @@ impl Client {
     /// Detaches from a program that is still running (a protocol error on our side or its
     /// own): every evicted page goes back into it and its ranges are unregistered, so nothing
     /// it wrote is lost and it never waits on a monitor that no longer listens.
-    pub fn give_everything_back(&self) {
-        match self.bring_all_home() {
-            Ok(n) => info!(
-                client = self.id,
-                pages = n,
-                "gave every evicted page back before detaching"
-            ),
-            Err(e) => warn!(
-                client = self.id,
-                "could not give every page back before detaching: {e:#}"
-            ),
-        }
+    pub fn give_everything_back(&self) -> u64 {
+        let pages = match self.bring_all_home() {
+            Ok(n) => {
+                info!(
+                    client = self.id,
+                    pages = n,
+                    "gave every evicted page back before detaching"
+                );
+                n
+            }
+            Err(e) => {
+                warn!(
+                    client = self.id,
+                    "could not give every page back before detaching: {e:#}"
+                );
+                0
+            }
+        };
         let st = self.state.lock();
         for r in st.regions.registered() {
             if let Err(e) = self.uffd.unregister(r.start, r.end - r.start) {
@@ -425,6 +434,7 @@ impl Client {
             }
         }
         self.request_agent(shm::REQ_SHUTDOWN);
+        pages
     }
 
     /// One policy tick: trial-evict what the budget asks for, compress what has cooled.

@@ -430,7 +430,9 @@ impl Monitor {
             // End of stream. Normally the program is gone (exit, exec) and the first copy
             // fails at once with ESRCH. But a program that closed its descriptors (a daemon's
             // closefrom) is alive and its evicted pages live only here: hand them back.
-            Ok(()) if client.has_evicted_pages() => client.give_everything_back(),
+            Ok(()) if client.has_evicted_pages() => {
+                client.give_everything_back();
+            }
             Ok(()) => {}
         }
         // The program is gone (socket closed at exit/exec) or misbehaved. Its fault thread
@@ -450,6 +452,21 @@ impl Monitor {
         // Dropping the last Arc frees the window, the store and the descriptor.
         drop(client);
         result.map(|_| ())
+    }
+
+    /// Hands every live client its memory back and lets go of it: pages come home, ranges are
+    /// unregistered, agents stop. The programs go on, unmanaged. Used when the monitor must stop
+    /// while programs still run (`uswap run` whose program left children behind, daemon stop).
+    /// Returns how many clients were released and how many pages they got back.
+    pub fn release_all(&self) -> (usize, u64) {
+        let clients: Vec<Arc<Client>> = self.clients.lock().clone();
+        let mut pages = 0;
+        for c in &clients {
+            pages += c.give_everything_back();
+            c.closing.store(true, Ordering::Release);
+            signal(c.cmd_efd.as_raw_fd());
+        }
+        (clients.len(), pages)
     }
 
     /// Waits until no client is attached, up to `timeout`.
