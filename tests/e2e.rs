@@ -314,8 +314,10 @@ struct Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own child, which has not been reaped.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        }
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -649,6 +651,49 @@ fn children_left_behind_get_their_memory_back_when_uswap_exits() -> R {
     Ok(())
 }
 
+fn daemon_stop_hands_memory_back_to_running_programs() -> R {
+    let mut d = start_daemon("stop", None)?;
+    let prog = Command::new(workload())
+        .args(["fill-verify", "--mib", "32", "--idle-ms", "4000"])
+        .env("LD_PRELOAD", shim())
+        .env("USWAP_SOCKET", &d.socket)
+        .env(
+            "USWAP_OVERRIDES",
+            "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
+        )
+        .stdout(Stdio::piped())
+        .spawn()?;
+    // Let it fill and be evicted, then stop the daemon under it.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = status_json(&d.socket)?;
+        let evicted = st
+            .as_array()
+            .and_then(|a| a.first())
+            .and_then(|c| c["pages_compressed"].as_u64())
+            .unwrap_or(0);
+        if evicted > 2000 {
+            break;
+        }
+        if Instant::now() > end {
+            return Err(format!("nothing was evicted before the stop: {st}").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGTERM) };
+    let daemon_status = d.child.wait()?;
+    let out = prog.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !daemon_status.success() || !out.status.success() || !stdout.contains("RESULT ok") {
+        return Err(format!(
+            "daemon {daemon_status:?}; program after the daemon stopped:\n{stdout}"
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -766,6 +811,10 @@ fn main() {
         Trial::test(
             "children_left_behind_get_their_memory_back_when_uswap_exits",
             children_left_behind_get_their_memory_back_when_uswap_exits,
+        ),
+        Trial::test(
+            "daemon_stop_hands_memory_back_to_running_programs",
+            daemon_stop_hands_memory_back_to_running_programs,
         ),
         Trial::test(
             "run_through_daemon_reports_like_embedded",
