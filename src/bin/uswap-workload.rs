@@ -785,6 +785,189 @@ fn cmd_close_all_fds(o: &Opts) -> Result<String, String> {
     ok_if(t, "close-all-fds")
 }
 
+/// Random operations on many regions from several threads, each checked against a shadow
+/// copy of what every page must hold: full-page writes, reads, MADV_DONTNEED (reads zero
+/// afterwards), munmap + fresh mmap, mremap grow (moving) and shrink, with pauses so the monitor
+/// evicts in between. Every page of every region is verified at the end.
+fn cmd_chaos(o: &Opts) -> Result<String, String> {
+    let secs = o.num("secs", 5)?;
+    let threads = o.num("threads", 4)?.clamp(1, 64) as usize;
+    let (len, _) = o.mib()?;
+    let per_thread_bytes = (len / threads).max(1 << 20);
+    let deadline = Instant::now() + std::time::Duration::from_secs(secs);
+    let results: Vec<Result<(u64, u64), String>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| scope.spawn(move || chaos_thread(t as u64, per_thread_bytes, deadline)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into()))).collect()
+    });
+    let (mut ops, mut checked) = (0, 0);
+    for r in results {
+        let (o, c) = r?;
+        ops += o;
+        checked += c;
+    }
+    println!("chaos: {ops} operations, {checked} page checks, 0 mismatches");
+    Ok(format!("chaos ops={ops} checks={checked} mismatches=0"))
+}
+
+struct ChaosRegion {
+    ptr: *mut u8,
+    pages: usize,
+    id: u64,
+    /// Per page: 0 = must read as zeros, else the version last written.
+    ver: Vec<u32>,
+}
+
+fn chaos_fill(p: *mut u8, id: u64, idx: usize, ver: u32) {
+    // SAFETY: callers pass a page of a live mapping of this thread.
+    let w = unsafe { std::slice::from_raw_parts_mut(p.cast::<u64>(), WORDS) };
+    let seed = mix(id ^ ((idx as u64) << 20) ^ ((ver as u64) << 44));
+    w[0] = id;
+    w[1] = idx as u64;
+    w[2] = ver as u64;
+    for (j, x) in w.iter_mut().enumerate().skip(3) {
+        *x = if j % 4 == 0 { seed.wrapping_add(j as u64) } else { (j as u64) << 8 };
+    }
+}
+
+fn chaos_check(p: *const u8, id: u64, idx: usize, ver: u32) -> Result<(), String> {
+    // SAFETY: callers pass a page of a live mapping of this thread.
+    let w = unsafe { std::slice::from_raw_parts(p.cast::<u64>(), WORDS) };
+    if ver == 0 {
+        if let Some(j) = w.iter().position(|x| *x != 0) {
+            return Err(format!("region {id} page {idx}: expected zeros, word {j} = {:#x} (header {:#x} {:#x} {:#x})", w[j], w[0], w[1], w[2]));
+        }
+        return Ok(());
+    }
+    let seed = mix(id ^ ((idx as u64) << 20) ^ ((ver as u64) << 44));
+    if w[0] != id || w[1] != idx as u64 || w[2] != ver as u64 {
+        return Err(format!("region {id} page {idx}: expected version {ver}, found header {:#x} {:#x} {:#x}", w[0], w[1], w[2]));
+    }
+    for j in [3usize, 4, 100, 256, 511] {
+        let want = if j % 4 == 0 { seed.wrapping_add(j as u64) } else { (j as u64) << 8 };
+        if w[j] != want {
+            return Err(format!("region {id} page {idx} version {ver}: word {j} is {:#x}, expected {want:#x}", w[j]));
+        }
+    }
+    Ok(())
+}
+
+fn chaos_map(bytes: usize) -> Result<*mut u8, String> {
+    // SAFETY: a fresh anonymous private mapping.
+    let p = unsafe {
+        libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap: {}", errno_str()));
+    }
+    Ok(p.cast())
+}
+
+fn chaos_thread(t: u64, bytes: usize, deadline: Instant) -> Result<(u64, u64), String> {
+    let mut rng = mix(0x9e37_79b9 ^ t);
+    let mut next = |n: usize| -> usize {
+        rng = mix(rng);
+        (rng % n.max(1) as u64) as usize
+    };
+    let mut next_id = (t << 40) | 1;
+    let slots = 6usize;
+    let mut regions: Vec<ChaosRegion> = Vec::new();
+    for _ in 0..slots {
+        let pages = (bytes / slots / PAGE).max(16);
+        regions.push(ChaosRegion { ptr: chaos_map(pages * PAGE)?, pages, id: next_id, ver: vec![0; pages] });
+        next_id += 1;
+    }
+    let (mut ops, mut checks) = (0u64, 0u64);
+    // Fill most pages first, so there is something to evict.
+    for r in &mut regions {
+        for i in 0..r.pages {
+            if i % 8 != 7 {
+                r.ver[i] = 1;
+                // SAFETY: i < pages.
+                chaos_fill(unsafe { r.ptr.add(i * PAGE) }, r.id, i, 1);
+            }
+        }
+    }
+    while Instant::now() < deadline {
+        ops += 1;
+        let ri = next(regions.len());
+        let op = next(100);
+        let r = &mut regions[ri];
+        match op {
+            0..=39 => {
+                let i = next(r.pages);
+                // SAFETY: i < pages.
+                chaos_check(unsafe { r.ptr.add(i * PAGE) }, r.id, i, r.ver[i])?;
+                checks += 1;
+            }
+            40..=69 => {
+                let i = next(r.pages);
+                r.ver[i] += 1;
+                // SAFETY: i < pages.
+                chaos_fill(unsafe { r.ptr.add(i * PAGE) }, r.id, i, r.ver[i]);
+            }
+            70..=77 => {
+                let first = next(r.pages);
+                let n = (1 + next(16)).min(r.pages - first);
+                // SAFETY: advising pages of our own mapping.
+                if unsafe { libc::madvise(r.ptr.add(first * PAGE).cast(), n * PAGE, libc::MADV_DONTNEED) } != 0 {
+                    return Err(format!("madvise: {}", errno_str()));
+                }
+                for v in &mut r.ver[first..first + n] {
+                    *v = 0;
+                }
+            }
+            78..=82 => {
+                // Verify, unmap, map a fresh region.
+                for i in 0..r.pages {
+                    // SAFETY: i < pages.
+                    chaos_check(unsafe { r.ptr.add(i * PAGE) }, r.id, i, r.ver[i])?;
+                }
+                checks += r.pages as u64;
+                // SAFETY: unmapping our own region.
+                unsafe { libc::munmap(r.ptr.cast(), r.pages * PAGE) };
+                let pages = 16 + next(bytes / slots / PAGE * 2);
+                *r = ChaosRegion { ptr: chaos_map(pages * PAGE)?, pages, id: next_id, ver: vec![0; pages] };
+                next_id += 1;
+            }
+            83..=88 => {
+                // Grow, letting the kernel move it.
+                let new_pages = r.pages + r.pages / 2 + 1;
+                // SAFETY: remapping our own region; the old pointer is not used afterwards.
+                let p = unsafe { libc::mremap(r.ptr.cast(), r.pages * PAGE, new_pages * PAGE, libc::MREMAP_MAYMOVE) };
+                if p == libc::MAP_FAILED {
+                    return Err(format!("mremap grow: {}", errno_str()));
+                }
+                r.ptr = p.cast();
+                r.ver.resize(new_pages, 0);
+                r.pages = new_pages;
+            }
+            89..=92 if r.pages > 32 => {
+                let new_pages = r.pages / 2;
+                // SAFETY: shrinking our own region in place.
+                let p = unsafe { libc::mremap(r.ptr.cast(), r.pages * PAGE, new_pages * PAGE, 0) };
+                if p == libc::MAP_FAILED {
+                    return Err(format!("mremap shrink: {}", errno_str()));
+                }
+                r.ver.truncate(new_pages);
+                r.pages = new_pages;
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(next(20) as u64)),
+        }
+    }
+    for r in &regions {
+        for i in 0..r.pages {
+            // SAFETY: i < pages.
+            chaos_check(unsafe { r.ptr.add(i * PAGE) }, r.id, i, r.ver[i])?;
+        }
+        checks += r.pages as u64;
+        // SAFETY: unmapping our own region.
+        unsafe { libc::munmap(r.ptr.cast(), r.pages * PAGE) };
+    }
+    Ok((ops, checks))
+}
+
 fn cmd_write_after_evict(o: &Opts) -> Result<String, String> {
     let (len, npages) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
@@ -1451,6 +1634,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K] [--only-evicted]
   garbage-to-monitor --mib N [--idle-ms M]
   close-all-fds    --mib N [--idle-ms M] [--fork]
+  chaos            --mib N [--secs S] [--threads T]
   output-echo      [any args]
 defaults: --mib 64, --rounds 1, --threads 4, --pin-pages 16, --repeat 3,
           --touches all pages (seq) / 20000 (random)
@@ -1484,6 +1668,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "output-echo" => cmd_output_echo(args),
         "garbage-to-monitor" => cmd_garbage_to_monitor(&parse(&[], &[])?),
         "close-all-fds" => cmd_close_all_fds(&parse(&[], &["fork"])?),
+        "chaos" => cmd_chaos(&parse(&["secs", "threads"], &[])?),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok("help".into())

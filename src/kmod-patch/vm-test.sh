@@ -37,7 +37,7 @@
 #                       VM and run as one row (cwd /e2e, must exit 0)
 #   USWAP_E2E_CMD       a shell command run in the patched VM (cwd /e2e)
 #   USWAP_E2E_REQUIRED  1: it is a failure if no e2e test was given
-#   USWAP_VM_TIMEOUT    seconds per VM run (default 1500)
+#   USWAP_VM_TIMEOUT    seconds per VM run (default 900; each test inside: 400)
 #   JOBS                make -j (default: nproc)
 set -euo pipefail
 
@@ -45,7 +45,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${USWAP_KERNEL_CACHE:-${XDG_CACHE_HOME:-/var/cache}/uswap-kernel}
 JOBS=${JOBS:-$(nproc)}
 ACCEL=${USWAP_VM_ACCEL:-auto}
-VM_TIMEOUT=${USWAP_VM_TIMEOUT:-1500}
+VM_TIMEOUT=${USWAP_VM_TIMEOUT:-900}
 NICE=(nice -n 19)
 GIT=(git -c user.name=uswap-vm-test -c user.email=vm-test@localhost
 	-c advice.detachedHead=false)
@@ -329,7 +329,7 @@ run() {
 	name=$1; shift
 	echo "@@BEGIN $name"
 	s=$(date +%s)
-	timeout 900 "$@" </dev/null 2>&1
+	timeout 400 "$@" </dev/null 2>&1
 	rc=$?
 	echo "@@END $name rc=$rc secs=$(($(date +%s) - s))"
 }
@@ -403,6 +403,8 @@ evaluate_vm() {
 	local variant=$1 log rc secs s name t r
 	log=$LOGDIR/vm-$variant.txt
 	if ! grep -aq '^@@DONE' "$log"; then
+		log "$variant VM did not complete; last console lines:"
+		tail -20 "$log" >&2
 		row "$variant: VM ran to completion" FAIL \
 			"no @@DONE after ${VMSECS[$variant]} s (see $LOGDIR/vm-$variant.log)"
 	else
