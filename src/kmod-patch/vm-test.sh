@@ -532,7 +532,8 @@ main() {
 	flock -n 9 || die "another vm-test.sh holds $CACHE/lock"
 	ensure_deps
 	compute_keys
-	LOGDIR=$CACHE/logs/$KEY
+	# one directory per run, so a failure's logs survive the next run
+	LOGDIR=$CACHE/logs/$KEY/$(date +%Y%m%d-%H%M%S)
 	mkdir -p "$LOGDIR"
 	prepare_src
 	# From here on every failure is reported as a row of the table.
