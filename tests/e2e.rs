@@ -766,6 +766,12 @@ fn main() {
             2000,
         ),
         workload_test(
+            "chaos_random_ops_from_four_threads_lose_nothing",
+            &["chaos", "--mib", "64", "--secs", "6", "--threads", "4"],
+            "4M",
+            1000,
+        ),
+        workload_test(
             "fill_verify_two_rounds_rewrites_survive",
             &[
                 "fill-verify",

@@ -24,6 +24,7 @@ use uswap::protocol::io::send_packet;
 use uswap::protocol::shm::{self, Window};
 use uswap::protocol::wire::{
     RegionEntry, RegionsBuilder, REGIONS_FIRST, REGIONS_LAST, REGION_EXCLUDED, REGION_MANAGED,
+    REGION_REGISTERED,
 };
 use uswap::uffd::{sys, UffdError};
 use uswap::PAGE_SIZE;
@@ -106,6 +107,9 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
     let done_efd = SHIM.done_efd.load(Ordering::Relaxed);
     let mut last_scan_ns = 0u64;
     let mut snapshot: u32 = 0;
+    // Set by the monitor's REQ_REGISTER (its first eviction): from then on every scan
+    // registers the managed VMAs it finds.
+    let mut registering = false;
     loop {
         let now = raw::monotonic_ns();
         let dirty = SHIM.maps_dirty.load(Ordering::Acquire);
@@ -136,6 +140,16 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
             unsafe { libc::read(req_efd, (&mut v as *mut u64).cast(), 8) };
         }
         let requests = win.requests().swap(0, Ordering::AcqRel);
+        if requests & shm::REQ_REGISTER != 0 {
+            registering = true;
+        }
+        if requests & shm::REQ_UNREGISTER != 0 {
+            // The monitor has brought every page home: unregister every managed VMA, with the
+            // bounds read now, so nothing is left registered with a monitor that lets go.
+            registering = false;
+            snapshot = snapshot.wrapping_add(1);
+            send_snapshot_retrying(snapshot, Reg::Unregister);
+        }
         if requests & shm::REQ_SHUTDOWN != 0 {
             return std::ptr::null_mut();
         }
@@ -149,11 +163,16 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
         let now = raw::monotonic_ns();
         let due =
             SHIM.maps_dirty.load(Ordering::Acquire) && now >= last_scan_ns + RESCAN_MIN_INTERVAL_NS;
-        if requests & shm::REQ_RESCAN != 0 || due {
+        if requests & (shm::REQ_RESCAN | shm::REQ_REGISTER) != 0 || due {
             // Clear first: a change during the scan marks it dirty again.
             SHIM.maps_dirty.store(false, Ordering::Release);
             snapshot = snapshot.wrapping_add(1);
-            if !send_snapshot(snapshot) {
+            let reg = if registering {
+                Reg::Register
+            } else {
+                Reg::Keep
+            };
+            if !send_snapshot(snapshot, reg) {
                 SHIM.maps_dirty.store(true, Ordering::Release);
             }
             last_scan_ns = now;
@@ -230,8 +249,9 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
         // A read of the program's events that started during the move may have released a
         // MADV_DONTNEED/munmap of this run: then the moved bytes may predate it.
         let discard = win.read_begin().load(Ordering::SeqCst) != read_seq
-            && quiescent(win)
-                .is_some_and(|_| win.events_overlap(epoch_before, run.addr, run_end) == Some(true));
+            && quiescent(win).is_some_and(|_| {
+                win.events_overlap_kind(epoch_before, run.addr, run_end, true) == Some(true)
+            });
         // Which staging pages now hold a page. Holes (never touched, or already gone) stay
         // unpopulated; reading one would fault to the monitor for nothing. If mincore could
         // not tell (it does not fail on our own mapping), every page is treated as present:
@@ -373,18 +393,117 @@ fn move_run(
     }
 }
 
+/// What a scan does to the managed VMAs it finds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reg {
+    Keep,
+    Register,
+    Unregister,
+}
+
+/// (Un)registers `[start, end)` minus the shim's own ranges with the forwarded descriptor, in
+/// MISSING mode. The bounds are those of a VMA just read from /proc/self/maps: registering a
+/// whole VMA never splits a program mapping. Returns whether every part succeeded.
+fn register_vma(start: u64, end: u64, own: &[(u64, u64); 3], reg: Reg) -> bool {
+    let uffd = SHIM.uffd.load(Ordering::Relaxed);
+    let mut ok = true;
+    let mut cut = start;
+    let mut parts = [(0u64, 0u64); 4];
+    let mut n = 0;
+    // Own ranges inside the VMA (sorted by address), at most three.
+    let mut inside = [(0u64, 0u64); 3];
+    let mut k = 0;
+    for &(s, l) in own {
+        if s < end && start < s + l {
+            inside[k] = (s.max(start), (s + l).min(end));
+            k += 1;
+        }
+    }
+    inside[..k].sort_unstable();
+    for &(s, e) in &inside[..k] {
+        if cut < s {
+            parts[n] = (cut, s);
+            n += 1;
+        }
+        cut = cut.max(e);
+    }
+    if cut < end {
+        parts[n] = (cut, end);
+        n += 1;
+    }
+    for &(s, e) in &parts[..n] {
+        let rc = if reg == Reg::Register {
+            let mut r = sys::UffdioRegister {
+                range: sys::UffdioRange {
+                    start: s,
+                    len: e - s,
+                },
+                mode: sys::UFFDIO_REGISTER_MODE_MISSING,
+                ioctls: 0,
+            };
+            // SAFETY: UFFDIO_REGISTER reads and writes one `struct uffdio_register`.
+            unsafe { libc::ioctl(uffd, sys::UFFDIO_REGISTER as _, &mut r) }
+        } else {
+            let mut r = sys::UffdioRange {
+                start: s,
+                len: e - s,
+            };
+            // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`.
+            unsafe { libc::ioctl(uffd, sys::UFFDIO_UNREGISTER as _, &mut r) }
+        };
+        ok &= rc == 0;
+    }
+    ok
+}
+
+/// `send_snapshot`, waiting for the socket if a fork request holds it (bounded).
+fn send_snapshot_retrying(snapshot: u32, reg: Reg) {
+    for _ in 0..1000 {
+        if send_snapshot(snapshot, reg) || !crate::fds_ok(&[crate::FD_SOCK]) {
+            return;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+}
+
 /// Sends a snapshot of the anonymous regions, the managed ones and those never to be evicted.
 /// Returns false if the socket was busy or the scan failed (the caller retries later).
-fn send_snapshot(snapshot: u32) -> bool {
+fn send_snapshot(snapshot: u32, reg: Reg) -> bool {
     if !sock_lock(false) {
         return false;
     }
-    let ok = send_snapshot_locked(snapshot);
+    // While registering, no interposed mremap may grow a mapping between our read of its
+    // bounds and the registration (glibc's own mremap, in realloc, is not interposed: a split
+    // it causes is healed by the next scan, and realloc falls back to copying if mremap fails).
+    let reg = if reg == Reg::Register && !hold_remaps() {
+        Reg::Keep
+    } else {
+        reg
+    };
+    let ok = send_snapshot_locked(snapshot, reg);
+    SHIM.reg_busy.store(false, Ordering::SeqCst);
     sock_unlock();
     ok
 }
 
-fn send_snapshot_locked(snapshot: u32) -> bool {
+/// Raises `reg_busy` and waits (bounded) until no interposed mremap is in progress.
+fn hold_remaps() -> bool {
+    SHIM.reg_busy.store(true, Ordering::SeqCst);
+    for spin in 0..100_000 {
+        if SHIM.remaps_inflight.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        if spin > 100 {
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+    }
+    SHIM.reg_busy.store(false, Ordering::SeqCst);
+    false
+}
+
+fn send_snapshot_locked(snapshot: u32, reg: Reg) -> bool {
     let sock = SHIM.sock.load(Ordering::Acquire);
     let pkt = scratch(PKT_OFF, 64 * 1024);
     let maps_buf = scratch(MAPS_OFF, MAPS_LEN);
@@ -429,13 +548,20 @@ fn send_snapshot_locked(snapshot: u32) -> bool {
         let len = m.end - m.start;
         let holds_shim =
             m.start < shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end;
-        let flags = if holds_shim && m.writable && m.private {
+        let mut flags = if holds_shim && m.writable && m.private {
             REGION_EXCLUDED
         } else if m.is_manageable() {
             REGION_MANAGED
         } else {
             return;
         };
+        if flags == REGION_MANAGED
+            && reg != Reg::Keep
+            && register_vma(m.start, m.end, &own, reg)
+            && reg == Reg::Register
+        {
+            flags |= REGION_REGISTERED;
+        }
         if builder.is_full() && !flush(&mut builder, false, &mut first) {
             ok = false;
             return;

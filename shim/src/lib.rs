@@ -52,6 +52,12 @@ pub(crate) struct Shim {
     pub maps_dirty: AtomicBool,
     /// Serialises packets on the socket (agent snapshots vs. fork requests).
     pub sock_busy: AtomicBool,
+    /// The agent is registering VMAs with the bounds it just read: a program mremap must not
+    /// grow a mapping in place meanwhile (the registration would cover only part of it, and the
+    /// split would make the program's next mremap of it fail with EFAULT).
+    pub reg_busy: AtomicBool,
+    /// Interposed mremap calls in progress.
+    pub remaps_inflight: AtomicU32,
     /// High-numbered duplicates of sock, uffd, req_efd, done_efd (in that order), to tell
     /// whether the program closed one of ours and reused its number (see [`fds_ok`]).
     pub refs: [AtomicI32; 4],
@@ -73,6 +79,8 @@ pub(crate) static SHIM: Shim = Shim {
     scratch_len: AtomicUsize::new(0),
     maps_dirty: AtomicBool::new(false),
     sock_busy: AtomicBool::new(false),
+    reg_busy: AtomicBool::new(false),
+    remaps_inflight: AtomicU32::new(0),
     refs: [
         AtomicI32::new(-1),
         AtomicI32::new(-1),
@@ -597,8 +605,21 @@ pub unsafe extern "C" fn mremap(
     } else {
         std::ptr::null_mut()
     };
+    // Wait while the agent registers VMAs (see `Shim::reg_busy`).
+    loop {
+        if !SHIM.reg_busy.load(Ordering::SeqCst) {
+            SHIM.remaps_inflight.fetch_add(1, Ordering::SeqCst);
+            if !SHIM.reg_busy.load(Ordering::SeqCst) {
+                break;
+            }
+            SHIM.remaps_inflight.fetch_sub(1, Ordering::SeqCst);
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
     // SAFETY: forwarding the caller's arguments to the syscall unchanged.
     let r = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
+    SHIM.remaps_inflight.fetch_sub(1, Ordering::SeqCst);
     note_maps_changed();
     if r == -1 {
         return libc::MAP_FAILED;

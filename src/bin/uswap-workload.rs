@@ -799,7 +799,10 @@ fn cmd_chaos(o: &Opts) -> Result<String, String> {
         let handles: Vec<_> = (0..threads)
             .map(|t| scope.spawn(move || chaos_thread(t as u64, per_thread_bytes, deadline)))
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into()))).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
+            .collect()
     });
     let (mut ops, mut checked) = (0, 0);
     for r in results {
@@ -827,7 +830,11 @@ fn chaos_fill(p: *mut u8, id: u64, idx: usize, ver: u32) {
     w[1] = idx as u64;
     w[2] = ver as u64;
     for (j, x) in w.iter_mut().enumerate().skip(3) {
-        *x = if j % 4 == 0 { seed.wrapping_add(j as u64) } else { (j as u64) << 8 };
+        *x = if j % 4 == 0 {
+            seed.wrapping_add(j as u64)
+        } else {
+            (j as u64) << 8
+        };
     }
 }
 
@@ -842,21 +849,64 @@ fn chaos_check(p: *const u8, id: u64, idx: usize, ver: u32) -> Result<(), String
     }
     let seed = mix(id ^ ((idx as u64) << 20) ^ ((ver as u64) << 44));
     if w[0] != id || w[1] != idx as u64 || w[2] != ver as u64 {
-        return Err(format!("region {id} page {idx}: expected version {ver}, found header {:#x} {:#x} {:#x}", w[0], w[1], w[2]));
+        return Err(format!(
+            "region {id} page {idx}: expected version {ver}, found header {:#x} {:#x} {:#x}",
+            w[0], w[1], w[2]
+        ));
     }
     for j in [3usize, 4, 100, 256, 511] {
-        let want = if j % 4 == 0 { seed.wrapping_add(j as u64) } else { (j as u64) << 8 };
+        let want = if j % 4 == 0 {
+            seed.wrapping_add(j as u64)
+        } else {
+            (j as u64) << 8
+        };
         if w[j] != want {
-            return Err(format!("region {id} page {idx} version {ver}: word {j} is {:#x}, expected {want:#x}", w[j]));
+            return Err(format!(
+                "region {id} page {idx} version {ver}: word {j} is {:#x}, expected {want:#x}",
+                w[j]
+            ));
         }
     }
     Ok(())
 }
 
+/// The /proc/self/smaps entries (range and VmFlags) overlapping `[start, start+len)`.
+fn smaps_of(start: u64, len: u64) -> String {
+    let text = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
+    let mut out = String::new();
+    let mut keep = false;
+    for line in text.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                    keep = a < start + len && start < b;
+                    if keep {
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                    continue;
+                }
+            }
+        }
+        if keep && line.starts_with("VmFlags") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn chaos_map(bytes: usize) -> Result<*mut u8, String> {
     // SAFETY: a fresh anonymous private mapping.
     let p = unsafe {
-        libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
     if p == libc::MAP_FAILED {
         return Err(format!("mmap: {}", errno_str()));
@@ -875,7 +925,12 @@ fn chaos_thread(t: u64, bytes: usize, deadline: Instant) -> Result<(u64, u64), S
     let mut regions: Vec<ChaosRegion> = Vec::new();
     for _ in 0..slots {
         let pages = (bytes / slots / PAGE).max(16);
-        regions.push(ChaosRegion { ptr: chaos_map(pages * PAGE)?, pages, id: next_id, ver: vec![0; pages] });
+        regions.push(ChaosRegion {
+            ptr: chaos_map(pages * PAGE)?,
+            pages,
+            id: next_id,
+            ver: vec![0; pages],
+        });
         next_id += 1;
     }
     let (mut ops, mut checks) = (0u64, 0u64);
@@ -911,7 +966,14 @@ fn chaos_thread(t: u64, bytes: usize, deadline: Instant) -> Result<(u64, u64), S
                 let first = next(r.pages);
                 let n = (1 + next(16)).min(r.pages - first);
                 // SAFETY: advising pages of our own mapping.
-                if unsafe { libc::madvise(r.ptr.add(first * PAGE).cast(), n * PAGE, libc::MADV_DONTNEED) } != 0 {
+                if unsafe {
+                    libc::madvise(
+                        r.ptr.add(first * PAGE).cast(),
+                        n * PAGE,
+                        libc::MADV_DONTNEED,
+                    )
+                } != 0
+                {
                     return Err(format!("madvise: {}", errno_str()));
                 }
                 for v in &mut r.ver[first..first + n] {
@@ -928,16 +990,34 @@ fn chaos_thread(t: u64, bytes: usize, deadline: Instant) -> Result<(u64, u64), S
                 // SAFETY: unmapping our own region.
                 unsafe { libc::munmap(r.ptr.cast(), r.pages * PAGE) };
                 let pages = 16 + next(bytes / slots / PAGE * 2);
-                *r = ChaosRegion { ptr: chaos_map(pages * PAGE)?, pages, id: next_id, ver: vec![0; pages] };
+                *r = ChaosRegion {
+                    ptr: chaos_map(pages * PAGE)?,
+                    pages,
+                    id: next_id,
+                    ver: vec![0; pages],
+                };
                 next_id += 1;
             }
             83..=88 => {
                 // Grow, letting the kernel move it.
                 let new_pages = r.pages + r.pages / 2 + 1;
                 // SAFETY: remapping our own region; the old pointer is not used afterwards.
-                let p = unsafe { libc::mremap(r.ptr.cast(), r.pages * PAGE, new_pages * PAGE, libc::MREMAP_MAYMOVE) };
+                let p = unsafe {
+                    libc::mremap(
+                        r.ptr.cast(),
+                        r.pages * PAGE,
+                        new_pages * PAGE,
+                        libc::MREMAP_MAYMOVE,
+                    )
+                };
                 if p == libc::MAP_FAILED {
-                    return Err(format!("mremap grow: {}", errno_str()));
+                    let e = errno_str();
+                    return Err(format!(
+                        "mremap grow: {e}; mapping {:#x}+{:#x}:\n{}",
+                        r.ptr as usize,
+                        r.pages * PAGE,
+                        smaps_of(r.ptr as u64, (r.pages * PAGE) as u64)
+                    ));
                 }
                 r.ptr = p.cast();
                 r.ver.resize(new_pages, 0);

@@ -33,7 +33,7 @@ use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::shm::{self, Window};
 use crate::protocol::wire::{Msg, REGIONS_FIRST, REGIONS_LAST};
 use crate::store::{Store, StoreConfig};
-use crate::uffd::{sys, Uffd, UffdError};
+use crate::uffd::{Uffd, UffdError};
 use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
@@ -90,6 +90,8 @@ pub struct Client {
     pub closing: AtomicBool,
     pub started: Instant,
     pub last_rss_seq: AtomicU64,
+    /// The agent was asked to register regions (it keeps doing so at every scan).
+    pub register_requested: AtomicBool,
 }
 
 fn eventfd() -> anyhow::Result<OwnedFd> {
@@ -198,6 +200,7 @@ impl Client {
             closing: AtomicBool::new(false),
             started: Instant::now(),
             last_rss_seq: AtomicU64::new(0),
+            register_requested: AtomicBool::new(false),
         };
         Ok((client, memfd))
     }
@@ -388,7 +391,7 @@ impl Client {
     /// the source (EFAULT) or finds the page present (EEXIST) before installing anything.
     fn program_alive(&self) -> bool {
         let st = self.state.lock();
-        let Some(addr) = st.regions.registered().first().map(|r| r.start) else {
+        let Some(addr) = st.regions.evictable().first().map(|r| r.start) else {
             return true;
         };
         drop(st);
@@ -427,12 +430,17 @@ impl Client {
                 0
             }
         };
-        let st = self.state.lock();
-        for r in st.regions.registered() {
+        // The agent unregisters every managed VMA with fresh bounds; the monitor also
+        // unregisters what the last snapshot reported (a no-op where the agent already did).
+        self.request_agent(shm::REQ_UNREGISTER);
+        let ranges = self.state.lock().regions.ever_registered();
+        for r in ranges {
             if let Err(e) = self.uffd.unregister(r.start, r.end - r.start) {
                 debug!(client = self.id, start = r.start, "unregister: {e}");
             }
         }
+        // Give the agent a moment to finish before the fault thread stops serving.
+        std::thread::sleep(Duration::from_millis(100));
         self.request_agent(shm::REQ_SHUTDOWN);
         pages
     }
@@ -487,36 +495,15 @@ impl Client {
                 return;
             }
         }
-        // Register every managed region not registered yet, outside the client's lock: it takes
-        // the program's mmap lock for writing, and the fault path must not wait behind it.
-        let unregistered: Vec<_> = {
-            let st = self.state.lock();
-            st.regions
-                .managed()
-                .into_iter()
-                .filter(|r| !st.regions.is_registered(r))
-                .collect()
-        };
-        for region in unregistered {
-            let result = self.uffd.register(
-                region.start,
-                region.end - region.start,
-                sys::UFFDIO_REGISTER_MODE_MISSING,
-            );
-            let mut st = self.state.lock();
-            match result {
-                Ok(_) => st.regions.mark_registered(region),
-                Err(e) => {
-                    debug!(
-                        client = self.id,
-                        start = region.start,
-                        end = region.end,
-                        "register refused: {e}"
-                    );
-                    Counters::add(&self.counters.register_errors, 1);
-                    st.regions.drop_range(&region);
-                }
-            }
+        // Regions are registered by the agent, with the exact bounds of each VMA it has just
+        // read (a stale range from here could split a program mapping). Ask once; regions it
+        // reports registered become evictable with the snapshot that follows.
+        if !self.register_requested.load(Ordering::Relaxed)
+            && self.state.lock().regions.any_unregistered()
+        {
+            // The agent keeps registering new regions at every scan from now on.
+            self.register_requested.store(true, Ordering::Relaxed);
+            self.request_agent(shm::REQ_REGISTER);
         }
         let mut st = self.state.lock();
         if st.paused || st.inflight.len() >= shm::RING_LEN {
@@ -532,7 +519,7 @@ impl Client {
             if chunk == 0 {
                 break;
             }
-            let regions = st.regions.managed();
+            let regions = st.regions.evictable();
             if regions.is_empty() {
                 break;
             }
@@ -548,11 +535,8 @@ impl Client {
             let mut desc_runs: Vec<shm::Run> = Vec::new();
             let mut slots_in_order = Vec::new();
             for run in runs {
-                let Some(region) = st.regions.containing(run.addr) else {
+                if st.regions.containing(run.addr).is_none() {
                     continue;
-                };
-                if !st.regions.is_registered(&region) {
-                    continue; // appeared since the registration pass: next tick
                 }
                 // Split the run where its slots stop being contiguous.
                 for i in 0..run.pages as u64 {

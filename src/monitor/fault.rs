@@ -188,8 +188,8 @@ fn apply_events(client: &Client, events: &[Event]) {
             }
             Event::Remap { from, to, len } => {
                 Counters::add(&client.counters.events_remap, 1);
-                win.log_event(from, from + len);
-                win.log_event(to, to + len);
+                win.log_event(from, from + len, false);
+                win.log_event(to, to + len, false);
                 let st = st.get_or_insert_with(|| client.state.lock());
                 let st = &mut **st;
                 st.regions.forget(from, from + len);
@@ -207,7 +207,7 @@ fn apply_events(client: &Client, events: &[Event]) {
         if st.regions.is_excluded(start, end) {
             continue;
         }
-        win.log_event(start, end);
+        win.log_event(start, end, true);
         if matches!(ev, Event::Unmap { .. }) {
             st.regions.forget(start, end);
         }
@@ -271,7 +271,6 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
     let result = match plan {
         FaultPlan::Wait { .. } => return Served::Wait,
         FaultPlan::Zero { pages } => {
-            Counters::add(&c.faults_zero, 1);
             match client.uffd.zeropage(addr, pages * PAGE_BYTES, false) {
                 Ok(n) => {
                     Counters::add(&c.zero_pages_filled, n / PAGE_BYTES);
@@ -322,11 +321,6 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
                 }
                 n += 1;
             }
-            if matches!(plan, FaultPlan::FromWindow { .. }) {
-                Counters::add(&c.faults_window, 1);
-            } else {
-                Counters::add(&c.faults_store, 1);
-            }
             // A single page still in the window is copied straight from its slot.
             let src = match (n, plan) {
                 (1, FaultPlan::FromWindow { slot }) => {
@@ -354,7 +348,18 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
         }
     };
     match result {
-        Ok(()) => Served::Done,
+        Ok(()) => {
+            // Counted once per fault served (a retried copy is not counted twice).
+            Counters::add(
+                match plan {
+                    FaultPlan::Zero { .. } => &c.faults_zero,
+                    FaultPlan::FromWindow { .. } => &c.faults_window,
+                    _ => &c.faults_store,
+                },
+                1,
+            );
+            Served::Done
+        }
         Err(UffdError::Retry { .. }) => Served::Retry,
         Err(UffdError::TargetGone { .. }) => Served::Gone,
         Err(e) => {

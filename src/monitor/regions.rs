@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use crate::protocol::wire::{RegionEntry, REGION_EXCLUDED, REGION_MANAGED};
+use crate::protocol::wire::{RegionEntry, REGION_EXCLUDED, REGION_MANAGED, REGION_REGISTERED};
 
 #[derive(Debug, Default)]
 pub struct Regions {
@@ -74,16 +74,24 @@ impl Regions {
             .map(|e| e.start..e.start + e.len_bytes)
             .collect();
         let mut managed = BTreeMap::new();
-        for e in self.pending.iter().filter(|e| e.flags == REGION_MANAGED) {
+        let mut registered = BTreeMap::new();
+        for e in self
+            .pending
+            .iter()
+            .filter(|e| e.flags & REGION_MANAGED != 0)
+        {
             for r in subtract(e.start..e.start + e.len_bytes, &excluded) {
+                if e.flags & REGION_REGISTERED != 0 {
+                    registered.insert(r.start, r.end);
+                    self.ever_registered.insert(r.start, r.end);
+                }
                 if r.end - r.start >= min_region_bytes {
                     managed.insert(r.start, r.end);
                 }
             }
         }
-        // Registrations that no longer match a managed range are forgotten (the kernel drops
-        // them on unmap; a stale entry would only cost a redundant register call).
-        self.registered.retain(|s, e| managed.get(s) == Some(e));
+        // The agent registers and reports; the snapshot is the truth.
+        self.registered = registered;
         self.managed = managed;
         self.excluded = excluded;
         self.pending.clear();
@@ -109,20 +117,31 @@ impl Regions {
         self.registered.get(&r.start) == Some(&r.end)
     }
 
-    /// Every range registered with the client's uffd and not unmapped since.
-    pub fn registered(&self) -> Vec<Range<u64>> {
+    /// Every range the agent has reported registered and not unmapped since.
+    pub fn ever_registered(&self) -> Vec<Range<u64>> {
         self.ever_registered.iter().map(|(s, e)| *s..*e).collect()
     }
 
+    /// Managed ranges that are registered (may be evicted).
+    pub fn evictable(&self) -> Vec<Range<u64>> {
+        self.managed
+            .iter()
+            .filter(|(s, e)| self.registered.get(s) == Some(e))
+            .map(|(s, e)| *s..*e)
+            .collect()
+    }
+
+    /// Whether some managed range is not registered yet.
+    pub fn any_unregistered(&self) -> bool {
+        self.managed
+            .iter()
+            .any(|(s, e)| self.registered.get(s) != Some(e))
+    }
+
+    #[cfg(test)]
     pub fn mark_registered(&mut self, r: Range<u64>) {
         self.ever_registered.insert(r.start, r.end);
         self.registered.insert(r.start, r.end);
-    }
-
-    /// A range the kernel refused to register: stop managing it until the next snapshot.
-    pub fn drop_range(&mut self, r: &Range<u64>) {
-        self.managed.remove(&r.start);
-        self.registered.remove(&r.start);
     }
 
     /// UNMAP/REMAP of `[start, end)`: the ranges that overlap it are gone until the next

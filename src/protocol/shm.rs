@@ -28,8 +28,10 @@
 //! Before a run the agent waits until `read_end == read_begin` (no read in progress), then
 //! cancels the run (result [`RESULT_CANCELLED`]) if a logged event since the batch's epoch
 //! overlaps it. After the move it checks `read_begin` again: if a read started meanwhile, it
-//! waits for it to finish and marks the moved pages [`RESULT_DISCARDED`] when a new logged event
-//! overlaps the run: their bytes may predate a discard the program asked for. An event log that
+//! waits for it to finish and marks the moved pages [`RESULT_DISCARDED`] when a new logged
+//! REMOVE or UNMAP overlaps the run: their bytes may predate a discard the program asked for.
+//! A REMAP is different: bytes moved before it are the page's contents, which follow the page
+//! to its new address (the monitor relocates the page's state), so they are kept. An event log that
 //! overflowed counts as overlapping everything before the move (cancel) and as not overlapping
 //! after it (keep: never lose a write). The monitor counts both outcomes.
 //!
@@ -80,6 +82,12 @@ pub const REQ_RESCAN: u32 = 1;
 pub const REQ_RSS: u32 = 2;
 /// Stop: the agent exits its loop (the monitor is detaching).
 pub const REQ_SHUTDOWN: u32 = 4;
+/// Register every managed VMA with the forwarded descriptor from now on (at each scan, with
+/// the exact bounds just read, so a program mapping is never split by a stale range: a split
+/// mapping makes the program's own mremap of it fail with EFAULT).
+pub const REQ_REGISTER: u32 = 8;
+/// Unregister every managed VMA (the monitor is detaching; all pages are home).
+pub const REQ_UNREGISTER: u32 = 16;
 
 const OFF_MAGIC: usize = 0;
 const OFF_VERSION: usize = 8;
@@ -228,11 +236,15 @@ impl Window {
     }
 
     /// Monitor side: logs an address-space change and publishes it as the new epoch.
-    pub fn log_event(&self, start: u64, end: u64) {
+    /// `discard` marks a REMOVE or UNMAP (the range's bytes are gone); a REMAP (the bytes moved
+    /// elsewhere) is logged with `discard == false`.
+    pub fn log_event(&self, start: u64, end: u64, discard: bool) {
         let seq = self.epoch().load(Ordering::Relaxed) + 1;
         let o = OFF_EVENT_LOG + (seq as usize % EVENT_LOG_LEN) * 24;
         self.u64_at(o).store(seq, Ordering::Relaxed);
-        self.u64_at(o + 8).store(start, Ordering::Relaxed);
+        // Starts are page aligned: bit 0 carries the kind.
+        self.u64_at(o + 8)
+            .store((start & !1) | discard as u64, Ordering::Relaxed);
         self.u64_at(o + 16).store(end, Ordering::Relaxed);
         self.epoch().store(seq, Ordering::Release);
     }
@@ -240,6 +252,18 @@ impl Window {
     /// Agent side: whether an event logged after `since` (up to the current epoch) overlaps
     /// `[start, end)`. `None` when the log no longer holds them all.
     pub fn events_overlap(&self, since: u64, start: u64, end: u64) -> Option<bool> {
+        self.events_overlap_kind(since, start, end, false)
+    }
+
+    /// As [`Window::events_overlap`], counting only discards (REMOVE/UNMAP) when
+    /// `discards_only`.
+    pub fn events_overlap_kind(
+        &self,
+        since: u64,
+        start: u64,
+        end: u64,
+        discards_only: bool,
+    ) -> Option<bool> {
         let now = self.epoch().load(Ordering::Acquire);
         if now <= since {
             return Some(false);
@@ -256,7 +280,9 @@ impl Window {
                 self.u64_at(o + 8).load(Ordering::Relaxed),
                 self.u64_at(o + 16).load(Ordering::Relaxed),
             );
-            if s < end && start < e {
+            let discard = s & 1 == 1;
+            let s = s & !1;
+            if s < end && start < e && (discard || !discards_only) {
                 return Some(true);
             }
         }
@@ -402,13 +428,16 @@ mod tests {
         assert_eq!(d.result(4), RESULT_BUSY);
         assert_eq!(d.result(0), RESULT_PENDING);
         assert_eq!(w.slot_ptr(1) as usize - w.slot_ptr(0) as usize, SLOT_BYTES);
-        w.log_event(0x1000, 0x3000);
-        w.log_event(0x8000, 0x9000);
+        w.log_event(0x1000, 0x3000, true);
+        w.log_event(0x8000, 0x9000, false);
+        assert_eq!(w.events_overlap_kind(0, 0x8000, 0x8001, true), Some(false));
+        assert_eq!(w.events_overlap_kind(0, 0x8000, 0x8001, false), Some(true));
+        assert_eq!(w.events_overlap_kind(0, 0x2000, 0x2001, true), Some(true));
         assert_eq!(w.events_overlap(0, 0x2000, 0x2001), Some(true));
         assert_eq!(w.events_overlap(1, 0x2000, 0x2001), Some(false));
         assert_eq!(w.events_overlap(2, 0x0, u64::MAX), Some(false));
         for _ in 0..EVENT_LOG_LEN {
-            w.log_event(0, 1);
+            w.log_event(0, 1, true);
         }
         assert_eq!(w.events_overlap(0, 0x2000, 0x2001), None);
         // SAFETY: allocated above with the same layout.

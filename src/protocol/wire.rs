@@ -49,6 +49,9 @@ pub const REGIONS_LAST: u32 = 2;
 pub const REGION_MANAGED: u64 = 1;
 /// Memory the monitor must never evict (the shim's own memory, the agent's stack, staging).
 pub const REGION_EXCLUDED: u64 = 2;
+/// With `REGION_MANAGED`: the agent registered this whole VMA with the forwarded descriptor
+/// (exact bounds, read from /proc/self/maps just before), so it may be evicted.
+pub const REGION_REGISTERED: u64 = 4;
 
 /// What was wrong with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -444,7 +447,9 @@ impl<'a> Msg<'a> {
                             field: "region range",
                         });
                     }
-                    if e.flags & !(REGION_MANAGED | REGION_EXCLUDED) != 0 || e.flags == 0 {
+                    if e.flags & !(REGION_MANAGED | REGION_EXCLUDED | REGION_REGISTERED) != 0
+                        || e.flags & (REGION_MANAGED | REGION_EXCLUDED) == 0
+                    {
                         return Err(ProtoError::BadField {
                             kind,
                             field: "region flags",
