@@ -416,6 +416,9 @@ evaluate_vm() {
 	s=$(section "$log" unit | grep -a '^Userfaults unit tests:' | sed 's/Userfaults unit tests: //')
 	if [ -z "$rc" ]; then
 		row "$variant: uffd-unit-tests (6.12)" FAIL "did not run"
+	elif [ "$rc" != 0 ] && [ -z "$s" ]; then
+		# err() in the test binary exits at once: name the test it was in
+		row "$variant: uffd-unit-tests (6.12)" FAIL "rc=$rc, aborted: $(section "$log" unit | tail -2 | tr '\n' ' ')"
 	elif [ "$rc" != 0 ]; then
 		row "$variant: uffd-unit-tests (6.12)" FAIL "rc=$rc $s; failed: $(unit_results "$log" unit | grep '|failed' | cut -d'|' -f1 | tr '\n' ',')"
 	elif ! echo "$s" | grep -q 'skip=0,'; then
