@@ -247,11 +247,16 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
         let dst = staging + (page_idx * PAGE_SIZE) as u64;
         move_run(uffd, dst, run.addr, pages, desc, page_idx);
         // A read of the program's events that started during the move may have released a
-        // MADV_DONTNEED/munmap of this run: then the moved bytes may predate it.
-        let discard = win.read_begin().load(Ordering::SeqCst) != read_seq
-            && quiescent(win).is_some_and(|_| {
-                win.events_overlap_kind(epoch_before, run.addr, run_end, true) == Some(true)
-            });
+        // MADV_DONTNEED/munmap of some pages of this run: their moved bytes may predate it.
+        // Decided page by page: the other pages of the run keep their bytes.
+        let uncertain =
+            win.read_begin().load(Ordering::SeqCst) != read_seq && quiescent(win).is_some();
+        let discard = |i: usize| {
+            let a = run.addr + (i * PAGE_SIZE) as u64;
+            uncertain
+                && win.events_overlap_kind(epoch_before, a, a + PAGE_SIZE as u64, true)
+                    == Some(true)
+        };
         // Which staging pages now hold a page. Holes (never touched, or already gone) stay
         // unpopulated; reading one would fault to the monitor for nothing. If mincore could
         // not tell (it does not fail on our own mapping), every page is treated as present:
@@ -267,7 +272,7 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
             let present = rc != 0 || residency & 1 != 0;
             if !present {
                 desc.set_result(p, shm::RESULT_HOLE);
-            } else if discard {
+            } else if discard(i) {
                 desc.set_result(p, shm::RESULT_DISCARDED);
                 win.agent_discarded_pages().fetch_add(1, Ordering::Relaxed);
             } else {
@@ -473,9 +478,10 @@ fn send_snapshot(snapshot: u32, reg: Reg) -> bool {
     if !sock_lock(false) {
         return false;
     }
-    // While registering, no interposed mremap may grow a mapping between our read of its
-    // bounds and the registration (glibc's own mremap, in realloc, is not interposed: a split
-    // it causes is healed by the next scan, and realloc falls back to copying if mremap fails).
+    // While registering, no interposed mmap/munmap/mremap may change a mapping between our read
+    // of its bounds and the registration (glibc's own calls inside malloc are not interposed:
+    // a split they cause is healed by the next scan, and realloc falls back to copying if its
+    // mremap fails).
     let reg = if reg == Reg::Register && !hold_remaps() {
         Reg::Keep
     } else {

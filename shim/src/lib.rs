@@ -56,7 +56,7 @@ pub(crate) struct Shim {
     /// grow a mapping in place meanwhile (the registration would cover only part of it, and the
     /// split would make the program's next mremap of it fail with EFAULT).
     pub reg_busy: AtomicBool,
-    /// Interposed mremap calls in progress.
+    /// Interposed mmap/munmap/mremap calls in progress.
     pub remaps_inflight: AtomicU32,
     /// High-numbered duplicates of sock, uffd, req_efd, done_efd (in that order), to tell
     /// whether the program closed one of ours and reused its number (see [`fds_ok`]).
@@ -531,6 +531,31 @@ extern "C" fn fork_child() {
     }
 }
 
+/// Waits while the agent registers VMAs (see `Shim::reg_busy`), then counts this call in:
+/// a mapping created, grown or moved while the agent holds bounds it has just read could be
+/// split by its registration, and the program's next mremap of it would fail with EFAULT.
+fn enter_map_change() {
+    if SHIM.state.load(Ordering::Relaxed) != MANAGED {
+        SHIM.remaps_inflight.fetch_add(1, Ordering::SeqCst);
+        return;
+    }
+    loop {
+        if !SHIM.reg_busy.load(Ordering::SeqCst) {
+            SHIM.remaps_inflight.fetch_add(1, Ordering::SeqCst);
+            if !SHIM.reg_busy.load(Ordering::SeqCst) {
+                return;
+            }
+            SHIM.remaps_inflight.fetch_sub(1, Ordering::SeqCst);
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::sched_yield() };
+    }
+}
+
+fn leave_map_change() {
+    SHIM.remaps_inflight.fetch_sub(1, Ordering::SeqCst);
+}
+
 /// Marks the address space as changed and wakes the agent (once per burst).
 fn note_maps_changed() {
     if SHIM.state.load(Ordering::Relaxed) == MANAGED
@@ -554,8 +579,10 @@ pub unsafe extern "C" fn mmap(
     fd: i32,
     off: libc::off_t,
 ) -> *mut libc::c_void {
+    enter_map_change();
     // SAFETY: forwarding the caller's arguments to the syscall unchanged.
     let r = unsafe { libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) };
+    leave_map_change();
     if r == -1 {
         return libc::MAP_FAILED;
     }
@@ -584,8 +611,10 @@ pub unsafe extern "C" fn mmap64(
 /// Same contract as munmap(2).
 #[no_mangle]
 pub unsafe extern "C" fn munmap(addr: *mut libc::c_void, len: usize) -> i32 {
+    enter_map_change();
     // SAFETY: forwarding the caller's arguments to the syscall unchanged.
     let r = unsafe { libc::syscall(libc::SYS_munmap, addr, len) };
+    leave_map_change();
     note_maps_changed();
     r as i32
 }
@@ -605,21 +634,10 @@ pub unsafe extern "C" fn mremap(
     } else {
         std::ptr::null_mut()
     };
-    // Wait while the agent registers VMAs (see `Shim::reg_busy`).
-    loop {
-        if !SHIM.reg_busy.load(Ordering::SeqCst) {
-            SHIM.remaps_inflight.fetch_add(1, Ordering::SeqCst);
-            if !SHIM.reg_busy.load(Ordering::SeqCst) {
-                break;
-            }
-            SHIM.remaps_inflight.fetch_sub(1, Ordering::SeqCst);
-        }
-        // SAFETY: sched_yield has no preconditions.
-        unsafe { libc::sched_yield() };
-    }
+    enter_map_change();
     // SAFETY: forwarding the caller's arguments to the syscall unchanged.
     let r = unsafe { libc::syscall(libc::SYS_mremap, old, old_len, new_len, flags, new_addr) };
-    SHIM.remaps_inflight.fetch_sub(1, Ordering::SeqCst);
+    leave_map_change();
     note_maps_changed();
     if r == -1 {
         return libc::MAP_FAILED;

@@ -818,6 +818,8 @@ struct ChaosRegion {
     ptr: *mut u8,
     pages: usize,
     id: u64,
+    /// Recent layout changes, for diagnostics: (what, address, pages).
+    hist: Vec<(&'static str, usize, usize)>,
     /// Per page: 0 = must read as zeros, else the version last written.
     ver: Vec<u32>,
 }
@@ -925,11 +927,13 @@ fn chaos_thread(t: u64, bytes: usize, deadline: Instant) -> Result<(u64, u64), S
     let mut regions: Vec<ChaosRegion> = Vec::new();
     for _ in 0..slots {
         let pages = (bytes / slots / PAGE).max(16);
+        let ptr = chaos_map(pages * PAGE)?;
         regions.push(ChaosRegion {
-            ptr: chaos_map(pages * PAGE)?,
+            ptr,
             pages,
             id: next_id,
             ver: vec![0; pages],
+            hist: vec![("map", ptr as usize, pages)],
         });
         next_id += 1;
     }
@@ -990,11 +994,13 @@ fn chaos_thread(t: u64, bytes: usize, deadline: Instant) -> Result<(u64, u64), S
                 // SAFETY: unmapping our own region.
                 unsafe { libc::munmap(r.ptr.cast(), r.pages * PAGE) };
                 let pages = 16 + next(bytes / slots / PAGE * 2);
+                let ptr = chaos_map(pages * PAGE)?;
                 *r = ChaosRegion {
-                    ptr: chaos_map(pages * PAGE)?,
+                    ptr,
                     pages,
                     id: next_id,
                     ver: vec![0; pages],
+                    hist: vec![("map", ptr as usize, pages)],
                 };
                 next_id += 1;
             }
@@ -1032,6 +1038,7 @@ fn chaos_thread(t: u64, bytes: usize, deadline: Instant) -> Result<(u64, u64), S
                 }
                 r.ver.truncate(new_pages);
                 r.pages = new_pages;
+                r.hist.push(("shrink", r.ptr as usize, new_pages));
             }
             _ => std::thread::sleep(std::time::Duration::from_millis(next(20) as u64)),
         }
