@@ -605,12 +605,13 @@ fn daemonising_program_closing_every_fd_keeps_its_memory() -> R {
 }
 
 fn children_left_behind_get_their_memory_back_when_uswap_exits() -> R {
-    // The shell exits at once; the workload it started in the background goes on after
-    // `uswap run` (and its embedded monitor) is gone, and must keep every page.
+    // The shell exits after 2 s (by then the workload it started in the background has attached
+    // and been evicted); the workload goes on after `uswap run` (and its embedded monitor) is
+    // gone, and must keep every page.
     let dir = tmpdir("leftbehind");
     let out_file = dir.join("out.txt");
     let script = format!(
-        "{} fill-verify --mib 32 --idle-ms 5000 > {} 2>&1 &",
+        "{} fill-verify --mib 32 --idle-ms 6000 > {} 2>&1 & sleep 2",
         workload(),
         out_file.display()
     );
