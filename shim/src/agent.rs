@@ -114,7 +114,10 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
         let now = raw::monotonic_ns();
         let dirty = SHIM.maps_dirty.load(Ordering::Acquire);
         let timeout_ms = if dirty {
-            ((last_scan_ns + RESCAN_MIN_INTERVAL_NS).saturating_sub(now) / 1_000_000) as i32
+            // Rounded up: a sub-millisecond remainder must sleep, not spin.
+            (last_scan_ns + RESCAN_MIN_INTERVAL_NS)
+                .saturating_sub(now)
+                .div_ceil(1_000_000) as i32
         } else {
             -1
         };

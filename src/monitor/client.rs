@@ -241,7 +241,8 @@ impl Client {
                 libc::poll(
                     &mut pfd,
                     1,
-                    timeout.as_millis().min(i32::MAX as u128) as i32,
+                    // Rounded up: a sub-millisecond remainder must sleep, not spin.
+                    timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
                 )
             };
             if rc > 0 {
