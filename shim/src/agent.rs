@@ -236,7 +236,7 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
         let run_end = run.addr + (pages * PAGE_SIZE) as u64;
         // No read of the program's events in progress, and none since the batch was posted
         // that touches this run.
-        let Some(read_seq) = quiescent(win) else {
+        let Some(_) = quiescent(win) else {
             mark(desc, page_idx, pages, shm::RESULT_CANCELLED);
             page_idx += pages;
             continue;
@@ -246,20 +246,8 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
             page_idx += pages;
             continue;
         }
-        let epoch_before = win.epoch().load(Ordering::Acquire);
         let dst = staging + (page_idx * PAGE_SIZE) as u64;
         move_run(uffd, dst, run.addr, pages, desc, page_idx);
-        // A read of the program's events that started during the move may have released a
-        // MADV_DONTNEED/munmap of some pages of this run: their moved bytes may predate it.
-        // Decided page by page: the other pages of the run keep their bytes.
-        let uncertain =
-            win.read_begin().load(Ordering::SeqCst) != read_seq && quiescent(win).is_some();
-        let discard = |i: usize| {
-            let a = run.addr + (i * PAGE_SIZE) as u64;
-            uncertain
-                && win.events_overlap_kind(epoch_before, a, a + PAGE_SIZE as u64, true)
-                    == Some(true)
-        };
         // Which staging pages now hold a page. Holes (never touched, or already gone) stay
         // unpopulated; reading one would fault to the monitor for nothing. If mincore could
         // not tell (it does not fail on our own mapping), every page is treated as present:
@@ -275,9 +263,6 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
             let present = rc != 0 || residency & 1 != 0;
             if !present {
                 desc.set_result(p, shm::RESULT_HOLE);
-            } else if discard(i) {
-                desc.set_result(p, shm::RESULT_DISCARDED);
-                win.agent_discarded_pages().fetch_add(1, Ordering::Relaxed);
             } else {
                 let slot = win.slot_ptr(run.first_slot as usize + i);
                 // SAFETY: the staging page is ours and mapped (present, or a hole the monitor

@@ -27,13 +27,12 @@
 //!
 //! Before a run the agent waits until `read_end == read_begin` (no read in progress), then
 //! cancels the run (result [`RESULT_CANCELLED`]) if a logged event since the batch's epoch
-//! overlaps it. After the move it checks `read_begin` again: if a read started meanwhile, it
-//! waits for it to finish and marks the moved pages [`RESULT_DISCARDED`] when a new logged
-//! REMOVE or UNMAP overlaps the run: their bytes may predate a discard the program asked for.
-//! A REMAP is different: bytes moved before it are the page's contents, which follow the page
-//! to its new address (the monitor relocates the page's state), so they are kept. An event log that
-//! overflowed counts as overlapping everything before the move (cancel) and as not overlapping
-//! after it (keep: never lose a write). The monitor counts both outcomes.
+//! overlaps it; an event log that overflowed counts as overlapping. Pages moved anyway around
+//! a REMOVE/UNMAP need nothing from the agent: the monitor applies every event it reads to the
+//! page words before it processes completions, so a result for a page whose word was reset
+//! meanwhile is stale and dropped, and a REMAP carries the word (and the result) to the new
+//! address. (An earlier design had the agent drop such pages itself; it was redundant and, on a
+//! torn read of the log, lost a page no event had touched.)
 //!
 //! Trust: each side treats the other's writes as untrusted bytes. The monitor clamps
 //! `done_seq`, maps unknown result bytes to [`RESULT_FAILED`] and validates the reported RSS;
@@ -68,8 +67,7 @@ pub const RESULT_BUSY: u8 = 3;
 pub const RESULT_FAILED: u8 = 4;
 /// Skipped: the range changed (REMOVE/UNMAP/REMAP) since the batch was posted.
 pub const RESULT_CANCELLED: u8 = 5;
-/// Moved, but an overlapping REMOVE/UNMAP/REMAP was read while the move ran: the bytes may
-/// predate a discard, so they are dropped (the page reads as the kernel left it).
+/// Reserved: no longer produced (see the module doc); a monitor treats it as a failure.
 pub const RESULT_DISCARDED: u8 = 6;
 
 /// Entries in the event log.
@@ -241,12 +239,16 @@ impl Window {
     pub fn log_event(&self, start: u64, end: u64, discard: bool) {
         let seq = self.epoch().load(Ordering::Relaxed) + 1;
         let o = OFF_EVENT_LOG + (seq as usize % EVENT_LOG_LEN) * 24;
-        self.u64_at(o).store(seq, Ordering::Relaxed);
+        // A sequence lock per entry: invalid (0) while its fields are rewritten, so a reader
+        // never takes the range of one event for another (which once dropped a page that no
+        // event had touched).
+        self.u64_at(o).store(0, Ordering::SeqCst);
         // Starts are page aligned: bit 0 carries the kind.
         self.u64_at(o + 8)
             .store((start & !1) | discard as u64, Ordering::Relaxed);
         self.u64_at(o + 16).store(end, Ordering::Relaxed);
-        self.epoch().store(seq, Ordering::Release);
+        self.u64_at(o).store(seq, Ordering::SeqCst);
+        self.epoch().store(seq, Ordering::SeqCst);
     }
 
     /// Agent side: whether an event logged after `since` (up to the current epoch) overlaps
@@ -273,13 +275,17 @@ impl Window {
         }
         for seq in since + 1..=now {
             let o = OFF_EVENT_LOG + (seq as usize % EVENT_LOG_LEN) * 24;
-            if self.u64_at(o).load(Ordering::Relaxed) != seq {
+            if self.u64_at(o).load(Ordering::SeqCst) != seq {
                 return None; // overwritten meanwhile
             }
             let (s, e) = (
                 self.u64_at(o + 8).load(Ordering::Relaxed),
                 self.u64_at(o + 16).load(Ordering::Relaxed),
             );
+            std::sync::atomic::fence(Ordering::Acquire);
+            if self.u64_at(o).load(Ordering::SeqCst) != seq {
+                return None; // rewritten while we read it: the fields may be torn
+            }
             let discard = s & 1 == 1;
             let s = s & !1;
             if s < end && start < e && (discard || !discards_only) {
