@@ -85,6 +85,18 @@ pub(crate) fn start() -> Result<(), i32> {
     Ok(())
 }
 
+/// The shared window (mapped in `init`, never unmapped).
+fn window() -> Window {
+    // SAFETY: the window mapping was made in `init` with this base and length and is never
+    // unmapped while the shim runs.
+    unsafe {
+        Window::new(
+            SHIM.window_base.load(Ordering::Relaxed) as *mut u8,
+            SHIM.window_len.load(Ordering::Relaxed),
+        )
+    }
+}
+
 fn scratch(off: usize, len: usize) -> &'static mut [u8] {
     let base = SHIM.scratch_base.load(Ordering::Relaxed);
     assert!(off + len <= SHIM.scratch_len.load(Ordering::Relaxed));
@@ -502,6 +514,8 @@ fn send_snapshot_locked(snapshot: u32, reg: Reg) -> bool {
     let pkt = scratch(PKT_OFF, 64 * 1024);
     let maps_buf = scratch(MAPS_OFF, MAPS_LEN);
     let mut builder = RegionsBuilder::new(pkt);
+    // Read before /proc/self/maps: the monitor distrusts ranges changed by events after it.
+    let epoch = window().epoch().load(Ordering::SeqCst);
     let mut first = true;
     let mut ok = true;
     // The agent's own memory and the shim's data segment are excluded.
@@ -523,7 +537,7 @@ fn send_snapshot_locked(snapshot: u32, reg: Reg) -> bool {
     let flush = |b: &mut RegionsBuilder<'_>, last: bool, first: &mut bool| -> bool {
         let flags = if *first { REGIONS_FIRST } else { 0 } | if last { REGIONS_LAST } else { 0 };
         *first = false;
-        let packet = b.finish(snapshot, flags);
+        let packet = b.finish(snapshot, flags, epoch);
         crate::fds_ok(&[crate::FD_SOCK]) && send_packet(sock, packet, &[]).is_ok()
     };
     // Our own ranges first, always: the kernel may have merged them with a neighbour, so the

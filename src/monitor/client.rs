@@ -277,6 +277,7 @@ impl Client {
                     r.snapshot,
                     r.flags & REGIONS_FIRST != 0,
                     r.flags & REGIONS_LAST != 0,
+                    r.epoch,
                     r.iter(),
                     self.cfg.min_region_bytes,
                 );

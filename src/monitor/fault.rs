@@ -192,8 +192,9 @@ fn apply_events(client: &Client, events: &[Event]) {
                 win.log_event(to, to + len, false);
                 let st = st.get_or_insert_with(|| client.state.lock());
                 let st = &mut **st;
-                st.regions.forget(from, from + len);
-                st.regions.forget(to, to + len);
+                let epoch = win.epoch().load(Ordering::Relaxed);
+                st.regions.forget(from, from + len, epoch);
+                st.regions.forget(to, to + len, epoch);
                 let store = &mut st.store;
                 st.pages.remap(from, to, len, |h| store.remove(h));
                 continue;
@@ -209,7 +210,8 @@ fn apply_events(client: &Client, events: &[Event]) {
         }
         win.log_event(start, end, true);
         if matches!(ev, Event::Unmap { .. }) {
-            st.regions.forget(start, end);
+            st.regions
+                .forget(start, end, win.epoch().load(Ordering::Relaxed));
         }
         let store = &mut st.store;
         st.pages.discard_range(start, end, |h| store.remove(h));

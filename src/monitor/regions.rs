@@ -18,8 +18,12 @@ pub struct Regions {
     ever_registered: BTreeMap<u64, u64>,
     /// Ranges never to evict.
     excluded: Vec<Range<u64>>,
+    /// Address-space changes (UNMAP, REMAP) with the event epoch they were logged at, newest
+    /// last; a snapshot whose scan began before one of them is not trusted where they overlap.
+    recent_changes: std::collections::VecDeque<(u64, u64, u64)>,
     /// Snapshot being received.
     pending: Vec<RegionEntry>,
+    pending_epoch: u64,
     pending_snapshot: Option<u32>,
     pub snapshots: u64,
 }
@@ -52,12 +56,14 @@ impl Regions {
         snapshot: u32,
         first: bool,
         last: bool,
+        epoch: u64,
         entries: impl Iterator<Item = RegionEntry>,
         min_region_bytes: u64,
     ) -> bool {
         if first {
             self.pending.clear();
             self.pending_snapshot = Some(snapshot);
+            self.pending_epoch = epoch;
         }
         if self.pending_snapshot != Some(snapshot) {
             return false; // a chunk of a snapshot whose start we missed: ignore it
@@ -90,6 +96,17 @@ impl Regions {
                 }
             }
         }
+        // A range that was unmapped or moved after the scan began may hold another mapping
+        // now (possibly one the agent has not registered yet): not evictable until the next
+        // snapshot shows it.
+        let since = self.pending_epoch;
+        let stale = |s: u64, e: u64, changes: &std::collections::VecDeque<(u64, u64, u64)>| {
+            changes
+                .iter()
+                .any(|&(ep, cs, ce)| ep > since && cs < e && s < ce)
+        };
+        managed.retain(|s, e| !stale(*s, *e, &self.recent_changes));
+        registered.retain(|s, e| !stale(*s, *e, &self.recent_changes));
         // The agent registers and reports; the snapshot is the truth.
         self.registered = registered;
         self.managed = managed;
@@ -144,9 +161,13 @@ impl Regions {
         self.registered.insert(r.start, r.end);
     }
 
-    /// UNMAP/REMAP of `[start, end)`: the ranges that overlap it are gone until the next
-    /// snapshot says otherwise.
-    pub fn forget(&mut self, start: u64, end: u64) {
+    /// UNMAP/REMAP of `[start, end)`, logged at event `epoch`: the ranges that overlap it are
+    /// gone until a snapshot taken after it says otherwise.
+    pub fn forget(&mut self, start: u64, end: u64, epoch: u64) {
+        self.recent_changes.push_back((epoch, start, end));
+        while self.recent_changes.len() > 4096 {
+            self.recent_changes.pop_front();
+        }
         let gone: Vec<u64> = self
             .managed
             .range(..end)
@@ -188,7 +209,7 @@ mod tests {
             e(0x20000, 0x1000, REGION_EXCLUDED),
             e(0x500000, 0x1000, REGION_MANAGED),
         ];
-        assert!(r.feed(1, true, true, entries.into_iter(), 0x2000));
+        assert!(r.feed(1, true, true, 0, entries.into_iter(), 0x2000));
         assert_eq!(r.managed(), vec![0x10000..0x20000, 0x21000..0x110000]);
         assert!(r.is_excluded(0x20000, 0x21000));
         assert_eq!(r.containing(0x30000), Some(0x21000..0x110000));
@@ -203,6 +224,7 @@ mod tests {
             2,
             false,
             true,
+            0,
             [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(),
             0
         ));
@@ -210,6 +232,7 @@ mod tests {
             3,
             true,
             false,
+            0,
             [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(),
             0
         ));
@@ -217,13 +240,21 @@ mod tests {
             3,
             false,
             true,
+            0,
             [e(0x100000, 0x10000, REGION_MANAGED)].into_iter(),
             0
         ));
         assert_eq!(r.managed().len(), 2);
         r.mark_registered(0x1000..0x11000);
-        r.forget(0x2000, 0x3000);
+        r.forget(0x2000, 0x3000, 1);
         assert_eq!(r.managed(), vec![0x100000..0x110000]);
         assert!(!r.is_registered(&(0x1000..0x11000)));
+        // A snapshot whose scan began before that unmap (epoch 0) still shows the old range:
+        // it is not trusted there; one that began after it (epoch 1) is.
+        let old = [e(0x1000, 0x10000, REGION_MANAGED | REGION_REGISTERED)];
+        assert!(r.feed(4, true, true, 0, old.into_iter(), 0));
+        assert!(r.evictable().is_empty());
+        assert!(r.feed(5, true, true, 1, old.into_iter(), 0));
+        assert_eq!(r.evictable(), vec![0x1000..0x11000]);
     }
 }

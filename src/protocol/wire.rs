@@ -111,8 +111,14 @@ pub struct Regions<'a> {
     /// Snapshot number: entries of one snapshot share it.
     pub snapshot: u32,
     pub flags: u32,
+    /// The window's event epoch the agent read before it began reading /proc/self/maps: any
+    /// UNMAP/REMAP the monitor logged after it may be missing from (or stale in) this snapshot.
+    pub epoch: u64,
     entries: &'a [u8],
 }
+
+/// Bytes of the `Regions` payload before the entries: snapshot, flags, epoch.
+const REGIONS_HEAD: usize = 16;
 
 impl<'a> Regions<'a> {
     pub fn len(&self) -> usize {
@@ -312,6 +318,7 @@ impl<'a> Msg<'a> {
             Msg::Regions(r) => {
                 w.u32(r.snapshot)?;
                 w.u32(r.flags)?;
+                w.u64(r.epoch)?;
                 w.put(r.entries)?;
             }
             Msg::ForkPrepare => {}
@@ -420,7 +427,8 @@ impl<'a> Msg<'a> {
                         field: "flags",
                     });
                 }
-                let entries = &p[8..];
+                let epoch = r.u64()?;
+                let entries = &p[REGIONS_HEAD..];
                 if entries.len() % REGION_ENTRY_LEN != 0
                     || entries.len() / REGION_ENTRY_LEN > MAX_REGIONS_PER_MSG
                 {
@@ -429,6 +437,7 @@ impl<'a> Msg<'a> {
                 let regions = Regions {
                     snapshot,
                     flags,
+                    epoch,
                     entries,
                 };
                 for e in regions.iter() {
@@ -496,9 +505,9 @@ pub struct RegionsBuilder<'b> {
 }
 
 impl<'b> RegionsBuilder<'b> {
-    /// `buf` must hold at least `HEADER_LEN + 8 + MAX_REGIONS_PER_MSG * 24` bytes.
+    /// `buf` must hold at least `HEADER_LEN + 16 + MAX_REGIONS_PER_MSG * 24` bytes.
     pub fn new(buf: &'b mut [u8]) -> Self {
-        assert!(buf.len() >= HEADER_LEN + 8 + MAX_REGIONS_PER_MSG * REGION_ENTRY_LEN);
+        assert!(buf.len() >= HEADER_LEN + REGIONS_HEAD + MAX_REGIONS_PER_MSG * REGION_ENTRY_LEN);
         RegionsBuilder { buf, count: 0 }
     }
 
@@ -512,7 +521,7 @@ impl<'b> RegionsBuilder<'b> {
 
     pub fn push(&mut self, e: RegionEntry) {
         assert!(!self.is_full());
-        let off = HEADER_LEN + 8 + self.count * REGION_ENTRY_LEN;
+        let off = HEADER_LEN + REGIONS_HEAD + self.count * REGION_ENTRY_LEN;
         self.buf[off..off + 8].copy_from_slice(&e.start.to_le_bytes());
         self.buf[off + 8..off + 16].copy_from_slice(&e.len_bytes.to_le_bytes());
         self.buf[off + 16..off + 24].copy_from_slice(&e.flags.to_le_bytes());
@@ -520,8 +529,8 @@ impl<'b> RegionsBuilder<'b> {
     }
 
     /// Writes the header and returns the packet; resets the builder for the next packet.
-    pub fn finish(&mut self, snapshot: u32, flags: u32) -> &[u8] {
-        let len = HEADER_LEN + 8 + self.count * REGION_ENTRY_LEN;
+    pub fn finish(&mut self, snapshot: u32, flags: u32, epoch: u64) -> &[u8] {
+        let len = HEADER_LEN + REGIONS_HEAD + self.count * REGION_ENTRY_LEN;
         self.buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         self.buf[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         self.buf[6..8].copy_from_slice(&KIND_REGIONS.to_le_bytes());
@@ -529,6 +538,7 @@ impl<'b> RegionsBuilder<'b> {
         self.buf[12..16].copy_from_slice(&0u32.to_le_bytes());
         self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&snapshot.to_le_bytes());
         self.buf[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&flags.to_le_bytes());
+        self.buf[HEADER_LEN + 8..HEADER_LEN + 16].copy_from_slice(&epoch.to_le_bytes());
         self.count = 0;
         &self.buf[..len]
     }
@@ -588,10 +598,11 @@ mod tests {
             len_bytes: 0x1000,
             flags: REGION_EXCLUDED,
         });
-        let pkt = b.finish(5, REGIONS_FIRST | REGIONS_LAST).to_vec();
+        let pkt = b.finish(5, REGIONS_FIRST | REGIONS_LAST, 77).to_vec();
         match Msg::decode(&pkt).unwrap() {
             Msg::Regions(r) => {
                 assert_eq!(r.snapshot, 5);
+                assert_eq!(r.epoch, 77);
                 assert_eq!(r.len(), 2);
                 let v: Vec<_> = r.iter().collect();
                 assert_eq!(
@@ -649,7 +660,7 @@ mod tests {
             len_bytes: 0x1000,
             flags: REGION_MANAGED,
         });
-        let pkt = b.finish(1, REGIONS_LAST).to_vec();
+        let pkt = b.finish(1, REGIONS_LAST, 0).to_vec();
         let e = Msg::decode(&pkt).unwrap_err();
         assert!(e.to_string().contains("region alignment"), "{e}");
         // A length-prefixed string that claims more than the packet holds.
