@@ -520,20 +520,7 @@ fn send_snapshot_locked(snapshot: u32, reg: Reg) -> bool {
     let mut ok = true;
     // The agent's own memory and the shim's data segment are excluded.
     let shim_addr = &SHIM as *const _ as u64;
-    let own = [
-        (
-            SHIM.stack_base.load(Ordering::Relaxed) as u64,
-            SHIM.stack_len.load(Ordering::Relaxed) as u64,
-        ),
-        (
-            SHIM.staging_base.load(Ordering::Relaxed) as u64,
-            SHIM.staging_len.load(Ordering::Relaxed) as u64,
-        ),
-        (
-            SHIM.scratch_base.load(Ordering::Relaxed) as u64,
-            SHIM.scratch_len.load(Ordering::Relaxed) as u64,
-        ),
-    ];
+    let own = crate::own_ranges();
     let flush = |b: &mut RegionsBuilder<'_>, last: bool, first: &mut bool| -> bool {
         let flags = if *first { REGIONS_FIRST } else { 0 } | if last { REGIONS_LAST } else { 0 };
         *first = false;

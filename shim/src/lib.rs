@@ -89,6 +89,22 @@ pub(crate) static SHIM: Shim = Shim {
     ],
 };
 
+/// The shim's own anonymous memory (agent stack, staging, scratch) as (start, length): never
+/// managed, never evicted.
+pub(crate) fn own_ranges() -> [(u64, u64); 3] {
+    let r = |base: &AtomicUsize, len: &AtomicUsize| {
+        (
+            base.load(Ordering::Relaxed) as u64,
+            len.load(Ordering::Relaxed) as u64,
+        )
+    };
+    [
+        r(&SHIM.stack_base, &SHIM.stack_len),
+        r(&SHIM.staging_base, &SHIM.staging_len),
+        r(&SHIM.scratch_base, &SHIM.scratch_len),
+    ]
+}
+
 /// Indices into [`Shim::refs`].
 pub(crate) const FD_SOCK: usize = 0;
 pub(crate) const FD_UFFD: usize = 1;
@@ -199,20 +215,7 @@ fn connect(path: &[u8]) -> Result<i32, &'static str> {
         unsafe { libc::close(fd) };
         return Err("no monitor answers on the socket (start `uswap daemon` or use `uswap run`)");
     }
-    let tv = libc::timeval {
-        tv_sec: 10,
-        tv_usec: 0,
-    };
-    // SAFETY: setting a timeval option on our socket.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
+    uswap::protocol::io::set_recv_timeout(fd, 10);
     Ok(fd)
 }
 
@@ -359,20 +362,7 @@ fn init() -> Result<(), &'static str> {
     SHIM.uffd
         .store(uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
     // Blocking from now on (fork requests may wait for a long restore).
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 0,
-    };
-    // SAFETY: setting a timeval option on our socket.
-    unsafe {
-        libc::setsockopt(
-            sock,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
+    uswap::protocol::io::set_recv_timeout(sock, 0);
 
     make_refs()?;
     SHIM.maps_dirty.store(true, Ordering::Release);
@@ -459,20 +449,7 @@ extern "C" fn fork_prepare() {
 /// Reads one byte of every page of every anonymous region outside the shim's own memory,
 /// so every evicted page is faulted back in (served by the monitor) before a fork.
 fn touch_all_anonymous() {
-    let own = [
-        (
-            SHIM.stack_base.load(Ordering::Relaxed) as u64,
-            SHIM.stack_len.load(Ordering::Relaxed) as u64,
-        ),
-        (
-            SHIM.staging_base.load(Ordering::Relaxed) as u64,
-            SHIM.staging_len.load(Ordering::Relaxed) as u64,
-        ),
-        (
-            SHIM.scratch_base.load(Ordering::Relaxed) as u64,
-            SHIM.scratch_len.load(Ordering::Relaxed) as u64,
-        ),
-    ];
+    let own = own_ranges();
     let mut buf = [0u8; 16 * 1024];
     maps::for_each_mapping(&mut buf, |m| {
         if !m.is_manageable() {

@@ -242,20 +242,7 @@ impl Monitor {
     fn connection(self: &Arc<Self>, conn: OwnedFd) -> anyhow::Result<()> {
         let fd = conn.as_raw_fd();
         let (peer_pid, peer_uid) = peer_cred(fd);
-        let tv = libc::timeval {
-            tv_sec: 5,
-            tv_usec: 0,
-        };
-        // SAFETY: setting a timeval option on our socket.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
+        crate::protocol::io::set_recv_timeout(fd, 5);
         let mut buf = vec![0u8; MAX_MSG_LEN];
         let Some(mut got) = recv_packet(fd, &mut buf, 0).context("reading the first packet")?
         else {
@@ -401,20 +388,7 @@ impl Monitor {
             .name(format!("uswap-fault-{}", client.id))
             .spawn(move || super::fault::run(fault_client))
             .context("spawning the fault thread")?;
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 0,
-        };
-        // SAFETY: setting a timeval option on our socket.
-        unsafe {
-            libc::setsockopt(
-                sock,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            )
-        };
+        crate::protocol::io::set_recv_timeout(sock, 0);
         let result = client.control_loop(sock);
         client
             .counters

@@ -21,6 +21,24 @@ pub fn unix_sockaddr(path: &[u8]) -> Option<(libc::sockaddr_un, libc::socklen_t)
     Some((addr, len as libc::socklen_t))
 }
 
+/// Sets (or with 0 clears) the receive timeout of a socket, in whole seconds.
+pub fn set_recv_timeout(sock: RawFd, secs: i64) {
+    let tv = libc::timeval {
+        tv_sec: secs,
+        tv_usec: 0,
+    };
+    // SAFETY: setting a timeval option on a socket; the kernel reads `tv` only.
+    unsafe {
+        libc::setsockopt(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+}
+
 /// Most descriptors one packet carries.
 pub const MAX_FDS: usize = 4;
 
