@@ -733,7 +733,7 @@ impl Client {
             fault_latency: Percentiles::of(&self.latency.fault_ns.lock()),
             agent_wait_latency: Percentiles::of(&self.latency.wait_ns.lock()),
             monitor_compress_cpu_s: g(&c.compress_ns) as f64 / 1e9,
-            monitor_fault_cpu_s: g(&c.fault_service_ns) as f64 / 1e9,
+            monitor_fault_service_s: g(&c.fault_service_ns) as f64 / 1e9,
             agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
             monitor_cpu_s: (g(&c.fault_thread_cpu_ns) + g(&c.control_thread_cpu_ns)) as f64 / 1e9,
             store,

@@ -159,7 +159,6 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                             );
                         }
                         still.push(Pending { waited: true, ..p });
-                        super::client::signal(client.req_efd.as_raw_fd());
                     }
                     Served::Retry => {
                         Counters::add(&client.counters.faults_retried, 1);
@@ -169,6 +168,10 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                 }
             }
             pending = still;
+            if waiting > 0 {
+                // Nudge the agent once per round for the batches these faults wait on.
+                super::client::signal(client.req_efd.as_raw_fd());
+            }
         }
     }
 }
@@ -379,15 +382,9 @@ fn finish(client: &Client, st: &mut super::client::State, addr: u64, pages: u64)
     let now = client.now_ms();
     for i in 0..pages {
         let a = addr + i * PAGE_BYTES;
-        let released = if i == 0 {
-            st.pages.faulted_in(a, now)
-        } else {
-            // Prefetched, not touched: not hot.
-            let r = st.pages.faulted_in(a, now);
-            st.pages.clear_hot(a);
-            r
-        };
-        if let Released::Blob(h) = released {
+        // Only the faulting page was touched; prefetched ones are not hot.
+        let hot = (i == 0).then_some(now);
+        if let Released::Blob(h) = st.pages.brought_back(a, hot) {
             st.store.remove(h);
         }
     }

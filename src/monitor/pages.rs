@@ -379,13 +379,14 @@ impl Pages {
     /// The page at `addr` is back in the program (COPY succeeded): it is hot now. Returns the
     /// blob to free.
     pub fn faulted_in(&mut self, addr: u64, now_ms: u64) -> Released {
+        self.brought_back(addr, Some(now_ms))
+    }
+
+    /// The page at `addr` is back in the program; `hot_since_ms` is `None` for a page brought
+    /// back without being touched (prefetch). Returns the blob to free.
+    pub fn brought_back(&mut self, addr: u64, hot_since_ms: Option<u64>) -> Released {
         let old = self.state(addr);
-        self.set(
-            addr,
-            PageState::Absent {
-                hot_since_ms: Some(now_ms),
-            },
-        );
+        self.set(addr, PageState::Absent { hot_since_ms });
         match old {
             PageState::Window { slot, .. } => {
                 self.free_slot(slot);

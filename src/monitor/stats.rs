@@ -161,7 +161,8 @@ pub struct ClientReport {
     pub fault_latency: Percentiles,
     pub agent_wait_latency: Percentiles,
     pub monitor_compress_cpu_s: f64,
-    pub monitor_fault_cpu_s: f64,
+    /// Wall time spent serving faults (from reading the message to the page in place).
+    pub monitor_fault_service_s: f64,
     pub agent_cpu_s: f64,
     /// CPU of the monitor's threads for this client (known once it detached).
     pub monitor_cpu_s: f64,
