@@ -211,7 +211,21 @@ fn run_batches(win: &Window) -> bool {
         }
         let t0 = raw::monotonic_ns();
         let desc = win.desc(done);
-        let moved = run_batch(win, &desc);
+        // No interposed mmap/munmap/mremap of the program may run while the batch is checked
+        // against the event log and moved: otherwise a range unmapped and mapped anew between
+        // the check and the move would give up a page of the new mapping, attributed to the
+        // old one. Calls already in progress finish first (their events are read and logged
+        // before `quiescent` lets the check run).
+        let moved = if hold_remaps() {
+            let m = run_batch(win, &desc);
+            SHIM.reg_busy.store(false, Ordering::SeqCst);
+            m
+        } else {
+            for p in 0..desc.npages() {
+                desc.set_result(p, shm::RESULT_CANCELLED);
+            }
+            0
+        };
         desc.set_agent_ns(raw::monotonic_ns() - t0);
         win.agent_busy_ns()
             .fetch_add(raw::monotonic_ns() - t0, Ordering::Relaxed);
