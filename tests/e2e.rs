@@ -766,15 +766,14 @@ fn main() {
             "8M",
             2000,
         ),
-        // Ignored (run it with `-- --ignored`): it still finds a rare page loss, about one run
-        // in 50 at this setting, which is the open bug described in DESIGN.md ("Known limits").
+        // Also the regression test of a stale UNMAP dropping pages of a region that mremap
+        // moved into the unmapped range (see `monitor::arrivals`).
         workload_test(
             "chaos_random_ops_from_four_threads_lose_nothing",
             &["chaos", "--mib", "64", "--secs", "6", "--threads", "4"],
             "4M",
             1000,
-        )
-        .with_ignored_flag(true),
+        ),
         workload_test(
             "fill_verify_two_rounds_rewrites_survive",
             &[
@@ -843,7 +842,6 @@ fn main() {
             daemon_returns_store_space_when_program_exits,
         ),
     ];
-    eprintln!("note: chaos_random_ops_from_four_threads_lose_nothing is ignored: it still finds a rare page loss (open bug, DESIGN.md \"Known limits\"); run it with -- --ignored");
     if !root {
         eprintln!("note: not root: daemon_as_other_unprivileged_user_serves_client is ignored (it switches to user nobody)");
     }

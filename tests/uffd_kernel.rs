@@ -4,7 +4,7 @@
 
 use std::os::fd::AsRawFd;
 
-use uswap::uffd::{sys, Event, FaultKind, Uffd, UffdError};
+use uswap::uffd::{sys, Event, FaultKind, Probe, Uffd, UffdError};
 
 const PAGE: u64 = 4096;
 
@@ -335,4 +335,160 @@ fn copy_from_unmapped_source_installs_nothing() {
     let src = vec![3u8; PAGE as usize];
     assert_eq!(u.copy(m.page(0), src.as_ptr(), PAGE, false).unwrap(), PAGE);
     assert_eq!(m.read(0), 3);
+}
+
+#[test]
+fn probe_tells_registered_unregistered_and_changing_without_touching_pages() {
+    let m = Map::new(4);
+    let other = Map::new(1);
+    let u = std::sync::Arc::new(uffd(sys::UFFD_FEATURE_EVENT_UNMAP));
+    u.register(m.base, m.len as u64, sys::UFFDIO_REGISTER_MODE_MISSING)
+        .unwrap();
+    // A missing page and a present one of a registered VMA; neither is changed.
+    assert_eq!(u.probe(m.page(0)), Probe::Registered);
+    assert!(!m.resident(0), "the probe installed a page");
+    let src = vec![7u8; PAGE as usize];
+    u.copy(m.page(1), src.as_ptr(), PAGE, false).unwrap();
+    assert_eq!(u.probe(m.page(1)), Probe::Registered);
+    assert_eq!(m.read(1), 7);
+    // Memory not registered with this descriptor, and no memory at all.
+    assert_eq!(u.probe(other.page(0)), Probe::NotRegistered);
+    let unmapped = m.page(3);
+    // While an UNMAP event is unread, the address space is changing.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = std::sync::Arc::clone(&done);
+    let unmapper = std::thread::spawn(move || {
+        // SAFETY: unmapping the last page of the test's own mapping; nothing uses it after.
+        unsafe { libc::munmap(unmapped as *mut _, PAGE as usize) };
+        d.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mut pfd = libc::pollfd {
+        fd: u.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one pollfd on our stack.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    assert_eq!(ready, 1, "no UNMAP event");
+    assert_eq!(u.probe(m.page(0)), Probe::Changing);
+    // Kernels differ in which they check first (6.12 looks the VMA up first; 6.18 checks
+    // `mmap_changing` first); the monitor trusts "not registered" only after a quiet probe.
+    let p = u.probe(unmapped);
+    assert!(matches!(p, Probe::NotRegistered | Probe::Changing), "{p:?}");
+    let mut raw = [sys::UffdMsg::default(); 1];
+    let mut ev = [Event::Unknown; 1];
+    assert_eq!(u.read_events(&mut raw, &mut ev).unwrap(), 1);
+    unmapper.join().unwrap();
+    assert!(done.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(u.probe(m.page(0)), Probe::Registered);
+    assert!(!m.resident(0));
+}
+
+/// The kernel fact behind `monitor::arrivals`: an mremap unmaps its old range at once but
+/// reports that unmap only after its REMAP has been read, so another mremap can land in the
+/// old range and be reported first. An UNMAP read later may be stale.
+#[test]
+fn unmap_of_a_moved_range_can_be_reported_after_another_region_moved_in() {
+    use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use std::sync::Arc;
+    let r1 = Map::new(4);
+    let r2 = Map::new(2);
+    let u = Arc::new(uffd(
+        sys::UFFD_FEATURE_EVENT_UNMAP | sys::UFFD_FEATURE_EVENT_REMAP,
+    ));
+    for m in [&r1, &r2] {
+        u.register(m.base, m.len as u64, sys::UFFDIO_REGISTER_MODE_MISSING)
+            .unwrap();
+    }
+    let src = vec![9u8; PAGE as usize];
+    u.copy(r2.page(0), src.as_ptr(), PAGE, false).unwrap();
+    let (r1_old, r1_len, r2_old, r2_len) = (r1.base, r1.len, r2.base, r2.len);
+    std::mem::forget(r1);
+    std::mem::forget(r2);
+    // Thread A moves R1 away (growing it so that it must move).
+    let a_new = Arc::new(AtomicU64::new(0));
+    let an = Arc::clone(&a_new);
+    let a = std::thread::spawn(move || {
+        // SAFETY: moving the test's own mapping; its old address is not used by A afterwards.
+        let p =
+            unsafe { libc::mremap(r1_old as *mut _, r1_len, r1_len * 64, libc::MREMAP_MAYMOVE) };
+        an.store(p as u64, SeqCst);
+    });
+    let mut raw = [sys::UffdMsg::default(); 1];
+    let mut ev = [Event::Unknown; 1];
+    let mut next = || {
+        let mut pfd = libc::pollfd {
+            fd: u.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one pollfd on our stack.
+        assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1, "no event");
+        assert_eq!(u.read_events(&mut raw, &mut ev).unwrap(), 1);
+        ev[0]
+    };
+    // A's REMAP is queued (not read yet). A has already unmapped R1's old range and waits.
+    let mut pfd = libc::pollfd {
+        fd: u.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polling one pollfd on our stack.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 5000) };
+    assert_eq!(ready, 1, "no REMAP from A");
+
+    // B moves R2 into R1's old range, free already; its REMAP queues behind A's.
+    let b = std::thread::spawn(move || {
+        // SAFETY: moving the test's own mapping R2 into R1's old range, which thread A has
+        // already unmapped (A's mremap is past its unmap, blocked on its REMAP event).
+        (unsafe {
+            libc::mremap(
+                r2_old as *mut _,
+                r2_len,
+                r2_len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                r1_old as *mut libc::c_void,
+            )
+        }) as u64
+    });
+    // Wait until B's move is visible, then give it time to queue its event.
+    let needle = format!("{:x}-", r1_old);
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with(&needle))
+    {
+        assert!(t0.elapsed().as_secs() < 5, "B's mremap never happened");
+        std::thread::yield_now();
+    }
+
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // Four events: both REMAPs, then (once each thread is woken) the unmap of each old range.
+    let order: Vec<Event> = (0..4).map(|_| next()).collect();
+    a.join().unwrap();
+    assert_eq!(b.join().unwrap(), r1_old, "R2 landed in R1's old range");
+    let pos = |want: &dyn Fn(&Event) -> bool| order.iter().position(want).unwrap_or(usize::MAX);
+    let a_remap = pos(&|e| matches!(e, Event::Remap { from, .. } if *from == r1_old));
+    let b_remap =
+        pos(&|e| matches!(e, Event::Remap { from, to, .. } if *from == r2_old && *to == r1_old));
+    let a_unmap = pos(&|e| {
+        *e == Event::Unmap {
+            start: r1_old,
+            end: r1_old + r1_len as u64,
+        }
+    });
+    assert_eq!(a_remap, 0, "{order:?}");
+    // A's unmap of its old range is reported after R2 moved in: stale for R2's pages.
+    assert!(b_remap < a_unmap && a_unmap < 4, "{order:?}");
+    // R2's page survived at its new address: an UNMAP applied blindly would have dropped it.
+    // SAFETY: reading the first page of R2 at its new address (present: copied above).
+    assert_eq!(unsafe { std::ptr::read_volatile(r1_old as *const u8) }, 9);
+    // Closing the descriptor unregisters everything, so the unmaps below raise no event.
+    drop(u);
+    // SAFETY: unmapping what the test mapped (both threads are done).
+    unsafe {
+        libc::munmap(a_new.load(SeqCst) as *mut _, r1_len * 64);
+        libc::munmap(r1_old as *mut _, r2_len);
+    }
 }

@@ -115,6 +115,10 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
         raw::eprint_line(&[b"uswap: the monitor's window is not valid; eviction disabled"]);
         return std::ptr::null_mut();
     }
+    win.staging_addr().store(
+        SHIM.staging_base.load(Ordering::Relaxed) as u64,
+        Ordering::Relaxed,
+    );
     let req_efd = SHIM.req_efd.load(Ordering::Relaxed);
     let done_efd = SHIM.done_efd.load(Ordering::Relaxed);
     let mut last_scan_ns = 0u64;

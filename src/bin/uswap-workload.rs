@@ -845,14 +845,14 @@ fn chaos_check(p: *const u8, id: u64, idx: usize, ver: u32) -> Result<(), String
     let w = unsafe { std::slice::from_raw_parts(p.cast::<u64>(), WORDS) };
     if ver == 0 {
         if let Some(j) = w.iter().position(|x| *x != 0) {
-            return Err(format!("region {id} page {idx}: expected zeros, word {j} = {:#x} (header {:#x} {:#x} {:#x})", w[j], w[0], w[1], w[2]));
+            return Err(format!("region {id} page {idx} at {p:?}: expected zeros, word {j} = {:#x} (header {:#x} {:#x} {:#x})", w[j], w[0], w[1], w[2]));
         }
         return Ok(());
     }
     let seed = mix(id ^ ((idx as u64) << 20) ^ ((ver as u64) << 44));
     if w[0] != id || w[1] != idx as u64 || w[2] != ver as u64 {
         return Err(format!(
-            "region {id} page {idx}: expected version {ver}, found header {:#x} {:#x} {:#x}",
+            "region {id} page {idx} at {p:?}: expected version {ver}, found header {:#x} {:#x} {:#x}",
             w[0], w[1], w[2]
         ));
     }

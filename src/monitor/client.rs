@@ -546,6 +546,7 @@ impl Client {
                     let Some(slot) = st.pages.begin_evict(addr, seq) else {
                         continue;
                     };
+                    super::pagetrace::rec(self.id, "post", addr, seq, slot as u64);
                     let extend = desc_runs.last().is_some_and(|r| {
                         r.addr + r.pages as u64 * PAGE_BYTES == addr
                             && r.first_slot + r.pages == slot
@@ -639,7 +640,16 @@ impl Client {
                     Ok(h) => {
                         Counters::add(&self.counters.compressed_bytes_in, PAGE_BYTES);
                         Counters::add(&self.counters.compressed_bytes_out, out_len);
-                        match st.pages.commit_stored(slot, gen, h) {
+                        let owner = st.pages.slot_owner(slot, gen).unwrap_or(0);
+                        let committed = st.pages.commit_stored(slot, gen, h);
+                        super::pagetrace::rec(
+                            self.id,
+                            "stored",
+                            owner,
+                            gen,
+                            committed.is_ok() as u64,
+                        );
+                        match committed {
                             Ok(()) => Counters::add(&self.counters.pages_compressed, 1),
                             Err(h) => st.store.remove(h), // faulted in or discarded meanwhile
                         }

@@ -20,11 +20,13 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
+use super::arrivals::Arrivals;
 use super::client::{drain, Client};
 use super::pages::{FaultPlan, PageState, Released};
+use super::pagetrace::rec;
 use super::stats::Counters;
 use crate::protocol::shm;
-use crate::uffd::{sys, Event, UffdError};
+use crate::uffd::{sys, Event, Probe, UffdError};
 use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
@@ -63,11 +65,17 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     let mut buf = vec![0u8; PAGE_SIZE * (1 + client.cfg.prefetch_pages as usize)];
     let mut waiting = 0usize;
     let mut warned_slow = false;
+    let mut arrivals = Arrivals::default();
     loop {
         if client.closing.load(Ordering::Acquire) {
             return "closing";
         }
-        let timeout_ms = if pending.is_empty() { 200 } else { 1 };
+        let unsettled = arrivals.has_unconfirmed() || !arrivals.doubtful().is_empty();
+        let timeout_ms = if pending.is_empty() && !unsettled {
+            200
+        } else {
+            1
+        };
         let mut pfds = [
             libc::pollfd {
                 fd: uffd_fd,
@@ -107,11 +115,12 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                     }
                 };
                 let t_read = Instant::now();
-                apply_events(&client, &events[..n]);
+                apply_events(&client, &events[..n], &mut arrivals);
                 win.read_end()
                     .store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
                 for ev in &events[..n] {
                     if let Event::Pagefault { addr, .. } = *ev {
+                        rec(client.id, "fault", addr, 0, 0);
                         Counters::add(&client.counters.faults, 1);
                         pending.push(Pending {
                             addr,
@@ -131,12 +140,18 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
             drain(done_fd);
             complete_batches(&client);
         }
-        // 3. Faults.
+        // 3. Stale unmaps: confirm arrivals, settle doubtful pages.
+        if arrivals.has_unconfirmed() || !arrivals.doubtful().is_empty() {
+            if let Err(why) = settle(&client, &mut arrivals) {
+                return why;
+            }
+        }
+        // 4. Faults.
         if !pending.is_empty() {
             let mut still = Vec::new();
             waiting = 0;
             for p in pending.drain(..) {
-                match serve(&client, p.addr, &mut buf) {
+                match serve(&client, p.addr, &mut buf, &mut arrivals) {
                     Served::Done => {
                         let ns = p.since.elapsed().as_nanos() as u64;
                         client.latency.record_fault(ns);
@@ -176,20 +191,23 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     }
 }
 
-fn apply_events(client: &Client, events: &[Event]) {
+fn apply_events(client: &Client, events: &[Event], arrivals: &mut Arrivals) {
     let win = client.win();
     let mut st = None;
     for ev in events {
         let (start, end) = match *ev {
             Event::Remove { start, end } => {
+                rec(client.id, "ev_remove", start, end, 0);
                 Counters::add(&client.counters.events_remove, 1);
                 (start, end)
             }
             Event::Unmap { start, end } => {
+                rec(client.id, "ev_unmap", start, end, 0);
                 Counters::add(&client.counters.events_unmap, 1);
                 (start, end)
             }
             Event::Remap { from, to, len } => {
+                rec(client.id, "ev_remap", from, to, len);
                 Counters::add(&client.counters.events_remap, 1);
                 win.log_event(from, from + len, false);
                 win.log_event(to, to + len, false);
@@ -200,6 +218,7 @@ fn apply_events(client: &Client, events: &[Event]) {
                 st.regions.forget(to, to + len, epoch);
                 let store = &mut st.store;
                 st.pages.remap(from, to, len, |h| store.remove(h));
+                arrivals.on_remap(from, to, len);
                 continue;
             }
             _ => continue,
@@ -212,13 +231,90 @@ fn apply_events(client: &Client, events: &[Event]) {
             continue;
         }
         win.log_event(start, end, true);
-        if matches!(ev, Event::Unmap { .. }) {
-            st.regions
-                .forget(start, end, win.epoch().load(Ordering::Relaxed));
-        }
         let store = &mut st.store;
-        st.pages.discard_range(start, end, |h| store.remove(h));
+        if matches!(ev, Event::Unmap { .. }) {
+            // Parts over memory that may have arrived after this unmap happened stay until
+            // probed (see `arrivals`).
+            for (s, e) in arrivals.on_unmap(start, end) {
+                st.regions.forget(s, e, win.epoch().load(Ordering::Relaxed));
+                st.pages.discard_range(s, e, |h| store.remove(h));
+            }
+        } else {
+            arrivals.on_remove(start, end);
+            st.pages.discard_range(start, end, |h| store.remove(h));
+        }
     }
+}
+
+/// Confirms arrivals when the address space is quiet, and probes the pages of doubtful ranges:
+/// a page no registered VMA holds any more is discarded; one still held stays. Returns why the
+/// client must stop, if it must.
+fn settle(client: &Client, arrivals: &mut Arrivals) -> Result<(), &'static str> {
+    let mut st = client.state.lock();
+    let st = &mut *st;
+    // Pages no registered VMA holds. The kernel looks the VMA up before it checks
+    // `mmap_changing`, so this answer alone may predate an unread REMAP that moved the page
+    // away; it counts only if the address space is then seen quiet (no event read since).
+    let mut gone: Vec<u64> = Vec::new();
+    let mut settled: Vec<(u64, u64)> = Vec::new();
+    let mut quiet = false;
+    'ranges: for &(start, end) in arrivals.doubtful() {
+        let mut a = st.pages.next_with_word(start, end);
+        while a < end {
+            match client.uffd.probe(a) {
+                Probe::Changing => break 'ranges,
+                Probe::Gone => return Err("the program is gone"),
+                Probe::NotRegistered => {
+                    // Only a quiet moment *after* this answer validates it.
+                    quiet = false;
+                    gone.push(a);
+                }
+                Probe::Registered => {
+                    // It stayed: the unmap was stale for this page.
+                    quiet = true;
+                    rec(client.id, "doubtful_kept", a, 0, 0);
+                }
+                Probe::Unknown => rec(client.id, "doubtful_kept", a, 1, 0),
+            }
+            a = st.pages.next_with_word(a + PAGE_BYTES, end);
+        }
+        settled.push((start, end));
+    }
+    if !quiet {
+        quiet = probe_quiet(client, st);
+    }
+    if !quiet {
+        return Ok(());
+    }
+    arrivals.confirm();
+    for a in gone {
+        rec(client.id, "doubtful_gone", a, 0, 0);
+        let store = &mut st.store;
+        st.pages
+            .discard_range(a, a + PAGE_BYTES, |h| store.remove(h));
+    }
+    for (s, e) in settled {
+        arrivals.forget_doubtful(s, e);
+    }
+    Ok(())
+}
+
+/// Whether the address space is quiet now: a probe of a page known to be registered (the
+/// agent's staging area, else a managed range) passes the kernel's `mmap_changing` check.
+fn probe_quiet(client: &Client, st: &super::client::State) -> bool {
+    let staging = client.win().staging_addr().load(Ordering::Relaxed);
+    let managed = st.regions.managed();
+    let targets = std::iter::once(staging)
+        .filter(|a| *a != 0)
+        .chain(managed.iter().take(4).map(|r| r.start));
+    for a in targets {
+        match client.uffd.probe(a) {
+            Probe::Registered => return true,
+            Probe::Changing => return false,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Applies the agent's completed batches (from the window's `done_seq`).
@@ -250,8 +346,17 @@ pub(super) fn complete_batches(client: &Client) {
                 shm::RESULT_DISCARDED => Counters::add(&c.pages_discarded, 1),
                 _ => Counters::add(&c.pages_failed, 1),
             }
-            st.pages
+            let owner = st.pages.slot_owner(*slot, seq).unwrap_or(0);
+            let entered = st
+                .pages
                 .complete(*slot, seq, moved, now_ms, r == shm::RESULT_BUSY);
+            rec(
+                client.id,
+                "complete",
+                owner,
+                seq,
+                ((r as u64) << 8) | entered as u64,
+            );
         }
     }
 }
@@ -263,7 +368,11 @@ enum Served {
     Gone,
 }
 
-fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
+fn serve(client: &Client, addr: u64, buf: &mut [u8], arrivals: &mut Arrivals) -> Served {
+    if arrivals.is_doubtful(addr) {
+        // Its word may belong to memory that is gone: wait until it is probed.
+        return Served::Retry;
+    }
     let mut st = client.state.lock();
     let region_end = st
         .regions
@@ -273,10 +382,37 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
         .pages
         .plan_fault(addr, client.cfg.fill_ahead_pages as u64, region_end);
     let c = &client.counters;
+    rec(
+        client.id,
+        "plan",
+        addr,
+        match plan {
+            FaultPlan::Zero { pages } => pages,
+            FaultPlan::FromWindow { .. } => 1 << 32,
+            FaultPlan::FromStore(_) => 2 << 32,
+            FaultPlan::Wait { .. } => 3 << 32,
+        },
+        region_end,
+    );
     let result = match plan {
         FaultPlan::Wait { .. } => return Served::Wait,
         FaultPlan::Zero { pages } => {
-            match client.uffd.zeropage(addr, pages * PAGE_BYTES, false) {
+            let zeroed = client.uffd.zeropage(addr, pages * PAGE_BYTES, false);
+            rec(
+                client.id,
+                "zero",
+                addr,
+                pages,
+                match zeroed {
+                    Ok(d) => d,
+                    Err(e) => (1 << 63) | ((e.errno() as u64) << 32) | e.done_bytes(),
+                },
+            );
+            if matches!(zeroed, Ok(_) | Err(UffdError::Exists { .. })) {
+                // Passed the kernel's `mmap_changing` check: every arrival read is confirmed.
+                arrivals.confirm();
+            }
+            match zeroed {
                 Ok(n) => {
                     Counters::add(&c.zero_pages_filled, n / PAGE_BYTES);
                     Ok(())
@@ -293,7 +429,7 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
             let mut n = 0u64;
             while n < max_pages {
                 let a = addr + n * PAGE_BYTES;
-                if n > 0 && a >= region_end {
+                if n > 0 && (a >= region_end || arrivals.is_doubtful(a)) {
                     break;
                 }
                 let dst: &mut [u8; PAGE_SIZE] = (&mut buf
@@ -333,7 +469,21 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8]) -> Served {
                 }
                 _ => buf.as_ptr(),
             };
-            match client.uffd.copy(addr, src, n * PAGE_BYTES, false) {
+            let copied = client.uffd.copy(addr, src, n * PAGE_BYTES, false);
+            rec(
+                client.id,
+                "copy",
+                addr,
+                n,
+                match copied {
+                    Ok(d) => d,
+                    Err(e) => (1 << 63) | ((e.errno() as u64) << 32) | e.done_bytes(),
+                },
+            );
+            if matches!(copied, Ok(_) | Err(UffdError::Exists { .. })) {
+                arrivals.confirm();
+            }
+            match copied {
                 Ok(done) => {
                     finish(client, &mut st, addr, done / PAGE_BYTES);
                     Ok(())
@@ -384,6 +534,7 @@ fn finish(client: &Client, st: &mut super::client::State, addr: u64, pages: u64)
         let a = addr + i * PAGE_BYTES;
         // Only the faulting page was touched; prefetched ones are not hot.
         let hot = (i == 0).then_some(now);
+        rec(client.id, "back", a, i, 0);
         if let Released::Blob(h) = st.pages.brought_back(a, hot) {
             st.store.remove(h);
         }

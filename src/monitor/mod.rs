@@ -4,9 +4,11 @@
 //! Owns: clients and everything about them. Must not: touch any process except through the
 //! descriptors a client forwarded (no ptrace, no process_vm_readv, no /proc/PID/mem).
 
+pub mod arrivals;
 pub mod client;
 pub mod fault;
 pub mod pages;
+pub mod pagetrace;
 pub mod regions;
 pub mod server;
 pub mod stats;

@@ -416,6 +416,7 @@ impl Monitor {
         let why = fault.join().unwrap_or("fault thread panicked");
         tracing::debug!(client = client.id, why, "fault thread ended");
         client.log_summary();
+        super::pagetrace::dump(client.id, client.pid);
         let report = client.report(false);
         self.clients.lock().retain(|c| c.id != client.id);
         let mut fin = self.finished.lock();

@@ -101,6 +101,7 @@ const OFF_AGENT_MOVED: usize = 72;
 const OFF_READ_BEGIN: usize = 80;
 const OFF_READ_END: usize = 88;
 const OFF_AGENT_DISCARDED: usize = 96;
+const OFF_STAGING: usize = 104;
 const OFF_EVENT_LOG: usize = 512;
 const _: () = assert!(OFF_EVENT_LOG + EVENT_LOG_LEN * 24 <= 4096);
 
@@ -225,6 +226,13 @@ impl Window {
     }
     pub fn agent_discarded_pages(&self) -> &AtomicU64 {
         self.u64_at(OFF_AGENT_DISCARDED)
+    }
+    /// Address of the agent's staging area (registered with the forwarded descriptor for the
+    /// program's lifetime), written by the agent when it starts; 0 until then. The monitor uses
+    /// it only as a probe target ([`crate::uffd::Uffd::probe`]); a wrong value only makes
+    /// probes inconclusive.
+    pub fn staging_addr(&self) -> &AtomicU64 {
+        self.u64_at(OFF_STAGING)
     }
     pub fn read_begin(&self) -> &AtomicU64 {
         self.u64_at(OFF_READ_BEGIN)

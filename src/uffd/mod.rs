@@ -19,7 +19,7 @@ pub mod sys;
 pub use create::{probe_features, Uffd};
 pub use error::{Op, UffdError};
 pub use msg::{Event, FaultKind};
-pub use ops::Registered;
+pub use ops::{Probe, Registered};
 
 /// The features the shim asks for on the descriptor it forwards: events that tell the monitor
 /// when evicted memory is discarded, unmapped or moved, and the faulting thread's id.

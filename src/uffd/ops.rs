@@ -12,6 +12,46 @@ use super::error::{Op, UffdError};
 use super::msg::Event;
 use super::sys;
 
+/// What [`Uffd::probe`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// A VMA registered with the descriptor holds the page, and no address-space event was
+    /// pending at that moment.
+    Registered,
+    /// No VMA, or one not registered with the descriptor, holds the page.
+    NotRegistered,
+    /// An address-space event is pending (`mmap_changing`): nothing can be concluded now.
+    Changing,
+    /// The program's mm is gone.
+    Gone,
+    /// Any other answer (kept conservative by callers).
+    Unknown,
+}
+
+/// One PROT_NONE page of our own, mapped once per process: a source the kernel cannot read.
+fn unreadable_page() -> usize {
+    static PAGE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAGE.get_or_init(|| {
+        // SAFETY: a fresh private anonymous mapping with no access; never unmapped, never
+        // accessed by us.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                crate::PAGE_SIZE,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            0
+        } else {
+            p as usize
+        }
+    })
+}
+
 fn errno() -> i32 {
     std::io::Error::last_os_error()
         .raw_os_error()
@@ -97,6 +137,38 @@ impl Uffd {
             ));
         }
         Ok(c.copy as u64)
+    }
+
+    /// Asks, without changing anything, whether the page at `addr` lies in a VMA registered
+    /// with this descriptor and whether the address space is quiet (no REMOVE/UNMAP/REMAP
+    /// event of the program is unread or being acted on).
+    ///
+    /// It is a UFFDIO_COPY of one page from a source the kernel cannot read (a PROT_NONE page
+    /// of our own): the kernel looks the destination VMA up (ENOENT if there is none, or it is
+    /// not registered), then checks `mmap_changing` (EAGAIN), then fails to read the source
+    /// (EFAULT) before it installs anything. The page at `addr` is never touched.
+    pub fn probe(&self, addr: u64) -> Probe {
+        let src = unreadable_page();
+        if src == 0 {
+            return Probe::Unknown;
+        }
+        match self.copy(
+            addr & !(crate::PAGE_SIZE as u64 - 1),
+            src as *const u8,
+            crate::PAGE_SIZE as u64,
+            true,
+        ) {
+            Err(UffdError::Os {
+                errno: libc::EFAULT,
+                ..
+            })
+            | Err(UffdError::Exists { .. }) => Probe::Registered,
+            Err(UffdError::NoSource { .. }) => Probe::NotRegistered,
+            Err(UffdError::Retry { .. }) => Probe::Changing,
+            Err(UffdError::TargetGone { .. }) => Probe::Gone,
+            // The copy cannot succeed (the source is unreadable); anything else says nothing.
+            Ok(_) | Err(_) => Probe::Unknown,
+        }
     }
 
     /// Maps the zero page over `[start, start+len)`. Returns the bytes zeroed.
