@@ -70,7 +70,7 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
                 what: format!(
                     "backend: {}",
                     if f & sys::UFFD_FEATURE_MOVE_CROSS_MM != 0 {
-                        "cross-mm UFFDIO_MOVE available (patched kernel)"
+                        "cross-mm (UFFD_FEATURE_MOVE_CROSS_MM present: the monitor moves pages itself; `backend = \"stock\"` selects the agent path)"
                     } else {
                         "stock (the shim's agent moves pages; no cross-mm patch)"
                     }

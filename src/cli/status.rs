@@ -25,11 +25,12 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>5} {:>7} {:<16} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9}",
+        "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9}",
         "ID",
         "PID",
         "NAME",
         "LIVE",
+        "BACKEND",
         "RSS MiB",
         "BUDGET",
         "STORE MiB",
@@ -42,7 +43,7 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         let store_out = r["store"]["bytes_out"].clone();
         let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
         println!(
-            "{:>5} {:>7} {:<16} {:>5} {:>9} {:>9} {:>9} {:>9} {:>6.2} {:>9} {:>9.1}",
+            "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>6.2} {:>9} {:>9.1}",
             n(&r["id"]),
             r["pid"].as_i64().unwrap_or(0),
             r["name"]
@@ -56,6 +57,12 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
             } else {
                 "no"
             },
+            r["backend"]
+                .as_str()
+                .unwrap_or("?")
+                .split(' ')
+                .next()
+                .unwrap_or("?"),
             mib(&r["rss_anon_bytes"]),
             mib(&r["budget_bytes"]),
             mib(&store_out),

@@ -59,7 +59,33 @@ pub const KEYS: &[&str] = &[
     "min_region",
     "max_store",
     "hot_ttl",
+    "backend",
 ];
+
+/// How pages leave and re-enter the program. Key `backend`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// `cross-mm` when the program's descriptor has `UFFD_FEATURE_MOVE_CROSS_MM` (the kernel
+    /// patch in `src/kmod-patch/`), `stock` otherwise.
+    Auto,
+    /// The program's agent moves pages out into the shared window (any kernel with
+    /// UFFDIO_MOVE); faults are served with UFFDIO_COPY.
+    Stock,
+    /// The monitor moves pages straight into its own memory and back (needs the kernel patch;
+    /// a client without the feature falls back to `stock`, with a warning).
+    CrossMm,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Stock => "stock",
+            Backend::CrossMm => "cross-mm",
+        }
+    }
+}
 
 /// The settings of one program (one client of the monitor), fully resolved.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -92,6 +118,8 @@ pub struct ProgramConfig {
     pub max_store_bytes: Option<u64>,
     /// How long a refaulted page is skipped by the clock hand. Key `hot_ttl`.
     pub hot_ttl: Duration,
+    /// Key `backend`.
+    pub backend: Backend,
 }
 
 impl Default for ProgramConfig {
@@ -109,6 +137,7 @@ impl Default for ProgramConfig {
             min_region_bytes: 256 << 10,
             max_store_bytes: None,
             hot_ttl: Duration::from_secs(10),
+            backend: Backend::Auto,
         }
     }
 }
@@ -149,6 +178,7 @@ impl ProgramConfig {
             format!("\"{}\"", opt_size(self.max_store_bytes)),
         );
         line("hot_ttl", format!("\"{}\"", format_duration(self.hot_ttl)));
+        line("backend", format!("\"{}\"", self.backend.name()));
         out
     }
 }
@@ -171,6 +201,7 @@ pub struct Overrides {
     /// `Some(None)` = `"none"` (no quota).
     pub max_store_bytes: Option<Option<u64>>,
     pub hot_ttl: Option<Duration>,
+    pub backend: Option<Backend>,
 }
 
 impl Overrides {
@@ -213,6 +244,7 @@ impl Overrides {
             "min_region" => self.min_region_bytes = Some(size_value(v)?),
             "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
             "hot_ttl" => self.hot_ttl = Some(check_hot_ttl(duration_value(v)?)?),
+            "backend" => self.backend = Some(backend_value(v)?),
             _ => return Err(KeyError::Unknown),
         }
         Ok(())
@@ -282,6 +314,7 @@ impl Overrides {
         put(&mut cfg.min_region_bytes, &self.min_region_bytes);
         put(&mut cfg.max_store_bytes, &self.max_store_bytes);
         put(&mut cfg.hot_ttl, &self.hot_ttl);
+        put(&mut cfg.backend, &self.backend);
     }
 }
 
@@ -379,11 +412,12 @@ struct RawConfig {
     min_region: Option<Spanned<Value>>,
     max_store: Option<Spanned<Value>>,
     hot_ttl: Option<Spanned<Value>>,
+    backend: Option<Spanned<Value>>,
 }
 
 impl RawConfig {
     /// The fields paired with their key names, in [`KEYS`] order.
-    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 12] {
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 13] {
         [
             ("budget", self.budget),
             ("cooling", self.cooling),
@@ -397,6 +431,7 @@ impl RawConfig {
             ("min_region", self.min_region),
             ("max_store", self.max_store),
             ("hot_ttl", self.hot_ttl),
+            ("backend", self.backend),
         ]
     }
 }
@@ -595,6 +630,23 @@ fn duration_value(v: &Value) -> Result<Duration, KeyError> {
         ))),
         other => Err(KeyError::Invalid(format!(
             "expected a duration string with a unit, e.g. \"500ms\", found {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn backend_value(v: &Value) -> Result<Backend, KeyError> {
+    match v {
+        Value::String(s) => match s.as_str() {
+            "auto" => Ok(Backend::Auto),
+            "stock" => Ok(Backend::Stock),
+            "cross-mm" => Ok(Backend::CrossMm),
+            other => Err(KeyError::Invalid(format!(
+                "expected \"auto\", \"stock\" or \"cross-mm\", found \"{other}\""
+            ))),
+        },
+        other => Err(KeyError::Invalid(format!(
+            "expected \"auto\", \"stock\" or \"cross-mm\", found {}",
             type_name(other)
         ))),
     }

@@ -26,7 +26,9 @@
 #          skip ("feature missing") on the base kernel
 #        - lockdep must still be enabled and the kernel log free of
 #          WARNING/BUG/lockdep splats after the tests
-#        - optional uswap end-to-end tests (USWAP_E2E_DIR / USWAP_E2E_CMD)
+#        - optional uswap end-to-end tests (USWAP_E2E_DIR / USWAP_E2E_CMD /
+#          USWAP_E2E_CMDS), with dynamically linked host binaries and their
+#          libraries copied in at the same paths (USWAP_E2E_BUNDLE)
 #   5. prints a pass/fail table; exit status 0 only if every row passed.
 #      A test that could not run counts as a failure.
 #
@@ -35,9 +37,25 @@
 #   USWAP_VM_ACCEL      auto (default) | tcg | kvm
 #   USWAP_E2E_DIR       dir of static binaries: each is copied into the patched
 #                       VM and run as one row (cwd /e2e, must exit 0)
-#   USWAP_E2E_CMD       a shell command run in the patched VM (cwd /e2e)
+#   USWAP_E2E_BUNDLE    space-separated host files (executables, shared objects)
+#                       copied into the patched VM at the same absolute paths,
+#                       with every library ldd reports for them and the dynamic
+#                       loader, so dynamically linked programs run there
+#   USWAP_E2E_CMD       a shell command run in the patched VM (row "e2e cmd")
+#   USWAP_E2E_CMDS      newline-separated "name: command" lines, each its own
+#                       row "e2e name" (blank lines and #-lines are skipped)
+#                       e2e commands run with sh -c, cwd /e2e, as root, with
+#                       PATH=<bundle dirs>:/bin:/sbin HOME=/tmp TMPDIR=/tmp
+#                       USWAP_E2E_IN_VM=1 RUST_BACKTRACE=1; a row passes only
+#                       if it exits 0; its output is in the VM log and
+#                       $LOGDIR/e2e-<name>.txt, the tail of a failing one is
+#                       printed under the table; processes it leaves behind
+#                       are killed before the next row
 #   USWAP_E2E_REQUIRED  1: it is a failure if no e2e test was given
-#   USWAP_VM_TIMEOUT    seconds per VM run (default 900; each test inside: 400)
+#   USWAP_E2E_TIMEOUT   seconds per e2e row (default 900: TCG is slow)
+#   USWAP_VM_TIMEOUT    seconds per VM run (default 900, plus USWAP_E2E_TIMEOUT
+#                       per e2e row in the patched VM; each selftest: 400)
+#   USWAP_VM_MEM        qemu -m (default 2G)
 #   JOBS                make -j (default: nproc)
 set -euo pipefail
 
@@ -45,7 +63,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CACHE=${USWAP_KERNEL_CACHE:-${XDG_CACHE_HOME:-/var/cache}/uswap-kernel}
 JOBS=${JOBS:-$(nproc)}
 ACCEL=${USWAP_VM_ACCEL:-auto}
-VM_TIMEOUT=${USWAP_VM_TIMEOUT:-900}
+VM_TIMEOUT=${USWAP_VM_TIMEOUT:-}
+VM_MEM=${USWAP_VM_MEM:-2G}
+E2E_TIMEOUT=${USWAP_E2E_TIMEOUT:-900}
 NICE=(nice -n 19)
 GIT=(git -c user.name=uswap-vm-test -c user.email=vm-test@localhost
 	-c advice.detachedHead=false)
@@ -61,6 +81,7 @@ STRESS=("anon 32 8" "shmem 32 8" "hugetlb 32 8")
 T0=$(date +%s)
 ROWS=()
 FAILS=0
+TAILS=()	# failing e2e rows' last output lines, printed under the table
 
 log() { echo "[vm-test $(date +%T)] $*" >&2; }
 die() { log "FATAL: $*"; exit 2; }
@@ -267,7 +288,7 @@ qemu_cmd() {
 	local kernel=$1 initrd=$2 accel=$3
 	local cpu=()
 	[ "$accel" = kvm ] && cpu=(-cpu host)
-	echo qemu-system-x86_64 -accel "$accel" "${cpu[@]}" -m 2G \
+	echo qemu-system-x86_64 -accel "$accel" "${cpu[@]}" -m "$VM_MEM" \
 		-smp cpus=2,sockets=2 -nographic -no-reboot -kernel "$kernel" \
 		-initrd "$initrd" \
 		-append "'console=ttyS0 panic=-1 quiet brd.rd_nr=1 brd.rd_size=65536'"
@@ -311,6 +332,102 @@ probe_accel() {
 	row "qemu accelerator" INFO "$ACCEL (KVM probe result cached in $f)"
 }
 
+# --- the e2e bundle: host files at the same absolute paths in the initramfs ---
+# All writes go below $BROOT; every symlink made there is relative, so a path
+# below $BROOT never leads out of it.
+
+# in_root PATH: die unless $BROOT$PATH stays below $BROOT
+in_root() {
+	case "$(realpath -m "$BROOT$1")/" in "$BROOT"/*) ;; *) die "bundle: $1 leads out of $BROOT" ;; esac
+}
+
+# mirror_dir DIR: make DIR exist in $BROOT as on the host; a directory that is
+# a symlink on the host (/lib -> usr/lib) becomes the same link (made relative)
+mirror_dir() {
+	local d=$1 real
+	[ "$d" = / ] && return 0
+	[ -e "$BROOT$d" ] && return 0
+	mirror_dir "$(dirname "$d")"
+	in_root "$d"
+	if [ -L "$d" ]; then
+		real=$(readlink -f "$d")
+		mirror_dir "$real"
+		ln -s "$(realpath --relative-to="$(readlink -f "$(dirname "$d")")" "$real")" "$BROOT$d"
+	else
+		mkdir -p "$BROOT$d"
+	fi
+}
+
+# bundle_file PATH: the real file at PATH (symlinks resolved); if PATH is a
+# symlink, what it resolves to gets the same file (a hard link) as well
+bundle_file() {
+	local p=$1 real
+	[ -e "$BROOT$p" ] && return 0
+	if [ ! -f "$p" ]; then
+		BUNDLE_ERR+=("$p: no such file")
+		return 1
+	fi
+	mirror_dir "$(dirname "$p")"
+	in_root "$p"
+	cp -L --preserve=mode,timestamps "$p" "$BROOT$p"
+	BUNDLE_FILES+=("$p")
+	if [ -L "$p" ]; then
+		real=$(readlink -f "$p")
+		mirror_dir "$(dirname "$real")"
+		in_root "$real"
+		[ -e "$BROOT$real" ] || ln "$BROOT$p" "$BROOT$real"
+	fi
+}
+
+# bundle_deps PATH: the libraries and the loader ldd reports for PATH
+bundle_deps() {
+	local p=$1 out lib
+	# static binaries and scripts: "not a dynamic executable", nothing to add
+	out=$(LC_ALL=C ldd "$p" 2>&1) || return 0
+	if echo "$out" | grep -q 'not found'; then
+		BUNDLE_ERR+=("$p: $(echo "$out" | grep 'not found' | tr -s ' \t' ' ' | tr '\n' ';')")
+	fi
+	# "libc.so.6 => /lib/.../libc.so.6 (0x...)" and the loader
+	# "/lib64/ld-linux-x86-64.so.2 (0x...)"; ldd lists indirect needs too
+	for lib in $(echo "$out" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'); do
+		case " ${BUNDLE_LIBS[*]} " in *" $lib "*) ;; *) BUNDLE_LIBS+=("$lib") ;; esac
+		bundle_file "$lib"
+	done
+}
+
+# bundle ROOT: copy $USWAP_E2E_BUNDLE into ROOT; sets BUNDLE_PATH (the dirs
+# of the bundled files, for PATH) and BUNDLE_ROW (status|detail of its row)
+bundle() {
+	local f abs dirs=()
+	BROOT=$(realpath "$1")
+	BUNDLE_ERR=() BUNDLE_FILES=() BUNDLE_LIBS=() BUNDLE_PATH=
+	for f in $USWAP_E2E_BUNDLE; do
+		abs=$(realpath -s "$f")
+		bundle_file "$abs" || continue
+		bundle_deps "$abs"
+		case " ${dirs[*]} " in *" $(dirname "$abs") "*) ;; *) dirs+=("$(dirname "$abs")") ;; esac
+	done
+	BUNDLE_PATH=$(IFS=:; echo "${dirs[*]}")
+	if [ ${#BUNDLE_ERR[@]} -gt 0 ]; then
+		BUNDLE_ROW="FAIL|$(printf '%s; ' "${BUNDLE_ERR[@]}" | tr -d '|')"
+	else
+		BUNDLE_ROW="PASS|${#BUNDLE_FILES[@]} files, $(($(cat "${BUNDLE_FILES[@]}" | wc -c) >> 20)) MiB; libs: ${BUNDLE_LIBS[*]}"
+	fi
+}
+
+# Files glibc programs expect; the e2e rows run as root.
+write_etc() {
+	mkdir -p "$1"/{etc,root,run,dev,proc,sys,tmp}
+	chmod 1777 "$1/tmp"
+	printf '%s\n' 'root:x:0:0:root:/root:/bin/sh' \
+		'nobody:x:65534:65534:nobody:/nonexistent:/bin/false' >"$1/etc/passwd"
+	printf '%s\n' 'root:x:0:' 'nobody:x:65534:' 'nogroup:x:65534:' >"$1/etc/group"
+	printf '%s\n' 'passwd: files' 'group: files' 'shadow: files' \
+		'hosts: files' >"$1/etc/nsswitch.conf"
+	printf '%s\n' '127.0.0.1 localhost' '::1 localhost' >"$1/etc/hosts"
+	echo uswap-vm >"$1/etc/hostname"
+}
+
 write_init() {
 	cat >"$1/init" <<'EOF'
 #!/bin/busybox sh
@@ -318,13 +435,24 @@ write_init() {
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
-mount -t tmpfs tmp /tmp
+mount -t tmpfs -o mode=1777 tmp /tmp
+mkdir -p /dev/shm /dev/pts
+mount -t tmpfs -o mode=1777 shm /dev/shm
+mount -t devpts devpts /dev/pts 2>/dev/null
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd
+# devtmpfs makes /dev/userfaultfd (misc device, CONFIG_USERFAULTFD); if not, mknod
+if [ ! -c /dev/userfaultfd ] && [ -r /sys/class/misc/userfaultfd/dev ]; then
+	IFS=: read -r ma mi </sys/class/misc/userfaultfd/dev
+	mknod -m 600 /dev/userfaultfd c "$ma" "$mi"
+fi
+[ -c /dev/userfaultfd ] && uffd_dev=yes || uffd_dev=no
+hostname uswap-vm
 mount -t debugfs debugfs /sys/kernel/debug
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo 64 >/proc/sys/vm/nr_hugepages
 # 64 MiB of swap on a RAM disk, for the swapped-out-page test
 mkswap /dev/ram0 >/dev/null 2>&1 && swapon /dev/ram0
-echo "@@KERNEL $(uname -r) hugepages=$(cat /proc/sys/vm/nr_hugepages) swap_kB=$(awk '/SwapTotal/ {print $2}' /proc/meminfo)"
+echo "@@KERNEL $(uname -r) hugepages=$(cat /proc/sys/vm/nr_hugepages) swap_kB=$(awk '/SwapTotal/ {print $2}' /proc/meminfo) /dev/userfaultfd=$uffd_dev"
 run() {
 	name=$1; shift
 	echo "@@BEGIN $name"
@@ -332,6 +460,34 @@ run() {
 	timeout 400 "$@" </dev/null 2>&1
 	rc=$?
 	echo "@@END $name rc=$rc secs=$(($(date +%s) - s))"
+}
+# reap: kill what an e2e row left running (all user processes but init);
+# no fork in here, so nothing of ours is hit. Sets REAPED.
+reap() {
+	REAPED=
+	for p in /proc/[0-9]*; do
+		pid=${p#/proc/}
+		[ "$pid" = 1 ] && continue
+		[ -e "$p/exe" ] || continue	# kernel threads, zombies
+		comm=
+		read -r comm <"$p/comm" 2>/dev/null
+		kill -9 "$pid" 2>/dev/null || continue
+		# the watcher child of busybox timeout lingers up to 1 s: not a leftover
+		[ "$comm" = timeout ] || REAPED="$REAPED $comm[$pid]"
+	done
+	[ -z "$REAPED" ] || sleep 1
+}
+# run_e2e NAME PROG ARGS: like run, with E2E_TIMEOUT, and leftovers killed
+run_e2e() {
+	name=$1; shift
+	echo "@@BEGIN $name"
+	s=$(date +%s)
+	timeout "$E2E_TIMEOUT" "$@" </dev/null 2>&1
+	rc=$?
+	# the output may end without a newline: keep @@END at a line start
+	echo
+	reap
+	echo "@@END $name rc=$rc secs=$(($(date +%s) - s)) left=$(echo $REAPED | tr ' ' ,)"
 }
 . /plan
 echo "@@LOCKDEP $(grep -s 'debug_locks:' /proc/lockdep_stats | tr -s ' ' | sed 's/^ //')"
@@ -344,12 +500,71 @@ EOF
 	chmod +x "$1/init"
 }
 
+# e2e_cmds: the "name: command" rows of USWAP_E2E_CMD and USWAP_E2E_CMDS into
+# CMD_NAMES / CMD_TEXTS (a name is [A-Za-z0-9_.+=@/-]+; a line without one
+# is named cmdN; a repeated name gets -2, -3 ...)
+e2e_cmds() {
+	local line n=0 name cmd k
+	CMD_NAMES=() CMD_TEXTS=()
+	declare -A seen=()
+	if [ -n "${USWAP_E2E_CMD:-}" ]; then
+		CMD_NAMES+=(cmd) CMD_TEXTS+=("$USWAP_E2E_CMD") seen[cmd]=1
+	fi
+	while IFS= read -r line; do
+		n=$((n + 1))
+		[[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+		if [[ $line =~ ^[[:space:]]*([A-Za-z0-9_.+=@/-]+):[[:space:]]+(.*[^[:space:]]) ]]; then
+			name=${BASH_REMATCH[1]} cmd=${BASH_REMATCH[2]}
+		else
+			name=cmd$n cmd=$line
+			log "USWAP_E2E_CMDS line $n has no 'name: ' prefix, running it as e2e $name"
+		fi
+		k=$name
+		if [ -n "${seen[$k]:-}" ]; then
+			k=2
+			while [ -n "${seen[$name-$k]:-}" ]; do k=$((k + 1)); done
+			k=$name-$k
+		fi
+		seen[$k]=1
+		CMD_NAMES+=("$k") CMD_TEXTS+=("$cmd")
+	done <<<"${USWAP_E2E_CMDS:-}"
+}
+
+# e2e_plan DIR: the e2e part of DIR/plan; sets E2E_PLANNED (the row names)
+e2e_plan() {
+	local d=$1 s i name
+	E2E_PLANNED=()
+	if [ -n "${USWAP_E2E_BUNDLE:-}" ]; then
+		bundle "$d"
+	fi
+	mkdir -p "$d/e2e-cmds"
+	printf 'export PATH=%q HOME=/tmp TMPDIR=/tmp USER=root LOGNAME=root SHELL=/bin/sh USWAP_E2E_IN_VM=1 RUST_BACKTRACE=1\n' \
+		"${BUNDLE_PATH:+$BUNDLE_PATH:}/bin:/sbin"
+	echo "E2E_TIMEOUT=$E2E_TIMEOUT"
+	echo "cd /e2e"
+	if [ -n "${USWAP_E2E_DIR:-}" ]; then
+		cp -a "$USWAP_E2E_DIR"/. "$d/e2e/"
+		for s in "$USWAP_E2E_DIR"/*; do
+			[ -f "$s" ] && [ -x "$s" ] || continue
+			name=$(basename "$s" | tr -c 'A-Za-z0-9_.+=@/\n-' _)
+			E2E_PLANNED+=("$name")
+			printf "run_e2e 'e2e %s' ./%q\n" "$name" "$(basename "$s")"
+		done
+	fi
+	for i in "${!CMD_NAMES[@]}"; do
+		printf '%s\n' "${CMD_TEXTS[$i]}" >"$d/e2e-cmds/$i.sh"
+		E2E_PLANNED+=("${CMD_NAMES[$i]}")
+		echo "run_e2e 'e2e ${CMD_NAMES[$i]}' sh /e2e-cmds/$i.sh"
+	done
+}
+
 # run_vm VARIANT: boot the kernel of VARIANT with all tests, log to $LOGDIR
 run_vm() {
-	local variant=$1 d t1 s
+	local variant=$1 d t1 s timeout=$VM_TIMEOUT
 	d=$CACHE/run/$variant
 	rm -rf "$d" "$d.cpio.gz"
 	mkdir -p "$d"/{bin,proc,sys,dev,tmp,t/base,t/patched,e2e}
+	write_etc "$d"
 	cp "$BUSYBOX" "$d/bin/busybox"
 	cp "$CACHE"/bin-base/* "$d/t/base/"
 	cp "$CACHE/bin-patched/uffd-unit-tests" "$d/t/patched/"
@@ -363,21 +578,16 @@ run_vm() {
 		echo "run new patched/uffd-unit-tests -f move-cross-mm"
 	} >"$d/plan"
 	if [ "$variant" = patched ] && [ "$E2E" = 1 ]; then
-		if [ -n "${USWAP_E2E_DIR:-}" ]; then
-			cp -a "$USWAP_E2E_DIR"/. "$d/e2e/"
-			for s in "$USWAP_E2E_DIR"/*; do
-				[ -f "$s" ] && [ -x "$s" ] || continue
-				echo "cd /e2e; run 'e2e $(basename "$s")' ./$(basename "$s")"
-			done >>"$d/plan"
-		fi
-		if [ -n "${USWAP_E2E_CMD:-}" ]; then
-			printf "cd /e2e; run 'e2e cmd' sh -c %q\n" "$USWAP_E2E_CMD" >>"$d/plan"
-		fi
+		# no subshell: e2e_plan sets E2E_PLANNED and adds rows
+		e2e_plan "$d" >"$d/plan.e2e"
+		cat "$d/plan.e2e" >>"$d/plan"
+		[ -n "$timeout" ] || timeout=$((900 + ${#E2E_PLANNED[@]} * E2E_TIMEOUT))
 	fi
+	[ -n "$timeout" ] || timeout=900
 	pack_initrd "$d"
 	t1=$(date +%s)
-	log "booting $variant kernel ($ACCEL), log: $LOGDIR/vm-$variant.log"
-	eval "timeout $VM_TIMEOUT $(qemu_cmd "$CACHE/build-$variant/arch/x86/boot/bzImage" \
+	log "booting $variant kernel ($ACCEL, -m $VM_MEM, timeout $timeout s), log: $LOGDIR/vm-$variant.log"
+	eval "timeout $timeout $(qemu_cmd "$CACHE/build-$variant/arch/x86/boot/bzImage" \
 		"$d.cpio.gz" "$ACCEL")" </dev/null >"$LOGDIR/vm-$variant.log" 2>&1 || true
 	tr -d '\r' <"$LOGDIR/vm-$variant.log" >"$LOGDIR/vm-$variant.txt"
 	VMSECS[$variant]=$(($(date +%s) - t1))
@@ -397,6 +607,37 @@ end_secs() {
 unit_results() {
 	section "$1" "$2" | grep -a '^Testing .* on .*\.\.\. ' |
 		sed -E 's/^Testing (.*)\.\.\. (done|skipped|failed).*/\1|\2/'
+}
+
+# evaluate_e2e LOG NAME: the row of one e2e test; its output goes to
+# $LOGDIR/e2e-NAME.txt, a failing one's last lines to TAILS
+evaluate_e2e() {
+	local log=$1 name=$2 rc secs left out last detail
+	out=$LOGDIR/e2e-${name//\//_}.txt
+	section "$log" "e2e $name" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' >"$out"
+	rc=$(end_rc "$log" "e2e $name")
+	secs=$(end_secs "$log" "e2e $name")
+	left=$(grep -a "^@@END e2e $name rc=" "$log" | head -1 | sed -n 's/.* left=\(.*\)/\1/p')
+	if ! grep -aq "^@@BEGIN e2e $name\$" "$log"; then
+		row "patched: e2e $name" FAIL "did not run"
+		return
+	fi
+	detail="${secs:-?} s"
+	[ -n "$left" ] && detail="$detail; killed what it left running: $left"
+	if [ "$rc" = 0 ]; then
+		row "patched: e2e $name" PASS "$detail"
+		return
+	fi
+	if [ -z "$rc" ]; then
+		detail="no end (VM stopped or timed out)"
+	elif [ "$rc" = 143 ] || [ "$rc" = 137 ] || [ "${secs:-0}" -ge "$E2E_TIMEOUT" ]; then
+		detail="rc=$rc, timed out? (USWAP_E2E_TIMEOUT=$E2E_TIMEOUT), $detail"
+	else
+		detail="rc=$rc, $detail"
+	fi
+	last=$(grep -a . "$out" | tail -1 | tr -d '|' | cut -c1-100)
+	row "patched: e2e $name" FAIL "$detail: $last"
+	TAILS+=("--- e2e $name: last lines (all of it: $out)" "$(tail -25 "$out")")
 }
 
 evaluate_vm() {
@@ -458,18 +699,15 @@ evaluate_vm() {
 	# e2e
 	if [ "$variant" = patched ]; then
 		if [ "$E2E" = 1 ]; then
-			for name in $(grep -a '^@@BEGIN e2e ' "$log" | cut -d' ' -f3-); do
-				rc=$(end_rc "$log" "e2e $name")
-				if [ "$rc" = 0 ]; then
-					row "patched: e2e $name" PASS "$(end_secs "$log" "e2e $name") s"
-				else
-					row "patched: e2e $name" FAIL "rc=${rc:-none}"
-				fi
+			[ -z "$BUNDLE_ROW" ] ||
+				row "patched: e2e bundle" "${BUNDLE_ROW%%|*}" "${BUNDLE_ROW#*|}"
+			for name in "${E2E_PLANNED[@]}"; do
+				evaluate_e2e "$log" "$name"
 			done
-			grep -aq '^@@BEGIN e2e ' "$log" ||
-				row "patched: uswap e2e" FAIL "USWAP_E2E_DIR had no executables"
+			[ ${#E2E_PLANNED[@]} -gt 0 ] ||
+				row "patched: uswap e2e" FAIL "nothing to run: USWAP_E2E_DIR had no executables, no USWAP_E2E_CMD(S)"
 		elif [ "${USWAP_E2E_REQUIRED:-0}" = 1 ]; then
-			row "patched: uswap e2e" FAIL "not run: set USWAP_E2E_DIR or USWAP_E2E_CMD (the uswap backend tests do not exist yet)"
+			row "patched: uswap e2e" FAIL "not run: set USWAP_E2E_DIR, USWAP_E2E_CMD or USWAP_E2E_CMDS"
 		else
 			row "patched: uswap e2e" INFO "not run (not requested; USWAP_E2E_REQUIRED=1 makes this a failure)"
 		fi
@@ -519,6 +757,10 @@ print_table() {
 	echo
 	echo "series: ${#PATCHES[@]} patches, key $KEY; $PKG $PKGVER; accel $ACCEL;" \
 		"total $(($(date +%s) - T0)) s; logs in $LOGDIR"
+	if [ ${#TAILS[@]} -gt 0 ]; then
+		echo
+		printf '%s\n' "${TAILS[@]}"
+	fi
 	if [ "$FAILS" -gt 0 ]; then
 		echo "RESULT: FAIL ($FAILS failed)"
 	else
@@ -528,8 +770,9 @@ print_table() {
 
 main() {
 	declare -gA VMSECS=()
-	E2E=0
-	[ -n "${USWAP_E2E_DIR:-}${USWAP_E2E_CMD:-}" ] && E2E=1
+	E2E=0 E2E_PLANNED=() BUNDLE_ROW=
+	[ -n "${USWAP_E2E_DIR:-}${USWAP_E2E_CMD:-}${USWAP_E2E_CMDS:-}${USWAP_E2E_BUNDLE:-}" ] && E2E=1
+	e2e_cmds
 	mkdir -p "$CACHE/logs" "$CACHE/run"
 	exec 9>"$CACHE/lock"
 	flock -n 9 || die "another vm-test.sh holds $CACHE/lock"

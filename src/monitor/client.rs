@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use super::pages::{PageState, Pages};
 use super::regions::Regions;
 use super::stats::{ClientReport, Counters, Latency, Percentiles};
-use crate::config::ProgramConfig;
+use crate::config::{Backend, ProgramConfig};
 use crate::policy::{ClockPolicy, PageClass, PageView, PolicyParams};
 use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::shm::{self, Window};
@@ -92,6 +92,14 @@ pub struct Client {
     pub last_rss_seq: AtomicU64,
     /// The agent was asked to register regions (it keeps doing so at every scan).
     pub register_requested: AtomicBool,
+    /// The cross-mm backend is active: the monitor moves pages between the program and
+    /// `arena` itself (no agent batches). Cleared for good if the kernel refuses the first move.
+    pub cross_mm: AtomicBool,
+    /// The monitor's own private pages, one per window slot (cross-mm backend only).
+    arena: Option<memmap2::MmapMut>,
+    /// The kernel refused to move a page the monitor allocated into the program (EXDEV: the
+    /// two are in different memory cgroups); decompressed pages are copied in instead.
+    pub move_in_refused: AtomicBool,
 }
 
 fn eventfd() -> anyhow::Result<OwnedFd> {
@@ -102,6 +110,18 @@ fn eventfd() -> anyhow::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Counts one page's batch result.
+pub(super) fn count_result(c: &Counters, r: u8) {
+    match r {
+        shm::RESULT_MOVED => Counters::add(&c.pages_moved, 1),
+        shm::RESULT_HOLE => Counters::add(&c.pages_holes, 1),
+        shm::RESULT_BUSY => Counters::add(&c.pages_busy, 1),
+        shm::RESULT_CANCELLED => Counters::add(&c.pages_cancelled, 1),
+        shm::RESULT_DISCARDED => Counters::add(&c.pages_discarded, 1),
+        _ => Counters::add(&c.pages_failed, 1),
+    }
 }
 
 pub fn signal(fd: RawFd) {
@@ -174,6 +194,29 @@ impl Client {
         let store = Store::new(StoreConfig {
             max_bytes: cfg.max_store_bytes,
         });
+        let has_cross_mm = uffd.has(crate::uffd::sys::UFFD_FEATURE_MOVE_CROSS_MM);
+        let cross_mm = match cfg.backend {
+            Backend::Auto => has_cross_mm,
+            Backend::Stock => false,
+            Backend::CrossMm => {
+                if !has_cross_mm {
+                    warn!(
+                        client = id,
+                        "backend = \"cross-mm\" but the program's descriptor lacks \
+                         UFFD_FEATURE_MOVE_CROSS_MM (kernel without the patch): using stock"
+                    );
+                }
+                has_cross_mm
+            }
+        };
+        let arena = if cross_mm {
+            let a = memmap2::MmapMut::map_anon(slots * PAGE_SIZE).context("mapping the arena")?;
+            // SAFETY: advising our own fresh mapping; pages are moved in and out one by one.
+            unsafe { libc::madvise(a.as_ptr() as *mut _, a.len(), libc::MADV_NOHUGEPAGE) };
+            Some(a)
+        } else {
+            None
+        };
         let state = State {
             pages: Pages::new(slots),
             store,
@@ -201,12 +244,36 @@ impl Client {
             started: Instant::now(),
             last_rss_seq: AtomicU64::new(0),
             register_requested: AtomicBool::new(false),
+            cross_mm: AtomicBool::new(cross_mm),
+            arena,
+            move_in_refused: AtomicBool::new(false),
         };
         Ok((client, memfd))
     }
 
     pub fn win(&self) -> &Window {
         &self.mapping.win
+    }
+
+    /// Where the bytes of window slot `slot` are: the monitor's arena (cross-mm backend) or
+    /// the shared window (stock).
+    pub fn slot_ptr(&self, slot: u32) -> *mut u8 {
+        match &self.arena {
+            Some(a) if self.cross_mm.load(Ordering::Relaxed) => {
+                assert!((slot as usize) < a.len() / PAGE_SIZE, "slot out of range");
+                // SAFETY: in bounds (checked); the arena lives as long as the client.
+                unsafe { (a.as_ptr() as *mut u8).add(slot as usize * PAGE_SIZE) }
+            }
+            _ => self.win().slot_ptr(slot as usize),
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        if self.cross_mm.load(Ordering::Relaxed) {
+            "cross-mm (monitor moves)"
+        } else {
+            "stock (agent moves)"
+        }
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -340,7 +407,7 @@ impl Client {
             let mut retry = false;
             for (addr, s) in evicted {
                 let src: *const u8 = match s {
-                    PageState::Window { slot, .. } => self.win().slot_ptr(slot as usize),
+                    PageState::Window { slot, .. } => self.slot_ptr(slot),
                     PageState::Stored(h) => {
                         let p: &mut [u8; PAGE_SIZE] = (&mut page[..]).try_into().expect("one page");
                         st.store.get(h, p).context("reading a stored page back")?;
@@ -571,6 +638,14 @@ impl Client {
                 break;
             }
             let posted = slots_in_order.len() as u64;
+            if self.cross_mm.load(Ordering::Relaxed) {
+                st.next_seq = seq + 1;
+                Counters::add(&self.counters.pages_posted, posted);
+                Counters::add(&self.counters.batches, 1);
+                self.move_out(&mut st, seq, &desc_runs);
+                want = want.saturating_sub(posted);
+                continue;
+            }
             win.desc(seq)
                 .write(seq, win.epoch().load(Ordering::Acquire), &desc_runs);
             st.next_seq = seq + 1;
@@ -582,6 +657,109 @@ impl Client {
         }
         drop(st);
         signal(self.req_efd.as_raw_fd());
+    }
+
+    /// Cross-mm backend: moves the pages of `runs` (marked `Moving` in batch `seq`) straight
+    /// out of the program into their arena slots, one UFFDIO_MOVE per run, and completes them
+    /// at once. Runs under the client's lock: the fault thread applies every event it reads
+    /// under that lock, so an event read meanwhile is applied after these results; an event
+    /// queued and unread makes the move fail with EAGAIN (the kernel's `mmap_changing`).
+    fn move_out(&self, st: &mut State, seq: u64, runs: &[shm::Run]) {
+        let now_ms = self.now_ms();
+        let mode = crate::uffd::sys::UFFDIO_MOVE_MODE_CROSS_MM_OUT
+            | crate::uffd::sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
+        let mut results: Vec<u8> = Vec::new();
+        let mut residency: Vec<u8> = Vec::new();
+        for run in runs {
+            let pages = run.pages as usize;
+            let dst = self.slot_ptr(run.first_slot) as u64;
+            // The slots may still hold a page (copied back rather than moved, or dropped):
+            // a move needs empty destinations.
+            // SAFETY: advising our own arena pages; no reference to them is held.
+            unsafe { libc::madvise(dst as *mut _, pages * PAGE_SIZE, libc::MADV_DONTNEED) };
+            results.clear();
+            results.resize(pages, shm::RESULT_PENDING);
+            let mut off = 0usize;
+            while off < pages && self.cross_mm.load(Ordering::Relaxed) {
+                let at = (off * PAGE_SIZE) as u64;
+                let len = ((pages - off) * PAGE_SIZE) as u64;
+                match self.uffd.move_pages(dst + at, run.addr + at, len, mode) {
+                    Ok(n) => off += (n as usize).div_ceil(PAGE_SIZE).max(1),
+                    Err(e) => {
+                        off += e.done_bytes() as usize / PAGE_SIZE;
+                        if off >= pages {
+                            break;
+                        }
+                        match e {
+                            // Shared (fork, KSM), pinned, swapped out, or charged to another
+                            // memcg: the kernel keeps it.
+                            UffdError::Busy { .. }
+                            | UffdError::Os {
+                                errno: libc::EXDEV, ..
+                            } => {
+                                results[off] = shm::RESULT_BUSY;
+                                off += 1;
+                            }
+                            UffdError::Retry { .. } => {
+                                results[off..].fill(shm::RESULT_CANCELLED);
+                                break;
+                            }
+                            UffdError::Os {
+                                errno: libc::EINVAL,
+                                ..
+                            } if Counters::get(&self.counters.pages_moved) == 0 => {
+                                // The kernel does not take the cross-mm move at all (nothing
+                                // was ever moved, so no page lives in the arena): stock from
+                                // now on.
+                                warn!(
+                                    client = self.id,
+                                    "the kernel refused a cross-mm move ({e}); using the stock backend"
+                                );
+                                self.cross_mm.store(false, Ordering::Relaxed);
+                                results[off..].fill(shm::RESULT_CANCELLED);
+                                break;
+                            }
+                            _ => {
+                                debug!(client = self.id, addr = run.addr, "cross-mm move: {e}");
+                                results[off] = shm::RESULT_FAILED;
+                                off += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            if !self.cross_mm.load(Ordering::Relaxed) {
+                results
+                    .iter_mut()
+                    .filter(|r| **r == shm::RESULT_PENDING)
+                    .for_each(|r| *r = shm::RESULT_CANCELLED);
+            }
+            // Which slots now hold a page: holes (never touched, or gone) stay empty.
+            residency.clear();
+            residency.resize(pages, 0);
+            // SAFETY: mincore on our own arena range into a buffer of one byte per page.
+            let rc =
+                unsafe { libc::mincore(dst as *mut _, pages * PAGE_SIZE, residency.as_mut_ptr()) };
+            for (i, r) in results.iter_mut().enumerate() {
+                if *r == shm::RESULT_PENDING {
+                    *r = if rc != 0 || residency[i] & 1 != 0 {
+                        shm::RESULT_MOVED
+                    } else {
+                        shm::RESULT_HOLE
+                    };
+                }
+            }
+            for (i, &r) in results.iter().enumerate() {
+                count_result(&self.counters, r);
+                st.pages.complete(
+                    run.first_slot + i as u32,
+                    seq,
+                    r == shm::RESULT_MOVED,
+                    now_ms,
+                    r == shm::RESULT_BUSY,
+                );
+            }
+        }
     }
 
     /// Compresses pages that have cooled in the window (or must leave it under pressure).
@@ -608,6 +786,7 @@ impl Client {
         // only placing the results in the store and the page map takes the lock, per chunk.
         let mut arena: Vec<u8> = Vec::new();
         let mut outs: Vec<(u32, u64, Compressed)> = Vec::new();
+        let mut released: Vec<u32> = Vec::new();
         for chunk in todo.chunks(256) {
             arena.clear();
             outs.clear();
@@ -650,7 +829,10 @@ impl Client {
                             committed.is_ok() as u64,
                         );
                         match committed {
-                            Ok(()) => Counters::add(&self.counters.pages_compressed, 1),
+                            Ok(()) => {
+                                Counters::add(&self.counters.pages_compressed, 1);
+                                released.push(slot);
+                            }
                             Err(h) => st.store.remove(h), // faulted in or discarded meanwhile
                         }
                     }
@@ -667,6 +849,17 @@ impl Client {
                 }
             }
             drop(st);
+            // Cross-mm: a stored page's arena page is ours; give it back to the system. Only
+            // this thread reuses slots, so none of these is in use again yet.
+            if self.cross_mm.load(Ordering::Relaxed) {
+                for &slot in &released {
+                    // SAFETY: advising one page of our own arena; no reference to it is held.
+                    unsafe {
+                        libc::madvise(self.slot_ptr(slot).cast(), PAGE_SIZE, libc::MADV_DONTNEED)
+                    };
+                }
+            }
+            released.clear();
         }
         Counters::add(&self.counters.compress_ns, t0.elapsed().as_nanos() as u64);
     }
@@ -675,7 +868,7 @@ impl Client {
     fn slot_page(&self, slot: u32) -> &[u8; PAGE_SIZE] {
         // SAFETY: the slot pointer lies inside the window mapping, valid for PAGE_SIZE bytes
         // for as long as the client (and so the mapping) lives.
-        unsafe { &*(self.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE]) }
+        unsafe { &*(self.slot_ptr(slot) as *const [u8; PAGE_SIZE]) }
     }
 
     pub fn report(&self, alive: bool) -> ClientReport {
@@ -691,7 +884,7 @@ impl Client {
             uid: self.uid,
             name: self.name.clone(),
             alive,
-            backend: "stock (agent moves)".into(),
+            backend: self.backend_name().into(),
             budget_bytes: self.cfg.budget_bytes,
             rss_anon_bytes: g(&c.rss_anon_bytes),
             peak_rss_anon_bytes: g(&c.peak_rss_anon_bytes),
@@ -709,6 +902,7 @@ impl Client {
             pages_posted: g(&c.pages_posted),
             pages_evicted: g(&c.pages_moved),
             pages_restored: g(&c.pages_restored),
+            pages_moved_in: g(&c.pages_moved_in),
             pages_prefetched: g(&c.pages_prefetched),
             pages_holes: g(&c.pages_holes),
             pages_unevictable: g(&c.pages_busy),

@@ -63,6 +63,22 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     let mut events = [Event::Unknown; MSGS_PER_READ];
     let mut pending: Vec<Pending> = Vec::new();
     let mut buf = vec![0u8; PAGE_SIZE * (1 + client.cfg.prefetch_pages as usize)];
+    // Cross-mm backend: pages are gathered in private anonymous memory of ours, which the
+    // kernel can move into the program (UFFDIO_MOVE needs whole anonymous pages on both sides).
+    let mut xbuf = if client.cross_mm.load(Ordering::Relaxed) {
+        match memmap2::MmapMut::map_anon(buf.len()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(
+                    client = client.id,
+                    "cannot map the fault buffer ({e}): copying instead"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut waiting = 0usize;
     let mut warned_slow = false;
     let mut arrivals = Arrivals::default();
@@ -151,7 +167,13 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
             let mut still = Vec::new();
             waiting = 0;
             for p in pending.drain(..) {
-                match serve(&client, p.addr, &mut buf, &mut arrivals) {
+                let move_in = client.cross_mm.load(Ordering::Relaxed)
+                    && !client.move_in_refused.load(Ordering::Relaxed);
+                let gather: &mut [u8] = match xbuf.as_mut() {
+                    Some(x) if move_in => &mut x[..],
+                    _ => &mut buf[..],
+                };
+                match serve(&client, p.addr, gather, &mut arrivals, move_in) {
                     Served::Done => {
                         let ns = p.since.elapsed().as_nanos() as u64;
                         client.latency.record_fault(ns);
@@ -330,7 +352,6 @@ pub(super) fn complete_batches(client: &Client) {
         }
         let (_, slots) = st.inflight.pop_front().expect("front exists");
         let desc = win.desc(seq);
-        let c = &client.counters;
         for (i, slot) in slots.iter().enumerate() {
             let r = if desc.seq() == seq {
                 desc.result(i)
@@ -338,14 +359,7 @@ pub(super) fn complete_batches(client: &Client) {
                 shm::RESULT_FAILED
             };
             let moved = r == shm::RESULT_MOVED;
-            match r {
-                shm::RESULT_MOVED => Counters::add(&c.pages_moved, 1),
-                shm::RESULT_HOLE => Counters::add(&c.pages_holes, 1),
-                shm::RESULT_BUSY => Counters::add(&c.pages_busy, 1),
-                shm::RESULT_CANCELLED => Counters::add(&c.pages_cancelled, 1),
-                shm::RESULT_DISCARDED => Counters::add(&c.pages_discarded, 1),
-                _ => Counters::add(&c.pages_failed, 1),
-            }
+            super::client::count_result(&client.counters, r);
             let owner = st.pages.slot_owner(*slot, seq).unwrap_or(0);
             let entered = st
                 .pages
@@ -368,7 +382,16 @@ enum Served {
     Gone,
 }
 
-fn serve(client: &Client, addr: u64, buf: &mut [u8], arrivals: &mut Arrivals) -> Served {
+/// Serves one fault. `buf` receives the pages gathered for it; with `move_in` (cross-mm
+/// backend) it is private anonymous memory of ours and its pages are moved into the program
+/// rather than copied.
+fn serve(
+    client: &Client,
+    addr: u64,
+    buf: &mut [u8],
+    arrivals: &mut Arrivals,
+    move_in: bool,
+) -> Served {
     if arrivals.is_doubtful(addr) {
         // Its word may belong to memory that is gone: wait until it is probed.
         return Served::Retry;
@@ -442,9 +465,7 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8], arrivals: &mut Arrivals) ->
                     PageState::Window { slot, .. } => {
                         // SAFETY: the slot lies inside the window mapping; the page is ours to
                         // read while we hold the lock (the slot cannot be reused meanwhile).
-                        let src = unsafe {
-                            &*(client.win().slot_ptr(slot as usize) as *const [u8; PAGE_SIZE])
-                        };
+                        let src = unsafe { &*(client.slot_ptr(slot) as *const [u8; PAGE_SIZE]) };
                         dst.copy_from_slice(src);
                     }
                     PageState::Stored(h) => {
@@ -464,12 +485,38 @@ fn serve(client: &Client, addr: u64, buf: &mut [u8], arrivals: &mut Arrivals) ->
             }
             // A single page still in the window is copied straight from its slot.
             let src = match (n, plan) {
-                (1, FaultPlan::FromWindow { slot }) => {
-                    client.win().slot_ptr(slot as usize) as *const u8
-                }
+                (1, FaultPlan::FromWindow { slot }) => client.slot_ptr(slot) as *const u8,
                 _ => buf.as_ptr(),
             };
-            let copied = client.uffd.copy(addr, src, n * PAGE_BYTES, false);
+            let len = n * PAGE_BYTES;
+            let mut copied = None;
+            // Cross-mm: a page that waits in the arena moves back as it is (zero-copy); pages
+            // gathered in `buf` (decompressed, or several) move from there.
+            let from_arena = src != buf.as_ptr();
+            if client.cross_mm.load(Ordering::Relaxed) && (from_arena || move_in) {
+                let mode = sys::UFFDIO_MOVE_MODE_CROSS_MM_IN;
+                match client.uffd.move_pages(addr, src as u64, len, mode) {
+                    Err(e @ UffdError::Os { done_bytes: 0, .. })
+                    | Err(e @ UffdError::Busy { done_bytes: 0, .. }) => {
+                        // EXDEV (the monitor's pages are charged to another memory cgroup than
+                        // the program) or another refusal: copy the same bytes instead.
+                        if !from_arena && !client.move_in_refused.swap(true, Ordering::Relaxed) {
+                            warn!(
+                                client = client.id,
+                                "moving a decompressed page into the program was refused \
+                                 ({e}); copying them from now on"
+                            );
+                        }
+                    }
+                    other => {
+                        if let Ok(d) | Err(UffdError::Retry { done_bytes: d, .. }) = other {
+                            Counters::add(&c.pages_moved_in, d / PAGE_BYTES);
+                        }
+                        copied = Some(other);
+                    }
+                }
+            }
+            let copied = copied.unwrap_or_else(|| client.uffd.copy(addr, src, len, false));
             rec(
                 client.id,
                 "copy",

@@ -25,6 +25,8 @@ pub struct Counters {
     pub pages_prefetched: AtomicU64,
     pub pages_posted: AtomicU64,
     pub pages_moved: AtomicU64,
+    /// Pages moved (not copied) back into the program: cross-mm backend.
+    pub pages_moved_in: AtomicU64,
     pub pages_holes: AtomicU64,
     pub pages_busy: AtomicU64,
     pub pages_failed: AtomicU64,
@@ -140,6 +142,8 @@ pub struct ClientReport {
     pub pages_posted: u64,
     pub pages_evicted: u64,
     pub pages_restored: u64,
+    /// Of those, moved back without a copy (cross-mm backend).
+    pub pages_moved_in: u64,
     pub pages_prefetched: u64,
     pub pages_holes: u64,
     pub pages_unevictable: u64,

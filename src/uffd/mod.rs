@@ -27,4 +27,7 @@ pub const FORWARDED_FEATURES: u64 = sys::UFFD_FEATURE_EVENT_REMAP
     | sys::UFFD_FEATURE_EVENT_REMOVE
     | sys::UFFD_FEATURE_EVENT_UNMAP
     | sys::UFFD_FEATURE_THREAD_ID
-    | sys::UFFD_FEATURE_MOVE;
+    | sys::UFFD_FEATURE_MOVE
+    // Only where the kernel patch of `src/kmod-patch/` offers it; it lets the monitor move
+    // pages in and out itself (the cross-mm backend).
+    | sys::UFFD_FEATURE_MOVE_CROSS_MM;

@@ -83,6 +83,11 @@ pub const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
 pub const UFFDIO_ZEROPAGE_MODE_DONTWAKE: u64 = 1 << 0;
 pub const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1 << 0;
 pub const UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES: u64 = 1 << 1;
+/// Cross-mm modes of the kernel patch in `src/kmod-patch/` (with `UFFD_FEATURE_MOVE_CROSS_MM`):
+/// src in the caller's mm, dst in the descriptor's registered range.
+pub const UFFDIO_MOVE_MODE_CROSS_MM_IN: u64 = 1 << 2;
+/// src in the descriptor's registered range, dst in the caller's mm.
+pub const UFFDIO_MOVE_MODE_CROSS_MM_OUT: u64 = 1 << 3;
 pub const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 pub const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
 
