@@ -134,11 +134,13 @@ fn print_summary(r: &ClientReport, wall: Duration) {
         mib(r.rss_anon_bytes),
         budget
     );
+    eprintln!("  backend       {}", r.backend);
     eprintln!(
-        "  pages         evicted {} ({}), restored {}, unevictable {}",
+        "  pages         evicted {} ({}), restored {} (moved back {}), unevictable {}",
         r.pages_evicted,
         mib(r.pages_evicted * 4096),
         r.pages_restored,
+        r.pages_moved_in,
         r.pages_unevictable
     );
     eprintln!(

@@ -946,7 +946,7 @@ impl Client {
 
     pub fn log_summary(&self) {
         let r = self.report(false);
-        info!(client = self.id, name = %self.name, evicted = r.pages_evicted, restored = r.pages_restored, faults = r.faults, "client detached");
+        info!(client = self.id, name = %self.name, backend = self.backend_name(), evicted = r.pages_evicted, restored = r.pages_restored, moved_in = r.pages_moved_in, faults = r.faults, "client detached");
     }
 }
 
