@@ -90,10 +90,19 @@ impl Run {
             serde_json::to_string_pretty(self.client()).unwrap_or_default()
         )
     }
-    /// The program said RESULT ok, exited 0, and the monitor really evicted and restored pages.
+    /// The program said RESULT ok, exited 0, and the monitor really evicted and restored pages
+    /// (with the backend `USWAP_E2E_BACKEND` asks for, if set).
     fn ok_with_eviction(&self, min_evicted: u64) -> R {
         if !self.out.status.success() || !self.stdout.contains("RESULT ok") {
             return Err(format!("the program failed\n{}", self.describe()).into());
+        }
+        if let Ok(want) = std::env::var("USWAP_E2E_BACKEND") {
+            let got = self.client()["backend"].as_str().unwrap_or("?");
+            if !got.starts_with(&want) {
+                return Err(
+                    format!("backend {got:?}, expected {want}\n{}", self.describe()).into(),
+                );
+            }
         }
         if self.get("pages_evicted") < min_evicted {
             return Err(format!(
@@ -123,6 +132,12 @@ fn run_under_uswap(tag: &str, budget: &str, extra: &[&str], prog: &[&str]) -> Ru
         "tick=10ms",
         "--quiet",
     ]);
+    // `USWAP_E2E_BACKEND=stock|cross-mm` runs every program under that backend (the kernel VM
+    // harness runs the suite once per backend on the patched kernel).
+    let backend = std::env::var("USWAP_E2E_BACKEND").ok();
+    if let Some(b) = &backend {
+        cmd.arg("--set").arg(format!("backend={b}"));
+    }
     cmd.args(extra)
         .arg("--stats-json")
         .arg(&stats)
