@@ -105,6 +105,9 @@ struct Out {
     stats: serde_json::Value,
 }
 
+/// `--set backend=...` added to every `uswap run`, from `--backend`.
+static BACKEND: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
 fn uswap_run(
     monitor_cpu: Option<usize>,
     prog_cpu: Option<usize>,
@@ -125,6 +128,9 @@ fn uswap_run(
     cmd.args(["run", "--quiet", "--budget", budget]);
     for s in sets {
         cmd.args(["--set", s]);
+    }
+    if let Some(Some(b)) = BACKEND.get() {
+        cmd.args(["--set", b]);
     }
     cmd.arg("--stats-json").arg(&stats).arg("--");
     if let Some(c) = prog_cpu {
@@ -162,7 +168,18 @@ fn line_value(text: &str, prefix: &str) -> f64 {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let argv: Vec<String> = std::env::args().collect();
+    let quick = argv.iter().any(|a| a == "--quick");
+    // `--backend stock|cross-mm`: every run under that backend (the kernel VM compares them).
+    let backend = argv
+        .iter()
+        .position(|a| a == "--backend")
+        .and_then(|i| argv.get(i + 1))
+        .map(|b| format!("backend={b}"));
+    BACKEND.set(backend.clone()).expect("set once");
+    if let Some(b) = &backend {
+        println!("(all runs with --set {b})\n");
+    }
     let wl = exe_dir().join("uswap-workload");
     let wl = wl.to_str().unwrap();
     let mib = if quick { "128" } else { "512" };
@@ -244,8 +261,8 @@ fn main() {
     }
 
     println!("\n## Eviction throughput and monitor CPU\n");
-    println!("| run | pages moved | agent MiB/s (moves + copy to window) | compressed MiB | compression MiB/s | ratio | monitor CPU s per evicted GiB | agent CPU s per evicted GiB |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| run | backend | pages moved | eviction MiB/s (agent moves + copy to window, or monitor moves) | compressed MiB | compression MiB/s | ratio | monitor CPU s per evicted GiB | agent CPU s per evicted GiB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let o = uswap_run(
         None,
         None,
@@ -263,13 +280,21 @@ fn main() {
             .unwrap_or_default();
         let moved = c["pages_evicted"].as_f64().unwrap_or(0.0);
         let agent_s = c["agent_cpu_s"].as_f64().unwrap_or(f64::NAN);
+        let move_s = c["monitor_move_out_s"].as_f64().unwrap_or(0.0);
+        let evict_s = if move_s > 0.0 { move_s } else { agent_s };
+        let backend = c["backend"]
+            .as_str()
+            .unwrap_or("?")
+            .split(' ')
+            .next()
+            .unwrap_or("?");
         let cin = c["compressed_bytes_in"].as_f64().unwrap_or(0.0);
         let comp_s = c["monitor_compress_cpu_s"].as_f64().unwrap_or(f64::NAN);
         let mon_s = c["monitor_cpu_s"].as_f64().unwrap_or(f64::NAN);
         let gib = moved * 4096.0 / (1u64 << 30) as f64;
         println!(
-            "| {name} | {moved:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
-            moved * 4096.0 / (1 << 20) as f64 / agent_s,
+            "| {name} | {backend} | {moved:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            moved * 4096.0 / (1 << 20) as f64 / evict_s,
             cin / (1 << 20) as f64,
             cin / (1 << 20) as f64 / comp_s,
             c["compression_ratio"].as_f64().unwrap_or(0.0),

@@ -665,6 +665,12 @@ impl Client {
     /// under that lock, so an event read meanwhile is applied after these results; an event
     /// queued and unread makes the move fail with EAGAIN (the kernel's `mmap_changing`).
     fn move_out(&self, st: &mut State, seq: u64, runs: &[shm::Run]) {
+        let t0 = Instant::now();
+        self.move_out_runs(st, seq, runs);
+        Counters::add(&self.counters.move_out_ns, t0.elapsed().as_nanos() as u64);
+    }
+
+    fn move_out_runs(&self, st: &mut State, seq: u64, runs: &[shm::Run]) {
         let now_ms = self.now_ms();
         let mode = crate::uffd::sys::UFFDIO_MOVE_MODE_CROSS_MM_OUT
             | crate::uffd::sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
@@ -939,6 +945,7 @@ impl Client {
             monitor_compress_cpu_s: g(&c.compress_ns) as f64 / 1e9,
             monitor_fault_service_s: g(&c.fault_service_ns) as f64 / 1e9,
             agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
+            monitor_move_out_s: g(&c.move_out_ns) as f64 / 1e9,
             monitor_cpu_s: (g(&c.fault_thread_cpu_ns) + g(&c.control_thread_cpu_ns)) as f64 / 1e9,
             store,
         }

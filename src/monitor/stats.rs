@@ -47,6 +47,8 @@ pub struct Counters {
     pub rss_anon_bytes: AtomicU64,
     pub peak_rss_anon_bytes: AtomicU64,
     pub agent_busy_ns: AtomicU64,
+    /// Time the monitor spent moving pages out itself (cross-mm backend).
+    pub move_out_ns: AtomicU64,
     /// Largest (evicted bytes - bytes uswap held for them) seen at a tick.
     pub peak_saved_bytes: AtomicU64,
     /// CPU time (user + system) of the client's fault and control threads, set when they end.
@@ -168,6 +170,9 @@ pub struct ClientReport {
     /// Wall time spent serving faults (from reading the message to the page in place).
     pub monitor_fault_service_s: f64,
     pub agent_cpu_s: f64,
+    /// Time the monitor spent moving pages out itself (cross-mm backend; the agent's share
+    /// is `agent_cpu_s` on the stock backend).
+    pub monitor_move_out_s: f64,
     /// CPU of the monitor's threads for this client (known once it detached).
     pub monitor_cpu_s: f64,
     pub store: StoreStats,
