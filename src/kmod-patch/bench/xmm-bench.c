@@ -203,11 +203,15 @@ int main(void)
 	memset(a, 0x5a, LEN);
 	reg(fd, a, LEN);
 	reg(fd, b, LEN);
-	for (i = 0; i < REPS; i++) {
-		v[i] = run(fd, b, a, 64, 0);
-		run(fd, a, b, NPAGES, 0);
+	for (j = 0; j < 3; j++) {
+		for (i = 0; i < REPS; i++) {
+			v[i] = run(fd, b, a, batches[j], 0);
+			run(fd, a, b, NPAGES, 0);
+		}
+		snprintf(name, sizeof(name), "same-mm UFFDIO_MOVE, %zu pages/ioctl",
+			 batches[j]);
+		report(name, v);
 	}
-	report("same-mm UFFDIO_MOVE, 64 pages/ioctl", v);
 	kill(pid, SIGKILL);
 	waitpid(pid, NULL, 0);
 	return 0;
