@@ -23,10 +23,17 @@ fn workload() -> &'static str {
     env!("CARGO_BIN_EXE_uswap-workload")
 }
 
-/// Builds the shim with the same profile as this test binary and returns its path.
+/// Builds the shim with the same profile as this test binary and returns its path
+/// (`USWAP_E2E_SHIM` names a prebuilt one instead).
 fn shim() -> &'static Path {
     static SHIM: OnceLock<PathBuf> = OnceLock::new();
     SHIM.get_or_init(|| {
+        // A prebuilt shim (the kernel VM harness has no cargo).
+        if let Ok(p) = std::env::var("USWAP_E2E_SHIM") {
+            let p = PathBuf::from(p);
+            assert!(p.exists(), "USWAP_E2E_SHIM={} does not exist", p.display());
+            return p;
+        }
         let exe = std::env::current_exe().expect("test exe");
         let profile_dir = exe
             .parent()
