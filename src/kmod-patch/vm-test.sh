@@ -44,10 +44,13 @@
 #   USWAP_E2E_CMD       a shell command run in the patched VM (row "e2e cmd")
 #   USWAP_E2E_CMDS      newline-separated "name: command" lines, each its own
 #                       row "e2e name" (blank lines and #-lines are skipped)
-#                       e2e commands run with sh -c, cwd /e2e, as root, with
-#                       PATH=<bundle dirs>:/bin:/sbin HOME=/tmp TMPDIR=/tmp
-#                       USWAP_E2E_IN_VM=1 RUST_BACKTRACE=1; a row passes only
-#                       if it exits 0; its output is in the VM log and
+#                       All e2e rows run with cwd /e2e, as root, stdin
+#                       /dev/null, PATH=<bundle dirs>:/bin:/sbin HOME=/tmp
+#                       TMPDIR=/tmp USWAP_E2E_IN_VM=1 RUST_BACKTRACE=1 (a
+#                       command with sh: a bundled /bin/sh replaces busybox's
+#                       for them, a bundled /usr/bin/setpriv busybox's one);
+#                       a row passes only if it exits 0; its output is in
+#                       the VM log and
 #                       $LOGDIR/e2e-<name>.txt, the tail of a failing one is
 #                       printed under the table; processes it leaves behind
 #                       are killed before the next row
@@ -93,6 +96,8 @@ row() {
 }
 
 # Kernel configuration: tinyconfig plus what the VM and the tests need.
+# KCMP: uswap's shim checks with kcmp(KCMP_FILE) that its descriptors are still
+# its own; without the syscall it detaches and the program runs unmanaged.
 KCONFIG='
 CONFIG_64BIT=y
 CONFIG_SMP=y
@@ -142,6 +147,7 @@ CONFIG_PROVE_LOCKING=y
 CONFIG_DEBUG_ATOMIC_SLEEP=y
 CONFIG_DEBUG_FS=y
 CONFIG_GUP_TEST=y
+CONFIG_KCMP=y
 '
 
 ensure_deps() {
@@ -396,7 +402,9 @@ bundle_deps() {
 }
 
 # bundle ROOT: copy $USWAP_E2E_BUNDLE into ROOT; sets BUNDLE_PATH (the dirs
-# of the bundled files, for PATH) and BUNDLE_ROW (status|detail of its row)
+# of the bundled files but /bin and /sbin, for PATH) and BUNDLE_ROW
+# (status|detail of its row). A bundled /bin/sh replaces busybox's sh for the
+# e2e rows (busybox --install does not overwrite files).
 bundle() {
 	local f abs dirs=()
 	BROOT=$(realpath "$1")
@@ -405,7 +413,9 @@ bundle() {
 		abs=$(realpath -s "$f")
 		bundle_file "$abs" || continue
 		bundle_deps "$abs"
-		case " ${dirs[*]} " in *" $(dirname "$abs") "*) ;; *) dirs+=("$(dirname "$abs")") ;; esac
+		# /bin (busybox's applets, and any bundled /bin file) goes last in
+		# PATH, so that a bundled /usr/bin/setpriv beats busybox's setpriv
+		case " /bin /sbin ${dirs[*]} " in *" $(dirname "$abs") "*) ;; *) dirs+=("$(dirname "$abs")") ;; esac
 	done
 	BUNDLE_PATH=$(IFS=:; echo "${dirs[*]}")
 	if [ ${#BUNDLE_ERR[@]} -gt 0 ]; then
@@ -614,11 +624,13 @@ unit_results() {
 evaluate_e2e() {
 	local log=$1 name=$2 rc secs left out last detail
 	out=$LOGDIR/e2e-${name//\//_}.txt
-	section "$log" "e2e $name" | sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' >"$out"
+	# without colour escapes and trailing blank lines
+	section "$log" "e2e $name" | sed -e 's/\x1b\[[0-9;]*[A-Za-z]//g' |
+		sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' >"$out"
 	rc=$(end_rc "$log" "e2e $name")
 	secs=$(end_secs "$log" "e2e $name")
 	left=$(grep -a "^@@END e2e $name rc=" "$log" | head -1 | sed -n 's/.* left=\(.*\)/\1/p')
-	if ! grep -aq "^@@BEGIN e2e $name\$" "$log"; then
+	if ! grep -aqxF "@@BEGIN e2e $name" "$log"; then
 		row "patched: e2e $name" FAIL "did not run"
 		return
 	fi
