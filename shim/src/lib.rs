@@ -137,16 +137,38 @@ pub(crate) fn fds_ok(which: &[usize]) -> bool {
             fd_of(i).load(Ordering::Relaxed),
             SHIM.refs[i].load(Ordering::Relaxed),
         );
-        // SAFETY: kcmp compares two descriptors of our own process; it reads nothing else.
-        let same = unsafe {
-            libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd, r)
-        } == 0;
+        let same = if NO_KCMP.load(Ordering::Relaxed) {
+            same_inode(fd, r)
+        } else {
+            // SAFETY: kcmp compares two descriptors of our own process; it reads nothing else.
+            unsafe {
+                libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd, r) == 0
+            }
+        };
         if !same {
             SHIM.state.store(DETACHED, Ordering::Release);
             return false;
         }
     }
     true
+}
+
+/// The kernel has no kcmp(2) (built without CONFIG_KCMP): descriptors are then compared by
+/// inode only, which still catches a closed descriptor or one reused for another file or
+/// socket, but not one reused for another anonymous-inode object (eventfd, userfaultfd).
+static NO_KCMP: AtomicBool = AtomicBool::new(false);
+
+/// Whether two descriptors of ours refer to the same inode (the weaker check without kcmp).
+fn same_inode(a: i32, b: i32) -> bool {
+    // SAFETY: fstat into zeroed stat buffers on our stack.
+    unsafe {
+        let mut sa: libc::stat = std::mem::zeroed();
+        let mut sb: libc::stat = std::mem::zeroed();
+        libc::fstat(a, &mut sa) == 0
+            && libc::fstat(b, &mut sb) == 0
+            && sa.st_dev == sb.st_dev
+            && sa.st_ino == sb.st_ino
+    }
 }
 
 /// Makes the high-numbered duplicates (at 512 or above, close-on-exec).
@@ -159,6 +181,21 @@ fn make_refs() -> Result<(), &'static str> {
             return Err("cannot duplicate the shim's descriptors");
         }
         SHIM.refs[i].store(d, Ordering::Relaxed);
+    }
+    // SAFETY: getpid has no preconditions; kcmp compares two descriptors of our own process.
+    let kcmp = unsafe {
+        let pid = libc::getpid();
+        let (fd, r) = (
+            fd_of(FD_SOCK).load(Ordering::Relaxed),
+            SHIM.refs[FD_SOCK].load(Ordering::Relaxed),
+        );
+        libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd, r)
+    };
+    if kcmp != 0 {
+        NO_KCMP.store(true, Ordering::Relaxed);
+        raw::eprint_line(&[
+            b"uswap: kcmp(2) is unavailable (kernel without CONFIG_KCMP); descriptor reuse is checked by inode only",
+        ]);
     }
     Ok(())
 }

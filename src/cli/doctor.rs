@@ -86,6 +86,27 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
             ),
         }),
     }
+    // kcmp: the shim checks that the program has not closed and reused its descriptors.
+    {
+        // SAFETY: getpid has no preconditions; kcmp compares two of our own descriptors
+        // (stdin with itself; any open descriptor would do).
+        let rc = unsafe {
+            let pid = libc::getpid();
+            libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, 0, 0)
+        };
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        let ok = rc == 0 || errno != Some(libc::ENOSYS);
+        // Not fatal: uswap runs, with the weaker check.
+        checks.push(Check {
+            ok: true,
+            what: if ok {
+                "kcmp(2) available (the shim detects descriptors the program closed and reused)".into()
+            } else {
+                "kcmp(2) missing (kernel without CONFIG_KCMP): the shim checks its descriptors by inode only".into()
+            },
+            fix: None,
+        });
+    }
     // Shim.
     match super::run::find_shim() {
         Ok(p) => checks.push(Check {

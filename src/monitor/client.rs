@@ -491,6 +491,14 @@ impl Client {
                 );
                 n
             }
+            // The program exited (or exec'd) meanwhile: there is nobody to give pages to.
+            Err(e) if !self.program_alive() => {
+                debug!(
+                    client = self.id,
+                    "the program is gone before its pages went back: {e:#}"
+                );
+                0
+            }
             Err(e) => {
                 warn!(
                     client = self.id,
