@@ -294,10 +294,12 @@ qemu_cmd() {
 	local kernel=$1 initrd=$2 accel=$3
 	local cpu=()
 	[ "$accel" = kvm ] && cpu=(-cpu host)
+	# tsc=reliable: under TCG the two sockets' TSCs look unsynchronised, and the kernel
+	# would fall back to the jiffies clocksource (4 ms steps): every timing would be noise.
 	echo qemu-system-x86_64 -accel "$accel" "${cpu[@]}" -m "$VM_MEM" \
 		-smp cpus=2,sockets=2 -nographic -no-reboot -kernel "$kernel" \
 		-initrd "$initrd" \
-		-append "'console=ttyS0 panic=-1 quiet brd.rd_nr=1 brd.rd_size=65536'"
+		-append "'console=ttyS0 panic=-1 quiet brd.rd_nr=1 brd.rd_size=65536 tsc=reliable'"
 }
 
 # initrd DIR: pack DIR into DIR.cpio.gz
