@@ -31,6 +31,12 @@ use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 const MSGS_PER_READ: usize = 64;
+/// Cross-mm backend: also *move* (rather than copy) pages the monitor gathered itself
+/// (decompressed ones) into the program. Off: in the TCG VM with the debug kernel a fault on a
+/// compressed page took 242 µs p50 this way against 189 µs copied (BENCHMARKS.md), since the
+/// monitor must first fault its own gather page in, and the move flushes the TLB of the
+/// monitor's (multi-threaded) mm. Pages still in the arena always move back (zero-copy).
+const MOVE_IN_GATHERED: bool = false;
 /// A fault parked on the agent's batch for longer than this is logged (once per client): the
 /// agent's work per batch is bounded (at most `MAX_BATCH_PAGES` moves and copies), so a wait this
 /// long means the program's agent thread is not being scheduled.
@@ -65,7 +71,7 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     let mut buf = vec![0u8; PAGE_SIZE * (1 + client.cfg.prefetch_pages as usize)];
     // Cross-mm backend: pages are gathered in private anonymous memory of ours, which the
     // kernel can move into the program (UFFDIO_MOVE needs whole anonymous pages on both sides).
-    let mut xbuf = if client.cross_mm.load(Ordering::Relaxed) {
+    let mut xbuf = if MOVE_IN_GATHERED && client.cross_mm.load(Ordering::Relaxed) {
         match memmap2::MmapMut::map_anon(buf.len()) {
             Ok(m) => Some(m),
             Err(e) => {
@@ -167,7 +173,8 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
             let mut still = Vec::new();
             waiting = 0;
             for p in pending.drain(..) {
-                let move_in = client.cross_mm.load(Ordering::Relaxed)
+                let move_in = MOVE_IN_GATHERED
+                    && client.cross_mm.load(Ordering::Relaxed)
                     && !client.move_in_refused.load(Ordering::Relaxed);
                 let gather: &mut [u8] = match xbuf.as_mut() {
                     Some(x) if move_in => &mut x[..],
@@ -449,11 +456,26 @@ fn serve(
         FaultPlan::FromWindow { .. } | FaultPlan::FromStore(_) => {
             // Gather the faulting page and the evicted pages right after it into `buf`.
             let max_pages = (buf.len() / PAGE_SIZE) as u64;
+            let cross_mm = client.cross_mm.load(Ordering::Relaxed);
+            // Cross-mm: the first slot of a run of pages waiting in consecutive arena slots,
+            // which moves back as it is (zero-copy).
+            let arena_run = match plan {
+                FaultPlan::FromWindow { slot } if cross_mm => Some(slot),
+                _ => None,
+            };
             let mut n = 0u64;
             while n < max_pages {
                 let a = addr + n * PAGE_BYTES;
                 if n > 0 && (a >= region_end || arrivals.is_doubtful(a)) {
                     break;
+                }
+                if let Some(first) = arena_run {
+                    let next_in_run = matches!(st.pages.state(a),
+                        PageState::Window { slot, .. } if slot as u64 == first as u64 + n);
+                    if !next_in_run {
+                        // Stop where the zero-copy run ends rather than copy the whole run.
+                        break;
+                    }
                 }
                 let dst: &mut [u8; PAGE_SIZE] = (&mut buf
                     [n as usize * PAGE_SIZE..(n as usize + 1) * PAGE_SIZE])
@@ -483,17 +505,22 @@ fn serve(
                 }
                 n += 1;
             }
-            // A single page still in the window is copied straight from its slot.
-            let src = match (n, plan) {
-                (1, FaultPlan::FromWindow { slot }) => client.slot_ptr(slot) as *const u8,
+            // A single page still in the window is copied straight from its slot; a run still
+            // in the arena moves straight from it.
+            let src = match (n, plan, arena_run) {
+                (_, _, Some(first)) => client.slot_ptr(first) as *const u8,
+                (1, FaultPlan::FromWindow { slot }, _) => client.slot_ptr(slot) as *const u8,
                 _ => buf.as_ptr(),
             };
             let len = n * PAGE_BYTES;
             let mut copied = None;
-            // Cross-mm: a page that waits in the arena moves back as it is (zero-copy); pages
-            // gathered in `buf` (decompressed, or several) move from there.
-            let from_arena = src != buf.as_ptr();
-            if client.cross_mm.load(Ordering::Relaxed) && (from_arena || move_in) {
+            // Cross-mm: pages waiting in the arena move back as they are (zero-copy). Pages
+            // gathered in `buf` (decompressed, or mixed) are copied: a fresh page has to be
+            // filled either way, and moving the monitor's own page in also costs a page fault
+            // in the monitor and a TLB flush of the monitor's mm (measured slower in
+            // BENCHMARKS.md), unless `move_in` asks for it.
+            let from_arena = arena_run.is_some();
+            if cross_mm && (from_arena || move_in) {
                 let mode = sys::UFFDIO_MOVE_MODE_CROSS_MM_IN;
                 match client.uffd.move_pages(addr, src as u64, len, mode) {
                     Err(e @ UffdError::Os { done_bytes: 0, .. })
