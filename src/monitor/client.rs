@@ -650,8 +650,11 @@ impl Client {
                 st.next_seq = seq + 1;
                 Counters::add(&self.counters.pages_posted, posted);
                 Counters::add(&self.counters.batches, 1);
-                self.move_out(&mut st, seq, &desc_runs);
+                // One run per lock hold, so faults are served between runs.
+                drop(st);
+                self.move_out(seq, &desc_runs);
                 want = want.saturating_sub(posted);
+                st = self.state.lock();
                 continue;
             }
             win.desc(seq)
@@ -672,10 +675,47 @@ impl Client {
     /// at once. Runs under the client's lock: the fault thread applies every event it reads
     /// under that lock, so an event read meanwhile is applied after these results; an event
     /// queued and unread makes the move fail with EAGAIN (the kernel's `mmap_changing`).
-    fn move_out(&self, st: &mut State, seq: u64, runs: &[shm::Run]) {
+    fn move_out(&self, seq: u64, runs: &[shm::Run]) {
         let t0 = Instant::now();
-        self.move_out_runs(st, seq, runs);
+        for run in runs {
+            let mut st = self.state.lock();
+            // Events applied since the run was chosen may have changed some of its pages
+            // (discarded, moved): move only the sub-runs whose words are still exactly as
+            // posted. Events are read and applied under this lock, so the words are current.
+            let mut i = 0u32;
+            while i < run.pages {
+                let still = |st: &State, k: u32| {
+                    st.pages.state(run.addr + k as u64 * PAGE_BYTES)
+                        == PageState::Moving {
+                            gen: seq & super::pages::GEN_MASK,
+                            slot: run.first_slot + k,
+                        }
+                };
+                if !still(&st, i) {
+                    // Stale: completing it frees its slot and leaves the word alone.
+                    count_result(&self.counters, shm::RESULT_CANCELLED);
+                    st.pages
+                        .complete(run.first_slot + i, seq, false, self.now_ms(), false);
+                    i += 1;
+                    continue;
+                }
+                let mut j = i + 1;
+                while j < run.pages && still(&st, j) {
+                    j += 1;
+                }
+                let sub = shm::Run {
+                    addr: run.addr + i as u64 * PAGE_BYTES,
+                    pages: j - i,
+                    first_slot: run.first_slot + i,
+                };
+                self.move_out_runs(&mut st, seq, std::slice::from_ref(&sub));
+                i = j;
+            }
+            drop(st);
+        }
         Counters::add(&self.counters.move_out_ns, t0.elapsed().as_nanos() as u64);
+        // Faults parked on these pages (there are none unless a fault raced the run) retry.
+        signal(self.cmd_efd.as_raw_fd());
     }
 
     fn move_out_runs(&self, st: &mut State, seq: u64, runs: &[shm::Run]) {

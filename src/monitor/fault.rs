@@ -126,6 +126,14 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
         // 1. Events.
         if pfds[0].revents & libc::POLLIN != 0 {
             loop {
+                // Cross-mm: the monitor's own moves check the page words under the client's
+                // lock, so events are read *and* applied under it: no event can then be read
+                // (letting the program's address space change) yet not applied while a move
+                // runs. The read never blocks (the descriptor is non-blocking).
+                let held = client
+                    .cross_mm
+                    .load(Ordering::Relaxed)
+                    .then(|| client.state.lock());
                 win.read_begin().fetch_add(1, Ordering::SeqCst);
                 let n = match client.uffd.read_events(&mut raw, &mut events) {
                     Ok(n) => n,
@@ -137,7 +145,7 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                     }
                 };
                 let t_read = Instant::now();
-                apply_events(&client, &events[..n], &mut arrivals);
+                apply_events(&client, &events[..n], &mut arrivals, held);
                 win.read_end()
                     .store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
                 for ev in &events[..n] {
@@ -220,9 +228,14 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     }
 }
 
-fn apply_events(client: &Client, events: &[Event], arrivals: &mut Arrivals) {
+fn apply_events(
+    client: &Client,
+    events: &[Event],
+    arrivals: &mut Arrivals,
+    held: Option<parking_lot::MutexGuard<'_, super::client::State>>,
+) {
     let win = client.win();
-    let mut st = None;
+    let mut st = held;
     for ev in events {
         let (start, end) = match *ev {
             Event::Remove { start, end } => {
