@@ -33,7 +33,8 @@ const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 const MSGS_PER_READ: usize = 64;
 /// Cross-mm backend: also *move* (rather than copy) pages the monitor gathered itself
 /// (decompressed ones) into the program. Off: in the TCG VM with the debug kernel a fault on a
-/// compressed page took 242 µs p50 this way against 189 µs copied (BENCHMARKS.md), since the
+/// compressed page (isolated, same CPU) took 242 µs p50 this way against 191 µs copied
+/// (BENCHMARKS.md), since the
 /// monitor must first fault its own gather page in, and the move flushes the TLB of the
 /// monitor's (multi-threaded) mm. Pages still in the arena always move back (zero-copy).
 const MOVE_IN_GATHERED: bool = false;
