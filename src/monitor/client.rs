@@ -93,7 +93,7 @@ pub struct Client {
     /// The agent was asked to register regions (it keeps doing so at every scan).
     pub register_requested: AtomicBool,
     /// The cross-mm backend is active: the monitor moves pages between the program and
-    /// `arena` itself (no agent batches). Cleared for good if the kernel refuses the first move.
+    /// `arena` itself (no agent batches). Chosen once, when the client attaches.
     pub cross_mm: AtomicBool,
     /// The monitor's own private pages, one per window slot (cross-mm backend only).
     arena: Option<memmap2::MmapMut>,
@@ -734,7 +734,7 @@ impl Client {
             results.clear();
             results.resize(pages, shm::RESULT_PENDING);
             let mut off = 0usize;
-            while off < pages && self.cross_mm.load(Ordering::Relaxed) {
+            while off < pages {
                 let at = (off * PAGE_SIZE) as u64;
                 let len = ((pages - off) * PAGE_SIZE) as u64;
                 match self.uffd.move_pages(dst + at, run.addr + at, len, mode) {
@@ -758,20 +758,32 @@ impl Client {
                                 results[off..].fill(shm::RESULT_CANCELLED);
                                 break;
                             }
+                            // A range the kernel will not take in one piece (it spans two
+                            // VMAs, e.g. after a split the last snapshot did not show yet):
+                            // move this page alone, then go on.
                             UffdError::Os {
                                 errno: libc::EINVAL,
                                 ..
-                            } if Counters::get(&self.counters.pages_moved) == 0 => {
-                                // The kernel does not take the cross-mm move at all (nothing
-                                // was ever moved, so no page lives in the arena): stock from
-                                // now on.
-                                warn!(
-                                    client = self.id,
-                                    "the kernel refused a cross-mm move ({e}); using the stock backend"
-                                );
-                                self.cross_mm.store(false, Ordering::Relaxed);
-                                results[off..].fill(shm::RESULT_CANCELLED);
-                                break;
+                            } if pages - off > 1 => {
+                                let at = (off * PAGE_SIZE) as u64;
+                                match self.uffd.move_pages(
+                                    dst + at,
+                                    run.addr + at,
+                                    PAGE_BYTES,
+                                    mode,
+                                ) {
+                                    Ok(_) => {}
+                                    Err(UffdError::Busy { .. }) => results[off] = shm::RESULT_BUSY,
+                                    Err(e) => {
+                                        debug!(
+                                            client = self.id,
+                                            addr = run.addr + at,
+                                            "cross-mm move: {e}"
+                                        );
+                                        results[off] = shm::RESULT_FAILED;
+                                    }
+                                }
+                                off += 1;
                             }
                             _ => {
                                 debug!(client = self.id, addr = run.addr, "cross-mm move: {e}");
@@ -781,12 +793,6 @@ impl Client {
                         }
                     }
                 }
-            }
-            if !self.cross_mm.load(Ordering::Relaxed) {
-                results
-                    .iter_mut()
-                    .filter(|r| **r == shm::RESULT_PENDING)
-                    .for_each(|r| *r = shm::RESULT_CANCELLED);
             }
             // Which slots now hold a page: holes (never touched, or gone) stay empty.
             residency.clear();
