@@ -60,6 +60,7 @@ pub const KEYS: &[&str] = &[
     "max_store",
     "hot_ttl",
     "backend",
+    "move_in_decompressed",
 ];
 
 /// How pages leave and re-enter the program. Key `backend`.
@@ -120,6 +121,9 @@ pub struct ProgramConfig {
     pub hot_ttl: Duration,
     /// Key `backend`.
     pub backend: Backend,
+    /// Cross-mm backend: move decompressed pages into the program instead of copying them.
+    /// Key `move_in_decompressed`.
+    pub move_in_decompressed: bool,
 }
 
 impl Default for ProgramConfig {
@@ -138,6 +142,7 @@ impl Default for ProgramConfig {
             max_store_bytes: None,
             hot_ttl: Duration::from_secs(10),
             backend: Backend::Auto,
+            move_in_decompressed: false,
         }
     }
 }
@@ -179,6 +184,10 @@ impl ProgramConfig {
         );
         line("hot_ttl", format!("\"{}\"", format_duration(self.hot_ttl)));
         line("backend", format!("\"{}\"", self.backend.name()));
+        line(
+            "move_in_decompressed",
+            self.move_in_decompressed.to_string(),
+        );
         out
     }
 }
@@ -202,6 +211,7 @@ pub struct Overrides {
     pub max_store_bytes: Option<Option<u64>>,
     pub hot_ttl: Option<Duration>,
     pub backend: Option<Backend>,
+    pub move_in_decompressed: Option<bool>,
 }
 
 impl Overrides {
@@ -245,6 +255,7 @@ impl Overrides {
             "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
             "hot_ttl" => self.hot_ttl = Some(check_hot_ttl(duration_value(v)?)?),
             "backend" => self.backend = Some(backend_value(v)?),
+            "move_in_decompressed" => self.move_in_decompressed = Some(bool_value(v)?),
             _ => return Err(KeyError::Unknown),
         }
         Ok(())
@@ -315,6 +326,7 @@ impl Overrides {
         put(&mut cfg.max_store_bytes, &self.max_store_bytes);
         put(&mut cfg.hot_ttl, &self.hot_ttl);
         put(&mut cfg.backend, &self.backend);
+        put(&mut cfg.move_in_decompressed, &self.move_in_decompressed);
     }
 }
 
@@ -413,11 +425,12 @@ struct RawConfig {
     max_store: Option<Spanned<Value>>,
     hot_ttl: Option<Spanned<Value>>,
     backend: Option<Spanned<Value>>,
+    move_in_decompressed: Option<Spanned<Value>>,
 }
 
 impl RawConfig {
     /// The fields paired with their key names, in [`KEYS`] order.
-    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 13] {
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 14] {
         [
             ("budget", self.budget),
             ("cooling", self.cooling),
@@ -432,6 +445,7 @@ impl RawConfig {
             ("max_store", self.max_store),
             ("hot_ttl", self.hot_ttl),
             ("backend", self.backend),
+            ("move_in_decompressed", self.move_in_decompressed),
         ]
     }
 }
@@ -630,6 +644,17 @@ fn duration_value(v: &Value) -> Result<Duration, KeyError> {
         ))),
         other => Err(KeyError::Invalid(format!(
             "expected a duration string with a unit, e.g. \"500ms\", found {}",
+            type_name(other)
+        ))),
+    }
+}
+
+fn bool_value(v: &Value) -> Result<bool, KeyError> {
+    match v {
+        Value::Boolean(b) => Ok(*b),
+        Value::String(s) if s == "true" || s == "false" => Ok(s == "true"),
+        other => Err(KeyError::Invalid(format!(
+            "expected true or false, found {}",
             type_name(other)
         ))),
     }

@@ -31,13 +31,6 @@ use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 const MSGS_PER_READ: usize = 64;
-/// Cross-mm backend: also *move* (rather than copy) pages the monitor gathered itself
-/// (decompressed ones) into the program. Off: in the TCG VM with the debug kernel a fault on a
-/// compressed page (isolated, same CPU) took 242 µs p50 this way against 191 µs copied
-/// (BENCHMARKS.md), since the
-/// monitor must first fault its own gather page in, and the move flushes the TLB of the
-/// monitor's (multi-threaded) mm. Pages still in the arena always move back (zero-copy).
-const MOVE_IN_GATHERED: bool = false;
 /// A fault parked on the agent's batch for longer than this is logged (once per client): the
 /// agent's work per batch is bounded (at most `MAX_BATCH_PAGES` moves and copies), so a wait this
 /// long means the program's agent thread is not being scheduled.
@@ -72,7 +65,7 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     let mut buf = vec![0u8; PAGE_SIZE * (1 + client.cfg.prefetch_pages as usize)];
     // Cross-mm backend: pages are gathered in private anonymous memory of ours, which the
     // kernel can move into the program (UFFDIO_MOVE needs whole anonymous pages on both sides).
-    let mut xbuf = if MOVE_IN_GATHERED && client.cross_mm.load(Ordering::Relaxed) {
+    let mut xbuf = if client.cfg.move_in_decompressed && client.cross_mm.load(Ordering::Relaxed) {
         match memmap2::MmapMut::map_anon(buf.len()) {
             Ok(m) => Some(m),
             Err(e) => {
@@ -182,7 +175,12 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
             let mut still = Vec::new();
             waiting = 0;
             for p in pending.drain(..) {
-                let move_in = MOVE_IN_GATHERED
+                // Config `move_in_decompressed` (off by default): in the TCG VM with the debug
+                // kernel a fault on a compressed page (isolated, same CPU) took 242 µs p50 moved
+                // against 191 µs copied (BENCHMARKS.md): the monitor must first fault its own
+                // gather page in, and the move flushes the TLB of the monitor's multi-threaded
+                // mm. Pages still in the arena always move back (zero-copy).
+                let move_in = client.cfg.move_in_decompressed
                     && client.cross_mm.load(Ordering::Relaxed)
                     && !client.move_in_refused.load(Ordering::Relaxed);
                 let gather: &mut [u8] = match xbuf.as_mut() {
@@ -532,7 +530,7 @@ fn serve(
             // gathered in `buf` (decompressed, or mixed) are copied: a fresh page has to be
             // filled either way, and moving the monitor's own page in also costs a page fault
             // in the monitor and a TLB flush of the monitor's mm (measured slower in
-            // BENCHMARKS.md), unless `move_in` asks for it.
+            // BENCHMARKS.md), unless `move_in_decompressed` asks for it.
             let from_arena = arena_run.is_some();
             if cross_mm && (from_arena || move_in) {
                 let mode = sys::UFFDIO_MOVE_MODE_CROSS_MM_IN;
