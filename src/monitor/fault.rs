@@ -481,19 +481,23 @@ fn serve(
                 if n > 0 && (a >= region_end || arrivals.is_doubtful(a)) {
                     break;
                 }
+                let state = st.pages.state(a);
                 if let Some(first) = arena_run {
-                    let next_in_run = matches!(st.pages.state(a),
-                        PageState::Window { slot, .. } if slot as u64 == first as u64 + n);
-                    if !next_in_run {
-                        // Stop where the zero-copy run ends rather than copy the whole run.
-                        break;
+                    // The run moves straight from the arena: nothing to gather. Stop where it
+                    // ends rather than copy the whole run.
+                    match state {
+                        PageState::Window { slot, .. } if slot as u64 == first as u64 + n => {
+                            n += 1;
+                            continue;
+                        }
+                        _ => break,
                     }
                 }
                 let dst: &mut [u8; PAGE_SIZE] = (&mut buf
                     [n as usize * PAGE_SIZE..(n as usize + 1) * PAGE_SIZE])
                     .try_into()
                     .expect("one page");
-                match st.pages.state(a) {
+                match state {
                     // The faulting page itself is copied from its slot if it ends up alone.
                     PageState::Window { .. } if n == 0 && max_pages == 1 => {}
                     PageState::Window { slot, .. } => {
