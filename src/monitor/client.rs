@@ -708,7 +708,7 @@ impl Client {
                     pages: j - i,
                     first_slot: run.first_slot + i,
                 };
-                self.move_out_runs(&mut st, seq, std::slice::from_ref(&sub));
+                self.move_run_out(&mut st, seq, &sub);
                 i = j;
             }
             drop(st);
@@ -718,107 +718,99 @@ impl Client {
         signal(self.cmd_efd.as_raw_fd());
     }
 
-    fn move_out_runs(&self, st: &mut State, seq: u64, runs: &[shm::Run]) {
+    /// Moves one run whose words are all still `Moving` as posted, and completes its pages.
+    fn move_run_out(&self, st: &mut State, seq: u64, run: &shm::Run) {
         let now_ms = self.now_ms();
         let mode = crate::uffd::sys::UFFDIO_MOVE_MODE_CROSS_MM_OUT
             | crate::uffd::sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
-        let mut results: Vec<u8> = Vec::new();
-        let mut residency: Vec<u8> = Vec::new();
-        for run in runs {
-            let pages = run.pages as usize;
-            let dst = self.slot_ptr(run.first_slot) as u64;
-            // The slots may still hold a page (copied back rather than moved, or dropped):
-            // a move needs empty destinations.
-            // SAFETY: advising our own arena pages; no reference to them is held.
-            unsafe { libc::madvise(dst as *mut _, pages * PAGE_SIZE, libc::MADV_DONTNEED) };
-            results.clear();
-            results.resize(pages, shm::RESULT_PENDING);
-            let mut off = 0usize;
-            while off < pages {
-                let at = (off * PAGE_SIZE) as u64;
-                let len = ((pages - off) * PAGE_SIZE) as u64;
-                match self.uffd.move_pages(dst + at, run.addr + at, len, mode) {
-                    Ok(n) => off += (n as usize).div_ceil(PAGE_SIZE).max(1),
-                    Err(e) => {
-                        off += e.done_bytes() as usize / PAGE_SIZE;
-                        if off >= pages {
+        let pages = run.pages as usize;
+        let dst = self.slot_ptr(run.first_slot) as u64;
+        // The slots may still hold a page (copied back rather than moved, or dropped):
+        // a move needs empty destinations.
+        // SAFETY: advising our own arena pages; no reference to them is held.
+        unsafe { libc::madvise(dst as *mut _, pages * PAGE_SIZE, libc::MADV_DONTNEED) };
+        let mut results = vec![shm::RESULT_PENDING; pages];
+        let mut off = 0usize;
+        while off < pages {
+            let at = (off * PAGE_SIZE) as u64;
+            let len = ((pages - off) * PAGE_SIZE) as u64;
+            match self.uffd.move_pages(dst + at, run.addr + at, len, mode) {
+                Ok(n) => off += (n as usize).div_ceil(PAGE_SIZE).max(1),
+                Err(e) => {
+                    off += e.done_bytes() as usize / PAGE_SIZE;
+                    if off >= pages {
+                        break;
+                    }
+                    match e {
+                        // Shared (fork, KSM), pinned, swapped out, or charged to another
+                        // memcg: the kernel keeps it.
+                        UffdError::Busy { .. }
+                        | UffdError::Os {
+                            errno: libc::EXDEV, ..
+                        } => {
+                            results[off] = shm::RESULT_BUSY;
+                            off += 1;
+                        }
+                        UffdError::Retry { .. } => {
+                            results[off..].fill(shm::RESULT_CANCELLED);
                             break;
                         }
-                        match e {
-                            // Shared (fork, KSM), pinned, swapped out, or charged to another
-                            // memcg: the kernel keeps it.
-                            UffdError::Busy { .. }
-                            | UffdError::Os {
-                                errno: libc::EXDEV, ..
-                            } => {
-                                results[off] = shm::RESULT_BUSY;
-                                off += 1;
-                            }
-                            UffdError::Retry { .. } => {
-                                results[off..].fill(shm::RESULT_CANCELLED);
-                                break;
-                            }
-                            // A range the kernel will not take in one piece (it spans two
-                            // VMAs, e.g. after a split the last snapshot did not show yet):
-                            // move this page alone, then go on.
-                            UffdError::Os {
-                                errno: libc::EINVAL,
-                                ..
-                            } if pages - off > 1 => {
-                                let at = (off * PAGE_SIZE) as u64;
-                                match self.uffd.move_pages(
-                                    dst + at,
-                                    run.addr + at,
-                                    PAGE_BYTES,
-                                    mode,
-                                ) {
-                                    Ok(_) => {}
-                                    Err(UffdError::Busy { .. }) => results[off] = shm::RESULT_BUSY,
-                                    Err(e) => {
-                                        debug!(
-                                            client = self.id,
-                                            addr = run.addr + at,
-                                            "cross-mm move: {e}"
-                                        );
-                                        results[off] = shm::RESULT_FAILED;
-                                    }
+                        // A range the kernel will not take in one piece (it spans two
+                        // VMAs, e.g. after a split the last snapshot did not show yet):
+                        // move this page alone, then go on.
+                        UffdError::Os {
+                            errno: libc::EINVAL,
+                            ..
+                        } if pages - off > 1 => {
+                            let at = (off * PAGE_SIZE) as u64;
+                            match self
+                                .uffd
+                                .move_pages(dst + at, run.addr + at, PAGE_BYTES, mode)
+                            {
+                                Ok(_) => {}
+                                Err(UffdError::Busy { .. }) => results[off] = shm::RESULT_BUSY,
+                                Err(e) => {
+                                    debug!(
+                                        client = self.id,
+                                        addr = run.addr + at,
+                                        "cross-mm move: {e}"
+                                    );
+                                    results[off] = shm::RESULT_FAILED;
                                 }
-                                off += 1;
                             }
-                            _ => {
-                                debug!(client = self.id, addr = run.addr, "cross-mm move: {e}");
-                                results[off] = shm::RESULT_FAILED;
-                                off += 1;
-                            }
+                            off += 1;
+                        }
+                        _ => {
+                            debug!(client = self.id, addr = run.addr, "cross-mm move: {e}");
+                            results[off] = shm::RESULT_FAILED;
+                            off += 1;
                         }
                     }
                 }
             }
-            // Which slots now hold a page: holes (never touched, or gone) stay empty.
-            residency.clear();
-            residency.resize(pages, 0);
-            // SAFETY: mincore on our own arena range into a buffer of one byte per page.
-            let rc =
-                unsafe { libc::mincore(dst as *mut _, pages * PAGE_SIZE, residency.as_mut_ptr()) };
-            for (i, r) in results.iter_mut().enumerate() {
-                if *r == shm::RESULT_PENDING {
-                    *r = if rc != 0 || residency[i] & 1 != 0 {
-                        shm::RESULT_MOVED
-                    } else {
-                        shm::RESULT_HOLE
-                    };
-                }
+        }
+        // Which slots now hold a page: holes (never touched, or gone) stay empty.
+        let mut residency = vec![0u8; pages];
+        // SAFETY: mincore on our own arena range into a buffer of one byte per page.
+        let rc = unsafe { libc::mincore(dst as *mut _, pages * PAGE_SIZE, residency.as_mut_ptr()) };
+        for (i, r) in results.iter_mut().enumerate() {
+            if *r == shm::RESULT_PENDING {
+                *r = if rc != 0 || residency[i] & 1 != 0 {
+                    shm::RESULT_MOVED
+                } else {
+                    shm::RESULT_HOLE
+                };
             }
-            for (i, &r) in results.iter().enumerate() {
-                count_result(&self.counters, r);
-                st.pages.complete(
-                    run.first_slot + i as u32,
-                    seq,
-                    r == shm::RESULT_MOVED,
-                    now_ms,
-                    r == shm::RESULT_BUSY,
-                );
-            }
+        }
+        for (i, &r) in results.iter().enumerate() {
+            count_result(&self.counters, r);
+            st.pages.complete(
+                run.first_slot + i as u32,
+                seq,
+                r == shm::RESULT_MOVED,
+                now_ms,
+                r == shm::RESULT_BUSY,
+            );
         }
     }
 
