@@ -140,10 +140,7 @@ pub(crate) fn fds_ok(which: &[usize]) -> bool {
         let same = if NO_KCMP.load(Ordering::Relaxed) {
             same_inode(fd, r)
         } else {
-            // SAFETY: kcmp compares two descriptors of our own process; it reads nothing else.
-            unsafe {
-                libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd, r) == 0
-            }
+            same_file(pid, fd, r) == 0
         };
         if !same {
             SHIM.state.store(DETACHED, Ordering::Release);
@@ -157,6 +154,14 @@ pub(crate) fn fds_ok(which: &[usize]) -> bool {
 /// inode only, which still catches a closed descriptor or one reused for another file or
 /// socket, but not one reused for another anonymous-inode object (eventfd, userfaultfd).
 static NO_KCMP: AtomicBool = AtomicBool::new(false);
+
+/// kcmp(KCMP_FILE) of two descriptors of ours: 0 when they are the same open file.
+fn same_file(pid: i32, a: i32, b: i32) -> libc::c_long {
+    // SAFETY: kcmp compares two descriptors of our own process; it reads nothing else.
+    unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, a, b)
+    }
+}
 
 /// Whether two descriptors of ours refer to the same inode (the weaker check without kcmp).
 fn same_inode(a: i32, b: i32) -> bool {
@@ -182,15 +187,13 @@ fn make_refs() -> Result<(), &'static str> {
         }
         SHIM.refs[i].store(d, Ordering::Relaxed);
     }
-    // SAFETY: getpid has no preconditions; kcmp compares two descriptors of our own process.
-    let kcmp = unsafe {
-        let pid = libc::getpid();
-        let (fd, r) = (
-            fd_of(FD_SOCK).load(Ordering::Relaxed),
-            SHIM.refs[FD_SOCK].load(Ordering::Relaxed),
-        );
-        libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, fd, r)
-    };
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let kcmp = same_file(
+        pid,
+        fd_of(FD_SOCK).load(Ordering::Relaxed),
+        SHIM.refs[FD_SOCK].load(Ordering::Relaxed),
+    );
     if kcmp != 0 {
         NO_KCMP.store(true, Ordering::Relaxed);
         raw::eprint_line(&[
@@ -219,18 +222,23 @@ extern "C" fn uswap_shim_init() {
     }
 }
 
-/// Closes whatever a failed `init` left open.
-fn teardown_partial() {
+/// Closes every descriptor the shim opened (and its high-numbered duplicates).
+fn close_own_fds() {
     for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd]
         .into_iter()
         .chain(SHIM.refs.iter())
     {
         let v = fd.swap(-1, Ordering::AcqRel);
         if v >= 0 {
-            // SAFETY: closing a descriptor this shim opened.
+            // SAFETY: closing a descriptor this shim opened (swapped out, so closed once).
             unsafe { libc::close(v) };
         }
     }
+}
+
+/// Closes whatever a failed `init` left open.
+fn teardown_partial() {
+    close_own_fds();
     SHIM.state.store(OFF, Ordering::Release);
 }
 
@@ -529,16 +537,8 @@ extern "C" fn fork_child() {
     let locked = FORK_LOCKED.swap(false, Ordering::Relaxed);
     if SHIM.state.load(Ordering::Acquire) == MANAGED {
         SHIM.state.store(DETACHED, Ordering::Release);
-        for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd]
-            .into_iter()
-            .chain(SHIM.refs.iter())
-        {
-            let v = fd.swap(-1, Ordering::AcqRel);
-            if v >= 0 {
-                // SAFETY: closing the child's copies of descriptors the shim opened.
-                unsafe { libc::close(v) };
-            }
-        }
+        // The child's copies of the parent's descriptors.
+        close_own_fds();
     }
     if locked {
         sock_unlock();
