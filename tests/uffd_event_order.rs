@@ -6,24 +6,8 @@ use std::os::fd::AsRawFd;
 
 use uswap::uffd::{sys, Event, Uffd};
 
-const PAGE: u64 = 4096;
-
-fn map(pages: usize) -> (u64, usize) {
-    let len = pages * PAGE as usize;
-    // SAFETY: a fresh anonymous mapping; the test owns it.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    (p as u64, len)
-}
+mod common;
+use common::{map_anon as map, PAGE};
 
 /// The kernel fact behind `monitor::arrivals`: an mremap unmaps its old range at once but
 /// reports that unmap only after its REMAP has been read, so another mremap can land in the

@@ -6,7 +6,8 @@ use std::os::fd::AsRawFd;
 
 use uswap::uffd::{sys, Event, FaultKind, Probe, Uffd, UffdError};
 
-const PAGE: u64 = 4096;
+mod common;
+use common::PAGE;
 
 struct Map {
     base: u64,
@@ -15,23 +16,8 @@ struct Map {
 
 impl Map {
     fn new(pages: usize) -> Map {
-        let len = pages * PAGE as usize;
-        // SAFETY: a fresh anonymous mapping owned by this struct.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        Map {
-            base: p as u64,
-            len,
-        }
+        let (base, len) = common::map_anon(pages);
+        Map { base, len }
     }
     fn page(&self, i: u64) -> u64 {
         self.base + i * PAGE
