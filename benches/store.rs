@@ -134,7 +134,7 @@ fn report_once() {
     let mut handles: Vec<Handle> = Vec::with_capacity(REPORT_PAGES as usize);
     for i in 0..REPORT_PAGES {
         mixed_page(i, &mut page, &mut buf);
-        handles.push(store.put(&page).expect("no quota"));
+        handles.push(store.put(&page, 0x1000).expect("no quota"));
     }
     let s = store.stats();
     let pages = store.stored_pages();
@@ -190,7 +190,10 @@ fn bench_store(c: &mut Criterion) {
     });
 
     let mut store = Store::new(StoreConfig::default());
-    let handles: Vec<Handle> = pages.iter().map(|p| store.put(p).unwrap()).collect();
+    let handles: Vec<Handle> = pages
+        .iter()
+        .map(|p| store.put(p, 0x1000).unwrap())
+        .collect();
     group.bench_function("get_mixed_page", |b| {
         let mut out = [0u8; PAGE_SIZE];
         let mut i = 0;

@@ -59,6 +59,7 @@ pub const KEYS: &[&str] = &[
     "min_region",
     "max_store",
     "hot_ttl",
+    "rescue_after",
     "backend",
     "move_in_decompressed",
 ];
@@ -119,6 +120,9 @@ pub struct ProgramConfig {
     pub max_store_bytes: Option<u64>,
     /// How long a refaulted page is skipped by the clock hand. Key `hot_ttl`.
     pub hot_ttl: Duration,
+    /// How long a program whose monitor died waits for one to come back before its shim
+    /// brings every page home itself. Key `rescue_after`.
+    pub rescue_after: Duration,
     /// Key `backend`.
     pub backend: Backend,
     /// Cross-mm backend: move decompressed pages into the program instead of copying them.
@@ -141,6 +145,7 @@ impl Default for ProgramConfig {
             min_region_bytes: 256 << 10,
             max_store_bytes: None,
             hot_ttl: Duration::from_secs(10),
+            rescue_after: Duration::from_secs(5),
             backend: Backend::Auto,
             move_in_decompressed: false,
         }
@@ -183,6 +188,10 @@ impl ProgramConfig {
             format!("\"{}\"", opt_size(self.max_store_bytes)),
         );
         line("hot_ttl", format!("\"{}\"", format_duration(self.hot_ttl)));
+        line(
+            "rescue_after",
+            format!("\"{}\"", format_duration(self.rescue_after)),
+        );
         line("backend", format!("\"{}\"", self.backend.name()));
         line(
             "move_in_decompressed",
@@ -210,6 +219,7 @@ pub struct Overrides {
     /// `Some(None)` = `"none"` (no quota).
     pub max_store_bytes: Option<Option<u64>>,
     pub hot_ttl: Option<Duration>,
+    pub rescue_after: Option<Duration>,
     pub backend: Option<Backend>,
     pub move_in_decompressed: Option<bool>,
 }
@@ -254,6 +264,7 @@ impl Overrides {
             "min_region" => self.min_region_bytes = Some(size_value(v)?),
             "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
             "hot_ttl" => self.hot_ttl = Some(check_hot_ttl(duration_value(v)?)?),
+            "rescue_after" => self.rescue_after = Some(check_rescue_after(duration_value(v)?)?),
             "backend" => self.backend = Some(backend_value(v)?),
             "move_in_decompressed" => self.move_in_decompressed = Some(bool_value(v)?),
             _ => return Err(KeyError::Unknown),
@@ -300,6 +311,9 @@ impl Overrides {
         if let Some(v) = self.hot_ttl {
             check_hot_ttl(v).map_err(|r| err("hot_ttl", r.reason()))?;
         }
+        if let Some(v) = self.rescue_after {
+            check_rescue_after(v).map_err(|r| err("rescue_after", r.reason()))?;
+        }
         Ok(())
     }
 
@@ -325,6 +339,7 @@ impl Overrides {
         put(&mut cfg.min_region_bytes, &self.min_region_bytes);
         put(&mut cfg.max_store_bytes, &self.max_store_bytes);
         put(&mut cfg.hot_ttl, &self.hot_ttl);
+        put(&mut cfg.rescue_after, &self.rescue_after);
         put(&mut cfg.backend, &self.backend);
         put(&mut cfg.move_in_decompressed, &self.move_in_decompressed);
     }
@@ -424,13 +439,14 @@ struct RawConfig {
     min_region: Option<Spanned<Value>>,
     max_store: Option<Spanned<Value>>,
     hot_ttl: Option<Spanned<Value>>,
+    rescue_after: Option<Spanned<Value>>,
     backend: Option<Spanned<Value>>,
     move_in_decompressed: Option<Spanned<Value>>,
 }
 
 impl RawConfig {
     /// The fields paired with their key names, in [`KEYS`] order.
-    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 14] {
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 15] {
         [
             ("budget", self.budget),
             ("cooling", self.cooling),
@@ -444,6 +460,7 @@ impl RawConfig {
             ("min_region", self.min_region),
             ("max_store", self.max_store),
             ("hot_ttl", self.hot_ttl),
+            ("rescue_after", self.rescue_after),
             ("backend", self.backend),
             ("move_in_decompressed", self.move_in_decompressed),
         ]
@@ -728,6 +745,10 @@ fn check_cooling(d: Duration) -> Result<Duration, KeyError> {
 
 fn check_tick(d: Duration) -> Result<Duration, KeyError> {
     duration_in_range(d, Duration::from_millis(1), Duration::from_secs(10))
+}
+
+fn check_rescue_after(d: Duration) -> Result<Duration, KeyError> {
+    duration_in_range(d, Duration::ZERO, Duration::from_secs(3600))
 }
 
 fn check_hot_ttl(d: Duration) -> Result<Duration, KeyError> {

@@ -149,8 +149,8 @@ fn policy_params(cfg: &ProgramConfig) -> PolicyParams {
 }
 
 impl Client {
-    /// Sets up the window for a client whose `Hello` was accepted. Returns the client and the
-    /// window memfd to send in the acknowledgement.
+    /// Sets up the window and the durable store for a client whose `Hello` was accepted.
+    /// Returns the client and the window memfd and store file to send in the acknowledgement.
     pub fn new(
         id: u64,
         pid: i32,
@@ -158,7 +158,7 @@ impl Client {
         name: String,
         cfg: ProgramConfig,
         uffd: Uffd,
-    ) -> anyhow::Result<(Client, OwnedFd)> {
+    ) -> anyhow::Result<(Client, OwnedFd, OwnedFd)> {
         let slots = ((cfg.window_bytes as usize) / PAGE_SIZE)
             .clamp(shm::MAX_BATCH_PAGES, super::pages::MAX_SLOTS);
         let len = shm::window_len_bytes(slots);
@@ -191,9 +191,20 @@ impl Client {
         // only when the client is dropped.
         let win = unsafe { Window::new(base.cast(), len) };
         win.init();
-        let store = Store::new(StoreConfig {
+        win.rescue_after_ms()
+            .store(cfg.rescue_after.as_millis() as u64, Ordering::Relaxed);
+        let store = Store::try_new(StoreConfig {
+            durable: true,
             max_bytes: cfg.max_store_bytes,
-        });
+        })
+        .context("creating the client's store file")?;
+        let store_fd = OwnedFd::from(
+            store
+                .file()
+                .expect("a durable store has a file")
+                .try_clone()
+                .context("duplicating the store file")?,
+        );
         let has_cross_mm = uffd.has(crate::uffd::sys::UFFD_FEATURE_MOVE_CROSS_MM);
         let cross_mm = match cfg.backend {
             Backend::Auto => has_cross_mm,
@@ -217,8 +228,12 @@ impl Client {
         } else {
             None
         };
+        let mut pages = Pages::new(slots);
+        if !cross_mm {
+            pages.set_slot_records(win);
+        }
         let state = State {
-            pages: Pages::new(slots),
+            pages,
             store,
             regions: Regions::default(),
             policy: ClockPolicy::new(policy_params(&cfg)),
@@ -248,7 +263,7 @@ impl Client {
             arena,
             move_in_refused: AtomicBool::new(false),
         };
-        Ok((client, memfd))
+        Ok((client, memfd, store_fd))
     }
 
     pub fn win(&self) -> &Window {
@@ -867,11 +882,14 @@ impl Client {
                     ),
                     Compressed::Raw => (crate::store::Encoded::Raw, PAGE_BYTES),
                 };
-                match st.store.insert(enc, page) {
+                let Some(owner) = st.pages.slot_owner(slot, gen) else {
+                    // Faulted in or discarded meanwhile: its slot was freed with it.
+                    continue;
+                };
+                match st.store.insert(enc, page, owner) {
                     Ok(h) => {
                         Counters::add(&self.counters.compressed_bytes_in, PAGE_BYTES);
                         Counters::add(&self.counters.compressed_bytes_out, out_len);
-                        let owner = st.pages.slot_owner(slot, gen).unwrap_or(0);
                         let committed = st.pages.commit_stored(slot, gen, h);
                         super::pagetrace::rec(
                             self.id,

@@ -258,7 +258,19 @@ fn apply_events(
                 st.regions.forget(from, from + len, epoch);
                 st.regions.forget(to, to + len, epoch);
                 let store = &mut st.store;
-                st.pages.remap(from, to, len, |h| store.remove(h));
+                let mut moved = Vec::new();
+                st.pages.remap(
+                    from,
+                    to,
+                    len,
+                    |h| store.remove(h),
+                    |h, a| moved.push((h, a)),
+                );
+                for (h, a) in moved {
+                    if let Err(e) = store.set_addr(h, a) {
+                        tracing::error!(error = %e, "store: a moved page's record could not follow it");
+                    }
+                }
                 arrivals.on_remap(from, to, len);
                 continue;
             }

@@ -24,12 +24,17 @@
 //! harmless: its slot or blob is freed and the word is left alone. Each slot remembers the
 //! address of the page it belongs to, so a REMAP that moves a `Moving`/`Window` page is followed.
 //!
-//! Owns: the words, the window slot table and the FIFO of cooling pages. Must not: issue
-//! syscalls or touch the window's bytes (callers copy); all calls are made under the client's
-//! lock.
+//! Owns: the words, the window slot table and the FIFO of cooling pages, and (stock backend)
+//! keeping the window's durable slot records in step with them: a record is rewritten when its
+//! page moves or its batch completes, and zeroed when its slot is freed (see
+//! [`crate::protocol::shm`]). Must not: issue syscalls or touch the window's page bytes
+//! (callers copy); all calls are made under the client's lock.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use std::sync::atomic::Ordering;
+
+use crate::protocol::shm::Window;
 use crate::store::Handle;
 use crate::PAGE_SIZE;
 
@@ -158,6 +163,9 @@ pub struct Pages {
     /// has since been reused or freed are skipped when popped.
     cooling: VecDeque<(u32, u64, u64)>,
     counts: PageCounts,
+    /// The window whose slot records mirror the slot table (stock backend); `None` when the
+    /// slots are not in shared memory (cross-mm arena, tests).
+    records: Option<Window>,
 }
 
 fn chunk_of(addr: u64) -> (u64, usize) {
@@ -183,6 +191,19 @@ impl Pages {
             free_slots: (0..slot_count as u32).collect(),
             cooling: VecDeque::new(),
             counts: PageCounts::default(),
+            records: None,
+        }
+    }
+
+    /// Keeps `win`'s slot records in step with the slot table from now on.
+    pub fn set_slot_records(&mut self, win: Window) {
+        assert_eq!(win.slots(), self.slots.len());
+        self.records = Some(win);
+    }
+
+    fn set_record(&self, slot: u32, addr: u64) {
+        if let Some(w) = &self.records {
+            w.slot_record(slot as usize).store(addr, Ordering::Release);
         }
     }
 
@@ -274,6 +295,7 @@ impl Pages {
         if s.in_use {
             s.in_use = false;
             self.free_slots.insert(slot);
+            self.set_record(slot, 0);
         }
     }
 
@@ -316,6 +338,8 @@ impl Pages {
             return false;
         }
         if moved {
+            // The agent wrote the address it moved the page from; the page may have moved on.
+            self.set_record(slot, addr);
             self.set(
                 addr,
                 PageState::Window {
@@ -438,8 +462,16 @@ impl Pages {
 
     /// REMAP: the pages of `[from, from+len)` now live at `to`. Words move with them; slots
     /// follow. Whatever the monitor held for the destination range is dropped first (the kernel
-    /// unmapped it).
-    pub fn remap(&mut self, from: u64, to: u64, len: u64, mut release: impl FnMut(Handle)) {
+    /// unmapped it). Calls `moved` for each stored page with its new address, so its durable
+    /// record can follow.
+    pub fn remap(
+        &mut self,
+        from: u64,
+        to: u64,
+        len: u64,
+        mut release: impl FnMut(Handle),
+        mut moved_stored: impl FnMut(Handle, u64),
+    ) {
         let mut moved = Vec::new();
         let bases: Vec<u64> = self
             .chunks
@@ -464,6 +496,12 @@ impl Pages {
             let dst = to + off;
             if let PageState::Moving { slot, .. } | PageState::Window { slot, .. } = s {
                 self.slots[slot as usize].addr = dst;
+                if matches!(s, PageState::Window { .. }) {
+                    self.set_record(slot, dst);
+                }
+            }
+            if let PageState::Stored(h) = s {
+                moved_stored(h, dst);
             }
             self.set(dst, s);
         }

@@ -317,7 +317,8 @@ impl Monitor {
                     }
                 };
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let (client, memfd) = Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd)?;
+                let (client, memfd, store_fd) =
+                    Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd)?;
                 let client = Arc::new(client);
                 let mut out = vec![0u8; 256];
                 let n = Msg::HelloAck(HelloAck {
@@ -333,10 +334,12 @@ impl Monitor {
                         memfd.as_raw_fd(),
                         client.req_efd.as_raw_fd(),
                         client.done_efd.as_raw_fd(),
+                        store_fd.as_raw_fd(),
                     ],
                 )
                 .context("sending HelloAck")?;
                 drop(memfd);
+                drop(store_fd);
                 info!(client = id, pid = peer_pid, uid = peer_uid, name = %name, budget = ?client.cfg.budget_bytes, "client attached");
                 self.run_client(client, fd)
             }

@@ -15,6 +15,7 @@
 
 pub mod io;
 pub mod shm;
+pub mod store_layout;
 pub mod wire;
 
 pub use wire::{Msg, ProtoError};

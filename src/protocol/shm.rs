@@ -8,6 +8,15 @@
 //! | 0 .. 4096               | [`Control`] header: sequence numbers, epoch, agent reports  |
 //! | 4096 × (1 + i)          | batch descriptor `i` of the ring (`RING_LEN` of them)        |
 //! | `DATA_OFF` + 4096 × k   | page slot `k`: the bytes of one evicted page                 |
+//! | after the last slot     | slot record `k` (8 bytes each, padded to a page): 0, or the  |
+//! |                         | program address of the page slot `k` holds                   |
+//!
+//! Slot records let the shim bring the window's pages home itself if the monitor dies (see
+//! [`super::store_layout`] for the store's pages). The agent writes a slot's record after
+//! copying a page into the slot and before marking it moved; the monitor rewrites it when the
+//! program moves the page (REMAP) and when it completes the batch, and zeroes it only when the
+//! slot is freed, that is after the page is safe elsewhere (compressed into the store, copied
+//! back into the program) or was discarded by the program.
 //!
 //! Request ring (single producer: the monitor's policy; single consumer: the agent):
 //! the monitor fills descriptor `post_seq % RING_LEN`, stores `post_seq + 1` (release) and
@@ -44,7 +53,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub const SHM_MAGIC: u64 = 0x5553_5741_5057_494e; // "USWAPWIN"
-pub const SHM_VERSION: u32 = 1;
+pub const SHM_VERSION: u32 = 2;
 pub const SLOT_BYTES: usize = 4096;
 /// Batch descriptors in the ring.
 pub const RING_LEN: usize = 8;
@@ -102,6 +111,7 @@ const OFF_READ_BEGIN: usize = 80;
 const OFF_READ_END: usize = 88;
 const OFF_AGENT_DISCARDED: usize = 96;
 const OFF_STAGING: usize = 104;
+const OFF_RESCUE_AFTER_MS: usize = 112;
 const OFF_EVENT_LOG: usize = 512;
 const _: () = assert!(OFF_EVENT_LOG + EVENT_LOG_LEN * 24 <= 4096);
 
@@ -114,17 +124,21 @@ const D_RUNS: usize = 64;
 const D_RESULTS: usize = D_RUNS + MAX_RUNS * 16;
 const _: () = assert!(D_RESULTS + MAX_BATCH_PAGES <= DESC_BYTES);
 
-/// Bytes of a window holding `slots` page slots.
+/// Slot records per page of the record area.
+const RECORDS_PER_PAGE: usize = SLOT_BYTES / 8;
+
+/// Bytes of a window holding `slots` page slots (and their records).
 pub const fn window_len_bytes(slots: usize) -> usize {
-    DATA_OFF + slots * SLOT_BYTES
+    DATA_OFF + (slots + slots.div_ceil(RECORDS_PER_PAGE)) * SLOT_BYTES
 }
 
-/// Page slots in a window of `len` bytes.
+/// Page slots in a window of `len` bytes: the most whose slots and records fit.
 pub const fn slots_in(len: usize) -> usize {
     if len < DATA_OFF {
         0
     } else {
-        (len - DATA_OFF) / SLOT_BYTES
+        let pages = (len - DATA_OFF) / SLOT_BYTES;
+        pages - pages.div_ceil(RECORDS_PER_PAGE + 1)
     }
 }
 
@@ -307,6 +321,18 @@ impl Window {
     }
 
     /// Address of page slot `slot` in this mapping.
+    /// Slot `slot`'s record: 0, or the address of the page it holds (see the module doc).
+    pub fn slot_record(&self, slot: usize) -> &AtomicU64 {
+        assert!(slot < self.slots());
+        self.u64_at(DATA_OFF + self.slots() * SLOT_BYTES + slot * 8)
+    }
+
+    /// How long the shim waits for a monitor to come back before it brings every page home
+    /// itself, in milliseconds (written by the monitor at `init`).
+    pub fn rescue_after_ms(&self) -> &AtomicU64 {
+        self.u64_at(OFF_RESCUE_AFTER_MS)
+    }
+
     pub fn slot_ptr(&self, slot: usize) -> *mut u8 {
         assert!(slot < self.slots());
         // SAFETY: slot < slots(), so the slot lies inside the mapping.
@@ -410,6 +436,16 @@ impl Desc<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_and_records_fit_exactly() {
+        for slots in (1..3000).chain([8192, 8193, 1 << 20]) {
+            assert_eq!(slots_in(window_len_bytes(slots)), slots, "{slots} slots");
+            // One byte short of the next page loses nothing; a page short loses a slot.
+            assert_eq!(slots_in(window_len_bytes(slots) + SLOT_BYTES - 1), slots);
+            assert!(slots_in(window_len_bytes(slots) - SLOT_BYTES) < slots);
+        }
+    }
 
     #[test]
     fn layout_roundtrip_in_plain_memory() {

@@ -56,6 +56,11 @@ pub enum StoreError {
 /// Store settings.
 #[derive(Debug, Clone, Default)]
 pub struct StoreConfig {
+    /// Keep the slabs in a store file (a memfd, [`Store::file`]) in the layout of
+    /// [`crate::protocol::store_layout`], so the pages outlive the monitor: the program's shim
+    /// holds the file too. Only all-zero pages then go without a blob (their record-less
+    /// absence reads as zeros); other same-filled pages are stored as small lz4 blobs.
+    pub durable: bool,
     /// Upper bound on slab bytes mapped ([`StoreStats::slab_bytes_mapped`]), in bytes.
     /// Slabs grow in [`CHUNK_BYTES`] steps, so a bound below one chunk admits only
     /// same-filled pages. Same-filled pages take no slab space and are never refused by it.
@@ -72,8 +77,30 @@ pub struct Store {
 }
 
 impl Store {
-    /// An empty store; maps nothing until the first blob arrives.
+    /// An empty store; maps nothing until the first blob arrives. A durable store creates
+    /// its (empty) store file first, which can fail.
+    pub fn try_new(cfg: StoreConfig) -> Result<Store, StoreError> {
+        let slabs = if cfg.durable {
+            Slabs::new_durable(cfg.max_bytes)?
+        } else {
+            Slabs::new(cfg.max_bytes)
+        };
+        Ok(Store {
+            slabs,
+            words: WordTable::default(),
+            counters: Counters::default(),
+            put_scratch: Vec::new(),
+        })
+    }
+
+    /// The store file of a durable store (see [`StoreConfig::durable`]).
+    pub fn file(&self) -> Option<&std::fs::File> {
+        self.slabs.file()
+    }
+
+    /// An empty, non-durable store; maps nothing until the first blob arrives.
     pub fn new(cfg: StoreConfig) -> Store {
+        assert!(!cfg.durable, "a durable store is made with Store::try_new");
         Store {
             slabs: Slabs::new(cfg.max_bytes),
             words: WordTable::default(),
@@ -82,15 +109,31 @@ impl Store {
         }
     }
 
-    /// Places an encoded page; `page` is the original (used for [`Encoded::Raw`], and for an
-    /// [`Encoded::Lz4`] payload too long or empty to be one of ours, which is kept raw).
+    /// Places an encoded page of the program's page at `addr` (page-aligned, nonzero; kept in
+    /// the page's durable record); `page` is the original (used for [`Encoded::Raw`], and for
+    /// an [`Encoded::Lz4`] payload too long or empty to be one of ours, which is kept raw).
     /// On [`StoreError::Full`] nothing changed.
     pub fn insert(
         &mut self,
         enc: Encoded<'_>,
         page: &[u8; PAGE_SIZE],
+        addr: u64,
     ) -> Result<Handle, StoreError> {
         let placed = match enc {
+            Encoded::SameFilled(word) if word != 0 && self.slabs.file().is_some() => {
+                // A durable store keeps a record (and so a blob) for every page but zero ones.
+                let mut scratch = std::mem::take(&mut self.put_scratch);
+                scratch.resize(SCRATCH_BYTES, 0);
+                let placed = match lz4_flex::block::compress_into(page, &mut scratch) {
+                    Ok(len) => match lz4_class_for_len(len) {
+                        Some(class_idx) => self.place_blob(class_idx, &scratch[..len], addr),
+                        None => self.place_blob(RAW_CLASS_IDX, page, addr),
+                    },
+                    Err(_) => self.place_blob(RAW_CLASS_IDX, page, addr),
+                };
+                self.put_scratch = scratch;
+                placed
+            }
             Encoded::SameFilled(word) => {
                 debug_assert_eq!(same_filled_word(page), Some(word));
                 match self.words.acquire(word) {
@@ -102,10 +145,10 @@ impl Store {
                 }
             }
             Encoded::Lz4(payload) => match lz4_class_for_len(payload.len()) {
-                Some(class_idx) => self.place_blob(class_idx, payload),
-                None => self.place_blob(RAW_CLASS_IDX, page),
+                Some(class_idx) => self.place_blob(class_idx, payload, addr),
+                None => self.place_blob(RAW_CLASS_IDX, page, addr),
             },
-            Encoded::Raw => self.place_blob(RAW_CLASS_IDX, page),
+            Encoded::Raw => self.place_blob(RAW_CLASS_IDX, page, addr),
         };
         if matches!(placed, Err(StoreError::Full)) {
             self.counters.inserts_refused_full += 1;
@@ -113,8 +156,13 @@ impl Store {
         placed
     }
 
-    fn place_blob(&mut self, class_idx: u8, payload: &[u8]) -> Result<Handle, StoreError> {
-        let loc = self.slabs.store(class_idx, payload)?;
+    fn place_blob(
+        &mut self,
+        class_idx: u8,
+        payload: &[u8],
+        addr: u64,
+    ) -> Result<Handle, StoreError> {
+        let loc = self.slabs.store(class_idx, payload, addr)?;
         let h = Handle::blob(BlobLoc {
             class_idx: loc.class_idx,
             chunk_idx: loc.chunk_idx,
@@ -129,9 +177,9 @@ impl Store {
 
     /// Convenience: [`encode`] + [`Store::insert`], with a scratch buffer of the store's own
     /// (so it compresses under the caller's lock; the monitor's hot path uses `encode` first).
-    pub fn put(&mut self, page: &[u8; PAGE_SIZE]) -> Result<Handle, StoreError> {
+    pub fn put(&mut self, page: &[u8; PAGE_SIZE], addr: u64) -> Result<Handle, StoreError> {
         let mut scratch = std::mem::take(&mut self.put_scratch);
-        let placed = self.insert(encode(page, &mut scratch), page);
+        let placed = self.insert(encode(page, &mut scratch), page, addr);
         self.put_scratch = scratch;
         placed
     }
@@ -183,6 +231,20 @@ impl Store {
                     encode::decompress(payload, out)
                         .map_err(|detail| StoreError::DecompressFailed { bits, detail })
                 }
+            }
+        }
+    }
+
+    /// Records that the page behind `h` now belongs at `addr` (the program moved it). A
+    /// same-filled handle has no record and nothing changes.
+    pub fn set_addr(&mut self, h: Handle, addr: u64) -> Result<(), StoreError> {
+        let bits = h.to_bits();
+        let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
+        match h.decode().ok_or(corrupt("reserved bits set"))? {
+            Decoded::SameFilled { .. } => Ok(()),
+            Decoded::Blob(loc) => {
+                let slot = Self::blob_slot(bits, loc)?;
+                self.slabs.set_addr(slot, addr).map_err(corrupt)
             }
         }
     }

@@ -1,66 +1,137 @@
-//! Size-class slabs: fixed-size slots carved out of large anonymous mappings.
+//! Size-class slabs: fixed-size slots carved out of large mappings, with one durable record
+//! per slot.
 //!
-//! Owns: the chunks (one `memmap2::MmapMut::map_anon` of [`CHUNK_BYTES`] each, all of one
-//! size class), the per-chunk used-slot bitmaps, the per-class lists of chunks with a free
-//! slot, and the byte quota on mapped memory. An empty chunk is unmapped at once, so memory
-//! comes back as pages leave.
+//! Owns: the chunks (one mapping of [`EXTENT_BYTES`] each: the slots of [`CHUNK_BYTES`], all of
+//! one size class, preceded by their records; see [`crate::protocol::store_layout`]), the
+//! per-chunk used-slot bitmaps, the per-class lists of chunks with a free slot, and the byte
+//! quota on mapped memory. Chunks live either in anonymous mappings or, for a durable store,
+//! at fixed offsets of one memfd (the store file) whose descriptor the program's shim also
+//! holds. An empty chunk is unmapped (and punched out of the file) at once, so memory comes
+//! back as pages leave.
 //! Must not touch: compression, handle bits (it works in class/chunk/slot indices), uffd,
-//! processes. Its only system calls are the mmap/munmap done by `memmap2`.
+//! processes. Its only system calls are the mmap/munmap done by `memmap2` and, for a durable
+//! store, memfd_create, ftruncate and fallocate(PUNCH_HOLE) on the store file.
 //!
 //! Size classes: slots of 64, 128, ..., 3072 bytes for lz4 payloads (64-byte steps, so at most
 //! 63 bytes of a slot go unused), and one class of 4096-byte slots for raw pages.
 
-use super::encode::LZ4_MAX_LEN_BYTES;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
 use super::handle::{MAX_CHUNK_IDX, MAX_SLOT_IDX};
 use super::StoreError;
+use crate::protocol::store_layout as layout;
 use crate::PAGE_SIZE;
-use memmap2::MmapMut;
+use memmap2::{MmapMut, MmapOptions};
 
-/// Bytes of one chunk (one anonymous mapping).
-pub const CHUNK_BYTES: usize = 256 * 1024;
-/// Step between lz4 size classes, in bytes.
-pub const CLASS_STEP_BYTES: usize = 64;
-/// Number of lz4 size classes.
-const LZ4_CLASSES: usize = LZ4_MAX_LEN_BYTES / CLASS_STEP_BYTES;
-/// The class of raw (page-sized) slots; it comes after the lz4 classes.
-pub const RAW_CLASS_IDX: u8 = LZ4_CLASSES as u8;
-/// Number of size classes, raw included.
-pub const NUM_CLASSES: usize = LZ4_CLASSES + 1;
+pub use layout::{
+    slot_bytes, slots_per_chunk, CHUNK_BYTES, CLASS_STEP_BYTES, EXTENT_BYTES, NUM_CLASSES,
+    RAW_CLASS_IDX,
+};
 
 const BITS_PER_WORD: usize = u64::BITS as usize;
 /// `Chunk::partial_pos` of a chunk that is full (on no partial list).
 const NOT_PARTIAL: u32 = u32::MAX;
 
-const _: () = assert!(LZ4_CLASSES * CLASS_STEP_BYTES == LZ4_MAX_LEN_BYTES);
 const _: () = assert!(NUM_CLASSES <= 1 << super::handle::CLASS_BITS);
 const _: () = assert!(CHUNK_BYTES / CLASS_STEP_BYTES <= MAX_SLOT_IDX as usize + 1);
 const _: () = assert!(CHUNK_BYTES / PAGE_SIZE * PAGE_SIZE == CHUNK_BYTES);
-
-/// Slot size of a class, in bytes.
-pub fn slot_bytes(class_idx: u8) -> usize {
-    if class_idx == RAW_CLASS_IDX {
-        PAGE_SIZE
-    } else {
-        (usize::from(class_idx) + 1) * CLASS_STEP_BYTES
-    }
-}
-
-/// Slots in one chunk of a class.
-pub fn slots_per_chunk(class_idx: u8) -> usize {
-    CHUNK_BYTES / slot_bytes(class_idx)
-}
+const _: () = assert!(super::encode::LZ4_MAX_LEN_BYTES == layout::LZ4_MAX_LEN_BYTES);
 
 /// The smallest lz4 class that holds a payload of `len_bytes`; `None` if it needs more than
-/// [`LZ4_MAX_LEN_BYTES`] or is empty.
+/// [`layout::LZ4_MAX_LEN_BYTES`] or is empty.
 pub fn lz4_class_for_len(len_bytes: usize) -> Option<u8> {
-    if len_bytes == 0 || len_bytes > LZ4_MAX_LEN_BYTES {
+    if len_bytes == 0 || len_bytes > layout::LZ4_MAX_LEN_BYTES {
         return None;
     }
     // < LZ4_CLASSES <= 64, so it fits in u8.
     Some(len_bytes.div_ceil(CLASS_STEP_BYTES) as u8 - 1)
 }
 
-/// One mapping holding slots of a single class.
+/// The store file of a durable store: the memfd, its size, and the mapping of its header and
+/// class table.
+struct StoreFile {
+    file: std::fs::File,
+    len_bytes: u64,
+    head: MmapMut,
+}
+
+impl StoreFile {
+    fn create() -> Result<StoreFile, StoreError> {
+        let io = |e| StoreError::Map(e);
+        // SAFETY: memfd_create with a static name and flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"uswap-store".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io(std::io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor we own.
+        let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        let len_bytes = layout::EXTENTS_OFF as u64;
+        file.set_len(len_bytes).map_err(io)?;
+        // SAFETY: a shared mapping of our own memfd, which no one truncates below this length
+        // (the file only grows; extents are punched, which keeps the size).
+        let mut head =
+            unsafe { MmapOptions::new().len(layout::EXTENTS_OFF).map_mut(&file) }.map_err(io)?;
+        layout::write_header(&mut head[..layout::HEADER_BYTES]);
+        Ok(StoreFile {
+            file,
+            len_bytes,
+            head,
+        })
+    }
+
+    fn class_byte(&self, chunk_idx: u32) -> &AtomicU8 {
+        let off = layout::CLASS_TABLE_OFF + chunk_idx as usize;
+        assert!(off < self.head.len());
+        // SAFETY: in bounds (asserted); AtomicU8 has the size and alignment of u8; the mapping
+        // lives as long as `self`.
+        unsafe { &*(self.head.as_ptr().add(off) as *const AtomicU8) }
+    }
+
+    /// Maps chunk `chunk_idx`'s extent, growing the file first (layout write order, step 1).
+    fn map_extent(&mut self, chunk_idx: u32) -> Result<MmapMut, StoreError> {
+        let io = |e| StoreError::Map(e);
+        let off = layout::extent_off(chunk_idx as usize) as u64;
+        let end = off + EXTENT_BYTES as u64;
+        if end > self.len_bytes {
+            self.file.set_len(end).map_err(io)?;
+            self.len_bytes = end;
+        }
+        // SAFETY: a shared mapping of our own memfd within its length (grown just above; it
+        // never shrinks).
+        unsafe {
+            MmapOptions::new()
+                .offset(off)
+                .len(EXTENT_BYTES)
+                .map_mut(&self.file)
+        }
+        .map_err(io)
+    }
+
+    /// Gives an empty extent's memory back (layout write order, step 5: after its class byte).
+    fn punch(&self, chunk_idx: u32) {
+        let off = layout::extent_off(chunk_idx as usize) as i64;
+        // SAFETY: fallocate on our own memfd; PUNCH_HOLE|KEEP_SIZE changes no size and frees
+        // only the extent's pages, which hold no live record.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                EXTENT_BYTES as i64,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(
+                chunk_idx,
+                error = %std::io::Error::last_os_error(),
+                "store: punching an empty chunk out of the store file failed (memory stays charged)"
+            );
+        }
+    }
+}
+
+/// One extent: the records, then the slots of a single class.
 struct Chunk {
     map: MmapMut,
     /// Bit `i` set = slot `i` in use. Bits past the last slot are set, so they never look free.
@@ -72,8 +143,8 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn new(class_idx: u8) -> Result<Chunk, StoreError> {
-        let map = MmapMut::map_anon(CHUNK_BYTES).map_err(StoreError::Map)?;
+    fn new(class_idx: u8, map: MmapMut) -> Chunk {
+        debug_assert_eq!(map.len(), EXTENT_BYTES);
         let slots = slots_per_chunk(class_idx);
         let words = slots.div_ceil(BITS_PER_WORD);
         let mut used_bitmap = vec![0u64; words].into_boxed_slice();
@@ -81,13 +152,21 @@ impl Chunk {
         if tail_bits != 0 {
             used_bitmap[words - 1] = !((1u64 << tail_bits) - 1);
         }
-        Ok(Chunk {
+        Chunk {
             map,
             used_bitmap,
             used_slots: 0,
             class_idx,
             partial_pos: NOT_PARTIAL,
-        })
+        }
+    }
+
+    /// The record of slot `slot_idx` (see the layout doc).
+    fn record(&self, slot_idx: usize) -> &AtomicU64 {
+        assert!(slot_idx < layout::RECORDS_PER_CHUNK);
+        // SAFETY: records are the first RECORDS_BYTES of the page-aligned extent mapping, so
+        // this is in bounds and 8-byte aligned; the mapping lives as long as `self`.
+        unsafe { &*(self.map.as_ptr().add(slot_idx * layout::RECORD_BYTES) as *const AtomicU64) }
     }
 
     fn is_used(&self, slot_idx: usize) -> bool {
@@ -113,7 +192,7 @@ impl Chunk {
     }
 
     fn slot_range(&self, slot_idx: usize, len_bytes: usize) -> std::ops::Range<usize> {
-        let start = slot_idx * slot_bytes(self.class_idx);
+        let start = layout::slot_off(self.class_idx, slot_idx);
         start..start + len_bytes
     }
 }
@@ -130,6 +209,8 @@ pub(crate) struct Slabs {
     used_slot_bytes: u64,
     bitmap_words: u64,
     max_mapped_bytes: Option<u64>,
+    /// The store file of a durable store; `None`: chunks are anonymous mappings.
+    file: Option<StoreFile>,
 }
 
 /// Where a blob is, as the slabs see it.
@@ -143,6 +224,7 @@ pub(crate) struct SlotLoc {
 impl Slabs {
     pub fn new(max_mapped_bytes: Option<u64>) -> Slabs {
         Slabs {
+            file: None,
             chunks: Vec::new(),
             free_chunk_idxs: Vec::new(),
             partial: (0..NUM_CLASSES).map(|_| Vec::new()).collect(),
@@ -153,10 +235,24 @@ impl Slabs {
         }
     }
 
-    /// Takes a slot of `class_idx` and copies `data` (at most the slot size) to its start.
+    /// Slabs in a new store file (a memfd), for a store that must outlive the monitor.
+    pub fn new_durable(max_mapped_bytes: Option<u64>) -> Result<Slabs, StoreError> {
+        Ok(Slabs {
+            file: Some(StoreFile::create()?),
+            ..Slabs::new(max_mapped_bytes)
+        })
+    }
+
+    /// The store file, if durable.
+    pub fn file(&self) -> Option<&std::fs::File> {
+        self.file.as_ref().map(|f| &f.file)
+    }
+
+    /// Takes a slot of `class_idx`, copies `data` (1 byte up to the slot size) to its start,
+    /// then writes its record naming the page at `addr` (layout write order, step 2).
     /// Maps a new chunk when the class has no free slot; that fails with
     /// [`StoreError::Full`] when it would pass the quota, leaving everything unchanged.
-    pub fn store(&mut self, class_idx: u8, data: &[u8]) -> Result<SlotLoc, StoreError> {
+    pub fn store(&mut self, class_idx: u8, data: &[u8], addr: u64) -> Result<SlotLoc, StoreError> {
         assert!(
             usize::from(class_idx) < NUM_CLASSES,
             "class_idx {class_idx}"
@@ -177,6 +273,9 @@ impl Slabs {
             .expect("a chunk on a partial list has a free slot");
         let range = chunk.slot_range(slot_idx, data.len());
         chunk.map[range].copy_from_slice(data);
+        chunk
+            .record(slot_idx)
+            .store(layout::record(addr, data.len()), Ordering::Release);
         if chunk.is_full() {
             let popped = self.partial[usize::from(class_idx)].pop();
             debug_assert_eq!(popped, Some(chunk_idx));
@@ -197,12 +296,25 @@ impl Slabs {
         if self.max_mapped_bytes.is_some_and(|max| mapped_after > max) {
             return Err(StoreError::Full);
         }
+        let max_chunks = if self.file.is_some() {
+            layout::MAX_CHUNKS
+        } else {
+            MAX_CHUNK_IDX as usize + 1
+        };
         let chunk_idx = match self.free_chunk_idxs.last() {
             Some(&idx) => idx,
-            None if self.chunks.len() <= MAX_CHUNK_IDX as usize => self.chunks.len() as u32,
+            None if self.chunks.len() < max_chunks => self.chunks.len() as u32,
             None => return Err(StoreError::Full),
         };
-        let mut chunk = Chunk::new(class_idx)?;
+        let map = match &mut self.file {
+            Some(f) => f.map_extent(chunk_idx)?,
+            None => MmapMut::map_anon(EXTENT_BYTES).map_err(StoreError::Map)?,
+        };
+        if let Some(f) = &self.file {
+            f.class_byte(chunk_idx)
+                .store(class_idx + 1, Ordering::Release);
+        }
+        let mut chunk = Chunk::new(class_idx, map);
         let partial = &mut self.partial[usize::from(class_idx)];
         chunk.partial_pos = partial.len() as u32;
         partial.push(chunk_idx);
@@ -246,6 +358,16 @@ impl Slabs {
         Ok(&chunk.map[chunk.slot_range(loc.slot_idx as usize, len_bytes)])
     }
 
+    /// Rewrites a used slot's record for a page that moved to `addr` (layout write order,
+    /// step 3).
+    pub fn set_addr(&mut self, loc: SlotLoc, addr: u64) -> Result<(), &'static str> {
+        let chunk = self.chunk_of(loc)?;
+        let rec = chunk.record(loc.slot_idx as usize);
+        let (_, len_bytes) = layout::record_parts(rec.load(Ordering::Relaxed));
+        rec.store(layout::record(addr, len_bytes), Ordering::Release);
+        Ok(())
+    }
+
     /// Frees a slot; unmaps its chunk if that was the chunk's last slot in use. On error
     /// (the slot was not in use) nothing changes.
     pub fn free(&mut self, loc: SlotLoc) -> Result<(), &'static str> {
@@ -255,6 +377,7 @@ impl Slabs {
             .as_mut()
             .expect("checked by chunk_of");
         let slot_idx = loc.slot_idx as usize;
+        chunk.record(slot_idx).store(0, Ordering::Release);
         let was_full = chunk.is_full();
         chunk.used_bitmap[slot_idx / BITS_PER_WORD] &= !(1 << (slot_idx % BITS_PER_WORD));
         chunk.used_slots -= 1;
@@ -290,6 +413,10 @@ impl Slabs {
         self.free_chunk_idxs.push(chunk_idx);
         // Dropping the MmapMut unmaps it.
         drop(chunk);
+        if let Some(f) = &self.file {
+            f.class_byte(chunk_idx).store(0, Ordering::Release);
+            f.punch(chunk_idx);
+        }
     }
 
     /// Chunks currently mapped.
@@ -359,6 +486,7 @@ impl Slabs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::LZ4_MAX_LEN_BYTES;
 
     #[test]
     fn lz4_class_for_len_rounds_up_to_64_bytes() {
@@ -381,7 +509,7 @@ mod tests {
     fn chunk_tail_bits_never_allocated() {
         // 1088-byte class: 240 slots, so the last bitmap word is partly tail.
         let class_idx = lz4_class_for_len(1088).unwrap();
-        let mut chunk = Chunk::new(class_idx).unwrap();
+        let mut chunk = Chunk::new(class_idx, MmapMut::map_anon(EXTENT_BYTES).unwrap());
         let slots = slots_per_chunk(class_idx);
         assert_eq!(slots, 240);
         for want in 0..slots {
@@ -394,14 +522,14 @@ mod tests {
     #[test]
     fn free_last_slot_unmaps_chunk_and_reuses_index() {
         let mut s = Slabs::new(None);
-        let a = s.store(RAW_CLASS_IDX, &[1; PAGE_SIZE]).unwrap();
-        let b = s.store(0, &[2; 10]).unwrap();
+        let a = s.store(RAW_CLASS_IDX, &[1; PAGE_SIZE], 0x1000).unwrap();
+        let b = s.store(0, &[2; 10], 0x2000).unwrap();
         assert_eq!(s.live_chunks(), 2);
         s.free(a).unwrap();
         assert_eq!(s.live_chunks(), 1);
         assert_eq!(s.free(a), Err("chunk not mapped"));
         s.check_invariants();
-        let c = s.store(5, &[3; 300]).unwrap();
+        let c = s.store(5, &[3; 300], 0x3000).unwrap();
         assert_eq!(c.chunk_idx, a.chunk_idx, "freed chunk index reused");
         assert_eq!(s.read(b, 10).unwrap(), &[2; 10]);
         s.check_invariants();

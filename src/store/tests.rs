@@ -143,7 +143,7 @@ proptest! {
     #[test]
     fn put_get_arbitrary_page_round_trips(page in arb_page()) {
         let mut store = Store::new(StoreConfig::default());
-        let h = store.put(&page).unwrap();
+        let h = store.put(&page, 0x1000).unwrap();
         prop_assert!(h.to_bits() < 1 << 61);
         prop_assert_eq!(&read_back(&store, h), &page);
         let want_kind = if same_filled_word(&page).is_some() {
@@ -172,7 +172,7 @@ proptest! {
             if insert || model.is_empty() {
                 let page = page_of_shape(shape, seed);
                 let enc = encode(&page, &mut scratch);
-                let h = store.insert(enc, &page).unwrap();
+                let h = store.insert(enc, &page, 0x1000).unwrap();
                 model.insert(next_key, (h, page));
                 next_key += 1;
             } else {
@@ -210,7 +210,7 @@ fn store_is_send() {
 #[test]
 fn put_zero_page_uses_no_slab_or_word_entry() {
     let mut store = Store::new(StoreConfig::default());
-    let h = store.put(&filled_page(0)).unwrap();
+    let h = store.put(&filled_page(0), 0x1000).unwrap();
     assert_eq!(h, Handle::ZERO_PAGE);
     let stats = store.stats();
     assert_eq!((stats.pages_same_filled, stats.pages_zero), (1, 1));
@@ -221,8 +221,8 @@ fn put_zero_page_uses_no_slab_or_word_entry() {
 fn put_same_word_pages_share_one_table_entry() {
     let mut store = Store::new(StoreConfig::default());
     let page = filled_page(0x0101_0101_0101_0101);
-    let a = store.put(&page).unwrap();
-    let b = store.put(&page).unwrap();
+    let a = store.put(&page, 0x1000).unwrap();
+    let b = store.put(&page, 0x1000).unwrap();
     assert_eq!(a, b);
     assert_eq!(store.stats().fill_words, 1);
     store.remove(a);
@@ -243,7 +243,10 @@ fn put_same_word_pages_share_one_table_entry() {
 fn remove_then_put_reuses_slot_memory() {
     let mut store = Store::new(StoreConfig::default());
     let pages: Vec<Page> = (0..300).map(|i| text_page(i + 1)).collect();
-    let handles: Vec<Handle> = pages.iter().map(|p| store.put(p).unwrap()).collect();
+    let handles: Vec<Handle> = pages
+        .iter()
+        .map(|p| store.put(p, 0x1000).unwrap())
+        .collect();
     let mapped_full = store.stats().slab_bytes_mapped;
     assert!(mapped_full > 0);
     // Remove every other page, then put as many new ones: no new chunk is needed.
@@ -257,7 +260,7 @@ fn remove_then_put_reuses_slot_memory() {
     }
     for i in 0..150 {
         let p = text_page(1000 + i);
-        store.put(&p).unwrap();
+        store.put(&p, 0x1000).unwrap();
     }
     assert!(
         store.stats().slab_bytes_mapped <= mapped_full,
@@ -273,7 +276,7 @@ fn remove_all_raw_pages_releases_every_chunk() {
     let mut store = Store::new(StoreConfig::default());
     let per_chunk = slots_per_chunk(RAW_CLASS_IDX);
     let handles: Vec<Handle> = (0..per_chunk as u64 * 3 + 1)
-        .map(|i| store.put(&random_page(i + 7)).unwrap())
+        .map(|i| store.put(&random_page(i + 7), 0x1000).unwrap())
         .collect();
     assert!(handles.iter().all(|h| h.kind() == PageKind::Raw));
     assert_eq!(store.stats().chunks, 4);
@@ -298,12 +301,13 @@ fn quota_exceeded_full_and_nothing_lost() {
     let max_bytes = 2 * CHUNK_BYTES as u64;
     let mut store = Store::new(StoreConfig {
         max_bytes: Some(max_bytes),
+        ..Default::default()
     });
     let per_chunk = slots_per_chunk(RAW_CLASS_IDX) as u64;
     let mut handles = Vec::new();
     let mut seed = 1;
     let refused = loop {
-        match store.put(&random_page(seed)) {
+        match store.put(&random_page(seed), 0x1000) {
             Ok(h) => handles.push((h, seed)),
             Err(e) => break e,
         }
@@ -317,9 +321,12 @@ fn quota_exceeded_full_and_nothing_lost() {
     assert_eq!(stats.inserts_refused_full, 1);
     assert_eq!(store.stored_pages(), 2 * per_chunk);
     // Same-filled pages take no slab space and are still accepted.
-    let z = store.put(&filled_page(5)).unwrap();
+    let z = store.put(&filled_page(5), 0x1000).unwrap();
     // A different class needs a new chunk: refused too.
-    assert!(matches!(store.put(&text_page(3)), Err(StoreError::Full)));
+    assert!(matches!(
+        store.put(&text_page(3), 0x1000),
+        Err(StoreError::Full)
+    ));
     // Every stored page is intact.
     for (h, seed) in &handles {
         assert_eq!(read_back(&store, *h), random_page(*seed));
@@ -327,7 +334,7 @@ fn quota_exceeded_full_and_nothing_lost() {
     // Freeing one slot makes room again in the same class.
     let (h0, _) = handles.swap_remove(0);
     store.remove(h0);
-    store.put(&random_page(seed)).unwrap();
+    store.put(&random_page(seed), 0x1000).unwrap();
     store.remove(z);
 }
 
@@ -335,7 +342,7 @@ fn quota_exceeded_full_and_nothing_lost() {
 fn get_forged_handles_corrupt_not_panic() {
     let mut store = Store::new(StoreConfig::default());
     let text = text_page(9);
-    let h = store.put(&text).unwrap();
+    let h = store.put(&text, 0x1000).unwrap();
     assert_eq!(h.kind(), PageKind::Lz4);
     let mut out = filled_page(0);
     let Some(handle::Decoded::Blob(loc)) = h.decode() else {
@@ -400,7 +407,7 @@ fn insert_lz4_payload_too_long_kept_raw() {
     let mut store = Store::new(StoreConfig::default());
     let page = random_page(3);
     let bogus = vec![0u8; LZ4_MAX_LEN_BYTES + 1];
-    let h = store.insert(Encoded::Lz4(&bogus), &page).unwrap();
+    let h = store.insert(Encoded::Lz4(&bogus), &page, 0x1000).unwrap();
     assert_eq!(h.kind(), PageKind::Raw);
     assert_eq!(read_back(&store, h), page);
 }
@@ -411,9 +418,99 @@ fn metadata_per_page_mixed_10k_pages_at_most_16_bytes() {
     let mut rng = Rng(42);
     for _ in 0..10_000 {
         let r = rng.next();
-        store.put(&page_of_shape((r % 5) as u8, r >> 8)).unwrap();
+        store
+            .put(&page_of_shape((r % 5) as u8, r >> 8), 0x1000)
+            .unwrap();
     }
     let pages = store.stored_pages();
     let per_page = (8 * pages + store.metadata_bytes()) as f64 / pages as f64;
     assert!(per_page <= 16.0, "metadata per page {per_page:.2} bytes");
+}
+
+/// Everything a reader of the store file (the shim after the monitor died) finds: address ->
+/// page contents, decoded through the layout's own decoder.
+fn read_store_file(store: &Store) -> HashMap<u64, Page> {
+    use crate::protocol::store_layout::{decode_page, StoreView};
+    use std::os::fd::AsRawFd;
+    let file = store.file().expect("durable");
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a new read-write shared mapping of the store file, unmapped below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    let mut found = HashMap::new();
+    {
+        // SAFETY: the mapping above, `len` bytes; the store is not written meanwhile.
+        let view = unsafe { StoreView::new(base.cast(), len) }.expect("valid header");
+        view.for_each_page(|p| {
+            let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+            assert!(decode_page(&p, &mut out), "page at {:#x} decodes", p.addr);
+            assert!(found.insert(p.addr, out).is_none(), "one record per page");
+        });
+    }
+    // SAFETY: unmapping the mapping made above; the view is gone.
+    unsafe { libc::munmap(base, len) };
+    found
+}
+
+#[test]
+fn durable_store_file_names_every_nonzero_page_and_follows_moves() {
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+    })
+    .unwrap();
+    let base = 0x7f00_0000_0000u64;
+    let at = |i: u64| base + i * PAGE_SIZE as u64;
+    let mut want = HashMap::new();
+    let mut handles = Vec::new();
+    for i in 0..300u64 {
+        let page = match i % 4 {
+            0 => text_page(i),
+            1 => random_page(i),
+            2 => filled_page(0xdead_beef_0000_0000 | i),
+            _ => filled_page(0),
+        };
+        handles.push(store.put(&page, at(i)).unwrap());
+        if i % 4 != 3 {
+            want.insert(at(i), page);
+        }
+    }
+    assert_eq!(
+        read_store_file(&store),
+        want,
+        "zero pages have no record, others do"
+    );
+
+    // The program moves pages 0..10 to a new address; pages 10..20 go back to it.
+    for i in 0..10u64 {
+        store
+            .set_addr(handles[i as usize], at(i) + (1 << 30))
+            .unwrap();
+        if let Some(page) = want.remove(&at(i)) {
+            want.insert(at(i) + (1 << 30), page);
+        }
+    }
+    for i in 10..20u64 {
+        store.remove(handles[i as usize]);
+        want.remove(&at(i));
+    }
+    assert_eq!(read_store_file(&store), want);
+
+    // Everything out: every chunk is released and the file holds nothing.
+    for (i, h) in handles.iter().enumerate() {
+        if !(10..20).contains(&i) {
+            store.remove(*h);
+        }
+    }
+    assert_eq!(store.stats().chunks, 0);
+    assert!(read_store_file(&store).is_empty());
 }

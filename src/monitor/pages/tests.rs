@@ -86,7 +86,11 @@ impl Sim {
         }
         Sim {
             pages: Pages::new(SLOTS),
-            store: Store::new(StoreConfig { max_bytes: None }),
+            store: Store::try_new(StoreConfig {
+                durable: true,
+                max_bytes: None,
+            })
+            .unwrap(),
             mem,
             reference: HashMap::new(),
             window: vec![0; SLOTS],
@@ -227,7 +231,7 @@ impl Sim {
                 for (_a, slot, gen) in out {
                     let h = self
                         .store
-                        .put(&page_of(self.window[slot as usize]))
+                        .put(&page_of(self.window[slot as usize]), 0x1000)
                         .unwrap();
                     if let Err(h) = self.pages.commit_stored(slot, gen, h) {
                         self.store.remove(h);
@@ -275,7 +279,14 @@ impl Sim {
                 self.events.push((f, f + len));
                 self.events.push((t, t + len));
                 let store = &mut self.store;
-                self.pages.remap(f, t, len, |h| store.remove(h));
+                let mut moved = Vec::new();
+                self.pages
+                    .remap(f, t, len, |h| store.remove(h), |h, a| moved.push((h, a)));
+                for (h, a) in moved {
+                    if let Err(e) = store.set_addr(h, a) {
+                        tracing::error!(error = %e, "store: a moved page's record could not follow it");
+                    }
+                }
                 // The old range is a fresh mapping again in this model (mremap + new mmap).
             }
         }
@@ -322,8 +333,12 @@ fn word_encoding_roundtrips() {
     for s in states {
         assert_eq!(PageState::decode(s.encode()), s);
     }
-    let mut store = Store::new(StoreConfig { max_bytes: None });
-    let h = store.put(&page_of(77)).unwrap();
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+    })
+    .unwrap();
+    let h = store.put(&page_of(77), 0x1000).unwrap();
     assert_eq!(
         PageState::decode(PageState::Stored(h).encode()),
         PageState::Stored(h)

@@ -1,0 +1,358 @@
+//! The durable store layout: the one format both the monitor (writer) and the shim (reader,
+//! after the monitor died) understand. Versioned; change [`STORE_VERSION`] with any change.
+//!
+//! The monitor keeps each client's compressed pages in one memfd and sends its descriptor to
+//! the client's shim in `HelloAck`, so no evicted page lives only in the monitor: if the
+//! monitor dies, the shim still holds the store and can bring every page home itself
+//! ("rescue"), or a restarted monitor can adopt it.
+//!
+//! Layout (byte offsets; all integers little-endian, naturally aligned):
+//!
+//! | offset                                   | what                                          |
+//! |------------------------------------------|-----------------------------------------------|
+//! | 0 .. 4096                                | header, see `OFF_*` below                      |
+//! | [`CLASS_TABLE_OFF`] + i (1 byte)         | chunk `i`'s size class + 1; 0 = no chunk       |
+//! | [`EXTENTS_OFF`] + i × [`EXTENT_BYTES`]   | chunk `i`'s extent                             |
+//!
+//! An extent is [`RECORDS_PER_CHUNK`] 8-byte **records** (one per slot, [`RECORDS_BYTES`]),
+//! then [`CHUNK_BYTES`] of slots. Slot `s` of a chunk of class `c` starts at
+//! `RECORDS_BYTES + s × slot_bytes(c)`; raw slots are page-aligned. A record is 0 when its
+//! slot holds nothing, else `page_addr | (len_bytes - 1)`: the program address of the page the
+//! slot holds (page-aligned, never 0) and the payload length (1..=4096). A payload of the raw
+//! class ([`RAW_CLASS_IDX`]) is the page itself; any other is one lz4 block that decompresses
+//! to exactly one page. Pages that are all zero bytes have no record: once a range is
+//! unregistered from userfaultfd, a missing page reads as zeros, which is their content.
+//!
+//! Order of writes (crash consistency: the monitor may die between any two):
+//! 1. a new chunk: the file is grown (`ftruncate`) first, then its class byte is set;
+//! 2. a page in: its payload is written to the slot, then its record (one aligned 8-byte
+//!    store, release), and only after that does the monitor drop any other copy of the page;
+//! 3. a page moved by the program (`mremap`): the record is rewritten with the new address;
+//! 4. a page out (faulted back, or discarded by the program): the record is zeroed only
+//!    after the page was copied into the program (or the program discarded it);
+//! 5. an empty chunk: its class byte is zeroed, then its extent is punched out of the file.
+//!
+//! So a reader sees, for every page, either a complete record with its payload, or no record
+//! while another copy exists. It may also see a stale record of a page that is already back
+//! in the program (step 4 not done yet): copying it in again fails with EEXIST and is skipped,
+//! which is why a reader never overwrites a present page.
+//!
+//! Owns: the layout, its constants and a reader that does not allocate. Must not: make
+//! syscalls or allocate (the shim's agent calls it while the program's allocator may be
+//! unusable).
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+
+// The view holds a raw pointer into shared memory; it is used by one thread at a time.
+
+use crate::PAGE_SIZE;
+
+pub const STORE_MAGIC: u64 = 0x524f_5453_5057_5355; // "USWPSTOR"
+pub const STORE_VERSION: u32 = 1;
+
+/// Bytes of one chunk's slots.
+pub const CHUNK_BYTES: usize = 256 * 1024;
+/// Step between lz4 size classes, in bytes.
+pub const CLASS_STEP_BYTES: usize = 64;
+/// Largest lz4 payload kept compressed; anything longer is stored raw.
+pub const LZ4_MAX_LEN_BYTES: usize = PAGE_SIZE * 3 / 4;
+/// Number of lz4 size classes.
+pub const LZ4_CLASSES: usize = LZ4_MAX_LEN_BYTES / CLASS_STEP_BYTES;
+/// The class of raw (page-sized) slots; it comes after the lz4 classes.
+pub const RAW_CLASS_IDX: u8 = LZ4_CLASSES as u8;
+/// Number of size classes, raw included.
+pub const NUM_CLASSES: usize = LZ4_CLASSES + 1;
+/// One record per possible slot (the smallest class has this many slots).
+pub const RECORDS_PER_CHUNK: usize = CHUNK_BYTES / CLASS_STEP_BYTES;
+pub const RECORD_BYTES: usize = 8;
+pub const RECORDS_BYTES: usize = RECORDS_PER_CHUNK * RECORD_BYTES;
+/// Bytes of one chunk's extent in the file: records, then slots.
+pub const EXTENT_BYTES: usize = RECORDS_BYTES + CHUNK_BYTES;
+/// Most chunks of a durable store (256 GiB of slots).
+pub const MAX_CHUNKS: usize = 1 << 20;
+pub const HEADER_BYTES: usize = 4096;
+pub const CLASS_TABLE_OFF: usize = HEADER_BYTES;
+pub const EXTENTS_OFF: usize = CLASS_TABLE_OFF + MAX_CHUNKS;
+
+const _: () = assert!(EXTENTS_OFF % PAGE_SIZE == 0 && EXTENT_BYTES % PAGE_SIZE == 0);
+const _: () = assert!(
+    RECORDS_BYTES % PAGE_SIZE == 0,
+    "raw slots stay page-aligned"
+);
+const _: () = assert!(LZ4_CLASSES * CLASS_STEP_BYTES == LZ4_MAX_LEN_BYTES);
+
+// Header fields.
+const OFF_MAGIC: usize = 0;
+const OFF_VERSION: usize = 8;
+const OFF_PAGE_BYTES: usize = 12;
+const OFF_CHUNK_BYTES: usize = 16;
+const OFF_EXTENT_BYTES: usize = 20;
+const OFF_CLASS_STEP: usize = 24;
+const OFF_MAX_CHUNKS: usize = 28;
+
+/// Slot size of a class, in bytes.
+pub const fn slot_bytes(class_idx: u8) -> usize {
+    if class_idx == RAW_CLASS_IDX {
+        PAGE_SIZE
+    } else {
+        (class_idx as usize + 1) * CLASS_STEP_BYTES
+    }
+}
+
+/// Slots in one chunk of a class.
+pub const fn slots_per_chunk(class_idx: u8) -> usize {
+    CHUNK_BYTES / slot_bytes(class_idx)
+}
+
+/// Offset of chunk `chunk_idx`'s extent in the file.
+pub const fn extent_off(chunk_idx: usize) -> usize {
+    EXTENTS_OFF + chunk_idx * EXTENT_BYTES
+}
+
+/// Offset of slot `slot_idx` within an extent.
+pub const fn slot_off(class_idx: u8, slot_idx: usize) -> usize {
+    RECORDS_BYTES + slot_idx * slot_bytes(class_idx)
+}
+
+/// A record word for a page at `addr` with a payload of `len_bytes`.
+pub fn record(addr: u64, len_bytes: usize) -> u64 {
+    debug_assert!(addr != 0 && addr % PAGE_SIZE as u64 == 0);
+    debug_assert!((1..=PAGE_SIZE).contains(&len_bytes));
+    addr | (len_bytes as u64 - 1)
+}
+
+/// `(page_addr, len_bytes)` of a nonzero record.
+pub fn record_parts(rec: u64) -> (u64, usize) {
+    (
+        rec & !(PAGE_SIZE as u64 - 1),
+        (rec & (PAGE_SIZE as u64 - 1)) as usize + 1,
+    )
+}
+
+/// Writes the header into the first [`HEADER_BYTES`] of a new store file's mapping.
+pub fn write_header(hdr: &mut [u8]) {
+    hdr[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&STORE_MAGIC.to_le_bytes());
+    hdr[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&STORE_VERSION.to_le_bytes());
+    let put = |h: &mut [u8], off: usize, v: usize| {
+        h[off..off + 4].copy_from_slice(&(v as u32).to_le_bytes())
+    };
+    put(hdr, OFF_PAGE_BYTES, PAGE_SIZE);
+    put(hdr, OFF_CHUNK_BYTES, CHUNK_BYTES);
+    put(hdr, OFF_EXTENT_BYTES, EXTENT_BYTES);
+    put(hdr, OFF_CLASS_STEP, CLASS_STEP_BYTES);
+    put(hdr, OFF_MAX_CHUNKS, MAX_CHUNKS);
+}
+
+/// Why a store file cannot be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("store file of {len} bytes is shorter than its header and class table")]
+    Short { len: usize },
+    #[error("store file has magic {found:#x}, not USWPSTOR")]
+    Magic { found: u64 },
+    #[error("store file has layout version {found}, this build reads {STORE_VERSION}")]
+    Version { found: u32 },
+    #[error(
+        "store file geometry (page, chunk, extent, class step, chunks) differs from this build's"
+    )]
+    Geometry,
+}
+
+/// A view of a mapped store file (`len` bytes at `base`), for a reader that brings pages home
+/// or adopts the store: it reads payloads and reads and rewrites records.
+pub struct StoreView {
+    base: *mut u8,
+    len: usize,
+}
+
+/// One stored page found by [`StoreView::for_each_page`].
+pub struct StoredPage<'a> {
+    pub addr: u64,
+    /// The raw page, or an lz4 block that decompresses to one page.
+    pub payload: &'a [u8],
+    pub raw: bool,
+    pub chunk_idx: usize,
+    pub class_idx: u8,
+    pub slot_idx: usize,
+}
+
+impl StoreView {
+    /// Checks the header of a mapped store file.
+    ///
+    /// # Safety
+    /// `base` must be the page-aligned start of a shared mapping of at least `len` bytes that
+    /// stays mapped while the view is used, and no one else may write the slots' payloads
+    /// meanwhile (records are accessed atomically).
+    pub unsafe fn new(base: *mut u8, len: usize) -> Result<StoreView, LayoutError> {
+        if len < EXTENTS_OFF {
+            return Err(LayoutError::Short { len });
+        }
+        // SAFETY: the caller guarantees `len` readable bytes at `base`; the header is read
+        // while the view exists, and records are only written atomically.
+        let bytes = unsafe { std::slice::from_raw_parts(base as *const u8, HEADER_BYTES) };
+        let u32_at = |off: usize| u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap());
+        let magic = u64::from_le_bytes(bytes[OFF_MAGIC..OFF_MAGIC + 8].try_into().unwrap());
+        if magic != STORE_MAGIC {
+            return Err(LayoutError::Magic { found: magic });
+        }
+        let version = u32_at(OFF_VERSION);
+        if version != STORE_VERSION {
+            return Err(LayoutError::Version { found: version });
+        }
+        let geometry = [
+            (OFF_PAGE_BYTES, PAGE_SIZE),
+            (OFF_CHUNK_BYTES, CHUNK_BYTES),
+            (OFF_EXTENT_BYTES, EXTENT_BYTES),
+            (OFF_CLASS_STEP, CLASS_STEP_BYTES),
+            (OFF_MAX_CHUNKS, MAX_CHUNKS),
+        ];
+        if geometry
+            .iter()
+            .any(|&(off, want)| u32_at(off) as usize != want)
+        {
+            return Err(LayoutError::Geometry);
+        }
+        Ok(StoreView { base, len })
+    }
+
+    /// Chunks the file has room for.
+    pub fn chunk_capacity(&self) -> usize {
+        ((self.len - EXTENTS_OFF) / EXTENT_BYTES).min(MAX_CHUNKS)
+    }
+
+    /// The class of chunk `chunk_idx`, if it has one (and a valid one).
+    pub fn chunk_class(&self, chunk_idx: usize) -> Option<u8> {
+        // SAFETY: in bounds (CLASS_TABLE_OFF + chunk_idx < EXTENTS_OFF <= len, checked in
+        // `new`), and an AtomicU8 has the alignment and size of a u8.
+        assert!(chunk_idx < MAX_CHUNKS);
+        let byte = unsafe {
+            (*(self.base.add(CLASS_TABLE_OFF + chunk_idx) as *const AtomicU8))
+                .load(Ordering::Acquire)
+        };
+        match byte {
+            0 => None,
+            b if usize::from(b) <= NUM_CLASSES => Some(b - 1),
+            _ => None,
+        }
+    }
+
+    fn record_word(&self, chunk_idx: usize, slot_idx: usize) -> &AtomicU64 {
+        let off = extent_off(chunk_idx) + slot_idx * RECORD_BYTES;
+        assert!(slot_idx < RECORDS_PER_CHUNK && off + RECORD_BYTES <= self.len);
+        // SAFETY: in bounds (asserted), 8-byte aligned (extent offsets and records are
+        // multiples of 8 from a page-aligned mapping), and records are only accessed atomically.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    /// The record of a slot (0 = empty).
+    pub fn record(&self, chunk_idx: usize, slot_idx: usize) -> u64 {
+        self.record_word(chunk_idx, slot_idx)
+            .load(Ordering::Acquire)
+    }
+
+    /// Rewrites a slot's record (0: the page is no longer kept here).
+    pub fn set_record(&self, chunk_idx: usize, slot_idx: usize, rec: u64) {
+        self.record_word(chunk_idx, slot_idx)
+            .store(rec, Ordering::Release)
+    }
+
+    /// Calls `f` for every page with a record, chunk by chunk. Records that do not fit their
+    /// slot (a corrupt length) are passed with an empty payload, so the caller can report them.
+    pub fn for_each_page(&self, mut f: impl FnMut(StoredPage<'_>)) {
+        for chunk_idx in 0..self.chunk_capacity() {
+            let Some(class_idx) = self.chunk_class(chunk_idx) else {
+                continue;
+            };
+            for slot_idx in 0..slots_per_chunk(class_idx) {
+                let rec = self.record(chunk_idx, slot_idx);
+                if rec == 0 {
+                    continue;
+                }
+                let (addr, len_bytes) = record_parts(rec);
+                let raw = class_idx == RAW_CLASS_IDX;
+                let fits = if raw {
+                    len_bytes == PAGE_SIZE
+                } else {
+                    len_bytes <= slot_bytes(class_idx)
+                };
+                let start = extent_off(chunk_idx) + slot_off(class_idx, slot_idx);
+                let payload: &[u8] = if fits && start + len_bytes <= self.len {
+                    // SAFETY: in bounds (checked); payloads are not written while the view is
+                    // used (the caller's contract).
+                    unsafe { std::slice::from_raw_parts(self.base.add(start), len_bytes) }
+                } else {
+                    &[]
+                };
+                f(StoredPage {
+                    addr,
+                    payload,
+                    raw,
+                    chunk_idx,
+                    class_idx,
+                    slot_idx,
+                });
+            }
+        }
+    }
+}
+
+/// Decompresses a stored page into `out` (no allocation). `false` if the payload is corrupt.
+#[cfg(feature = "decode")]
+pub fn decode_page(page: &StoredPage<'_>, out: &mut [u8; PAGE_SIZE]) -> bool {
+    if page.raw {
+        if page.payload.len() != PAGE_SIZE {
+            return false;
+        }
+        out.copy_from_slice(page.payload);
+        return true;
+    }
+    matches!(
+        lz4_flex::block::decompress_into(page.payload, out),
+        Ok(PAGE_SIZE)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_roundtrip() {
+        for (addr, len) in [(0x1000u64, 1usize), (0x7fff_ffff_f000, 4096), (0x5000, 77)] {
+            let r = record(addr, len);
+            assert_ne!(r, 0);
+            assert_eq!(record_parts(r), (addr, len));
+        }
+    }
+
+    #[test]
+    fn geometry() {
+        assert_eq!(slots_per_chunk(0), RECORDS_PER_CHUNK);
+        assert_eq!(slots_per_chunk(RAW_CLASS_IDX), CHUNK_BYTES / PAGE_SIZE);
+        assert_eq!(slot_off(RAW_CLASS_IDX, 3) % PAGE_SIZE, 0);
+        assert_eq!(EXTENT_BYTES, 288 * 1024);
+    }
+
+    #[test]
+    fn header_checked() {
+        let mut words = vec![0u64; (EXTENTS_OFF + EXTENT_BYTES) / 8];
+        let len = words.len() * 8;
+        let base: *mut u8 = words.as_mut_ptr().cast();
+        // SAFETY (all views below): `words` is `len` bytes, 8-aligned, alive and not otherwise
+        // accessed while a view is used.
+        let view = |len| unsafe { StoreView::new(base, len) };
+        assert_eq!(view(len).err(), Some(LayoutError::Magic { found: 0 }));
+        // SAFETY: as above; the header slice is dropped before the next view.
+        write_header(unsafe { std::slice::from_raw_parts_mut(base, HEADER_BYTES) });
+        let v = view(len).unwrap();
+        assert_eq!(v.chunk_capacity(), 1);
+        assert_eq!(v.chunk_class(0), None);
+        assert_eq!(v.record(0, 5), 0);
+        v.set_record(0, 5, record(0x7000, 12));
+        assert_eq!(v.record(0, 5), record(0x7000, 12));
+        // SAFETY: as above.
+        unsafe { *base.add(OFF_VERSION) = 9 };
+        assert_eq!(view(len).err(), Some(LayoutError::Version { found: 9 }));
+        assert!(matches!(view(100), Err(LayoutError::Short { .. })));
+    }
+}
