@@ -128,7 +128,11 @@ fn working_set() -> Vec<[u8; PAGE_SIZE]> {
 
 /// Stores [`REPORT_PAGES`] mixed pages and prints the figures the monitor would report.
 fn report_once() {
-    let mut store = Store::new(StoreConfig::default());
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+    })
+    .expect("store file");
     let mut page = [0u8; PAGE_SIZE];
     let mut buf = Vec::new();
     let mut handles: Vec<Handle> = Vec::with_capacity(REPORT_PAGES as usize);
@@ -189,7 +193,11 @@ fn bench_store(c: &mut Criterion) {
         })
     });
 
-    let mut store = Store::new(StoreConfig::default());
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+    })
+    .expect("store file");
     let handles: Vec<Handle> = pages
         .iter()
         .map(|p| store.put(p, 0x1000).unwrap())
@@ -225,7 +233,7 @@ fn bench_store(c: &mut Criterion) {
         b.iter(|| {
             let page = &pages[i];
             let enc = encode(black_box(page), &mut scratch);
-            let h = store.insert(enc, page).unwrap();
+            let h = store.insert(enc, page, 0x1000).unwrap();
             store.remove(h);
             i = (i + 1) % pages.len();
         })

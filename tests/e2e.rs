@@ -717,6 +717,261 @@ fn daemon_stop_hands_memory_back_to_running_programs() -> R {
     Ok(())
 }
 
+/// `uswap daemon` on `socket` (its config directory is `dir`), output discarded.
+fn spawn_daemon_at(socket: &Path, dir: &Path) -> Result<std::process::Child, Failed> {
+    let child = Command::new(uswap())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(socket)
+        .args(["--mode", "600", "--config-dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let end = Instant::now() + Duration::from_secs(10);
+    while Command::new(uswap())
+        .args(["status", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        if Instant::now() > end {
+            return Err("the daemon did not answer on its socket".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// Program settings for the kill tests, with the backend the suite runs under.
+fn kill_overrides(rescue_after: &str) -> String {
+    let mut o = format!(
+        "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"5ms\"\nrescue_after = \"{rescue_after}\""
+    );
+    if let Ok(b) = std::env::var("USWAP_E2E_BACKEND") {
+        o.push_str(&format!("\nbackend = \"{b}\""));
+    }
+    o
+}
+
+/// What a program printed after its monitor was killed under it.
+struct Killed {
+    out: Output,
+    /// From the SIGKILL to the program's exit.
+    after_kill: Duration,
+    /// Pages the monitor held (window + store) just before the kill, from `uswap status`.
+    held_pages: u64,
+}
+
+impl Killed {
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.stdout).into_owned()
+    }
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.out.stderr).into_owned()
+    }
+    /// The shim's "N pages brought home" figure.
+    fn brought_home(&self) -> Option<u64> {
+        let err = self.stderr();
+        let rest = err.split("without the monitor: ").nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
+    }
+    fn describe(&self) -> String {
+        format!(
+            "status {:?}, {} pages held at the kill, program exit {:.1} s after it\n--- stdout\n{}\n--- stderr\n{}",
+            self.out.status,
+            self.held_pages,
+            self.after_kill.as_secs_f64(),
+            self.stdout(),
+            self.stderr()
+        )
+    }
+}
+
+/// Runs `prog_args` under a daemon, SIGKILLs the daemon once it holds `min_held` evicted pages
+/// and at least `min_delay` has passed, then (if `restart`) starts a new daemon on the same
+/// socket, and waits for the program.
+fn kill_daemon_under(
+    tag: &str,
+    prog_args: &[&str],
+    overrides: &str,
+    min_held: u64,
+    min_delay: Duration,
+    restart: bool,
+) -> Result<Killed, Failed> {
+    let dir = tmpdir(tag);
+    let socket = dir.join("uswap.sock");
+    let mut daemon = spawn_daemon_at(&socket, &dir)?;
+    let started = Instant::now();
+    let prog = Command::new(workload())
+        .args(prog_args)
+        .env("LD_PRELOAD", shim())
+        .env("USWAP_SOCKET", &socket)
+        .env("USWAP_OVERRIDES", overrides)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let end = Instant::now() + Duration::from_secs(20);
+    let held_pages = loop {
+        let st = status_json(&socket)?;
+        let held = st
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload"))
+            .map_or(0, |c| {
+                c["pages_in_window"].as_u64().unwrap_or(0) + c["pages_stored"].as_u64().unwrap_or(0)
+            });
+        if held >= min_held && started.elapsed() >= min_delay {
+            break held;
+        }
+        if Instant::now() > end {
+            return Err(format!("the daemon never held {min_held} pages: {st}").into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    daemon.kill()?;
+    let killed_at = Instant::now();
+    daemon.wait()?;
+    let mut second = None;
+    if restart {
+        second = Some(spawn_daemon_at(&socket, &dir)?);
+    }
+    let out = prog.wait_with_output()?;
+    let after_kill = killed_at.elapsed();
+    if let Some(mut d) = second {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+        d.wait()?;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Killed {
+        out,
+        after_kill,
+        held_pages,
+    })
+}
+
+fn monitor_killed_program_keeps_every_page() -> R {
+    let k = kill_daemon_under(
+        "kill",
+        &[
+            "fill-verify",
+            "--mib",
+            "48",
+            "--rounds",
+            "4",
+            "--idle-ms",
+            "700",
+        ],
+        &kill_overrides("300ms"),
+        2000,
+        Duration::ZERO,
+        false,
+    )?;
+    if !k.out.status.success() || !k.stdout().contains("RESULT ok") {
+        return Err(format!("the program lost data or died\n{}", k.describe()).into());
+    }
+    match k.brought_home() {
+        Some(n) if n >= 1000 => Ok(()),
+        _ => Err(format!(
+            "the shim did not bring the evicted pages home itself\n{}",
+            k.describe()
+        )
+        .into()),
+    }
+}
+
+fn monitor_back_before_rescue_after_rescues_at_once() -> R {
+    // rescue_after is a minute: the program must not wait for it once a monitor answers again.
+    let k = kill_daemon_under(
+        "killback",
+        &[
+            "fill-verify",
+            "--mib",
+            "32",
+            "--rounds",
+            "2",
+            "--idle-ms",
+            "700",
+        ],
+        &kill_overrides("60s"),
+        2000,
+        Duration::ZERO,
+        true,
+    )?;
+    if !k.out.status.success() || !k.stdout().contains("RESULT ok") {
+        return Err(format!("the program lost data or died\n{}", k.describe()).into());
+    }
+    if k.after_kill > Duration::from_secs(30) || k.brought_home().is_none_or(|n| n < 1000) {
+        return Err(format!(
+            "the program waited for rescue_after although a monitor came back, or brought nothing home\n{}",
+            k.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `USWAP_KILL_LOOP` iterations (3 by default): a chaos workload (threads that fault, write,
+/// discard, unmap, remap, and a thread that forks every 150 ms with children that check their
+/// copy) loses its monitor to SIGKILL at a random moment; every other time a new monitor is
+/// started at once. Every page check of every run must pass.
+fn monitor_kill_loop() -> R {
+    let iterations: u64 = std::env::var("USWAP_KILL_LOOP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut seed = 0x5eed_u64 ^ std::process::id() as u64;
+    let (mut checks, mut home, mut held) = (0u64, 0u64, 0u64);
+    for i in 0..iterations {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(200 + (seed >> 33) % 2000);
+        let k = kill_daemon_under(
+            &format!("killloop{i}"),
+            &[
+                "chaos",
+                "--mib",
+                "48",
+                "--secs",
+                "4",
+                "--threads",
+                "3",
+                "--fork-ms",
+                "150",
+            ],
+            &kill_overrides("200ms"),
+            500,
+            delay,
+            i % 2 == 1,
+        )?;
+        let stdout = k.stdout();
+        let ok = k.out.status.success() && stdout.contains("RESULT ok");
+        let n = stdout
+            .split("checks=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok());
+        match (ok, n) {
+            (true, Some(n)) => checks += n,
+            _ => {
+                return Err(format!(
+                    "kill {i} (after {delay:?}, restart {}): the program failed\n{}",
+                    i % 2 == 1,
+                    k.describe()
+                )
+                .into())
+            }
+        }
+        home += k.brought_home().unwrap_or(0);
+        held += k.held_pages;
+    }
+    eprintln!(
+        "kill loop: {iterations} kills, {held} pages held by the monitor at the kills, {home} brought home by the shims, {checks} page checks passed, 0 lost"
+    );
+    Ok(())
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -831,6 +1086,15 @@ fn main() {
             bad_config_file_is_refused_naming_file_key_reason,
         ),
         Trial::test("doctor_reports_the_machine", doctor_reports_the_machine),
+        Trial::test(
+            "monitor_killed_program_keeps_every_page",
+            monitor_killed_program_keeps_every_page,
+        ),
+        Trial::test(
+            "monitor_back_before_rescue_after_rescues_at_once",
+            monitor_back_before_rescue_after_rescues_at_once,
+        ),
+        Trial::test("monitor_kill_loop", monitor_kill_loop),
         Trial::test(
             "exec_ends_old_context_and_new_image_attaches",
             exec_ends_old_context_and_new_image_attaches,

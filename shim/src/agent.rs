@@ -153,6 +153,13 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
         ]) {
             return std::ptr::null_mut();
         }
+        // The guardian sets `monitor_lost` and then waits for `agent_busy` to clear; we set
+        // `agent_busy` and then check `monitor_lost` (both SeqCst): one of us sees the other.
+        SHIM.agent_busy.store(true, Ordering::SeqCst);
+        if SHIM.monitor_lost.load(Ordering::SeqCst) {
+            SHIM.agent_busy.store(false, Ordering::SeqCst);
+            return std::ptr::null_mut();
+        }
         if rc > 0 {
             let mut v = 0u64;
             // SAFETY: an 8-byte read from our eventfd (checked just above) into a local.
@@ -170,6 +177,7 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
             send_snapshot_retrying(snapshot, Reg::Unregister);
         }
         if requests & shm::REQ_SHUTDOWN != 0 {
+            SHIM.agent_busy.store(false, Ordering::SeqCst);
             return std::ptr::null_mut();
         }
         let worked = run_batches(&win);
@@ -201,6 +209,7 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
             // SAFETY: an 8-byte write to an eventfd.
             unsafe { libc::write(done_efd, (&one as *const u64).cast(), 8) };
         }
+        SHIM.agent_busy.store(false, Ordering::SeqCst);
     }
 }
 
@@ -264,6 +273,12 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
             continue;
         }
         let run_end = run.addr + (pages * PAGE_SIZE) as u64;
+        if SHIM.monitor_lost.load(Ordering::SeqCst) {
+            // The monitor is gone: no page leaves the program any more.
+            mark(desc, page_idx, pages, shm::RESULT_CANCELLED);
+            page_idx += pages;
+            continue;
+        }
         // No read of the program's events in progress, and none since the batch was posted
         // that touches this run.
         let Some(_) = quiescent(win) else {
@@ -304,6 +319,11 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
                         PAGE_SIZE,
                     )
                 };
+                // The slot's record names the page before the page counts as moved: from now
+                // on the slot is its only copy, and the guardian must find it if the monitor
+                // dies (see `uswap::protocol::shm`).
+                win.slot_record(run.first_slot as usize + i)
+                    .store(run.addr + (i * PAGE_SIZE) as u64, Ordering::Release);
                 desc.set_result(p, shm::RESULT_MOVED);
                 moved_total += 1;
             }
@@ -427,7 +447,7 @@ enum Reg {
 /// (Un)registers `[start, end)` minus the shim's own ranges with the forwarded descriptor, in
 /// MISSING mode. The bounds are those of a VMA just read from /proc/self/maps: registering a
 /// whole VMA never splits a program mapping. Returns whether every part succeeded.
-fn register_vma(start: u64, end: u64, own: &[(u64, u64); 3], reg: Reg) -> bool {
+fn register_vma(start: u64, end: u64, own: &[(u64, u64)], reg: Reg) -> bool {
     let uffd = SHIM.uffd.load(Ordering::Relaxed);
     let mut ok = true;
     let mut cut = start;

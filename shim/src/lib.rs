@@ -9,7 +9,9 @@
 //! 3. starts the agent thread (see [`agent`]), which reports the program's anonymous regions
 //!    and moves pages out on the monitor's request;
 //! 4. brings every evicted page home before a `fork` (the child gets a complete copy and runs
-//!    unmanaged), and pauses eviction around it.
+//!    unmanaged), and pauses eviction around it;
+//! 5. starts the guardian thread (see [`rescue`]), which brings every evicted page home from
+//!    the shared store itself if the monitor dies and none comes back within `rescue_after`.
 //!
 //! Owns: the program-side state in [`SHIM`]. Must not: allocate or take locks the program may
 //! hold anywhere the agent runs or in the interposed memory functions; link lz4 or the monitor.
@@ -17,6 +19,7 @@
 mod agent;
 mod maps;
 mod raw;
+mod rescue;
 
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
@@ -58,6 +61,16 @@ pub(crate) struct Shim {
     pub reg_busy: AtomicBool,
     /// Interposed mmap/munmap/mremap calls in progress.
     pub remaps_inflight: AtomicU32,
+    /// The store file the monitor sent (a high-numbered descriptor, close-on-exec), or -1.
+    pub store_fd: AtomicI32,
+    /// The guardian's stack and scratch.
+    pub guard_base: AtomicUsize,
+    /// Set by the guardian when the monitor is gone: the agent stops moving and registering.
+    pub monitor_lost: AtomicBool,
+    /// The agent is between waking up and going back to sleep (batches, scans).
+    pub agent_busy: AtomicBool,
+    /// The guardian brought every page home after the monitor died.
+    pub rescue_done: AtomicBool,
     /// High-numbered duplicates of sock, uffd, req_efd, done_efd (in that order), to tell
     /// whether the program closed one of ours and reused its number (see [`fds_ok`]).
     pub refs: [AtomicI32; 4],
@@ -81,6 +94,11 @@ pub(crate) static SHIM: Shim = Shim {
     sock_busy: AtomicBool::new(false),
     reg_busy: AtomicBool::new(false),
     remaps_inflight: AtomicU32::new(0),
+    store_fd: AtomicI32::new(-1),
+    guard_base: AtomicUsize::new(0),
+    monitor_lost: AtomicBool::new(false),
+    agent_busy: AtomicBool::new(false),
+    rescue_done: AtomicBool::new(false),
     refs: [
         AtomicI32::new(-1),
         AtomicI32::new(-1),
@@ -89,9 +107,9 @@ pub(crate) static SHIM: Shim = Shim {
     ],
 };
 
-/// The shim's own anonymous memory (agent stack, staging, scratch) as (start, length): never
-/// managed, never evicted.
-pub(crate) fn own_ranges() -> [(u64, u64); 3] {
+/// The shim's own anonymous memory (agent stack, staging, scratch, the guardian's memory) as
+/// (start, length): never managed, never evicted.
+pub(crate) fn own_ranges() -> [(u64, u64); 4] {
     let r = |base: &AtomicUsize, len: &AtomicUsize| {
         (
             base.load(Ordering::Relaxed) as u64,
@@ -102,7 +120,33 @@ pub(crate) fn own_ranges() -> [(u64, u64); 3] {
         r(&SHIM.stack_base, &SHIM.stack_len),
         r(&SHIM.staging_base, &SHIM.staging_len),
         r(&SHIM.scratch_base, &SHIM.scratch_len),
+        (
+            SHIM.guard_base.load(Ordering::Relaxed) as u64,
+            rescue::GUARD_BYTES as u64,
+        ),
     ]
+}
+
+/// The monitor's socket address, kept by `init` for the guardian's probes.
+static SOCK_ADDR: std::sync::OnceLock<(libc::sockaddr_un, libc::socklen_t)> =
+    std::sync::OnceLock::new();
+
+/// Whether a monitor accepts connections on the socket again (a connection is opened and
+/// closed at once).
+pub(crate) fn monitor_answers() -> bool {
+    let Some((addr, len)) = SOCK_ADDR.get() else {
+        return false;
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes; `fd` is ours and closed below.
+    let rc = unsafe { libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), *len) };
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(fd) };
+    rc == 0
 }
 
 /// Indices into [`Shim::refs`].
@@ -224,9 +268,15 @@ extern "C" fn uswap_shim_init() {
 
 /// Closes every descriptor the shim opened (and its high-numbered duplicates).
 fn close_own_fds() {
-    for fd in [&SHIM.sock, &SHIM.uffd, &SHIM.req_efd, &SHIM.done_efd]
-        .into_iter()
-        .chain(SHIM.refs.iter())
+    for fd in [
+        &SHIM.sock,
+        &SHIM.uffd,
+        &SHIM.req_efd,
+        &SHIM.done_efd,
+        &SHIM.store_fd,
+    ]
+    .into_iter()
+    .chain(SHIM.refs.iter())
     {
         let v = fd.swap(-1, Ordering::AcqRel);
         if v >= 0 {
@@ -253,6 +303,7 @@ fn connect(path: &[u8]) -> Result<i32, &'static str> {
         unsafe { libc::close(fd) };
         return Err("socket path too long");
     };
+    let _ = SOCK_ADDR.set((addr, len));
     // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
     let rc = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_un).cast(), len) };
     if rc < 0 {
@@ -320,7 +371,10 @@ fn init() -> Result<(), &'static str> {
     let staging_len = uswap::protocol::shm::MAX_BATCH_PAGES * uswap::PAGE_SIZE;
     let staging = raw::map_anon(staging_len, libc::MAP_NORESERVE);
     let scratch = raw::map_anon(SCRATCH_BYTES, 0);
-    if stack == 0 || staging == 0 || scratch == 0 {
+    // The guardian's stack and scratch; not MADV_DONTFORK, for the same reason as the agent's
+    // stack.
+    let guard = raw::map_anon(rescue::GUARD_BYTES, libc::MAP_NORESERVE | libc::MAP_STACK);
+    if stack == 0 || staging == 0 || scratch == 0 || guard == 0 {
         return Err("cannot map the agent's memory");
     }
     // Staging and scratch do not follow a fork. The agent's stack must: glibc keeps the
@@ -340,6 +394,7 @@ fn init() -> Result<(), &'static str> {
     )
     .map_err(|_| "cannot register the staging area")?;
     SHIM.stack_base.store(stack, Ordering::Relaxed);
+    SHIM.guard_base.store(guard, Ordering::Relaxed);
     SHIM.stack_len.store(AGENT_STACK_BYTES, Ordering::Relaxed);
     SHIM.staging_base.store(staging, Ordering::Relaxed);
     SHIM.staging_len.store(staging_len, Ordering::Relaxed);
@@ -383,6 +438,12 @@ fn init() -> Result<(), &'static str> {
     else {
         return Err("the monitor's reply lacks its descriptors");
     };
+    // The store file: kept at a high number, out of the program's way, for the guardian.
+    if let Some(store) = got.take_fd(3) {
+        // SAFETY: duplicating a descriptor we own; the original closes when `store` drops.
+        let d = unsafe { libc::fcntl(store.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 512) };
+        SHIM.store_fd.store(d, Ordering::Relaxed);
+    }
     // SAFETY: mapping the memfd the monitor sent, shared, at a new address.
     let base = unsafe {
         libc::mmap(
@@ -414,6 +475,9 @@ fn init() -> Result<(), &'static str> {
     SHIM.state.store(MANAGED, Ordering::Release);
     WAS_MANAGED.store(true, Ordering::Relaxed);
     agent::start().map_err(|_| "cannot start the agent thread")?;
+    if SHIM.store_fd.load(Ordering::Relaxed) >= 0 {
+        rescue::start().map_err(|_| "cannot start the guardian thread")?;
+    }
     // SAFETY: registering plain extern "C" handlers.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
     Ok(())
@@ -455,6 +519,8 @@ extern "C" fn fork_prepare() {
     FORK_UNSAFE.store(false, Ordering::Relaxed);
     match SHIM.state.load(Ordering::Acquire) {
         MANAGED => {}
+        // The guardian brought every page home and unregistered everything: nothing to do.
+        DETACHED if SHIM.rescue_done.load(Ordering::Acquire) => return,
         DETACHED if WAS_MANAGED.load(Ordering::Relaxed) => {
             touch_all_anonymous();
             return;
@@ -484,11 +550,39 @@ extern "C" fn fork_prepare() {
                 _ => break None,
             }
         });
+    if ok.is_none() && wait_for_rescue() {
+        // The monitor died: the guardian brought every page home, so the child gets a
+        // complete copy after all.
+        return;
+    }
     if ok != Some(true) {
         FORK_UNSAFE.store(true, Ordering::Relaxed);
         raw::eprint_line(&[b"uswap: the monitor could not bring every page home before fork: the child exits (70) rather than run on a partial copy"]);
     }
     // The socket stays locked until fork_parent / fork_child.
+}
+
+/// The monitor's socket failed during a fork request: if the guardian runs, waits for it to
+/// notice and bring every page home (at most `rescue_after` plus the copying). Returns whether
+/// it did.
+fn wait_for_rescue() -> bool {
+    if SHIM.guard_base.load(Ordering::Relaxed) == 0 || SHIM.store_fd.load(Ordering::Relaxed) < 0 {
+        return false;
+    }
+    // Bounded, so a guardian that never runs cannot hang the fork forever.
+    let deadline = raw::monotonic_ns() + 3_700_000_000_000;
+    while raw::monotonic_ns() < deadline {
+        if SHIM.rescue_done.load(Ordering::Acquire) {
+            return true;
+        }
+        let ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 10_000_000,
+        };
+        // SAFETY: nanosleep with a valid timespec on our stack.
+        unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+    }
+    false
 }
 
 /// Reads one byte of every page of every anonymous region outside the shim's own memory,

@@ -794,11 +794,15 @@ fn cmd_chaos(o: &Opts) -> Result<String, String> {
     let threads = o.num("threads", 4)?.clamp(1, 64) as usize;
     let (len, _) = o.mib()?;
     let per_thread_bytes = (len / threads).max(1 << 20);
+    let fork_ms = o.num("fork-ms", 0)?;
     let deadline = Instant::now() + std::time::Duration::from_secs(secs);
     let results: Vec<Result<(u64, u64), String>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
+        let mut handles: Vec<_> = (0..threads)
             .map(|t| scope.spawn(move || chaos_thread(t as u64, per_thread_bytes, deadline)))
             .collect();
+        if fork_ms > 0 {
+            handles.push(scope.spawn(move || chaos_forks(per_thread_bytes, deadline, fork_ms)));
+        }
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err("thread panicked".into())))
@@ -872,6 +876,26 @@ fn chaos_check(p: *const u8, id: u64, idx: usize, ver: u32) -> Result<(), String
     Ok(())
 }
 
+/// [`chaos_check`] without the message (no allocation: usable in a forked child).
+fn chaos_matches(p: *const u8, id: u64, idx: usize, ver: u32) -> bool {
+    // SAFETY: callers pass a page of a live mapping.
+    let w = unsafe { std::slice::from_raw_parts(p.cast::<u64>(), WORDS) };
+    if ver == 0 {
+        return w.iter().all(|x| *x == 0);
+    }
+    let seed = mix(id ^ ((idx as u64) << 20) ^ ((ver as u64) << 44));
+    w[0] == id
+        && w[1] == idx as u64
+        && w[2] == ver as u64
+        && [3usize, 4, 100, 256, 511].iter().all(|&j| {
+            w[j] == if j % 4 == 0 {
+                seed.wrapping_add(j as u64)
+            } else {
+                (j as u64) << 8
+            }
+        })
+}
+
 /// The /proc/self/smaps entries (range and VmFlags) overlapping `[start, start+len)`.
 fn smaps_of(start: u64, len: u64) -> String {
     let text = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
@@ -914,6 +938,63 @@ fn chaos_map(bytes: usize) -> Result<*mut u8, String> {
         return Err(format!("mmap: {}", errno_str()));
     }
     Ok(p.cast())
+}
+
+/// The forking thread of `chaos --fork-ms N`: owns one region; every N ms it rewrites a
+/// quarter of it and forks while the other threads go on faulting and remapping. Each child
+/// checks the whole region against the versions at the fork and leaves with its verdict.
+/// Returns (forks, page checks by the children and by itself).
+fn chaos_forks(bytes: usize, deadline: Instant, fork_ms: u64) -> Result<(u64, u64), String> {
+    let pages = (bytes / PAGE).max(16);
+    let ptr = chaos_map(pages * PAGE)?;
+    let id = 0xf0_0000_0000u64;
+    let mut ver = vec![1u32; pages];
+    for (i, v) in ver.iter().enumerate() {
+        // SAFETY: i < pages.
+        chaos_fill(unsafe { ptr.add(i * PAGE) }, id, i, *v);
+    }
+    let (mut forks, mut checks, mut round) = (0u64, 0u64, 0usize);
+    while Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(fork_ms));
+        round += 1;
+        for i in (round % 4..pages).step_by(4) {
+            ver[i] += 1;
+            // SAFETY: i < pages.
+            chaos_fill(unsafe { ptr.add(i * PAGE) }, id, i, ver[i]);
+        }
+        // SAFETY: the child only reads memory, compares (no allocation: the error path is
+        // never formatted there) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork: {}", errno_str()));
+        }
+        if pid == 0 {
+            let bad = (0..pages)
+                // SAFETY: i < pages.
+                .filter(|&i| !chaos_matches(unsafe { ptr.add(i * PAGE) }, id, i, ver[i]))
+                .count();
+            // SAFETY: _exit ends the child at once.
+            unsafe { libc::_exit(if bad == 0 { 0 } else { 1 }) };
+        }
+        let mut status = 0;
+        // SAFETY: waiting for our own child; status is a valid int.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+            return Err(format!("waitpid: {}", errno_str()));
+        }
+        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            return Err(format!(
+                "forked child {forks} found its copy of the fork region wrong (status {status:#x})"
+            ));
+        }
+        forks += 1;
+        checks += pages as u64;
+    }
+    for (i, v) in ver.iter().enumerate() {
+        // SAFETY: i < pages.
+        chaos_check(unsafe { ptr.add(i * PAGE) }, id, i, *v)?;
+    }
+    println!("chaos: {forks} forks from a thread, each child checked {pages} pages");
+    Ok((forks, checks + pages as u64))
 }
 
 fn chaos_thread(t: u64, bytes: usize, deadline: Instant) -> Result<(u64, u64), String> {
@@ -1721,7 +1802,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K] [--only-evicted]
   garbage-to-monitor --mib N [--idle-ms M]
   close-all-fds    --mib N [--idle-ms M] [--fork]
-  chaos            --mib N [--secs S] [--threads T]
+  chaos            --mib N [--secs S] [--threads T] [--fork-ms MS (a thread forks every MS)]
   output-echo      [any args]
 defaults: --mib 64, --rounds 1, --threads 4, --pin-pages 16, --repeat 3,
           --touches all pages (seq) / 20000 (random)
@@ -1755,7 +1836,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "output-echo" => cmd_output_echo(args),
         "garbage-to-monitor" => cmd_garbage_to_monitor(&parse(&[], &[])?),
         "close-all-fds" => cmd_close_all_fds(&parse(&[], &["fork"])?),
-        "chaos" => cmd_chaos(&parse(&["secs", "threads"], &[])?),
+        "chaos" => cmd_chaos(&parse(&["secs", "threads", "fork-ms"], &[])?),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
             Ok("help".into())

@@ -159,7 +159,9 @@ pub enum LayoutError {
 }
 
 /// A view of a mapped store file (`len` bytes at `base`), for a reader that brings pages home
-/// or adopts the store: it reads payloads and reads and rewrites records.
+/// or adopts the store: it reads payloads and reads and rewrites records. A copy is another
+/// view of the same mapping.
+#[derive(Clone, Copy)]
 pub struct StoreView {
     base: *mut u8,
     len: usize,
@@ -222,9 +224,9 @@ impl StoreView {
 
     /// The class of chunk `chunk_idx`, if it has one (and a valid one).
     pub fn chunk_class(&self, chunk_idx: usize) -> Option<u8> {
+        assert!(chunk_idx < MAX_CHUNKS);
         // SAFETY: in bounds (CLASS_TABLE_OFF + chunk_idx < EXTENTS_OFF <= len, checked in
         // `new`), and an AtomicU8 has the alignment and size of a u8.
-        assert!(chunk_idx < MAX_CHUNKS);
         let byte = unsafe {
             (*(self.base.add(CLASS_TABLE_OFF + chunk_idx) as *const AtomicU8))
                 .load(Ordering::Acquire)
@@ -256,41 +258,49 @@ impl StoreView {
             .store(rec, Ordering::Release)
     }
 
-    /// Calls `f` for every page with a record, chunk by chunk. Records that do not fit their
-    /// slot (a corrupt length) are passed with an empty payload, so the caller can report them.
+    /// The page slot `slot_idx` of chunk `chunk_idx` (of class `class_idx`) holds, if its
+    /// record is set. A record that does not fit its slot (a corrupt length) gives an empty
+    /// payload, so the caller can report it.
+    pub fn page(&self, chunk_idx: usize, class_idx: u8, slot_idx: usize) -> Option<StoredPage<'_>> {
+        let rec = self.record(chunk_idx, slot_idx);
+        if rec == 0 {
+            return None;
+        }
+        let (addr, len_bytes) = record_parts(rec);
+        let raw = class_idx == RAW_CLASS_IDX;
+        let fits = if raw {
+            len_bytes == PAGE_SIZE
+        } else {
+            len_bytes <= slot_bytes(class_idx)
+        };
+        let start = extent_off(chunk_idx) + slot_off(class_idx, slot_idx);
+        let payload: &[u8] = if fits && start + len_bytes <= self.len {
+            // SAFETY: in bounds (checked); payloads are not written while the view is used
+            // (the contract of `new`).
+            unsafe { std::slice::from_raw_parts(self.base.add(start), len_bytes) }
+        } else {
+            &[]
+        };
+        Some(StoredPage {
+            addr,
+            payload,
+            raw,
+            chunk_idx,
+            class_idx,
+            slot_idx,
+        })
+    }
+
+    /// Calls `f` for every page with a record, chunk by chunk (see [`StoreView::page`]).
     pub fn for_each_page(&self, mut f: impl FnMut(StoredPage<'_>)) {
         for chunk_idx in 0..self.chunk_capacity() {
             let Some(class_idx) = self.chunk_class(chunk_idx) else {
                 continue;
             };
             for slot_idx in 0..slots_per_chunk(class_idx) {
-                let rec = self.record(chunk_idx, slot_idx);
-                if rec == 0 {
-                    continue;
+                if let Some(p) = self.page(chunk_idx, class_idx, slot_idx) {
+                    f(p);
                 }
-                let (addr, len_bytes) = record_parts(rec);
-                let raw = class_idx == RAW_CLASS_IDX;
-                let fits = if raw {
-                    len_bytes == PAGE_SIZE
-                } else {
-                    len_bytes <= slot_bytes(class_idx)
-                };
-                let start = extent_off(chunk_idx) + slot_off(class_idx, slot_idx);
-                let payload: &[u8] = if fits && start + len_bytes <= self.len {
-                    // SAFETY: in bounds (checked); payloads are not written while the view is
-                    // used (the caller's contract).
-                    unsafe { std::slice::from_raw_parts(self.base.add(start), len_bytes) }
-                } else {
-                    &[]
-                };
-                f(StoredPage {
-                    addr,
-                    payload,
-                    raw,
-                    chunk_idx,
-                    class_idx,
-                    slot_idx,
-                });
             }
         }
     }
@@ -338,9 +348,11 @@ mod tests {
         let mut words = vec![0u64; (EXTENTS_OFF + EXTENT_BYTES) / 8];
         let len = words.len() * 8;
         let base: *mut u8 = words.as_mut_ptr().cast();
-        // SAFETY (all views below): `words` is `len` bytes, 8-aligned, alive and not otherwise
-        // accessed while a view is used.
-        let view = |len| unsafe { StoreView::new(base, len) };
+        let view = |len| {
+            // SAFETY: `words` is at least `len` bytes, 8-aligned, alive and not otherwise
+            // accessed while a view is used.
+            unsafe { StoreView::new(base, len) }
+        };
         assert_eq!(view(len).err(), Some(LayoutError::Magic { found: 0 }));
         // SAFETY: as above; the header slice is dropped before the next view.
         write_header(unsafe { std::slice::from_raw_parts_mut(base, HEADER_BYTES) });

@@ -1,0 +1,516 @@
+//! The guardian: a second thread of the managed program that watches the monitor and, if the
+//! monitor dies, keeps the program's evicted pages from being lost or hanging it forever.
+//!
+//! Every evicted page lives in shared memory the shim holds a descriptor of: compressed pages
+//! in the store file (`uswap::protocol::store_layout`), cooling pages in the window's slots
+//! (`uswap::protocol::shm`), each with a record naming the page's address. When the monitor's
+//! end of the socket closes while the program still runs, the guardian
+//! 1. stops the agent (no more moves, no more registrations) and waits until it is idle;
+//! 2. reads the program's userfaultfd events itself from then on, so a thread in
+//!    munmap/mremap/MADV_DONTNEED never stays blocked, and applies each to the records (a
+//!    REMAP moves records, a REMOVE/UNMAP drops them, except where an earlier REMAP of this
+//!    rescue put pages, see below). Page faults are left waiting;
+//! 3. waits up to `rescue_after` (written by the monitor into the window) while nothing
+//!    answers on the monitor's socket path;
+//! 4. copies every recorded page back into the program with UFFDIO_COPY (decompressing store
+//!    pages into its own buffer); a page already present (EEXIST) is newer and kept;
+//! 5. unregisters every mapping from the descriptor, which wakes every waiting thread; the
+//!    program carries on unmanaged, with all of its memory.
+//!
+//! If a monitor answers during the wait, the rescue starts at once: the program is brought
+//! home and then runs unmanaged (a restarted monitor does not adopt it yet).
+//!
+//! An UNMAP read after a REMAP into the same range may be stale (the kernel queues the
+//! unmapping thread's UNMAP after the remapping thread's REMAP, see DESIGN.md): records inside
+//! a REMAP destination seen by this rescue are kept, and COPY decides (ENOENT: nothing is
+//! mapped there any more).
+//!
+//! Rules it lives by (as the agent's): all signals blocked, its own stack and scratch memory
+//! (reported as excluded, never registered), no allocation, no lock the program may hold.
+
+use std::sync::atomic::Ordering;
+
+use uswap::protocol::shm::Window;
+use uswap::protocol::store_layout::{self, StoreView};
+use uswap::uffd::sys;
+use uswap::uffd::Event;
+use uswap::PAGE_SIZE;
+
+use crate::{maps, raw, MANAGED, SHIM};
+
+/// The guardian's stack.
+pub(crate) const GUARD_STACK_BYTES: usize = 128 * 1024;
+/// Its scratch, after the stack: one page buffer, the event buffer, the maps buffer.
+const PAGE_OFF: usize = GUARD_STACK_BYTES;
+const EVENTS_OFF: usize = PAGE_OFF + PAGE_SIZE;
+const EVENTS_LEN: usize = 64 * std::mem::size_of::<sys::UffdMsg>();
+const MAPS_OFF: usize = EVENTS_OFF + 4096;
+const MAPS_LEN: usize = 128 * 1024;
+/// The whole guardian mapping.
+pub(crate) const GUARD_BYTES: usize = MAPS_OFF + MAPS_LEN;
+const _: () = assert!(EVENTS_LEN <= 4096);
+
+/// REMAP destinations seen during this rescue (see the module doc); more than this and every
+/// UNMAP keeps its records (COPY decides).
+const MAX_REMAP_DSTS: usize = 64;
+
+fn guard(off: usize, len: usize) -> &'static mut [u8] {
+    let base = SHIM.guard_base.load(Ordering::Relaxed);
+    assert!(base != 0 && off + len <= GUARD_BYTES);
+    // SAFETY: the guardian mapping is made in `init`, never unmapped, and its scratch part is
+    // used by the guardian thread alone; the regions at the fixed offsets do not overlap and
+    // each has one user at a time.
+    unsafe { std::slice::from_raw_parts_mut((base + off) as *mut u8, len) }
+}
+
+pub(crate) fn start() -> Result<(), i32> {
+    // SAFETY: as in `agent::start`: a local attr, a stack in our own never-unmapped mapping,
+    // all signals blocked around pthread_create.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        let rc = libc::pthread_attr_setstack(
+            &mut attr,
+            SHIM.guard_base.load(Ordering::Relaxed) as *mut _,
+            GUARD_STACK_BYTES,
+        );
+        if rc != 0 {
+            return Err(rc);
+        }
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+        let mut tid: libc::pthread_t = 0;
+        let rc = libc::pthread_create(&mut tid, &attr, guardian_main, std::ptr::null_mut());
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        libc::pthread_attr_destroy(&mut attr);
+        if rc != 0 {
+            return Err(rc);
+        }
+        libc::pthread_setname_np(tid, c"uswap-guard".as_ptr());
+    }
+    Ok(())
+}
+
+extern "C" fn guardian_main(_: *mut libc::c_void) -> *mut libc::c_void {
+    // The high-numbered duplicate: the same open socket, out of the program's way.
+    let sock = SHIM.refs[crate::FD_SOCK].load(Ordering::Relaxed);
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: sock,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: polling one pollfd on our stack.
+        let rc = unsafe { libc::poll(&mut pfd, 1, 1000) };
+        if SHIM.state.load(Ordering::Acquire) != MANAGED {
+            return std::ptr::null_mut();
+        }
+        if rc > 0 {
+            if pfd.revents & libc::POLLNVAL != 0 {
+                return std::ptr::null_mut();
+            }
+            if pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
+                break;
+            }
+        }
+    }
+    // Our descriptors must still be ours (a program that closed them detached the shim).
+    if !crate::fds_ok(&[crate::FD_SOCK, crate::FD_UFFD]) {
+        return std::ptr::null_mut();
+    }
+    monitor_gone();
+    std::ptr::null_mut()
+}
+
+/// What the rescue did, for its closing line.
+#[derive(Default)]
+struct Tally {
+    restored: u64,
+    present: u64,
+    unmapped: u64,
+    corrupt: u64,
+}
+
+struct Rescue {
+    uffd: i32,
+    win: Window,
+    store: Option<StoreView>,
+    remap_dsts: [(u64, u64); MAX_REMAP_DSTS],
+    remap_dst_count: usize,
+}
+
+fn monitor_gone() {
+    SHIM.monitor_lost.store(true, Ordering::SeqCst);
+    crate::agent::kick();
+    let uffd = SHIM.uffd.load(Ordering::Relaxed);
+    // SAFETY: the window mapping was made in `init` and is never unmapped.
+    let win = unsafe {
+        Window::new(
+            SHIM.window_base.load(Ordering::Relaxed) as *mut u8,
+            SHIM.window_len.load(Ordering::Relaxed),
+        )
+    };
+    let mut r = Rescue {
+        uffd,
+        win,
+        store: map_store(),
+        remap_dsts: [(0, 0); MAX_REMAP_DSTS],
+        remap_dst_count: 0,
+    };
+    // The agent finishes the run it is in (it may wait for its own REMOVE event to be read).
+    while SHIM.agent_busy.load(Ordering::SeqCst) {
+        r.drain_events(10);
+    }
+    let waiting = r.count_records();
+    if waiting > 0 {
+        let after_ms = win.rescue_after_ms().load(Ordering::Relaxed).min(3_600_000);
+        let mut num = [0u8; 20];
+        let mut secs = [0u8; 20];
+        raw::eprint_line(&[
+            b"uswap: the monitor is gone; ",
+            fmt_u64(waiting, &mut num),
+            b" evicted pages are safe in shared memory; waiting up to ",
+            fmt_u64(after_ms, &mut secs),
+            b" ms for a monitor before bringing them home",
+        ]);
+        let deadline = raw::monotonic_ns() + after_ms * 1_000_000;
+        let mut next_probe = 0u64;
+        while raw::monotonic_ns() < deadline {
+            r.drain_events(50);
+            let now = raw::monotonic_ns();
+            if now >= next_probe {
+                next_probe = now + 250_000_000;
+                if crate::monitor_answers() {
+                    break;
+                }
+            }
+        }
+    }
+    let t = r.bring_home();
+    r.unregister_all();
+    r.drain_events(0);
+    SHIM.state.store(crate::DETACHED, Ordering::Release);
+    SHIM.rescue_done.store(true, Ordering::Release);
+    if waiting == 0 {
+        raw::eprint_line(&[
+            b"uswap: the monitor is gone (nothing was evicted); the program runs unmanaged from now on",
+        ]);
+        r.watch_forever();
+    }
+    let (mut a, mut b, mut c, mut d) = ([0u8; 20], [0u8; 20], [0u8; 20], [0u8; 20]);
+    raw::eprint_line(&[
+        b"uswap: without the monitor: ",
+        fmt_u64(t.restored, &mut a),
+        b" pages brought home, ",
+        fmt_u64(t.present, &mut b),
+        b" already present, ",
+        fmt_u64(t.unmapped, &mut c),
+        b" in memory the program had unmapped, ",
+        fmt_u64(t.corrupt, &mut d),
+        b" corrupt; the program runs unmanaged from now on",
+    ]);
+    r.watch_forever();
+}
+
+/// Maps the store file read-write (for its records), or `None` if there is none or it is not
+/// one this build reads (then only the window's pages can be brought home; said on stderr).
+fn map_store() -> Option<StoreView> {
+    let fd = SHIM.store_fd.load(Ordering::Relaxed);
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fstat into a zeroed buffer on our stack.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above, on our own descriptor.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return None;
+    }
+    let len = st.st_size as usize;
+    // SAFETY: a new shared mapping of the store file at an address the kernel picks; it is
+    // never unmapped (the program is detached after the rescue).
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        raw::eprint_line(&[b"uswap: cannot map the store file; its pages cannot be brought home"]);
+        return None;
+    }
+    // SAFETY: the mapping above, `len` bytes, never unmapped; the monitor that wrote the
+    // payloads is gone.
+    match unsafe { StoreView::new(base.cast(), len) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            raw::eprint_line(&[
+                b"uswap: the store file has a layout this shim does not read; its pages cannot be brought home",
+            ]);
+            None
+        }
+    }
+}
+
+impl Rescue {
+    fn count_records(&self) -> u64 {
+        let mut n = 0;
+        if let Some(s) = &self.store {
+            s.for_each_page(|_| n += 1);
+        }
+        for slot in 0..self.win.slots() {
+            n += u64::from(self.win.slot_record(slot).load(Ordering::Acquire) != 0);
+        }
+        n
+    }
+
+    /// Calls `f(record)` for every record; `f` returns the record's new value.
+    fn rewrite_records(&self, mut f: impl FnMut(u64) -> u64) {
+        if let Some(s) = &self.store {
+            s.for_each_page(|p| {
+                let rec = s.record(p.chunk_idx, p.slot_idx);
+                let new = f(rec);
+                if new != rec {
+                    s.set_record(p.chunk_idx, p.slot_idx, new);
+                }
+            });
+        }
+        for slot in 0..self.win.slots() {
+            let w = self.win.slot_record(slot);
+            let rec = w.load(Ordering::Acquire);
+            if rec != 0 {
+                // Window records hold the bare address; the same mapping applies.
+                let new = f(rec);
+                if new != rec {
+                    w.store(new, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    fn in_remap_dst(&self, addr: u64) -> bool {
+        self.remap_dst_count > MAX_REMAP_DSTS
+            || self.remap_dsts[..self.remap_dst_count.min(MAX_REMAP_DSTS)]
+                .iter()
+                .any(|&(s, e)| (s..e).contains(&addr))
+    }
+
+    fn apply(&mut self, ev: Event) {
+        let page_mask = !(PAGE_SIZE as u64 - 1);
+        match ev {
+            Event::Remap { from, to, len } => {
+                // The kernel unmapped the destination first: what was recorded there is gone.
+                self.rewrite_records(|rec| {
+                    let addr = rec & page_mask;
+                    if (to..to + len).contains(&addr) {
+                        0
+                    } else if (from..from + len).contains(&addr) {
+                        rec - from + to
+                    } else {
+                        rec
+                    }
+                });
+                if self.remap_dst_count < MAX_REMAP_DSTS {
+                    self.remap_dsts[self.remap_dst_count] = (to, to + len);
+                }
+                self.remap_dst_count += 1;
+            }
+            Event::Remove { start, end } | Event::Unmap { start, end } => {
+                let unmap = matches!(ev, Event::Unmap { .. });
+                self.rewrite_records(|rec| {
+                    let addr = rec & page_mask;
+                    if (start..end).contains(&addr) && !(unmap && self.in_remap_dst(addr)) {
+                        0
+                    } else {
+                        rec
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Reads and applies the program's pending events, waiting up to `timeout_ms` for the
+    /// first. Page faults are left waiting.
+    fn drain_events(&mut self, timeout_ms: i32) {
+        let mut timeout = timeout_ms;
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one pollfd on our stack.
+            if unsafe { libc::poll(&mut pfd, 1, timeout) } <= 0 || pfd.revents & libc::POLLIN == 0 {
+                return;
+            }
+            timeout = 0;
+            let buf = guard(EVENTS_OFF, EVENTS_LEN);
+            // SAFETY: reading whole messages into our scratch buffer of EVENTS_LEN bytes.
+            let n = unsafe { libc::read(self.uffd, buf.as_mut_ptr().cast(), EVENTS_LEN) };
+            if n <= 0 {
+                return;
+            }
+            let msg_len = std::mem::size_of::<sys::UffdMsg>();
+            for i in 0..n as usize / msg_len {
+                // SAFETY: `i * msg_len + msg_len <= n` bytes of the buffer hold a message the
+                // kernel wrote; read unaligned into a local.
+                let msg: sys::UffdMsg = unsafe {
+                    std::ptr::read_unaligned(buf.as_ptr().add(i * msg_len) as *const sys::UffdMsg)
+                };
+                self.apply(Event::decode(&msg));
+            }
+        }
+    }
+
+    /// Copies one page from `src` (page-aligned) to `dst`. Returns the errno, 0 on success.
+    fn copy(&mut self, dst: u64, src: *const u8) -> i32 {
+        for _ in 0..1000 {
+            let mut c = sys::UffdioCopy {
+                dst,
+                src: src as u64,
+                len: PAGE_SIZE as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads one page from our buffer and installs it at `dst` in our
+            // own registered memory, only where no page is present.
+            let rc = unsafe { libc::ioctl(self.uffd, sys::UFFDIO_COPY as _, &mut c) };
+            if rc == 0 {
+                return 0;
+            }
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if errno != libc::EAGAIN {
+                return errno;
+            }
+            // An address-space event is unread: read it (it may move this very page).
+            self.drain_events(1);
+        }
+        libc::EAGAIN
+    }
+
+    fn bring_home(&mut self) -> Tally {
+        let mut t = Tally::default();
+        let page_mask = !(PAGE_SIZE as u64 - 1);
+        // Window pages first: they are whole pages already.
+        for slot in 0..self.win.slots() {
+            let rec = self.win.slot_record(slot).load(Ordering::Acquire);
+            if rec == 0 {
+                continue;
+            }
+            let errno = self.copy(rec & page_mask, self.win.slot_ptr(slot));
+            // The copy may have read events that moved or dropped this record.
+            let now = self.win.slot_record(slot).load(Ordering::Acquire);
+            if errno == libc::EAGAIN || (errno != 0 && now != rec) {
+                continue;
+            }
+            self.count(&mut t, errno);
+            self.win.slot_record(slot).store(0, Ordering::Release);
+        }
+        // Store pages: decompress into our page buffer, copy in. Records may change while
+        // copying (the copy reads events), so each is re-read after its copy.
+        let Some(store) = self.store else {
+            return t;
+        };
+        for chunk_idx in 0..store.chunk_capacity() {
+            let Some(class_idx) = store.chunk_class(chunk_idx) else {
+                continue;
+            };
+            for slot_idx in 0..store_layout::slots_per_chunk(class_idx) {
+                let Some(page) = store.page(chunk_idx, class_idx, slot_idx) else {
+                    continue;
+                };
+                let rec = store.record(chunk_idx, slot_idx);
+                let out: &mut [u8; PAGE_SIZE] =
+                    guard(PAGE_OFF, PAGE_SIZE).try_into().expect("one page");
+                if !store_layout::decode_page(&page, out) {
+                    t.corrupt += 1;
+                    store.set_record(chunk_idx, slot_idx, 0);
+                    continue;
+                }
+                let errno = self.copy(page.addr, out.as_ptr());
+                let now = store.record(chunk_idx, slot_idx);
+                if errno == libc::EAGAIN || (errno != 0 && now != rec) {
+                    continue;
+                }
+                self.count(&mut t, errno);
+                store.set_record(chunk_idx, slot_idx, 0);
+            }
+        }
+        t
+    }
+
+    fn count(&self, t: &mut Tally, errno: i32) {
+        match errno {
+            0 => t.restored += 1,
+            libc::EEXIST => t.present += 1,
+            libc::ENOENT => t.unmapped += 1,
+            _ => t.corrupt += 1,
+        }
+    }
+
+    /// After the rescue: a mapping the unregistering scan missed (one the program moved while
+    /// /proc/self/maps was read) may still be registered. Its events are read here, so no
+    /// munmap/mremap of the program ever blocks, and any message makes the scan run again,
+    /// which also wakes a thread faulting there (nothing of it is evicted any more).
+    fn watch_forever(&mut self) -> ! {
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: self.uffd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one pollfd on our stack.
+            let rc = unsafe { libc::poll(&mut pfd, 1, -1) };
+            if rc > 0 && pfd.revents & libc::POLLIN != 0 {
+                self.drain_events(0);
+                self.unregister_all();
+            } else if rc > 0 {
+                // The descriptor is gone (closed by the program): nothing more can reach us.
+                loop {
+                    // SAFETY: pause has no preconditions; the thread sleeps until the process
+                    // exits (every signal is blocked here).
+                    unsafe { libc::pause() };
+                }
+            }
+        }
+    }
+
+    /// Unregisters every mapping of the program (and the agent's staging) from the forwarded
+    /// descriptor; that wakes every thread waiting on a fault. Errors (a mapping that was not
+    /// registered, or cannot be) are ignored.
+    fn unregister_all(&mut self) {
+        let uffd = self.uffd;
+        let buf = guard(MAPS_OFF, MAPS_LEN);
+        maps::for_each_mapping(buf, |m| {
+            let mut range = sys::UffdioRange {
+                start: m.start,
+                len: m.end - m.start,
+            };
+            // SAFETY: UFFDIO_UNREGISTER reads one range; on a mapping not registered with this
+            // descriptor it fails and changes nothing.
+            unsafe { libc::ioctl(uffd, sys::UFFDIO_UNREGISTER as _, &mut range) };
+        });
+    }
+}
+
+/// Formats `v` in decimal into `buf`; returns the digits.
+fn fmt_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
+}
