@@ -8,6 +8,27 @@ use std::ops::Range;
 
 use crate::protocol::wire::{RegionEntry, REGION_EXCLUDED, REGION_MANAGED, REGION_REGISTERED};
 
+/// Entries one snapshot may hold (the kernel's default `vm.max_map_count` is 65530; each VMA
+/// is one entry, excluded ranges add a few). More is a flood and refused.
+pub const MAX_SNAPSHOT_ENTRIES: usize = 1 << 18;
+
+/// A snapshot that cannot describe an address space.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegionsError {
+    #[error("Regions snapshot {snapshot}: more than {MAX_SNAPSHOT_ENTRIES} entries")]
+    TooManyEntries { snapshot: u32 },
+    #[error(
+        "Regions snapshot {snapshot}: managed entries {a_start:#x}..{a_end:#x} and {b_start:#x}..{b_end:#x} overlap"
+    )]
+    Overlap {
+        snapshot: u32,
+        a_start: u64,
+        a_end: u64,
+        b_start: u64,
+        b_end: u64,
+    },
+}
+
 #[derive(Debug, Default)]
 pub struct Regions {
     /// Managed ranges (start → end), excluded parts already cut out, sorted, disjoint.
@@ -50,7 +71,9 @@ fn subtract(r: Range<u64>, cuts: &[Range<u64>]) -> Vec<Range<u64>> {
 }
 
 impl Regions {
-    /// Feeds one `Regions` packet. Returns true when a snapshot completed.
+    /// Feeds one `Regions` packet. Returns true when a snapshot completed. A snapshot with too
+    /// many entries or with overlapping managed entries (VMAs never overlap) is refused and
+    /// changes nothing.
     pub fn feed(
         &mut self,
         snapshot: u32,
@@ -59,20 +82,42 @@ impl Regions {
         epoch: u64,
         entries: impl Iterator<Item = RegionEntry>,
         min_region_bytes: u64,
-    ) -> bool {
+    ) -> Result<bool, RegionsError> {
         if first {
             self.pending.clear();
             self.pending_snapshot = Some(snapshot);
             self.pending_epoch = epoch;
         }
         if self.pending_snapshot != Some(snapshot) {
-            return false; // a chunk of a snapshot whose start we missed: ignore it
+            return Ok(false); // a chunk of a snapshot whose start we missed: ignore it
         }
         self.pending.extend(entries);
+        if self.pending.len() > MAX_SNAPSHOT_ENTRIES {
+            self.pending.clear();
+            self.pending_snapshot = None;
+            return Err(RegionsError::TooManyEntries { snapshot });
+        }
         if !last {
-            return false;
+            return Ok(false);
         }
         self.pending_snapshot = None;
+        let mut spans: Vec<(u64, u64)> = self
+            .pending
+            .iter()
+            .filter(|e| e.flags & REGION_MANAGED != 0)
+            .map(|e| (e.start, e.start + e.len_bytes))
+            .collect();
+        spans.sort_unstable();
+        if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+            self.pending.clear();
+            return Err(RegionsError::Overlap {
+                snapshot,
+                a_start: w[0].0,
+                a_end: w[0].1,
+                b_start: w[1].0,
+                b_end: w[1].1,
+            });
+        }
         let excluded: Vec<Range<u64>> = self
             .pending
             .iter()
@@ -113,7 +158,7 @@ impl Regions {
         self.excluded = excluded;
         self.pending.clear();
         self.snapshots += 1;
-        true
+        Ok(true)
     }
 
     pub fn managed(&self) -> Vec<Range<u64>> {
@@ -209,7 +254,9 @@ mod tests {
             e(0x20000, 0x1000, REGION_EXCLUDED),
             e(0x500000, 0x1000, REGION_MANAGED),
         ];
-        assert!(r.feed(1, true, true, 0, entries.into_iter(), 0x2000));
+        assert!(r
+            .feed(1, true, true, 0, entries.into_iter(), 0x2000)
+            .unwrap());
         assert_eq!(r.managed(), vec![0x10000..0x20000, 0x21000..0x110000]);
         assert!(r.is_excluded(0x20000, 0x21000));
         assert_eq!(r.containing(0x30000), Some(0x21000..0x110000));
@@ -220,30 +267,36 @@ mod tests {
     #[test]
     fn chunks_of_a_snapshot_accumulate_and_strays_are_ignored() {
         let mut r = Regions::default();
-        assert!(!r.feed(
-            2,
-            false,
-            true,
-            0,
-            [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(),
-            0
-        ));
-        assert!(!r.feed(
-            3,
-            true,
-            false,
-            0,
-            [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(),
-            0
-        ));
-        assert!(r.feed(
-            3,
-            false,
-            true,
-            0,
-            [e(0x100000, 0x10000, REGION_MANAGED)].into_iter(),
-            0
-        ));
+        assert!(!r
+            .feed(
+                2,
+                false,
+                true,
+                0,
+                [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(),
+                0
+            )
+            .unwrap());
+        assert!(!r
+            .feed(
+                3,
+                true,
+                false,
+                0,
+                [e(0x1000, 0x10000, REGION_MANAGED)].into_iter(),
+                0
+            )
+            .unwrap());
+        assert!(r
+            .feed(
+                3,
+                false,
+                true,
+                0,
+                [e(0x100000, 0x10000, REGION_MANAGED)].into_iter(),
+                0
+            )
+            .unwrap());
         assert_eq!(r.managed().len(), 2);
         r.mark_registered(0x1000..0x11000);
         r.forget(0x2000, 0x3000, 1);
@@ -252,9 +305,44 @@ mod tests {
         // A snapshot whose scan began before that unmap (epoch 0) still shows the old range:
         // it is not trusted there; one that began after it (epoch 1) is.
         let old = [e(0x1000, 0x10000, REGION_MANAGED | REGION_REGISTERED)];
-        assert!(r.feed(4, true, true, 0, old.into_iter(), 0));
+        assert!(r.feed(4, true, true, 0, old.into_iter(), 0).unwrap());
         assert!(r.evictable().is_empty());
-        assert!(r.feed(5, true, true, 1, old.into_iter(), 0));
+        assert!(r.feed(5, true, true, 1, old.into_iter(), 0).unwrap());
         assert_eq!(r.evictable(), vec![0x1000..0x11000]);
+    }
+
+    #[test]
+    fn overlapping_or_flooding_snapshots_are_refused_and_change_nothing() {
+        let mut r = Regions::default();
+        let good = [e(0x10000, 0x10000, REGION_MANAGED)];
+        assert!(r.feed(1, true, true, 0, good.into_iter(), 0).unwrap());
+        let bad = [
+            e(0x100000, 0x10000, REGION_MANAGED),
+            e(0x108000, 0x10000, REGION_MANAGED | REGION_REGISTERED),
+        ];
+        let err = r.feed(2, true, true, 0, bad.into_iter(), 0).unwrap_err();
+        assert!(
+            matches!(err, RegionsError::Overlap { snapshot: 2, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("0x108000"), "{err}");
+        assert_eq!(r.managed(), vec![0x10000..0x20000]);
+        // Excluded ranges may overlap managed ones: that is what they are for.
+        let ok = [
+            e(0x100000, 0x10000, REGION_MANAGED),
+            e(0x104000, 0x1000, REGION_EXCLUDED),
+        ];
+        assert!(r.feed(3, true, true, 0, ok.into_iter(), 0).unwrap());
+        // A snapshot that never ends cannot grow without bound.
+        let chunk = vec![e(0x1000, 0x1000, REGION_MANAGED); 1024];
+        let mut res = Ok(false);
+        for i in 0..=(MAX_SNAPSHOT_ENTRIES / 1024) {
+            res = r.feed(4, i == 0, false, 0, chunk.iter().copied(), 0);
+            if res.is_err() {
+                break;
+            }
+        }
+        assert_eq!(res, Err(RegionsError::TooManyEntries { snapshot: 4 }));
+        assert!(r.pending.is_empty());
     }
 }

@@ -5,10 +5,17 @@
 //! program forwarding its userfaultfd) or a `StatusRequest` (`uswap status`). Anything else is
 //! answered with an `Error` naming what was wrong, and closed; other clients are unaffected.
 //!
-//! Owns: accepting, identifying peers (SO_PEERCRED, never the pid a client claims), per-client
+//! Owns: accepting, identifying peers (SO_PEERCRED, never the pid a client claims), the
+//! daemon's admission rules (allow list of uids/gids, clients per uid, connections waiting for
+//! their first packet per uid, the store quota shared by one uid's clients), per-client
 //! threads and their cleanup. Must not: hold a client's lock while talking to another client.
+//!
+//! A refused peer gets an `Error` packet naming the rule and the value (and the daemon logs
+//! it); nothing it sends can affect another client: each client has its own thread, its own
+//! descriptor and its own state, and every action on a program goes through the descriptor
+//! that program forwarded.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,9 +26,9 @@ use anyhow::{bail, Context};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
-use super::client::{signal, Client};
+use super::client::{signal, Client, ClientLimits, UidStore};
 use super::stats::ClientReport;
-use crate::config::{load_program_config, Overrides, ProgramConfig};
+use crate::config::{load_program_config, DaemonConfig, Overrides, ProgramConfig};
 use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::wire::{HelloAck, Msg, MAX_MSG_LEN};
 use crate::uffd::Uffd;
@@ -36,7 +43,15 @@ pub struct MonitorOptions {
     pub overrides: Overrides,
     /// How many finished clients' reports to keep for `uswap status` / `uswap run`.
     pub keep_finished: usize,
+    /// Admission rules and per-uid limits (`daemon.toml`; defaults for `uswap run`).
+    pub daemon: DaemonConfig,
 }
+
+/// Connections of one uid that may wait for their first packet at once; more are refused at
+/// once (each holds a thread for up to [`FIRST_PACKET_TIMEOUT_S`]).
+pub const MAX_PENDING_PER_UID: usize = 16;
+/// How long a new connection may take to send its first packet, in seconds.
+const FIRST_PACKET_TIMEOUT_S: i64 = 5;
 
 pub struct Monitor {
     opts: MonitorOptions,
@@ -44,6 +59,36 @@ pub struct Monitor {
     clients: Mutex<Vec<Arc<Client>>>,
     finished: Mutex<VecDeque<ClientReport>>,
     stopping: AtomicBool,
+    /// Connections per uid that have not sent their first packet yet.
+    pending: Mutex<HashMap<u32, usize>>,
+    /// Store bytes held by all clients of one uid (for `max_store_per_uid`).
+    uid_store: Mutex<HashMap<u32, Arc<UidStore>>>,
+}
+
+/// Kernel-reported credentials of a connection's peer.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    pid: i32,
+    uid: u32,
+    gid: u32,
+}
+
+/// Decrements a uid's count of connections waiting for their first packet when dropped.
+struct PendingGuard<'a> {
+    monitor: &'a Monitor,
+    uid: u32,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut p = self.monitor.pending.lock();
+        if let Some(n) = p.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// A bound, listening SOCK_SEQPACKET socket; the path is removed on drop.
@@ -147,13 +192,13 @@ impl Listener {
     }
 }
 
-/// Peer credentials from the kernel.
-fn peer_cred(fd: RawFd) -> (i32, u32) {
+/// Peer credentials from the kernel (fixed at connect time; a client cannot forge them).
+fn peer_cred(fd: RawFd) -> Peer {
     // SAFETY: ucred is plain old data; getsockopt writes at most `len` bytes into it.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: as above.
-    unsafe {
+    let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
@@ -162,7 +207,19 @@ fn peer_cred(fd: RawFd) -> (i32, u32) {
             &mut len,
         )
     };
-    (cred.pid, cred.uid)
+    if rc != 0 {
+        // Cannot happen on a connected AF_UNIX socket; fail closed: (uid_t)-1 is on no list.
+        return Peer {
+            pid: 0,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        };
+    }
+    Peer {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    }
 }
 
 fn send_error(fd: RawFd, code: u32, text: &str) {
@@ -181,6 +238,8 @@ impl Monitor {
             clients: Mutex::new(Vec::new()),
             finished: Mutex::new(VecDeque::new()),
             stopping: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
+            uid_store: Mutex::new(HashMap::new()),
         })
     }
 
@@ -239,14 +298,77 @@ impl Monitor {
         self.clients.lock().len()
     }
 
+    /// Admission by kernel-reported credentials, before anything is read from the peer.
+    fn admit(&self, peer: Peer) -> Result<PendingGuard<'_>, String> {
+        if !self.opts.daemon.allows(peer.uid, peer.gid) {
+            return Err(format!(
+                "uid {} (gid {}) is not allowed to use this monitor (daemon config allow_uids/allow_gids)",
+                peer.uid, peer.gid
+            ));
+        }
+        let mut p = self.pending.lock();
+        let n = p.entry(peer.uid).or_insert(0);
+        if *n >= MAX_PENDING_PER_UID {
+            return Err(format!(
+                "uid {} has {MAX_PENDING_PER_UID} connections waiting for their first packet already",
+                peer.uid
+            ));
+        }
+        *n += 1;
+        Ok(PendingGuard {
+            monitor: self,
+            uid: peer.uid,
+        })
+    }
+
+    /// The store usage shared by `uid`'s clients, when a per-uid quota is configured.
+    fn uid_store(&self, uid: u32) -> Option<Arc<UidStore>> {
+        let limit = self.opts.daemon.max_store_per_uid_bytes?;
+        let mut m = self.uid_store.lock();
+        m.retain(|_, s| Arc::strong_count(s) > 1 || s.bytes.load(Ordering::Relaxed) > 0);
+        Some(Arc::clone(m.entry(uid).or_insert_with(|| {
+            Arc::new(UidStore {
+                bytes: AtomicU64::new(0),
+                limit_bytes: limit,
+            })
+        })))
+    }
+
     fn connection(self: &Arc<Self>, conn: OwnedFd) -> anyhow::Result<()> {
         let fd = conn.as_raw_fd();
-        let (peer_pid, peer_uid) = peer_cred(fd);
-        crate::protocol::io::set_recv_timeout(fd, 5);
+        let peer = peer_cred(fd);
+        let (peer_pid, peer_uid) = (peer.pid, peer.uid);
+        let pending = match self.admit(peer) {
+            Ok(g) => g,
+            Err(why) => {
+                send_error(fd, libc::EACCES as u32, &why);
+                bail!("peer pid {peer_pid} refused: {why}");
+            }
+        };
+        crate::protocol::io::set_recv_timeout(fd, FIRST_PACKET_TIMEOUT_S);
         let mut buf = vec![0u8; MAX_MSG_LEN];
-        let Some(mut got) = recv_packet(fd, &mut buf, 0).context("reading the first packet")?
-        else {
-            return Ok(());
+        let first = recv_packet(fd, &mut buf, 0);
+        drop(pending);
+        let mut got = match first {
+            Ok(Some(got)) => got,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                send_error(
+                    fd,
+                    libc::EMSGSIZE as u32,
+                    &format!("first packet refused: {e}"),
+                );
+                bail!("peer pid {peer_pid} uid {peer_uid}: first packet refused: {e}");
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN)) => {
+                send_error(
+                    fd,
+                    libc::ETIMEDOUT as u32,
+                    &format!("no first packet within {FIRST_PACKET_TIMEOUT_S} s"),
+                );
+                bail!("peer pid {peer_pid} uid {peer_uid}: no first packet within {FIRST_PACKET_TIMEOUT_S} s");
+            }
+            Err(e) => return Err(e).context("reading the first packet"),
         };
         let msg = match Msg::decode(&buf[..got.len]) {
             Ok(m) => m,
@@ -259,6 +381,20 @@ impl Monitor {
                 bail!("peer pid {peer_pid} uid {peer_uid}: malformed first packet: {e}");
             }
         };
+        if !matches!(msg, Msg::Hello(_)) && got.fd_count() > 0 {
+            send_error(
+                fd,
+                libc::EINVAL as u32,
+                &format!(
+                    "message kind {} carries descriptors; only Hello may",
+                    msg.kind()
+                ),
+            );
+            bail!(
+                "peer pid {peer_pid}: descriptors attached to kind {}",
+                msg.kind()
+            );
+        }
         match msg {
             Msg::StatusRequest { .. } => {
                 let json = serde_json::to_vec(&self.reports())?;
@@ -287,15 +423,37 @@ impl Monitor {
                 }
                 let uffd = match Uffd::from_received(uffd_fd, h.uffd_features) {
                     Ok(u) => u,
-                    Err(_) => {
+                    Err(e) => {
                         send_error(
                             fd,
                             libc::EBADF as u32,
-                            "the descriptor is not a userfaultfd",
+                            &format!("the descriptor attached to Hello is not a userfaultfd: {e}"),
                         );
-                        bail!("peer pid {peer_pid}: descriptor is not a userfaultfd");
+                        bail!("peer pid {peer_pid}: descriptor is not a userfaultfd: {e}");
                     }
                 };
+                let max = self.opts.daemon.max_clients_per_uid as usize;
+                let attached = self
+                    .clients
+                    .lock()
+                    .iter()
+                    .filter(|c| c.uid == peer_uid)
+                    .count();
+                if attached >= max {
+                    let why = format!(
+                        "uid {peer_uid} has {attached} programs attached already (daemon config max_clients_per_uid = {max})"
+                    );
+                    send_error(fd, libc::EUSERS as u32, &why);
+                    bail!("peer pid {peer_pid} refused: {why}");
+                }
+                if h.pid != peer_pid as u32 {
+                    warn!(
+                        claimed = h.pid,
+                        pid = peer_pid,
+                        uid = peer_uid,
+                        "Hello claims another pid; the peer is identified by SO_PEERCRED"
+                    );
+                }
                 let name = String::from_utf8_lossy(h.name).into_owned();
                 let app = String::from_utf8_lossy(h.app).into_owned();
                 let cfg = match self
@@ -317,7 +475,12 @@ impl Monitor {
                     }
                 };
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                let (client, memfd) = Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd)?;
+                let limits = ClientLimits {
+                    agent_timeout: self.opts.daemon.agent_timeout,
+                    uid_store: self.uid_store(peer_uid),
+                };
+                let (client, memfd) =
+                    Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd, limits)?;
                 let client = Arc::new(client);
                 let mut out = vec![0u8; 256];
                 let n = Msg::HelloAck(HelloAck {
