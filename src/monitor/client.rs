@@ -38,6 +38,10 @@ use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
+/// Longest wait for the agent's batches before a fork (the program is blocked in `fork` and a
+/// busy agent may be slow).
+const FORK_WAIT: Duration = Duration::from_secs(30);
+
 /// `Regions` packets one client may send in one second. The shim sends at most 100 snapshots
 /// a second, of one packet per 1024 regions; more is a flood, and a protocol error.
 pub const MAX_REGIONS_PACKETS_PER_SEC: u32 = 10_000;
@@ -429,7 +433,7 @@ impl Client {
                 }
             }
             Msg::ForkPrepare => {
-                let (status, restored) = match self.bring_all_home() {
+                let (status, restored) = match self.bring_all_home(FORK_WAIT) {
                     Ok(n) => (0, n),
                     Err(e) => {
                         warn!(
@@ -461,12 +465,21 @@ impl Client {
 
     /// Pauses eviction, waits for in-flight batches, and copies every evicted page back into
     /// the program. Eviction stays paused until `ForkDone`.
-    fn bring_all_home(&self) -> anyhow::Result<u64> {
+    ///
+    /// Waits at most `max_wait` for batches in flight.
+    fn bring_all_home(&self, max_wait: Duration) -> anyhow::Result<u64> {
         self.state.lock().paused = true;
         // Pages in the window or the store go back first: the first copy also tells whether
         // the program is still there (ESRCH once its mm is gone: exit or exec). Then the
         // batches still in flight are waited for, and their pages brought back in turn.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // An agent that has already left a batch unanswered for `agent_timeout` gets that long
+        // again, not the longer wait a live agent under load may need before a fork.
+        let wait = if self.agent_stalled.load(Ordering::Relaxed) {
+            max_wait.min(self.limits.agent_timeout)
+        } else {
+            max_wait
+        };
+        let deadline = Instant::now() + wait;
         let mut restored = 0;
         let mut page = vec![0u8; PAGE_SIZE];
         loop {
@@ -508,7 +521,10 @@ impl Client {
             }
             drop(st);
             if Instant::now() > deadline {
-                bail!("the agent did not finish its batches within 30 s");
+                bail!(
+                    "the agent did not finish its batches within {} ms",
+                    wait.as_millis()
+                );
             }
             if inflight && !self.program_alive() {
                 bail!("the program is gone");
@@ -554,7 +570,9 @@ impl Client {
     /// own): every evicted page goes back into it and its ranges are unregistered, so nothing
     /// it wrote is lost and it never waits on a monitor that no longer listens.
     pub fn give_everything_back(&self) -> u64 {
-        let pages = match self.bring_all_home() {
+        // A live agent answers a batch in milliseconds; one that has not within agent_timeout
+        // (a client that hung up mid-batch, or never had an agent) is not waited for longer.
+        let pages = match self.bring_all_home(self.limits.agent_timeout) {
             Ok(n) => {
                 info!(
                     client = self.id,
@@ -584,8 +602,21 @@ impl Client {
         self.request_agent(shm::REQ_UNREGISTER);
         let ranges = self.state.lock().regions.ever_registered();
         for r in ranges {
-            if let Err(e) = self.uffd.unregister(r.start, r.end - r.start) {
-                debug!(client = self.id, start = r.start, "unregister: {e}");
+            match self.uffd.unregister(r.start, r.end - r.start) {
+                Ok(()) => {}
+                // ESRCH, or ENOMEM (the kernel's answer when the mm is being torn down): a
+                // program that died meanwhile has nothing left to unregister.
+                Err(
+                    e @ (UffdError::TargetGone { .. }
+                    | UffdError::Os {
+                        errno: libc::ENOMEM,
+                        ..
+                    }),
+                ) if !self.program_alive() => {
+                    debug!(client = self.id, "unregister: {e}: the program is gone");
+                    break;
+                }
+                Err(e) => debug!(client = self.id, start = r.start, "unregister: {e}"),
             }
         }
         // Give the agent a moment to finish before the fault thread stops serving.
