@@ -1025,7 +1025,7 @@ fn daemon_dropped_to_nobody_serves_program_of_another_user() -> R {
         proc_status_field(dpid, "CapAmb:"),
     ];
     if uids.split_whitespace().any(|u| u != "65534")
-        || caps.iter().any(|c| c.trim_start_matches('0') != "")
+        || caps.iter().any(|c| !c.trim_start_matches('0').is_empty())
         || proc_status_field(dpid, "NoNewPrivs:") != "1"
         || proc_status_field(dpid, "Groups:") != "65534"
     {
