@@ -230,6 +230,40 @@ fn send_error(fd: RawFd, code: u32, text: &str) {
     }
 }
 
+/// Closes a connection without resetting it: a peer whose last packets were never read (a
+/// refused client that sent its Hello right after connecting) would otherwise get
+/// ECONNRESET instead of the `Error` queued for it. Stops sending, then reads and discards
+/// for at most [`LINGER_MS`] until the peer closes.
+fn linger_close(conn: OwnedFd) {
+    let fd = conn.as_raw_fd();
+    // SAFETY: shutdown(2) of our own socket; errors (peer already gone) are harmless.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let end = std::time::Instant::now() + Duration::from_millis(LINGER_MS);
+    let mut buf = [0u8; 256];
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one pollfd on our stack.
+        if left.is_zero() || unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } <= 0 {
+            break;
+        }
+        // A truncated packet (ours is small) or attached descriptors are discarded and closed.
+        match recv_packet(fd, &mut buf, libc::MSG_DONTWAIT) {
+            Ok(Some(_)) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
+            _ => break, // end of stream, or an error
+        }
+    }
+    drop(conn);
+}
+
+/// Longest time a closing connection waits for its peer to hang up, in milliseconds.
+const LINGER_MS: u64 = 200;
+
 impl Monitor {
     pub fn new(opts: MonitorOptions) -> Arc<Monitor> {
         Arc::new(Monitor {
@@ -274,9 +308,10 @@ impl Monitor {
             std::thread::Builder::new()
                 .name("uswap-conn".into())
                 .spawn(move || {
-                    if let Err(e) = me.connection(conn) {
+                    if let Err(e) = me.connection(&conn) {
                         warn!("client connection: {e:#}");
                     }
+                    linger_close(conn);
                 })
                 .context("spawning a connection thread")?;
         }
@@ -334,7 +369,7 @@ impl Monitor {
         })))
     }
 
-    fn connection(self: &Arc<Self>, conn: OwnedFd) -> anyhow::Result<()> {
+    fn connection(self: &Arc<Self>, conn: &OwnedFd) -> anyhow::Result<()> {
         let fd = conn.as_raw_fd();
         let peer = peer_cred(fd);
         let (peer_pid, peer_uid) = (peer.pid, peer.uid);
@@ -432,20 +467,6 @@ impl Monitor {
                         bail!("peer pid {peer_pid}: descriptor is not a userfaultfd: {e}");
                     }
                 };
-                let max = self.opts.daemon.max_clients_per_uid as usize;
-                let attached = self
-                    .clients
-                    .lock()
-                    .iter()
-                    .filter(|c| c.uid == peer_uid)
-                    .count();
-                if attached >= max {
-                    let why = format!(
-                        "uid {peer_uid} has {attached} programs attached already (daemon config max_clients_per_uid = {max})"
-                    );
-                    send_error(fd, libc::EUSERS as u32, &why);
-                    bail!("peer pid {peer_pid} refused: {why}");
-                }
                 if h.pid != peer_pid as u32 {
                     warn!(
                         claimed = h.pid,
@@ -482,6 +503,23 @@ impl Monitor {
                 let (client, memfd) =
                     Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd, limits)?;
                 let client = Arc::new(client);
+                // Counted and registered in one hold of the registry lock, before the
+                // acknowledgement: concurrent Hellos of one uid cannot pass the cap together,
+                // and an acknowledged client is always in `uswap status`.
+                {
+                    let max = self.opts.daemon.max_clients_per_uid as usize;
+                    let mut clients = self.clients.lock();
+                    let attached = clients.iter().filter(|c| c.uid == peer_uid).count();
+                    if attached >= max {
+                        drop(clients);
+                        let why = format!(
+                            "uid {peer_uid} has {attached} programs attached already (daemon config max_clients_per_uid = {max})"
+                        );
+                        send_error(fd, libc::EUSERS as u32, &why);
+                        bail!("peer pid {peer_pid} refused: {why}");
+                    }
+                    clients.push(Arc::clone(&client));
+                }
                 let mut out = vec![0u8; 256];
                 let n = Msg::HelloAck(HelloAck {
                     status: 0,
@@ -489,7 +527,7 @@ impl Monitor {
                     text: b"",
                 })
                 .encode(&mut out)?;
-                send_packet(
+                if let Err(e) = send_packet(
                     fd,
                     &out[..n],
                     &[
@@ -497,8 +535,10 @@ impl Monitor {
                         client.req_efd.as_raw_fd(),
                         client.done_efd.as_raw_fd(),
                     ],
-                )
-                .context("sending HelloAck")?;
+                ) {
+                    self.clients.lock().retain(|c| c.id != id);
+                    return Err(e).context("sending HelloAck");
+                }
                 drop(memfd);
                 info!(client = id, pid = peer_pid, uid = peer_uid, name = %name, budget = ?client.cfg.budget_bytes, "client attached");
                 self.run_client(client, fd)
@@ -545,7 +585,7 @@ impl Monitor {
     }
 
     fn run_client(self: &Arc<Self>, client: Arc<Client>, sock: RawFd) -> anyhow::Result<()> {
-        self.clients.lock().push(Arc::clone(&client));
+        // Registered in `self.clients` by `connection` already.
         let fault_client = Arc::clone(&client);
         let fault = std::thread::Builder::new()
             .name(format!("uswap-fault-{}", client.id))
