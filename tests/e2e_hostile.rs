@@ -1184,10 +1184,36 @@ fn client_killed_mid_batch_is_collected_and_daemon_serves_next() -> R {
     d.check_alive()
 }
 
+/// Part 4: `uswap doctor` checks `daemon.toml` like the program files, naming file and key.
+fn doctor_names_bad_daemon_config_key() -> R {
+    let dir = tmpdir("doctor");
+    std::fs::create_dir_all(dir.join("config"))?;
+    std::fs::write(
+        dir.join("config/daemon.toml"),
+        "allow_uids = [1000]\nsocket_mode = \"0777\"\n",
+    )?;
+    let out = Command::new(uswap())
+        .arg("doctor")
+        .current_dir(&dir)
+        .env("USWAP_SHIM", shim())
+        .output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    if out.status.success()
+        || !text.contains("daemon.toml:2")
+        || !text.contains("key \"socket_mode\"")
+        || !text.contains("0777")
+    {
+        return Err(format!("doctor did not name the bad daemon key:\n{text}").into());
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let root = is_root();
     let needs_root = |t: Trial| if root { t } else { t.with_ignored_flag(true) };
+    let etc_uswap = Path::new("/etc/uswap").is_dir();
     let tests = vec![
         needs_root(Trial::test(
             "hostile_packets_get_named_errors_while_managed_program_verifies",
@@ -1221,7 +1247,16 @@ fn main() {
             "client_killed_mid_batch_is_collected_and_daemon_serves_next",
             client_killed_mid_batch_is_collected_and_daemon_serves_next,
         ),
+        // doctor reads /etc/uswap when it exists, not the test's ./config.
+        Trial::test(
+            "doctor_names_bad_daemon_config_key",
+            doctor_names_bad_daemon_config_key,
+        )
+        .with_ignored_flag(etc_uswap),
     ];
+    if etc_uswap {
+        eprintln!("note: /etc/uswap exists: doctor_names_bad_daemon_config_key is ignored (doctor would check /etc/uswap, not the test's directory)");
+    }
     if !root {
         eprintln!(
             "note: not root: tests that create a userfaultfd in the test process (no access to \

@@ -348,6 +348,12 @@ pub fn daemon(
             }
         }
     }
+    if mode & 0o007 != 0 {
+        tracing::warn!(
+            mode = format!("{mode:o}"),
+            "the socket is open to every user: only the allow list (daemon config allow_uids/allow_gids) keeps others out"
+        );
+    }
     let listener = Listener::bind(&path, mode)?;
     match &target {
         Some(t) if euid == 0 => {
