@@ -395,7 +395,7 @@ struct Attached {
     conn: OwnedFd,
     uffd: Uffd,
     window: Map,
-    _efds: Vec<OwnedFd>,
+    efds: Vec<OwnedFd>,
 }
 
 impl Attached {
@@ -448,7 +448,7 @@ fn attach(
         conn,
         uffd,
         window,
-        _efds: vec![memfd, req, done],
+        efds: vec![memfd, req, done],
     })
 }
 
@@ -778,7 +778,8 @@ fn bait(a: &Attached, pages: usize) -> Result<Map, Failed> {
 }
 
 /// Part 3: a client whose agent never answers. The monitor posts it batches, times out,
-/// logs, and stops evicting from it; the managed program beside it is not held up.
+/// logs, and stops evicting from it; the managed program beside it is not held up. When the
+/// agent answers at last, eviction resumes.
 fn agent_never_answers_monitor_times_out_and_stops_evicting_it() -> R {
     let mut d = Daemon::start("agent", "agent_timeout = \"1s\"\n", None)?;
     let prog = spawn_workload(&d.socket, 32, 3000, "8M")?;
@@ -811,6 +812,26 @@ fn agent_never_answers_monitor_times_out_and_stops_evicting_it() -> R {
             return Err(format!("page {i} of the silent client changed: {v}").into());
         }
     }
+    // The agent answers at last (every page cancelled, as an agent does when the program's
+    // memory changed under a batch): eviction resumes.
+    let win = a.win();
+    let post = win.post_seq().load(std::sync::atomic::Ordering::Acquire);
+    for seq in win.done_seq().load(std::sync::atomic::Ordering::Acquire)..post {
+        let desc = win.desc(seq);
+        for p in 0..desc.npages() {
+            desc.set_result(p, uswap::protocol::shm::RESULT_CANCELLED);
+        }
+    }
+    win.done_seq()
+        .store(post, std::sync::atomic::Ordering::Release);
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: an 8-byte write to the monitor's done eventfd, which we hold.
+    unsafe { libc::write(a.efds[2].as_raw_fd(), one.as_ptr().cast(), 8) };
+    d.wait_log("eviction resumes")?;
+    wait_client(&d.socket, me, 10, "posted again", |c| {
+        c["pages_posted"].as_u64().unwrap_or(0) > posted
+            && c["pages_cancelled"].as_u64().unwrap_or(0) > 0
+    })?;
     wait_evicting(&d.socket, pid)?;
     drop(a); // disconnect: the monitor gives up on the batches after agent_timeout
     drop(m);
