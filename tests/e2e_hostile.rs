@@ -607,6 +607,32 @@ fn hostile_packets_get_named_errors_while_managed_program_verifies() -> R {
         &[rd.as_raw_fd()],
         &["carries descriptors"],
     )?;
+    let u = new_uffd()?;
+    let lie = hello(std::process::id(), u.features() | 1 << 40, b"hostile", b"");
+    raw_case(
+        s,
+        "features",
+        &lie,
+        &[u.as_raw_fd()],
+        &["features 0x10000000000"],
+    )?;
+    let mut huge = encode(Msg::Hello(Hello {
+        pid: std::process::id(),
+        page_size: 1 << 21,
+        uffd_features: u.features(),
+        name: b"hostile",
+        app: b"",
+        overrides: b"",
+    }));
+    raw_case(
+        s,
+        "page size",
+        &huge,
+        &[u.as_raw_fd()],
+        &["page size 2097152"],
+    )?;
+    huge[HEADER_LEN + 4] = 3; // not a power of two: the decoder refuses it
+    raw_case(s, "page size 3", &huge, &[u.as_raw_fd()], &["page_size"])?;
     // A bad overrides text is refused by the HelloAck (status != 0) naming the key.
     {
         let fd = connect(s)?;

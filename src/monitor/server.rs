@@ -261,6 +261,14 @@ fn linger_close(conn: OwnedFd) {
     drop(conn);
 }
 
+/// The userfaultfd features this kernel offers, probed once; `None` if the monitor cannot
+/// create a userfaultfd itself (an unprivileged monitor needs none: it only uses forwarded
+/// ones), in which case a client's claimed features are not checked.
+fn kernel_features() -> Option<u64> {
+    static FEATURES: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *FEATURES.get_or_init(|| crate::uffd::probe_features().ok())
+}
+
 /// Longest time a closing connection waits for its peer to hang up, in milliseconds.
 const LINGER_MS: u64 = 200;
 
@@ -467,6 +475,24 @@ impl Monitor {
                         bail!("peer pid {peer_pid}: descriptor is not a userfaultfd: {e}");
                     }
                 };
+                if h.page_size as usize != crate::PAGE_SIZE {
+                    let why = format!(
+                        "Hello: page size {} (this monitor manages {}-byte pages)",
+                        h.page_size,
+                        crate::PAGE_SIZE
+                    );
+                    send_error(fd, libc::EINVAL as u32, &why);
+                    bail!("peer pid {peer_pid}: {why}");
+                }
+                if let Some(extra) = kernel_features().map(|k| h.uffd_features & !k) {
+                    if extra != 0 {
+                        let why = format!(
+                            "Hello claims userfaultfd features {extra:#x} this kernel does not offer"
+                        );
+                        send_error(fd, libc::EINVAL as u32, &why);
+                        bail!("peer pid {peer_pid}: {why}");
+                    }
+                }
                 if h.pid != peer_pid as u32 {
                     warn!(
                         claimed = h.pid,
