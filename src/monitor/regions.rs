@@ -13,10 +13,19 @@ use crate::protocol::wire::{RegionEntry, REGION_EXCLUDED, REGION_MANAGED, REGION
 pub const MAX_SNAPSHOT_ENTRIES: usize = 1 << 18;
 
 /// A snapshot that cannot describe an address space.
+/// Ranges reported registered and not unmapped since, kept for unregistering on detach. A
+/// program's VMAs come and go with unmap events, which forget them; a client reporting ever
+/// new ranges without unmapping anything would otherwise grow this without bound.
+pub const MAX_EVER_REGISTERED: usize = 2 * MAX_SNAPSHOT_ENTRIES;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegionsError {
     #[error("Regions snapshot {snapshot}: more than {MAX_SNAPSHOT_ENTRIES} entries")]
     TooManyEntries { snapshot: u32 },
+    #[error(
+        "Regions snapshot {snapshot}: more than {MAX_EVER_REGISTERED} ranges reported registered and never unmapped"
+    )]
+    TooManyRegistered { snapshot: u32 },
     #[error(
         "Regions snapshot {snapshot}: managed entries {a_start:#x}..{a_end:#x} and {b_start:#x}..{b_end:#x} overlap"
     )]
@@ -37,7 +46,7 @@ pub struct Regions {
     registered: BTreeMap<u64, u64>,
     /// Every range ever registered and not since unmapped (for unregistering on detach).
     ever_registered: BTreeMap<u64, u64>,
-    /// Ranges never to evict.
+    /// Ranges never to evict (ascending, disjoint).
     excluded: Vec<Range<u64>>,
     /// Address-space changes (UNMAP, REMAP) with the event epoch they were logged at, newest
     /// last; a snapshot whose scan began before one of them is not trusted where they overlap.
@@ -49,23 +58,39 @@ pub struct Regions {
     pub snapshots: u64,
 }
 
-fn subtract(r: Range<u64>, cuts: &[Range<u64>]) -> Vec<Range<u64>> {
-    let mut out = vec![r];
-    for c in cuts {
-        let mut next = Vec::new();
-        for p in out {
-            if c.end <= p.start || p.end <= c.start {
-                next.push(p);
-                continue;
-            }
-            if p.start < c.start {
-                next.push(p.start..c.start);
-            }
-            if c.end < p.end {
-                next.push(c.end..p.end);
-            }
+/// Sorts ranges and merges overlapping or touching ones: ascending and disjoint.
+fn merge(mut v: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    v.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+            _ => out.push(r),
         }
-        out = next;
+    }
+    out
+}
+
+/// `r` minus `cuts` (ascending and disjoint, see [`merge`]): O(log n + cuts inside `r`), so
+/// a snapshot of many managed and many excluded entries costs n log n, not n × m.
+fn subtract(r: Range<u64>, cuts: &[Range<u64>]) -> Vec<Range<u64>> {
+    let mut out = Vec::new();
+    let mut cur = r.start;
+    let first = cuts.partition_point(|c| c.end <= r.start);
+    for c in &cuts[first..] {
+        if c.start >= r.end {
+            break;
+        }
+        if c.start > cur {
+            out.push(cur..c.start);
+        }
+        cur = cur.max(c.end);
+        if cur >= r.end {
+            break;
+        }
+    }
+    if cur < r.end {
+        out.push(cur..r.end);
     }
     out
 }
@@ -118,12 +143,13 @@ impl Regions {
                 b_end: w[1].1,
             });
         }
-        let excluded: Vec<Range<u64>> = self
-            .pending
-            .iter()
-            .filter(|e| e.flags & REGION_EXCLUDED != 0)
-            .map(|e| e.start..e.start + e.len_bytes)
-            .collect();
+        let excluded: Vec<Range<u64>> = merge(
+            self.pending
+                .iter()
+                .filter(|e| e.flags & REGION_EXCLUDED != 0)
+                .map(|e| e.start..e.start + e.len_bytes)
+                .collect(),
+        );
         let mut managed = BTreeMap::new();
         let mut registered = BTreeMap::new();
         for e in self
@@ -140,6 +166,10 @@ impl Regions {
                     managed.insert(r.start, r.end);
                 }
             }
+        }
+        if self.ever_registered.len() > MAX_EVER_REGISTERED {
+            self.pending.clear();
+            return Err(RegionsError::TooManyRegistered { snapshot });
         }
         // A range that was unmapped or moved after the scan began may hold another mapping
         // now (possibly one the agent has not registered yet): not evictable until the next
@@ -228,9 +258,8 @@ impl Regions {
     }
 
     pub fn is_excluded(&self, start: u64, end: u64) -> bool {
-        self.excluded
-            .iter()
-            .any(|r| r.start <= start && end <= r.end)
+        let i = self.excluded.partition_point(|r| r.start <= start);
+        i > 0 && end <= self.excluded[i - 1].end
     }
 }
 
@@ -309,6 +338,98 @@ mod tests {
         assert!(r.evictable().is_empty());
         assert!(r.feed(5, true, true, 1, old.into_iter(), 0).unwrap());
         assert_eq!(r.evictable(), vec![0x1000..0x11000]);
+    }
+
+    /// The subtraction of the version before issue 5 (n × m), as the reference.
+    fn subtract_naive(r: Range<u64>, cuts: &[Range<u64>]) -> Vec<Range<u64>> {
+        let mut out = vec![r];
+        for c in cuts {
+            let mut next = Vec::new();
+            for p in out {
+                if c.end <= p.start || p.end <= c.start {
+                    next.push(p);
+                    continue;
+                }
+                if p.start < c.start {
+                    next.push(p.start..c.start);
+                }
+                if c.end < p.end {
+                    next.push(c.end..p.end);
+                }
+            }
+            out = next;
+        }
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn subtract_matches_the_naive_subtraction(
+            start in 0u64..64, len in 1u64..64,
+            cuts in proptest::collection::vec((0u64..80, 1u64..20), 0..12),
+        ) {
+            let r = start..start + len;
+            let cuts: Vec<Range<u64>> = cuts.into_iter().map(|(s, l)| s..s + l).collect();
+            let merged = merge(cuts.clone());
+            proptest::prop_assert!(merged.windows(2).all(|w| w[0].end < w[1].start));
+            proptest::prop_assert_eq!(subtract(r.clone(), &merged), subtract_naive(r, &cuts));
+        }
+    }
+
+    #[test]
+    fn large_snapshot_of_managed_and_excluded_entries_is_fast() {
+        // 2^16 managed ranges, each with an excluded page inside and one after it: about 2^33
+        // range comparisons for the quadratic subtraction, a few million here.
+        let n = 1u64 << 16;
+        let mut v = Vec::new();
+        for i in 0..n {
+            let base = 0x1000_0000 + i * 0x10000;
+            v.push(e(base, 0x4000, REGION_MANAGED | REGION_REGISTERED));
+            v.push(e(base + 0x1000, 0x1000, REGION_EXCLUDED));
+            v.push(e(base + 0x8000, 0x1000, REGION_EXCLUDED));
+        }
+        let mut r = Regions::default();
+        let t0 = std::time::Instant::now();
+        for (i, chunk) in v.chunks(1024).enumerate() {
+            let last = (i + 1) * 1024 >= v.len();
+            r.feed(1, i == 0, last, 0, chunk.iter().copied(), 0)
+                .unwrap();
+        }
+        assert_eq!(r.managed().len(), 2 * n as usize);
+        assert!(r.is_excluded(0x1000_1000, 0x1000_2000));
+        assert!(!r.is_excluded(0x1000_0000, 0x1000_1000));
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[test]
+    fn ranges_registered_without_end_are_capped() {
+        let mut r = Regions::default();
+        let mut snap = 0;
+        let res = loop {
+            snap += 1;
+            let base = 0x1000_0000u64 + snap as u64 * (1 << 28);
+            let entries: Vec<RegionEntry> = (0..1024u64)
+                .map(|i| {
+                    e(
+                        base + i * 0x2000,
+                        0x1000,
+                        REGION_MANAGED | REGION_REGISTERED,
+                    )
+                })
+                .collect();
+            match r.feed(snap, true, true, 0, entries.into_iter(), 0) {
+                Ok(_) if (snap as usize) * 1024 <= MAX_EVER_REGISTERED + 1024 => continue,
+                other => break other,
+            }
+        };
+        assert!(
+            matches!(res, Err(RegionsError::TooManyRegistered { .. })),
+            "{res:?}"
+        );
     }
 
     #[test]
