@@ -1,9 +1,9 @@
 //! End-to-end tests of hostile and broken clients, least privilege and dead processes, against
 //! a real `uswap daemon` (issue 5, parts 3-5).
 //!
-//! Each test runs a well-behaved managed program (`uswap-workload fill-verify` under the shim)
-//! against the same daemon while something misbehaves, and checks that the misbehaviour got a
-//! clear error (an `Error` packet naming what was wrong, and a line in the daemon's log) or a
+//! The hostile-client tests run a well-behaved managed program (`uswap-workload fill-verify`
+//! under the shim) against the same daemon while something misbehaves, and check that the
+//! misbehaviour got a clear error (an `Error` packet naming what was wrong, and a line in the daemon's log) or a
 //! disconnect, that the program still verified every page with real evictions, and that the
 //! daemon is still up and serving. Hostile clients are this test process itself writing raw
 //! packets (and forwarding its own real userfaultfd); nothing is mocked.
