@@ -3,9 +3,9 @@
 //!
 //! The hostile-client tests run a well-behaved managed program (`uswap-workload fill-verify`
 //! under the shim) against the same daemon while something misbehaves, and check that the
-//! misbehaviour got a clear error (an `Error` packet naming what was wrong, and a line in the daemon's log) or a
-//! disconnect, that the program still verified every page with real evictions, and that the
-//! daemon is still up and serving. Hostile clients are this test process itself writing raw
+//! misbehaviour got a clear error (an `Error` packet naming what was wrong, and a line in the
+//! daemon's log) or a disconnect, that the program still verified every page with real
+//! evictions, and that the daemon is still up and serving. Hostile clients are this test process itself writing raw
 //! packets (and forwarding its own real userfaultfd); nothing is mocked.
 //!
 //! A custom harness (libtest-mimic), like `tests/e2e.rs`: tests that need root say so and are
