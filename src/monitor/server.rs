@@ -493,8 +493,9 @@ impl Monitor {
                         bail!("peer pid {peer_pid}: {why}");
                     }
                 }
+                // Informational only (a program in another pid namespace sees another number).
                 if h.pid != peer_pid as u32 {
-                    warn!(
+                    info!(
                         claimed = h.pid,
                         pid = peer_pid,
                         uid = peer_uid,
