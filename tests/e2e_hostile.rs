@@ -1061,7 +1061,7 @@ fn daemon_dropped_to_nobody_serves_program_of_another_user() -> R {
     let uid = 4242;
     let d = Daemon::start(
         "dropped",
-        &format!("user = \"nobody\"\nsocket_mode = \"0660\"\nallow_uids = [{uid}]\n"),
+        &format!("user = \"nobody\"\nsocket_mode = \"0660\"\nallow_uids = [{uid}, 4243]\n"),
         None,
     )?;
     let dpid = d.child.id();
@@ -1122,7 +1122,7 @@ fn daemon_dropped_to_nobody_serves_program_of_another_user() -> R {
         )
         .into());
     }
-    // The daemon (uid 0 is not on its allow list) answers its status only to uid 4242.
+    // The daemon (uid 0 is not on its allow list) answers uid 4242 about its own programs.
     let st = Command::new("setpriv")
         .args([
             format!("--reuid={uid}"),
@@ -1145,6 +1145,22 @@ fn daemon_dropped_to_nobody_serves_program_of_another_user() -> R {
         .ok_or_else(|| format!("the program is missing from the status: {json}"))?;
     if c["uid"].as_u64() != Some(uid as u64) || c["pages_evicted"].as_u64().unwrap_or(0) < 1000 {
         return Err(format!("the daemon did not evict for uid {uid}: {c}").into());
+    }
+    // Another allowed user sees none of uid 4242's programs.
+    let other = Command::new("setpriv")
+        .args(["--reuid=4243", "--regid=65534", "--clear-groups"])
+        .arg(uswap())
+        .args(["status", "--json", "--socket"])
+        .arg(&d.socket)
+        .output()?;
+    let json: Value = serde_json::from_slice(&other.stdout).map_err(|e| {
+        format!(
+            "status as uid 4243: {e}: {}",
+            String::from_utf8_lossy(&other.stderr)
+        )
+    })?;
+    if json.as_array().is_none_or(|a| !a.is_empty()) {
+        return Err(format!("uid 4243 sees other users' programs: {json}").into());
     }
     if !d.log_text().contains("dropped root") {
         return Err(format!("no log line about the drop:\n{}", d.log_text()).into());

@@ -5,6 +5,9 @@
 //! program forwarding its userfaultfd) or a `StatusRequest` (`uswap status`). Anything else is
 //! answered with an `Error` naming what was wrong, and closed; other clients are unaffected.
 //!
+//! `uswap status` shows a peer only the programs of its own uid (root and the daemon's own
+//! user see every program).
+//!
 //! Owns: accepting, identifying peers (SO_PEERCRED, never the pid a client claims), the
 //! daemon's admission rules (allow list of uids/gids, clients per uid, connections waiting for
 //! their first packet per uid, the store quota shared by one uid's clients), per-client
@@ -440,7 +443,15 @@ impl Monitor {
         }
         match msg {
             Msg::StatusRequest { .. } => {
-                let json = serde_json::to_vec(&self.reports())?;
+                // Each user sees its own programs; root and the daemon's own user see all.
+                // SAFETY: geteuid has no preconditions.
+                let all = peer_uid == 0 || peer_uid == unsafe { libc::geteuid() };
+                let reports: Vec<ClientReport> = self
+                    .reports()
+                    .into_iter()
+                    .filter(|r| all || r.uid == peer_uid)
+                    .collect();
+                let json = serde_json::to_vec(&reports)?;
                 let mut out = vec![0u8; MAX_MSG_LEN];
                 let json = if json.len() > MAX_MSG_LEN - 64 {
                     b"[]".to_vec()
