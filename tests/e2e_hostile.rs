@@ -1036,7 +1036,11 @@ fn uid_not_on_allow_list_is_refused_and_program_runs_unmanaged() -> R {
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if !out.status.success() || !stdout.contains("RESULT ok") || !stderr.contains("refused") {
+    // The program says why, in the one line the shim prints.
+    if !out.status.success()
+        || !stdout.contains("RESULT ok")
+        || !stderr.contains("the monitor refused this program: uid 0 (gid 0) is not allowed")
+    {
         return Err(format!("refused program:\n{stdout}\n{stderr}").into());
     }
     d.wait_log("is not allowed")?;
