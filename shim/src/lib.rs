@@ -252,6 +252,24 @@ const AGENT_STACK_BYTES: usize = 256 * 1024;
 /// Scratch memory of the agent: maps buffer and packet buffer.
 pub(crate) const SCRATCH_BYTES: usize = 256 * 1024;
 
+/// Longest reason kept from a monitor that refused this program.
+const REFUSAL_MAX: usize = 240;
+/// The monitor's reason when it refused this program (the text of its `Error` or refusing
+/// `HelloAck`), for the one line the constructor prints. No allocation: static bytes.
+static REFUSAL: [std::sync::atomic::AtomicU8; REFUSAL_MAX] =
+    [const { std::sync::atomic::AtomicU8::new(0) }; REFUSAL_MAX];
+static REFUSAL_LEN: AtomicUsize = AtomicUsize::new(0);
+
+fn keep_refusal(text: &[u8]) {
+    let n = text.len().min(REFUSAL_MAX);
+    for (d, s) in REFUSAL.iter().zip(&text[..n]) {
+        // Printable ASCII only: the text comes from another process.
+        let c = if (0x20..0x7f).contains(s) { *s } else { b'?' };
+        d.store(c, Ordering::Relaxed);
+    }
+    REFUSAL_LEN.store(n, Ordering::Relaxed);
+}
+
 #[used]
 #[link_section = ".init_array"]
 static INIT: extern "C" fn() = uswap_shim_init;
@@ -260,7 +278,18 @@ extern "C" fn uswap_shim_init() {
     if let Err(why) = init() {
         let quiet = raw::getenv(c"USWAP_QUIET").is_some_and(|v| v == b"1");
         if !quiet {
-            raw::eprint_line(&[b"uswap: running unmanaged: ", why.as_bytes()]);
+            let mut text = [0u8; REFUSAL_MAX];
+            let n = REFUSAL_LEN.load(Ordering::Relaxed).min(REFUSAL_MAX);
+            for (d, s) in text.iter_mut().zip(&REFUSAL[..n]) {
+                *d = s.load(Ordering::Relaxed);
+            }
+            let sep: &[u8] = if n > 0 { b": " } else { b"" };
+            raw::eprint_line(&[
+                b"uswap: running unmanaged: ",
+                why.as_bytes(),
+                sep,
+                &text[..n],
+            ]);
         }
         teardown_partial();
     }
@@ -428,8 +457,13 @@ fn init() -> Result<(), &'static str> {
         .ok_or("the monitor closed the connection")?;
     let (window_len, text) = match Msg::decode(&pkt[..got.len]) {
         Ok(Msg::HelloAck(a)) if a.status == 0 => (a.window_len_bytes as usize, a.text),
-        Ok(Msg::HelloAck(_)) | Ok(Msg::Error { .. }) => {
-            return Err("the monitor refused this program (see the monitor's log)")
+        Ok(Msg::HelloAck(a)) => {
+            keep_refusal(a.text);
+            return Err("the monitor refused this program");
+        }
+        Ok(Msg::Error { text, .. }) => {
+            keep_refusal(text);
+            return Err("the monitor refused this program");
         }
         _ => return Err("the monitor sent an unexpected reply"),
     };

@@ -6,6 +6,7 @@
 //! page state.
 
 mod doctor;
+mod privilege;
 mod run;
 mod status;
 
@@ -36,9 +37,13 @@ pub enum Cmd {
         /// Directory of per-program config files [default: /etc/uswap if it exists, else ./config].
         #[arg(long)]
         config_dir: Option<PathBuf>,
-        /// Socket file mode, octal (0600: only this user's programs; 0660: also the group's).
-        #[arg(long, default_value = "600")]
-        mode: String,
+        /// Socket file mode, octal (0600: only this user's programs; 0660: also the group's)
+        /// [default: daemon config `socket_mode`, 600].
+        #[arg(long)]
+        mode: Option<String>,
+        /// The daemon's own config [default: daemon.toml in the config directory, if any].
+        #[arg(long)]
+        daemon_config: Option<PathBuf>,
     },
     /// Show live per-program figures from a daemon.
     Status {
@@ -91,9 +96,10 @@ pub fn run_main() -> i32 {
             socket,
             config_dir,
             mode,
+            daemon_config,
         } => {
             init_logging("info");
-            run::daemon(socket, config_dir, &mode).map(|_| 0)
+            run::daemon(socket, config_dir, mode.as_deref(), daemon_config).map(|_| 0)
         }
         Cmd::Status { socket, json } => status::status(socket, json).map(|_| 0),
         Cmd::Doctor { socket } => doctor::doctor(socket),

@@ -185,6 +185,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                 config_dir: args.config_dir.clone().or_else(super::default_config_dir),
                 overrides: Overrides::default(),
                 keep_finished: 64,
+                daemon: config::DaemonConfig::default(),
             });
             let m = Arc::clone(&monitor);
             let lfd_path = listener.path().to_path_buf();
@@ -302,15 +303,41 @@ extern "C" fn on_stop(_: i32) {
 pub fn daemon(
     socket: Option<PathBuf>,
     config_dir: Option<PathBuf>,
-    mode: &str,
+    mode: Option<&str>,
+    daemon_config: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    let mode = u32::from_str_radix(mode, 8).map_err(|_| {
-        UsageError(format!(
-            "--mode {mode}: expected an octal mode like 600 or 660"
-        ))
-    })?;
     let path = socket.unwrap_or_else(crate::protocol::default_socket_path);
     let config_dir = config_dir.or_else(super::default_config_dir);
+    let dcfg = match &daemon_config {
+        Some(f) => config::DaemonConfig::load(f),
+        None => config::DaemonConfig::load_from_dir(config_dir.as_deref()),
+    }
+    .map_err(|e| UsageError(e.to_string()))?;
+    let mode = match mode {
+        Some(m) => u32::from_str_radix(m, 8).map_err(|_| {
+            UsageError(format!(
+                "--mode {m}: expected an octal mode like 600 or 660"
+            ))
+        })?,
+        None => dcfg.socket_mode,
+    };
+    let target = dcfg
+        .user
+        .as_deref()
+        .map(super::privilege::resolve_user)
+        .transpose()
+        .map_err(|e| UsageError(format!("daemon config key \"user\": {e}")))?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if let Some(t) = &target {
+        if euid != 0 && euid != t.uid {
+            return Err(UsageError(format!(
+                "daemon config key \"user\" = \"{}\": the daemon runs as uid {euid} and can only become uid {} when started as root",
+                t.name, t.uid
+            ))
+            .into());
+        }
+    }
     if let Some(d) = &config_dir {
         for entry in
             std::fs::read_dir(d).with_context(|| format!("reading config dir {}", d.display()))?
@@ -321,13 +348,44 @@ pub fn daemon(
             }
         }
     }
+    if mode & 0o007 != 0 {
+        tracing::warn!(
+            mode = format!("{mode:o}"),
+            "the socket is open to every user: only the allow list (daemon config allow_uids/allow_gids) keeps others out"
+        );
+    }
     let listener = Listener::bind(&path, mode)?;
+    match &target {
+        Some(t) if euid == 0 => {
+            // The socket belongs to the user the daemon becomes (and its group, for 0660).
+            std::os::unix::fs::chown(&path, Some(t.uid), Some(t.gid))
+                .with_context(|| format!("chown {} to {}", path.display(), t.name))?;
+            super::privilege::drop_to(t)
+                .with_context(|| format!("dropping privileges to user {}", t.name))?;
+            tracing::info!(user = %t.name, uid = t.uid, gid = t.gid, "dropped root: no capabilities left, no_new_privs set");
+        }
+        Some(_) => {} // already that user
+        None if euid == 0 => tracing::warn!(
+            "running as root: set `user` in the daemon config to drop privileges after binding the socket"
+        ),
+        None => {}
+    }
     let monitor = Monitor::new(MonitorOptions {
         config_dir: config_dir.clone(),
         overrides: Overrides::default(),
         keep_finished: 256,
+        daemon: dcfg.clone(),
     });
-    tracing::info!(socket = %path.display(), config_dir = ?config_dir, "uswap daemon listening");
+    tracing::info!(
+        socket = %path.display(),
+        mode = format!("{mode:o}"),
+        config_dir = ?config_dir,
+        allow_uids = ?dcfg.allow_uids,
+        allow_gids = ?dcfg.allow_gids,
+        max_clients_per_uid = dcfg.max_clients_per_uid,
+        max_store_per_uid = ?dcfg.max_store_per_uid_bytes,
+        "uswap daemon listening"
+    );
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as usize);

@@ -27,6 +27,7 @@
 //! `config/foo.toml:3: key "budget": invalid size "12Q" (expected a number with optional
 //! K/M/G/T suffix, e.g. 512M)`.
 
+mod daemon;
 mod units;
 
 #[cfg(test)]
@@ -40,6 +41,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
+pub use daemon::{parse_daemon, DaemonConfig, DAEMON_FILE, DAEMON_KEYS};
 pub use units::{format_duration, format_size, parse_duration, parse_optional_size, parse_size};
 
 /// Bytes in one page, as u64 for size arithmetic.
@@ -238,6 +240,7 @@ impl Overrides {
                 path: PathBuf::from("<override>"),
                 line: None,
                 key: key.to_string(),
+                known: KEYS,
             },
             KeyError::Invalid(reason) => ConfigError::Override {
                 key: key.to_string(),
@@ -368,12 +371,14 @@ pub enum ConfigError {
         "{}{}: unknown key \"{key}\" (known keys: {})",
         path.display(),
         LineSuffix(*line),
-        KEYS.join(", ")
+        known.join(", ")
     )]
     UnknownKey {
         path: PathBuf,
         line: Option<usize>,
         key: String,
+        /// The keys this kind of file knows ([`KEYS`] or [`DAEMON_KEYS`]).
+        known: &'static [&'static str],
     },
     /// A known key with a value of the wrong type or out of range.
     #[error("{}{}: key \"{key}\": {reason}", path.display(), LineSuffix(*line))]
@@ -497,8 +502,11 @@ pub fn load_program_config(
             used.push(path.to_path_buf());
         }
         (None, Some(dir)) => {
-            // `default` is already layer 2; do not apply it twice.
-            if let Some(name) = program_file_name(program).filter(|n| n != "default.toml") {
+            // `default` is already layer 2; do not apply it twice. `daemon.toml` is the
+            // daemon's own file, never a program's.
+            if let Some(name) =
+                program_file_name(program).filter(|n| n != "default.toml" && n != DAEMON_FILE)
+            {
                 let path = dir.join(name);
                 if let Some(text) = read_if_present(&path)? {
                     parse_layer(&path, &text)?.apply_to(&mut cfg);
@@ -513,11 +521,16 @@ pub fn load_program_config(
     Ok((cfg, used))
 }
 
-/// Parses and validates one file on its own (for tests and `uswap doctor`).
+/// Parses and validates one file on its own (for tests and `uswap doctor`). A file named
+/// `daemon.toml` is checked as the daemon's config ([`DaemonConfig`]), any other as a
+/// program's.
 pub fn validate_file(path: &Path) -> Result<(), ConfigError> {
     let text = read_if_present(path)?.ok_or_else(|| ConfigError::NotFound {
         path: path.to_path_buf(),
     })?;
+    if path.file_name().is_some_and(|n| n == DAEMON_FILE) {
+        return parse_daemon(path, &text).map(|_| ());
+    }
     parse_layer(path, &text).map(|_| ())
 }
 
@@ -565,6 +578,7 @@ fn parse_layer(path: &Path, text: &str) -> Result<Overrides, ConfigError> {
             path: path.to_path_buf(),
             line: find_key_line(text, key),
             key: key.clone(),
+            known: KEYS,
         });
     }
     // Second pass: each known key under its own name, with its position.

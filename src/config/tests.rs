@@ -392,3 +392,114 @@ fn overrides_set_str_unknown_key_is_error() {
     let err = over.set_str("cooling", "fast").unwrap_err();
     assert!(err.to_string().contains("key \"cooling\""), "{err}");
 }
+
+// ---- daemon.toml ----
+
+fn daemon_error_for(text: &str) -> String {
+    parse_daemon(Path::new("/etc/uswap/daemon.toml"), text)
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn daemon_shipped_file_documents_every_key_and_matches_builtin_defaults() {
+    let path = shipped_dir().join(DAEMON_FILE);
+    let text = fs::read_to_string(&path).unwrap();
+    for key in DAEMON_KEYS {
+        let line = text
+            .lines()
+            .position(|l| {
+                l.starts_with(&format!("{key} = ")) || l.starts_with(&format!("# {key} = "))
+            })
+            .unwrap_or_else(|| panic!("daemon.toml lacks key {key}"));
+        let prev = text.lines().nth(line - 1).unwrap();
+        assert!(prev.starts_with('#'), "key {key} has no comment above it");
+    }
+    assert_eq!(DaemonConfig::load(&path).unwrap(), DaemonConfig::default());
+    // validate_file checks it as a daemon file (its keys are unknown to program configs).
+    validate_file(&path).unwrap();
+}
+
+#[test]
+fn daemon_keys_parse_to_their_values() {
+    let cfg = parse_daemon(
+        Path::new("d.toml"),
+        "allow_uids = [1000, 0]\nallow_gids = [65534]\nsocket_mode = \"0660\"\nuser = \"nobody\"\n\
+         max_store_per_uid = \"64M\"\nmax_clients_per_uid = 3\nagent_timeout = \"1s\"\n",
+    )
+    .unwrap();
+    assert_eq!(cfg.allow_uids, vec![1000, 0]);
+    assert_eq!(cfg.allow_gids, vec![65534]);
+    assert_eq!(cfg.socket_mode, 0o660);
+    assert_eq!(cfg.user.as_deref(), Some("nobody"));
+    assert_eq!(cfg.max_store_per_uid_bytes, Some(64 << 20));
+    assert_eq!(cfg.max_clients_per_uid, 3);
+    assert_eq!(cfg.agent_timeout, Duration::from_secs(1));
+}
+
+#[test]
+fn daemon_allow_list_by_uid_or_gid_and_empty_allows_all() {
+    let open = DaemonConfig::default();
+    assert!(open.allows(1234, 1234));
+    let cfg = DaemonConfig {
+        allow_uids: vec![1000],
+        allow_gids: vec![50],
+        ..DaemonConfig::default()
+    };
+    assert!(cfg.allows(1000, 1));
+    assert!(cfg.allows(7, 50));
+    assert!(!cfg.allows(0, 0));
+    assert!(!cfg.allows(1001, 1001));
+}
+
+#[test]
+fn daemon_unknown_key_is_named_with_the_daemon_keys() {
+    let e = daemon_error_for("allow_uids = []\nallow_users = [\"bob\"]\n");
+    assert!(e.contains("daemon.toml:2"), "{e}");
+    assert!(e.contains("unknown key \"allow_users\""), "{e}");
+    assert!(e.contains("max_clients_per_uid"), "{e}");
+    // A program key is not a daemon key.
+    let e = daemon_error_for("budget = \"1G\"\n");
+    assert!(e.contains("unknown key \"budget\""), "{e}");
+}
+
+#[test]
+fn daemon_bad_values_name_key_and_reason() {
+    for (text, key, reason) in [
+        ("socket_mode = \"0666\"", "socket_mode", "0600"),
+        ("socket_mode = 600", "socket_mode", "integer"),
+        ("allow_uids = 1000", "allow_uids", "array"),
+        ("allow_uids = [-1]", "allow_uids", "out of range"),
+        ("allow_gids = [\"wheel\"]", "allow_gids", "numeric"),
+        ("user = \"../etc\"", "user", "not a user name"),
+        ("user = 0", "user", "non-zero"),
+        ("max_store_per_uid = \"12Q\"", "max_store_per_uid", "12Q"),
+        ("max_store_per_uid = \"4K\"", "max_store_per_uid", "256K"),
+        ("max_clients_per_uid = 0", "max_clients_per_uid", "1..=4096"),
+        ("agent_timeout = \"1ms\"", "agent_timeout", "out of range"),
+    ] {
+        let e = daemon_error_for(text);
+        assert!(
+            e.contains(&format!("key \"{key}\"")) && e.contains(reason),
+            "{text}: {e}"
+        );
+        assert!(e.contains("daemon.toml:1"), "{text}: {e}");
+    }
+}
+
+#[test]
+fn daemon_file_in_dir_is_not_a_program_config() {
+    let dir = dir_with(&[("daemon.toml", "max_clients_per_uid = 2\n")]);
+    // A program called "daemon" does not pick up the daemon's file.
+    let (cfg, used) =
+        load_program_config(Some(dir.path()), "daemon", None, &Overrides::default()).unwrap();
+    assert!(used.is_empty(), "{used:?}");
+    assert_eq!(cfg, ProgramConfig::default());
+    let d = DaemonConfig::load_from_dir(Some(dir.path())).unwrap();
+    assert_eq!(d.max_clients_per_uid, 2);
+    let none = tempfile::tempdir().unwrap();
+    assert_eq!(
+        DaemonConfig::load_from_dir(Some(none.path())).unwrap(),
+        DaemonConfig::default()
+    );
+}

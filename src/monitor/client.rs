@@ -38,6 +38,46 @@ use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
+/// Longest wait for the agent's batches before a fork (the program is blocked in `fork` and a
+/// busy agent may be slow).
+const FORK_WAIT: Duration = Duration::from_secs(30);
+
+/// `Regions` packets one client may send in one second. The shim sends at most 100 snapshots
+/// a second, of one packet per 1024 regions; more is a flood, and a protocol error.
+pub const MAX_REGIONS_PACKETS_PER_SEC: u32 = 10_000;
+
+/// Store bytes held by all clients of one uid, against the daemon's `max_store_per_uid`.
+#[derive(Debug)]
+pub struct UidStore {
+    /// Sum of the clients' `slab_bytes_mapped`; each client adds and removes its own share.
+    pub bytes: AtomicU64,
+    pub limit_bytes: u64,
+}
+
+/// What the daemon imposes on a client beyond its program config.
+#[derive(Debug, Clone)]
+pub struct ClientLimits {
+    /// A batch unanswered this long makes the monitor stop evicting from the client.
+    pub agent_timeout: Duration,
+    /// The uid's shared store usage, when a per-uid quota is configured.
+    pub uid_store: Option<Arc<UidStore>>,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            agent_timeout: Duration::from_secs(5),
+            uid_store: None,
+        }
+    }
+}
+
+/// The control thread's watch on the agent: the oldest batch in flight and since when.
+#[derive(Debug, Default)]
+struct AgentWatch {
+    oldest: Option<(u64, Instant)>,
+}
+
 /// A page compressed outside the lock, waiting to be placed: its bytes are in an arena.
 #[derive(Clone, Copy)]
 enum Compressed {
@@ -100,6 +140,24 @@ pub struct Client {
     /// The kernel refused to move a page the monitor allocated into the program (EXDEV: the
     /// two are in different memory cgroups); decompressed pages are copied in instead.
     pub move_in_refused: AtomicBool,
+    pub limits: ClientLimits,
+    /// The agent left a batch unanswered for `limits.agent_timeout`: no new batches are
+    /// posted until every batch in flight is answered.
+    pub agent_stalled: AtomicBool,
+    watch: Mutex<AgentWatch>,
+    /// This client's share of `limits.uid_store`, in bytes.
+    uid_store_share: AtomicU64,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if let Some(u) = &self.limits.uid_store {
+            u.bytes.fetch_sub(
+                self.uid_store_share.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+        }
+    }
 }
 
 fn eventfd() -> anyhow::Result<OwnedFd> {
@@ -158,6 +216,7 @@ impl Client {
         name: String,
         cfg: ProgramConfig,
         uffd: Uffd,
+        limits: ClientLimits,
     ) -> anyhow::Result<(Client, OwnedFd, OwnedFd)> {
         let slots = ((cfg.window_bytes as usize) / PAGE_SIZE)
             .clamp(shm::MAX_BATCH_PAGES, super::pages::MAX_SLOTS);
@@ -262,6 +321,10 @@ impl Client {
             cross_mm: AtomicBool::new(cross_mm),
             arena,
             move_in_refused: AtomicBool::new(false),
+            limits,
+            agent_stalled: AtomicBool::new(false),
+            watch: Mutex::new(AgentWatch::default()),
+            uid_store_share: AtomicU64::new(0),
         };
         Ok((client, memfd, store_fd))
     }
@@ -307,6 +370,8 @@ impl Client {
         let tick = self.cfg.tick;
         let mut next_tick = Instant::now();
         let mut last_rescan = Instant::now();
+        // Regions packets in the current one-second window.
+        let mut regions_window = (Instant::now(), 0u32);
         self.request_agent(shm::REQ_RESCAN | shm::REQ_RSS);
         loop {
             if self.closing.load(Ordering::Acquire) {
@@ -338,6 +403,17 @@ impl Client {
                 }
                 let msg =
                     Msg::decode(&buf[..got.len]).context("malformed message from the client")?;
+                if matches!(msg, Msg::Regions(_)) {
+                    if regions_window.0.elapsed() >= Duration::from_secs(1) {
+                        regions_window = (Instant::now(), 0);
+                    }
+                    regions_window.1 += 1;
+                    if regions_window.1 > MAX_REGIONS_PACKETS_PER_SEC {
+                        bail!(
+                            "Regions flood: more than {MAX_REGIONS_PACKETS_PER_SEC} Regions packets in one second"
+                        );
+                    }
+                }
                 self.handle_msg(sock, msg)?;
             }
             if Instant::now() >= next_tick {
@@ -362,7 +438,7 @@ impl Client {
                     r.epoch,
                     r.iter(),
                     self.cfg.min_region_bytes,
-                );
+                )?;
                 if done {
                     debug!(
                         client = self.id,
@@ -372,7 +448,7 @@ impl Client {
                 }
             }
             Msg::ForkPrepare => {
-                let (status, restored) = match self.bring_all_home() {
+                let (status, restored) = match self.bring_all_home(FORK_WAIT) {
                     Ok(n) => (0, n),
                     Err(e) => {
                         warn!(
@@ -404,12 +480,21 @@ impl Client {
 
     /// Pauses eviction, waits for in-flight batches, and copies every evicted page back into
     /// the program. Eviction stays paused until `ForkDone`.
-    fn bring_all_home(&self) -> anyhow::Result<u64> {
+    ///
+    /// Waits at most `max_wait` for batches in flight.
+    fn bring_all_home(&self, max_wait: Duration) -> anyhow::Result<u64> {
         self.state.lock().paused = true;
         // Pages in the window or the store go back first: the first copy also tells whether
         // the program is still there (ESRCH once its mm is gone: exit or exec). Then the
         // batches still in flight are waited for, and their pages brought back in turn.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // An agent that has already left a batch unanswered for `agent_timeout` gets that long
+        // again, not the longer wait a live agent under load may need before a fork.
+        let wait = if self.agent_stalled.load(Ordering::Relaxed) {
+            max_wait.min(self.limits.agent_timeout)
+        } else {
+            max_wait
+        };
+        let deadline = Instant::now() + wait;
         let mut restored = 0;
         let mut page = vec![0u8; PAGE_SIZE];
         loop {
@@ -451,7 +536,10 @@ impl Client {
             }
             drop(st);
             if Instant::now() > deadline {
-                bail!("the agent did not finish its batches within 30 s");
+                bail!(
+                    "the agent did not finish its batches within {} ms",
+                    wait.as_millis()
+                );
             }
             if inflight && !self.program_alive() {
                 bail!("the program is gone");
@@ -497,7 +585,9 @@ impl Client {
     /// own): every evicted page goes back into it and its ranges are unregistered, so nothing
     /// it wrote is lost and it never waits on a monitor that no longer listens.
     pub fn give_everything_back(&self) -> u64 {
-        let pages = match self.bring_all_home() {
+        // A live agent answers a batch in milliseconds; one that has not within agent_timeout
+        // (a client that hung up mid-batch, or never had an agent) is not waited for longer.
+        let pages = match self.bring_all_home(self.limits.agent_timeout) {
             Ok(n) => {
                 info!(
                     client = self.id,
@@ -527,8 +617,21 @@ impl Client {
         self.request_agent(shm::REQ_UNREGISTER);
         let ranges = self.state.lock().regions.ever_registered();
         for r in ranges {
-            if let Err(e) = self.uffd.unregister(r.start, r.end - r.start) {
-                debug!(client = self.id, start = r.start, "unregister: {e}");
+            match self.uffd.unregister(r.start, r.end - r.start) {
+                Ok(()) => {}
+                // ESRCH, or ENOMEM (the kernel's answer when the mm is being torn down): a
+                // program that died meanwhile has nothing left to unregister.
+                Err(
+                    e @ (UffdError::TargetGone { .. }
+                    | UffdError::Os {
+                        errno: libc::ENOMEM,
+                        ..
+                    }),
+                ) if !self.program_alive() => {
+                    debug!(client = self.id, "unregister: {e}: the program is gone");
+                    break;
+                }
+                Err(e) => debug!(client = self.id, start = r.start, "unregister: {e}"),
             }
         }
         // Give the agent a moment to finish before the fault thread stops serving.
@@ -564,13 +667,71 @@ impl Client {
                 .peak_saved_bytes
                 .fetch_max(out_of_ram.saturating_sub(held), Ordering::Relaxed);
         }
-        if self.cfg.budget_bytes.is_some() {
+        if !self.cross_mm.load(Ordering::Relaxed) {
+            self.watch_agent();
+        }
+        if self.cfg.budget_bytes.is_some() && !self.agent_stalled.load(Ordering::Relaxed) {
             self.evict(rss);
         }
         self.counters.agent_busy_ns.store(
             win.agent_busy_ns().load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+    }
+
+    /// Times the oldest batch in flight: one unanswered for `agent_timeout` (a stopped,
+    /// broken or hostile agent) stops eviction from this client, with a warning; eviction
+    /// resumes when every batch in flight has been answered. Nothing here waits for the agent.
+    fn watch_agent(&self) {
+        let front = self.state.lock().inflight.front().map(|(seq, _)| *seq);
+        let mut w = self.watch.lock();
+        match (front, w.oldest) {
+            (None, _) => {
+                w.oldest = None;
+                if self.agent_stalled.swap(false, Ordering::Relaxed) {
+                    info!(
+                        client = self.id,
+                        pid = self.pid,
+                        "the agent answered its batches: eviction resumes"
+                    );
+                }
+            }
+            (Some(seq), Some((old, since))) if seq == old => {
+                if since.elapsed() >= self.limits.agent_timeout
+                    && !self.agent_stalled.swap(true, Ordering::Relaxed)
+                {
+                    Counters::add(&self.counters.agent_timeouts, 1);
+                    warn!(
+                        client = self.id,
+                        pid = self.pid,
+                        seq,
+                        timeout_ms = self.limits.agent_timeout.as_millis() as u64,
+                        "the agent has not answered a batch in time: no more eviction from this program until it does"
+                    );
+                }
+            }
+            (Some(seq), _) => w.oldest = Some((seq, Instant::now())),
+        }
+    }
+
+    /// Whether the uid's shared store quota (daemon `max_store_per_uid`) is used up.
+    fn uid_store_full(&self) -> bool {
+        self.limits
+            .uid_store
+            .as_ref()
+            .is_some_and(|u| u.bytes.load(Ordering::Relaxed) + PAGE_BYTES > u.limit_bytes)
+    }
+
+    /// Publishes this client's store size into the uid's shared usage.
+    fn update_uid_store(&self, mapped_bytes: u64) {
+        if let Some(u) = &self.limits.uid_store {
+            let old = self.uid_store_share.swap(mapped_bytes, Ordering::Relaxed);
+            if mapped_bytes >= old {
+                u.bytes.fetch_add(mapped_bytes - old, Ordering::Relaxed);
+            } else {
+                u.bytes.fetch_sub(old - mapped_bytes, Ordering::Relaxed);
+            }
+        }
     }
 
     fn evict(&self, rss: u64) {
@@ -872,8 +1033,17 @@ impl Client {
                 outs.push((slot, gen, c));
             }
             let mut st = self.state.lock();
+            // The uid's quota is checked per chunk (it may be passed by at most one chunk's
+            // worth of slab growth: 256 pages).
+            let uid_full = self.uid_store_full();
             for &(slot, gen, c) in &outs {
                 let page = self.slot_page(slot);
+                if uid_full {
+                    Counters::add(&self.counters.pages_store_full, 1);
+                    Counters::add(&self.counters.pages_uid_quota_full, 1);
+                    st.pages.requeue(slot, gen, now_ms);
+                    continue;
+                }
                 let (enc, out_len) = match c {
                     Compressed::Same(w) => (crate::store::Encoded::SameFilled(w), 0),
                     Compressed::Lz4(off, len) => (
@@ -917,6 +1087,10 @@ impl Client {
                         st.pages.requeue(slot, gen, now_ms);
                     }
                 }
+            }
+            if self.limits.uid_store.is_some() {
+                let mapped = st.store.stats().slab_bytes_mapped;
+                self.update_uid_store(mapped);
             }
             drop(st);
             // Cross-mm: a stored page's arena page is ours; give it back to the system. Only
@@ -981,6 +1155,9 @@ impl Client {
             pages_discarded: g(&c.pages_discarded),
             pages_compressed: g(&c.pages_compressed),
             pages_store_full: g(&c.pages_store_full),
+            pages_uid_quota_full: g(&c.pages_uid_quota_full),
+            agent_timeouts: g(&c.agent_timeouts),
+            agent_stalled: self.agent_stalled.load(Ordering::Relaxed),
             events_remove: g(&c.events_remove),
             events_unmap: g(&c.events_unmap),
             events_remap: g(&c.events_remap),

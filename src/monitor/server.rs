@@ -5,10 +5,20 @@
 //! program forwarding its userfaultfd) or a `StatusRequest` (`uswap status`). Anything else is
 //! answered with an `Error` naming what was wrong, and closed; other clients are unaffected.
 //!
-//! Owns: accepting, identifying peers (SO_PEERCRED, never the pid a client claims), per-client
+//! `uswap status` shows a peer only the programs of its own uid (root and the daemon's own
+//! user see every program).
+//!
+//! Owns: accepting, identifying peers (SO_PEERCRED, never the pid a client claims), the
+//! daemon's admission rules (allow list of uids/gids, clients per uid, connections waiting for
+//! their first packet per uid, the store quota shared by one uid's clients), per-client
 //! threads and their cleanup. Must not: hold a client's lock while talking to another client.
+//!
+//! A refused peer gets an `Error` packet naming the rule and the value (and the daemon logs
+//! it); nothing it sends can affect another client: each client has its own thread, its own
+//! descriptor and its own state, and every action on a program goes through the descriptor
+//! that program forwarded.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,9 +29,9 @@ use anyhow::{bail, Context};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
-use super::client::{signal, Client};
+use super::client::{signal, Client, ClientLimits, UidStore};
 use super::stats::ClientReport;
-use crate::config::{load_program_config, Overrides, ProgramConfig};
+use crate::config::{load_program_config, DaemonConfig, Overrides, ProgramConfig};
 use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::wire::{HelloAck, Msg, MAX_MSG_LEN};
 use crate::uffd::Uffd;
@@ -36,7 +46,15 @@ pub struct MonitorOptions {
     pub overrides: Overrides,
     /// How many finished clients' reports to keep for `uswap status` / `uswap run`.
     pub keep_finished: usize,
+    /// Admission rules and per-uid limits (`daemon.toml`; defaults for `uswap run`).
+    pub daemon: DaemonConfig,
 }
+
+/// Connections of one uid that may wait for their first packet at once; more are refused at
+/// once (each holds a thread for up to [`FIRST_PACKET_TIMEOUT_S`]).
+pub const MAX_PENDING_PER_UID: usize = 16;
+/// How long a new connection may take to send its first packet, in seconds.
+const FIRST_PACKET_TIMEOUT_S: i64 = 5;
 
 pub struct Monitor {
     opts: MonitorOptions,
@@ -44,6 +62,36 @@ pub struct Monitor {
     clients: Mutex<Vec<Arc<Client>>>,
     finished: Mutex<VecDeque<ClientReport>>,
     stopping: AtomicBool,
+    /// Connections per uid that have not sent their first packet yet.
+    pending: Mutex<HashMap<u32, usize>>,
+    /// Store bytes held by all clients of one uid (for `max_store_per_uid`).
+    uid_store: Mutex<HashMap<u32, Arc<UidStore>>>,
+}
+
+/// Kernel-reported credentials of a connection's peer.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    pid: i32,
+    uid: u32,
+    gid: u32,
+}
+
+/// Decrements a uid's count of connections waiting for their first packet when dropped.
+struct PendingGuard<'a> {
+    monitor: &'a Monitor,
+    uid: u32,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        let mut p = self.monitor.pending.lock();
+        if let Some(n) = p.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.remove(&self.uid);
+            }
+        }
+    }
 }
 
 /// A bound, listening SOCK_SEQPACKET socket; the path is removed on drop.
@@ -147,13 +195,13 @@ impl Listener {
     }
 }
 
-/// Peer credentials from the kernel.
-fn peer_cred(fd: RawFd) -> (i32, u32) {
+/// Peer credentials from the kernel (fixed at connect time; a client cannot forge them).
+fn peer_cred(fd: RawFd) -> Peer {
     // SAFETY: ucred is plain old data; getsockopt writes at most `len` bytes into it.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: as above.
-    unsafe {
+    let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
@@ -162,7 +210,19 @@ fn peer_cred(fd: RawFd) -> (i32, u32) {
             &mut len,
         )
     };
-    (cred.pid, cred.uid)
+    if rc != 0 {
+        // Cannot happen on a connected AF_UNIX socket; fail closed: (uid_t)-1 is on no list.
+        return Peer {
+            pid: 0,
+            uid: u32::MAX,
+            gid: u32::MAX,
+        };
+    }
+    Peer {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    }
 }
 
 fn send_error(fd: RawFd, code: u32, text: &str) {
@@ -173,6 +233,48 @@ fn send_error(fd: RawFd, code: u32, text: &str) {
     }
 }
 
+/// Closes a connection without resetting it: a peer whose last packets were never read (a
+/// refused client that sent its Hello right after connecting) would otherwise get
+/// ECONNRESET instead of the `Error` queued for it. Stops sending, then reads and discards
+/// for at most [`LINGER_MS`] until the peer closes.
+fn linger_close(conn: OwnedFd) {
+    let fd = conn.as_raw_fd();
+    // SAFETY: shutdown(2) of our own socket; errors (peer already gone) are harmless.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    let end = std::time::Instant::now() + Duration::from_millis(LINGER_MS);
+    let mut buf = [0u8; 256];
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: polling one pollfd on our stack.
+        if left.is_zero() || unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } <= 0 {
+            break;
+        }
+        // A truncated packet (ours is small) or attached descriptors are discarded and closed.
+        match recv_packet(fd, &mut buf, libc::MSG_DONTWAIT) {
+            Ok(Some(_)) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
+            _ => break, // end of stream, or an error
+        }
+    }
+    drop(conn);
+}
+
+/// The userfaultfd features this kernel offers, probed once; `None` if the monitor cannot
+/// create a userfaultfd itself (an unprivileged monitor needs none: it only uses forwarded
+/// ones), in which case a client's claimed features are not checked.
+fn kernel_features() -> Option<u64> {
+    static FEATURES: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *FEATURES.get_or_init(|| crate::uffd::probe_features().ok())
+}
+
+/// Longest time a closing connection waits for its peer to hang up, in milliseconds.
+const LINGER_MS: u64 = 200;
+
 impl Monitor {
     pub fn new(opts: MonitorOptions) -> Arc<Monitor> {
         Arc::new(Monitor {
@@ -181,6 +283,8 @@ impl Monitor {
             clients: Mutex::new(Vec::new()),
             finished: Mutex::new(VecDeque::new()),
             stopping: AtomicBool::new(false),
+            pending: Mutex::new(HashMap::new()),
+            uid_store: Mutex::new(HashMap::new()),
         })
     }
 
@@ -215,9 +319,10 @@ impl Monitor {
             std::thread::Builder::new()
                 .name("uswap-conn".into())
                 .spawn(move || {
-                    if let Err(e) = me.connection(conn) {
+                    if let Err(e) = me.connection(&conn) {
                         warn!("client connection: {e:#}");
                     }
+                    linger_close(conn);
                 })
                 .context("spawning a connection thread")?;
         }
@@ -239,14 +344,77 @@ impl Monitor {
         self.clients.lock().len()
     }
 
-    fn connection(self: &Arc<Self>, conn: OwnedFd) -> anyhow::Result<()> {
+    /// Admission by kernel-reported credentials, before anything is read from the peer.
+    fn admit(&self, peer: Peer) -> Result<PendingGuard<'_>, String> {
+        if !self.opts.daemon.allows(peer.uid, peer.gid) {
+            return Err(format!(
+                "uid {} (gid {}) is not allowed to use this monitor (daemon config allow_uids/allow_gids)",
+                peer.uid, peer.gid
+            ));
+        }
+        let mut p = self.pending.lock();
+        let n = p.entry(peer.uid).or_insert(0);
+        if *n >= MAX_PENDING_PER_UID {
+            return Err(format!(
+                "uid {} has {MAX_PENDING_PER_UID} connections waiting for their first packet already",
+                peer.uid
+            ));
+        }
+        *n += 1;
+        Ok(PendingGuard {
+            monitor: self,
+            uid: peer.uid,
+        })
+    }
+
+    /// The store usage shared by `uid`'s clients, when a per-uid quota is configured.
+    fn uid_store(&self, uid: u32) -> Option<Arc<UidStore>> {
+        let limit = self.opts.daemon.max_store_per_uid_bytes?;
+        let mut m = self.uid_store.lock();
+        m.retain(|_, s| Arc::strong_count(s) > 1 || s.bytes.load(Ordering::Relaxed) > 0);
+        Some(Arc::clone(m.entry(uid).or_insert_with(|| {
+            Arc::new(UidStore {
+                bytes: AtomicU64::new(0),
+                limit_bytes: limit,
+            })
+        })))
+    }
+
+    fn connection(self: &Arc<Self>, conn: &OwnedFd) -> anyhow::Result<()> {
         let fd = conn.as_raw_fd();
-        let (peer_pid, peer_uid) = peer_cred(fd);
-        crate::protocol::io::set_recv_timeout(fd, 5);
+        let peer = peer_cred(fd);
+        let (peer_pid, peer_uid) = (peer.pid, peer.uid);
+        let pending = match self.admit(peer) {
+            Ok(g) => g,
+            Err(why) => {
+                send_error(fd, libc::EACCES as u32, &why);
+                bail!("peer pid {peer_pid} refused: {why}");
+            }
+        };
+        crate::protocol::io::set_recv_timeout(fd, FIRST_PACKET_TIMEOUT_S);
         let mut buf = vec![0u8; MAX_MSG_LEN];
-        let Some(mut got) = recv_packet(fd, &mut buf, 0).context("reading the first packet")?
-        else {
-            return Ok(());
+        let first = recv_packet(fd, &mut buf, 0);
+        drop(pending);
+        let mut got = match first {
+            Ok(Some(got)) => got,
+            Ok(None) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                send_error(
+                    fd,
+                    libc::EMSGSIZE as u32,
+                    &format!("first packet refused: {e}"),
+                );
+                bail!("peer pid {peer_pid} uid {peer_uid}: first packet refused: {e}");
+            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN)) => {
+                send_error(
+                    fd,
+                    libc::ETIMEDOUT as u32,
+                    &format!("no first packet within {FIRST_PACKET_TIMEOUT_S} s"),
+                );
+                bail!("peer pid {peer_pid} uid {peer_uid}: no first packet within {FIRST_PACKET_TIMEOUT_S} s");
+            }
+            Err(e) => return Err(e).context("reading the first packet"),
         };
         let msg = match Msg::decode(&buf[..got.len]) {
             Ok(m) => m,
@@ -259,9 +427,31 @@ impl Monitor {
                 bail!("peer pid {peer_pid} uid {peer_uid}: malformed first packet: {e}");
             }
         };
+        if !matches!(msg, Msg::Hello(_)) && got.fd_count() > 0 {
+            send_error(
+                fd,
+                libc::EINVAL as u32,
+                &format!(
+                    "message kind {} carries descriptors; only Hello may",
+                    msg.kind()
+                ),
+            );
+            bail!(
+                "peer pid {peer_pid}: descriptors attached to kind {}",
+                msg.kind()
+            );
+        }
         match msg {
             Msg::StatusRequest { .. } => {
-                let json = serde_json::to_vec(&self.reports())?;
+                // Each user sees its own programs; root and the daemon's own user see all.
+                // SAFETY: geteuid has no preconditions.
+                let all = peer_uid == 0 || peer_uid == unsafe { libc::geteuid() };
+                let reports: Vec<ClientReport> = self
+                    .reports()
+                    .into_iter()
+                    .filter(|r| all || r.uid == peer_uid)
+                    .collect();
+                let json = serde_json::to_vec(&reports)?;
                 let mut out = vec![0u8; MAX_MSG_LEN];
                 let json = if json.len() > MAX_MSG_LEN - 64 {
                     b"[]".to_vec()
@@ -287,15 +477,42 @@ impl Monitor {
                 }
                 let uffd = match Uffd::from_received(uffd_fd, h.uffd_features) {
                     Ok(u) => u,
-                    Err(_) => {
+                    Err(e) => {
                         send_error(
                             fd,
                             libc::EBADF as u32,
-                            "the descriptor is not a userfaultfd",
+                            &format!("the descriptor attached to Hello is not a userfaultfd: {e}"),
                         );
-                        bail!("peer pid {peer_pid}: descriptor is not a userfaultfd");
+                        bail!("peer pid {peer_pid}: descriptor is not a userfaultfd: {e}");
                     }
                 };
+                if h.page_size as usize != crate::PAGE_SIZE {
+                    let why = format!(
+                        "Hello: page size {} (this monitor manages {}-byte pages)",
+                        h.page_size,
+                        crate::PAGE_SIZE
+                    );
+                    send_error(fd, libc::EINVAL as u32, &why);
+                    bail!("peer pid {peer_pid}: {why}");
+                }
+                if let Some(extra) = kernel_features().map(|k| h.uffd_features & !k) {
+                    if extra != 0 {
+                        let why = format!(
+                            "Hello claims userfaultfd features {extra:#x} this kernel does not offer"
+                        );
+                        send_error(fd, libc::EINVAL as u32, &why);
+                        bail!("peer pid {peer_pid}: {why}");
+                    }
+                }
+                // Informational only (a program in another pid namespace sees another number).
+                if h.pid != peer_pid as u32 {
+                    info!(
+                        claimed = h.pid,
+                        pid = peer_pid,
+                        uid = peer_uid,
+                        "Hello claims another pid; the peer is identified by SO_PEERCRED"
+                    );
+                }
                 let name = String::from_utf8_lossy(h.name).into_owned();
                 let app = String::from_utf8_lossy(h.app).into_owned();
                 let cfg = match self
@@ -317,9 +534,30 @@ impl Monitor {
                     }
                 };
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                let limits = ClientLimits {
+                    agent_timeout: self.opts.daemon.agent_timeout,
+                    uid_store: self.uid_store(peer_uid),
+                };
                 let (client, memfd, store_fd) =
-                    Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd)?;
+                    Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd, limits)?;
                 let client = Arc::new(client);
+                // Counted and registered in one hold of the registry lock, before the
+                // acknowledgement: concurrent Hellos of one uid cannot pass the cap together,
+                // and an acknowledged client is always in `uswap status`.
+                {
+                    let max = self.opts.daemon.max_clients_per_uid as usize;
+                    let mut clients = self.clients.lock();
+                    let attached = clients.iter().filter(|c| c.uid == peer_uid).count();
+                    if attached >= max {
+                        drop(clients);
+                        let why = format!(
+                            "uid {peer_uid} has {attached} programs attached already (daemon config max_clients_per_uid = {max})"
+                        );
+                        send_error(fd, libc::EUSERS as u32, &why);
+                        bail!("peer pid {peer_pid} refused: {why}");
+                    }
+                    clients.push(Arc::clone(&client));
+                }
                 let mut out = vec![0u8; 256];
                 let n = Msg::HelloAck(HelloAck {
                     status: 0,
@@ -327,7 +565,7 @@ impl Monitor {
                     text: b"",
                 })
                 .encode(&mut out)?;
-                send_packet(
+                if let Err(e) = send_packet(
                     fd,
                     &out[..n],
                     &[
@@ -336,8 +574,10 @@ impl Monitor {
                         client.done_efd.as_raw_fd(),
                         store_fd.as_raw_fd(),
                     ],
-                )
-                .context("sending HelloAck")?;
+                ) {
+                    self.clients.lock().retain(|c| c.id != id);
+                    return Err(e).context("sending HelloAck");
+                }
                 drop(memfd);
                 drop(store_fd);
                 info!(client = id, pid = peer_pid, uid = peer_uid, name = %name, budget = ?client.cfg.budget_bytes, "client attached");
@@ -385,7 +625,7 @@ impl Monitor {
     }
 
     fn run_client(self: &Arc<Self>, client: Arc<Client>, sock: RawFd) -> anyhow::Result<()> {
-        self.clients.lock().push(Arc::clone(&client));
+        // Registered in `self.clients` by `connection` already.
         let fault_client = Arc::clone(&client);
         let fault = std::thread::Builder::new()
             .name(format!("uswap-fault-{}", client.id))

@@ -34,6 +34,10 @@ pub struct Counters {
     pub pages_discarded: AtomicU64,
     pub pages_compressed: AtomicU64,
     pub pages_store_full: AtomicU64,
+    /// Of `pages_store_full`: refused by the uid's shared quota (daemon `max_store_per_uid`).
+    pub pages_uid_quota_full: AtomicU64,
+    /// Batches the agent left unanswered for `agent_timeout`.
+    pub agent_timeouts: AtomicU64,
     pub batches: AtomicU64,
     pub events_remove: AtomicU64,
     pub events_unmap: AtomicU64,
@@ -154,6 +158,15 @@ pub struct ClientReport {
     pub pages_discarded: u64,
     pub pages_compressed: u64,
     pub pages_store_full: u64,
+    /// Of `pages_store_full`: refused by the uid's shared quota.
+    #[serde(default)]
+    pub pages_uid_quota_full: u64,
+    /// Batches the agent left unanswered for the daemon's `agent_timeout`.
+    #[serde(default)]
+    pub agent_timeouts: u64,
+    /// Eviction is stopped because the agent does not answer.
+    #[serde(default)]
+    pub agent_stalled: bool,
     pub events_remove: u64,
     pub events_unmap: u64,
     pub events_remap: u64,
