@@ -42,6 +42,15 @@ pub struct RunArgs {
     /// Do not print the summary.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Do not show the live progress line (shown only when stderr is a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Write periodic samples (RSS, store size, faults) as JSON lines to FILE, for `uswap plot`.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Interval between trace samples, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub trace_interval_ms: u64,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub cmd: Vec<String>,
@@ -114,8 +123,53 @@ fn overrides_text(args: &RunArgs) -> anyhow::Result<String> {
     Ok(toml::to_string(&table)?)
 }
 
+/// `uswap daemon`'s flags.
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Socket to listen on [default: $XDG_RUNTIME_DIR/uswap.sock or /run/uswap/uswap.sock].
+    /// Ignored when systemd passes a listening socket (LISTEN_FDS).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Directory of per-program config files [default: /etc/uswap if it exists, else ./config].
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+    /// Socket file mode, octal (0600: only this user's programs; 0660: also the group's).
+    #[arg(long, default_value = "600")]
+    pub mode: String,
+    /// Serve Prometheus metrics at GET /metrics on HOST:PORT (loopback only, unless
+    /// --metrics-allow-remote) or unix:/path. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Allow --metrics on a non-loopback address (the endpoint has no authentication).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
+    /// Write periodic samples of every program (RSS, store size, faults) as JSON lines to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Interval between trace samples, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub trace_interval_ms: u64,
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// The live line of `uswap run`: the program's figures from `reports`.
+fn progress_line(reports: &[ClientReport], pid: i32, elapsed: Duration) -> String {
+    match reports.iter().rev().find(|r| r.pid == pid && r.alive) {
+        Some(r) => format!(
+            "uswap: {} {:.0}s  RSS {} / budget {}  store {} (x{:.1})  {:.0} faults/s",
+            r.name,
+            elapsed.as_secs_f64(),
+            mib(r.rss_anon_bytes),
+            r.budget_bytes.map_or("none".into(), mib),
+            mib(r.store.bytes_out),
+            r.compression_ratio,
+            r.fault_rate_per_s
+        ),
+        None => format!("uswap: {:.0}s  (not attached yet)", elapsed.as_secs_f64()),
+    }
 }
 
 fn print_summary(r: &ClientReport, wall: Duration) {
@@ -217,6 +271,42 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("starting {}", args.cmd[0]))?;
     let pid = child.id() as i32;
     CHILD_PID.store(pid, Ordering::Relaxed);
+    // The figures the trace and the progress line read: the embedded monitor's clients, or the
+    // daemon's clients of this program.
+    let source: crate::ops::metrics::ReportSource = match (&embedded, &daemon_socket) {
+        (Some((monitor, ..)), _) => {
+            let m = Arc::clone(monitor);
+            Arc::new(move || m.reports())
+        }
+        (None, Some(sock)) => {
+            let sock = sock.clone();
+            Arc::new(move || {
+                crate::monitor::query_status(&sock)
+                    .map(|v| {
+                        v.into_iter()
+                            .filter_map(|r| serde_json::from_value::<ClientReport>(r).ok())
+                            .filter(|r| r.pid == pid)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+        }
+        (None, None) => Arc::new(Vec::new),
+    };
+    let trace = match &args.trace {
+        Some(path) => Some(crate::ops::trace::start(
+            path,
+            Duration::from_millis(args.trace_interval_ms.max(10)),
+            Arc::clone(&source),
+        )?),
+        None => None,
+    };
+    let progress = (!args.quiet && !args.no_progress).then(|| {
+        let source = Arc::clone(&source);
+        super::progress::Progress::start(Duration::from_millis(500), move |t| {
+            progress_line(&source(), pid, t)
+        })
+    });
     // SAFETY: installing a handler that only calls kill(2); ignoring SIGINT/SIGQUIT, which the
     // terminal delivers to the program too.
     unsafe {
@@ -227,6 +317,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let status = child.wait().context("waiting for the program")?;
     let wall = started.elapsed();
+    drop(progress);
     let code = status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
@@ -236,7 +327,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             if !monitor.wait_idle(Duration::from_secs(2)) {
                 // Processes the program left behind (exec'd children still running) must not
                 // depend on a monitor that is about to exit.
-                let (n, pages) = monitor.release_all();
+                let (n, pages) = {
+                    let _p = (!args.quiet).then(|| {
+                        super::progress::Progress::start(Duration::from_millis(200), |t| {
+                            format!(
+                                "uswap: handing memory back to processes the program left behind ({:.1} s)",
+                                t.as_secs_f64()
+                            )
+                        })
+                    });
+                    monitor.release_all()
+                };
                 eprintln!("uswap: {n} process(es) left behind by the program got their memory back ({pages} pages) and run on unmanaged");
                 monitor.wait_idle(Duration::from_secs(2));
             }
@@ -247,6 +348,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     // The program's own report: the last image that ran under its pid (a wrapper that exec'd
     // the real program attached first).
+    // Last trace sample, with the program's final figures.
+    drop(trace);
     let mine: Vec<&ClientReport> = reports.iter().filter(|r| r.pid == pid).collect();
     if !args.quiet {
         match (mine.last(), &daemon_socket) {
@@ -299,18 +402,25 @@ extern "C" fn on_stop(_: i32) {
     STOP.store(1, Ordering::Relaxed);
 }
 
-pub fn daemon(
-    socket: Option<PathBuf>,
-    config_dir: Option<PathBuf>,
-    mode: &str,
-) -> anyhow::Result<()> {
+pub fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    let DaemonArgs {
+        socket,
+        config_dir,
+        mode,
+        ..
+    } = &args;
     let mode = u32::from_str_radix(mode, 8).map_err(|_| {
         UsageError(format!(
             "--mode {mode}: expected an octal mode like 600 or 660"
         ))
     })?;
-    let path = socket.unwrap_or_else(crate::protocol::default_socket_path);
-    let config_dir = config_dir.or_else(super::default_config_dir);
+    let metrics_addr = args
+        .metrics
+        .as_deref()
+        .map(|a| crate::ops::metrics::MetricsAddr::parse(a, args.metrics_allow_remote))
+        .transpose()
+        .map_err(|e| UsageError(format!("--metrics: {e}")))?;
+    let config_dir = config_dir.clone().or_else(super::default_config_dir);
     if let Some(d) = &config_dir {
         for entry in
             std::fs::read_dir(d).with_context(|| format!("reading config dir {}", d.display()))?
@@ -321,13 +431,59 @@ pub fn daemon(
             }
         }
     }
-    let listener = Listener::bind(&path, mode)?;
+    // systemd socket activation (uswap.socket), else our own socket.
+    let listener = match crate::ops::activation::take_listen_fds()
+        .context("reading the sockets systemd passed (LISTEN_FDS)")?
+    {
+        Some(mut fds) => {
+            if fds.len() != 1 {
+                bail!(
+                    "systemd passed {} sockets (LISTEN_FDS); uswap daemon serves exactly one",
+                    fds.len()
+                );
+            }
+            let fd = fds.pop().expect("one descriptor");
+            let path = crate::ops::activation::check_seqpacket_listener(&fd)?;
+            if socket.as_ref().is_some_and(|s| *s != path) {
+                tracing::warn!(passed = %path.display(), "--socket is ignored: systemd passed a listening socket");
+            }
+            tracing::info!(socket = %path.display(), "using the socket systemd passed");
+            Listener::from_listening_fd(fd, path)
+        }
+        None => {
+            let path = socket
+                .clone()
+                .unwrap_or_else(crate::protocol::default_socket_path);
+            Listener::bind(&path, mode)?
+        }
+    };
+    let path = listener.path().to_path_buf();
     let monitor = Monitor::new(MonitorOptions {
         config_dir: config_dir.clone(),
         overrides: Overrides::default(),
         keep_finished: 256,
     });
     tracing::info!(socket = %path.display(), config_dir = ?config_dir, "uswap daemon listening");
+    let source: crate::ops::metrics::ReportSource = {
+        let m = Arc::clone(&monitor);
+        Arc::new(move || m.reports())
+    };
+    let _metrics = match &metrics_addr {
+        Some(addr) => {
+            let server = crate::ops::metrics::serve(addr, Arc::clone(&source))?;
+            tracing::info!(%addr, "serving Prometheus metrics");
+            Some(server)
+        }
+        None => None,
+    };
+    let _trace = match &args.trace {
+        Some(p) => Some(crate::ops::trace::start(
+            p,
+            Duration::from_millis(args.trace_interval_ms.max(10)),
+            source,
+        )?),
+        None => None,
+    };
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as usize);
