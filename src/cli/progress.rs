@@ -33,8 +33,9 @@ impl Progress {
                 let width = terminal_width().saturating_sub(1).max(20);
                 while !stop2.load(Ordering::Acquire) {
                     let text: String = line(t0.elapsed()).chars().take(width).collect();
-                    // \r, the line, then clear to the end of the line.
-                    let _ = write!(std::io::stderr(), "\r{text}\x1b[K");
+                    // The line, cleared to its end, and the cursor back at its start: whatever
+                    // the program prints next overwrites it rather than following it.
+                    let _ = write!(std::io::stderr(), "\r{text}\x1b[K\r");
                     let wake = Instant::now() + period;
                     while Instant::now() < wake && !stop2.load(Ordering::Acquire) {
                         std::thread::sleep(Duration::from_millis(50));
@@ -57,5 +58,8 @@ impl Drop for Progress {
 }
 
 fn terminal_width() -> usize {
-    ratatui::crossterm::terminal::size().map_or(80, |(w, _)| w as usize)
+    match ratatui::crossterm::terminal::size() {
+        Ok((w, _)) if w > 0 => w as usize,
+        _ => 80,
+    }
 }

@@ -158,16 +158,19 @@ fn mib(b: u64) -> String {
 /// The live line of `uswap run`: the program's figures from `reports`.
 fn progress_line(reports: &[ClientReport], pid: i32, elapsed: Duration) -> String {
     match reports.iter().rev().find(|r| r.pid == pid && r.alive) {
-        Some(r) => format!(
-            "uswap: {} {:.0}s  RSS {} / budget {}  store {} (x{:.1})  {:.0} faults/s",
-            r.name,
-            elapsed.as_secs_f64(),
-            mib(r.rss_anon_bytes),
-            r.budget_bytes.map_or("none".into(), mib),
-            mib(r.store.bytes_out),
-            r.compression_ratio,
-            r.fault_rate_per_s
-        ),
+        Some(r) => {
+            let m = |b: u64| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
+            format!(
+                "uswap: {} {:.0}s  RSS {}/{} MiB  {:.0} faults/s  store {} MiB x{:.1}",
+                r.name.chars().take(16).collect::<String>(),
+                elapsed.as_secs_f64(),
+                m(r.rss_anon_bytes),
+                r.budget_bytes.map_or("-".into(), m),
+                r.fault_rate_per_s,
+                m(r.store.bytes_out),
+                r.compression_ratio,
+            )
+        }
         None => format!("uswap: {:.0}s  (not attached yet)", elapsed.as_secs_f64()),
     }
 }
