@@ -796,6 +796,62 @@ fn run_progress_line_only_on_a_terminal() -> R {
     Ok(())
 }
 
+fn deploy_sample_config_and_systemd_units_are_valid() -> R {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The daemon validates every *.toml of its config directory before it listens.
+    let dir = tmpdir("deploy");
+    let socket = dir.join("s.sock");
+    let mut daemon = Command::new(uswap())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--config-dir")
+        .arg(root.join("contrib/deploy/etc/uswap"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let up = wait_for(
+        "the daemon to accept the sample config",
+        Duration::from_secs(10),
+        || socket.exists() || matches!(daemon.try_wait(), Ok(Some(_))),
+    );
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let out = daemon.wait_with_output()?;
+    let _ = std::fs::remove_dir_all(&dir);
+    up?;
+    if !out.status.success() {
+        return Err(format!(
+            "the daemon refused contrib/deploy/etc/uswap: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped the unit check: systemd-analyze is not installed");
+        return Ok(());
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(root.join("contrib/systemd/uswap.socket"))
+        .arg(root.join("contrib/systemd/uswap.service"))
+        .output()?;
+    // The units name the installed binary (/usr/local/bin/uswap), absent in a checkout.
+    let complaints: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| !l.contains("/usr/local/bin/uswap is not executable"))
+        .map(String::from)
+        .collect();
+    if !complaints.is_empty() {
+        return Err(format!("systemd-analyze verify:\n{}", complaints.join("\n")).into());
+    }
+    Ok(())
+}
+
 fn main() {
     let args = Arguments::from_args();
     let tests = vec![
@@ -826,6 +882,10 @@ fn main() {
         Trial::test(
             "socket_activation_with_a_stream_socket_is_refused_naming_the_fix",
             socket_activation_with_a_stream_socket_is_refused_naming_the_fix,
+        ),
+        Trial::test(
+            "deploy_sample_config_and_systemd_units_are_valid",
+            deploy_sample_config_and_systemd_units_are_valid,
         ),
         Trial::test(
             "run_progress_line_only_on_a_terminal",
