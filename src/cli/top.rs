@@ -155,7 +155,10 @@ pub fn top(args: TopArgs) -> anyhow::Result<()> {
     }
     use std::io::IsTerminal;
     if !std::io::stdout().is_terminal() {
-        return Err(UsageError("uswap top: stdout is not a terminal (use --once)".into()).into());
+        return Err(UsageError(
+            "top: stdout is not a terminal (use --once for one frame as text)".into(),
+        )
+        .into());
     }
     // Fail before taking over the screen if nobody answers.
     let mut reports = fetch(&path, args.all)?;

@@ -30,7 +30,7 @@ pub enum MetricsError {
     BadAddress(String),
     #[error("metrics address {0} is not a loopback address: the endpoint has no authentication; pass --metrics-allow-remote to serve it there anyway")]
     NotLoopback(SocketAddr),
-    #[error("listening for metrics on {addr}: {source}")]
+    #[error("listening for metrics on {addr}")]
     Bind {
         addr: String,
         source: Box<dyn std::error::Error + Send + Sync>,

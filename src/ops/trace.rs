@@ -105,11 +105,14 @@ pub fn start(path: &Path, interval: Duration, source: ReportSource) -> anyhow::R
             let mut written_dead: std::collections::HashSet<u64> = Default::default();
             loop {
                 let last = stop2.load(Ordering::Acquire);
-                let clients = source()
+                let reports = source();
+                let clients = reports
                     .iter()
                     .filter(|r| r.alive || written_dead.insert(r.id))
                     .map(TraceClient::from)
                     .collect();
+                // Forget finished clients the monitor no longer reports (bounded memory).
+                written_dead.retain(|id| reports.iter().any(|r| r.id == *id));
                 let sample = TraceSample {
                     t_s: t0.elapsed().as_secs_f64(),
                     unix_ms: SystemTime::now()
