@@ -224,6 +224,11 @@ fn print_summary(r: &ClientReport, wall: Duration) {
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let overrides = overrides_text(&args)?;
+    let trace_file = args
+        .trace
+        .as_deref()
+        .map(crate::ops::trace::create)
+        .transpose()?;
     let shim = find_shim()?;
     // A daemon, or an embedded monitor on a private socket.
     let daemon_socket = args.socket.clone().or_else(|| {
@@ -264,18 +269,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             preload = format!("{preload} {}", old.to_string_lossy());
         }
     }
-    let started = Instant::now();
-    let mut child = std::process::Command::new(&args.cmd[0])
-        .args(&args.cmd[1..])
-        .env("LD_PRELOAD", preload)
-        .env(ENV_SOCKET, &socket)
-        .env(ENV_OVERRIDES, &overrides)
-        .spawn()
-        .with_context(|| format!("starting {}", args.cmd[0]))?;
-    let pid = child.id() as i32;
-    CHILD_PID.store(pid, Ordering::Relaxed);
     // The figures the trace and the progress line read: the embedded monitor's clients, or the
-    // daemon's clients of this program.
+    // daemon's clients of this program. The trace starts before the program does, so a trace
+    // file that cannot be created stops uswap before there is a program to leave behind.
     let source: crate::ops::metrics::ReportSource = match (&embedded, &daemon_socket) {
         (Some((monitor, ..)), _) => {
             let m = Arc::clone(monitor);
@@ -288,7 +284,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
                     .map(|v| {
                         v.into_iter()
                             .filter_map(|r| serde_json::from_value::<ClientReport>(r).ok())
-                            .filter(|r| r.pid == pid)
+                            .filter(|r| r.pid == CHILD_PID.load(Ordering::Relaxed))
                             .collect()
                     })
                     .unwrap_or_default()
@@ -296,14 +292,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         (None, None) => Arc::new(Vec::new),
     };
-    let trace = match &args.trace {
-        Some(path) => Some(crate::ops::trace::start(
-            path,
+    let trace = match trace_file {
+        Some(file) => Some(crate::ops::trace::start(
+            file,
             Duration::from_millis(args.trace_interval_ms.max(10)),
             Arc::clone(&source),
         )?),
         None => None,
     };
+    let started = Instant::now();
+    let mut child = std::process::Command::new(&args.cmd[0])
+        .args(&args.cmd[1..])
+        .env("LD_PRELOAD", preload)
+        .env(ENV_SOCKET, &socket)
+        .env(ENV_OVERRIDES, &overrides)
+        .spawn()
+        .with_context(|| format!("starting {}", args.cmd[0]))?;
+    let pid = child.id() as i32;
+    CHILD_PID.store(pid, Ordering::Relaxed);
     let progress = (!args.quiet && !args.no_progress).then(|| {
         let source = Arc::clone(&source);
         super::progress::Progress::start(Duration::from_millis(500), move |t| {
@@ -417,6 +423,11 @@ pub fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
             "--mode {mode}: expected an octal mode like 600 or 660"
         ))
     })?;
+    let trace_file = args
+        .trace
+        .as_deref()
+        .map(crate::ops::trace::create)
+        .transpose()?;
     let metrics_addr = args
         .metrics
         .as_deref()
@@ -479,9 +490,9 @@ pub fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let _trace = match &args.trace {
-        Some(p) => Some(crate::ops::trace::start(
-            p,
+    let _trace = match trace_file {
+        Some(file) => Some(crate::ops::trace::start(
+            file,
             Duration::from_millis(args.trace_interval_ms.max(10)),
             source,
         )?),

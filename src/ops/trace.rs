@@ -88,13 +88,31 @@ impl Drop for TraceWriter {
     }
 }
 
-/// Creates (truncates) `path` and starts sampling. Finished clients are written only while
-/// `alive` or in the first sample after they ended, so a long daemon trace does not repeat
-/// every finished client forever.
-pub fn start(path: &Path, interval: Duration, source: ReportSource) -> anyhow::Result<TraceWriter> {
+/// A trace file, created (truncated) but not yet written to: created first, so a bad path
+/// fails before anything starts.
+pub struct TraceFile {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+pub fn create(path: &Path) -> anyhow::Result<TraceFile> {
     let file = std::fs::File::create(path)
         .with_context(|| format!("creating trace file {}", path.display()))?;
-    let path: PathBuf = path.to_path_buf();
+    Ok(TraceFile {
+        file,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Starts sampling into `file`. Finished clients are written only while `alive` or in the
+/// first sample after they ended, so a long daemon trace does not repeat every finished
+/// client forever.
+pub fn start(
+    file: TraceFile,
+    interval: Duration,
+    source: ReportSource,
+) -> anyhow::Result<TraceWriter> {
+    let TraceFile { file, path } = file;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = Arc::clone(&stop);
     let thread = std::thread::Builder::new()
@@ -188,7 +206,7 @@ mod tests {
                 ..Default::default()
             }]
         });
-        let w = start(&path, Duration::from_millis(20), source).unwrap();
+        let w = start(create(&path).unwrap(), Duration::from_millis(20), source).unwrap();
         std::thread::sleep(Duration::from_millis(150));
         drop(w);
         let samples = read(&path).unwrap();
