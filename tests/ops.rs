@@ -796,6 +796,79 @@ fn run_progress_line_only_on_a_terminal() -> R {
     Ok(())
 }
 
+fn listen_fds_meant_for_another_process_are_ignored() -> R {
+    // LISTEN_PID names another process (the variables leaked into a child): the daemon must not
+    // take descriptor 3, and binds its own socket instead.
+    let dir = tmpdir("activation-other");
+    let socket = dir.join("own.sock");
+    let mut daemon = Command::new(uswap())
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--config-dir")
+        .arg(&dir)
+        .env("LISTEN_PID", "1")
+        .env("LISTEN_FDS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let up = wait_for("the daemon's own socket", Duration::from_secs(10), || {
+        status_json(&socket).is_ok()
+    });
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    up
+}
+
+fn top_interactive_draws_the_program_and_quits_on_q() -> R {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: script(1) (util-linux) is not installed to give top a terminal");
+        return Ok(());
+    }
+    let d = start_daemon("top-tui", &[])?;
+    let prog = managed_workload(&d.socket, 16, 4000)?;
+    let pid = prog.id();
+    wait_for("the program to attach", Duration::from_secs(10), || {
+        client_of(&d.socket, pid).ok().flatten().is_some()
+    })?;
+    let line = format!(
+        "stty cols 120 rows 12; '{}' top --interval-ms 200 --socket '{}'",
+        uswap(),
+        d.socket.display()
+    );
+    let mut script = Command::new("script")
+        .args(["-qefc", &line, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut stdin = script.stdin.take().ok_or("no stdin")?;
+    stdin.write_all(b"q")?;
+    let quit = wait_for("top to quit on q", Duration::from_secs(5), || {
+        matches!(script.try_wait(), Ok(Some(_)))
+    });
+    if quit.is_err() {
+        let _ = script.kill();
+    }
+    drop(stdin);
+    let out = script.wait_with_output()?;
+    finish(prog)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if quit.is_err() || !out.status.success() {
+        return Err(format!("top did not quit on q: {:?}\n{text:?}", out.status).into());
+    }
+    // The table's header and the program's row were drawn, and the screen was restored.
+    if !text.contains("FAULTS/s")
+        || !text.contains(&pid.to_string())
+        || !text.contains("\x1b[?1049l")
+    {
+        return Err(format!("top did not draw the program:\n{text:?}").into());
+    }
+    Ok(())
+}
+
 fn deploy_sample_config_and_systemd_units_are_valid() -> R {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     // The daemon validates every *.toml of its config directory before it listens.
@@ -882,6 +955,14 @@ fn main() {
         Trial::test(
             "socket_activation_with_a_stream_socket_is_refused_naming_the_fix",
             socket_activation_with_a_stream_socket_is_refused_naming_the_fix,
+        ),
+        Trial::test(
+            "listen_fds_meant_for_another_process_are_ignored",
+            listen_fds_meant_for_another_process_are_ignored,
+        ),
+        Trial::test(
+            "top_interactive_draws_the_program_and_quits_on_q",
+            top_interactive_draws_the_program_and_quits_on_q,
         ),
         Trial::test(
             "deploy_sample_config_and_systemd_units_are_valid",
