@@ -512,10 +512,16 @@ pub fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
     });
     monitor.serve(&listener)?;
     if monitor.live_clients() > 0 {
+        tracing::info!(
+            clients = monitor.live_clients(),
+            "stopping: handing every attached program its memory back"
+        );
+        let t0 = Instant::now();
         let (n, pages) = monitor.release_all();
         tracing::info!(
             clients = n,
             pages,
+            secs = t0.elapsed().as_secs_f64(),
             "stopping: every attached program got its memory back and runs on unmanaged"
         );
         monitor.wait_idle(Duration::from_secs(5));
