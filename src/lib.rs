@@ -15,6 +15,7 @@
 //! | `policy`    | which pages are cold, how much to evict            | any syscall               |
 //! | `config`    | TOML files and their validation                    | uffd, processes           |
 //! | `monitor`   | clients, page state machine, fault service          | —                         |
+//! | `ops`       | Prometheus text, trace files and plots, systemd sockets | page state, client fds |
 //! | `cli`       | the `uswap` command line                            | page state                |
 //!
 //! The shim crate (`shim/`) uses only `uffd` and `protocol`; everything else is behind the
@@ -29,6 +30,8 @@ pub mod cli;
 pub mod config;
 #[cfg(feature = "monitor")]
 pub mod monitor;
+#[cfg(feature = "monitor")]
+pub mod ops;
 #[cfg(feature = "monitor")]
 pub mod policy;
 #[cfg(feature = "monitor")]

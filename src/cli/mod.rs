@@ -1,4 +1,4 @@
-//! The `uswap` command line: argument parsing (clap) and the four commands. `main` only
+//! The `uswap` command line: argument parsing (clap) and the commands. `main` only
 //! parses, dispatches and turns the outcome into an exit code ([`run_main`]).
 //!
 //! Messages for the user go to stdout/stderr through `println!`/`eprintln!` here; diagnostics go
@@ -6,9 +6,12 @@
 //! page state.
 
 mod doctor;
+mod plot;
 mod privilege;
+mod progress;
 mod run;
 mod status;
+mod top;
 
 use std::path::PathBuf;
 
@@ -30,21 +33,7 @@ pub enum Cmd {
     /// Run a program under uswap (an embedded monitor is started unless a daemon answers).
     Run(run::RunArgs),
     /// Run the long-lived monitor for many programs.
-    Daemon {
-        /// Socket to listen on [default: $XDG_RUNTIME_DIR/uswap.sock or /run/uswap/uswap.sock].
-        #[arg(long)]
-        socket: Option<PathBuf>,
-        /// Directory of per-program config files [default: /etc/uswap if it exists, else ./config].
-        #[arg(long)]
-        config_dir: Option<PathBuf>,
-        /// Socket file mode, octal (0600: only this user's programs; 0660: also the group's)
-        /// [default: daemon config `socket_mode`, 600].
-        #[arg(long)]
-        mode: Option<String>,
-        /// The daemon's own config [default: daemon.toml in the config directory, if any].
-        #[arg(long)]
-        daemon_config: Option<PathBuf>,
-    },
+    Daemon(run::DaemonArgs),
     /// Show live per-program figures from a daemon.
     Status {
         #[arg(long)]
@@ -53,6 +42,10 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// A live view of every program a daemon manages (q quits; --once prints one frame).
+    Top(top::TopArgs),
+    /// Draw a PNG of a trace written with --trace (memory, store size, fault rate over time).
+    Plot(plot::PlotArgs),
     /// Check this machine for what uswap needs, and say what to change.
     Doctor {
         #[arg(long)]
@@ -92,16 +85,16 @@ pub fn run_main() -> i32 {
             init_logging("warn");
             run::run(args)
         }
-        Cmd::Daemon {
-            socket,
-            config_dir,
-            mode,
-            daemon_config,
-        } => {
+        Cmd::Daemon(args) => {
             init_logging("info");
-            run::daemon(socket, config_dir, mode.as_deref(), daemon_config).map(|_| 0)
+            run::daemon(args).map(|_| 0)
         }
         Cmd::Status { socket, json } => status::status(socket, json).map(|_| 0),
+        Cmd::Top(args) => top::top(args).map(|_| 0),
+        Cmd::Plot(args) => {
+            init_logging("warn");
+            plot::plot(args).map(|_| 0)
+        }
         Cmd::Doctor { socket } => doctor::doctor(socket),
     };
     match result {

@@ -42,6 +42,15 @@ pub struct RunArgs {
     /// Do not print the summary.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Do not show the live progress line (shown only when stderr is a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Write periodic samples (RSS, store size, faults) as JSON lines to FILE, for `uswap plot`.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Interval between trace samples, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub trace_interval_ms: u64,
     /// The program and its arguments.
     #[arg(last = true, required = true)]
     pub cmd: Vec<String>,
@@ -114,8 +123,60 @@ fn overrides_text(args: &RunArgs) -> anyhow::Result<String> {
     Ok(toml::to_string(&table)?)
 }
 
+/// `uswap daemon`'s flags.
+#[derive(Args, Debug)]
+pub struct DaemonArgs {
+    /// Socket to listen on [default: $XDG_RUNTIME_DIR/uswap.sock or /run/uswap/uswap.sock].
+    /// Ignored when systemd passes a listening socket (LISTEN_FDS).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Directory of per-program config files [default: /etc/uswap if it exists, else ./config].
+    #[arg(long)]
+    pub config_dir: Option<PathBuf>,
+    /// Socket file mode, octal (0600: only this user's programs; 0660: also the group's)
+    /// [default: daemon config `socket_mode`, 600].
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// The daemon's own config [default: daemon.toml in the config directory, if any].
+    #[arg(long)]
+    pub daemon_config: Option<PathBuf>,
+    /// Serve Prometheus metrics at GET /metrics on HOST:PORT (loopback only, unless
+    /// --metrics-allow-remote) or unix:/path. Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Allow --metrics on a non-loopback address (the endpoint has no authentication).
+    #[arg(long)]
+    pub metrics_allow_remote: bool,
+    /// Write periodic samples of every program (RSS, store size, faults) as JSON lines to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Interval between trace samples, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    pub trace_interval_ms: u64,
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+/// The live line of `uswap run`: the program's figures from `reports`.
+fn progress_line(reports: &[ClientReport], pid: i32, elapsed: Duration) -> String {
+    match reports.iter().rev().find(|r| r.pid == pid && r.alive) {
+        Some(r) => {
+            let m = |b: u64| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
+            format!(
+                "uswap: {} {:.0}s  RSS {}/{} MiB  {:.0} faults/s  store {} MiB x{:.1}",
+                r.name.chars().take(16).collect::<String>(),
+                elapsed.as_secs_f64(),
+                m(r.rss_anon_bytes),
+                r.budget_bytes.map_or("-".into(), m),
+                r.fault_rate_per_s,
+                m(r.store.bytes_out),
+                r.compression_ratio,
+            )
+        }
+        None => format!("uswap: {:.0}s  (not attached yet)", elapsed.as_secs_f64()),
+    }
 }
 
 fn print_summary(r: &ClientReport, wall: Duration) {
@@ -167,6 +228,11 @@ fn print_summary(r: &ClientReport, wall: Duration) {
 
 pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let overrides = overrides_text(&args)?;
+    let trace_file = args
+        .trace
+        .as_deref()
+        .map(crate::ops::trace::create)
+        .transpose()?;
     let shim = find_shim()?;
     // A daemon, or an embedded monitor on a private socket.
     let daemon_socket = args.socket.clone().or_else(|| {
@@ -208,6 +274,37 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             preload = format!("{preload} {}", old.to_string_lossy());
         }
     }
+    // The figures the trace and the progress line read: the embedded monitor's clients, or the
+    // daemon's clients of this program. The trace starts before the program does, so a trace
+    // file that cannot be created stops uswap before there is a program to leave behind.
+    let source: crate::ops::metrics::ReportSource = match (&embedded, &daemon_socket) {
+        (Some((monitor, ..)), _) => {
+            let m = Arc::clone(monitor);
+            Arc::new(move || m.reports())
+        }
+        (None, Some(sock)) => {
+            let sock = sock.clone();
+            Arc::new(move || {
+                crate::monitor::query_status(&sock)
+                    .map(|v| {
+                        v.into_iter()
+                            .filter_map(|r| serde_json::from_value::<ClientReport>(r).ok())
+                            .filter(|r| r.pid == CHILD_PID.load(Ordering::Relaxed))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+        }
+        (None, None) => Arc::new(Vec::new),
+    };
+    let trace = match trace_file {
+        Some(file) => Some(crate::ops::trace::start(
+            file,
+            Duration::from_millis(args.trace_interval_ms.max(10)),
+            Arc::clone(&source),
+        )?),
+        None => None,
+    };
     let started = Instant::now();
     let mut child = std::process::Command::new(&args.cmd[0])
         .args(&args.cmd[1..])
@@ -218,6 +315,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("starting {}", args.cmd[0]))?;
     let pid = child.id() as i32;
     CHILD_PID.store(pid, Ordering::Relaxed);
+    let progress = (!args.quiet && !args.no_progress).then(|| {
+        let source = Arc::clone(&source);
+        super::progress::Progress::start(Duration::from_millis(500), move |t| {
+            progress_line(&source(), pid, t)
+        })
+    });
     // SAFETY: installing a handler that only calls kill(2); ignoring SIGINT/SIGQUIT, which the
     // terminal delivers to the program too.
     unsafe {
@@ -228,6 +331,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let status = child.wait().context("waiting for the program")?;
     let wall = started.elapsed();
+    drop(progress);
     let code = status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
@@ -237,7 +341,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             if !monitor.wait_idle(Duration::from_secs(2)) {
                 // Processes the program left behind (exec'd children still running) must not
                 // depend on a monitor that is about to exit.
-                let (n, pages) = monitor.release_all();
+                let (n, pages) = {
+                    let _p = (!args.quiet).then(|| {
+                        super::progress::Progress::start(Duration::from_millis(200), |t| {
+                            format!(
+                                "uswap: handing memory back to processes the program left behind ({:.1} s)",
+                                t.as_secs_f64()
+                            )
+                        })
+                    });
+                    monitor.release_all()
+                };
                 eprintln!("uswap: {n} process(es) left behind by the program got their memory back ({pages} pages) and run on unmanaged");
                 monitor.wait_idle(Duration::from_secs(2));
             }
@@ -248,6 +362,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     // The program's own report: the last image that ran under its pid (a wrapper that exec'd
     // the real program attached first).
+    // Last trace sample, with the program's final figures.
+    drop(trace);
     let mine: Vec<&ClientReport> = reports.iter().filter(|r| r.pid == pid).collect();
     if !args.quiet {
         match (mine.last(), &daemon_socket) {
@@ -300,15 +416,16 @@ extern "C" fn on_stop(_: i32) {
     STOP.store(1, Ordering::Relaxed);
 }
 
-pub fn daemon(
-    socket: Option<PathBuf>,
-    config_dir: Option<PathBuf>,
-    mode: Option<&str>,
-    daemon_config: Option<PathBuf>,
-) -> anyhow::Result<()> {
-    let path = socket.unwrap_or_else(crate::protocol::default_socket_path);
-    let config_dir = config_dir.or_else(super::default_config_dir);
-    let dcfg = match &daemon_config {
+pub fn daemon(args: DaemonArgs) -> anyhow::Result<()> {
+    let DaemonArgs {
+        socket,
+        config_dir,
+        mode,
+        daemon_config,
+        ..
+    } = &args;
+    let config_dir = config_dir.clone().or_else(super::default_config_dir);
+    let dcfg = match daemon_config {
         Some(f) => config::DaemonConfig::load(f),
         None => config::DaemonConfig::load_from_dir(config_dir.as_deref()),
     }
@@ -338,6 +455,17 @@ pub fn daemon(
             .into());
         }
     }
+    let trace_file = args
+        .trace
+        .as_deref()
+        .map(crate::ops::trace::create)
+        .transpose()?;
+    let metrics_addr = args
+        .metrics
+        .as_deref()
+        .map(|a| crate::ops::metrics::MetricsAddr::parse(a, args.metrics_allow_remote))
+        .transpose()
+        .map_err(|e| UsageError(format!("--metrics: {e}")))?;
     if let Some(d) = &config_dir {
         for entry in
             std::fs::read_dir(d).with_context(|| format!("reading config dir {}", d.display()))?
@@ -348,18 +476,47 @@ pub fn daemon(
             }
         }
     }
-    if mode & 0o007 != 0 {
-        tracing::warn!(
-            mode = format!("{mode:o}"),
-            "the socket is open to every user: only the allow list (daemon config allow_uids/allow_gids) keeps others out"
-        );
-    }
-    let listener = Listener::bind(&path, mode)?;
+    // systemd socket activation (uswap.socket), else our own socket.
+    let (listener, bound_here) = match crate::ops::activation::take_listen_fds()
+        .context("reading the sockets systemd passed (LISTEN_FDS)")?
+    {
+        Some(mut fds) => {
+            if fds.len() != 1 {
+                bail!(
+                    "systemd passed {} sockets (LISTEN_FDS); uswap daemon serves exactly one",
+                    fds.len()
+                );
+            }
+            let fd = fds.pop().expect("one descriptor");
+            let path = crate::ops::activation::check_seqpacket_listener(&fd)?;
+            if socket.as_ref().is_some_and(|s| *s != path) {
+                tracing::warn!(passed = %path.display(), "--socket is ignored: systemd passed a listening socket");
+            }
+            tracing::info!(socket = %path.display(), "using the socket systemd passed");
+            (Listener::from_listening_fd(fd, path), false)
+        }
+        None => {
+            let path = socket
+                .clone()
+                .unwrap_or_else(crate::protocol::default_socket_path);
+            if mode & 0o007 != 0 {
+                tracing::warn!(
+                    mode = format!("{mode:o}"),
+                    "the socket is open to every user: only the allow list (daemon config allow_uids/allow_gids) keeps others out"
+                );
+            }
+            (Listener::bind(&path, mode)?, true)
+        }
+    };
+    let path = listener.path().to_path_buf();
     match &target {
         Some(t) if euid == 0 => {
-            // The socket belongs to the user the daemon becomes (and its group, for 0660).
-            std::os::unix::fs::chown(&path, Some(t.uid), Some(t.gid))
-                .with_context(|| format!("chown {} to {}", path.display(), t.name))?;
+            // A socket we bound belongs to the user the daemon becomes (and its group, for
+            // 0660); one systemd passed keeps the owner its .socket unit gave it.
+            if bound_here {
+                std::os::unix::fs::chown(&path, Some(t.uid), Some(t.gid))
+                    .with_context(|| format!("chown {} to {}", path.display(), t.name))?;
+            }
             super::privilege::drop_to(t)
                 .with_context(|| format!("dropping privileges to user {}", t.name))?;
             tracing::info!(user = %t.name, uid = t.uid, gid = t.gid, "dropped root: no capabilities left, no_new_privs set");
@@ -386,6 +543,26 @@ pub fn daemon(
         max_store_per_uid = ?dcfg.max_store_per_uid_bytes,
         "uswap daemon listening"
     );
+    let source: crate::ops::metrics::ReportSource = {
+        let m = Arc::clone(&monitor);
+        Arc::new(move || m.reports())
+    };
+    let _metrics = match &metrics_addr {
+        Some(addr) => {
+            let server = crate::ops::metrics::serve(addr, Arc::clone(&source))?;
+            tracing::info!(%addr, "serving Prometheus metrics");
+            Some(server)
+        }
+        None => None,
+    };
+    let _trace = match trace_file {
+        Some(file) => Some(crate::ops::trace::start(
+            file,
+            Duration::from_millis(args.trace_interval_ms.max(10)),
+            source,
+        )?),
+        None => None,
+    };
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_stop as *const () as usize);
@@ -400,10 +577,16 @@ pub fn daemon(
     });
     monitor.serve(&listener)?;
     if monitor.live_clients() > 0 {
+        tracing::info!(
+            clients = monitor.live_clients(),
+            "stopping: handing every attached program its memory back"
+        );
+        let t0 = Instant::now();
         let (n, pages) = monitor.release_all();
         tracing::info!(
             clients = n,
             pages,
+            secs = t0.elapsed().as_secs_f64(),
             "stopping: every attached program got its memory back and runs on unmanaged"
         );
         monitor.wait_idle(Duration::from_secs(5));

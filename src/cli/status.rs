@@ -1,4 +1,5 @@
-//! `uswap status`: a table (or JSON) of the daemon's clients.
+//! `uswap status`: a table (or JSON) of the daemon's clients. The JSON is every client's full
+//! report (`monitor::ClientReport`); `uswap top` and the Prometheus endpoint show the same figures.
 
 use std::path::PathBuf;
 
@@ -25,7 +26,7 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9}",
+        "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9}",
         "ID",
         "PID",
         "NAME",
@@ -37,13 +38,14 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         "WINDOW pg",
         "RATIO",
         "FAULTS",
+        "FAULTS/s",
         "P99 us"
     );
     for r in &reports {
         let store_out = r["store"]["bytes_out"].clone();
         let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
         println!(
-            "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>6.2} {:>9} {:>9.1}",
+            "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>6.2} {:>9} {:>9.0} {:>9.1}",
             n(&r["id"]),
             r["pid"].as_i64().unwrap_or(0),
             r["name"]
@@ -69,6 +71,7 @@ pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
             n(&r["pages_in_window"]),
             r["compression_ratio"].as_f64().unwrap_or(0.0),
             n(&r["faults"]),
+            r["fault_rate_per_s"].as_f64().unwrap_or(0.0),
             r["fault_latency"]["p99_us"].as_f64().unwrap_or(0.0),
         );
     }

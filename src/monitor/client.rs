@@ -653,6 +653,9 @@ impl Client {
                 .peak_rss_anon_bytes
                 .fetch_max(rss, Ordering::Relaxed);
         }
+        self.counters
+            .fault_rate
+            .sample(Counters::get(&self.counters.faults));
         self.compress_cooled();
         {
             let st = self.state.lock();
@@ -1138,6 +1141,7 @@ impl Client {
             pages_stored: counts.stored,
             window_bytes: (st.pages.slot_count() * PAGE_SIZE) as u64,
             faults: g(&c.faults),
+            fault_rate_per_s: if alive { c.fault_rate.per_s() } else { 0.0 },
             faults_zero: g(&c.faults_zero),
             faults_window: g(&c.faults_window),
             faults_store: g(&c.faults_store),

@@ -94,15 +94,19 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
-/// A bound, listening SOCK_SEQPACKET socket; the path is removed on drop.
+/// A bound, listening SOCK_SEQPACKET socket; the path is removed on drop, unless the socket
+/// was handed over by systemd (which owns the file).
 pub struct Listener {
     fd: OwnedFd,
     path: PathBuf,
+    remove_on_drop: bool,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.remove_on_drop {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -187,7 +191,19 @@ impl Listener {
         Ok(Listener {
             fd,
             path: path.to_path_buf(),
+            remove_on_drop: true,
         })
+    }
+
+    /// A socket that is already bound and listening, received from systemd (the caller checked
+    /// it is a listening AF_UNIX SOCK_SEQPACKET socket: `ops::activation`). Its file is left
+    /// in place on drop.
+    pub fn from_listening_fd(fd: OwnedFd, path: PathBuf) -> Listener {
+        Listener {
+            fd,
+            path,
+            remove_on_drop: false,
+        }
     }
 
     pub fn path(&self) -> &Path {

@@ -58,6 +58,52 @@ pub struct Counters {
     /// CPU time (user + system) of the client's fault and control threads, set when they end.
     pub fault_thread_cpu_ns: AtomicU64,
     pub control_thread_cpu_ns: AtomicU64,
+    /// Faults per second over the last full second, sampled at each policy tick.
+    pub fault_rate: FaultRate,
+}
+
+/// Faults per second, measured over windows of at least [`FaultRate::WINDOW`]: the control
+/// thread samples the fault counter at each tick, and a window that has lasted long enough
+/// closes with `faults in it / its length`. Readers see the last closed window.
+#[derive(Debug, Default)]
+pub struct FaultRate {
+    inner: Mutex<FaultRateInner>,
+}
+
+#[derive(Debug, Default)]
+struct FaultRateInner {
+    /// Start of the open window and the fault count then (None before the first sample).
+    window_start: Option<(std::time::Instant, u64)>,
+    per_s: f64,
+}
+
+impl FaultRate {
+    /// Shortest window a rate is computed over.
+    pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// Records the cumulative fault count `faults` as of now.
+    pub fn sample(&self, faults: u64) {
+        self.sample_at(std::time::Instant::now(), faults);
+    }
+
+    fn sample_at(&self, now: std::time::Instant, faults: u64) {
+        let mut g = self.inner.lock();
+        match g.window_start {
+            None => g.window_start = Some((now, faults)),
+            Some((t0, f0)) => {
+                let dt = now.duration_since(t0);
+                if dt >= Self::WINDOW {
+                    g.per_s = faults.saturating_sub(f0) as f64 / dt.as_secs_f64();
+                    g.window_start = Some((now, faults));
+                }
+            }
+        }
+    }
+
+    /// Faults per second in the last closed window (0 before the first one closes).
+    pub fn per_s(&self) -> f64 {
+        self.inner.lock().per_s
+    }
 }
 
 impl Counters {
@@ -140,6 +186,8 @@ pub struct ClientReport {
     pub pages_stored: u64,
     pub window_bytes: u64,
     pub faults: u64,
+    /// Faults per second over the last full second (0 once the program is gone).
+    pub fault_rate_per_s: f64,
     pub faults_zero: u64,
     pub faults_window: u64,
     pub faults_store: u64,
@@ -206,4 +254,28 @@ pub fn thread_cpu_ns() -> u64 {
     // SAFETY: clock_gettime writes one timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn fault_rate_closes_a_window_only_after_one_second() {
+        let r = FaultRate::default();
+        let t0 = Instant::now();
+        r.sample_at(t0, 100);
+        r.sample_at(t0 + Duration::from_millis(500), 400);
+        assert_eq!(r.per_s(), 0.0, "no window has closed yet");
+        r.sample_at(t0 + Duration::from_millis(2000), 700);
+        assert!(
+            (r.per_s() - 300.0).abs() < 1e-9,
+            "600 faults in 2 s: {}",
+            r.per_s()
+        );
+        // The next window starts where the last one ended.
+        r.sample_at(t0 + Duration::from_millis(3000), 700);
+        assert_eq!(r.per_s(), 0.0);
+    }
 }
