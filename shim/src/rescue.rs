@@ -26,7 +26,8 @@
 //! mapped there any more).
 //!
 //! Rules it lives by (as the agent's): all signals blocked, its own stack and scratch memory
-//! (reported as excluded, never registered), no allocation, no lock the program may hold.
+//! (reported as excluded, never registered), no allocation, no lock the program may hold, and
+//! no call of the shim's own interposers (mmap, munmap, mremap), which wait for the agent.
 
 use std::sync::atomic::Ordering;
 
@@ -230,18 +231,21 @@ fn map_store() -> Option<StoreView> {
     }
     let len = st.st_size as usize;
     // SAFETY: a new shared mapping of the store file at an address the kernel picks; it is
-    // never unmapped (the program is detached after the rescue).
+    // never unmapped (the program is detached after the rescue). The raw syscall: libc's
+    // `mmap` is our own interposer, which waits while the agent holds `reg_busy`, and the
+    // agent may be waiting for us to read its REMOVE event.
     let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
+        libc::syscall(
+            libc::SYS_mmap,
+            0usize,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             fd,
-            0,
+            0usize,
         )
-    };
-    if base == libc::MAP_FAILED {
+    } as *mut libc::c_void;
+    if base as isize == -1 {
         raw::eprint_line(&[b"uswap: cannot map the store file; its pages cannot be brought home"]);
         return None;
     }
