@@ -391,7 +391,7 @@ fn shadows_follow_their_page_and_are_released_exactly_once() {
         .collect();
     let shadows: Vec<Handle> = (0..3)
         .map(|i| {
-            let h = store.put(&page_of(i as u64 + 1), addr(i)).unwrap();
+            let h = store.put(&page_of(i + 1), addr(i)).unwrap();
             p.set_shadow(slots[i as usize], 1, h).unwrap();
             h
         })
