@@ -26,7 +26,8 @@
 //! mapped there any more).
 //!
 //! Rules it lives by (as the agent's): all signals blocked, its own stack and scratch memory
-//! (reported as excluded, never registered), no allocation, no lock the program may hold.
+//! (reported as excluded, never registered), no allocation, no lock the program may hold, and
+//! no call of the shim's own interposers (mmap, munmap, mremap), which wait for the agent.
 
 use std::sync::atomic::Ordering;
 
@@ -49,6 +50,11 @@ const MAPS_LEN: usize = 128 * 1024;
 /// The whole guardian mapping.
 pub(crate) const GUARD_BYTES: usize = MAPS_OFF + MAPS_LEN;
 const _: () = assert!(EVENTS_LEN <= 4096);
+
+/// The range every waiter is woken in: from the lowest address a mapping may have
+/// (vm.mmap_min_addr is at most 64 KiB on common systems) to the top of the 47-bit user space.
+const WAKE_START: u64 = 0x10000;
+const WAKE_END: u64 = (1 << 47) - PAGE_SIZE as u64;
 
 /// REMAP destinations seen during this rescue (see the module doc); more than this and every
 /// UNMAP keeps its records (COPY decides).
@@ -230,18 +236,21 @@ fn map_store() -> Option<StoreView> {
     }
     let len = st.st_size as usize;
     // SAFETY: a new shared mapping of the store file at an address the kernel picks; it is
-    // never unmapped (the program is detached after the rescue).
+    // never unmapped (the program is detached after the rescue). The raw syscall: libc's
+    // `mmap` is our own interposer, which waits while the agent holds `reg_busy`, and the
+    // agent may be waiting for us to read its REMOVE event.
     let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
+        libc::syscall(
+            libc::SYS_mmap,
+            0usize,
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             fd,
-            0,
+            0usize,
         )
-    };
-    if base == libc::MAP_FAILED {
+    } as *mut libc::c_void;
+    if base as isize == -1 {
         raw::eprint_line(&[b"uswap: cannot map the store file; its pages cannot be brought home"]);
         return None;
     }
@@ -485,8 +494,11 @@ impl Rescue {
     }
 
     /// Unregisters every mapping of the program (and the agent's staging) from the forwarded
-    /// descriptor; that wakes every thread waiting on a fault. Errors (a mapping that was not
-    /// registered, or cannot be) are ignored.
+    /// descriptor; that wakes every thread waiting on a fault there. Errors (a mapping that
+    /// was not registered, or cannot be) are ignored. Then wakes every thread still waiting on
+    /// any fault of this descriptor: one whose message was read (by the monitor before it died,
+    /// or by us) in a mapping the scan missed (moved by the program while /proc/self/maps was
+    /// read) faults again, and its new message brings us back here (`watch_forever`).
     fn unregister_all(&mut self) {
         let uffd = self.uffd;
         let buf = guard(MAPS_OFF, MAPS_LEN);
@@ -499,6 +511,18 @@ impl Rescue {
             // descriptor it fails and changes nothing.
             unsafe { libc::ioctl(uffd, sys::UFFDIO_UNREGISTER as _, &mut range) };
         });
+        // A start below vm.mmap_min_addr is refused (EINVAL): try higher ones.
+        for start in [WAKE_START, 1 << 20, 1 << 24] {
+            let mut all = sys::UffdioRange {
+                start,
+                len: WAKE_END - start,
+            };
+            // SAFETY: UFFDIO_WAKE reads one range and wakes the descriptor's waiters in it; it
+            // changes no memory.
+            if unsafe { libc::ioctl(uffd, sys::UFFDIO_WAKE as _, &mut all) } == 0 {
+                break;
+            }
+        }
     }
 }
 

@@ -856,7 +856,10 @@ impl Client {
     /// queued and unread makes the move fail with EAGAIN (the kernel's `mmap_changing`).
     fn move_out(&self, seq: u64, runs: &[shm::Run]) {
         let t0 = Instant::now();
+        let mut shadow_time = Duration::ZERO;
+        let mut entered: Vec<u32> = Vec::new();
         for run in runs {
+            entered.clear();
             let mut st = self.state.lock();
             // Events applied since the run was chosen may have changed some of its pages
             // (discarded, moved): move only the sub-runs whose words are still exactly as
@@ -887,18 +890,25 @@ impl Client {
                     pages: j - i,
                     first_slot: run.first_slot + i,
                 };
-                self.move_run_out(&mut st, seq, &sub);
+                self.move_run_out(&mut st, seq, &sub, &mut entered);
                 i = j;
             }
             drop(st);
+            let t_shadow = Instant::now();
+            self.store_shadows(seq, &entered);
+            shadow_time += t_shadow.elapsed();
         }
-        Counters::add(&self.counters.move_out_ns, t0.elapsed().as_nanos() as u64);
+        Counters::add(
+            &self.counters.move_out_ns,
+            t0.elapsed().saturating_sub(shadow_time).as_nanos() as u64,
+        );
         // Faults parked on these pages (there are none unless a fault raced the run) retry.
         signal(self.cmd_efd.as_raw_fd());
     }
 
-    /// Moves one run whose words are all still `Moving` as posted, and completes its pages.
-    fn move_run_out(&self, st: &mut State, seq: u64, run: &shm::Run) {
+    /// Moves one run whose words are all still `Moving` as posted, and completes its pages;
+    /// appends the slots of the pages that entered the window to `entered`.
+    fn move_run_out(&self, st: &mut State, seq: u64, run: &shm::Run, entered: &mut Vec<u32>) {
         let now_ms = self.now_ms();
         let mode = crate::uffd::sys::UFFDIO_MOVE_MODE_CROSS_MM_OUT
             | crate::uffd::sys::UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES;
@@ -983,14 +993,74 @@ impl Client {
         }
         for (i, &r) in results.iter().enumerate() {
             count_result(&self.counters, r);
-            st.pages.complete(
-                run.first_slot + i as u32,
+            let slot = run.first_slot + i as u32;
+            if st.pages.complete(
+                slot,
                 seq,
                 r == shm::RESULT_MOVED,
                 now_ms,
                 r == shm::RESULT_BUSY,
-            );
+            ) {
+                entered.push(slot);
+            }
         }
+    }
+
+    /// Cross-mm: pages moved into the arena live only in the monitor's private memory, which
+    /// dies with it. Each gets a durable copy in the store (its shadow) at once: compressed
+    /// without the lock, placed under it. While it cools, a fault still moves the arena page
+    /// back (zero-copy) and frees the shadow; once cooled, the shadow simply becomes its
+    /// stored copy. The window in which a page exists only in the monitor is therefore one
+    /// run's compression (see DESIGN.md, "The monitor dies").
+    fn store_shadows(&self, seq: u64, slots: &[u32]) {
+        if slots.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let mut scratch = Vec::new();
+        let mut arena: Vec<u8> = Vec::new();
+        let mut outs: Vec<(u32, Compressed)> = Vec::with_capacity(slots.len());
+        for &slot in slots {
+            // The slot is stable (only this thread reuses slots); a fault may move the page
+            // back meanwhile, which `set_shadow` notices under the lock.
+            let page = self.slot_page(slot);
+            let c = match crate::store::encode(page, &mut scratch) {
+                crate::store::Encoded::SameFilled(w) => Compressed::Same(w),
+                crate::store::Encoded::Lz4(b) => {
+                    arena.extend_from_slice(b);
+                    Compressed::Lz4(arena.len() - b.len(), b.len())
+                }
+                crate::store::Encoded::Raw => Compressed::Raw,
+            };
+            outs.push((slot, c));
+        }
+        let mut st = self.state.lock();
+        for &(slot, c) in &outs {
+            let Some(owner) = st.pages.slot_owner(slot, seq) else {
+                continue;
+            };
+            let page = self.slot_page(slot);
+            let enc = match c {
+                Compressed::Same(w) => crate::store::Encoded::SameFilled(w),
+                Compressed::Lz4(off, len) => crate::store::Encoded::Lz4(&arena[off..off + len]),
+                Compressed::Raw => crate::store::Encoded::Raw,
+            };
+            match st.store.insert(enc, page, owner) {
+                Ok(h) => {
+                    if let Err(h) = st.pages.set_shadow(slot, seq, h) {
+                        st.store.remove(h); // moved back or discarded meanwhile
+                    }
+                }
+                Err(e) => {
+                    // Over quota: the page stays in the arena without a durable copy until it
+                    // cools (counted; it is lost only if the monitor dies before then).
+                    Counters::add(&self.counters.pages_unshadowed, 1);
+                    debug!(client = self.id, "no shadow for an arena page: {e}");
+                }
+            }
+        }
+        drop(st);
+        Counters::add(&self.counters.shadow_ns, t0.elapsed().as_nanos() as u64);
     }
 
     /// Compresses pages that have cooled in the window (or must leave it under pressure).
@@ -1018,6 +1088,27 @@ impl Client {
         let mut arena: Vec<u8> = Vec::new();
         let mut outs: Vec<(u32, u64, Compressed)> = Vec::new();
         let mut released: Vec<u32> = Vec::new();
+        if self.cross_mm.load(Ordering::Relaxed) {
+            // Pages with a shadow are stored already: no compression.
+            let mut st = self.state.lock();
+            todo.retain(|&(_addr, slot, gen)| {
+                if st.pages.commit_shadow(slot, gen) {
+                    Counters::add(&self.counters.pages_compressed, 1);
+                    released.push(slot);
+                    false
+                } else {
+                    true
+                }
+            });
+            drop(st);
+            for &slot in &released {
+                // SAFETY: advising one page of our own arena; no reference to it is held.
+                unsafe {
+                    libc::madvise(self.slot_ptr(slot).cast(), PAGE_SIZE, libc::MADV_DONTNEED)
+                };
+            }
+            released.clear();
+        }
         for chunk in todo.chunks(256) {
             arena.clear();
             outs.clear();
@@ -1191,6 +1282,8 @@ impl Client {
             monitor_fault_service_s: g(&c.fault_service_ns) as f64 / 1e9,
             agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
             monitor_move_out_s: g(&c.move_out_ns) as f64 / 1e9,
+            monitor_shadow_s: g(&c.shadow_ns) as f64 / 1e9,
+            pages_unshadowed: g(&c.pages_unshadowed),
             monitor_cpu_s: (g(&c.fault_thread_cpu_ns) + g(&c.control_thread_cpu_ns)) as f64 / 1e9,
             store,
         }

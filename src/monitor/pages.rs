@@ -120,6 +120,10 @@ struct Slot {
     addr: u64,
     gen: u64,
     in_use: bool,
+    /// Cross-mm backend: the page's durable copy in the store, made as soon as it entered the
+    /// window (the arena is the monitor's private memory, lost if the monitor dies). Freed
+    /// with the slot, unless the page becomes `Stored` with it.
+    shadow: Option<Handle>,
 }
 
 /// Something the owner must release after a page left the monitor's care.
@@ -184,7 +188,8 @@ impl Pages {
                 Slot {
                     addr: 0,
                     gen: 0,
-                    in_use: false
+                    in_use: false,
+                    shadow: None,
                 };
                 slot_count
             ],
@@ -286,17 +291,70 @@ impl Pages {
             addr,
             gen: gen & GEN_MASK,
             in_use: true,
+            shadow: None,
         };
         Some(s)
     }
 
-    fn free_slot(&mut self, slot: u32) {
+    /// Frees a slot; returns its shadow, which the caller must release.
+    #[must_use]
+    fn free_slot(&mut self, slot: u32) -> Option<Handle> {
         let s = &mut self.slots[slot as usize];
         if s.in_use {
             s.in_use = false;
+            let shadow = s.shadow.take();
             self.free_slots.insert(slot);
             self.set_record(slot, 0);
+            shadow
+        } else {
+            None
         }
+    }
+
+    /// Frees a slot that cannot have a shadow (its page never entered the window).
+    fn free_unshadowed_slot(&mut self, slot: u32) {
+        let shadow = self.free_slot(slot);
+        debug_assert!(shadow.is_none(), "a slot outside the window has no shadow");
+    }
+
+    /// Cross-mm: `h` is the durable copy of the page that entered the window in `slot` with
+    /// batch `gen`. Returns `h` back if the page left the window meanwhile (or has a copy).
+    pub fn set_shadow(&mut self, slot: u32, gen: u64, h: Handle) -> Result<(), Handle> {
+        let Some(addr) = self.slot_owner(slot, gen) else {
+            return Err(h);
+        };
+        let here = PageState::Window {
+            gen: gen & GEN_MASK,
+            slot,
+        };
+        let s = &mut self.slots[slot as usize];
+        if s.shadow.is_some() || self.state(addr) != here {
+            return Err(h);
+        }
+        self.slots[slot as usize].shadow = Some(h);
+        Ok(())
+    }
+
+    /// Cross-mm: a cooled page with a shadow becomes `Stored` with it (no compression).
+    /// Returns false if it has none (or is no longer in the window).
+    pub fn commit_shadow(&mut self, slot: u32, gen: u64) -> bool {
+        let Some(addr) = self.slot_owner(slot, gen) else {
+            return false;
+        };
+        if self.state(addr)
+            != (PageState::Window {
+                gen: gen & GEN_MASK,
+                slot,
+            })
+        {
+            return false;
+        }
+        let Some(h) = self.slots[slot as usize].shadow.take() else {
+            return false;
+        };
+        self.set(addr, PageState::Stored(h));
+        self.free_unshadowed_slot(slot);
+        true
     }
 
     /// Policy: marks `addr` as posted in batch `gen`. Returns its slot, or `None` if the page
@@ -334,7 +392,7 @@ impl Pages {
         };
         if self.state(addr) != current {
             // Stale: the page was removed or unmapped meanwhile; its bytes are not wanted.
-            self.free_slot(slot);
+            self.free_unshadowed_slot(slot);
             return false;
         }
         if moved {
@@ -358,7 +416,7 @@ impl Pages {
                     hot_since_ms: busy.then_some(now_ms),
                 },
             );
-            self.free_slot(slot);
+            self.free_unshadowed_slot(slot);
             false
         }
     }
@@ -375,7 +433,7 @@ impl Pages {
             {
                 self.set(addr, PageState::Absent { hot_since_ms: None });
             }
-            self.free_slot(slot);
+            self.free_unshadowed_slot(slot);
         }
     }
 
@@ -412,10 +470,10 @@ impl Pages {
         let old = self.state(addr);
         self.set(addr, PageState::Absent { hot_since_ms });
         match old {
-            PageState::Window { slot, .. } => {
-                self.free_slot(slot);
-                Released::Nothing
-            }
+            PageState::Window { slot, .. } => match self.free_slot(slot) {
+                Some(shadow) => Released::Blob(shadow),
+                None => Released::Nothing,
+            },
             PageState::Stored(h) => Released::Blob(h),
             _ => Released::Nothing,
         }
@@ -448,7 +506,9 @@ impl Pages {
                     }
                     PageState::Window { slot, .. } => {
                         self.set(a, PageState::Absent { hot_since_ms: None });
-                        self.free_slot(slot);
+                        if let Some(shadow) = self.free_slot(slot) {
+                            release(shadow);
+                        }
                     }
                     PageState::Stored(h) => {
                         self.set(a, PageState::Absent { hot_since_ms: None });
@@ -498,6 +558,9 @@ impl Pages {
                 self.slots[slot as usize].addr = dst;
                 if matches!(s, PageState::Window { .. }) {
                     self.set_record(slot, dst);
+                    if let Some(shadow) = self.slots[slot as usize].shadow {
+                        moved_stored(shadow, dst);
+                    }
                 }
             }
             if let PageState::Stored(h) = s {
@@ -553,7 +616,11 @@ impl Pages {
             return Err(h);
         }
         self.set(addr, PageState::Stored(h));
-        self.free_slot(slot);
+        if let Some(shadow) = self.free_slot(slot) {
+            // Not made by this path (commit_shadow is used when a shadow exists); the blob
+            // just stored supersedes it.
+            return Err(shadow);
+        }
         Ok(())
     }
 

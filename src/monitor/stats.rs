@@ -53,6 +53,10 @@ pub struct Counters {
     pub agent_busy_ns: AtomicU64,
     /// Time the monitor spent moving pages out itself (cross-mm backend).
     pub move_out_ns: AtomicU64,
+    /// Cross-mm: time spent giving moved pages their durable copy (shadow) in the store.
+    pub shadow_ns: AtomicU64,
+    /// Cross-mm: pages that got no shadow (store quota) and lived only in the arena.
+    pub pages_unshadowed: AtomicU64,
     /// Largest (evicted bytes - bytes uswap held for them) seen at a tick.
     pub peak_saved_bytes: AtomicU64,
     /// CPU time (user + system) of the client's fault and control threads, set when they end.
@@ -234,6 +238,10 @@ pub struct ClientReport {
     /// Time the monitor spent moving pages out itself (cross-mm backend; the agent's share
     /// is `agent_cpu_s` on the stock backend).
     pub monitor_move_out_s: f64,
+    /// Cross-mm: time spent giving moved pages their durable copy in the store.
+    pub monitor_shadow_s: f64,
+    /// Cross-mm: pages that lived only in the arena (no shadow: store quota).
+    pub pages_unshadowed: u64,
     /// CPU of the monitor's threads for this client (known once it detached).
     pub monitor_cpu_s: f64,
     pub store: StoreStats,

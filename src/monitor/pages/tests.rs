@@ -372,3 +372,56 @@ fn fill_ahead_stops_at_evicted_page_and_region_end() {
         FaultPlan::Wait { gen: 1 }
     );
 }
+
+#[test]
+fn shadows_follow_their_page_and_are_released_exactly_once() {
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+    })
+    .unwrap();
+    let mut p = Pages::new(8);
+    // Three pages enter the window (cross-mm: moved straight into the arena).
+    let slots: Vec<u32> = (0..3)
+        .map(|i| {
+            let s = p.begin_evict(addr(i), 1).unwrap();
+            assert!(p.complete(s, 1, true, 0, false));
+            s
+        })
+        .collect();
+    let shadows: Vec<Handle> = (0..3)
+        .map(|i| {
+            let h = store.put(&page_of(i + 1), addr(i)).unwrap();
+            p.set_shadow(slots[i as usize], 1, h).unwrap();
+            h
+        })
+        .collect();
+    // A second shadow for the same slot, or one for a stale generation, is refused.
+    let extra = store.put(&page_of(9), addr(0)).unwrap();
+    assert_eq!(p.set_shadow(slots[0], 1, extra), Err(extra));
+    assert_eq!(p.set_shadow(slots[1], 2, extra), Err(extra));
+    store.remove(extra);
+
+    // Page 0 faults back while cooling: its shadow is handed back to be freed.
+    assert_eq!(p.faulted_in(addr(0), 5), Released::Blob(shadows[0]));
+    store.remove(shadows[0]);
+    // Page 1 moves (mremap): its shadow's record follows.
+    let mut moved = Vec::new();
+    p.remap(
+        addr(1),
+        addr(100),
+        PAGE_BYTES,
+        |_| panic!("nothing at the destination"),
+        |h, a| moved.push((h, a)),
+    );
+    assert_eq!(moved, vec![(shadows[1], addr(100))]);
+    // Page 2 cools: the shadow becomes its stored copy, no compression, slot freed.
+    assert!(p.commit_shadow(slots[2], 1));
+    assert_eq!(p.state(addr(2)), PageState::Stored(shadows[2]));
+    assert!(!p.commit_shadow(slots[2], 1), "only once");
+    // The moved page is discarded by the program: its shadow is released.
+    let mut released = Vec::new();
+    p.discard_range(addr(100), addr(101), |h| released.push(h));
+    assert_eq!(released, vec![shadows[1]]);
+    assert_eq!(p.free_slot_count(), 8);
+}
