@@ -500,6 +500,15 @@ impl Rescue {
     /// or by us) in a mapping the scan missed (moved by the program while /proc/self/maps was
     /// read) faults again, and its new message brings us back here (`watch_forever`).
     fn unregister_all(&mut self) {
+        // As the agent does for registering: no interposed mmap/munmap/mremap may change a
+        // mapping between our read of its bounds and the unregistering (a mapping grown in
+        // place meanwhile would be split into an unregistered and a registered part, and the
+        // program's next mremap of it would fail with EFAULT). Calls already in progress may
+        // wait for their events, which we read meanwhile.
+        SHIM.reg_busy.store(true, Ordering::SeqCst);
+        while SHIM.remaps_inflight.load(Ordering::SeqCst) != 0 {
+            self.drain_events(1);
+        }
         let uffd = self.uffd;
         let buf = guard(MAPS_OFF, MAPS_LEN);
         maps::for_each_mapping(buf, |m| {
@@ -523,6 +532,7 @@ impl Rescue {
                 break;
             }
         }
+        SHIM.reg_busy.store(false, Ordering::SeqCst);
     }
 }
 
