@@ -195,7 +195,9 @@ fn monitor_gone() {
             }
         }
     }
+    let t0 = raw::monotonic_ns();
     let t = r.bring_home();
+    let home_us = (raw::monotonic_ns() - t0) / 1000;
     r.unregister_all();
     r.drain_events(0);
     SHIM.state.store(crate::DETACHED, Ordering::Release);
@@ -207,10 +209,13 @@ fn monitor_gone() {
         r.watch_forever();
     }
     let (mut a, mut b, mut c, mut d) = ([0u8; 20], [0u8; 20], [0u8; 20], [0u8; 20]);
+    let mut e = [0u8; 20];
     raw::eprint_line(&[
         b"uswap: without the monitor: ",
         fmt_u64(t.restored, &mut a),
-        b" pages brought home, ",
+        b" pages brought home in ",
+        fmt_u64(home_us, &mut e),
+        b" us, ",
         fmt_u64(t.present, &mut b),
         b" already present, ",
         fmt_u64(t.unmapped, &mut c),
