@@ -963,9 +963,7 @@ fn monitor_kill_loop() -> R {
                 delay,
                 i % 2 == 1,
             ) {
-                Err(e)
-                    if e.message() == Some(&NOT_KILLED.to_string()) && delay.as_millis() > 10 =>
-                {
+                Err(e) if e.message() == Some(NOT_KILLED) && delay.as_millis() > 10 => {
                     // Too slow a machine for this moment: try again, earlier.
                     delay /= 4;
                 }
