@@ -677,7 +677,9 @@ extern "C" fn fork_child() {
 /// a mapping created, grown or moved while the agent holds bounds it has just read could be
 /// split by its registration, and the program's next mremap of it would fail with EFAULT.
 fn enter_map_change() {
-    if SHIM.state.load(Ordering::Relaxed) != MANAGED {
+    // Detached programs wait too: the guardian unregisters with the bounds it reads, as the
+    // agent registers.
+    if SHIM.state.load(Ordering::Relaxed) == OFF {
         SHIM.remaps_inflight.fetch_add(1, Ordering::SeqCst);
         return;
     }

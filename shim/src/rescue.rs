@@ -195,7 +195,9 @@ fn monitor_gone() {
             }
         }
     }
+    let t0 = raw::monotonic_ns();
     let t = r.bring_home();
+    let home_us = (raw::monotonic_ns() - t0) / 1000;
     r.unregister_all();
     r.drain_events(0);
     SHIM.state.store(crate::DETACHED, Ordering::Release);
@@ -207,10 +209,13 @@ fn monitor_gone() {
         r.watch_forever();
     }
     let (mut a, mut b, mut c, mut d) = ([0u8; 20], [0u8; 20], [0u8; 20], [0u8; 20]);
+    let mut e = [0u8; 20];
     raw::eprint_line(&[
         b"uswap: without the monitor: ",
         fmt_u64(t.restored, &mut a),
-        b" pages brought home, ",
+        b" pages brought home in ",
+        fmt_u64(home_us, &mut e),
+        b" us, ",
         fmt_u64(t.present, &mut b),
         b" already present, ",
         fmt_u64(t.unmapped, &mut c),
@@ -500,6 +505,15 @@ impl Rescue {
     /// or by us) in a mapping the scan missed (moved by the program while /proc/self/maps was
     /// read) faults again, and its new message brings us back here (`watch_forever`).
     fn unregister_all(&mut self) {
+        // As the agent does for registering: no interposed mmap/munmap/mremap may change a
+        // mapping between our read of its bounds and the unregistering (a mapping grown in
+        // place meanwhile would be split into an unregistered and a registered part, and the
+        // program's next mremap of it would fail with EFAULT). Calls already in progress may
+        // wait for their events, which we read meanwhile.
+        SHIM.reg_busy.store(true, Ordering::SeqCst);
+        while SHIM.remaps_inflight.load(Ordering::SeqCst) != 0 {
+            self.drain_events(1);
+        }
         let uffd = self.uffd;
         let buf = guard(MAPS_OFF, MAPS_LEN);
         maps::for_each_mapping(buf, |m| {
@@ -523,6 +537,7 @@ impl Rescue {
                 break;
             }
         }
+        SHIM.reg_busy.store(false, Ordering::SeqCst);
     }
 }
 
