@@ -1957,9 +1957,10 @@ fn cmd_bench(o: &Opts) -> Result<String, String> {
         lat.len()
     );
     println!(
-        "RSS_END anon_kib={} shmem_kib={}",
+        "RSS_END anon_kib={} shmem_kib={} hwm_kib={}",
         status_kib("RssAnon:"),
-        status_kib("RssShmem:")
+        status_kib("RssShmem:"),
+        status_kib("VmHWM:")
     );
     t.print(&format!("bench {pattern}"));
     // Keep the memory (and what a monitor or zram holds for it) while bench/run samples the
