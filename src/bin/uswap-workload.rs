@@ -9,7 +9,9 @@
 //!
 //! Every subcommand ends with one line `RESULT ok ...` (exit 0) or `RESULT FAIL <reason>`
 //! (exit 1). Machine-readable lines: `RSSANON <bytes>`, `FILL_MIBS <MiB/s>`,
-//! `TOUCH_MIBS <MiB/s>`, `LAT_US p50=.. p99=.. p999=.. max=.. n=..`, `TOTAL_S <secs>`.
+//! `TOUCH_MIBS <MiB/s>`, `LAT_US p50=.. p99=.. p999=.. max=.. n=..`, `TOTAL_S <secs>`; `bench`
+//! adds `FILL_S`, `PHASE_S`, `FILL_FAULTS`/`PHASE_FAULTS`, `RSS_END` and `LINGER <ms>` (read by
+//! `bench/run`).
 //!
 //! Page format (4 KiB, little-endian u64 words): word 0 is the page index, word 1 is
 //! `MAGIC << 32 | version`, words 2..511 are pseudo-text (16 eight-byte words picked by a
@@ -1756,6 +1758,303 @@ fn cmd_fault_latency(o: &Opts) -> Result<String, String> {
     ))
 }
 
+// ---------------------------------------------------------------------------------------
+// Benchmark workloads (`bench/run`): fill a region with heap-like data, idle, then one phase
+// of touches (sequential re-read, uniform random touches, or a zipfian key-value pattern),
+// timed per touch. The same program runs unchanged with no limit, in a memory cgroup over
+// zram, and under `uswap run`.
+
+/// Words of the text fragments in heap-like pages (as in `uswap-demo`).
+const MIXED_WORDS: [&[u8]; 32] = [
+    b"alpha", b"buffer", b"cache", b"delta", b"error", b"fault", b"guest", b"heap", b"index",
+    b"json", b"kernel", b"latency", b"memory", b"node", b"offset", b"page", b"queue", b"request",
+    b"session", b"token", b"user", b"value", b"worker", b"config", b"status", b"timeout",
+    b"connect", b"thread", b"name", b"id", b"http", b"retry",
+];
+
+/// Writes page `idx` version `ver` as heap-like records (text fragments, small integers,
+/// pointer-like values, zero runs and a little random noise, as `uswap-demo` makes them; lz4
+/// compresses it about 2×), framed like the text pages: word 0 the index, word 1 the version
+/// header, word 511 the checksum of the rest.
+fn fill_mixed_page(w: &mut [u64], idx: u64, ver: u32) {
+    let mut b = [0u8; PAGE];
+    let mut rng = page_seed(idx, ver) | 1;
+    let mut next = || {
+        rng ^= rng >> 12;
+        rng ^= rng << 25;
+        rng ^= rng >> 27;
+        rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    const END: usize = PAGE - 8;
+    /// Appends `src` at `pos`, cut at the checksum word.
+    fn put(b: &mut [u8; PAGE], pos: &mut usize, src: &[u8]) {
+        let n = src.len().min(END - *pos);
+        b[*pos..*pos + n].copy_from_slice(&src[..n]);
+        *pos += n;
+    }
+    let end = END;
+    let mut pos = 16;
+    while pos < end {
+        let r = next();
+        let start = pos;
+        pos = (pos + 8).min(end); // record header: tag, length
+        let tag = match r % 100 {
+            0..=39 => {
+                for k in 0..3 + (r >> 8) % 6 {
+                    if k > 0 {
+                        put(&mut b, &mut pos, b" ");
+                    }
+                    put(
+                        &mut b,
+                        &mut pos,
+                        MIXED_WORDS[((r >> (16 + 5 * k)) % 32) as usize],
+                    );
+                }
+                put(&mut b, &mut pos, &[0]);
+                1u8
+            }
+            40..=59 => {
+                for k in 0..4 + (r >> 8) % 5 {
+                    let v = ((r >> (12 + 4 * k)) % 1000) as u32;
+                    put(&mut b, &mut pos, &v.to_le_bytes());
+                }
+                2
+            }
+            60..=74 => {
+                for _ in 0..2 + (r >> 8) % 3 {
+                    let p = 0x0000_7f3a_c000_0000u64 | ((next() % 0x10_0000) << 4);
+                    put(&mut b, &mut pos, &p.to_le_bytes());
+                }
+                3
+            }
+            75..=95 => {
+                pos = (pos + 16 + ((r >> 8) % 113) as usize).min(end);
+                4
+            }
+            _ => {
+                for _ in 0..4 + (r >> 8) % 6 {
+                    let v = next();
+                    put(&mut b, &mut pos, &v.to_le_bytes());
+                }
+                5
+            }
+        };
+        if start + 8 <= end {
+            b[start] = tag;
+            let len = (pos - start - 8) as u32;
+            b[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+        }
+    }
+    let w = &mut w[..WORDS];
+    for (j, slot) in w.iter_mut().enumerate().take(WORDS - 1).skip(2) {
+        let c = &b[j * 8..j * 8 + 8];
+        *slot = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+    }
+    w[0] = idx;
+    w[1] = header1(ver);
+    w[WORDS - 1] = checksum(&w[..WORDS - 1]);
+}
+
+/// Full check of a heap-like page: header and the checksum over every word.
+fn verify_mixed_page(w: &[u64], idx: u64, ver: u32) -> bool {
+    w[0] == idx && w[1] == header1(ver) && w[WORDS - 1] == checksum(&w[..WORDS - 1])
+}
+
+/// YCSB's zipfian generator (Gray et al.) over `0..n`, ranks scrambled over the key space.
+struct Zipf {
+    n: u64,
+    theta: f64,
+    alpha: f64,
+    zetan: f64,
+    eta: f64,
+    state: u64,
+}
+
+impl Zipf {
+    fn new(n: u64, theta: f64, seed: u64) -> Zipf {
+        let zeta = |k: u64| (1..=k).map(|i| 1.0 / (i as f64).powf(theta)).sum::<f64>();
+        let zetan = zeta(n);
+        let zeta2 = zeta(2);
+        Zipf {
+            n,
+            theta,
+            alpha: 1.0 / (1.0 - theta),
+            zetan,
+            eta: (1.0 - (2.0 / n as f64).powf(1.0 - theta)) / (1.0 - zeta2 / zetan),
+            state: seed,
+        }
+    }
+
+    fn rank(&mut self) -> u64 {
+        self.state = mix(self.state);
+        let u = (self.state >> 11) as f64 / (1u64 << 53) as f64;
+        let uz = u * self.zetan;
+        if uz < 1.0 {
+            return 0;
+        }
+        if uz < 1.0 + 0.5f64.powf(self.theta) {
+            return 1;
+        }
+        ((self.n as f64 * (self.eta * u - self.eta + 1.0).powf(self.alpha)) as u64).min(self.n - 1)
+    }
+
+    /// A key: the rank scrambled, so hot keys are spread over the region.
+    fn key(&mut self) -> u64 {
+        mix(self.rank() ^ 0x5EED) % self.n
+    }
+}
+
+/// (major faults, minor faults, user + system CPU seconds) of this process so far.
+fn rusage_self() -> (u64, u64, f64) {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: ru is a valid, writable rusage.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (
+        ru.ru_majflt as u64,
+        ru.ru_minflt as u64,
+        tv(ru.ru_utime) + tv(ru.ru_stime),
+    )
+}
+
+fn status_kib(field: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+fn cmd_bench(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 2000)?;
+    let threshold_ns = o.num("threshold-ns", 2000)?;
+    let pattern = o.get("pattern").unwrap_or("seq").to_string();
+    let default_touches = match pattern.as_str() {
+        "seq" => npages as u64,
+        "random" => 200_000,
+        "zipf" => 500_000,
+        p => return Err(format!("--pattern must be seq, random or zipf, not {p:?}")),
+    };
+    let touches = o.num("touches", default_touches)? as usize;
+    let write_pct = o.num("write-pct", 10)?.min(100);
+    let theta = match o.get("theta") {
+        None => 0.99,
+        Some(t) => t
+            .parse::<f64>()
+            .ok()
+            .filter(|t| *t > 0.0 && *t < 1.0)
+            .ok_or(format!("--theta must be in (0, 1), not {t:?}"))?,
+    };
+    let mut m = Mapping::anon(len)?;
+    let (mj0, mn0, cpu0) = rusage_self();
+    let t0 = Instant::now();
+    for (i, p) in m.words_mut().chunks_exact_mut(WORDS).enumerate() {
+        fill_mixed_page(p, i as u64, 1);
+    }
+    let fill_s = t0.elapsed().as_secs_f64();
+    let (mj1, mn1, cpu1) = rusage_self();
+    println!("FILL_S {fill_s:.4}");
+    println!(
+        "FILL_FAULTS major={} minor={} cpu_s={:.3}",
+        mj1 - mj0,
+        mn1 - mn0,
+        cpu1 - cpu0
+    );
+    idle(idle_ms);
+    println!("RSS idle anon={}", rss_anon());
+    let mut vers = vec![1u32; if pattern == "zipf" { npages } else { 0 }];
+    let mut lat: Vec<u64> = Vec::with_capacity(touches.min(1 << 20));
+    let mut t = Tally::default();
+    let base = m.ptr;
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut zipf = (pattern == "zipf").then(|| Zipf::new(npages as u64, theta, 0x9E37));
+    let mut writes = 0u64;
+    let (mj2, mn2, cpu2) = rusage_self();
+    let t_phase = now_ns();
+    for k in 0..touches {
+        let (i, write) = match pattern.as_str() {
+            "seq" => (k % npages, false),
+            "random" => {
+                rng = mix(rng);
+                ((rng % npages as u64) as usize, false)
+            }
+            _ => {
+                let key = zipf.as_mut().map_or(0, Zipf::key) as usize;
+                rng = mix(rng);
+                (key, rng % 100 < write_pct)
+            }
+        };
+        let t1 = now_ns();
+        // SAFETY: i < npages, so the word lies in the mapping; a volatile read of plain data
+        // nothing else writes. This first access is what faults (and what is timed).
+        let w0 = unsafe { std::ptr::read_volatile(base.add(i * PAGE).cast::<u64>()) };
+        let dt = now_ns() - t1;
+        if dt >= threshold_ns {
+            lat.push(dt);
+        }
+        let ver = vers.get(i).copied().unwrap_or(1);
+        let words = &mut m.words_mut()[i * WORDS..(i + 1) * WORDS];
+        t.pages += 1;
+        if w0 != i as u64 || !verify_mixed_page(words, i as u64, ver) {
+            t.bad += 1;
+            diag(format!(
+                "MISMATCH bench page {i}: expected header idx={i} ver={ver}, found {}",
+                describe_header(words)
+            ));
+        }
+        if write {
+            writes += 1;
+            vers[i] = ver + 1;
+            fill_mixed_page(words, i as u64, ver + 1);
+        }
+    }
+    let phase_s = (now_ns() - t_phase) as f64 / 1e9;
+    let (mj3, mn3, cpu3) = rusage_self();
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        let i = ((p * lat.len() as f64).ceil() as usize)
+            .saturating_sub(1)
+            .min(lat.len() - 1);
+        lat[i] as f64 / 1000.0
+    };
+    println!("PHASE_S {phase_s:.4}");
+    println!(
+        "PHASE_FAULTS major={} minor={} cpu_s={:.3} touches={touches} writes={writes}",
+        mj3 - mj2,
+        mn3 - mn2,
+        cpu3 - cpu2
+    );
+    println!(
+        "LAT_US p50={:.2} p99={:.2} p999={:.2} max={:.2} n={} threshold_ns={threshold_ns}",
+        pct(0.50),
+        pct(0.99),
+        pct(0.999),
+        lat.last().map_or(0.0, |&x| x as f64 / 1000.0),
+        lat.len()
+    );
+    println!(
+        "RSS_END anon_kib={} shmem_kib={} hwm_kib={}",
+        status_kib("RssAnon:"),
+        status_kib("RssShmem:"),
+        status_kib("VmHWM:")
+    );
+    t.print(&format!("bench {pattern}"));
+    // Keep the memory (and what a monitor or zram holds for it) while bench/run samples the
+    // pool's size: it reads the figures when it sees this line.
+    let linger_ms = o.num("linger-ms", 0)?;
+    if linger_ms > 0 {
+        println!("LINGER {linger_ms}");
+        flush();
+        std::thread::sleep(Duration::from_millis(linger_ms));
+    }
+    ok_if(t, &format!("bench pattern={pattern} touches={touches}"))
+}
+
 fn fnv(h: u64, bytes: &[u8]) -> u64 {
     bytes.iter().fold(h, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3)
@@ -1803,6 +2102,8 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   garbage-to-monitor --mib N [--idle-ms M]
   close-all-fds    --mib N [--idle-ms M] [--fork]
   chaos            --mib N [--secs S] [--threads T] [--fork-ms MS (a thread forks every MS)]
+  bench            --mib N [--idle-ms M] [--pattern seq|random|zipf] [--touches K]
+                   [--threshold-ns T] [--theta X] [--write-pct P] [--linger-ms L]
   output-echo      [any args]
 defaults: --mib 64, --rounds 1, --threads 4, --pin-pages 16, --repeat 3,
           --touches all pages (seq) / 20000 (random)
@@ -1833,6 +2134,17 @@ fn run(args: &[String]) -> Result<String, String> {
                 .map_err(|e| format!("usage: {sub}: {e}"))?,
         ),
         "fault-latency" => cmd_fault_latency(&parse(&["pattern", "touches"], &["only-evicted"])?),
+        "bench" => cmd_bench(&parse(
+            &[
+                "pattern",
+                "touches",
+                "threshold-ns",
+                "theta",
+                "write-pct",
+                "linger-ms",
+            ],
+            &[],
+        )?),
         "output-echo" => cmd_output_echo(args),
         "garbage-to-monitor" => cmd_garbage_to_monitor(&parse(&[], &[])?),
         "close-all-fds" => cmd_close_all_fds(&parse(&[], &["fork"])?),
