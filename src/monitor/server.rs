@@ -349,7 +349,7 @@ impl Monitor {
         self.stopping.store(true, Ordering::Release);
     }
 
-    /// Live and recently finished clients.
+    /// Live and recently finished clients: live ones first, then finished ones, oldest first.
     pub fn reports(&self) -> Vec<ClientReport> {
         let mut v: Vec<ClientReport> = self.clients.lock().iter().map(|c| c.report(true)).collect();
         v.extend(self.finished.lock().iter().cloned());
@@ -462,18 +462,13 @@ impl Monitor {
                 // Each user sees its own programs; root and the daemon's own user see all.
                 // SAFETY: geteuid has no preconditions.
                 let all = peer_uid == 0 || peer_uid == unsafe { libc::geteuid() };
-                let reports: Vec<ClientReport> = self
+                let mut reports: Vec<ClientReport> = self
                     .reports()
                     .into_iter()
                     .filter(|r| all || r.uid == peer_uid)
                     .collect();
-                let json = serde_json::to_vec(&reports)?;
+                let json = status_json_fitting(&mut reports, MAX_MSG_LEN - 64)?;
                 let mut out = vec![0u8; MAX_MSG_LEN];
-                let json = if json.len() > MAX_MSG_LEN - 64 {
-                    b"[]".to_vec()
-                } else {
-                    json
-                };
                 let n = Msg::StatusReply { json: &json }.encode(&mut out)?;
                 send_packet(fd, &out[..n], &[])?;
                 Ok(())
@@ -728,5 +723,75 @@ pub fn query_status(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
         Msg::StatusReply { json } => serde_json::from_slice(json).context("decoding status"),
         Msg::Error { text, .. } => bail!("monitor refused: {}", String::from_utf8_lossy(text)),
         _ => bail!("unexpected reply to a status request"),
+    }
+}
+
+/// The JSON of `reports` (live clients first, then finished ones, oldest first) in at most
+/// `max_len` bytes: the oldest finished clients are left out first, then the last live ones,
+/// so the reply always fits one packet and names the newest programs.
+fn status_json_fitting(reports: &mut Vec<ClientReport>, max_len: usize) -> anyhow::Result<Vec<u8>> {
+    loop {
+        let live = reports.iter().filter(|r| r.alive).count();
+        let json = serde_json::to_vec(&reports)?;
+        if json.len() <= max_len || reports.is_empty() {
+            return Ok(json);
+        }
+        // Roughly how many to drop, at least one.
+        let per = json.len() / reports.len().max(1);
+        let drop_n = ((json.len() - max_len) / per.max(1))
+            .max(1)
+            .min(reports.len());
+        let finished = reports.len() - live.min(reports.len());
+        let from_finished = drop_n.min(finished);
+        let first_finished = reports.len() - finished;
+        reports.drain(first_finished..first_finished + from_finished);
+        let rest = drop_n - from_finished;
+        if rest > 0 {
+            let keep = reports.len().saturating_sub(rest);
+            reports.truncate(keep);
+        }
+        tracing::debug!(
+            left = reports.len(),
+            "status reply: the oldest clients left out to fit one packet"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_reply_leaves_out_oldest_finished_clients_first_and_fits() {
+        let report = |id: u64, alive: bool| ClientReport {
+            id,
+            alive,
+            name: "x".repeat(64),
+            ..Default::default()
+        };
+        // 10 live, then 300 finished (oldest first): far more than one packet holds.
+        let mut reports: Vec<ClientReport> = (0..10)
+            .map(|i| report(i, true))
+            .chain((10..310).map(|i| report(i, false)))
+            .collect();
+        let json = status_json_fitting(&mut reports, MAX_MSG_LEN - 64).unwrap();
+        assert!(json.len() <= MAX_MSG_LEN - 64);
+        let back: Vec<ClientReport> = serde_json::from_slice(&json).unwrap();
+        assert!(
+            back.len() > 10,
+            "more than the live clients fit: {}",
+            back.len()
+        );
+        assert!(back[..10].iter().all(|r| r.alive), "every live client kept");
+        assert_eq!(
+            back.last().unwrap().id,
+            309,
+            "the newest finished client kept"
+        );
+        // Live clients alone too many: the reply still fits and is not empty.
+        let mut many: Vec<ClientReport> = (0..400).map(|i| report(i, true)).collect();
+        let json = status_json_fitting(&mut many, MAX_MSG_LEN - 64).unwrap();
+        let back: Vec<ClientReport> = serde_json::from_slice(&json).unwrap();
+        assert!(json.len() <= MAX_MSG_LEN - 64 && !back.is_empty());
     }
 }
