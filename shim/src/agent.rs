@@ -336,10 +336,12 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
     }
     if used_pages > 0 {
         // SAFETY: dropping our own staging pages. This raises a REMOVE event that blocks us until
-        // the monitor's fault thread reads it (it never waits for us).
+        // the monitor's fault thread reads it (it never waits for us). The raw syscall: libc's
+        // `madvise` is the shim's own interposer, which waits while we hold `reg_busy`.
         unsafe {
-            libc::madvise(
-                staging as *mut _,
+            libc::syscall(
+                libc::SYS_madvise,
+                staging as usize,
                 used_pages * PAGE_SIZE,
                 libc::MADV_DONTNEED,
             )

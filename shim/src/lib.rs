@@ -752,6 +752,26 @@ pub unsafe extern "C" fn mmap64(
 }
 
 /// # Safety
+/// Same contract as madvise(2). Advice that discards memory (and so raises a REMOVE event) is
+/// held off while the agent runs a batch, like munmap: a range discarded and rewritten between
+/// the monitor's read of the REMOVE and the agent's move of that run would have its rewrite
+/// moved out and then dropped as stale (DESIGN.md, "A range changing under a queued move").
+#[no_mangle]
+pub unsafe extern "C" fn madvise(addr: *mut libc::c_void, len: usize, advice: i32) -> i32 {
+    // MADV_DONTNEED_LOCKED (Linux 5.18+) is 24; the libc crate may not name it.
+    let discards = matches!(advice, libc::MADV_DONTNEED | libc::MADV_REMOVE | 24);
+    if discards {
+        enter_map_change();
+    }
+    // SAFETY: forwarding the caller's arguments to the syscall unchanged.
+    let r = unsafe { libc::syscall(libc::SYS_madvise, addr, len, advice) };
+    if discards {
+        leave_map_change();
+    }
+    r as i32
+}
+
+/// # Safety
 /// Same contract as munmap(2).
 #[no_mangle]
 pub unsafe extern "C" fn munmap(addr: *mut libc::c_void, len: usize) -> i32 {
