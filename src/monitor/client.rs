@@ -694,7 +694,20 @@ impl Client {
         let t0 = Instant::now();
         let mut shadow_time = Duration::ZERO;
         let mut entered: Vec<u32> = Vec::new();
-        for run in runs {
+        // Runs of the batch are merged where contiguous; move (and give durable copies to) at
+        // most `run_pages` pages at a time, which bounds what a monitor death can lose.
+        let step = self.cfg.run_pages.max(1);
+        let pieces = runs.iter().flat_map(|r| {
+            (0..r.pages)
+                .step_by(step as usize)
+                .map(move |off| shm::Run {
+                    addr: r.addr + off as u64 * PAGE_BYTES,
+                    pages: (r.pages - off).min(step),
+                    first_slot: r.first_slot + off,
+                })
+        });
+        for piece in pieces {
+            let run = &piece;
             entered.clear();
             let mut st = self.state.lock();
             // Events applied since the run was chosen may have changed some of its pages
