@@ -909,7 +909,10 @@ impl Client {
             }
         }
         drop(st);
-        Counters::add(&self.counters.shadow_ns, t0.elapsed().as_nanos() as u64);
+        let ns = t0.elapsed().as_nanos() as u64;
+        Counters::add(&self.counters.shadow_ns, ns);
+        Counters::add(&self.counters.shadow_runs, 1);
+        self.counters.shadow_max_ns.fetch_max(ns, Ordering::Relaxed);
     }
 
     /// Compresses pages that have cooled in the window (or must leave it under pressure).
@@ -1115,6 +1118,8 @@ impl Client {
             agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
             monitor_move_out_s: g(&c.move_out_ns) as f64 / 1e9,
             monitor_shadow_s: g(&c.shadow_ns) as f64 / 1e9,
+            shadow_runs: g(&c.shadow_runs),
+            shadow_max_us: g(&c.shadow_max_ns) as f64 / 1e3,
             pages_unshadowed: g(&c.pages_unshadowed),
             monitor_cpu_s: (g(&c.fault_thread_cpu_ns) + g(&c.control_thread_cpu_ns)) as f64 / 1e9,
             store,
