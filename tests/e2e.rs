@@ -1015,6 +1015,14 @@ fn main() {
     let args = Arguments::from_args();
     let root = is_root();
     let needs_root = |t: Trial| if root { t } else { t.with_ignored_flag(true) };
+    let cross_mm = std::env::var("USWAP_E2E_BACKEND").is_ok_and(|b| b == "cross-mm");
+    let zero_loss_kill = |t: Trial| {
+        if cross_mm {
+            t.with_ignored_flag(true)
+        } else {
+            t
+        }
+    };
     let tests = vec![
         Trial::test(
             "fill_verify_rss_settles_below_budget_plus_slack",
@@ -1113,15 +1121,15 @@ fn main() {
             bad_config_file_is_refused_naming_file_key_reason,
         ),
         Trial::test("doctor_reports_the_machine", doctor_reports_the_machine),
-        Trial::test(
+        zero_loss_kill(Trial::test(
             "monitor_killed_program_keeps_every_page",
             monitor_killed_program_keeps_every_page,
-        ),
-        Trial::test(
+        )),
+        zero_loss_kill(Trial::test(
             "monitor_back_before_rescue_after_rescues_at_once",
             monitor_back_before_rescue_after_rescues_at_once,
-        ),
-        Trial::test("monitor_kill_loop", monitor_kill_loop),
+        )),
+        zero_loss_kill(Trial::test("monitor_kill_loop", monitor_kill_loop)),
         Trial::test(
             "exec_ends_old_context_and_new_image_attaches",
             exec_ends_old_context_and_new_image_attaches,
@@ -1157,6 +1165,9 @@ fn main() {
     ];
     if !root {
         eprintln!("note: not root: daemon_as_other_unprivileged_user_serves_client is ignored (it switches to user nobody)");
+    }
+    if cross_mm {
+        eprintln!("note: USWAP_E2E_BACKEND=cross-mm: the three monitor_kill tests are ignored: they assert that a monitor killed at any moment loses no page, which only the stock backend guarantees (with cross-mm a page lives only in the monitor while its run of at most run_pages is compressed; DESIGN.md, \"The monitor dies\")");
     }
     libtest_mimic::run(&args, tests).exit();
 }

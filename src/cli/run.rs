@@ -196,6 +196,14 @@ fn print_summary(r: &ClientReport, wall: Duration) {
         budget
     );
     eprintln!("  backend       {}", r.backend);
+    if r.shadow_runs > 0 {
+        eprintln!(
+            "  shadows       {} runs given durable copies, {:.0} us each on average, {:.0} us at most (a page lives only in the monitor meanwhile)",
+            r.shadow_runs,
+            r.monitor_shadow_s * 1e6 / r.shadow_runs as f64,
+            r.shadow_max_us
+        );
+    }
     eprintln!(
         "  pages         evicted {} ({}), restored {} (moved back {}), unevictable {}",
         r.pages_evicted,

@@ -858,7 +858,20 @@ impl Client {
         let t0 = Instant::now();
         let mut shadow_time = Duration::ZERO;
         let mut entered: Vec<u32> = Vec::new();
-        for run in runs {
+        // Runs of the batch are merged where contiguous; move (and give durable copies to) at
+        // most `run_pages` pages at a time, which bounds what a monitor death can lose.
+        let step = self.cfg.run_pages.max(1);
+        let pieces = runs.iter().flat_map(|r| {
+            (0..r.pages)
+                .step_by(step as usize)
+                .map(move |off| shm::Run {
+                    addr: r.addr + off as u64 * PAGE_BYTES,
+                    pages: (r.pages - off).min(step),
+                    first_slot: r.first_slot + off,
+                })
+        });
+        for piece in pieces {
+            let run = &piece;
             entered.clear();
             let mut st = self.state.lock();
             // Events applied since the run was chosen may have changed some of its pages
@@ -1060,7 +1073,10 @@ impl Client {
             }
         }
         drop(st);
-        Counters::add(&self.counters.shadow_ns, t0.elapsed().as_nanos() as u64);
+        let ns = t0.elapsed().as_nanos() as u64;
+        Counters::add(&self.counters.shadow_ns, ns);
+        Counters::add(&self.counters.shadow_runs, 1);
+        self.counters.shadow_max_ns.fetch_max(ns, Ordering::Relaxed);
     }
 
     /// Compresses pages that have cooled in the window (or must leave it under pressure).
@@ -1283,6 +1299,8 @@ impl Client {
             agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
             monitor_move_out_s: g(&c.move_out_ns) as f64 / 1e9,
             monitor_shadow_s: g(&c.shadow_ns) as f64 / 1e9,
+            shadow_runs: g(&c.shadow_runs),
+            shadow_max_us: g(&c.shadow_max_ns) as f64 / 1e3,
             pages_unshadowed: g(&c.pages_unshadowed),
             monitor_cpu_s: (g(&c.fault_thread_cpu_ns) + g(&c.control_thread_cpu_ns)) as f64 / 1e9,
             store,

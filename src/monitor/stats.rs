@@ -55,6 +55,9 @@ pub struct Counters {
     pub move_out_ns: AtomicU64,
     /// Cross-mm: time spent giving moved pages their durable copy (shadow) in the store.
     pub shadow_ns: AtomicU64,
+    /// Cross-mm: runs given durable copies, and the longest such step, in ns.
+    pub shadow_runs: AtomicU64,
+    pub shadow_max_ns: AtomicU64,
     /// Cross-mm: pages that got no shadow (store quota) and lived only in the arena.
     pub pages_unshadowed: AtomicU64,
     /// Largest (evicted bytes - bytes uswap held for them) seen at a tick.
@@ -240,6 +243,10 @@ pub struct ClientReport {
     pub monitor_move_out_s: f64,
     /// Cross-mm: time spent giving moved pages their durable copy in the store.
     pub monitor_shadow_s: f64,
+    /// Cross-mm: runs given durable copies, and the longest (the most a monitor death could
+    /// catch in flight), in µs.
+    pub shadow_runs: u64,
+    pub shadow_max_us: f64,
     /// Cross-mm: pages that lived only in the arena (no shadow: store quota).
     pub pages_unshadowed: u64,
     /// CPU of the monitor's threads for this client (known once it detached).
