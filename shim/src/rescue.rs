@@ -31,7 +31,7 @@
 
 use std::sync::atomic::Ordering;
 
-use uswap::protocol::shm::Window;
+use uswap::protocol::shm::{self, Window};
 use uswap::protocol::store_layout::{self, StoreView};
 use uswap::uffd::sys;
 use uswap::uffd::Event;
@@ -138,6 +138,9 @@ struct Tally {
     present: u64,
     unmapped: u64,
     corrupt: u64,
+    /// Cross-mm: pages the monitor had moved out and no copy of survived it.
+    lost: u64,
+    first_lost: u64,
 }
 
 struct Rescue {
@@ -196,7 +199,8 @@ fn monitor_gone() {
         }
     }
     let t0 = raw::monotonic_ns();
-    let t = r.bring_home();
+    let mut t = r.bring_home();
+    r.fence_lost(&mut t);
     let home_us = (raw::monotonic_ns() - t0) / 1000;
     r.unregister_all();
     r.drain_events(0);
@@ -223,7 +227,30 @@ fn monitor_gone() {
         fmt_u64(t.corrupt, &mut d),
         b" corrupt; the program runs unmanaged from now on",
     ]);
+    if t.lost > 0 {
+        let (mut n, mut a) = ([0u8; 20], [0u8; 20]);
+        raw::eprint_line(&[
+            b"uswap: ",
+            fmt_u64(t.lost, &mut n),
+            b" pages were lost with the monitor (cross-mm: it died while moving them out, before their copies existed); they are made inaccessible (first at 0x",
+            fmt_hex(t.first_lost, &mut a),
+            b"): the program faults if it touches them, rather than read zeros",
+        ]);
+    }
     r.watch_forever();
+}
+
+/// Formats `v` in hexadecimal into `buf`; returns the digits.
+fn fmt_hex(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b"0123456789abcdef"[(v & 15) as usize];
+        v >>= 4;
+        if v == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 /// Maps the store file read-write (for its records), or `None` if there is none or it is not
@@ -319,6 +346,17 @@ impl Rescue {
         let page_mask = !(PAGE_SIZE as u64 - 1);
         match ev {
             Event::Remap { from, to, len } => {
+                // The in-flight run moves with its mapping (see `fence_lost`).
+                let run = self.win.inflight_run().load(Ordering::Acquire);
+                if (from..from + len).contains(&(run & page_mask)) {
+                    self.win
+                        .inflight_run()
+                        .store(run - from + to, Ordering::Release);
+                } else if (to..to + len).contains(&(run & page_mask)) {
+                    self.win
+                        .inflight_state()
+                        .store(shm::INFLIGHT_NONE, Ordering::Release);
+                }
                 // The kernel unmapped the destination first: what was recorded there is gone.
                 self.rewrite_records(|rec| {
                     let addr = rec & page_mask;
@@ -337,6 +375,13 @@ impl Rescue {
             }
             Event::Remove { start, end } | Event::Unmap { start, end } => {
                 let unmap = matches!(ev, Event::Unmap { .. });
+                // The program discarded the in-flight run: zeros are its content now.
+                let run = self.win.inflight_run().load(Ordering::Acquire);
+                if (start..end).contains(&(run & page_mask)) {
+                    self.win
+                        .inflight_state()
+                        .store(shm::INFLIGHT_NONE, Ordering::Release);
+                }
                 self.rewrite_records(|rec| {
                     let addr = rec & page_mask;
                     if (start..end).contains(&addr) && !(unmap && self.in_remap_dst(addr)) {
@@ -460,6 +505,52 @@ impl Rescue {
             }
         }
         t
+    }
+
+    /// Cross-mm: the run the monitor was moving out when it died (`Window::inflight_run`).
+    /// Each of its pages that left the program and has no copy is gone. Every page the records
+    /// could bring home is home by now, so a copy into one of those pages succeeds exactly when
+    /// it is missing: it is then made inaccessible, so the program faults on it instead of
+    /// reading zeros. (While the monitor was still inside the move, which pages left is not
+    /// known: every missing page of the run is treated so, a never-touched one included.)
+    fn fence_lost(&mut self, t: &mut Tally) {
+        let state = self.win.inflight_state().load(Ordering::Acquire);
+        if state == shm::INFLIGHT_NONE {
+            return;
+        }
+        let run = self.win.inflight_run().load(Ordering::Acquire);
+        let page_mask = !(PAGE_SIZE as u64 - 1);
+        let addr = run & page_mask;
+        let pages = ((run & !page_mask) as u32).min(shm::INFLIGHT_MAX_PAGES);
+        let bits = if state == shm::INFLIGHT_MOVED {
+            self.win.inflight_moved().load(Ordering::Acquire)
+        } else {
+            u64::MAX
+        };
+        if addr == 0 {
+            return;
+        }
+        let poison = guard(PAGE_OFF, PAGE_SIZE);
+        poison.fill(0xdb);
+        let src = poison.as_ptr();
+        for i in 0..pages {
+            if bits & (1u64 << i) == 0 {
+                continue;
+            }
+            let a = addr + u64::from(i) * PAGE_SIZE as u64;
+            if self.copy(a, src) == 0 {
+                // SAFETY: mprotect of one page of the program's own anonymous memory, whose
+                // content is gone; the raw syscall (no interposer involved).
+                unsafe { libc::syscall(libc::SYS_mprotect, a, PAGE_SIZE, libc::PROT_NONE) };
+                if t.lost == 0 {
+                    t.first_lost = a;
+                }
+                t.lost += 1;
+            }
+        }
+        self.win
+            .inflight_state()
+            .store(shm::INFLIGHT_NONE, Ordering::Release);
     }
 
     fn count(&self, t: &mut Tally, errno: i32) {

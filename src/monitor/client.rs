@@ -860,7 +860,8 @@ impl Client {
         let mut entered: Vec<u32> = Vec::new();
         // Runs of the batch are merged where contiguous; move (and give durable copies to) at
         // most `run_pages` pages at a time, which bounds what a monitor death can lose.
-        let step = self.cfg.run_pages.max(1);
+        let step = self.cfg.run_pages.clamp(1, shm::INFLIGHT_MAX_PAGES);
+        let win = *self.win();
         let pieces = runs.iter().flat_map(|r| {
             (0..r.pages)
                 .step_by(step as usize)
@@ -874,6 +875,12 @@ impl Client {
             let run = &piece;
             entered.clear();
             let mut st = self.state.lock();
+            // Announce the run before any of its pages leaves the program (see
+            // `Window::inflight_run`).
+            win.inflight_run()
+                .store(run.addr | u64::from(run.pages), Ordering::Release);
+            win.inflight_state()
+                .store(shm::INFLIGHT_MOVING, Ordering::SeqCst);
             // Events applied since the run was chosen may have changed some of its pages
             // (discarded, moved): move only the sub-runs whose words are still exactly as
             // posted. Events are read and applied under this lock, so the words are current.
@@ -907,9 +914,18 @@ impl Client {
                 i = j;
             }
             drop(st);
+            let moved_bits = entered
+                .iter()
+                .map(|&slot| 1u64 << (slot - run.first_slot))
+                .fold(0, |a, b| a | b);
+            win.inflight_moved().store(moved_bits, Ordering::Release);
+            win.inflight_state()
+                .store(shm::INFLIGHT_MOVED, Ordering::SeqCst);
             let t_shadow = Instant::now();
             self.store_shadows(seq, &entered);
             shadow_time += t_shadow.elapsed();
+            win.inflight_state()
+                .store(shm::INFLIGHT_NONE, Ordering::SeqCst);
         }
         Counters::add(
             &self.counters.move_out_ns,

@@ -79,6 +79,15 @@ pub const RESULT_CANCELLED: u8 = 5;
 /// Reserved: no longer produced (see the module doc); a monitor treats it as a failure.
 pub const RESULT_DISCARDED: u8 = 6;
 
+/// `inflight_state`: no run in flight.
+pub const INFLIGHT_NONE: u64 = 0;
+/// The run is being moved out: which of its pages left the program is not known yet.
+pub const INFLIGHT_MOVING: u64 = 1;
+/// The run was moved out; `inflight_moved` says which pages left; their copies are being made.
+pub const INFLIGHT_MOVED: u64 = 2;
+/// Most pages of one in-flight run (one bit each in `inflight_moved`).
+pub const INFLIGHT_MAX_PAGES: u32 = 64;
+
 /// Entries in the event log.
 pub const EVENT_LOG_LEN: usize = 128;
 
@@ -112,6 +121,9 @@ const OFF_READ_END: usize = 88;
 const OFF_AGENT_DISCARDED: usize = 96;
 const OFF_STAGING: usize = 104;
 const OFF_RESCUE_AFTER_MS: usize = 112;
+const OFF_INFLIGHT_RUN: usize = 120;
+const OFF_INFLIGHT_MOVED: usize = 128;
+const OFF_INFLIGHT_STATE: usize = 136;
 const OFF_EVENT_LOG: usize = 512;
 const _: () = assert!(OFF_EVENT_LOG + EVENT_LOG_LEN * 24 <= 4096);
 
@@ -331,6 +343,25 @@ impl Window {
     /// itself, in milliseconds (written by the monitor at `init`).
     pub fn rescue_after_ms(&self) -> &AtomicU64 {
         self.u64_at(OFF_RESCUE_AFTER_MS)
+    }
+
+    /// Cross-mm: the run the monitor is moving out right now, as `addr | pages` (at most
+    /// [`INFLIGHT_MAX_PAGES`] pages), valid while [`Window::inflight_state`] is not
+    /// [`INFLIGHT_NONE`]. Its pages live only in the monitor until their durable copies exist;
+    /// if the monitor dies meanwhile, the shim makes any of them it cannot bring home
+    /// inaccessible rather than let them read as zeros.
+    pub fn inflight_run(&self) -> &AtomicU64 {
+        self.u64_at(OFF_INFLIGHT_RUN)
+    }
+
+    /// Cross-mm: bit `i` set = page `i` of the in-flight run was moved out (valid in state
+    /// [`INFLIGHT_MOVED`]).
+    pub fn inflight_moved(&self) -> &AtomicU64 {
+        self.u64_at(OFF_INFLIGHT_MOVED)
+    }
+
+    pub fn inflight_state(&self) -> &AtomicU64 {
+        self.u64_at(OFF_INFLIGHT_STATE)
     }
 
     pub fn slot_ptr(&self, slot: usize) -> *mut u8 {
