@@ -769,7 +769,8 @@ enum Survival {
     /// Every page checked.
     Whole,
     /// Cross-mm only: pages the monitor was moving out died with it; the shim said so and made
-    /// them inaccessible, and the program faulted on one (SIGSEGV) before reading any wrong byte.
+    /// them inaccessible, and the program (or a forked child) faulted on one (SIGSEGV) before
+    /// reading any wrong byte.
     LostLoudly,
 }
 
@@ -784,11 +785,15 @@ impl Killed {
             return Ok(Survival::Whole);
         }
         let cross_mm = std::env::var("USWAP_E2E_BACKEND").is_ok_and(|b| b == "cross-mm");
+        // The program itself, or a forked child whose copy held a fenced page (the chaos
+        // workload's fork thread reports the child's SIGSEGV, status 0xb).
+        let stopped_by_fence = self.out.status.signal() == Some(libc::SIGSEGV)
+            && !stdout.contains("RESULT FAIL")
+            || stdout.contains("found its copy of the fork region wrong (status 0xb)");
         if cross_mm
-            && self.out.status.signal() == Some(libc::SIGSEGV)
+            && stopped_by_fence
             && self.stderr().contains("pages were lost with the monitor")
             && !stdout.contains("MISMATCH")
-            && !stdout.contains("RESULT FAIL")
         {
             return Ok(Survival::LostLoudly);
         }
