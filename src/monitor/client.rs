@@ -605,11 +605,15 @@ impl Client {
                 0
             }
             Err(e) => {
+                // Unregistering now would make the pages still out read as zeros. Leave the
+                // program registered: when our end of the socket closes, its shim's guardian
+                // brings them home from the store file and the window (their records), then
+                // unregisters itself.
                 warn!(
                     client = self.id,
-                    "could not give every page back before detaching: {e:#}"
+                    "could not give every page back before detaching ({e:#}); the program's shim brings the rest home from the shared store"
                 );
-                0
+                return 0;
             }
         };
         // The agent unregisters every managed VMA with fresh bounds; the monitor also
