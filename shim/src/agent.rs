@@ -53,17 +53,29 @@ pub(crate) fn kick() {
 }
 
 pub(crate) fn start() -> Result<(), i32> {
-    // SAFETY: pthread attribute calls on a local attr; the stack is our own mapping of
-    // stack_len bytes, which outlives the thread (it is never unmapped). All signals are
-    // blocked around pthread_create so the agent starts with every signal blocked.
+    spawn_on_own_stack(
+        SHIM.stack_base.load(Ordering::Relaxed),
+        SHIM.stack_len.load(Ordering::Relaxed),
+        agent_main,
+        c"uswap-agent",
+    )
+}
+
+/// Starts a detached shim thread running `main` on `stack_len` bytes at `stack_base`, with
+/// every signal blocked.
+pub(crate) fn spawn_on_own_stack(
+    stack_base: usize,
+    stack_len: usize,
+    main: extern "C" fn(*mut libc::c_void) -> *mut libc::c_void,
+    name: &core::ffi::CStr,
+) -> Result<(), i32> {
+    // SAFETY: pthread attribute calls on a local attr; the stack is a mapping of the shim's
+    // own of stack_len bytes, which outlives the thread (it is never unmapped). All signals
+    // are blocked around pthread_create so the thread starts with every signal blocked.
     unsafe {
         let mut attr: libc::pthread_attr_t = std::mem::zeroed();
         libc::pthread_attr_init(&mut attr);
-        let rc = libc::pthread_attr_setstack(
-            &mut attr,
-            SHIM.stack_base.load(Ordering::Relaxed) as *mut _,
-            SHIM.stack_len.load(Ordering::Relaxed),
-        );
+        let rc = libc::pthread_attr_setstack(&mut attr, stack_base as *mut _, stack_len);
         if rc != 0 {
             return Err(rc);
         }
@@ -73,14 +85,14 @@ pub(crate) fn start() -> Result<(), i32> {
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let mut tid: libc::pthread_t = 0;
-        let rc = libc::pthread_create(&mut tid, &attr, agent_main, std::ptr::null_mut());
+        let rc = libc::pthread_create(&mut tid, &attr, main, std::ptr::null_mut());
         libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         libc::pthread_attr_destroy(&mut attr);
         if rc != 0 {
             return Err(rc);
         }
-        // A name helps `top -H` and debuggers; the name is static.
-        libc::pthread_setname_np(tid, c"uswap-agent".as_ptr());
+        // A name helps `top -H` and debuggers.
+        libc::pthread_setname_np(tid, name.as_ptr());
     }
     Ok(())
 }

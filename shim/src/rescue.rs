@@ -70,34 +70,12 @@ fn guard(off: usize, len: usize) -> &'static mut [u8] {
 }
 
 pub(crate) fn start() -> Result<(), i32> {
-    // SAFETY: as in `agent::start`: a local attr, a stack in our own never-unmapped mapping,
-    // all signals blocked around pthread_create.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
-        libc::pthread_attr_init(&mut attr);
-        let rc = libc::pthread_attr_setstack(
-            &mut attr,
-            SHIM.guard_base.load(Ordering::Relaxed) as *mut _,
-            GUARD_STACK_BYTES,
-        );
-        if rc != 0 {
-            return Err(rc);
-        }
-        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let mut tid: libc::pthread_t = 0;
-        let rc = libc::pthread_create(&mut tid, &attr, guardian_main, std::ptr::null_mut());
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        libc::pthread_attr_destroy(&mut attr);
-        if rc != 0 {
-            return Err(rc);
-        }
-        libc::pthread_setname_np(tid, c"uswap-guard".as_ptr());
-    }
-    Ok(())
+    crate::agent::spawn_on_own_stack(
+        SHIM.guard_base.load(Ordering::Relaxed),
+        GUARD_STACK_BYTES,
+        guardian_main,
+        c"uswap-guard",
+    )
 }
 
 extern "C" fn guardian_main(_: *mut libc::c_void) -> *mut libc::c_void {

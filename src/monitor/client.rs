@@ -86,6 +86,39 @@ enum Compressed {
     Raw,
 }
 
+impl Compressed {
+    /// Encodes `page`, appending an lz4 payload to `arena` (compression runs without the
+    /// client's lock; the result is placed in the store under it).
+    fn of(page: &[u8; PAGE_SIZE], scratch: &mut Vec<u8>, arena: &mut Vec<u8>) -> Compressed {
+        match crate::store::encode(page, scratch) {
+            crate::store::Encoded::SameFilled(w) => Compressed::Same(w),
+            crate::store::Encoded::Lz4(b) => {
+                arena.extend_from_slice(b);
+                Compressed::Lz4(arena.len() - b.len(), b.len())
+            }
+            crate::store::Encoded::Raw => Compressed::Raw,
+        }
+    }
+
+    /// The encoding again, its payload borrowed from `arena`.
+    fn encoded(self, arena: &[u8]) -> crate::store::Encoded<'_> {
+        match self {
+            Compressed::Same(w) => crate::store::Encoded::SameFilled(w),
+            Compressed::Lz4(off, len) => crate::store::Encoded::Lz4(&arena[off..off + len]),
+            Compressed::Raw => crate::store::Encoded::Raw,
+        }
+    }
+
+    /// Bytes it keeps in the store.
+    fn out_bytes(self) -> u64 {
+        match self {
+            Compressed::Same(_) => 0,
+            Compressed::Lz4(_, len) => len as u64,
+            Compressed::Raw => PAGE_BYTES,
+        }
+    }
+}
+
 /// Everything mutable about a client, behind one lock.
 pub struct State {
     pub pages: Pages,
@@ -1056,16 +1089,10 @@ impl Client {
         for &slot in slots {
             // The slot is stable (only this thread reuses slots); a fault may move the page
             // back meanwhile, which `set_shadow` notices under the lock.
-            let page = self.slot_page(slot);
-            let c = match crate::store::encode(page, &mut scratch) {
-                crate::store::Encoded::SameFilled(w) => Compressed::Same(w),
-                crate::store::Encoded::Lz4(b) => {
-                    arena.extend_from_slice(b);
-                    Compressed::Lz4(arena.len() - b.len(), b.len())
-                }
-                crate::store::Encoded::Raw => Compressed::Raw,
-            };
-            outs.push((slot, c));
+            outs.push((
+                slot,
+                Compressed::of(self.slot_page(slot), &mut scratch, &mut arena),
+            ));
         }
         let mut st = self.state.lock();
         for &(slot, c) in &outs {
@@ -1073,12 +1100,7 @@ impl Client {
                 continue;
             };
             let page = self.slot_page(slot);
-            let enc = match c {
-                Compressed::Same(w) => crate::store::Encoded::SameFilled(w),
-                Compressed::Lz4(off, len) => crate::store::Encoded::Lz4(&arena[off..off + len]),
-                Compressed::Raw => crate::store::Encoded::Raw,
-            };
-            match st.store.insert(enc, page, owner) {
+            match st.store.insert(c.encoded(&arena), page, owner) {
                 Ok(h) => {
                     if let Err(h) = st.pages.set_shadow(slot, seq, h) {
                         st.store.remove(h); // moved back or discarded meanwhile
@@ -1151,16 +1173,11 @@ impl Client {
             for &(_addr, slot, gen) in chunk {
                 // The slot is stable: only this thread reuses slots, and a fault that takes the
                 // page back only frees it.
-                let page = self.slot_page(slot);
-                let c = match crate::store::encode(page, &mut scratch) {
-                    crate::store::Encoded::SameFilled(w) => Compressed::Same(w),
-                    crate::store::Encoded::Lz4(b) => {
-                        arena.extend_from_slice(b);
-                        Compressed::Lz4(arena.len() - b.len(), b.len())
-                    }
-                    crate::store::Encoded::Raw => Compressed::Raw,
-                };
-                outs.push((slot, gen, c));
+                outs.push((
+                    slot,
+                    gen,
+                    Compressed::of(self.slot_page(slot), &mut scratch, &mut arena),
+                ));
             }
             let mut st = self.state.lock();
             // The uid's quota is checked per chunk (it may be passed by at most one chunk's
@@ -1174,14 +1191,7 @@ impl Client {
                     st.pages.requeue(slot, gen, now_ms);
                     continue;
                 }
-                let (enc, out_len) = match c {
-                    Compressed::Same(w) => (crate::store::Encoded::SameFilled(w), 0),
-                    Compressed::Lz4(off, len) => (
-                        crate::store::Encoded::Lz4(&arena[off..off + len]),
-                        len as u64,
-                    ),
-                    Compressed::Raw => (crate::store::Encoded::Raw, PAGE_BYTES),
-                };
+                let (enc, out_len) = (c.encoded(&arena), c.out_bytes());
                 let Some(owner) = st.pages.slot_owner(slot, gen) else {
                     // Faulted in or discarded meanwhile: its slot was freed with it.
                     continue;
