@@ -75,8 +75,16 @@ struct Run {
 }
 
 impl Run {
+    /// The program's own report: the first client not forked from another (its forked
+    /// children report too, and may have finished first).
     fn client(&self) -> &Value {
-        &self.stats["clients"][0]
+        self.stats["clients"]
+            .as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|c| c["forked_from"].as_u64().unwrap_or(0) == 0)
+            })
+            .unwrap_or(&self.stats["clients"][0])
     }
     fn get(&self, key: &str) -> u64 {
         self.client()[key].as_u64().unwrap_or(0)
@@ -218,8 +226,13 @@ fn fork_cow_child_complete_and_shared_pages_unevictable() -> R {
     if !r.stdout.contains("child: verified") || r.stdout.contains("child: verified 0 pages") {
         return Err(format!("child did not verify\n{}", r.describe()).into());
     }
-    if r.get("pages_restored") == 0 {
-        return Err(format!("nothing was brought home before the fork\n{}", r.describe()).into());
+    // The child inherited the evicted pages copy-on-write; nothing was brought home first.
+    if r.get("forks_shared") == 0 || r.get("fork_pages_shared") < 1000 {
+        return Err(format!(
+            "the child did not inherit the evicted pages from the store\n{}",
+            r.describe()
+        )
+        .into());
     }
     if r.get("pages_unevictable") == 0 {
         return Err(format!(
@@ -229,6 +242,123 @@ fn fork_cow_child_complete_and_shared_pages_unevictable() -> R {
         .into());
     }
     Ok(())
+}
+
+/// Redis BGSAVE: most of the data evicted, fork, the child checksums everything while the
+/// parent rewrites half; then each rewrites its own share and checks again.
+fn bgsave_child_checksums_while_parent_rewrites() -> R {
+    let r = run_under_uswap(
+        "bgsave",
+        "16M",
+        &[],
+        &[workload(), "bgsave", "--mib", "64", "--idle-ms", "1500"],
+    );
+    r.ok_with_eviction(8000)?;
+    let inherited = r.get("fork_pages_shared");
+    if !r.stdout.contains("child: checksummed 16384 pages") || inherited < 8000 {
+        return Err(format!(
+            "the child did not checksum every page, or inherited too few evicted pages \
+             ({inherited}; most of the 16384 should be)\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Three generations: each inherits its parent's evicted pages (some of them its
+/// grandparent's), rewrites its own share, and forks the next.
+fn fork_chain_three_deep_each_generation_sees_its_own() -> R {
+    let r = run_under_uswap(
+        "chain",
+        "12M",
+        &[],
+        &[
+            workload(),
+            "fork-chain",
+            "--mib",
+            "48",
+            "--idle-ms",
+            "1000",
+            "--depth",
+            "3",
+        ],
+    );
+    r.ok_with_eviction(4000)?;
+    for g in 1..=3 {
+        if !r.stdout.contains(&format!(
+            "generation {g}: inherited pages: 12288 pages verified, 0 mismatches"
+        )) {
+            return Err(format!(
+                "generation {g} did not verify its inheritance\n{}",
+                r.describe()
+            )
+            .into());
+        }
+    }
+    if r.get("forks_shared") == 0 {
+        return Err(format!("the first fork shared nothing\n{}", r.describe()).into());
+    }
+    Ok(())
+}
+
+/// Forked children join their parent's store; when every program of the family is gone, the
+/// daemon's store space is back where it was, and no fork snapshot is left behind.
+fn forked_family_returns_store_space_when_all_exit() -> R {
+    let d = start_daemon("famexit", None)?;
+    let daemon_figures = || -> Result<Value, Failed> {
+        let out = Command::new(uswap())
+            .args(["status", "--daemon", "--socket"])
+            .arg(&d.socket)
+            .output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let before = daemon_figures()?;
+    let base = before["store_mapped_bytes"]
+        .as_u64()
+        .ok_or("no store figure")?;
+    let out = Command::new(workload())
+        .args(["bgsave", "--mib", "48", "--idle-ms", "1200"])
+        .env("LD_PRELOAD", shim())
+        .env("USWAP_SOCKET", &d.socket)
+        .env(
+            "USWAP_OVERRIDES",
+            "budget = \"8M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
+        )
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !stdout.contains("RESULT ok") {
+        return Err(format!("bgsave failed under the daemon:\n{stdout}").into());
+    }
+    let st = status_json(&d.socket)?;
+    let child = st
+        .as_array()
+        .and_then(|a| {
+            a.iter().find(|c| {
+                c["forked_from"].as_u64().unwrap_or(0) != 0 && c["name"] == "uswap-workload"
+            })
+        })
+        .cloned()
+        .ok_or_else(|| format!("no forked child in the status: {st}"))?;
+    if child["faults_store"].as_u64().unwrap_or(0) == 0 || child["store_member"].as_u64() != Some(1)
+    {
+        return Err(format!("the child was not served from its family's store: {child}").into());
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = daemon_figures()?;
+        let held = now["store_mapped_bytes"].as_u64().unwrap_or(u64::MAX);
+        if held == base && now["clients_attached"] == 0 && now["fork_snapshots_unclaimed"] == 0 {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            return Err(format!(
+                "store space not back to {base} bytes after the family exited: {now}"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn pinned_pages_keep_working_and_are_reported() -> R {
@@ -1135,6 +1265,34 @@ fn main() {
             ],
             "8M",
             2000,
+        ),
+        Trial::test(
+            "bgsave_child_checksums_while_parent_rewrites",
+            bgsave_child_checksums_while_parent_rewrites,
+        ),
+        Trial::test(
+            "fork_chain_three_deep_each_generation_sees_its_own",
+            fork_chain_three_deep_each_generation_sees_its_own,
+        ),
+        Trial::test(
+            "forked_family_returns_store_space_when_all_exit",
+            forked_family_returns_store_space_when_all_exit,
+        ),
+        workload_test(
+            "chaos_forks_from_a_thread_while_others_fault",
+            &[
+                "chaos",
+                "--mib",
+                "64",
+                "--secs",
+                "6",
+                "--threads",
+                "4",
+                "--fork-ms",
+                "300",
+            ],
+            "4M",
+            1000,
         ),
         Trial::test(
             "fork_cow_child_complete_and_shared_pages_unevictable",

@@ -285,6 +285,8 @@ fn hello(pid: u32, features: u64, name: &[u8], overrides: &[u8]) -> Vec<u8> {
         pid,
         page_size: 4096,
         uffd_features: features,
+        fork_token: 0,
+        forked_from: 0,
         name,
         app: b"",
         overrides,
@@ -618,6 +620,8 @@ fn hostile_packets_get_named_errors_while_managed_program_verifies() -> R {
     )?;
     let mut huge = encode(Msg::Hello(Hello {
         pid: std::process::id(),
+        fork_token: 0,
+        forked_from: 0,
         page_size: 1 << 21,
         uffd_features: u.features(),
         name: b"hostile",

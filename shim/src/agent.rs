@@ -180,11 +180,13 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
         let requests = win.requests().swap(0, Ordering::AcqRel);
         if requests & shm::REQ_REGISTER != 0 {
             registering = true;
+            SHIM.registering.store(true, Ordering::Relaxed);
         }
         if requests & shm::REQ_UNREGISTER != 0 {
             // The monitor has brought every page home: unregister every managed VMA, with the
             // bounds read now, so nothing is left registered with a monitor that lets go.
             registering = false;
+            SHIM.registering.store(false, Ordering::Relaxed);
             snapshot = snapshot.wrapping_add(1);
             send_snapshot_retrying(snapshot, Reg::Unregister);
         }
@@ -511,6 +513,24 @@ fn register_vma(start: u64, end: u64, own: &[(u64, u64)], reg: Reg) -> bool {
         ok &= rc == 0;
     }
     ok
+}
+
+/// In a forked child, before it runs on: registers every managed VMA with the child's new
+/// descriptor (the kernel dropped the parent's registrations in the child, and the pages the
+/// parent had evicted are missing there). Single-threaded: no mapping changes meanwhile.
+/// Returns false if a scan or a registration failed.
+pub(crate) fn register_all(buf: &mut [u8]) -> bool {
+    let shim_addr = &SHIM as *const _ as u64;
+    let own = crate::own_ranges();
+    let mut ok = true;
+    let scanned = maps::for_each_mapping(buf, |m| {
+        let holds_shim =
+            m.start < shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end;
+        if !holds_shim && m.is_manageable() {
+            ok &= register_vma(m.start, m.end, &own, Reg::Register);
+        }
+    });
+    scanned && ok
 }
 
 /// `send_snapshot`, waiting for the socket if a fork request holds it (bounded).

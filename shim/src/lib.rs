@@ -8,8 +8,9 @@
 //!    stderr at most);
 //! 3. starts the agent thread (see [`agent`]), which reports the program's anonymous regions
 //!    and moves pages out on the monitor's request;
-//! 4. brings every evicted page home before a `fork` (the child gets a complete copy and runs
-//!    unmanaged), and pauses eviction around it;
+//! 4. around a `fork`, pauses eviction; the monitor keeps the parent's evicted pages for the
+//!    child copy-on-write, and the child, before it runs on, creates its own userfaultfd,
+//!    registers its memory and connects as "forked from" its parent (see [`fork_child`]);
 //! 5. starts the guardian thread (see [`rescue`]), which brings every evicted page home from
 //!    the shared store itself if the monitor dies and none comes back within `rescue_after`.
 //!
@@ -22,7 +23,7 @@ mod raw;
 mod rescue;
 
 use std::os::fd::{AsRawFd, IntoRawFd};
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use uswap::protocol::io::{recv_packet, send_packet};
 use uswap::protocol::wire::{Hello, Msg, MAX_MSG_LEN};
@@ -63,6 +64,10 @@ pub(crate) struct Shim {
     pub remaps_inflight: AtomicU32,
     /// The store file the monitor sent (a high-numbered descriptor, close-on-exec), or -1.
     pub store_fd: AtomicI32,
+    /// This program's member index in the store's fork family (its owner bit in records).
+    pub store_member: AtomicU32,
+    /// The agent registers the managed VMAs (the monitor asked it to: eviction has begun).
+    pub registering: AtomicBool,
     /// The guardian's stack and scratch.
     pub guard_base: AtomicUsize,
     /// Set by the guardian when the monitor is gone: the agent stops moving and registering.
@@ -95,6 +100,8 @@ pub(crate) static SHIM: Shim = Shim {
     reg_busy: AtomicBool::new(false),
     remaps_inflight: AtomicU32::new(0),
     store_fd: AtomicI32::new(-1),
+    store_member: AtomicU32::new(0),
+    registering: AtomicBool::new(false),
     guard_base: AtomicUsize::new(0),
     monitor_lost: AtomicBool::new(false),
     agent_busy: AtomicBool::new(false),
@@ -275,7 +282,8 @@ fn keep_refusal(text: &[u8]) {
 static INIT: extern "C" fn() = uswap_shim_init;
 
 extern "C" fn uswap_shim_init() {
-    if let Err(why) = init() {
+    resolve_fork();
+    if let Err(why) = init(None) {
         let quiet = raw::getenv(c"USWAP_QUIET").is_some_and(|v| v == b"1");
         if !quiet {
             let mut text = [0u8; REFUSAL_MAX];
@@ -344,6 +352,27 @@ fn connect(path: &[u8]) -> Result<i32, &'static str> {
     Ok(fd)
 }
 
+/// Connects to the address of the first `connect` again (a forked child), without allocating.
+fn connect_again() -> Result<i32, &'static str> {
+    let Some((addr, len)) = SOCK_ADDR.get() else {
+        return Err("the parent's monitor address is unknown");
+    };
+    // SAFETY: socket(2) with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err("cannot create a socket");
+    }
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes.
+    let rc = unsafe { libc::connect(fd, (addr as *const libc::sockaddr_un).cast(), *len) };
+    if rc < 0 {
+        // SAFETY: closing our own descriptor.
+        unsafe { libc::close(fd) };
+        return Err("no monitor answers on the socket");
+    }
+    uswap::protocol::io::set_recv_timeout(fd, 10);
+    Ok(fd)
+}
+
 fn program_name(buf: &mut [u8; 256]) -> usize {
     // SAFETY: readlink writes at most buf.len() bytes.
     let n = unsafe {
@@ -365,24 +394,33 @@ fn program_name(buf: &mut [u8; 256]) -> usize {
     n - start
 }
 
-fn init() -> Result<(), &'static str> {
+/// Attaches this process to the monitor. `fork` is `(token, parent pid)` in a child forked
+/// from a managed program: the child then registers its memory before it says `Hello`.
+fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if page_size != uswap::PAGE_SIZE as i64 {
         return Err("page size is not 4 KiB");
     }
-    let default_path;
-    let path: &[u8] = match raw::getenv(c"USWAP_SOCKET") {
-        Some(p) if !p.is_empty() => p,
-        _ => {
-            default_path = uswap::protocol::default_socket_path();
-            use std::os::unix::ffi::OsStrExt;
-            let p: &[u8] = default_path.as_os_str().as_bytes();
-            // Leak-free: default_path lives until the end of init.
-            p
-        }
+    let sock = if fork.is_some() {
+        // A forked child must not allocate before its memory is registered and the monitor
+        // serves it (malloc could touch a page its parent had evicted): it reuses the
+        // address its parent connected to.
+        connect_again()?
+    } else {
+        let default_path;
+        let path: &[u8] = match raw::getenv(c"USWAP_SOCKET") {
+            Some(p) if !p.is_empty() => p,
+            _ => {
+                default_path = uswap::protocol::default_socket_path();
+                use std::os::unix::ffi::OsStrExt;
+                let p: &[u8] = default_path.as_os_str().as_bytes();
+                // Leak-free: default_path lives until the end of init.
+                p
+            }
+        };
+        connect(path)?
     };
-    let sock = connect(path)?;
     SHIM.sock.store(sock, Ordering::Release);
 
     let required = sys::UFFD_FEATURE_EVENT_UNMAP
@@ -430,6 +468,20 @@ fn init() -> Result<(), &'static str> {
     SHIM.scratch_base.store(scratch, Ordering::Relaxed);
     SHIM.scratch_len.store(SCRATCH_BYTES, Ordering::Relaxed);
 
+    // A forked child: the pages its parent had evicted are missing here, in memory the kernel
+    // unregistered at the fork. It registers every managed VMA with its new descriptor before
+    // anything touches them (the monitor serves them once it has the descriptor).
+    if fork.is_some() && SHIM.registering.load(Ordering::Relaxed) {
+        SHIM.uffd.store(uffd.as_raw_fd(), Ordering::Relaxed);
+        // SAFETY: the scratch mapping is ours, SCRATCH_BYTES long, and nothing else uses it yet.
+        let buf = unsafe { std::slice::from_raw_parts_mut(scratch as *mut u8, SCRATCH_BYTES) };
+        let ok = agent::register_all(buf);
+        SHIM.uffd.store(-1, Ordering::Relaxed);
+        if !ok {
+            return Err("cannot register the forked child's memory with its userfaultfd");
+        }
+    }
+
     // Hello, with the descriptor attached.
     let mut name = [0u8; 256];
     let name_len = program_name(&mut name);
@@ -440,6 +492,8 @@ fn init() -> Result<(), &'static str> {
         pid: unsafe { libc::getpid() } as u32,
         page_size: uswap::PAGE_SIZE as u32,
         uffd_features: uffd.features(),
+        fork_token: fork.map_or(0, |f| f.0),
+        forked_from: fork.map_or(0, |f| f.1),
         name: &name[..name_len],
         app,
         overrides,
@@ -456,7 +510,10 @@ fn init() -> Result<(), &'static str> {
         .map_err(|_| "the monitor did not answer in time")?
         .ok_or("the monitor closed the connection")?;
     let (window_len, text) = match Msg::decode(&pkt[..got.len]) {
-        Ok(Msg::HelloAck(a)) if a.status == 0 => (a.window_len_bytes as usize, a.text),
+        Ok(Msg::HelloAck(a)) if a.status == 0 => {
+            SHIM.store_member.store(a.store_member, Ordering::Relaxed);
+            (a.window_len_bytes as usize, a.text)
+        }
         Ok(Msg::HelloAck(a)) => {
             keep_refusal(a.text);
             return Err("the monitor refused this program");
@@ -512,8 +569,10 @@ fn init() -> Result<(), &'static str> {
     if SHIM.store_fd.load(Ordering::Relaxed) >= 0 {
         rescue::start().map_err(|_| "cannot start the guardian thread")?;
     }
-    // SAFETY: registering plain extern "C" handlers.
-    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    if fork.is_none() {
+        // SAFETY: registering plain extern "C" handlers.
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
+    }
     Ok(())
 }
 
@@ -546,11 +605,23 @@ static WAS_MANAGED: AtomicBool = AtomicBool::new(false);
 static FORK_LOCKED: AtomicBool = AtomicBool::new(false);
 /// The monitor could not bring every page home: the child must not run on a partial copy.
 static FORK_UNSAFE: AtomicBool = AtomicBool::new(false);
+/// The monitor's snapshot of this fork's evicted pages, for the child (0 = none: every page is
+/// home and the child runs unmanaged). Set by `fork_prepare`; the child reads its copy.
+static FORK_TOKEN: AtomicU64 = AtomicU64::new(0);
+/// madvise(2) advice that faults pages in for reading (Linux 5.14).
+const MADV_POPULATE_READ: i32 = 22;
+/// libc's `fork`, found once by the constructor (see [`fork`]).
+static REAL_FORK: AtomicUsize = AtomicUsize::new(0);
 
-/// Before fork: ask the monitor to bring every evicted page home and pause eviction, so the
-/// child (which inherits no registration and no monitor) gets a complete copy.
+fn resolve_fork() {
+    REAL_FORK.store(next_symbol(c"fork"), Ordering::Relaxed);
+}
+
+/// Before fork: asks the monitor to pause eviction and keep a copy-on-write snapshot of the
+/// evicted pages for the child (or, when it cannot, to bring every page home).
 extern "C" fn fork_prepare() {
     FORK_UNSAFE.store(false, Ordering::Relaxed);
+    FORK_TOKEN.store(0, Ordering::Relaxed);
     match SHIM.state.load(Ordering::Acquire) {
         MANAGED => {}
         // The guardian brought every page home and unregistered everything: nothing to do.
@@ -561,6 +632,9 @@ extern "C" fn fork_prepare() {
         }
         _ => return,
     }
+    // The memory libc touches in the child before our `fork_child` runs must be present at
+    // the fork (in the child it is unregistered until then): bring it home first.
+    touch_fork_path();
     sock_lock(true);
     FORK_LOCKED.store(true, Ordering::Relaxed);
     if !fds_ok(&[FD_SOCK]) {
@@ -578,7 +652,10 @@ extern "C" fn fork_prepare() {
         .and_then(|_| loop {
             match recv_packet(sock, &mut buf, 0) {
                 Ok(Some(r)) => match Msg::decode(&buf[..r.len]) {
-                    Ok(Msg::ForkReady { status, .. }) => break Some(status == 0),
+                    Ok(Msg::ForkReady { status, token, .. }) => {
+                        FORK_TOKEN.store(token, Ordering::Relaxed);
+                        break Some(status == 0);
+                    }
                     _ => continue,
                 },
                 _ => break None,
@@ -591,9 +668,70 @@ extern "C" fn fork_prepare() {
     }
     if ok != Some(true) {
         FORK_UNSAFE.store(true, Ordering::Relaxed);
-        raw::eprint_line(&[b"uswap: the monitor could not bring every page home before fork: the child exits (70) rather than run on a partial copy"]);
+        raw::eprint_line(&[b"uswap: the monitor could not prepare the fork: the child exits (70) rather than run on a partial copy"]);
     }
     // The socket stays locked until fork_parent / fork_child.
+}
+
+/// Reads (so the monitor brings home) the pages libc's fork touches in the child before the
+/// child's handlers run, and that the parent's own fork path does not: the thread descriptors
+/// at the top of other threads' stacks (`reclaim_stacks`) and every open `FILE` and its lock
+/// (`fresetlockfiles`). Also the first pages of every managed mapping (malloc arena and heap
+/// headers). What the parent's fork path touches itself (its arenas' locks, its own thread
+/// descriptor) is brought home by those touches, before the fork.
+fn touch_fork_path() {
+    let own = own_ranges();
+    let mut buf = [0u8; 16 * 1024];
+    let page = uswap::PAGE_SIZE as u64;
+    maps::for_each_mapping(&mut buf, |m| {
+        if !m.is_manageable() || own.iter().any(|(s, l)| *s <= m.start && m.start < s + l) {
+            return;
+        }
+        let pages = (m.end - m.start) / page;
+        let head = pages.min(2);
+        let tail = pages.saturating_sub(4).max(head);
+        for (first, n) in [(0, head), (tail, pages - tail)] {
+            if n == 0 {
+                continue;
+            }
+            // Populating (a read fault the monitor serves) rather than reading: another thread
+            // may unmap the range meanwhile, which then fails with ENOMEM instead of SIGSEGV.
+            // SAFETY: madvise(MADV_POPULATE_READ) only faults pages in; the raw syscall.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_madvise,
+                    m.start + first * page,
+                    (n * page) as usize,
+                    MADV_POPULATE_READ,
+                )
+            };
+        }
+    });
+    extern "C" {
+        static _IO_list_all: *mut u8;
+        fn _IO_list_lock();
+        fn _IO_list_unlock();
+    }
+    /// `struct _IO_FILE` (x86-64 glibc): `_chain` and `_lock` offsets.
+    const CHAIN_OFF: usize = 104;
+    const LOCK_OFF: usize = 136;
+    // SAFETY: glibc's exported list of open FILEs, walked under its own lock (as fork does);
+    // each entry is a live FILE whose `_chain` and `_lock` fields are at these offsets.
+    unsafe {
+        _IO_list_lock();
+        let mut f = _IO_list_all;
+        let mut n = 0;
+        while !f.is_null() && n < 100_000 {
+            std::ptr::read_volatile(f);
+            let lock = std::ptr::read_volatile(f.add(LOCK_OFF) as *const *const u8);
+            if !lock.is_null() {
+                std::ptr::read_volatile(lock);
+            }
+            f = std::ptr::read_volatile(f.add(CHAIN_OFF) as *const *mut u8);
+            n += 1;
+        }
+        _IO_list_unlock();
+    }
 }
 
 /// The monitor's socket failed during a fork request: if the guardian runs, waits for it to
@@ -639,22 +777,31 @@ fn touch_all_anonymous() {
     });
 }
 
+/// Sends `ForkDone` (the socket must be held).
+fn send_fork_done(child_pid: u32, token: u64) {
+    if SHIM.state.load(Ordering::Acquire) == MANAGED && fds_ok(&[FD_SOCK]) {
+        let sock = SHIM.sock.load(Ordering::Acquire);
+        let mut buf = [0u8; 64];
+        if let Ok(n) = (Msg::ForkDone { child_pid, token }).encode(&mut buf) {
+            let _ = send_packet(sock, &buf[..n], &[]);
+        }
+    }
+}
+
 extern "C" fn fork_parent() {
     if !FORK_LOCKED.swap(false, Ordering::Relaxed) {
         return;
     }
-    if SHIM.state.load(Ordering::Acquire) == MANAGED && fds_ok(&[FD_SOCK]) {
-        let sock = SHIM.sock.load(Ordering::Acquire);
-        let mut buf = [0u8; 64];
-        if let Ok(n) = (Msg::ForkDone { child_pid: 0 }).encode(&mut buf) {
-            let _ = send_packet(sock, &buf[..n], &[]);
-        }
-    }
+    // Eviction resumes; the child's pid follows from our `fork` wrapper, if it is the caller.
+    send_fork_done(0, FORK_TOKEN.load(Ordering::Relaxed));
     sock_unlock();
 }
 
-/// In the child: it has no agent thread, its memory is unregistered (no EVENT_FORK) and whole;
-/// drop the parent's descriptors so the monitor sees only the parent on this connection.
+/// In the child. With a snapshot (a token), the child is managed in its own right: its
+/// memory lacks the pages its parent had evicted, and the kernel dropped the parent's
+/// registrations, so before the program runs on it creates its own userfaultfd, registers
+/// every managed VMA and says `Hello` as forked from its parent; the monitor serves those
+/// pages from the shared store. Without one, every page is home and the child runs unmanaged.
 extern "C" fn fork_child() {
     if FORK_UNSAFE.load(Ordering::Relaxed) {
         raw::eprint_line(&[b"uswap: forked child exits: its memory copy may be incomplete"]);
@@ -663,7 +810,9 @@ extern "C" fn fork_child() {
     }
     WAS_MANAGED.store(false, Ordering::Relaxed);
     let locked = FORK_LOCKED.swap(false, Ordering::Relaxed);
-    if SHIM.state.load(Ordering::Acquire) == MANAGED {
+    let token = FORK_TOKEN.swap(0, Ordering::Relaxed);
+    let managed = SHIM.state.load(Ordering::Acquire) == MANAGED;
+    if managed {
         SHIM.state.store(DETACHED, Ordering::Release);
         // The child's copies of the parent's descriptors.
         close_own_fds();
@@ -671,6 +820,65 @@ extern "C" fn fork_child() {
     if locked {
         sock_unlock();
     }
+    if !managed || token == 0 {
+        return;
+    }
+    // The parent's threads are not here: whatever they held is released.
+    SHIM.reg_busy.store(false, Ordering::SeqCst);
+    SHIM.remaps_inflight.store(0, Ordering::SeqCst);
+    SHIM.agent_busy.store(false, Ordering::SeqCst);
+    SHIM.monitor_lost.store(false, Ordering::SeqCst);
+    SHIM.rescue_done.store(false, Ordering::SeqCst);
+    SHIM.sock_busy.store(false, Ordering::SeqCst);
+    let had_evicted = SHIM.registering.load(Ordering::Relaxed);
+    // SAFETY: getppid has no preconditions.
+    let ppid = unsafe { libc::getppid() } as u32;
+    if let Err(why) = init(Some((token, ppid))) {
+        teardown_partial();
+        if had_evicted {
+            raw::eprint_line(&[
+                b"uswap: forked child exits (70): it cannot get the pages its parent had evicted: ",
+                why.as_bytes(),
+            ]);
+            // SAFETY: leaving the child at once; its memory is incomplete.
+            unsafe { libc::_exit(70) };
+        }
+        raw::eprint_line(&[b"uswap: forked child runs unmanaged: ", why.as_bytes()]);
+    }
+}
+
+/// `fork(3)`: libc's own, then the parent tells the monitor its child's pid, so the monitor
+/// can drop the child's snapshot if the child dies before claiming it (or the fork failed).
+///
+/// # Safety
+/// Same contract as fork(2).
+#[no_mangle]
+pub unsafe extern "C" fn fork() -> libc::pid_t {
+    type ForkFn = unsafe extern "C" fn() -> libc::pid_t;
+    let mut f = REAL_FORK.load(Ordering::Relaxed);
+    if f == 0 {
+        resolve_fork();
+        f = REAL_FORK.load(Ordering::Relaxed);
+    }
+    if f == 0 {
+        // SAFETY: the raw syscall, as a last resort (no atfork handlers run then).
+        return unsafe { libc::syscall(libc::SYS_fork) } as libc::pid_t;
+    }
+    // SAFETY: `f` is libc's fork, found by dlsym.
+    let pid = unsafe { std::mem::transmute::<usize, ForkFn>(f)() };
+    if pid != 0 {
+        let token = FORK_TOKEN.swap(0, Ordering::Relaxed);
+        if token != 0 && sock_lock(true) {
+            let child = if pid > 0 {
+                pid as u32
+            } else {
+                uswap::protocol::wire::FORK_FAILED
+            };
+            send_fork_done(child, token);
+            sock_unlock();
+        }
+    }
+    pid
 }
 
 /// Waits while the agent registers VMAs (see `Shim::reg_busy`), then counts this call in:

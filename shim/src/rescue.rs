@@ -127,6 +127,31 @@ struct Rescue {
     store: Option<StoreView>,
     remap_dsts: [(u64, u64); MAX_REMAP_DSTS],
     remap_dst_count: usize,
+    /// Shared pages (fork family) this program moved while the monitor was gone: (chunk,
+    /// slot, new address or 0 once discarded, payload length). Their records name the other
+    /// members' pages, so the move is kept here.
+    relocs: [(usize, usize, u64, usize); MAX_RELOCS],
+    relocs_len: usize,
+}
+
+/// Shared pages moved during one outage that the guardian keeps track of.
+const MAX_RELOCS: usize = 256;
+
+/// What becomes of a record after an event of the program.
+enum Follow {
+    Keep,
+    Drop,
+    Move(u64),
+}
+
+/// This program's owner bit in the store's records.
+fn my_bit() -> u16 {
+    1u16 << (SHIM.store_member.load(Ordering::Relaxed) & 15)
+}
+
+/// Whether a record with owner set `owners` is (also) this program's.
+fn mine(owners: u16) -> bool {
+    owners & my_bit() != 0
 }
 
 fn monitor_gone() {
@@ -146,6 +171,8 @@ fn monitor_gone() {
         store: map_store(),
         remap_dsts: [(0, 0); MAX_REMAP_DSTS],
         remap_dst_count: 0,
+        relocs: [(0, 0, 0, 0); MAX_RELOCS],
+        relocs_len: 0,
     };
     // The agent finishes the run it is in (it may wait for its own REMOVE event to be read).
     while SHIM.agent_busy.load(Ordering::SeqCst) {
@@ -281,7 +308,7 @@ impl Rescue {
     fn count_records(&self) -> u64 {
         let mut n = 0;
         if let Some(s) = &self.store {
-            s.for_each_page(|_| n += 1);
+            s.for_each_page(|p| n += u64::from(mine(p.owners)));
         }
         for slot in 0..self.win.slots() {
             n += u64::from(self.win.slot_record(slot).load(Ordering::Acquire) != 0);
@@ -289,35 +316,61 @@ impl Rescue {
         n
     }
 
-    /// Calls `f(record)` for every record; `f` returns the record's new value.
-    fn rewrite_records(&self, mut f: impl FnMut(u64) -> u64) {
-        if let Some(s) = &self.store {
+    /// Applies `f(page_addr)` to every record of this program: the window's, and the store's
+    /// that carry its owner bit (a forked program shares its parent's store; the other members'
+    /// records name pages of other address spaces and are left alone).
+    fn rewrite_records(&mut self, mut f: impl FnMut(u64) -> Follow) {
+        if let Some(s) = self.store {
             s.for_each_page(|p| {
-                let rec = s.record(p.chunk_idx, p.slot_idx);
-                let new = f(rec);
-                if new != rec {
-                    s.set_record(p.chunk_idx, p.slot_idx, new);
+                if !mine(p.owners) {
+                    return;
                 }
+                let rec = s.record(p.chunk_idx, p.slot_idx);
+                let (_, len_bytes) = store_layout::record_parts(rec);
+                let alone = p.owners == my_bit();
+                let new = match f(p.addr) {
+                    Follow::Keep => return,
+                    Follow::Drop => store_layout::with_owners(rec, p.owners & !my_bit()),
+                    Follow::Move(to) if alone => store_layout::record(to, len_bytes, p.owners),
+                    Follow::Move(to) => {
+                        // Shared with another member, whose page did not move: this program's
+                        // copy is brought home from the slot at its new address.
+                        self.relocate(p.chunk_idx, p.slot_idx, to, len_bytes);
+                        store_layout::with_owners(rec, p.owners & !my_bit())
+                    }
+                };
+                s.set_record(p.chunk_idx, p.slot_idx, new);
             });
         }
         for slot in 0..self.win.slots() {
             let w = self.win.slot_record(slot);
             let rec = w.load(Ordering::Acquire);
             if rec != 0 {
-                // Window records hold the bare address; the same mapping applies.
-                let new = f(rec);
-                if new != rec {
-                    w.store(new, Ordering::Release);
+                // Window records hold the bare address.
+                match f(rec) {
+                    Follow::Keep => {}
+                    Follow::Drop => w.store(0, Ordering::Release),
+                    Follow::Move(to) => w.store(to, Ordering::Release),
                 }
             }
         }
     }
 
-    fn in_remap_dst(&self, addr: u64) -> bool {
-        self.remap_dst_count > MAX_REMAP_DSTS
-            || self.remap_dsts[..self.remap_dst_count.min(MAX_REMAP_DSTS)]
-                .iter()
-                .any(|&(s, e)| (s..e).contains(&addr))
+    /// Remembers that slot `slot_idx` of chunk `chunk_idx` holds this program's page now at
+    /// `to` (its record names another member's). A page remembered again (moved twice) follows.
+    fn relocate(&mut self, chunk_idx: usize, slot_idx: usize, to: u64, len_bytes: usize) {
+        let n = self.relocs_len.min(MAX_RELOCS);
+        if let Some(r) = self.relocs[..n]
+            .iter_mut()
+            .find(|r| r.0 == chunk_idx && r.1 == slot_idx)
+        {
+            r.2 = to;
+            return;
+        }
+        if self.relocs_len < MAX_RELOCS {
+            self.relocs[self.relocs_len] = (chunk_idx, slot_idx, to, len_bytes);
+        }
+        self.relocs_len += 1;
     }
 
     fn apply(&mut self, ev: Event) {
@@ -336,14 +389,22 @@ impl Rescue {
                         .store(shm::INFLIGHT_NONE, Ordering::Release);
                 }
                 // The kernel unmapped the destination first: what was recorded there is gone.
-                self.rewrite_records(|rec| {
-                    let addr = rec & page_mask;
+                // Relocated shared pages follow their mapping too.
+                let n = self.relocs_len.min(MAX_RELOCS);
+                for r in &mut self.relocs[..n] {
+                    if (to..to + len).contains(&r.2) {
+                        r.2 = 0;
+                    } else if (from..from + len).contains(&r.2) {
+                        r.2 = r.2 - from + to;
+                    }
+                }
+                self.rewrite_records(|addr| {
                     if (to..to + len).contains(&addr) {
-                        0
+                        Follow::Drop
                     } else if (from..from + len).contains(&addr) {
-                        rec - from + to
+                        Follow::Move(addr - from + to)
                     } else {
-                        rec
+                        Follow::Keep
                     }
                 });
                 if self.remap_dst_count < MAX_REMAP_DSTS {
@@ -360,12 +421,24 @@ impl Rescue {
                         .inflight_state()
                         .store(shm::INFLIGHT_NONE, Ordering::Release);
                 }
-                self.rewrite_records(|rec| {
-                    let addr = rec & page_mask;
-                    if (start..end).contains(&addr) && !(unmap && self.in_remap_dst(addr)) {
-                        0
+                let dsts = (self.remap_dsts, self.remap_dst_count);
+                let doubtful = |addr: u64| {
+                    dsts.1 > MAX_REMAP_DSTS
+                        || dsts.0[..dsts.1.min(MAX_REMAP_DSTS)]
+                            .iter()
+                            .any(|&(s, e)| (s..e).contains(&addr))
+                };
+                let n = self.relocs_len.min(MAX_RELOCS);
+                for r in &mut self.relocs[..n] {
+                    if (start..end).contains(&r.2) && !(unmap && doubtful(r.2)) {
+                        r.2 = 0;
+                    }
+                }
+                self.rewrite_records(|addr| {
+                    if (start..end).contains(&addr) && !(unmap && doubtful(addr)) {
+                        Follow::Drop
                     } else {
-                        rec
+                        Follow::Keep
                     }
                 });
             }
@@ -436,14 +509,13 @@ impl Rescue {
 
     fn bring_home(&mut self) -> Tally {
         let mut t = Tally::default();
-        let page_mask = !(PAGE_SIZE as u64 - 1);
         // Window pages first: they are whole pages already.
         for slot in 0..self.win.slots() {
             let rec = self.win.slot_record(slot).load(Ordering::Acquire);
             if rec == 0 {
                 continue;
             }
-            let errno = self.copy(rec & page_mask, self.win.slot_ptr(slot));
+            let errno = self.copy(rec, self.win.slot_ptr(slot));
             // The copy may have read events that moved or dropped this record.
             let now = self.win.slot_record(slot).load(Ordering::Acquire);
             if errno == libc::EAGAIN || (errno != 0 && now != rec) {
@@ -465,12 +537,16 @@ impl Rescue {
                 let Some(page) = store.page(chunk_idx, class_idx, slot_idx) else {
                     continue;
                 };
+                if !mine(page.owners) {
+                    continue;
+                }
                 let rec = store.record(chunk_idx, slot_idx);
+                let done = store_layout::with_owners(rec, page.owners & !my_bit());
                 let out: &mut [u8; PAGE_SIZE] =
                     guard(PAGE_OFF, PAGE_SIZE).try_into().expect("one page");
                 if !store_layout::decode_page(&page, out) {
                     t.corrupt += 1;
-                    store.set_record(chunk_idx, slot_idx, 0);
+                    store.set_record(chunk_idx, slot_idx, done);
                     continue;
                 }
                 let errno = self.copy(page.addr, out.as_ptr());
@@ -479,8 +555,34 @@ impl Rescue {
                     continue;
                 }
                 self.count(&mut t, errno);
-                store.set_record(chunk_idx, slot_idx, 0);
+                store.set_record(chunk_idx, slot_idx, done);
             }
+        }
+        // Shared pages this program moved while no monitor ran: their slot, at the new address.
+        if self.relocs_len > MAX_RELOCS {
+            raw::eprint_line(&[
+                b"uswap: more shared pages were moved while the monitor was gone than the shim tracks; some read as zeros",
+            ]);
+        }
+        for i in 0..self.relocs_len.min(MAX_RELOCS) {
+            let (chunk_idx, slot_idx, to, len_bytes) = self.relocs[i];
+            let Some(class_idx) = store.chunk_class(chunk_idx) else {
+                continue;
+            };
+            if to == 0 {
+                continue;
+            }
+            let Some(page) = store.page_at(chunk_idx, class_idx, slot_idx, len_bytes) else {
+                continue;
+            };
+            let out: &mut [u8; PAGE_SIZE] =
+                guard(PAGE_OFF, PAGE_SIZE).try_into().expect("one page");
+            if !store_layout::decode_page(&page, out) {
+                t.corrupt += 1;
+                continue;
+            }
+            let errno = self.copy(to, out.as_ptr());
+            self.count(&mut t, errno);
         }
         t
     }

@@ -1501,6 +1501,205 @@ fn cmd_fork_cow(o: &Opts) -> Result<String, String> {
     ok_if(t, "fork-cow")
 }
 
+/// Waits (at most `max_ms`) until RssAnon is below `below` bytes: the monitor has evicted
+/// most of the data. Returns the last RssAnon seen.
+fn wait_rss_below(below: u64, max_ms: u64) -> u64 {
+    let t0 = Instant::now();
+    loop {
+        let r = rss_anon();
+        if r < below || t0.elapsed() >= Duration::from_millis(max_ms) {
+            println!(
+                "RSSANON {r} (waited {} ms for < {below})",
+                t0.elapsed().as_millis()
+            );
+            return r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Checks every page of `words` against `vers` (page `i` must hold version `vers[i]`).
+fn check_versions(t: &mut Tally, label: &str, words: &[u64], vers: &[u32]) {
+    for (i, p) in words.chunks_exact(WORDS).enumerate() {
+        t.check(label, p, i as u64, vers[i], &[]);
+    }
+}
+
+/// Waits for child `pid`; returns whether it exited with status 0.
+fn wait_child(pid: libc::pid_t, what: &str) -> Result<bool, String> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child; status is a valid int.
+    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+    if r != pid {
+        return Err(format!("waitpid: {}", errno_str()));
+    }
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    println!(
+        "{what} exited: status {status:#x} ({})",
+        if ok { "ok" } else { "FAILED" }
+    );
+    Ok(ok)
+}
+
+/// Redis BGSAVE under eviction: the parent fills the region and waits until the monitor has
+/// evicted most of it, then forks. The child checksums every page (it must see the data as
+/// it was at the fork) while the parent rewrites half of them; then the child rewrites a third
+/// of its own pages, idles (its pages are evicted in turn) and checks again; the parent checks
+/// its own view twice. Each side must see exactly what it wrote, or what was there at the fork.
+fn cmd_bgsave(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    let rss = wait_rss_below(len as u64 * 2 / 5, idle_ms.max(1) * 20);
+    let evicted_pct = 100u64.saturating_sub(rss * 100 / len as u64);
+    println!("BGSAVE fork with about {evicted_pct}% of the region evicted");
+    flush();
+    // SAFETY: the child only reads and writes its own memory, prints and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno_str()));
+    }
+    if pid == 0 {
+        let t0 = Instant::now();
+        let mut sum = 0u64;
+        let mut t = Tally::default();
+        for (i, p) in m.words().chunks_exact(WORDS).enumerate() {
+            sum = sum.wrapping_mul(31).wrapping_add(p[WORDS - 1]);
+            t.check("bgsave-child", p, i as u64, 1, &[]);
+        }
+        println!(
+            "child: checksummed {} pages in {:.3} s (sum {sum:#x}), {} mismatches",
+            t.pages,
+            t0.elapsed().as_secs_f64(),
+            t.bad
+        );
+        let mut vers = vec![1u32; npages];
+        {
+            let w = m.words_mut();
+            for i in (0..npages).step_by(3) {
+                vers[i] = 3;
+                fill_page(&mut w[i * WORDS..(i + 1) * WORDS], i as u64, 3);
+            }
+        }
+        idle(idle_ms);
+        let mut t2 = Tally::default();
+        check_versions(&mut t2, "bgsave-child-own-writes", m.words(), &vers);
+        t2.print("child after its own writes and an idle");
+        t.add(t2);
+        flush();
+        // SAFETY: _exit ends the child without running the parent's atexit handlers.
+        unsafe { libc::_exit(if t.bad == 0 { 0 } else { 1 }) };
+    }
+    // The parent rewrites every other page while the child reads.
+    let mut vers = vec![1u32; npages];
+    {
+        let w = m.words_mut();
+        for i in (0..npages).step_by(2) {
+            vers[i] = 2;
+            fill_page(&mut w[i * WORDS..(i + 1) * WORDS], i as u64, 2);
+        }
+    }
+    println!(
+        "parent: rewrote {} pages during the child's checksum",
+        npages.div_ceil(2)
+    );
+    let mut t = Tally::default();
+    check_versions(&mut t, "bgsave-parent", m.words(), &vers);
+    t.print("parent after its rewrite");
+    let child_ok = wait_child(pid, "bgsave child")?;
+    idle(idle_ms);
+    print_rss();
+    let mut t2 = Tally::default();
+    check_versions(&mut t2, "bgsave-parent-idle", m.words(), &vers);
+    t2.print("parent after the child exited and an idle");
+    t.add(t2);
+    if !child_ok {
+        return Err("the BGSAVE child found wrong data".into());
+    }
+    ok_if(t, "bgsave")
+}
+
+/// A chain of forks `--depth` deep: each generation waits for eviction, forks, and its child
+/// checks every page against what its parent had at the fork, rewrites its own share with its
+/// own version, and forks the next generation. Each parent checks its own view after its
+/// child exits.
+fn cmd_fork_chain(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let depth = o.num("depth", 3)? as u32;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    let mut vers = vec![1u32; npages];
+    let mut total = Tally::default();
+    let mut level = 0u32;
+    loop {
+        wait_rss_below(len as u64 / 2, idle_ms.max(1) * 20);
+        if level == depth {
+            break;
+        }
+        flush();
+        // SAFETY: the child only touches its own memory, prints, forks and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(format!("fork: {}", errno_str()));
+        }
+        if pid == 0 {
+            level += 1;
+            let mut t = Tally::default();
+            check_versions(
+                &mut t,
+                &format!("chain-{level}-inherited"),
+                m.words(),
+                &vers,
+            );
+            t.print(&format!("generation {level}: inherited pages"));
+            total.add(t);
+            if total.bad > 0 {
+                flush();
+                // SAFETY: leaving the child at once.
+                unsafe { libc::_exit(1) };
+            }
+            let w = m.words_mut();
+            let step = (level + 1) as usize;
+            for i in (0..npages).step_by(step) {
+                vers[i] = level + 1;
+                fill_page(&mut w[i * WORDS..(i + 1) * WORDS], i as u64, level + 1);
+            }
+            continue;
+        }
+        // The parent rewrites a different share meanwhile, then checks after its child.
+        {
+            let w = m.words_mut();
+            for i in (1..npages).step_by(5) {
+                vers[i] = 100 + level;
+                fill_page(&mut w[i * WORDS..(i + 1) * WORDS], i as u64, 100 + level);
+            }
+        }
+        let child_ok = wait_child(pid, &format!("generation {}", level + 1))?;
+        let mut t = Tally::default();
+        check_versions(
+            &mut t,
+            &format!("chain-{level}-after-child"),
+            m.words(),
+            &vers,
+        );
+        t.print(&format!("generation {level}: own pages after its child"));
+        total.add(t);
+        if !child_ok {
+            total.bad += 1;
+        }
+        break;
+    }
+    if level > 0 {
+        println!("generation {level}: done, {} mismatches", total.bad);
+        flush();
+        // SAFETY: a child of the chain leaves with its verdict, without the atexit handlers.
+        unsafe { libc::_exit(if total.bad == 0 { 0 } else { 1 }) };
+    }
+    ok_if(total, &format!("fork-chain depth={depth}"))
+}
+
 /// `count` page iovecs of `m` starting at page `first`.
 fn iov_for(m: &Mapping, first: usize, count: usize) -> Vec<libc::iovec> {
     (first..first + count)
@@ -2096,6 +2295,8 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   dontneed         --mib N [--idle-ms M]
   realloc          --mib N [--idle-ms M]
   fork-cow         --mib N [--idle-ms M]
+  bgsave           --mib N [--idle-ms M]
+  fork-chain       --mib N [--idle-ms M] [--depth D]
   pin              --mib N [--idle-ms M] [--pin-pages P]
   fill-rate        --mib N [--repeat K]
   fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K] [--only-evicted]
@@ -2128,6 +2329,8 @@ fn run(args: &[String]) -> Result<String, String> {
         "dontneed" => cmd_dontneed(&parse(&[], &[])?),
         "realloc" => cmd_realloc(&parse(&[], &[])?),
         "fork-cow" => cmd_fork_cow(&parse(&[], &[])?),
+        "bgsave" => cmd_bgsave(&parse(&[], &[])?),
+        "fork-chain" => cmd_fork_chain(&parse(&["depth"], &[])?),
         "pin" => cmd_pin(&parse(&["pin-pages"], &[])?),
         "fill-rate" => cmd_fill_rate(
             &Opts::parse(rest, &["mib", "repeat"], &[])

@@ -41,6 +41,10 @@ pub enum Cmd {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print the daemon's own figures (every store's mapped bytes, clients attached,
+        /// fork snapshots not yet claimed) as JSON, instead of its programs.
+        #[arg(long)]
+        daemon: bool,
     },
     /// A live view of every program a daemon manages (q quits; --once prints one frame).
     Top(top::TopArgs),
@@ -89,7 +93,11 @@ pub fn run_main() -> i32 {
             init_logging("info");
             run::daemon(args).map(|_| 0)
         }
-        Cmd::Status { socket, json } => status::status(socket, json).map(|_| 0),
+        Cmd::Status {
+            socket,
+            json,
+            daemon,
+        } => status::status(socket, json, daemon).map(|_| 0),
         Cmd::Top(args) => top::top(args).map(|_| 0),
         Cmd::Plot(args) => {
             init_logging("warn");

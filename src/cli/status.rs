@@ -13,8 +13,18 @@ fn mib(v: &serde_json::Value) -> String {
     })
 }
 
-pub fn status(socket: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+pub fn status(socket: Option<PathBuf>, json: bool, daemon: bool) -> anyhow::Result<()> {
     let path = socket.unwrap_or_else(crate::protocol::default_socket_path);
+    if daemon {
+        let v = crate::monitor::query_daemon_status(&path).with_context(|| {
+            format!(
+                "no daemon answers on {} (start one with `uswap daemon`)",
+                path.display()
+            )
+        })?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
     let reports = query_status(&path).with_context(|| {
         format!(
             "no daemon answers on {} (start one with `uswap daemon`)",

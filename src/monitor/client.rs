@@ -24,6 +24,7 @@ use anyhow::{bail, Context};
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
+use super::forks::{ForkSnapshot, Forks};
 use super::pages::{PageState, Pages};
 use super::regions::Regions;
 use super::stats::{ClientReport, Counters, Latency, Percentiles};
@@ -32,7 +33,7 @@ use crate::policy::{ClockPolicy, PageClass, PageView, PolicyParams};
 use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::shm::{self, Window};
 use crate::protocol::wire::{Msg, REGIONS_FIRST, REGIONS_LAST};
-use crate::store::{Store, StoreConfig};
+use crate::store::{SharedStore, Store, StoreConfig};
 use crate::uffd::{Uffd, UffdError};
 use crate::PAGE_SIZE;
 
@@ -61,6 +62,8 @@ pub struct ClientLimits {
     pub agent_timeout: Duration,
     /// The uid's shared store usage, when a per-uid quota is configured.
     pub uid_store: Option<Arc<UidStore>>,
+    /// The monitor's unclaimed fork snapshots.
+    pub forks: Arc<Forks>,
 }
 
 impl Default for ClientLimits {
@@ -68,8 +71,18 @@ impl Default for ClientLimits {
         ClientLimits {
             agent_timeout: Duration::from_secs(5),
             uid_store: None,
+            forks: Arc::default(),
         }
     }
+}
+
+/// Who a client is: the monitor's id for it and the peer's credentials (SO_PEERCRED).
+#[derive(Debug, Clone)]
+pub struct ClientId {
+    pub id: u64,
+    pub pid: i32,
+    pub uid: u32,
+    pub name: String,
 }
 
 /// The control thread's watch on the agent: the oldest batch in flight and since when.
@@ -122,7 +135,9 @@ impl Compressed {
 /// Everything mutable about a client, behind one lock.
 pub struct State {
     pub pages: Pages,
-    pub store: Store,
+    /// This client's handle on its fork family's store (its own store unless it was forked
+    /// from a managed program).
+    pub store: SharedStore,
     pub regions: Regions,
     pub policy: ClockPolicy,
     /// Batches posted and not yet completed: (seq, slot per page in order).
@@ -150,6 +165,8 @@ pub struct Client {
     pub pid: i32,
     pub uid: u32,
     pub name: String,
+    /// The parent's pid when this program was forked from a managed program, else 0.
+    pub forked_from: u32,
     pub cfg: ProgramConfig,
     pub uffd: Uffd,
     pub mapping: Mapping,
@@ -184,6 +201,13 @@ pub struct Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
+        // A member of a fork family gives its pages up; the others keep theirs. (Alone, the
+        // whole store goes with it.)
+        let st = self.state.get_mut();
+        if st.store.member_count() > 1 {
+            let handles = st.pages.store_handles();
+            st.store.release_all(handles);
+        }
         if let Some(u) = &self.limits.uid_store {
             u.bytes.fetch_sub(
                 self.uid_store_share.load(Ordering::Relaxed),
@@ -243,14 +267,13 @@ impl Client {
     /// Sets up the window and the durable store for a client whose `Hello` was accepted.
     /// Returns the client and the window memfd and store file to send in the acknowledgement.
     pub fn new(
-        id: u64,
-        pid: i32,
-        uid: u32,
-        name: String,
+        who: ClientId,
         cfg: ProgramConfig,
         uffd: Uffd,
         limits: ClientLimits,
+        inherit: Option<ForkSnapshot>,
     ) -> anyhow::Result<(Client, OwnedFd, OwnedFd)> {
+        let ClientId { id, pid, uid, name } = who;
         let slots = ((cfg.window_bytes as usize) / PAGE_SIZE)
             .clamp(shm::MAX_BATCH_PAGES, super::pages::MAX_SLOTS);
         let len = shm::window_len_bytes(slots);
@@ -285,17 +308,34 @@ impl Client {
         win.init();
         win.rescue_after_ms()
             .store(cfg.rescue_after.as_millis() as u64, Ordering::Relaxed);
-        let store = Store::try_new(StoreConfig {
-            durable: true,
-            max_bytes: cfg.max_store_bytes,
-        })
-        .context("creating the client's store file")?;
+        // A forked child joins its parent's store (its inherited pages are there); any other
+        // client gets a store of its own.
+        let forked_from = inherit.as_ref().map_or(0, |s| s.parent_pid as u32);
+        let mut inherit = inherit;
+        let (store, inherited_pages, registered) = match inherit.as_mut() {
+            Some(snap) if snap.store.is_some() => (
+                snap.store.take().expect("checked"),
+                std::mem::take(&mut snap.pages),
+                snap.registered,
+            ),
+            other => (
+                SharedStore::new(
+                    Store::try_new(StoreConfig {
+                        durable: true,
+                        max_bytes: cfg.max_store_bytes,
+                    })
+                    .context("creating the client's store file")?,
+                ),
+                Vec::new(),
+                other.is_some_and(|s| s.registered),
+            ),
+        };
+        drop(inherit);
         let store_fd = OwnedFd::from(
             store
-                .file()
-                .expect("a durable store has a file")
-                .try_clone()
-                .context("duplicating the store file")?,
+                .file_clone()
+                .context("duplicating the store file")?
+                .expect("a durable store has a file"),
         );
         let has_cross_mm = uffd.has(crate::uffd::sys::UFFD_FEATURE_MOVE_CROSS_MM);
         let cross_mm = match cfg.backend {
@@ -324,6 +364,12 @@ impl Client {
         if !cross_mm {
             pages.set_slot_records(win);
         }
+        let mut store = store;
+        for (addr, h) in inherited_pages {
+            if !pages.adopt_stored(addr, h) {
+                store.remove(h);
+            }
+        }
         let state = State {
             pages,
             store,
@@ -338,6 +384,7 @@ impl Client {
             pid,
             uid,
             name,
+            forked_from,
             cfg,
             uffd,
             mapping: Mapping { win },
@@ -350,7 +397,7 @@ impl Client {
             closing: AtomicBool::new(false),
             started: Instant::now(),
             last_rss_seq: AtomicU64::new(0),
-            register_requested: AtomicBool::new(false),
+            register_requested: AtomicBool::new(registered),
             cross_mm: AtomicBool::new(cross_mm),
             arena,
             move_in_refused: AtomicBool::new(false),
@@ -405,7 +452,14 @@ impl Client {
         let mut last_rescan = Instant::now();
         // Regions packets in the current one-second window.
         let mut regions_window = (Instant::now(), 0u32);
-        self.request_agent(shm::REQ_RESCAN | shm::REQ_RSS);
+        // A forked child whose parent had registered its memory registered its own before
+        // it ran on; its agent keeps doing so at every scan.
+        let register = if self.register_requested.load(Ordering::Relaxed) {
+            shm::REQ_REGISTER
+        } else {
+            0
+        };
+        self.request_agent(shm::REQ_RESCAN | shm::REQ_RSS | register);
         loop {
             if self.closing.load(Ordering::Acquire) {
                 return Ok(()); // released by the monitor (see Monitor::release_all)
@@ -481,26 +535,40 @@ impl Client {
                 }
             }
             Msg::ForkPrepare => {
-                let (status, restored) = match self.bring_all_home(FORK_WAIT) {
-                    Ok(n) => (0, n),
+                let (status, pages_restored, token) = match self.prepare_fork() {
+                    Ok(Some(token)) => (0, 0, token),
+                    // The child cannot share the store: every page goes home first, and the
+                    // child runs unmanaged on a complete copy (the behaviour before fork
+                    // families).
+                    Ok(None) => match self.bring_all_home(FORK_WAIT) {
+                        Ok(n) => (0, n, 0),
+                        Err(e) => {
+                            warn!(
+                                client = self.id,
+                                "bringing pages home before fork failed: {e:#}"
+                            );
+                            (libc::EIO, 0, 0)
+                        }
+                    },
                     Err(e) => {
-                        warn!(
-                            client = self.id,
-                            "bringing pages home before fork failed: {e:#}"
-                        );
-                        (libc::EIO, 0)
+                        warn!(client = self.id, "preparing a fork failed: {e:#}");
+                        (libc::EIO, 0, 0)
                     }
                 };
                 let mut out = [0u8; 64];
                 let n = Msg::ForkReady {
                     status,
-                    pages_restored: restored,
+                    pages_restored,
+                    token,
                 }
                 .encode(&mut out)?;
                 send_packet(sock, &out[..n], &[]).context("answering ForkPrepare")?;
             }
-            Msg::ForkDone { .. } => {
+            Msg::ForkDone { child_pid, token } => {
                 self.state.lock().paused = false;
+                if token != 0 {
+                    self.limits.forks.fork_done(token, child_pid);
+                }
             }
             Msg::Bye { .. } => {}
             other => bail!(
@@ -509,6 +577,109 @@ impl Client {
             ),
         }
         Ok(())
+    }
+
+    /// Before a fork: pauses eviction (until `ForkDone`), waits for the batches in flight, and
+    /// makes every evicted page of the parent a page of the child too, copy-on-write in the
+    /// family store (a page cooling in the window gets a compressed copy of the child's own).
+    /// Returns the snapshot's token, or `None` when the child cannot share (the family has
+    /// [`crate::protocol::store_layout::MAX_OWNERS`] members, or the store is full): the
+    /// caller then brings every page home instead.
+    fn prepare_fork(&self) -> anyhow::Result<Option<u64>> {
+        self.state.lock().paused = true;
+        self.wait_batches(FORK_WAIT)?;
+        let mut st = self.state.lock();
+        let evicted = st.pages.evicted_pages();
+        let registered = self.register_requested.load(Ordering::Relaxed);
+        if evicted.is_empty() {
+            // Nothing to inherit: the child starts a family of its own.
+            let snap = ForkSnapshot::new(self.id, self.pid, self.uid, None, Vec::new(), registered);
+            return Ok(Some(self.limits.forks.insert(snap)));
+        }
+        let Some(child) = st.store.join() else {
+            info!(
+                client = self.id,
+                "fork: the store's family is full; bringing every page home instead"
+            );
+            return Ok(None);
+        };
+        let mut snap = ForkSnapshot::new(
+            self.id,
+            self.pid,
+            self.uid,
+            Some(child),
+            Vec::with_capacity(evicted.len()),
+            registered,
+        );
+        let mut page = Box::new([0u8; PAGE_SIZE]);
+        for (addr, s) in evicted {
+            let child = snap.store.as_mut().expect("set above");
+            let h = match s {
+                PageState::Stored(h) => match st.store.share_with(h, child) {
+                    Ok(()) => h,
+                    Err(e) => {
+                        warn!(client = self.id, addr, "fork: sharing a stored page: {e}");
+                        return Ok(None);
+                    }
+                },
+                PageState::Window { slot, .. } => {
+                    // SAFETY: the slot holds this page's bytes (its word says so, under the
+                    // lock) and nothing writes it: no batch is in flight and eviction is paused.
+                    let src = unsafe { std::slice::from_raw_parts(self.slot_ptr(slot), PAGE_SIZE) };
+                    page.copy_from_slice(src);
+                    match child.put(&page, addr) {
+                        Ok(h) => h,
+                        Err(e) => {
+                            warn!(client = self.id, addr, "fork: storing a cooling page: {e}");
+                            return Ok(None);
+                        }
+                    }
+                }
+                PageState::Moving { .. } | PageState::Absent { .. } => {
+                    warn!(client = self.id, addr, "fork: a page is still moving");
+                    return Ok(None);
+                }
+            };
+            snap.pages.push((addr, h));
+        }
+        let pages = snap.pages.len();
+        drop(st);
+        let token = self.limits.forks.insert(snap);
+        info!(
+            client = self.id,
+            pages, "fork: the child inherits the evicted pages copy-on-write"
+        );
+        Counters::add(&self.counters.fork_pages_shared, pages as u64);
+        Counters::add(&self.counters.forks_shared, 1);
+        Ok(Some(token))
+    }
+
+    /// Waits until no batch is in flight (at most `max_wait`; an agent already stalled gets
+    /// `agent_timeout`).
+    fn wait_batches(&self, max_wait: Duration) -> anyhow::Result<()> {
+        let wait = if self.agent_stalled.load(Ordering::Relaxed) {
+            max_wait.min(self.limits.agent_timeout)
+        } else {
+            max_wait
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            super::fault::complete_batches(self);
+            if self.state.lock().inflight.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the agent did not finish its batches within {} ms",
+                    wait.as_millis()
+                );
+            }
+            if !self.program_alive() {
+                bail!("the program is gone");
+            }
+            signal(self.req_efd.as_raw_fd());
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// Pauses eviction, waits for in-flight batches, and copies every evicted page back into
@@ -694,6 +865,7 @@ impl Client {
             .fault_rate
             .sample(Counters::get(&self.counters.faults));
         self.compress_cooled();
+        self.limits.forks.sweep();
         {
             let st = self.state.lock();
             let c = st.pages.counts();
@@ -1287,6 +1459,10 @@ impl Client {
             pages_posted: g(&c.pages_posted),
             pages_evicted: g(&c.pages_moved),
             pages_restored: g(&c.pages_restored),
+            forks_shared: g(&c.forks_shared),
+            fork_pages_shared: g(&c.fork_pages_shared),
+            forked_from: self.forked_from,
+            store_member: u32::from(st.store.member()),
             pages_moved_in: g(&c.pages_moved_in),
             pages_prefetched: g(&c.pages_prefetched),
             pages_holes: g(&c.pages_holes),

@@ -267,8 +267,12 @@ fn apply_events(
                     |h, a| moved.push((h, a)),
                 );
                 for (h, a) in moved {
-                    if let Err(e) = store.set_addr(h, a) {
-                        tracing::error!(error = %e, "store: a moved page's record could not follow it");
+                    match store.set_addr(h, a) {
+                        Ok(h2) if h2 != h => st.pages.rehandle(a, h, h2),
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "store: a moved page's record could not follow it")
+                        }
                     }
                 }
                 arrivals.on_remap(from, to, len);

@@ -7,11 +7,12 @@
 pub mod arrivals;
 pub mod client;
 pub mod fault;
+pub mod forks;
 pub mod pages;
 pub mod pagetrace;
 pub mod regions;
 pub mod server;
 pub mod stats;
 
-pub use server::{connect, query_status, Listener, Monitor, MonitorOptions};
+pub use server::{connect, query_daemon_status, query_status, Listener, Monitor, MonitorOptions};
 pub use stats::ClientReport;

@@ -570,6 +570,20 @@ impl Pages {
         }
     }
 
+    /// The store replaced handle `old` of the page at `addr` with `new` (a shared page the
+    /// program moved got a copy of its own): the word, or the slot's shadow, follows.
+    pub fn rehandle(&mut self, addr: u64, old: Handle, new: Handle) {
+        match self.state(addr) {
+            PageState::Stored(h) if h == old => self.set(addr, PageState::Stored(new)),
+            PageState::Moving { slot, .. } | PageState::Window { slot, .. }
+                if self.slots[slot as usize].shadow == Some(old) =>
+            {
+                self.slots[slot as usize].shadow = Some(new)
+            }
+            s => debug_assert!(false, "rehandle: {addr:#x} holds {s:?}, not {old:?}"),
+        }
+    }
+
     /// Pops the cooling FIFO: pages that entered the window at or before `cooled_before_ms`, or
     /// the oldest ones while fewer than `min_free` slots are free. Returns (addr, slot, gen).
     pub fn pop_cooled(
@@ -649,6 +663,35 @@ impl Pages {
             }
         }
         end
+    }
+
+    /// A page inherited at a fork: `addr` (which must be `Absent`) is stored as `h`.
+    /// Returns `false`, changing nothing, if the monitor already has a word for it.
+    pub fn adopt_stored(&mut self, addr: u64, h: Handle) -> bool {
+        if self.state(addr).is_evicted() {
+            return false;
+        }
+        self.set(addr, PageState::Stored(h));
+        true
+    }
+
+    /// Every store handle the page map holds: stored pages and (cross-mm) window shadows.
+    pub fn store_handles(&self) -> Vec<Handle> {
+        let mut v: Vec<Handle> = self
+            .evicted_pages()
+            .into_iter()
+            .filter_map(|(_, s)| match s {
+                PageState::Stored(h) => Some(h),
+                _ => None,
+            })
+            .collect();
+        v.extend(
+            self.slots
+                .iter()
+                .filter(|s| s.in_use)
+                .filter_map(|s| s.shadow),
+        );
+        v
     }
 
     /// Every evicted page, in address order (for bringing everything home).

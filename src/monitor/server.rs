@@ -29,11 +29,12 @@ use anyhow::{bail, Context};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
-use super::client::{signal, Client, ClientLimits, UidStore};
+use super::client::{signal, Client, ClientId, ClientLimits, UidStore};
+use super::forks::Forks;
 use super::stats::ClientReport;
 use crate::config::{load_program_config, DaemonConfig, Overrides, ProgramConfig};
 use crate::protocol::io::{recv_packet, send_packet};
-use crate::protocol::wire::{HelloAck, Msg, MAX_MSG_LEN};
+use crate::protocol::wire::{HelloAck, Msg, MAX_MSG_LEN, STATUS_DAEMON};
 use crate::uffd::Uffd;
 
 /// How the monitor resolves each client's configuration.
@@ -66,6 +67,8 @@ pub struct Monitor {
     pending: Mutex<HashMap<u32, usize>>,
     /// Store bytes held by all clients of one uid (for `max_store_per_uid`).
     uid_store: Mutex<HashMap<u32, Arc<UidStore>>>,
+    /// Fork snapshots waiting for their child's `Hello`.
+    forks: Arc<Forks>,
 }
 
 /// Kernel-reported credentials of a connection's peer.
@@ -301,6 +304,7 @@ impl Monitor {
             stopping: AtomicBool::new(false),
             pending: Mutex::new(HashMap::new()),
             uid_store: Mutex::new(HashMap::new()),
+            forks: Arc::default(),
         })
     }
 
@@ -354,6 +358,15 @@ impl Monitor {
         let mut v: Vec<ClientReport> = self.clients.lock().iter().map(|c| c.report(true)).collect();
         v.extend(self.finished.lock().iter().cloned());
         v
+    }
+
+    /// The daemon's own figures: every store's mapped bytes, clients, unclaimed forks.
+    pub fn daemon_status(&self) -> serde_json::Value {
+        serde_json::json!({
+            "store_mapped_bytes": crate::store::all_mapped_bytes(),
+            "clients_attached": self.live_clients(),
+            "fork_snapshots_unclaimed": self.forks.len(),
+        })
     }
 
     pub fn live_clients(&self) -> usize {
@@ -458,6 +471,13 @@ impl Monitor {
             );
         }
         match msg {
+            Msg::StatusRequest { flags } if flags & STATUS_DAEMON != 0 => {
+                let json = serde_json::to_vec(&self.daemon_status())?;
+                let mut out = vec![0u8; MAX_MSG_LEN];
+                let n = Msg::StatusReply { json: &json }.encode(&mut out)?;
+                send_packet(fd, &out[..n], &[])?;
+                Ok(())
+            }
             Msg::StatusRequest { .. } => {
                 // Each user sees its own programs; root and the daemon's own user see all.
                 // SAFETY: geteuid has no preconditions.
@@ -536,6 +556,7 @@ impl Monitor {
                         let t = &text.as_bytes()[..text.len().min(1800)];
                         let n = Msg::HelloAck(HelloAck {
                             status: libc::EINVAL,
+                            store_member: 0,
                             window_len_bytes: 0,
                             text: t,
                         })
@@ -544,13 +565,35 @@ impl Monitor {
                         bail!("client {name} (pid {peer_pid}): {text}");
                     }
                 };
+                // A forked child claims the pages it inherited from its parent.
+                let inherit = if h.fork_token != 0 {
+                    match self.forks.claim(h.fork_token, peer_uid) {
+                        Ok(snap) => Some(snap),
+                        Err(why) => {
+                            let why = format!(
+                                "Hello of a child forked from pid {}: {why}",
+                                h.forked_from
+                            );
+                            send_error(fd, libc::ENOENT as u32, &why);
+                            bail!("peer pid {peer_pid}: {why}");
+                        }
+                    }
+                } else {
+                    None
+                };
                 let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                 let limits = ClientLimits {
                     agent_timeout: self.opts.daemon.agent_timeout,
                     uid_store: self.uid_store(peer_uid),
+                    forks: Arc::clone(&self.forks),
                 };
-                let (client, memfd, store_fd) =
-                    Client::new(id, peer_pid, peer_uid, name.clone(), cfg, uffd, limits)?;
+                let who = ClientId {
+                    id,
+                    pid: peer_pid,
+                    uid: peer_uid,
+                    name: name.clone(),
+                };
+                let (client, memfd, store_fd) = Client::new(who, cfg, uffd, limits, inherit)?;
                 let client = Arc::new(client);
                 // Counted and registered in one hold of the registry lock, before the
                 // acknowledgement: concurrent Hellos of one uid cannot pass the cap together,
@@ -570,8 +613,10 @@ impl Monitor {
                     clients.push(Arc::clone(&client));
                 }
                 let mut out = vec![0u8; 256];
+                let store_member = u32::from(client.state.lock().store.member());
                 let n = Msg::HelloAck(HelloAck {
                     status: 0,
+                    store_member,
                     window_len_bytes: client.win().len_bytes() as u64,
                     text: b"",
                 })
@@ -591,7 +636,7 @@ impl Monitor {
                 }
                 drop(memfd);
                 drop(store_fd);
-                info!(client = id, pid = peer_pid, uid = peer_uid, name = %name, budget = ?client.cfg.budget_bytes, "client attached");
+                info!(client = id, pid = peer_pid, uid = peer_uid, name = %name, budget = ?client.cfg.budget_bytes, forked_from = client.forked_from, store_member, "client attached");
                 self.run_client(client, fd)
             }
             other => {
@@ -713,9 +758,18 @@ impl Monitor {
 
 /// Asks a running monitor for its clients' reports.
 pub fn query_status(path: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    serde_json::from_value(query_status_flags(path, 0)?).context("decoding status")
+}
+
+/// Asks a running monitor for its own figures (see [`Monitor::daemon_status`]).
+pub fn query_daemon_status(path: &Path) -> anyhow::Result<serde_json::Value> {
+    query_status_flags(path, STATUS_DAEMON)
+}
+
+fn query_status_flags(path: &Path, flags: u32) -> anyhow::Result<serde_json::Value> {
     let fd = connect(path)?;
     let mut buf = vec![0u8; MAX_MSG_LEN];
-    let n = Msg::StatusRequest { flags: 0 }.encode(&mut buf)?;
+    let n = Msg::StatusRequest { flags }.encode(&mut buf)?;
     send_packet(fd.as_raw_fd(), &buf[..n], &[])?;
     let got =
         recv_packet(fd.as_raw_fd(), &mut buf, 0)?.context("the monitor closed the connection")?;

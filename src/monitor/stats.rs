@@ -22,6 +22,10 @@ pub struct Counters {
     pub faults_retried: AtomicU64,
     pub zero_pages_filled: AtomicU64,
     pub pages_restored: AtomicU64,
+    /// Forks whose child inherited the evicted pages copy-on-write.
+    pub forks_shared: AtomicU64,
+    /// Pages those children inherited.
+    pub fork_pages_shared: AtomicU64,
     pub pages_prefetched: AtomicU64,
     pub pages_posted: AtomicU64,
     pub pages_moved: AtomicU64,
@@ -183,6 +187,18 @@ pub struct ClientReport {
     pub uid: u32,
     pub name: String,
     pub alive: bool,
+    /// The parent's pid when this program was forked from a managed program, else 0.
+    #[serde(default)]
+    pub forked_from: u32,
+    /// This program's member index in its store's fork family.
+    #[serde(default)]
+    pub store_member: u32,
+    /// Forks whose child inherited this program's evicted pages copy-on-write, and how many
+    /// pages they inherited.
+    #[serde(default)]
+    pub forks_shared: u64,
+    #[serde(default)]
+    pub fork_pages_shared: u64,
     pub backend: String,
     pub budget_bytes: Option<u64>,
     pub rss_anon_bytes: u64,

@@ -21,7 +21,7 @@ pub mod wire;
 pub use wire::{Msg, ProtoError};
 
 /// Protocol version; a peer speaking another version is refused with a clear error.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Environment variable naming the monitor's socket.
 pub const ENV_SOCKET: &str = "USWAP_SOCKET";

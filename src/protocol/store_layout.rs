@@ -17,8 +17,18 @@
 //! An extent is [`RECORDS_PER_CHUNK`] 8-byte **records** (one per slot, [`RECORDS_BYTES`]),
 //! then [`CHUNK_BYTES`] of slots. Slot `s` of a chunk of class `c` starts at
 //! `RECORDS_BYTES + s × slot_bytes(c)`; raw slots are page-aligned. A record is 0 when its
-//! slot holds nothing, else `page_addr | (len_bytes - 1)`: the program address of the page the
-//! slot holds (page-aligned, never 0) and the payload length (1..=4096). A payload of the raw
+//! slot holds nothing, else `owners << 48 | page_addr | (len_bytes - 1)`: the program address
+//! of the page the slot holds (page-aligned, nonzero, below 2^48), the payload length
+//! (1..=4096), and the set of programs the page belongs to (bit `m` = family member `m`, see
+//! below; never empty).
+//!
+//! **Fork families (version 2).** A program forked from a managed program shares its parent's
+//! store: at the fork every page the parent had evicted becomes a page of the child too (its
+//! record gains the child's owner bit; nothing is copied), so each side later reads what was
+//! there at the fork. A page faulted back into one member loses that member's bit; the slot is
+//! freed when no bit is left. A shared page the program moves (`mremap`) is first copied to a
+//! slot of its own. Each member's shim is told its member index and, on a rescue, brings home
+//! only the records carrying its bit. A payload of the raw
 //! class ([`RAW_CLASS_IDX`]) is the page itself; any other is one lz4 block that decompresses
 //! to exactly one page. Pages that are all zero bytes have no record: once a range is
 //! unregistered from userfaultfd, a missing page reads as zeros, which is their content.
@@ -48,7 +58,16 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::PAGE_SIZE;
 
 pub const STORE_MAGIC: u64 = 0x524f_5453_5057_5355; // "USWPSTOR"
-pub const STORE_VERSION: u32 = 1;
+pub const STORE_VERSION: u32 = 2;
+
+/// Record bits 48..63: the set of *owners* of the slot, one bit per member of the client's
+/// fork family (see [`record`]). Program addresses stay below 2^47 on x86-64 unless a program
+/// asks for more with an mmap hint; a page above 2^48 is never stored (see `Store::insert`).
+pub const OWNER_SHIFT: u32 = 48;
+/// Members one store (one fork family) can have.
+pub const MAX_OWNERS: usize = 16;
+/// Highest page address a record can name, exclusive.
+pub const ADDR_LIMIT: u64 = 1 << OWNER_SHIFT;
 
 /// Bytes of one chunk's slots.
 pub const CHUNK_BYTES: usize = 256 * 1024;
@@ -114,19 +133,35 @@ pub const fn slot_off(class_idx: u8, slot_idx: usize) -> usize {
     RECORDS_BYTES + slot_idx * slot_bytes(class_idx)
 }
 
-/// A record word for a page at `addr` with a payload of `len_bytes`.
-pub fn record(addr: u64, len_bytes: usize) -> u64 {
-    debug_assert!(addr != 0 && addr % PAGE_SIZE as u64 == 0);
+/// A record word for a page at `addr` with a payload of `len_bytes`, owned by the family
+/// members in `owners` (bit `m` = member `m`).
+pub fn record(addr: u64, len_bytes: usize, owners: u16) -> u64 {
+    debug_assert!(addr != 0 && addr % PAGE_SIZE as u64 == 0 && addr < ADDR_LIMIT);
     debug_assert!((1..=PAGE_SIZE).contains(&len_bytes));
-    addr | (len_bytes as u64 - 1)
+    debug_assert!(owners != 0);
+    (u64::from(owners) << OWNER_SHIFT) | addr | (len_bytes as u64 - 1)
 }
 
 /// `(page_addr, len_bytes)` of a nonzero record.
 pub fn record_parts(rec: u64) -> (u64, usize) {
     (
-        rec & !(PAGE_SIZE as u64 - 1),
+        rec & (ADDR_LIMIT - 1) & !(PAGE_SIZE as u64 - 1),
         (rec & (PAGE_SIZE as u64 - 1)) as usize + 1,
     )
+}
+
+/// The owner set of a record (bit `m` = family member `m`).
+pub fn record_owners(rec: u64) -> u16 {
+    (rec >> OWNER_SHIFT) as u16
+}
+
+/// The same record with another owner set (0 = no owner left: the record is cleared).
+pub fn with_owners(rec: u64, owners: u16) -> u64 {
+    if owners == 0 {
+        0
+    } else {
+        (rec & (ADDR_LIMIT - 1)) | (u64::from(owners) << OWNER_SHIFT)
+    }
 }
 
 /// Writes the header into the first [`HEADER_BYTES`] of a new store file's mapping.
@@ -170,6 +205,8 @@ pub struct StoreView {
 /// One stored page found by [`StoreView::for_each_page`].
 pub struct StoredPage<'a> {
     pub addr: u64,
+    /// The family members the page belongs to (bit `m` = member `m`).
+    pub owners: u16,
     /// The raw page, or an lz4 block that decompresses to one page.
     pub payload: &'a [u8],
     pub raw: bool,
@@ -283,6 +320,40 @@ impl StoreView {
         };
         Some(StoredPage {
             addr,
+            owners: record_owners(rec),
+            payload,
+            raw,
+            chunk_idx,
+            class_idx,
+            slot_idx,
+        })
+    }
+
+    /// The payload of slot `slot_idx` of chunk `chunk_idx` (of class `class_idx`) as a page
+    /// of `len_bytes`, whatever its record says now (a reader that remembered the length).
+    pub fn page_at(
+        &self,
+        chunk_idx: usize,
+        class_idx: u8,
+        slot_idx: usize,
+        len_bytes: usize,
+    ) -> Option<StoredPage<'_>> {
+        let raw = class_idx == RAW_CLASS_IDX;
+        let fits = if raw {
+            len_bytes == PAGE_SIZE
+        } else {
+            (1..=slot_bytes(class_idx)).contains(&len_bytes)
+        };
+        let start = extent_off(chunk_idx) + slot_off(class_idx, slot_idx);
+        if !fits || slot_idx >= slots_per_chunk(class_idx) || start + len_bytes > self.len {
+            return None;
+        }
+        // SAFETY: in bounds (checked); payloads are not written while the view is used (the
+        // contract of `new`).
+        let payload = unsafe { std::slice::from_raw_parts(self.base.add(start), len_bytes) };
+        Some(StoredPage {
+            addr: 0,
+            owners: 0,
             payload,
             raw,
             chunk_idx,
@@ -328,10 +399,18 @@ mod tests {
 
     #[test]
     fn record_roundtrip() {
-        for (addr, len) in [(0x1000u64, 1usize), (0x7fff_ffff_f000, 4096), (0x5000, 77)] {
-            let r = record(addr, len);
+        for (addr, len, owners) in [
+            (0x1000u64, 1usize, 1u16),
+            (0x7fff_ffff_f000, 4096, 0x8001),
+            (0xffff_ffff_f000, 77, 0xffff),
+        ] {
+            let r = record(addr, len, owners);
             assert_ne!(r, 0);
             assert_eq!(record_parts(r), (addr, len));
+            assert_eq!(record_owners(r), owners);
+            assert_eq!(record_parts(with_owners(r, 2)), (addr, len));
+            assert_eq!(record_owners(with_owners(r, 2)), 2);
+            assert_eq!(with_owners(r, 0), 0);
         }
     }
 
@@ -360,8 +439,8 @@ mod tests {
         assert_eq!(v.chunk_capacity(), 1);
         assert_eq!(v.chunk_class(0), None);
         assert_eq!(v.record(0, 5), 0);
-        v.set_record(0, 5, record(0x7000, 12));
-        assert_eq!(v.record(0, 5), record(0x7000, 12));
+        v.set_record(0, 5, record(0x7000, 12, 1));
+        assert_eq!(v.record(0, 5), record(0x7000, 12, 1));
         // SAFETY: as above.
         unsafe { *base.add(OFF_VERSION) = 9 };
         assert_eq!(view(len).err(), Some(LayoutError::Version { found: 9 }));

@@ -40,6 +40,13 @@ pub const KIND_FORK_READY: u16 = 103;
 pub const KIND_STATUS_REPLY: u16 = 106;
 pub const KIND_ERROR: u16 = 199;
 
+/// `StatusRequest` flag: answer with the daemon's own figures (a JSON object) instead of the
+/// clients' reports.
+pub const STATUS_DAEMON: u32 = 1;
+
+/// `ForkDone::child_pid` when the fork itself failed.
+pub const FORK_FAILED: u32 = u32::MAX;
+
 /// `Regions` flags.
 pub const REGIONS_FIRST: u32 = 1;
 pub const REGIONS_LAST: u32 = 2;
@@ -90,6 +97,11 @@ pub struct Hello<'a> {
     pub pid: u32,
     pub page_size: u32,
     pub uffd_features: u64,
+    /// Nonzero when this program was just forked from a managed program: the token the
+    /// monitor gave the parent in `ForkReady`, naming the parent's pages the child inherits.
+    pub fork_token: u64,
+    /// With `fork_token`: the parent's pid (informational, as `pid`).
+    pub forked_from: u32,
     /// Program name (basename of the executable).
     pub name: &'a [u8],
     /// `USWAP_APP`, if set: selects `config/<app>.toml` instead of the name.
@@ -102,6 +114,9 @@ pub struct Hello<'a> {
 pub struct HelloAck<'a> {
     /// 0 when accepted; otherwise an errno-like code and `text` says why.
     pub status: i32,
+    /// The program's member index in its store's fork family (its owner bit in the store
+    /// file's records, see `store_layout`); below `store_layout::MAX_OWNERS`.
+    pub store_member: u32,
     pub window_len_bytes: u64,
     pub text: &'a [u8],
 }
@@ -146,16 +161,22 @@ pub enum Msg<'a> {
     Hello(Hello<'a>),
     HelloAck(HelloAck<'a>),
     Regions(Regions<'a>),
-    /// The client is about to fork: bring every evicted page home and pause eviction.
+    /// The client is about to fork: pause eviction, finish what is in flight, and keep a
+    /// copy-on-write snapshot of its evicted pages for the child.
     ForkPrepare,
-    /// The monitor's answer to `ForkPrepare`.
+    /// The monitor's answer to `ForkPrepare`. `token` names the snapshot (the child sends it
+    /// in its `Hello`); 0 = no snapshot: every page was brought home instead
+    /// (`pages_restored`) and the child runs unmanaged.
     ForkReady {
         status: i32,
         pages_restored: u64,
+        token: u64,
     },
-    /// The fork is over (in the parent); eviction may resume.
+    /// The fork is over (in the parent); eviction may resume. `child_pid` is the child's pid
+    /// (0 = unknown, [`FORK_FAILED`] = the fork failed and the snapshot `token` is dropped).
     ForkDone {
         child_pid: u32,
+        token: u64,
     },
     /// The client is exiting or exec'ing.
     Bye {
@@ -316,13 +337,16 @@ impl<'a> Msg<'a> {
                 w.u32(h.pid)?;
                 w.u32(h.page_size)?;
                 w.u64(h.uffd_features)?;
+                w.u64(h.fork_token)?;
+                w.u32(h.forked_from)?;
+                w.u32(0)?;
                 w.bytes(&h.name[..h.name.len().min(MAX_NAME_LEN)])?;
                 w.bytes(&h.app[..h.app.len().min(MAX_NAME_LEN)])?;
                 w.bytes(h.overrides)?;
             }
             Msg::HelloAck(a) => {
                 w.u32(a.status as u32)?;
-                w.u32(0)?;
+                w.u32(a.store_member)?;
                 w.u64(a.window_len_bytes)?;
                 w.bytes(a.text)?;
             }
@@ -336,12 +360,18 @@ impl<'a> Msg<'a> {
             Msg::ForkReady {
                 status,
                 pages_restored,
+                token,
             } => {
                 w.u32(status as u32)?;
                 w.u32(0)?;
                 w.u64(pages_restored)?;
+                w.u64(token)?;
             }
-            Msg::ForkDone { child_pid } => w.u32(child_pid)?,
+            Msg::ForkDone { child_pid, token } => {
+                w.u32(child_pid)?;
+                w.u32(0)?;
+                w.u64(token)?;
+            }
             Msg::Bye { status } => w.u32(status as u32)?,
             Msg::StatusRequest { flags } => w.u32(flags)?,
             Msg::StatusReply { json } => w.put(json)?,
@@ -400,6 +430,9 @@ impl<'a> Msg<'a> {
                 let pid = r.u32()?;
                 let page_size = r.u32()?;
                 let uffd_features = r.u64()?;
+                let fork_token = r.u64()?;
+                let forked_from = r.u32()?;
+                r.reserved()?;
                 let name = r.bytes(MAX_NAME_LEN, "name")?;
                 let app = r.bytes(MAX_NAME_LEN, "app")?;
                 let overrides = r.bytes(MAX_OVERRIDES_LEN, "overrides")?;
@@ -413,6 +446,8 @@ impl<'a> Msg<'a> {
                     pid,
                     page_size,
                     uffd_features,
+                    fork_token,
+                    forked_from,
                     name,
                     app,
                     overrides,
@@ -420,11 +455,18 @@ impl<'a> Msg<'a> {
             }
             KIND_HELLO_ACK => {
                 let status = r.u32()? as i32;
-                r.reserved()?;
+                let store_member = r.u32()?;
+                if store_member as usize >= super::store_layout::MAX_OWNERS {
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "store_member",
+                    });
+                }
                 let window_len_bytes = r.u64()?;
                 let text = r.bytes(MAX_MSG_LEN, "text")?;
                 Msg::HelloAck(HelloAck {
                     status,
+                    store_member,
                     window_len_bytes,
                     text,
                 })
@@ -485,11 +527,17 @@ impl<'a> Msg<'a> {
                 Msg::ForkReady {
                     status,
                     pages_restored: r.u64()?,
+                    token: r.u64()?,
                 }
             }
-            KIND_FORK_DONE => Msg::ForkDone {
-                child_pid: r.u32()?,
-            },
+            KIND_FORK_DONE => {
+                let child_pid = r.u32()?;
+                r.reserved()?;
+                Msg::ForkDone {
+                    child_pid,
+                    token: r.u64()?,
+                }
+            }
             KIND_BYE => Msg::Bye {
                 status: r.u32()? as i32,
             },
@@ -569,6 +617,8 @@ mod tests {
     fn roundtrip_every_kind() {
         roundtrip(Msg::Hello(Hello {
             pid: 7,
+            fork_token: 0,
+            forked_from: 0,
             page_size: 4096,
             uffd_features: 0x1ffff,
             name: b"redis",
@@ -577,6 +627,7 @@ mod tests {
         }));
         roundtrip(Msg::HelloAck(HelloAck {
             status: 0,
+            store_member: 3,
             window_len_bytes: 1 << 25,
             text: b"ok",
         }));
@@ -584,8 +635,12 @@ mod tests {
         roundtrip(Msg::ForkReady {
             status: 0,
             pages_restored: 12,
+            token: 0x1234,
         });
-        roundtrip(Msg::ForkDone { child_pid: 99 });
+        roundtrip(Msg::ForkDone {
+            child_pid: 99,
+            token: 7,
+        });
         roundtrip(Msg::Bye { status: 3 });
         roundtrip(Msg::StatusRequest { flags: 1 });
         roundtrip(Msg::StatusReply { json: b"{}" });
@@ -690,7 +745,7 @@ mod tests {
     #[test]
     fn decode_rejects_nonzero_reserved_payload_words() {
         let crash: [u8; 32] = [
-            85, 83, 87, 80, 1, 0, 103, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 0, 0, 4, 0, 0, 0,
+            85, 83, 87, 80, 2, 0, 103, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 0, 0, 4, 0, 0, 0,
             0, 0, 0, 0, 0, 0,
         ];
         let e = Msg::decode(&crash).unwrap_err();
@@ -704,16 +759,17 @@ mod tests {
         let mut buf = [0u8; 256];
         let n = Msg::HelloAck(HelloAck {
             status: 0,
+            store_member: 0,
             window_len_bytes: 4096,
             text: b"",
         })
         .encode(&mut buf)
         .unwrap();
-        buf[HEADER_LEN + 4] = 1;
+        buf[HEADER_LEN + 4] = 16;
         assert!(Msg::decode(&buf[..n])
             .unwrap_err()
             .to_string()
-            .contains("reserved"));
+            .contains("store_member"));
     }
 
     /// Every packet the decoder accepts encodes back to the same bytes (the property the fuzz
@@ -723,6 +779,8 @@ mod tests {
         let msgs = [
             Msg::Hello(Hello {
                 pid: 1,
+                fork_token: 0,
+                forked_from: 0,
                 page_size: 4096,
                 uffd_features: 3,
                 name: b"n",
@@ -731,14 +789,19 @@ mod tests {
             }),
             Msg::HelloAck(HelloAck {
                 status: 0,
+                store_member: 3,
                 window_len_bytes: 1 << 20,
                 text: b"t",
             }),
             Msg::ForkReady {
                 status: 0,
                 pages_restored: 1,
+                token: 0x1234,
             },
-            Msg::ForkDone { child_pid: 2 },
+            Msg::ForkDone {
+                child_pid: 2,
+                token: 1,
+            },
             Msg::Bye { status: 0 },
             Msg::StatusRequest { flags: 0 },
             Msg::Error {

@@ -10,7 +10,8 @@
 //! only system calls are the anonymous mmap/munmap of slab chunks.
 //!
 //! Files: `handle.rs` (handle bit layout), `encode.rs` (same-filled detection, lz4; pure),
-//! `slab.rs` (chunks, bitmaps, quota), `samefill.rs` (refcounted fill words), `stats.rs`.
+//! `slab.rs` (chunks, bitmaps, quota), `samefill.rs` (refcounted fill words), `stats.rs`,
+//! `shared.rs` (one store shared by a fork family, one handle per member).
 //!
 //! Concurrency: [`encode`] is a pure function, so callers compress outside their lock and
 //! then [`Store::insert`] the result under it. `Store` is `Send` and has no interior
@@ -19,6 +20,7 @@
 mod encode;
 mod handle;
 mod samefill;
+mod shared;
 mod slab;
 mod stats;
 #[cfg(test)]
@@ -26,9 +28,11 @@ mod tests;
 
 pub use encode::{encode, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES, SCRATCH_BYTES};
 pub use handle::{Handle, PageKind};
-pub use slab::{CHUNK_BYTES, CLASS_STEP_BYTES};
+pub use shared::SharedStore;
+pub use slab::{all_mapped_bytes, CHUNK_BYTES, CLASS_STEP_BYTES};
 pub use stats::StoreStats;
 
+use crate::protocol::store_layout::{ADDR_LIMIT, MAX_OWNERS};
 use crate::PAGE_SIZE;
 use handle::{BlobLoc, Decoded};
 use samefill::WordTable;
@@ -74,6 +78,9 @@ pub struct Store {
     counters: Counters,
     /// Compression scratch for [`Store::put`]; empty until its first call.
     put_scratch: Vec<u8>,
+    /// Live members of the fork family sharing this store (bit `m` = member `m`); member 0,
+    /// the program the store was made for, joins at creation.
+    members: u16,
 }
 
 impl Store {
@@ -90,6 +97,7 @@ impl Store {
             words: WordTable::default(),
             counters: Counters::default(),
             put_scratch: Vec::new(),
+            members: 1,
         })
     }
 
@@ -106,19 +114,40 @@ impl Store {
             words: WordTable::default(),
             counters: Counters::default(),
             put_scratch: Vec::new(),
+            members: 1,
         }
     }
 
     /// Places an encoded page of the program's page at `addr` (page-aligned, nonzero; kept in
     /// the page's durable record); `page` is the original (used for [`Encoded::Raw`], and for
     /// an [`Encoded::Lz4`] payload too long or empty to be one of ours, which is kept raw).
-    /// On [`StoreError::Full`] nothing changed.
+    /// On [`StoreError::Full`] nothing changed. The page belongs to family member 0.
     pub fn insert(
         &mut self,
         enc: Encoded<'_>,
         page: &[u8; PAGE_SIZE],
         addr: u64,
     ) -> Result<Handle, StoreError> {
+        self.insert_as(0, enc, page, addr)
+    }
+
+    /// [`Store::insert`] of a page of family member `member` (see
+    /// [`crate::protocol::store_layout`], "Fork families").
+    pub fn insert_as(
+        &mut self,
+        member: u8,
+        enc: Encoded<'_>,
+        page: &[u8; PAGE_SIZE],
+        addr: u64,
+    ) -> Result<Handle, StoreError> {
+        assert!((member as usize) < MAX_OWNERS, "member {member}");
+        if addr >= ADDR_LIMIT {
+            // A record cannot name it (only programs that ask mmap for addresses above 2^47
+            // get such pages); the page stays where it is.
+            self.counters.inserts_refused_full += 1;
+            return Err(StoreError::Full);
+        }
+        let owners = 1u16 << member;
         let placed = match enc {
             Encoded::SameFilled(word) if word != 0 && self.slabs.file().is_some() => {
                 // A durable store keeps a record (and so a blob) for every page but zero ones.
@@ -126,10 +155,12 @@ impl Store {
                 scratch.resize(SCRATCH_BYTES, 0);
                 let placed = match lz4_flex::block::compress_into(page, &mut scratch) {
                     Ok(len) => match lz4_class_for_len(len) {
-                        Some(class_idx) => self.place_blob(class_idx, &scratch[..len], addr),
-                        None => self.place_blob(RAW_CLASS_IDX, page, addr),
+                        Some(class_idx) => {
+                            self.place_blob(class_idx, &scratch[..len], addr, owners)
+                        }
+                        None => self.place_blob(RAW_CLASS_IDX, page, addr, owners),
                     },
-                    Err(_) => self.place_blob(RAW_CLASS_IDX, page, addr),
+                    Err(_) => self.place_blob(RAW_CLASS_IDX, page, addr, owners),
                 };
                 self.put_scratch = scratch;
                 placed
@@ -145,10 +176,10 @@ impl Store {
                 }
             }
             Encoded::Lz4(payload) => match lz4_class_for_len(payload.len()) {
-                Some(class_idx) => self.place_blob(class_idx, payload, addr),
-                None => self.place_blob(RAW_CLASS_IDX, page, addr),
+                Some(class_idx) => self.place_blob(class_idx, payload, addr, owners),
+                None => self.place_blob(RAW_CLASS_IDX, page, addr, owners),
             },
-            Encoded::Raw => self.place_blob(RAW_CLASS_IDX, page, addr),
+            Encoded::Raw => self.place_blob(RAW_CLASS_IDX, page, addr, owners),
         };
         if matches!(placed, Err(StoreError::Full)) {
             self.counters.inserts_refused_full += 1;
@@ -161,8 +192,9 @@ impl Store {
         class_idx: u8,
         payload: &[u8],
         addr: u64,
+        owners: u16,
     ) -> Result<Handle, StoreError> {
-        let loc = self.slabs.store(class_idx, payload, addr)?;
+        let loc = self.slabs.store(class_idx, payload, addr, owners)?;
         let h = Handle::blob(BlobLoc {
             class_idx: loc.class_idx,
             chunk_idx: loc.chunk_idx,
@@ -178,8 +210,18 @@ impl Store {
     /// Convenience: [`encode`] + [`Store::insert`], with a scratch buffer of the store's own
     /// (so it compresses under the caller's lock; the monitor's hot path uses `encode` first).
     pub fn put(&mut self, page: &[u8; PAGE_SIZE], addr: u64) -> Result<Handle, StoreError> {
+        self.put_as(0, page, addr)
+    }
+
+    /// [`Store::put`] of a page of family member `member`.
+    pub fn put_as(
+        &mut self,
+        member: u8,
+        page: &[u8; PAGE_SIZE],
+        addr: u64,
+    ) -> Result<Handle, StoreError> {
         let mut scratch = std::mem::take(&mut self.put_scratch);
-        let placed = self.insert(encode(page, &mut scratch), page, addr);
+        let placed = self.insert_as(member, encode(page, &mut scratch), page, addr);
         self.put_scratch = scratch;
         placed
     }
@@ -236,23 +278,115 @@ impl Store {
     }
 
     /// Records that the page behind `h` now belongs at `addr` (the program moved it). A
-    /// same-filled handle has no record and nothing changes.
+    /// same-filled handle has no record and nothing changes. For member 0; see
+    /// [`Store::set_addr_as`].
     pub fn set_addr(&mut self, h: Handle, addr: u64) -> Result<(), StoreError> {
+        let h2 = self.set_addr_as(0, h, addr)?;
+        debug_assert_eq!(h2, h, "member 0 alone owns the pages of an unshared store");
+        Ok(())
+    }
+
+    /// Records that member `member`'s page behind `h` now belongs at `addr`. A blob other
+    /// members own too is first copied to a slot of the member's own (the others' pages did
+    /// not move); the handle to keep is returned. On error nothing changed.
+    pub fn set_addr_as(&mut self, member: u8, h: Handle, addr: u64) -> Result<Handle, StoreError> {
         let bits = h.to_bits();
         let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
         match h.decode().ok_or(corrupt("reserved bits set"))? {
-            Decoded::SameFilled { .. } => Ok(()),
+            Decoded::SameFilled { .. } => Ok(h),
             Decoded::Blob(loc) => {
                 let slot = Self::blob_slot(bits, loc)?;
-                self.slabs.set_addr(slot, addr).map_err(corrupt)
+                let me = 1u16 << member;
+                let owners = self.slabs.owners(slot).map_err(corrupt)?;
+                if owners & me == 0 {
+                    return Err(corrupt("page not owned by this member"));
+                }
+                if addr >= ADDR_LIMIT {
+                    return Err(corrupt("address above what a record can name"));
+                }
+                if owners == me {
+                    self.slabs.set_addr(slot, addr).map_err(corrupt)?;
+                    return Ok(h);
+                }
+                let payload = self
+                    .slabs
+                    .read(slot, loc.len_bytes as usize)
+                    .map_err(corrupt)?
+                    .to_vec();
+                let copy = self.place_blob(loc.class_idx, &payload, addr, me)?;
+                self.slabs.set_owners(slot, owners & !me).map_err(corrupt)?;
+                self.counters.shared_refs -= 1;
+                self.counters.shared_copies += 1;
+                Ok(copy)
             }
         }
+    }
+
+    /// Makes the page behind `h` a page of member `member` too (a fork): a blob's record
+    /// gains the member's owner bit, a same-filled page gains a reference. The same handle
+    /// then names the page for both; each side drops it with [`Store::try_remove_as`].
+    pub fn share(&mut self, h: Handle, member: u8) -> Result<(), StoreError> {
+        assert!((member as usize) < MAX_OWNERS, "member {member}");
+        let bits = h.to_bits();
+        let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
+        match h.decode().ok_or(corrupt("reserved bits set"))? {
+            Decoded::SameFilled { word_ref } => {
+                let word = self
+                    .words
+                    .word(word_ref)
+                    .ok_or(corrupt("no such fill word"))?;
+                let again = self.words.acquire(word).ok_or(StoreError::Full)?;
+                debug_assert_eq!(again, word_ref);
+                self.counters
+                    .account(PageKind::SameFilled, word_ref == 0, 0, 1);
+                Ok(())
+            }
+            Decoded::Blob(loc) => {
+                let slot = Self::blob_slot(bits, loc)?;
+                let owners = self.slabs.owners(slot).map_err(corrupt)?;
+                let me = 1u16 << member;
+                if owners & me != 0 {
+                    return Err(corrupt("page already owned by this member"));
+                }
+                self.slabs.set_owners(slot, owners | me).map_err(corrupt)?;
+                self.counters.shared_refs += 1;
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes a free member index for a new member of this store's fork family (at most
+    /// [`MAX_OWNERS`] live at once); `None` when all are taken.
+    pub fn join_member(&mut self) -> Option<u8> {
+        let free = !self.members;
+        if free == 0 {
+            return None;
+        }
+        let m = free.trailing_zeros() as u8;
+        self.members |= 1 << m;
+        Some(m)
+    }
+
+    /// Gives member `member`'s index back. Its pages must have been dropped first.
+    pub fn leave_member(&mut self, member: u8) {
+        self.members &= !(1u16 << member);
+    }
+
+    /// Members of the family still live.
+    pub fn member_count(&self) -> u32 {
+        self.members.count_ones()
     }
 
     /// Drops the page behind `h`, freeing its slot (and its chunk, if that was the last).
     /// A handle that names no live page changes nothing and returns
     /// [`StoreError::CorruptHandle`]; it means the caller's page map is wrong.
     pub fn try_remove(&mut self, h: Handle) -> Result<(), StoreError> {
+        self.try_remove_as(0, h)
+    }
+
+    /// Drops member `member`'s page behind `h`: the member's owner bit is cleared, and the
+    /// slot freed once no member owns it. On error nothing changed.
+    pub fn try_remove_as(&mut self, member: u8, h: Handle) -> Result<(), StoreError> {
         let bits = h.to_bits();
         let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
         match h.decode().ok_or(corrupt("reserved bits set"))? {
@@ -265,6 +399,16 @@ impl Store {
             }
             Decoded::Blob(loc) => {
                 let slot = Self::blob_slot(bits, loc)?;
+                let owners = self.slabs.owners(slot).map_err(corrupt)?;
+                let me = 1u16 << member;
+                if owners & me == 0 {
+                    return Err(corrupt("page not owned by this member"));
+                }
+                if owners != me {
+                    self.slabs.set_owners(slot, owners & !me).map_err(corrupt)?;
+                    self.counters.shared_refs -= 1;
+                    return Ok(());
+                }
                 self.slabs.free(slot).map_err(corrupt)?;
                 self.counters
                     .account(h.kind(), false, u64::from(loc.len_bytes), -1);
@@ -276,7 +420,12 @@ impl Store {
     /// [`Store::try_remove`] for callers that hold only handles the store gave them. A bad
     /// handle is logged (and is a panic in debug builds: the page map is inconsistent).
     pub fn remove(&mut self, h: Handle) {
-        if let Err(e) = self.try_remove(h) {
+        self.remove_as(0, h)
+    }
+
+    /// [`Store::try_remove_as`], logging a bad handle as [`Store::remove`] does.
+    pub fn remove_as(&mut self, member: u8, h: Handle) {
+        if let Err(e) = self.try_remove_as(member, h) {
             tracing::error!(error = %e, "store: remove of a handle naming no live page");
             debug_assert!(false, "store: remove failed: {e}");
         }
@@ -306,6 +455,8 @@ impl Store {
             fill_words: self.words.live_words() as u64,
             metadata_bytes: self.metadata_bytes(),
             inserts_refused_full: c.inserts_refused_full,
+            shared_refs: c.shared_refs,
+            shared_copies: c.shared_copies,
         }
     }
 

@@ -131,6 +131,20 @@ impl StoreFile {
     }
 }
 
+/// Slab bytes mapped by every store of this process (the monitor's daemon-wide figure).
+static ALL_MAPPED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Slab bytes mapped by every live store of this process.
+pub fn all_mapped_bytes() -> u64 {
+    ALL_MAPPED_BYTES.load(Ordering::Relaxed)
+}
+
+impl Drop for Slabs {
+    fn drop(&mut self) {
+        ALL_MAPPED_BYTES.fetch_sub(self.live_chunks * CHUNK_BYTES as u64, Ordering::Relaxed);
+    }
+}
+
 /// One extent: the records, then the slots of a single class.
 struct Chunk {
     map: MmapMut,
@@ -237,10 +251,9 @@ impl Slabs {
 
     /// Slabs in a new store file (a memfd), for a store that must outlive the monitor.
     pub fn new_durable(max_mapped_bytes: Option<u64>) -> Result<Slabs, StoreError> {
-        Ok(Slabs {
-            file: Some(StoreFile::create()?),
-            ..Slabs::new(max_mapped_bytes)
-        })
+        let mut slabs = Slabs::new(max_mapped_bytes);
+        slabs.file = Some(StoreFile::create()?);
+        Ok(slabs)
     }
 
     /// The store file, if durable.
@@ -252,7 +265,13 @@ impl Slabs {
     /// then writes its record naming the page at `addr` (layout write order, step 2).
     /// Maps a new chunk when the class has no free slot; that fails with
     /// [`StoreError::Full`] when it would pass the quota, leaving everything unchanged.
-    pub fn store(&mut self, class_idx: u8, data: &[u8], addr: u64) -> Result<SlotLoc, StoreError> {
+    pub fn store(
+        &mut self,
+        class_idx: u8,
+        data: &[u8],
+        addr: u64,
+        owners: u16,
+    ) -> Result<SlotLoc, StoreError> {
         assert!(
             usize::from(class_idx) < NUM_CLASSES,
             "class_idx {class_idx}"
@@ -275,7 +294,7 @@ impl Slabs {
         chunk.map[range].copy_from_slice(data);
         chunk
             .record(slot_idx)
-            .store(layout::record(addr, data.len()), Ordering::Release);
+            .store(layout::record(addr, data.len(), owners), Ordering::Release);
         if chunk.is_full() {
             let popped = self.partial[usize::from(class_idx)].pop();
             debug_assert_eq!(popped, Some(chunk_idx));
@@ -324,6 +343,7 @@ impl Slabs {
         }
         self.chunks[chunk_idx as usize] = Some(chunk);
         self.live_chunks += 1;
+        ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
         Ok(chunk_idx)
     }
 
@@ -363,8 +383,31 @@ impl Slabs {
     pub fn set_addr(&mut self, loc: SlotLoc, addr: u64) -> Result<(), &'static str> {
         let chunk = self.chunk_of(loc)?;
         let rec = chunk.record(loc.slot_idx as usize);
-        let (_, len_bytes) = layout::record_parts(rec.load(Ordering::Relaxed));
-        rec.store(layout::record(addr, len_bytes), Ordering::Release);
+        let old = rec.load(Ordering::Relaxed);
+        let (_, len_bytes) = layout::record_parts(old);
+        rec.store(
+            layout::record(addr, len_bytes, layout::record_owners(old)),
+            Ordering::Release,
+        );
+        Ok(())
+    }
+
+    /// The owner set in a used slot's record.
+    pub fn owners(&self, loc: SlotLoc) -> Result<u16, &'static str> {
+        let chunk = self.chunk_of(loc)?;
+        Ok(layout::record_owners(
+            chunk.record(loc.slot_idx as usize).load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Rewrites the owner set of a used slot's record; `owners` must not be empty (free the
+    /// slot instead).
+    pub fn set_owners(&mut self, loc: SlotLoc, owners: u16) -> Result<(), &'static str> {
+        assert!(owners != 0, "a used slot has an owner");
+        let chunk = self.chunk_of(loc)?;
+        let rec = chunk.record(loc.slot_idx as usize);
+        let old = rec.load(Ordering::Relaxed);
+        rec.store(layout::with_owners(old, owners), Ordering::Release);
         Ok(())
     }
 
@@ -410,6 +453,7 @@ impl Slabs {
         }
         self.bitmap_words -= chunk.used_bitmap.len() as u64;
         self.live_chunks -= 1;
+        ALL_MAPPED_BYTES.fetch_sub(CHUNK_BYTES as u64, Ordering::Relaxed);
         self.free_chunk_idxs.push(chunk_idx);
         // Dropping the MmapMut unmaps it.
         drop(chunk);
@@ -522,14 +566,14 @@ mod tests {
     #[test]
     fn free_last_slot_unmaps_chunk_and_reuses_index() {
         let mut s = Slabs::new(None);
-        let a = s.store(RAW_CLASS_IDX, &[1; PAGE_SIZE], 0x1000).unwrap();
-        let b = s.store(0, &[2; 10], 0x2000).unwrap();
+        let a = s.store(RAW_CLASS_IDX, &[1; PAGE_SIZE], 0x1000, 1).unwrap();
+        let b = s.store(0, &[2; 10], 0x2000, 1).unwrap();
         assert_eq!(s.live_chunks(), 2);
         s.free(a).unwrap();
         assert_eq!(s.live_chunks(), 1);
         assert_eq!(s.free(a), Err("chunk not mapped"));
         s.check_invariants();
-        let c = s.store(5, &[3; 300], 0x3000).unwrap();
+        let c = s.store(5, &[3; 300], 0x3000, 1).unwrap();
         assert_eq!(c.chunk_idx, a.chunk_idx, "freed chunk index reused");
         assert_eq!(s.read(b, 10).unwrap(), &[2; 10]);
         s.check_invariants();

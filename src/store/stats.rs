@@ -39,6 +39,13 @@ pub struct StoreStats {
     pub metadata_bytes: u64,
     /// Inserts refused with `StoreError::Full`, since the store was made.
     pub inserts_refused_full: u64,
+    /// Extra owners of shared blobs (fork): a blob two members own counts 1. Its bytes are
+    /// counted once in `bytes_out`.
+    #[serde(default)]
+    pub shared_refs: u64,
+    /// Shared blobs copied because one member moved its page (`mremap`), since creation.
+    #[serde(default)]
+    pub shared_copies: u64,
 }
 
 impl StoreStats {
@@ -67,6 +74,8 @@ pub(crate) struct Counters {
     pub pages_raw: u64,
     pub bytes_out: u64,
     pub inserts_refused_full: u64,
+    pub shared_refs: u64,
+    pub shared_copies: u64,
 }
 
 impl Counters {

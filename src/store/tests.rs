@@ -430,6 +430,12 @@ fn metadata_per_page_mixed_10k_pages_at_most_16_bytes() {
 /// Everything a reader of the store file (the shim after the monitor died) finds: address ->
 /// page contents, decoded through the layout's own decoder.
 fn read_store_file(store: &Store) -> HashMap<u64, Page> {
+    read_store_file_of(store, None)
+}
+
+/// [`read_store_file`] as the shim of family member `member` reads it (only its records);
+/// `None` reads every record.
+fn read_store_file_of(store: &Store, member: Option<u8>) -> HashMap<u64, Page> {
     use crate::protocol::store_layout::{decode_page, StoreView};
     use std::os::fd::AsRawFd;
     let file = store.file().expect("durable");
@@ -451,6 +457,10 @@ fn read_store_file(store: &Store) -> HashMap<u64, Page> {
         // SAFETY: the mapping above, `len` bytes; the store is not written meanwhile.
         let view = unsafe { StoreView::new(base.cast(), len) }.expect("valid header");
         view.for_each_page(|p| {
+            assert_ne!(p.owners, 0, "a record always has an owner");
+            if member.is_some_and(|m| p.owners & (1 << m) == 0) {
+                return;
+            }
             let mut out: Page = Box::new([0u8; PAGE_SIZE]);
             assert!(decode_page(&p, &mut out), "page at {:#x} decodes", p.addr);
             assert!(found.insert(p.addr, out).is_none(), "one record per page");
@@ -513,4 +523,124 @@ fn durable_store_file_names_every_nonzero_page_and_follows_moves() {
     }
     assert_eq!(store.stats().chunks, 0);
     assert!(read_store_file(&store).is_empty());
+}
+
+/// A fork: the parent's stored pages become the child's too without a copy; each side then
+/// drops or moves its own, and the store file tells each member's shim exactly its pages.
+#[test]
+fn fork_family_shares_pages_copy_on_write() {
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+    })
+    .unwrap();
+    let at = |i: u64| 0x5500_0000_0000u64 + i * PAGE_SIZE as u64;
+    let pages: Vec<Page> = (0..64u64)
+        .map(|i| {
+            if i % 2 == 0 {
+                text_page(i)
+            } else {
+                random_page(i)
+            }
+        })
+        .collect();
+    let handles: Vec<Handle> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| store.put(p, at(i as u64)).unwrap())
+        .collect();
+    let bytes_before = store.stats().bytes_out;
+    let child = store.join_member().unwrap();
+    assert_eq!(child, 1);
+    for h in &handles {
+        store.share(*h, child).unwrap();
+    }
+    assert!(store.share(handles[0], child).is_err(), "shared twice");
+    assert_eq!(
+        store.stats().bytes_out,
+        bytes_before,
+        "sharing copies nothing"
+    );
+    assert_eq!(store.stats().shared_refs, 64);
+    let all: HashMap<u64, Page> = (0..64u64)
+        .map(|i| (at(i), pages[i as usize].clone()))
+        .collect();
+    assert_eq!(read_store_file_of(&store, Some(0)), all);
+    assert_eq!(read_store_file_of(&store, Some(child)), all);
+
+    // The parent faults pages 0..16 back: the child still has them.
+    for h in &handles[..16] {
+        store.try_remove_as(0, *h).unwrap();
+    }
+    assert!(
+        store.try_remove_as(0, handles[0]).is_err(),
+        "not the parent's any more"
+    );
+    let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+    store.get(handles[3], &mut out).unwrap();
+    assert_eq!(out, pages[3]);
+    let parent_view = read_store_file_of(&store, Some(0));
+    assert_eq!(parent_view.len(), 48);
+    assert_eq!(read_store_file_of(&store, Some(child)), all);
+
+    // The child moves page 20 (mremap): it gets a copy of its own; the parent's stays put.
+    let moved = store.set_addr_as(child, handles[20], at(1000)).unwrap();
+    assert_ne!(moved, handles[20]);
+    assert_eq!(store.stats().shared_copies, 1);
+    store.get(moved, &mut out).unwrap();
+    assert_eq!(out, pages[20]);
+    let child_view = read_store_file_of(&store, Some(child));
+    assert_eq!(child_view.get(&at(1000)), Some(&pages[20]));
+    assert!(!child_view.contains_key(&at(20)));
+    assert_eq!(
+        read_store_file_of(&store, Some(0)).get(&at(20)),
+        Some(&pages[20])
+    );
+    // The parent, sole owner now, moves its page 30 in place.
+    store.try_remove_as(child, handles[30]).unwrap();
+    assert_eq!(
+        store.set_addr_as(0, handles[30], at(2000)).unwrap(),
+        handles[30]
+    );
+
+    // Both go: every slot is freed once, and the file is empty.
+    for (i, h) in handles.iter().enumerate() {
+        if i >= 16 {
+            store.try_remove_as(0, *h).unwrap();
+        }
+        if i != 20 && i != 30 {
+            store.try_remove_as(child, *h).unwrap();
+        }
+    }
+    store.try_remove_as(child, moved).unwrap();
+    store.leave_member(child);
+    assert_eq!(store.stats().pages(), 0);
+    assert_eq!(store.stats().chunks, 0);
+    assert_eq!(store.stats().shared_refs, 0);
+    assert!(read_store_file(&store).is_empty());
+}
+
+/// At most 16 members share a store; a freed index is reused.
+#[test]
+fn fork_family_member_indices() {
+    let mut store = Store::new(StoreConfig::default());
+    let got: Vec<u8> = (0..15).map(|_| store.join_member().unwrap()).collect();
+    assert_eq!(got, (1..16).collect::<Vec<u8>>());
+    assert_eq!(store.join_member(), None);
+    store.leave_member(7);
+    assert_eq!(store.join_member(), Some(7));
+    assert_eq!(store.member_count(), 16);
+}
+
+/// A page above what a record can name is refused, not stored wrongly.
+#[test]
+fn address_above_record_limit_is_refused() {
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+    })
+    .unwrap();
+    let p = text_page(1);
+    assert!(matches!(store.put(&p, 1 << 48), Err(StoreError::Full)));
+    assert_eq!(store.stats().pages(), 0);
 }
