@@ -637,6 +637,24 @@ fn hostile_packets_get_named_errors_while_managed_program_verifies() -> R {
     )?;
     huge[HEADER_LEN + 4] = 3; // not a power of two: the decoder refuses it
     raw_case(s, "page size 3", &huge, &[u.as_raw_fd()], &["page_size"])?;
+    // A forged fork token: no snapshot has it, so no other program's pages can be claimed.
+    let forged = encode(Msg::Hello(Hello {
+        pid: std::process::id(),
+        fork_token: 0x5eed_f00d_dead_beef,
+        forked_from: 1,
+        page_size: 4096,
+        uffd_features: u.features(),
+        name: b"hostile",
+        app: b"",
+        overrides: b"",
+    }));
+    raw_case(
+        s,
+        "forged fork token",
+        &forged,
+        &[u.as_raw_fd()],
+        &["forked from pid 1", "no fork snapshot has this token"],
+    )?;
     // A bad overrides text is refused by the HelloAck (status != 0) naming the key.
     {
         let fd = connect(s)?;

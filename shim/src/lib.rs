@@ -608,6 +608,8 @@ static FORK_UNSAFE: AtomicBool = AtomicBool::new(false);
 /// The monitor's snapshot of this fork's evicted pages, for the child (0 = none: every page is
 /// home and the child runs unmanaged). Set by `fork_prepare`; the child reads its copy.
 static FORK_TOKEN: AtomicU64 = AtomicU64::new(0);
+/// The child's member index in the family store, from `ForkReady` (255: none).
+static FORK_MEMBER: AtomicU32 = AtomicU32::new(255);
 /// madvise(2) advice that faults pages in for reading (Linux 5.14).
 const MADV_POPULATE_READ: i32 = 22;
 /// libc's `fork`, found once by the constructor (see [`fork`]).
@@ -652,8 +654,14 @@ extern "C" fn fork_prepare() {
         .and_then(|_| loop {
             match recv_packet(sock, &mut buf, 0) {
                 Ok(Some(r)) => match Msg::decode(&buf[..r.len]) {
-                    Ok(Msg::ForkReady { status, token, .. }) => {
+                    Ok(Msg::ForkReady {
+                        status,
+                        token,
+                        child_member,
+                        ..
+                    }) => {
                         FORK_TOKEN.store(token, Ordering::Relaxed);
+                        FORK_MEMBER.store(child_member, Ordering::Relaxed);
                         break Some(status == 0);
                     }
                     _ => continue,
@@ -757,8 +765,8 @@ fn wait_for_rescue() -> bool {
     false
 }
 
-/// Reads one byte of every page of every anonymous region outside the shim's own memory,
-/// so every evicted page is faulted back in (served by the monitor) before a fork.
+/// Faults in every page of every anonymous region outside the shim's own memory, so every
+/// evicted page is brought back (by the monitor, or the guardian) before a fork.
 fn touch_all_anonymous() {
     let own = own_ranges();
     let mut buf = [0u8; 16 * 1024];
@@ -766,11 +774,20 @@ fn touch_all_anonymous() {
         if !m.is_manageable() {
             return;
         }
+        // Populated page by page around our own ranges, else in one call: a read fault per
+        // page, which another thread's munmap meanwhile turns into ENOMEM, not SIGSEGV.
+        let populate = |a: u64, len: u64| {
+            // SAFETY: madvise(MADV_POPULATE_READ) only faults pages in; the raw syscall.
+            unsafe { libc::syscall(libc::SYS_madvise, a, len as usize, MADV_POPULATE_READ) };
+        };
+        if !own.iter().any(|(s, l)| *s < m.end && m.start < s + l) {
+            populate(m.start, m.end - m.start);
+            return;
+        }
         let mut a = m.start;
         while a < m.end {
             if !own.iter().any(|(s, l)| *s <= a && a < s + l) {
-                // SAFETY: `a` lies in a readable private mapping of this process (from maps).
-                unsafe { std::ptr::read_volatile(a as *const u8) };
+                populate(a, uswap::PAGE_SIZE as u64);
             }
             a += uswap::PAGE_SIZE as u64;
         }
@@ -812,6 +829,13 @@ extern "C" fn fork_child() {
     let locked = FORK_LOCKED.swap(false, Ordering::Relaxed);
     let token = FORK_TOKEN.swap(0, Ordering::Relaxed);
     let managed = SHIM.state.load(Ordering::Acquire) == MANAGED;
+    // The family store, inherited: kept (not closed with the parent's other descriptors) in
+    // case the child must bring its pages home itself.
+    let inherited_store = if managed && token != 0 {
+        SHIM.store_fd.swap(-1, Ordering::AcqRel)
+    } else {
+        -1
+    };
     if managed {
         SHIM.state.store(DETACHED, Ordering::Release);
         // The child's copies of the parent's descriptors.
@@ -831,19 +855,49 @@ extern "C" fn fork_child() {
     SHIM.rescue_done.store(false, Ordering::SeqCst);
     SHIM.sock_busy.store(false, Ordering::SeqCst);
     let had_evicted = SHIM.registering.load(Ordering::Relaxed);
+    let member = FORK_MEMBER.load(Ordering::Relaxed);
     // SAFETY: getppid has no preconditions.
     let ppid = unsafe { libc::getppid() } as u32;
-    if let Err(why) = init(Some((token, ppid))) {
+    let attached = init(Some((token, ppid)));
+    if let Err(why) = attached {
         teardown_partial();
-        if had_evicted {
+        if had_evicted && member != uswap::protocol::wire::NO_MEMBER {
+            // The monitor is gone (or refused us): our pages are in the shared store.
+            match rescue::rescue_forked_child(inherited_store, member) {
+                Some(n) => {
+                    let mut num = [0u8; 20];
+                    raw::eprint_line(&[
+                        b"uswap: forked child could not attach (",
+                        why.as_bytes(),
+                        b"); ",
+                        rescue::fmt_u64(n, &mut num),
+                        b" pages its parent had evicted brought home from the shared store; it runs unmanaged",
+                    ]);
+                }
+                None => {
+                    raw::eprint_line(&[
+                        b"uswap: forked child exits (70): it cannot get the pages its parent had evicted: ",
+                        why.as_bytes(),
+                    ]);
+                    // SAFETY: leaving the child at once; its memory is incomplete.
+                    unsafe { libc::_exit(70) };
+                }
+            }
+        } else if had_evicted {
             raw::eprint_line(&[
                 b"uswap: forked child exits (70): it cannot get the pages its parent had evicted: ",
                 why.as_bytes(),
             ]);
             // SAFETY: leaving the child at once; its memory is incomplete.
             unsafe { libc::_exit(70) };
+        } else {
+            raw::eprint_line(&[b"uswap: forked child runs unmanaged: ", why.as_bytes()]);
         }
-        raw::eprint_line(&[b"uswap: forked child runs unmanaged: ", why.as_bytes()]);
+    }
+    if inherited_store >= 0 {
+        // SAFETY: closing the inherited descriptor we kept (the monitor sent a new one, or the
+        // rescue is over).
+        unsafe { libc::close(inherited_store) };
     }
 }
 

@@ -29,6 +29,7 @@
 //! (reported as excluded, never registered), no allocation, no lock the program may hold, and
 //! no call of the shim's own interposers (mmap, munmap, mremap), which wait for the agent.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use uswap::protocol::shm::{self, Window};
@@ -258,10 +259,66 @@ fn fmt_hex(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// A forked child whose monitor died before it could attach: the pages its parent had
+/// evicted are in the family store (`store_fd`, inherited), under the child's owner bit
+/// `member`. Single-threaded (the child's fork handler): registers every managed VMA with a new
+/// descriptor, copies each of its pages home, drops its bits and closes the descriptor (the
+/// memory is whole: nothing reads as zeros). Returns the pages brought home, or `None` if the
+/// store could not be read.
+pub(crate) fn rescue_forked_child(store_fd: i32, member: u32) -> Option<u64> {
+    let store = map_store_fd(store_fd)?;
+    let uffd = uswap::uffd::Uffd::create(0, 0, true).ok()?;
+    SHIM.uffd.store(
+        std::os::fd::AsRawFd::as_raw_fd(&uffd),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let mut maps_buf = [0u8; 16 * 1024];
+    let registered = crate::agent::register_all(&mut maps_buf);
+    SHIM.uffd.store(-1, Ordering::Relaxed);
+    if !registered {
+        return None;
+    }
+    let bit = 1u16 << (member & 15);
+    let mut page = [0u8; PAGE_SIZE];
+    let mut restored = 0;
+    store.for_each_page(|p| {
+        if p.owners & bit == 0 {
+            return;
+        }
+        let rec = store.record(p.chunk_idx, p.slot_idx);
+        if store_layout::decode_page(&p, &mut page) {
+            let mut c = sys::UffdioCopy {
+                dst: p.addr,
+                src: page.as_ptr() as u64,
+                len: PAGE_SIZE as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: UFFDIO_COPY reads one page from our buffer and installs it in our own
+            // registered memory, only where no page is present.
+            if unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_COPY as _, &mut c) } == 0 {
+                restored += 1;
+            }
+        }
+        store.set_record(
+            p.chunk_idx,
+            p.slot_idx,
+            store_layout::with_owners(rec, p.owners & !bit),
+        );
+    });
+    // Closing the descriptor unregisters every range; every page is home.
+    drop(uffd);
+    Some(restored)
+}
+
 /// Maps the store file read-write (for its records), or `None` if there is none or it is not
 /// one this build reads (then only the window's pages can be brought home; said on stderr).
 fn map_store() -> Option<StoreView> {
-    let fd = SHIM.store_fd.load(Ordering::Relaxed);
+    map_store_fd(SHIM.store_fd.load(Ordering::Relaxed))
+}
+
+/// [`map_store`] of descriptor `fd`.
+fn map_store_fd(fd: i32) -> Option<StoreView> {
     if fd < 0 {
         return None;
     }
@@ -713,7 +770,7 @@ impl Rescue {
 }
 
 /// Formats `v` in decimal into `buf`; returns the digits.
-fn fmt_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn fmt_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;

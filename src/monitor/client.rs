@@ -32,7 +32,7 @@ use crate::config::{Backend, ProgramConfig};
 use crate::policy::{ClockPolicy, PageClass, PageView, PolicyParams};
 use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::shm::{self, Window};
-use crate::protocol::wire::{Msg, REGIONS_FIRST, REGIONS_LAST};
+use crate::protocol::wire::{Msg, NO_MEMBER, REGIONS_FIRST, REGIONS_LAST};
 use crate::store::{SharedStore, Store, StoreConfig};
 use crate::uffd::{Uffd, UffdError};
 use crate::PAGE_SIZE;
@@ -535,24 +535,24 @@ impl Client {
                 }
             }
             Msg::ForkPrepare => {
-                let (status, pages_restored, token) = match self.prepare_fork() {
-                    Ok(Some(token)) => (0, 0, token),
+                let (status, pages_restored, (token, child_member)) = match self.prepare_fork() {
+                    Ok(Some(t)) => (0, 0, t),
                     // The child cannot share the store: every page goes home first, and the
                     // child runs unmanaged on a complete copy (the behaviour before fork
                     // families).
                     Ok(None) => match self.bring_all_home(FORK_WAIT) {
-                        Ok(n) => (0, n, 0),
+                        Ok(n) => (0, n, (0, NO_MEMBER)),
                         Err(e) => {
                             warn!(
                                 client = self.id,
                                 "bringing pages home before fork failed: {e:#}"
                             );
-                            (libc::EIO, 0, 0)
+                            (libc::EIO, 0, (0, NO_MEMBER))
                         }
                     },
                     Err(e) => {
                         warn!(client = self.id, "preparing a fork failed: {e:#}");
-                        (libc::EIO, 0, 0)
+                        (libc::EIO, 0, (0, NO_MEMBER))
                     }
                 };
                 let mut out = [0u8; 64];
@@ -560,6 +560,7 @@ impl Client {
                     status,
                     pages_restored,
                     token,
+                    child_member,
                 }
                 .encode(&mut out)?;
                 send_packet(sock, &out[..n], &[]).context("answering ForkPrepare")?;
@@ -585,7 +586,8 @@ impl Client {
     /// Returns the snapshot's token, or `None` when the child cannot share (the family has
     /// [`crate::protocol::store_layout::MAX_OWNERS`] members, or the store is full): the
     /// caller then brings every page home instead.
-    fn prepare_fork(&self) -> anyhow::Result<Option<u64>> {
+    /// The pair returned is (token, the child's member index or [`NO_MEMBER`]).
+    fn prepare_fork(&self) -> anyhow::Result<Option<(u64, u32)>> {
         self.state.lock().paused = true;
         self.wait_batches(FORK_WAIT)?;
         let mut st = self.state.lock();
@@ -594,7 +596,7 @@ impl Client {
         if evicted.is_empty() {
             // Nothing to inherit: the child starts a family of its own.
             let snap = ForkSnapshot::new(self.id, self.pid, self.uid, None, Vec::new(), registered);
-            return Ok(Some(self.limits.forks.insert(snap)));
+            return Ok(Some((self.limits.forks.insert(snap), NO_MEMBER)));
         }
         let Some(child) = st.store.join() else {
             info!(
@@ -643,6 +645,7 @@ impl Client {
             snap.pages.push((addr, h));
         }
         let pages = snap.pages.len();
+        let member = u32::from(snap.store.as_ref().expect("set above").member());
         drop(st);
         let token = self.limits.forks.insert(snap);
         info!(
@@ -651,7 +654,7 @@ impl Client {
         );
         Counters::add(&self.counters.fork_pages_shared, pages as u64);
         Counters::add(&self.counters.forks_shared, 1);
-        Ok(Some(token))
+        Ok(Some((token, member)))
     }
 
     /// Waits until no batch is in flight (at most `max_wait`; an agent already stalled gets

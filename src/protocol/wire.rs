@@ -44,6 +44,9 @@ pub const KIND_ERROR: u16 = 199;
 /// clients' reports.
 pub const STATUS_DAEMON: u32 = 1;
 
+/// `ForkReady::child_member` when the child shares no store with its parent.
+pub const NO_MEMBER: u32 = 255;
+
 /// `ForkDone::child_pid` when the fork itself failed.
 pub const FORK_FAILED: u32 = u32::MAX;
 
@@ -171,6 +174,10 @@ pub enum Msg<'a> {
         status: i32,
         pages_restored: u64,
         token: u64,
+        /// The child's member index in the family store ([`NO_MEMBER`]: the child starts a
+        /// store of its own). A child that cannot attach (the monitor died) brings its pages
+        /// home itself from the records carrying this bit.
+        child_member: u32,
     },
     /// The fork is over (in the parent); eviction may resume. `child_pid` is the child's pid
     /// (0 = unknown, [`FORK_FAILED`] = the fork failed and the snapshot `token` is dropped).
@@ -361,9 +368,10 @@ impl<'a> Msg<'a> {
                 status,
                 pages_restored,
                 token,
+                child_member,
             } => {
                 w.u32(status as u32)?;
-                w.u32(0)?;
+                w.u32(child_member)?;
                 w.u64(pages_restored)?;
                 w.u64(token)?;
             }
@@ -523,11 +531,20 @@ impl<'a> Msg<'a> {
             KIND_FORK_PREPARE => Msg::ForkPrepare,
             KIND_FORK_READY => {
                 let status = r.u32()? as i32;
-                r.reserved()?;
+                let child_member = r.u32()?;
+                if child_member as usize >= super::store_layout::MAX_OWNERS
+                    && child_member != NO_MEMBER
+                {
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "child_member",
+                    });
+                }
                 Msg::ForkReady {
                     status,
                     pages_restored: r.u64()?,
                     token: r.u64()?,
+                    child_member,
                 }
             }
             KIND_FORK_DONE => {
@@ -636,6 +653,7 @@ mod tests {
             status: 0,
             pages_restored: 12,
             token: 0x1234,
+            child_member: NO_MEMBER,
         });
         roundtrip(Msg::ForkDone {
             child_pid: 99,
@@ -741,7 +759,8 @@ mod tests {
     }
 
     /// Found by `cargo fuzz` (FUZZING.md): a ForkReady with a non-zero reserved word decoded,
-    /// and re-encoded differently. Every accepted packet must encode back to itself.
+    /// and re-encoded differently. Every accepted packet must encode back to itself. (That
+    /// word is `child_member` since protocol 2, checked against the member range.)
     #[test]
     fn decode_rejects_nonzero_reserved_payload_words() {
         let crash: [u8; 32] = [
@@ -753,7 +772,7 @@ mod tests {
             e,
             ProtoError::BadField {
                 kind: KIND_FORK_READY,
-                field: "reserved"
+                field: "child_member"
             }
         );
         let mut buf = [0u8; 256];
@@ -797,6 +816,7 @@ mod tests {
                 status: 0,
                 pages_restored: 1,
                 token: 0x1234,
+                child_member: 2,
             },
             Msg::ForkDone {
                 child_pid: 2,
