@@ -15,6 +15,11 @@ use std::collections::HashMap;
 const P: u64 = PAGE_BYTES;
 const BASE: u64 = 0x7f00_0000_0000;
 
+/// Pages `[first, first + n)` above BASE, as a region.
+fn pages(first: u64, n: u64) -> Range<u64> {
+    BASE + first * P..BASE + (first + n) * P
+}
+
 /// One controller-trace record.
 #[derive(Debug, Clone, Copy)]
 struct CtlRecord {
@@ -357,18 +362,19 @@ fn replay_seq(hot_fallback: bool) -> (Vec<u64>, u64) {
         run_pages: 64,
         hot_ttl: Duration::from_secs(10),
     });
-    let regions = [BASE..BASE + TOTAL as u64 * P];
+    let regions = [pages(0, TOTAL as u64)];
     let mut state = vec![Sim::Untouched; TOTAL];
     let mut hot_since: HashMap<u64, u64> = HashMap::new();
     let mut resident_after = Vec::new();
     let mut hot_chosen = 0u64;
     for (now_ms, first, last) in touches {
-        for i in first as usize..=last as usize {
-            if !matches!(state[i], Sim::Resident | Sim::Untouched) {
+        for i in first..=last {
+            let s = &mut state[i as usize];
+            if !matches!(*s, Sim::Resident | Sim::Untouched) {
                 // A refault: the monitor marks the faulting page hot.
-                hot_since.insert(BASE + i as u64 * P, now_ms);
+                hot_since.insert(BASE + i * P, now_ms);
             }
-            state[i] = Sim::Resident;
+            *s = Sim::Resident;
         }
         let resident = |s: &[Sim]| s.iter().filter(|s| **s == Sim::Resident).count() as u64;
         let want = pol.eviction_target_pages(resident(&state) * P, 0);
@@ -456,7 +462,7 @@ fn sweep_hot_fallback_takes_oldest_hot_in_address_order() {
     };
     let runs = pol.sweep_with(
         1000,
-        &[BASE..BASE + 7 * P],
+        &[pages(0, 7)],
         &mut view,
         SweepLimits {
             want_pages: 4,
@@ -529,7 +535,7 @@ fn region_stats_attribute_and_follow_snapshots() {
     assert!((top[0].refault_ratio - 0.5).abs() < 1e-9);
     assert_eq!((top[1].evicted_pages, top[1].refaults), (2, 1));
     // `a` grows in place: counts kept; `b` is gone: dropped.
-    s.sync(&[BASE..BASE + 12 * P]);
+    s.sync(&[pages(0, 12)]);
     assert_eq!(s.len(), 1);
     let g = s.get(BASE).unwrap();
     assert_eq!((g.bytes, g.evicted_pages, g.refaults), (12 * P, 4, 2));
