@@ -1,4 +1,5 @@
-//! Replays of recorded traces (`src/policy/traces/*.txt`) through the pressure controller and
+//! Replays of trace fixtures (`src/policy/traces/*.txt`; synthetic, written to the shape of
+//! measured runs, not captured from the monitor) through the pressure controller and
 //! the clock policy, plus unit tests of the controller and the per-region statistics.
 //!
 //! Two trace formats, both one record per line, `#` comments:
