@@ -229,6 +229,16 @@ fn print_summary(r: &ClientReport, wall: Duration) {
         r.fault_latency.p50_us,
         r.fault_latency.p99_us
     );
+    let pol = &r.policy;
+    eprintln!(
+        "  policy        stall {:.2} s in all, promotion {:.1}%/min, cold age {:.1} s, hot pages evicted for the budget {}, proactive {} ({})",
+        pol.stall_s,
+        pol.promotion_rate_per_min * 100.0,
+        pol.cold_age_ms as f64 / 1e3,
+        pol.pages_evicted_hot,
+        pol.pages_proactive,
+        if pol.controller_state.is_empty() { "idle" } else { &pol.controller_state }
+    );
     if let Some(saved) = r.saved_at_peak_bytes() {
         eprintln!("  memory saved  {} at the deepest point (program memory out of RAM minus what uswap held for it)", mib(saved));
     }

@@ -64,6 +64,10 @@ pub const KEYS: &[&str] = &[
     "rescue_after",
     "backend",
     "move_in_decompressed",
+    "stall_target",
+    "proactive_rate",
+    "promotion_slo",
+    "max_cold_age",
 ];
 
 /// How pages leave and re-enter the program. Key `backend`.
@@ -130,6 +134,18 @@ pub struct ProgramConfig {
     /// Cross-mm backend: move decompressed pages into the program instead of copying them.
     /// Key `move_in_decompressed`.
     pub move_in_decompressed: bool,
+    /// Stall of the program's threads on uswap faults allowed per second of wall time, for
+    /// proactive reclaim; zero = no stall feedback. Key `stall_target`.
+    pub stall_target_per_sec: Duration,
+    /// Proactive reclaim below the budget (or without one) at zero stall, bytes per second;
+    /// 0 = off. Key `proactive_rate`.
+    pub proactive_bytes_per_sec: u64,
+    /// Promotion SLO: refaults per minute as a fraction of the evicted pages; 0 = off.
+    /// Key `promotion_slo`.
+    pub promotion_slo_per_min: f64,
+    /// Ceiling of the cold age, which starts at `cooling` and rises while the promotion SLO
+    /// is breached. Key `max_cold_age`.
+    pub max_cold_age: Duration,
 }
 
 impl Default for ProgramConfig {
@@ -150,6 +166,10 @@ impl Default for ProgramConfig {
             rescue_after: Duration::from_secs(5),
             backend: Backend::Auto,
             move_in_decompressed: false,
+            stall_target_per_sec: Duration::from_millis(10),
+            proactive_bytes_per_sec: 0,
+            promotion_slo_per_min: 0.0,
+            max_cold_age: Duration::from_secs(30),
         }
     }
 }
@@ -199,6 +219,19 @@ impl ProgramConfig {
             "move_in_decompressed",
             self.move_in_decompressed.to_string(),
         );
+        line(
+            "stall_target",
+            format!("\"{}/s\"", format_duration(self.stall_target_per_sec)),
+        );
+        line(
+            "proactive_rate",
+            format!("\"{}\"", format_size(self.proactive_bytes_per_sec)),
+        );
+        line("promotion_slo", format!("{:?}", self.promotion_slo_per_min));
+        line(
+            "max_cold_age",
+            format!("\"{}\"", format_duration(self.max_cold_age)),
+        );
         out
     }
 }
@@ -224,6 +257,10 @@ pub struct Overrides {
     pub rescue_after: Option<Duration>,
     pub backend: Option<Backend>,
     pub move_in_decompressed: Option<bool>,
+    pub stall_target_per_sec: Option<Duration>,
+    pub proactive_bytes_per_sec: Option<u64>,
+    pub promotion_slo_per_min: Option<f64>,
+    pub max_cold_age: Option<Duration>,
 }
 
 impl Overrides {
@@ -270,6 +307,14 @@ impl Overrides {
             "rescue_after" => self.rescue_after = Some(check_rescue_after(duration_value(v)?)?),
             "backend" => self.backend = Some(backend_value(v)?),
             "move_in_decompressed" => self.move_in_decompressed = Some(bool_value(v)?),
+            "stall_target" => {
+                self.stall_target_per_sec = Some(check_stall_target(per_sec_duration_value(v)?)?)
+            }
+            "proactive_rate" => self.proactive_bytes_per_sec = Some(rate_value(v)?),
+            "promotion_slo" => {
+                self.promotion_slo_per_min = Some(check_promotion_slo(fraction_value(v)?)?)
+            }
+            "max_cold_age" => self.max_cold_age = Some(check_max_cold_age(duration_value(v)?)?),
             _ => return Err(KeyError::Unknown),
         }
         Ok(())
@@ -317,6 +362,15 @@ impl Overrides {
         if let Some(v) = self.rescue_after {
             check_rescue_after(v).map_err(|r| err("rescue_after", r.reason()))?;
         }
+        if let Some(v) = self.stall_target_per_sec {
+            check_stall_target(v).map_err(|r| err("stall_target", r.reason()))?;
+        }
+        if let Some(v) = self.promotion_slo_per_min {
+            check_promotion_slo(v).map_err(|r| err("promotion_slo", r.reason()))?;
+        }
+        if let Some(v) = self.max_cold_age {
+            check_max_cold_age(v).map_err(|r| err("max_cold_age", r.reason()))?;
+        }
         Ok(())
     }
 
@@ -345,6 +399,13 @@ impl Overrides {
         put(&mut cfg.rescue_after, &self.rescue_after);
         put(&mut cfg.backend, &self.backend);
         put(&mut cfg.move_in_decompressed, &self.move_in_decompressed);
+        put(&mut cfg.stall_target_per_sec, &self.stall_target_per_sec);
+        put(
+            &mut cfg.proactive_bytes_per_sec,
+            &self.proactive_bytes_per_sec,
+        );
+        put(&mut cfg.promotion_slo_per_min, &self.promotion_slo_per_min);
+        put(&mut cfg.max_cold_age, &self.max_cold_age);
     }
 }
 
@@ -447,11 +508,15 @@ struct RawConfig {
     rescue_after: Option<Spanned<Value>>,
     backend: Option<Spanned<Value>>,
     move_in_decompressed: Option<Spanned<Value>>,
+    stall_target: Option<Spanned<Value>>,
+    proactive_rate: Option<Spanned<Value>>,
+    promotion_slo: Option<Spanned<Value>>,
+    max_cold_age: Option<Spanned<Value>>,
 }
 
 impl RawConfig {
     /// The fields paired with their key names, in [`KEYS`] order.
-    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 15] {
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 19] {
         [
             ("budget", self.budget),
             ("cooling", self.cooling),
@@ -468,6 +533,10 @@ impl RawConfig {
             ("rescue_after", self.rescue_after),
             ("backend", self.backend),
             ("move_in_decompressed", self.move_in_decompressed),
+            ("stall_target", self.stall_target),
+            ("proactive_rate", self.proactive_rate),
+            ("promotion_slo", self.promotion_slo),
+            ("max_cold_age", self.max_cold_age),
         ]
     }
 }
@@ -680,6 +749,48 @@ fn duration_value(v: &Value) -> Result<Duration, KeyError> {
     }
 }
 
+/// A duration per second of wall time: a duration, optionally followed by `/s`.
+fn per_sec_duration_value(v: &Value) -> Result<Duration, KeyError> {
+    match v {
+        Value::String(s) => {
+            let s = s.trim();
+            Ok(parse_duration(s.strip_suffix("/s").unwrap_or(s))?)
+        }
+        _ => duration_value(v),
+    }
+}
+
+/// A non-negative fraction: a float or integer (`0.05`), or a percentage string (`"5%"`).
+fn fraction_value(v: &Value) -> Result<f64, KeyError> {
+    let f = match v {
+        Value::Float(f) => *f,
+        Value::Integer(i) => *i as f64,
+        Value::String(s) => {
+            let t = s.trim();
+            let (num, scale) = match t.strip_suffix('%') {
+                Some(pct) => (pct.trim(), 100.0),
+                None => (t, 1.0),
+            };
+            num.parse::<f64>().map_err(|_| {
+                KeyError::Invalid(format!(
+                    "invalid fraction \"{s}\" (expected e.g. 0.05 or \"5%\")"
+                ))
+            })? / scale
+        }
+        other => {
+            return Err(KeyError::Invalid(format!(
+                "expected a fraction (e.g. 0.05) or a percentage (e.g. \"5%\"), found {}",
+                type_name(other)
+            )))
+        }
+    };
+    if f.is_finite() {
+        Ok(f)
+    } else {
+        Err(KeyError::Invalid(format!("{f} is not a finite number")))
+    }
+}
+
 fn bool_value(v: &Value) -> Result<bool, KeyError> {
     match v {
         Value::Boolean(b) => Ok(*b),
@@ -766,6 +877,26 @@ fn check_rescue_after(d: Duration) -> Result<Duration, KeyError> {
 }
 
 fn check_hot_ttl(d: Duration) -> Result<Duration, KeyError> {
+    duration_in_range(d, Duration::ZERO, Duration::from_secs(24 * 3600))
+}
+
+fn check_stall_target(d: Duration) -> Result<Duration, KeyError> {
+    duration_in_range(d, Duration::ZERO, Duration::from_secs(10))
+}
+
+/// Refaults per minute as a fraction of evicted pages: 0 (off) up to 100 (each evicted page
+/// refaulted a hundred times a minute).
+fn check_promotion_slo(v: f64) -> Result<f64, KeyError> {
+    if !(0.0..=100.0).contains(&v) {
+        Err(KeyError::Invalid(format!(
+            "{v} is out of range (allowed 0..=100, a fraction of the evicted pages per minute; 0 = off)"
+        )))
+    } else {
+        Ok(v)
+    }
+}
+
+fn check_max_cold_age(d: Duration) -> Result<Duration, KeyError> {
     duration_in_range(d, Duration::ZERO, Duration::from_secs(24 * 3600))
 }
 

@@ -503,3 +503,112 @@ fn daemon_file_in_dir_is_not_a_program_config() {
         DaemonConfig::default()
     );
 }
+
+// ---- policy keys (stall target, proactive reclaim, promotion SLO, cold age) ----
+
+#[test]
+fn policy_keys_parse_to_their_values() {
+    let dir = dir_with(&[(
+        "app.toml",
+        "stall_target = \"25ms/s\"\nproactive_rate = \"16M/s\"\npromotion_slo = \"2.5%\"\nmax_cold_age = \"1m\"\n",
+    )]);
+    let (cfg, _) =
+        load_program_config(Some(dir.path()), "app", None, &Overrides::default()).unwrap();
+    assert_eq!(cfg.stall_target_per_sec, Duration::from_millis(25));
+    assert_eq!(cfg.proactive_bytes_per_sec, 16 << 20);
+    assert!((cfg.promotion_slo_per_min - 0.025).abs() < 1e-12);
+    assert_eq!(cfg.max_cold_age, Duration::from_secs(60));
+    // Plain forms: a duration without "/s", a float fraction, an integer.
+    let dir = dir_with(&[(
+        "app.toml",
+        "stall_target = \"0s\"\npromotion_slo = 0.05\nproactive_rate = 4096\n",
+    )]);
+    let (cfg, _) =
+        load_program_config(Some(dir.path()), "app", None, &Overrides::default()).unwrap();
+    assert_eq!(cfg.stall_target_per_sec, Duration::ZERO);
+    assert!((cfg.promotion_slo_per_min - 0.05).abs() < 1e-12);
+    assert_eq!(cfg.proactive_bytes_per_sec, 4096);
+    // Overrides as on a command line.
+    let mut over = Overrides::default();
+    over.set_str("promotion_slo", "0.2").unwrap();
+    over.set_str("stall_target", "5ms").unwrap();
+    let (cfg, _) = load_program_config(None, "app", None, &over).unwrap();
+    assert!((cfg.promotion_slo_per_min - 0.2).abs() < 1e-12);
+    assert_eq!(cfg.stall_target_per_sec, Duration::from_millis(5));
+}
+
+#[test]
+fn policy_keys_bad_values_name_file_key_reason() {
+    let msg = error_for("stall_target = \"11s\"\n");
+    assert!(
+        msg.contains("foo.toml:1: key \"stall_target\": 11s is out of range (allowed 0ns..=10s)"),
+        "{msg}"
+    );
+    let msg = error_for("stall_target = 10\n");
+    assert!(
+        msg.contains("key \"stall_target\": expected a duration string with a unit"),
+        "{msg}"
+    );
+    let msg = error_for("budget = \"1G\"\npromotion_slo = -0.1\n");
+    assert!(
+        msg.contains("foo.toml:2: key \"promotion_slo\": -0.1 is out of range (allowed 0..=100"),
+        "{msg}"
+    );
+    let msg = error_for("promotion_slo = \"lots\"\n");
+    assert!(
+        msg.contains("key \"promotion_slo\": invalid fraction \"lots\""),
+        "{msg}"
+    );
+    let msg = error_for("promotion_slo = \"20000%\"\n");
+    assert!(
+        msg.contains("key \"promotion_slo\"") && msg.contains("out of range"),
+        "{msg}"
+    );
+    let msg = error_for("promotion_slo = true\n");
+    assert!(
+        msg.contains("key \"promotion_slo\": expected a fraction") && msg.contains("boolean true"),
+        "{msg}"
+    );
+    let msg = error_for("promotion_slo = nan\n");
+    assert!(
+        msg.contains("key \"promotion_slo\"") && msg.contains("not a finite number"),
+        "{msg}"
+    );
+    let msg = error_for("proactive_rate = \"fast\"\n");
+    assert!(
+        msg.contains("key \"proactive_rate\": invalid size \"fast\""),
+        "{msg}"
+    );
+    let msg = error_for("max_cold_age = \"2d\"\n");
+    assert!(
+        msg.contains("key \"max_cold_age\": invalid duration"),
+        "{msg}"
+    );
+    let msg = error_for("max_cold_age = \"25h\"\n");
+    assert!(
+        msg.contains("key \"max_cold_age\"") && msg.contains("out of range"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn policy_keys_bad_overrides_are_refused() {
+    let over = Overrides {
+        promotion_slo_per_min: Some(f64::INFINITY),
+        ..Default::default()
+    };
+    let err = load_program_config(None, "app", None, &over).unwrap_err();
+    assert!(err.to_string().contains("\"promotion_slo\""), "{err}");
+    let over = Overrides {
+        stall_target_per_sec: Some(Duration::from_secs(60)),
+        ..Default::default()
+    };
+    let err = load_program_config(None, "app", None, &over).unwrap_err();
+    assert!(
+        err.to_string().contains("\"stall_target\"") && err.to_string().contains("out of range"),
+        "{err}"
+    );
+    let mut over = Overrides::default();
+    let err = over.set_str("promotion_slo", "-1").unwrap_err();
+    assert!(err.to_string().contains("key \"promotion_slo\""), "{err}");
+}

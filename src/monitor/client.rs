@@ -27,9 +27,11 @@ use tracing::{debug, info, warn};
 use super::forks::{ForkSnapshot, Forks};
 use super::pages::{PageState, Pages};
 use super::regions::Regions;
-use super::stats::{ClientReport, Counters, Latency, Percentiles};
+use super::stats::{ClientReport, Counters, Latency, Percentiles, PolicyReport};
 use crate::config::{Backend, ProgramConfig};
-use crate::policy::{ClockPolicy, PageClass, PageView, PolicyParams};
+use crate::policy::controller::{ControllerParams, PressureController, Sample};
+use crate::policy::regions::RegionStats;
+use crate::policy::{ClockPolicy, PageClass, PageView, PolicyParams, SweepLimits};
 use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::shm::{self, Window};
 use crate::protocol::wire::{Msg, NO_MEMBER, REGIONS_FIRST, REGIONS_LAST};
@@ -140,6 +142,10 @@ pub struct State {
     pub store: SharedStore,
     pub regions: Regions,
     pub policy: ClockPolicy,
+    /// Proactive reclaim and cold age, from the measured stall and promotion rate.
+    pub controller: PressureController,
+    /// Evictions and refaults per managed region.
+    pub region_stats: RegionStats,
     /// Batches posted and not yet completed: (seq, slot per page in order).
     pub inflight: std::collections::VecDeque<(u64, Vec<u32>)>,
     pub next_seq: u64,
@@ -263,6 +269,17 @@ fn policy_params(cfg: &ProgramConfig) -> PolicyParams {
     }
 }
 
+fn controller_params(cfg: &ProgramConfig) -> ControllerParams {
+    ControllerParams {
+        stall_target_ns_per_s: u64::try_from(cfg.stall_target_per_sec.as_nanos())
+            .unwrap_or(u64::MAX),
+        proactive_bytes_per_sec: cfg.proactive_bytes_per_sec,
+        promotion_slo_per_min: cfg.promotion_slo_per_min,
+        cooling: cfg.cooling,
+        max_cold_age: cfg.max_cold_age,
+    }
+}
+
 impl Client {
     /// Sets up the window and the durable store for a client whose `Hello` was accepted.
     /// Returns the client and the window memfd and store file to send in the acknowledgement.
@@ -375,6 +392,8 @@ impl Client {
             store,
             regions: Regions::default(),
             policy: ClockPolicy::new(policy_params(&cfg)),
+            controller: PressureController::new(controller_params(&cfg)),
+            region_stats: RegionStats::default(),
             inflight: Default::default(),
             next_seq: 0,
             paused: false,
@@ -867,7 +886,8 @@ impl Client {
         self.counters
             .fault_rate
             .sample(Counters::get(&self.counters.faults));
-        self.compress_cooled();
+        let decision = self.policy_tick(rss);
+        self.compress_cooled(decision.cold_age_ms);
         self.limits.forks.sweep();
         {
             let st = self.state.lock();
@@ -885,13 +905,52 @@ impl Client {
         if !self.cross_mm.load(Ordering::Relaxed) {
             self.watch_agent();
         }
-        if self.cfg.budget_bytes.is_some() && !self.agent_stalled.load(Ordering::Relaxed) {
-            self.evict(rss);
+        let proactive = self.state.lock().controller.proactive();
+        if (self.cfg.budget_bytes.is_some() || proactive)
+            && !self.agent_stalled.load(Ordering::Relaxed)
+        {
+            self.evict(rss, decision.proactive_pages);
         }
         self.counters.agent_busy_ns.store(
             win.agent_busy_ns().load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+    }
+
+    /// Feeds the pressure controller this tick's counters and attributes the refaults logged
+    /// since the last tick to their regions.
+    fn policy_tick(&self, rss: u64) -> crate::policy::controller::Decision {
+        let c = &self.counters;
+        let now_ms = self.now_ms();
+        let mut st = self.state.lock();
+        let counts = st.pages.counts();
+        let over_budget = st.policy.eviction_target_pages(rss, counts.moving) > 0;
+        let before = st.controller.state();
+        let decision = st.controller.update(Sample {
+            now_ms,
+            stall_ns: Counters::get(&c.stall_ns),
+            refaults: Counters::get(&c.faults_window) + Counters::get(&c.faults_store),
+            evicted_pages: counts.window + counts.stored,
+            over_budget,
+        });
+        if decision.state != before {
+            debug!(
+                client = self.id,
+                state = decision.state.name(),
+                stall_ms_per_s = st.controller.stall_ms_per_s(),
+                promotion_rate_per_min = st.controller.promotion_rate_per_min(),
+                cold_age_ms = decision.cold_age_ms,
+                "policy controller"
+            );
+        }
+        let managed = st.regions.managed();
+        st.region_stats.sync(&managed);
+        let (refaults, dropped) = st.pages.take_refaults();
+        for a in refaults {
+            st.region_stats.record_refault(a);
+        }
+        st.region_stats.unattributed_refaults += dropped;
+        decision
     }
 
     /// Times the oldest batch in flight: one unanswered for `agent_timeout` (a stopped,
@@ -949,16 +1008,20 @@ impl Client {
         }
     }
 
-    fn evict(&self, rss: u64) {
+    /// Trial-evicts what the budget asks for (hard: at full rate, from the oldest hot pages if
+    /// no cold candidate is left) or, under the budget, the controller's `proactive_pages`
+    /// (cold candidates only).
+    fn evict(&self, rss: u64, proactive_pages: u64) {
         let win = self.win();
         {
             let st = self.state.lock();
             if st.paused
                 || st.inflight.len() >= shm::RING_LEN
-                || st
+                || (st
                     .policy
                     .eviction_target_pages(rss, st.pages.counts().moving)
                     == 0
+                    && proactive_pages == 0)
             {
                 return;
             }
@@ -978,7 +1041,13 @@ impl Client {
             return;
         }
         let inflight_pages = st.pages.counts().moving;
-        let mut want = st.policy.eviction_target_pages(rss, inflight_pages);
+        let hard = st.policy.eviction_target_pages(rss, inflight_pages);
+        // Over budget: the limit holds, hot pages included. Under it: proactive, cold only.
+        let (mut want, over_budget) = if hard > 0 {
+            (hard, true)
+        } else {
+            (proactive_pages, false)
+        };
         let batch_pages = (self.cfg.batch_pages as usize).min(shm::MAX_BATCH_PAGES);
         let now_ms = self.now_ms();
         while want > 0 && st.inflight.len() < shm::RING_LEN {
@@ -993,9 +1062,16 @@ impl Client {
             }
             let st_ref = &mut *st;
             let mut view = View::new(&mut st_ref.pages);
-            let runs = st_ref
-                .policy
-                .sweep(now_ms, &regions, &mut view, chunk, chunk * 16 + 4096);
+            let runs = st_ref.policy.sweep_with(
+                now_ms,
+                &regions,
+                &mut view,
+                SweepLimits {
+                    want_pages: chunk,
+                    max_scan_pages: chunk * 16 + 4096,
+                    hot_fallback_pages: if over_budget { chunk } else { 0 },
+                },
+            );
             if runs.is_empty() {
                 break;
             }
@@ -1009,9 +1085,19 @@ impl Client {
                 // Split the run where its slots stop being contiguous.
                 for i in 0..run.pages as u64 {
                     let addr = run.addr + i * PAGE_BYTES;
+                    let was_hot = matches!(
+                        st.pages.state(addr),
+                        PageState::Absent {
+                            hot_since_ms: Some(_)
+                        }
+                    );
                     let Some(slot) = st.pages.begin_evict(addr, seq) else {
                         continue;
                     };
+                    if was_hot {
+                        Counters::add(&self.counters.pages_evicted_hot, 1);
+                    }
+                    st.region_stats.record_evicted(addr, 1);
                     super::pagetrace::rec(self.id, "post", addr, seq, slot as u64);
                     let extend = desc_runs.last().is_some_and(|r| {
                         r.addr + r.pages as u64 * PAGE_BYTES == addr
@@ -1037,6 +1123,9 @@ impl Client {
                 break;
             }
             let posted = slots_in_order.len() as u64;
+            if !over_budget {
+                Counters::add(&self.counters.pages_proactive, posted);
+            }
             if self.cross_mm.load(Ordering::Relaxed) {
                 st.next_seq = seq + 1;
                 Counters::add(&self.counters.pages_posted, posted);
@@ -1297,9 +1386,11 @@ impl Client {
     }
 
     /// Compresses pages that have cooled in the window (or must leave it under pressure).
-    fn compress_cooled(&self) {
+    /// Pages untouched in the window for `cold_age_ms` (the controller's cold age, at least
+    /// `cooling`) are cold.
+    fn compress_cooled(&self, cold_age_ms: u64) {
         let now_ms = self.now_ms();
-        let cooling_ms = self.cfg.cooling.as_millis() as u64;
+        let cooling_ms = cold_age_ms;
         let mut todo = Vec::new();
         {
             let mut st = self.state.lock();
@@ -1505,6 +1596,22 @@ impl Client {
             agent_wait_latency: Percentiles::of(&self.latency.wait_ns.lock()),
             monitor_compress_cpu_s: g(&c.compress_ns) as f64 / 1e9,
             monitor_fault_service_s: g(&c.fault_service_ns) as f64 / 1e9,
+            policy: PolicyReport {
+                controller_state: st.controller.state().name().into(),
+                stall_ms_per_s: if alive {
+                    st.controller.stall_ms_per_s()
+                } else {
+                    0.0
+                },
+                stall_s: g(&c.stall_ns) as f64 / 1e9,
+                stall_target_ms_per_s: self.cfg.stall_target_per_sec.as_secs_f64() * 1e3,
+                promotion_rate_per_min: st.controller.promotion_rate_per_min(),
+                promotion_slo_per_min: self.cfg.promotion_slo_per_min,
+                cold_age_ms: st.controller.cold_age_ms(),
+                pages_evicted_hot: g(&c.pages_evicted_hot),
+                pages_proactive: g(&c.pages_proactive),
+                regions: st.region_stats.top(4),
+            },
             agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
             monitor_move_out_s: g(&c.move_out_ns) as f64 / 1e9,
             monitor_shadow_s: g(&c.shadow_ns) as f64 / 1e9,

@@ -188,10 +188,13 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                     _ => &mut buf[..],
                 };
                 match serve(&client, p.addr, gather, &mut arrivals, move_in) {
-                    Served::Done => {
+                    Served::Done { refault } => {
                         let ns = p.since.elapsed().as_nanos() as u64;
                         client.latency.record_fault(ns);
                         Counters::add(&client.counters.fault_service_ns, ns);
+                        if refault || p.waited {
+                            Counters::add(&client.counters.stall_ns, ns);
+                        }
                         if p.waited {
                             client.latency.record_wait(ns);
                         }
@@ -411,7 +414,10 @@ pub(super) fn complete_batches(client: &Client) {
 }
 
 enum Served {
-    Done,
+    /// `refault`: served from the window or the store (a stall caused by eviction).
+    Done {
+        refault: bool,
+    },
     Wait,
     Retry,
     Gone,
@@ -619,7 +625,9 @@ fn serve(
                 },
                 1,
             );
-            Served::Done
+            Served::Done {
+                refault: !matches!(plan, FaultPlan::Zero { .. }),
+            }
         }
         Err(UffdError::Retry { .. }) => Served::Retry,
         Err(UffdError::TargetGone { .. }) => Served::Gone,
@@ -628,7 +636,7 @@ fn serve(
             // release the faulting thread; if it touches the address again it faults anew.
             debug!(client = client.id, addr, "fault service: {e}");
             let _ = client.uffd.wake(addr, PAGE_BYTES);
-            Served::Done
+            Served::Done { refault: false }
         }
     }
 }

@@ -170,7 +170,15 @@ pub struct Pages {
     /// The window whose slot records mirror the slot table (stock backend); `None` when the
     /// slots are not in shared memory (cross-mm arena, tests).
     records: Option<Window>,
+    /// Addresses of refaults (a touched page brought back from the window or the store) since
+    /// the control thread last took them, for per-region statistics; at most
+    /// [`MAX_REFAULT_LOG`], further ones only counted.
+    refault_log: Vec<u64>,
+    refaults_dropped: u64,
 }
+
+/// Refault addresses kept between two policy ticks.
+pub const MAX_REFAULT_LOG: usize = 1 << 16;
 
 fn chunk_of(addr: u64) -> (u64, usize) {
     (
@@ -197,6 +205,8 @@ impl Pages {
             cooling: VecDeque::new(),
             counts: PageCounts::default(),
             records: None,
+            refault_log: Vec::new(),
+            refaults_dropped: 0,
         }
     }
 
@@ -461,12 +471,37 @@ impl Pages {
     /// The page at `addr` is back in the program (COPY succeeded): it is hot now. Returns the
     /// blob to free.
     pub fn faulted_in(&mut self, addr: u64, now_ms: u64) -> Released {
-        self.brought_back(addr, Some(now_ms))
+        self.bring_back(addr, Some(now_ms))
     }
 
     /// The page at `addr` is back in the program; `hot_since_ms` is `None` for a page brought
-    /// back without being touched (prefetch). Returns the blob to free.
+    /// back without being touched (prefetch). Returns the blob to free. A touched page that
+    /// was in the window or the store is a refault and is logged ([`Self::take_refaults`]).
     pub fn brought_back(&mut self, addr: u64, hot_since_ms: Option<u64>) -> Released {
+        if hot_since_ms.is_some()
+            && matches!(
+                self.state(addr),
+                PageState::Window { .. } | PageState::Stored(_)
+            )
+        {
+            if self.refault_log.len() < MAX_REFAULT_LOG {
+                self.refault_log.push(addr);
+            } else {
+                self.refaults_dropped += 1;
+            }
+        }
+        self.bring_back(addr, hot_since_ms)
+    }
+
+    /// The refault addresses logged since the last call, and how many more were not kept.
+    pub fn take_refaults(&mut self) -> (Vec<u64>, u64) {
+        (
+            std::mem::take(&mut self.refault_log),
+            std::mem::take(&mut self.refaults_dropped),
+        )
+    }
+
+    fn bring_back(&mut self, addr: u64, hot_since_ms: Option<u64>) -> Released {
         let old = self.state(addr);
         self.set(addr, PageState::Absent { hot_since_ms });
         match old {

@@ -51,6 +51,15 @@ pub struct Counters {
     pub compressed_bytes_in: AtomicU64,
     pub compressed_bytes_out: AtomicU64,
     pub fault_service_ns: AtomicU64,
+    /// Stall of the program's threads on faults in evicted memory (served from the window or
+    /// the store, or parked on a page in flight), from reading each fault to waking its
+    /// thread, in ns. Fresh-memory (zero-fill) faults are not counted: eviction does not cause
+    /// them. The pressure controller's input.
+    pub stall_ns: AtomicU64,
+    /// Pages chosen from hot pages to hold the budget (no cold candidate was left).
+    pub pages_evicted_hot: AtomicU64,
+    /// Pages chosen by proactive reclaim (under the budget).
+    pub pages_proactive: AtomicU64,
     pub register_errors: AtomicU64,
     pub rss_anon_bytes: AtomicU64,
     pub peak_rss_anon_bytes: AtomicU64,
@@ -253,6 +262,8 @@ pub struct ClientReport {
     pub monitor_compress_cpu_s: f64,
     /// Wall time spent serving faults (from reading the message to the page in place).
     pub monitor_fault_service_s: f64,
+    /// The pressure controller and per-region statistics (DESIGN.md, "Policy").
+    pub policy: PolicyReport,
     pub agent_cpu_s: f64,
     /// Time the monitor spent moving pages out itself (cross-mm backend; the agent's share
     /// is `agent_cpu_s` on the stock backend).
@@ -268,6 +279,33 @@ pub struct ClientReport {
     /// CPU of the monitor's threads for this client (known once it detached).
     pub monitor_cpu_s: f64,
     pub store: StoreStats,
+}
+
+/// The policy's figures: stall, promotion rate, cold age, controller state, busiest regions.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct PolicyReport {
+    /// `idle`, `over-budget`, `probing`, `backing-off` or `slo-breach`.
+    pub controller_state: String,
+    /// Stall of the program's threads on faults in evicted memory, ms per second of wall time
+    /// (averaged over about a second; 0 once the program is gone).
+    pub stall_ms_per_s: f64,
+    /// Total such stall over the program's life, s.
+    pub stall_s: f64,
+    /// Configured stall target, ms per second (0 = no feedback).
+    pub stall_target_ms_per_s: f64,
+    /// Refaults in the last minute as a fraction of the pages evicted now.
+    pub promotion_rate_per_min: f64,
+    /// Configured promotion SLO (0 = off).
+    pub promotion_slo_per_min: f64,
+    /// Current cold age: trial-evicted pages untouched this long are compressed.
+    pub cold_age_ms: u64,
+    /// Pages evicted from hot pages to hold the budget.
+    pub pages_evicted_hot: u64,
+    /// Pages chosen by proactive reclaim under the budget.
+    pub pages_proactive: u64,
+    /// The regions with the most refaults (at most 4).
+    pub regions: Vec<crate::policy::regions::RegionReport>,
 }
 
 impl ClientReport {

@@ -171,6 +171,36 @@ const SERIES: &[Series] = &[
         "Monitor time spent compressing.",
         |r| r.monitor_compress_cpu_s,
     ),
+    counter(
+        "uswap_client_stall_seconds_total",
+        "Time the program's threads were blocked on faults in evicted memory.",
+        |r| r.policy.stall_s,
+    ),
+    gauge(
+        "uswap_client_stall_ms_per_second",
+        "Stall on faults in evicted memory, ms per second of wall time (about 1 s average).",
+        |r| r.policy.stall_ms_per_s,
+    ),
+    gauge(
+        "uswap_client_promotion_rate_per_minute",
+        "Refaults in the last minute as a fraction of the pages evicted now.",
+        |r| r.policy.promotion_rate_per_min,
+    ),
+    gauge(
+        "uswap_client_cold_age_seconds",
+        "Trial-evicted pages untouched this long are compressed.",
+        |r| r.policy.cold_age_ms as f64 / 1e3,
+    ),
+    counter(
+        "uswap_client_pages_evicted_hot_total",
+        "Pages taken from recently refaulted (hot) pages to hold the budget.",
+        |r| r.policy.pages_evicted_hot as f64,
+    ),
+    counter(
+        "uswap_client_pages_proactive_total",
+        "Pages chosen by proactive reclaim under the budget.",
+        |r| r.policy.pages_proactive as f64,
+    ),
 ];
 
 /// Escapes a label value (backslash, double quote, newline).

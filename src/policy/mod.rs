@@ -15,9 +15,27 @@
 //! until `hot_ttl` has passed, then clears the mark (second chance) and may choose it on a
 //! later pass. A page not refaulted within `cooling` is compressed and released from the
 //! window ([`ClockPolicy::cooled`]).
+//!
+//! **The budget is a hard limit.** While resident memory is over it, the eviction target is
+//! the excess (plus hysteresis) at the full rate cap, and if a sweep finds too few cold
+//! candidates, the oldest hot pages it passed are taken for the shortfall
+//! ([`SweepLimits::hot_fallback_pages`]): `hot_ttl` protects a refaulted page from being chosen
+//! before colder ones, never from the budget. (Without this, a scan that touched every page
+//! within `hot_ttl` made the whole program unevictable: BENCHMARKS.md, "Holding the budget".)
+//!
+//! Below the budget, [`controller::PressureController`] decides how much to reclaim
+//! proactively (cold candidates only) from the measured stall and promotion rate, and how long
+//! the cold age (the wait before compression, at least `cooling`) is; [`regions::RegionStats`]
+//! keeps per-region eviction and refault counts.
+
+pub mod controller;
+pub mod regions;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod trace_tests;
 
 use std::ops::Range;
 use std::time::Duration;
@@ -73,6 +91,19 @@ pub trait PageView {
         let _ = end_addr;
         from_addr
     }
+}
+
+/// The bounds of one sweep ([`ClockPolicy::sweep_with`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct SweepLimits {
+    /// Pages to choose.
+    pub want_pages: u64,
+    /// Pages to examine at most (pages skipped via [`PageView::next_interesting`] are free).
+    pub max_scan_pages: u64,
+    /// Of the shortfall (fewer cold candidates than `want_pages`), how many pages may be taken
+    /// from the hot pages examined, oldest first. 0 below the budget: hot pages are then
+    /// never chosen.
+    pub hot_fallback_pages: u64,
 }
 
 /// A contiguous run of pages chosen for trial eviction.
@@ -190,6 +221,36 @@ impl ClockPolicy {
         want_pages: u64,
         max_scan_pages: u64,
     ) -> Vec<Run> {
+        self.sweep_with(
+            now_ms,
+            regions,
+            view,
+            SweepLimits {
+                want_pages,
+                max_scan_pages,
+                hot_fallback_pages: 0,
+            },
+        )
+    }
+
+    /// [`Self::sweep`], and when fewer than `want_pages` cold candidates were found, up to
+    /// `hot_fallback_pages` of the shortfall taken from the hot pages the sweep examined,
+    /// oldest mark first (ties: lowest address). Hot pages whose mark expired during this
+    /// sweep count as the oldest. Hot runs follow the candidate runs, in address order; they
+    /// obey the same run limit and never cross a region boundary. Used to hold the budget
+    /// when every page left has been refaulted recently.
+    pub fn sweep_with(
+        &mut self,
+        now_ms: u64,
+        regions: &[Range<u64>],
+        view: &mut impl PageView,
+        limits: SweepLimits,
+    ) -> Vec<Run> {
+        let SweepLimits {
+            want_pages,
+            max_scan_pages,
+            hot_fallback_pages,
+        } = limits;
         let mut runs = Vec::new();
         if want_pages == 0 || max_scan_pages == 0 {
             return runs;
@@ -221,6 +282,8 @@ impl ClockPolicy {
         let mut examined_pages = 0u64;
         let mut chosen_pages = 0u64;
         let mut open: Option<Run> = None;
+        // Hot pages passed, for the fallback: (mark time, address, region index).
+        let mut hot_seen: Vec<(u64, u64, usize)> = Vec::new();
 
         'turn: loop {
             let end = regions[idx].end;
@@ -257,8 +320,12 @@ impl ClockPolicy {
                     }
                     PageClass::Hot { since_ms } => {
                         runs.extend(open.take());
-                        if since_ms.saturating_add(hot_ttl_ms) <= now_ms {
+                        let expired = since_ms.saturating_add(hot_ttl_ms) <= now_ms;
+                        if expired {
                             view.clear_hot(addr);
+                        }
+                        if hot_fallback_pages > 0 {
+                            hot_seen.push((if expired { 0 } else { since_ms }, addr, idx));
                         }
                     }
                     PageClass::Busy => runs.extend(open.take()),
@@ -272,6 +339,30 @@ impl ClockPolicy {
             addr = regions[idx].start;
         }
         runs.extend(open.take());
+
+        let shortfall = want_pages
+            .saturating_sub(chosen_pages)
+            .min(hot_fallback_pages);
+        if shortfall > 0 && !hot_seen.is_empty() {
+            hot_seen.sort_unstable();
+            hot_seen.truncate(usize::try_from(shortfall).unwrap_or(usize::MAX));
+            hot_seen.sort_unstable_by_key(|&(_, addr, _)| addr);
+            let mut open: Option<(Run, usize)> = None;
+            for (_, addr, region) in hot_seen {
+                match open.as_mut() {
+                    Some((run, r))
+                        if *r == region && run.end_addr() == addr && run.pages < run_limit =>
+                    {
+                        run.pages += 1;
+                    }
+                    _ => {
+                        runs.extend(open.take().map(|(run, _)| run));
+                        open = Some((Run { addr, pages: 1 }, region));
+                    }
+                }
+            }
+            runs.extend(open.take().map(|(run, _)| run));
+        }
         runs
     }
 
