@@ -941,6 +941,12 @@ impl Killed {
         let rest = err.split("without the monitor: ").nth(1)?;
         rest.split_whitespace().next()?.parse().ok()
     }
+    /// The shim's "adopted this program: N evicted pages stay in its store" figure.
+    fn adopted_pages(&self) -> Option<u64> {
+        let err = self.stderr();
+        let rest = err.split("a new monitor adopted this program: ").nth(1)?;
+        rest.split_whitespace().next()?.parse().ok()
+    }
     /// How long the shim took to bring them home, in µs.
     fn home_us(&self) -> Option<u64> {
         let err = self.stderr();
@@ -963,6 +969,7 @@ impl Killed {
 const NOT_KILLED: &str = "the program ended before the daemon was killed";
 
 /// Runs `prog_args` under a daemon, SIGKILLs the daemon once it holds `min_held` evicted pages
+/// (compressed in the store only, with a `tag` starting `stored-`)
 /// and at least `min_delay` has passed, then (if `restart`) starts a new daemon on the same
 /// socket, and waits for the program.
 fn kill_daemon_under(
@@ -992,7 +999,12 @@ fn kill_daemon_under(
             .as_array()
             .and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload"))
             .map_or(0, |c| {
-                c["pages_in_window"].as_u64().unwrap_or(0) + c["pages_stored"].as_u64().unwrap_or(0)
+                let stored = c["pages_stored"].as_u64().unwrap_or(0);
+                if tag.starts_with("stored-") {
+                    stored
+                } else {
+                    c["pages_in_window"].as_u64().unwrap_or(0) + stored
+                }
             });
         if held >= min_held && started.elapsed() >= min_delay {
             break held;
@@ -1061,16 +1073,18 @@ fn monitor_killed_program_keeps_every_page() -> R {
     }
 }
 
-fn monitor_back_before_rescue_after_rescues_at_once() -> R {
-    // rescue_after is a minute: the program must not wait for it once a monitor answers again.
+fn restarted_monitor_adopts_program_before_rescue_after() -> R {
+    // rescue_after is a minute: a monitor that answers again adopts the program at once (its
+    // evicted pages stay evicted, in the store file the program handed over) and manages it
+    // to the end.
     let k = kill_daemon_under(
-        "killback",
+        "stored-killback",
         &[
             "fill-verify",
             "--mib",
             "32",
             "--rounds",
-            "2",
+            "3",
             "--idle-ms",
             "700",
         ],
@@ -1082,9 +1096,17 @@ fn monitor_back_before_rescue_after_rescues_at_once() -> R {
     if k.survived()? == Survival::LostLoudly {
         return Ok(());
     }
-    if k.after_kill > Duration::from_secs(30) || k.brought_home().is_none_or(|n| n < 1000) {
+    let adopted = k.adopted_pages();
+    if k.after_kill > Duration::from_secs(30) || adopted.is_none_or(|n| n < 1000) {
         return Err(format!(
-            "the program waited for rescue_after although a monitor came back, or brought nothing home\n{}",
+            "the restarted monitor did not adopt the program with its evicted pages\n{}",
+            k.describe()
+        )
+        .into());
+    }
+    if k.brought_home().is_some() {
+        return Err(format!(
+            "the program was rescued (brought home) although a monitor adopted it\n{}",
             k.describe()
         )
         .into());
@@ -1095,7 +1117,8 @@ fn monitor_back_before_rescue_after_rescues_at_once() -> R {
 /// `USWAP_KILL_LOOP` iterations (3 by default): a chaos workload (threads that fault, write,
 /// discard, unmap, remap, and a thread that forks every 150 ms with children that check their
 /// copy) loses its monitor to SIGKILL at a random moment; every other time a new monitor is
-/// started at once. Every page check of every run must pass.
+/// started at once and adopts the program (and its forked children). Every page check of
+/// every run must pass.
 fn monitor_kill_loop() -> R {
     let iterations: u64 = std::env::var("USWAP_KILL_LOOP")
         .ok()
@@ -1103,6 +1126,7 @@ fn monitor_kill_loop() -> R {
         .unwrap_or(3);
     let mut seed = 0x5eed_u64 ^ std::process::id() as u64;
     let (mut checks, mut home, mut held, mut home_us) = (0u64, 0u64, 0u64, 0u64);
+    let (mut adoptions, mut adopted_pages) = (0u64, 0u64);
     let mut lost_loudly = 0u64;
     for i in 0..iterations {
         seed = seed
@@ -1124,7 +1148,9 @@ fn monitor_kill_loop() -> R {
             match kill_daemon_under(
                 &format!("killloop{i}"),
                 &args,
-                &kill_overrides("200ms"),
+                // A restarted monitor adopts the program within rescue_after; without one,
+                // the shim brings everything home after it.
+                &kill_overrides(if i % 2 == 1 { "10s" } else { "200ms" }),
                 500,
                 delay,
                 i % 2 == 1,
@@ -1161,12 +1187,16 @@ fn monitor_kill_loop() -> R {
                 .into())
             }
         }
+        if let Some(n) = k.adopted_pages() {
+            adoptions += 1;
+            adopted_pages += n;
+        }
         home += k.brought_home().unwrap_or(0);
         home_us += k.home_us().unwrap_or(0);
         held += k.held_pages;
     }
     eprintln!(
-        "kill loop: {iterations} kills, {held} pages held by the monitor at the kills, {home} brought home by the shims ({:.0} pages/s), {checks} page checks passed, 0 lost silently; {lost_loudly} runs stopped loudly by pages lost in flight (cross-mm only)",
+        "kill loop: {iterations} kills, {held} pages held by the monitor at the kills, {home} brought home by the shims ({:.0} pages/s), {adoptions} adoptions by a restarted monitor ({adopted_pages} pages left evicted), {checks} page checks passed, 0 lost silently; {lost_loudly} runs stopped loudly by pages lost in flight (cross-mm only)",
         home as f64 / (home_us.max(1) as f64 / 1e6)
     );
     Ok(())
@@ -1320,8 +1350,8 @@ fn main() {
             monitor_killed_program_keeps_every_page,
         ),
         Trial::test(
-            "monitor_back_before_rescue_after_rescues_at_once",
-            monitor_back_before_rescue_after_rescues_at_once,
+            "restarted_monitor_adopts_program_before_rescue_after",
+            restarted_monitor_adopts_program_before_rescue_after,
         ),
         Trial::test("monitor_kill_loop", monitor_kill_loop),
         Trial::test(

@@ -53,6 +53,7 @@ pub(crate) fn kick() {
 }
 
 pub(crate) fn start() -> Result<(), i32> {
+    SHIM.agent_alive.store(true, Ordering::SeqCst);
     spawn_on_own_stack(
         SHIM.stack_base.load(Ordering::Relaxed),
         SHIM.stack_len.load(Ordering::Relaxed),
@@ -119,13 +120,20 @@ fn scratch(off: usize, len: usize) -> &'static mut [u8] {
 }
 
 extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
+    SHIM.agent_alive.store(true, Ordering::SeqCst);
+    agent_loop();
+    SHIM.agent_alive.store(false, Ordering::SeqCst);
+    std::ptr::null_mut()
+}
+
+fn agent_loop() {
     let base = SHIM.window_base.load(Ordering::Relaxed);
     let len = SHIM.window_len.load(Ordering::Relaxed);
     // SAFETY: the window mapping was made in `init` and is never unmapped while we run.
     let win = unsafe { Window::new(base as *mut u8, len) };
     if !win.is_valid() {
         raw::eprint_line(&[b"uswap: the monitor's window is not valid; eviction disabled"]);
-        return std::ptr::null_mut();
+        return;
     }
     win.staging_addr().store(
         SHIM.staging_base.load(Ordering::Relaxed) as u64,
@@ -163,14 +171,14 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
             crate::FD_REQ,
             crate::FD_DONE,
         ]) {
-            return std::ptr::null_mut();
+            return;
         }
         // The guardian sets `monitor_lost` and then waits for `agent_busy` to clear; we set
         // `agent_busy` and then check `monitor_lost` (both SeqCst): one of us sees the other.
         SHIM.agent_busy.store(true, Ordering::SeqCst);
         if SHIM.monitor_lost.load(Ordering::SeqCst) {
             SHIM.agent_busy.store(false, Ordering::SeqCst);
-            return std::ptr::null_mut();
+            return;
         }
         if rc > 0 {
             let mut v = 0u64;
@@ -192,7 +200,7 @@ extern "C" fn agent_main(_: *mut libc::c_void) -> *mut libc::c_void {
         }
         if requests & shm::REQ_SHUTDOWN != 0 {
             SHIM.agent_busy.store(false, Ordering::SeqCst);
-            return std::ptr::null_mut();
+            return;
         }
         let worked = run_batches(&win);
         if requests & shm::REQ_RSS != 0 {

@@ -74,6 +74,10 @@ pub(crate) struct Shim {
     pub monitor_lost: AtomicBool,
     /// The agent is between waking up and going back to sleep (batches, scans).
     pub agent_busy: AtomicBool,
+    /// The agent thread runs (set before it starts, cleared when it returns).
+    pub agent_alive: AtomicBool,
+    /// The features of the forwarded descriptor (for a `Hello` asking for adoption).
+    pub uffd_features: AtomicU64,
     /// The guardian brought every page home after the monitor died.
     pub rescue_done: AtomicBool,
     /// High-numbered duplicates of sock, uffd, req_efd, done_efd (in that order), to tell
@@ -105,6 +109,8 @@ pub(crate) static SHIM: Shim = Shim {
     guard_base: AtomicUsize::new(0),
     monitor_lost: AtomicBool::new(false),
     agent_busy: AtomicBool::new(false),
+    agent_alive: AtomicBool::new(false),
+    uffd_features: AtomicU64::new(0),
     rescue_done: AtomicBool::new(false),
     refs: [
         AtomicI32::new(-1),
@@ -161,6 +167,11 @@ pub(crate) const FD_SOCK: usize = 0;
 pub(crate) const FD_UFFD: usize = 1;
 pub(crate) const FD_REQ: usize = 2;
 pub(crate) const FD_DONE: usize = 3;
+
+/// The descriptor number of [`Shim::refs`] index `idx`'s original.
+pub(crate) fn fd_number(idx: usize) -> i32 {
+    fd_of(idx).load(Ordering::Relaxed)
+}
 
 fn fd_of(idx: usize) -> &'static AtomicI32 {
     match idx {
@@ -255,7 +266,7 @@ fn make_refs() -> Result<(), &'static str> {
 }
 
 /// Size of the agent's stack (its TLS and thread descriptor live at its top).
-const AGENT_STACK_BYTES: usize = 256 * 1024;
+pub(crate) const AGENT_STACK_BYTES: usize = 256 * 1024;
 /// Scratch memory of the agent: maps buffer and packet buffer.
 pub(crate) const SCRATCH_BYTES: usize = 256 * 1024;
 
@@ -353,7 +364,7 @@ fn connect(path: &[u8]) -> Result<i32, &'static str> {
 }
 
 /// Connects to the address of the first `connect` again (a forked child), without allocating.
-fn connect_again() -> Result<i32, &'static str> {
+pub(crate) fn connect_again() -> Result<i32, &'static str> {
     let Some((addr, len)) = SOCK_ADDR.get() else {
         return Err("the parent's monitor address is unknown");
     };
@@ -373,7 +384,7 @@ fn connect_again() -> Result<i32, &'static str> {
     Ok(fd)
 }
 
-fn program_name(buf: &mut [u8; 256]) -> usize {
+pub(crate) fn program_name(buf: &mut [u8; 256]) -> usize {
     // SAFETY: readlink writes at most buf.len() bytes.
     let n = unsafe {
         libc::readlink(
@@ -494,6 +505,8 @@ fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
         uffd_features: uffd.features(),
         fork_token: fork.map_or(0, |f| f.0),
         forked_from: fork.map_or(0, |f| f.1),
+        flags: 0,
+        store_member: 0,
         name: &name[..name_len],
         app,
         overrides,
@@ -556,6 +569,7 @@ fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
     SHIM.window_len.store(window_len, Ordering::Relaxed);
     SHIM.req_efd.store(req.into_raw_fd(), Ordering::Relaxed);
     SHIM.done_efd.store(done.into_raw_fd(), Ordering::Relaxed);
+    SHIM.uffd_features.store(uffd.features(), Ordering::Relaxed);
     SHIM.uffd
         .store(uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
     // Blocking from now on (fork requests may wait for a long restore).

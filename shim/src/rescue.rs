@@ -80,34 +80,183 @@ pub(crate) fn start() -> Result<(), i32> {
 }
 
 extern "C" fn guardian_main(_: *mut libc::c_void) -> *mut libc::c_void {
-    // The high-numbered duplicate: the same open socket, out of the program's way.
-    let sock = SHIM.refs[crate::FD_SOCK].load(Ordering::Relaxed);
     loop {
-        let mut pfd = libc::pollfd {
-            fd: sock,
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: polling one pollfd on our stack.
-        let rc = unsafe { libc::poll(&mut pfd, 1, 1000) };
-        if SHIM.state.load(Ordering::Acquire) != MANAGED {
-            return std::ptr::null_mut();
-        }
-        if rc > 0 {
-            if pfd.revents & libc::POLLNVAL != 0 {
+        // The high-numbered duplicate: the same open socket, out of the program's way (an
+        // adoption puts the new monitor's socket under the same number).
+        let sock = SHIM.refs[crate::FD_SOCK].load(Ordering::Relaxed);
+        loop {
+            let mut pfd = libc::pollfd {
+                fd: sock,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: polling one pollfd on our stack.
+            let rc = unsafe { libc::poll(&mut pfd, 1, 1000) };
+            if SHIM.state.load(Ordering::Acquire) != MANAGED {
                 return std::ptr::null_mut();
             }
-            if pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
-                break;
+            if rc > 0 {
+                if pfd.revents & libc::POLLNVAL != 0 {
+                    return std::ptr::null_mut();
+                }
+                if pfd.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
+                    break;
+                }
             }
         }
+        // Our descriptors must still be ours (a program that closed them detached the shim).
+        if !crate::fds_ok(&[crate::FD_SOCK, crate::FD_UFFD]) {
+            return std::ptr::null_mut();
+        }
+        monitor_gone();
     }
-    // Our descriptors must still be ours (a program that closed them detached the shim).
-    if !crate::fds_ok(&[crate::FD_SOCK, crate::FD_UFFD]) {
-        return std::ptr::null_mut();
+}
+
+/// A monitor answers again before `rescue_after`: asks it to adopt the program instead of
+/// bringing every page home. The window's pages (the dead monitor's staging) and the shared
+/// pages moved meanwhile come home; the store's pages stay where they are, and the new
+/// monitor rebuilds its page map from their records (the guardian stops reading the
+/// program's events before it says `Hello`: the new monitor reads the rest). The agent is
+/// restarted on the new window. Returns false, having changed nothing the rescue needs, if
+/// the monitor refused or cannot be reached; the caller then brings everything home.
+fn adopt(r: &mut Rescue) -> bool {
+    // Cross-mm: a run the dead monitor was moving has no complete record; such a program is
+    // rescued (and the lost pages fenced) instead.
+    if r.win.inflight_state().load(Ordering::Acquire) != shm::INFLIGHT_NONE {
+        return false;
     }
-    monitor_gone();
-    std::ptr::null_mut()
+    // The agent has stopped (monitor_lost) and must be gone before a new one starts.
+    let end = raw::monotonic_ns() + 2_000_000_000;
+    while SHIM.agent_alive.load(Ordering::SeqCst) {
+        if raw::monotonic_ns() > end {
+            return false;
+        }
+        r.drain_events(1);
+    }
+    let t = r.bring_home(false);
+    r.drain_events(0);
+    let Ok(sock) = crate::connect_again() else {
+        return false;
+    };
+    let close = |fd: i32| {
+        // SAFETY: closing a descriptor this function opened or received.
+        unsafe { libc::close(fd) };
+    };
+    let mut name = [0u8; 256];
+    let name_len = crate::program_name(&mut name);
+    let hello = uswap::protocol::wire::Msg::Hello(uswap::protocol::wire::Hello {
+        // SAFETY: getpid has no preconditions.
+        pid: unsafe { libc::getpid() } as u32,
+        page_size: PAGE_SIZE as u32,
+        uffd_features: SHIM.uffd_features.load(Ordering::Relaxed),
+        fork_token: 0,
+        forked_from: 0,
+        flags: uswap::protocol::wire::HELLO_ADOPT,
+        store_member: SHIM.store_member.load(Ordering::Relaxed),
+        name: &name[..name_len],
+        app: raw::getenv(c"USWAP_APP").unwrap_or(b""),
+        overrides: raw::getenv(c"USWAP_OVERRIDES").unwrap_or(b""),
+    });
+    let pkt = guard(MAPS_OFF, uswap::protocol::wire::MAX_MSG_LEN);
+    let Ok(n) = hello.encode(pkt) else {
+        close(sock);
+        return false;
+    };
+    let fds = [
+        SHIM.uffd.load(Ordering::Relaxed),
+        SHIM.store_fd.load(Ordering::Relaxed),
+    ];
+    if uswap::protocol::io::send_packet(sock, &pkt[..n], &fds).is_err() {
+        close(sock);
+        return false;
+    }
+    let got = match uswap::protocol::io::recv_packet(sock, pkt, 0) {
+        Ok(Some(g)) => g,
+        _ => {
+            close(sock);
+            return false;
+        }
+    };
+    let mut got = got;
+    let window_len = match uswap::protocol::wire::Msg::decode(&pkt[..got.len]) {
+        Ok(uswap::protocol::wire::Msg::HelloAck(a)) if a.status == 0 => a.window_len_bytes as usize,
+        _ => {
+            raw::eprint_line(&[b"uswap: the new monitor refused to adopt this program"]);
+            close(sock);
+            return false;
+        }
+    };
+    let (Some(win), Some(req), Some(done)) = (got.take_fd(0), got.take_fd(1), got.take_fd(2))
+    else {
+        close(sock);
+        return false;
+    };
+    drop(got.take_fd(3));
+    // SAFETY: mapping the memfd the monitor sent, shared, at a new address; the raw syscall.
+    let base = unsafe {
+        libc::syscall(
+            libc::SYS_mmap,
+            0usize,
+            window_len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            win.as_raw_fd(),
+            0usize,
+        )
+    };
+    let stack = raw::map_anon(
+        crate::AGENT_STACK_BYTES,
+        libc::MAP_NORESERVE | libc::MAP_STACK,
+    );
+    if base == -1 || stack == 0 || window_len < shm::DATA_OFF {
+        // The monitor holds our descriptor now: closing the connection makes it let go.
+        close(sock);
+        return false;
+    }
+    // SAFETY: advising the mapping just made; the raw syscall.
+    unsafe { libc::syscall(libc::SYS_madvise, base, window_len, libc::MADV_DONTFORK) };
+    // The new connection and eventfds take the numbers of the old ones (ours, checked by
+    // fds_ok), so every holder of a number keeps a valid descriptor.
+    for (new, idx) in [
+        (sock, crate::FD_SOCK),
+        (req.as_raw_fd(), crate::FD_REQ),
+        (done.as_raw_fd(), crate::FD_DONE),
+    ] {
+        let old = crate::fd_number(idx);
+        let dup = SHIM.refs[idx].load(Ordering::Relaxed);
+        // SAFETY: dup3 onto descriptor numbers the shim owns (its own and their duplicates).
+        unsafe {
+            libc::dup3(new, old, libc::O_CLOEXEC);
+            libc::dup3(new, dup, libc::O_CLOEXEC);
+        }
+    }
+    close(sock);
+    drop((req, done, win));
+    let old_base = SHIM.window_base.swap(base as usize, Ordering::AcqRel);
+    let old_len = SHIM.window_len.swap(window_len, Ordering::AcqRel);
+    SHIM.stack_base.store(stack, Ordering::Relaxed);
+    SHIM.stack_len
+        .store(crate::AGENT_STACK_BYTES, Ordering::Relaxed);
+    // SAFETY: the dead monitor's window: the agent that used it is gone, and so is its
+    // Rescue view (not used past this point).
+    unsafe { libc::syscall(libc::SYS_munmap, old_base, old_len) };
+    SHIM.maps_dirty.store(true, Ordering::Release);
+    SHIM.monitor_lost.store(false, Ordering::SeqCst);
+    // Threads whose fault messages this guardian read fault again, for the new monitor.
+    wake_all(r.uffd);
+    if crate::agent::start().is_err() {
+        raw::eprint_line(&[b"uswap: adopted, but the agent could not restart; eviction stops"]);
+    }
+    let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+    let left = r.count_store_records();
+    raw::eprint_line(&[
+        b"uswap: a new monitor adopted this program: ",
+        fmt_u64(left, &mut a),
+        b" evicted pages stay in its store; ",
+        fmt_u64(t.restored, &mut b),
+        b" window pages brought home",
+    ]);
+    true
 }
 
 /// What the rescue did, for its closing line.
@@ -180,6 +329,7 @@ fn monitor_gone() {
         r.drain_events(10);
     }
     let waiting = r.count_records();
+    let mut deadline_ns = 0;
     if waiting > 0 {
         let after_ms = win.rescue_after_ms().load(Ordering::Relaxed).min(3_600_000);
         let mut num = [0u8; 20];
@@ -191,9 +341,9 @@ fn monitor_gone() {
             fmt_u64(after_ms, &mut secs),
             b" ms for a monitor before bringing them home",
         ]);
-        let deadline = raw::monotonic_ns() + after_ms * 1_000_000;
+        deadline_ns = raw::monotonic_ns() + after_ms * 1_000_000;
         let mut next_probe = 0u64;
-        while raw::monotonic_ns() < deadline {
+        while raw::monotonic_ns() < deadline_ns {
             r.drain_events(50);
             let now = raw::monotonic_ns();
             if now >= next_probe {
@@ -204,8 +354,11 @@ fn monitor_gone() {
             }
         }
     }
+    if waiting > 0 && raw::monotonic_ns() < deadline_ns && adopt(&mut r) {
+        return;
+    }
     let t0 = raw::monotonic_ns();
-    let mut t = r.bring_home();
+    let mut t = r.bring_home(true);
     r.fence_lost(&mut t);
     let home_us = (raw::monotonic_ns() - t0) / 1000;
     r.unregister_all();
@@ -362,6 +515,14 @@ fn map_store_fd(fd: i32) -> Option<StoreView> {
 }
 
 impl Rescue {
+    fn count_store_records(&self) -> u64 {
+        let mut n = 0;
+        if let Some(s) = &self.store {
+            s.for_each_page(|p| n += u64::from(mine(p.owners)));
+        }
+        n
+    }
+
     fn count_records(&self) -> u64 {
         let mut n = 0;
         if let Some(s) = &self.store {
@@ -564,7 +725,10 @@ impl Rescue {
         libc::EAGAIN
     }
 
-    fn bring_home(&mut self) -> Tally {
+    /// Brings home the window's pages, then (with `store_too`) the store's, then the shared
+    /// pages moved meanwhile. Without `store_too` the store's records stay for a monitor
+    /// that adopts the program.
+    fn bring_home(&mut self, store_too: bool) -> Tally {
         let mut t = Tally::default();
         // Window pages first: they are whole pages already.
         for slot in 0..self.win.slots() {
@@ -587,6 +751,9 @@ impl Rescue {
             return t;
         };
         for chunk_idx in 0..store.chunk_capacity() {
+            if !store_too {
+                break;
+            }
             let Some(class_idx) = store.chunk_class(chunk_idx) else {
                 continue;
             };
@@ -753,19 +920,25 @@ impl Rescue {
             // descriptor it fails and changes nothing.
             unsafe { libc::ioctl(uffd, sys::UFFDIO_UNREGISTER as _, &mut range) };
         });
-        // A start below vm.mmap_min_addr is refused (EINVAL): try higher ones.
-        for start in [WAKE_START, 1 << 20, 1 << 24] {
-            let mut all = sys::UffdioRange {
-                start,
-                len: WAKE_END - start,
-            };
-            // SAFETY: UFFDIO_WAKE reads one range and wakes the descriptor's waiters in it; it
-            // changes no memory.
-            if unsafe { libc::ioctl(uffd, sys::UFFDIO_WAKE as _, &mut all) } == 0 {
-                break;
-            }
-        }
+        wake_all(uffd);
         SHIM.reg_busy.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Wakes every thread waiting on a fault of `uffd` (they fault again, and whoever reads the
+/// descriptor now serves them): the guardian consumed their messages without serving them.
+fn wake_all(uffd: i32) {
+    // A start below vm.mmap_min_addr is refused (EINVAL): try higher ones.
+    for start in [WAKE_START, 1 << 20, 1 << 24] {
+        let mut all = sys::UffdioRange {
+            start,
+            len: WAKE_END - start,
+        };
+        // SAFETY: UFFDIO_WAKE reads one range and wakes the descriptor's waiters in it; it
+        // changes no memory.
+        if unsafe { libc::ioctl(uffd, sys::UFFDIO_WAKE as _, &mut all) } == 0 {
+            break;
+        }
     }
 }
 

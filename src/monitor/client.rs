@@ -173,6 +173,8 @@ pub struct Client {
     pub name: String,
     /// The parent's pid when this program was forked from a managed program, else 0.
     pub forked_from: u32,
+    /// Adopted from a monitor that died (its pages came with its store file).
+    pub adopted: bool,
     pub cfg: ProgramConfig,
     pub uffd: Uffd,
     pub mapping: Mapping,
@@ -291,6 +293,30 @@ impl Client {
         inherit: Option<ForkSnapshot>,
     ) -> anyhow::Result<(Client, OwnedFd, OwnedFd)> {
         let ClientId { id, pid, uid, name } = who;
+        // Taken first: past this point a failure drops the member handle and the page list
+        // without releasing any page (an adopted program's guardian then brings them home).
+        let forked_from = inherit.as_ref().map_or(0, |s| s.parent_pid as u32);
+        let adopted = inherit.as_ref().is_some_and(|s| s.adopted);
+        let mut inherit = inherit;
+        let (store, inherited_pages, registered) = match inherit.as_mut() {
+            Some(snap) if snap.store.is_some() => (
+                snap.store.take().expect("checked"),
+                std::mem::take(&mut snap.pages),
+                snap.registered,
+            ),
+            other => (
+                SharedStore::new(
+                    Store::try_new(StoreConfig {
+                        durable: true,
+                        max_bytes: cfg.max_store_bytes,
+                    })
+                    .context("creating the client's store file")?,
+                ),
+                Vec::new(),
+                other.is_some_and(|s| s.registered),
+            ),
+        };
+        drop(inherit);
         let slots = ((cfg.window_bytes as usize) / PAGE_SIZE)
             .clamp(shm::MAX_BATCH_PAGES, super::pages::MAX_SLOTS);
         let len = shm::window_len_bytes(slots);
@@ -327,27 +353,6 @@ impl Client {
             .store(cfg.rescue_after.as_millis() as u64, Ordering::Relaxed);
         // A forked child joins its parent's store (its inherited pages are there); any other
         // client gets a store of its own.
-        let forked_from = inherit.as_ref().map_or(0, |s| s.parent_pid as u32);
-        let mut inherit = inherit;
-        let (store, inherited_pages, registered) = match inherit.as_mut() {
-            Some(snap) if snap.store.is_some() => (
-                snap.store.take().expect("checked"),
-                std::mem::take(&mut snap.pages),
-                snap.registered,
-            ),
-            other => (
-                SharedStore::new(
-                    Store::try_new(StoreConfig {
-                        durable: true,
-                        max_bytes: cfg.max_store_bytes,
-                    })
-                    .context("creating the client's store file")?,
-                ),
-                Vec::new(),
-                other.is_some_and(|s| s.registered),
-            ),
-        };
-        drop(inherit);
         let store_fd = OwnedFd::from(
             store
                 .file_clone()
@@ -404,6 +409,7 @@ impl Client {
             uid,
             name,
             forked_from,
+            adopted,
             cfg,
             uffd,
             mapping: Mapping { win },
@@ -1556,6 +1562,7 @@ impl Client {
             forks_shared: g(&c.forks_shared),
             fork_pages_shared: g(&c.fork_pages_shared),
             forked_from: self.forked_from,
+            adopted: self.adopted,
             store_member: u32::from(st.store.member()),
             pages_moved_in: g(&c.pages_moved_in),
             pages_prefetched: g(&c.pages_prefetched),

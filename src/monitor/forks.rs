@@ -39,6 +39,8 @@ pub struct ForkSnapshot {
     pub pages: Vec<(u64, Handle)>,
     /// The parent's memory was registered (the child registers its own before it runs on).
     pub registered: bool,
+    /// Not a fork: a program adopted after its monitor died (its own pages, its own store).
+    pub adopted: bool,
     created: Instant,
     child_pidfd: Option<OwnedFd>,
 }
@@ -59,9 +61,18 @@ impl ForkSnapshot {
             store,
             pages,
             registered,
+            adopted: false,
             created: Instant::now(),
             child_pidfd: None,
         }
+    }
+
+    /// An adopted program's pages (see [`ForkSnapshot::adopted`]). Never released on drop:
+    /// they stay in the store file, which the program holds too.
+    pub fn adoption(uid: u32, store: SharedStore, pages: Vec<(u64, Handle)>) -> Self {
+        let mut s = ForkSnapshot::new(0, 0, uid, Some(store), pages, true);
+        s.adopted = true;
+        s
     }
 
     /// Whether the child is known to be gone (its pidfd is readable), or the snapshot waited
@@ -84,6 +95,9 @@ impl ForkSnapshot {
 
 impl Drop for ForkSnapshot {
     fn drop(&mut self) {
+        if self.adopted {
+            return;
+        }
         if let Some(store) = &mut self.store {
             store.release_all(self.pages.drain(..).map(|(_, h)| h));
         }

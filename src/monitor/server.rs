@@ -30,11 +30,12 @@ use parking_lot::Mutex;
 use tracing::{info, warn};
 
 use super::client::{signal, Client, ClientId, ClientLimits, UidStore};
-use super::forks::Forks;
+use super::forks::{ForkSnapshot, Forks};
 use super::stats::ClientReport;
 use crate::config::{load_program_config, DaemonConfig, Overrides, ProgramConfig};
 use crate::protocol::io::{recv_packet, send_packet};
-use crate::protocol::wire::{HelloAck, Msg, MAX_MSG_LEN, STATUS_DAEMON};
+use crate::protocol::wire::{HelloAck, Msg, HELLO_ADOPT, MAX_MSG_LEN, STATUS_DAEMON};
+use crate::store::{SharedStore, Store};
 use crate::uffd::Uffd;
 
 /// How the monitor resolves each client's configuration.
@@ -69,6 +70,10 @@ pub struct Monitor {
     uid_store: Mutex<HashMap<u32, Arc<UidStore>>>,
     /// Fork snapshots waiting for their child's `Hello`.
     forks: Arc<Forks>,
+    /// Stores adopted from programs whose monitor died, by the store file's (device, inode),
+    /// with the uid of their programs.
+    #[allow(clippy::type_complexity)]
+    adopted: Mutex<HashMap<(u64, u64), (std::sync::Weak<parking_lot::Mutex<Store>>, u32)>>,
 }
 
 /// Kernel-reported credentials of a connection's peer.
@@ -305,6 +310,7 @@ impl Monitor {
             pending: Mutex::new(HashMap::new()),
             uid_store: Mutex::new(HashMap::new()),
             forks: Arc::default(),
+            adopted: Mutex::new(HashMap::new()),
         })
     }
 
@@ -358,6 +364,52 @@ impl Monitor {
         let mut v: Vec<ClientReport> = self.clients.lock().iter().map(|c| c.report(true)).collect();
         v.extend(self.finished.lock().iter().cloned());
         v
+    }
+
+    /// The store of a program whose monitor died, from the store file it handed over. A fork
+    /// family's members adopt one store: the first builds it from the file, the others find
+    /// it by the file's inode. Only the pages carrying `member`'s owner bit are this
+    /// program's.
+    fn adopt_store(
+        &self,
+        file: std::fs::File,
+        member: u32,
+        pid: i32,
+        uid: u32,
+        cfg: &ProgramConfig,
+    ) -> Result<ForkSnapshot, String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("fstat of the store file: {e}"))?;
+        let key = (meta.dev(), meta.ino());
+        let mut reg = self.adopted.lock();
+        reg.retain(|_, (w, _)| w.strong_count() > 0);
+        let family = match reg.get(&key) {
+            Some((w, owner)) => {
+                if *owner != uid {
+                    return Err("the store file belongs to another uid's programs".into());
+                }
+                w.upgrade().ok_or("the store's family just ended")?
+            }
+            None => {
+                let (store, _) = Store::adopt(file, cfg.max_store_bytes)?;
+                let family = Arc::new(parking_lot::Mutex::new(store));
+                reg.insert(key, (Arc::downgrade(&family), uid));
+                family
+            }
+        };
+        drop(reg);
+        let shared = SharedStore::adopted(&family, member as u8)
+            .ok_or_else(|| format!("member {member} of this store is attached already"))?;
+        let pages = shared.lock().member_pages(member as u8);
+        info!(
+            pid,
+            member,
+            pages = pages.len(),
+            "adopting a program whose monitor died"
+        );
+        Ok(ForkSnapshot::adoption(uid, shared, pages))
     }
 
     /// The daemon's own figures: every store's mapped bytes, clients, unclaimed forks.
@@ -498,11 +550,27 @@ impl Monitor {
                     send_error(fd, libc::EINVAL as u32, "Hello carries no userfaultfd");
                     bail!("peer pid {peer_pid}: Hello without a descriptor");
                 };
+                // A program whose monitor died hands its store file over too.
+                let adopt_file = if h.flags & HELLO_ADOPT != 0 {
+                    match got.take_fd(1) {
+                        Some(f) => Some(std::fs::File::from(f)),
+                        None => {
+                            send_error(
+                                fd,
+                                libc::EINVAL as u32,
+                                "Hello asks for adoption but carries no store file",
+                            );
+                            bail!("peer pid {peer_pid}: adoption Hello without a store file");
+                        }
+                    }
+                } else {
+                    None
+                };
                 if got.fd_count() > 0 {
                     send_error(
                         fd,
                         libc::EINVAL as u32,
-                        "Hello carries more than one descriptor",
+                        "Hello carries more than one descriptor (two when adopting)",
                     );
                     bail!("peer pid {peer_pid}: Hello with extra descriptors");
                 }
@@ -565,8 +633,18 @@ impl Monitor {
                         bail!("client {name} (pid {peer_pid}): {text}");
                     }
                 };
-                // A forked child claims the pages it inherited from its parent.
-                let inherit = if h.fork_token != 0 {
+                // A forked child claims the pages it inherited from its parent; an adopted
+                // program brings its own.
+                let inherit = if let Some(file) = adopt_file {
+                    match self.adopt_store(file, h.store_member, peer_pid, peer_uid, &cfg) {
+                        Ok(snap) => Some(snap),
+                        Err(why) => {
+                            let why = format!("cannot adopt this program: {why}");
+                            send_error(fd, libc::EINVAL as u32, &why);
+                            bail!("peer pid {peer_pid}: {why}");
+                        }
+                    }
+                } else if h.fork_token != 0 {
                     match self.forks.claim(h.fork_token, peer_uid) {
                         Ok(snap) => Some(snap),
                         Err(why) => {

@@ -199,6 +199,9 @@ pub struct ClientReport {
     /// The parent's pid when this program was forked from a managed program, else 0.
     #[serde(default)]
     pub forked_from: u32,
+    /// Adopted by this monitor after the one that managed it died.
+    #[serde(default)]
+    pub adopted: bool,
     /// This program's member index in its store's fork family.
     #[serde(default)]
     pub store_member: u32,

@@ -44,6 +44,10 @@ pub const KIND_ERROR: u16 = 199;
 /// clients' reports.
 pub const STATUS_DAEMON: u32 = 1;
 
+/// `Hello` flag: adopt this program (its monitor died); a second descriptor, the store file,
+/// follows the userfaultfd.
+pub const HELLO_ADOPT: u32 = 1;
+
 /// `ForkReady::child_member` when the child shares no store with its parent.
 pub const NO_MEMBER: u32 = 255;
 
@@ -105,6 +109,10 @@ pub struct Hello<'a> {
     pub fork_token: u64,
     /// With `fork_token`: the parent's pid (informational, as `pid`).
     pub forked_from: u32,
+    /// [`HELLO_ADOPT`]: a program whose monitor died asks to be adopted: the store file comes
+    /// with the userfaultfd, and `store_member` is its member index in it.
+    pub flags: u32,
+    pub store_member: u32,
     /// Program name (basename of the executable).
     pub name: &'a [u8],
     /// `USWAP_APP`, if set: selects `config/<app>.toml` instead of the name.
@@ -346,6 +354,8 @@ impl<'a> Msg<'a> {
                 w.u64(h.uffd_features)?;
                 w.u64(h.fork_token)?;
                 w.u32(h.forked_from)?;
+                w.u32(h.flags)?;
+                w.u32(h.store_member)?;
                 w.u32(0)?;
                 w.bytes(&h.name[..h.name.len().min(MAX_NAME_LEN)])?;
                 w.bytes(&h.app[..h.app.len().min(MAX_NAME_LEN)])?;
@@ -440,7 +450,21 @@ impl<'a> Msg<'a> {
                 let uffd_features = r.u64()?;
                 let fork_token = r.u64()?;
                 let forked_from = r.u32()?;
+                let flags = r.u32()?;
+                let store_member = r.u32()?;
                 r.reserved()?;
+                if flags & !HELLO_ADOPT != 0 {
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "flags",
+                    });
+                }
+                if store_member as usize >= super::store_layout::MAX_OWNERS {
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "store_member",
+                    });
+                }
                 let name = r.bytes(MAX_NAME_LEN, "name")?;
                 let app = r.bytes(MAX_NAME_LEN, "app")?;
                 let overrides = r.bytes(MAX_OVERRIDES_LEN, "overrides")?;
@@ -456,6 +480,8 @@ impl<'a> Msg<'a> {
                     uffd_features,
                     fork_token,
                     forked_from,
+                    flags,
+                    store_member,
                     name,
                     app,
                     overrides,
@@ -636,6 +662,8 @@ mod tests {
             pid: 7,
             fork_token: 0,
             forked_from: 0,
+            flags: 0,
+            store_member: 0,
             page_size: 4096,
             uffd_features: 0x1ffff,
             name: b"redis",
@@ -800,6 +828,8 @@ mod tests {
                 pid: 1,
                 fork_token: 0,
                 forked_from: 0,
+                flags: 0,
+                store_member: 0,
                 page_size: 4096,
                 uffd_features: 3,
                 name: b"n",

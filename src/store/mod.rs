@@ -101,6 +101,86 @@ impl Store {
         })
     }
 
+    /// A durable store over `file`, the store file of a monitor that died (handed over by the
+    /// program that holds it too; see [`Slabs::adopt`] for what is checked). Returns the store
+    /// and every page in it as (page address, owner set, handle).
+    pub fn adopt(
+        file: std::fs::File,
+        max_bytes: Option<u64>,
+    ) -> Result<(Store, Vec<(u64, u16, Handle)>), String> {
+        let (slabs, used) = Slabs::adopt(file, max_bytes)?;
+        let mut store = Store {
+            slabs,
+            words: WordTable::default(),
+            counters: Counters::default(),
+            put_scratch: Vec::new(),
+            members: 0,
+        };
+        let mut pages = Vec::with_capacity(used.len());
+        for (loc, rec) in used {
+            let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
+            let owners = crate::protocol::store_layout::record_owners(rec);
+            let h = Handle::blob(BlobLoc {
+                class_idx: loc.class_idx,
+                chunk_idx: loc.chunk_idx,
+                slot_idx: loc.slot_idx,
+                len_bytes: len_bytes as u32,
+            });
+            if Self::blob_slot(
+                h.to_bits(),
+                match h.decode() {
+                    Some(Decoded::Blob(b)) => b,
+                    _ => return Err("a record does not fit a handle".into()),
+                },
+            )
+            .is_err()
+            {
+                return Err(format!(
+                    "a record of chunk {} slot {} names a length ({len_bytes}) its class cannot hold",
+                    loc.chunk_idx, loc.slot_idx
+                ));
+            }
+            store.counters.account(h.kind(), false, len_bytes as u64, 1);
+            store.counters.shared_refs += u64::from(owners.count_ones().saturating_sub(1));
+            pages.push((addr, owners, h));
+        }
+        Ok((store, pages))
+    }
+
+    /// The pages of member `member` (records carrying its owner bit), as (page address,
+    /// handle): what an adopted program's page map starts from.
+    pub fn member_pages(&self, member: u8) -> Vec<(u64, Handle)> {
+        let bit = 1u16 << member;
+        self.slabs
+            .used_slots()
+            .into_iter()
+            .filter(|(_, rec)| crate::protocol::store_layout::record_owners(*rec) & bit != 0)
+            .map(|(loc, rec)| {
+                let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
+                (
+                    addr,
+                    Handle::blob(BlobLoc {
+                        class_idx: loc.class_idx,
+                        chunk_idx: loc.chunk_idx,
+                        slot_idx: loc.slot_idx,
+                        len_bytes: len_bytes as u32,
+                    }),
+                )
+            })
+            .collect()
+    }
+
+    /// Marks member `member` live in the family (an adopted program names its own index).
+    /// Returns false if it already is.
+    pub fn adopt_member(&mut self, member: u8) -> bool {
+        let bit = 1u16 << member;
+        if self.members & bit != 0 {
+            return false;
+        }
+        self.members |= bit;
+        true
+    }
+
     /// The store file of a durable store (see [`StoreConfig::durable`]).
     pub fn file(&self) -> Option<&std::fs::File> {
         self.slabs.file()

@@ -28,6 +28,23 @@ impl SharedStore {
         }
     }
 
+    /// Member `member` of a family whose store was adopted (see [`Store::adopt`]); `None` if
+    /// that member is attached already.
+    pub fn adopted(inner: &Arc<Mutex<Store>>, member: u8) -> Option<SharedStore> {
+        if !inner.lock().adopt_member(member) {
+            return None;
+        }
+        Some(SharedStore {
+            inner: inner.clone(),
+            member,
+        })
+    }
+
+    /// The family's store itself (to find it again for another member).
+    pub fn family(&self) -> &Arc<Mutex<Store>> {
+        &self.inner
+    }
+
     /// A handle for a new member of the same family; `None` when the family is full
     /// ([`crate::protocol::store_layout::MAX_OWNERS`] live members).
     pub fn join(&self) -> Option<SharedStore> {

@@ -60,7 +60,12 @@ impl StoreFile {
     fn create() -> Result<StoreFile, StoreError> {
         let io = |e| StoreError::Map(e);
         // SAFETY: memfd_create with a static name and flags; the result is checked.
-        let fd = unsafe { libc::memfd_create(c"uswap-store".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"uswap-store".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(io(std::io::Error::last_os_error()));
         }
@@ -68,6 +73,19 @@ impl StoreFile {
         let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         let len_bytes = layout::EXTENTS_OFF as u64;
         file.set_len(len_bytes).map_err(io)?;
+        // It may grow, never shrink: a monitor that adopts the file from a program (which
+        // holds it too) maps it without risking SIGBUS on a truncated page.
+        // SAFETY: fcntl(F_ADD_SEALS) on our own memfd.
+        if unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+            )
+        } != 0
+        {
+            return Err(io(std::io::Error::last_os_error()));
+        }
         // SAFETY: a shared mapping of our own memfd, which no one truncates below this length
         // (the file only grows; extents are punched, which keeps the size).
         let mut head =
@@ -247,6 +265,115 @@ impl Slabs {
             bitmap_words: 0,
             max_mapped_bytes,
         }
+    }
+
+    /// Slabs over an existing store file, handed over by a program whose monitor died: the
+    /// file must be a memfd sealed against shrinking (so mapping it cannot SIGBUS) in this
+    /// build's layout. Every chunk with a class is mapped, and a slot is in use when its record
+    /// names an owner. Returns the slabs and every used slot with its record.
+    pub fn adopt(
+        file: std::fs::File,
+        max_mapped_bytes: Option<u64>,
+    ) -> Result<(Slabs, Vec<(SlotLoc, u64)>), String> {
+        // SAFETY: fcntl(F_GET_SEALS) on a descriptor we hold.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            return Err("the store file is not a memfd sealed against shrinking".into());
+        }
+        let len_bytes = file.metadata().map_err(|e| e.to_string())?.len();
+        if len_bytes < layout::EXTENTS_OFF as u64 {
+            return Err(format!("the store file has only {len_bytes} bytes"));
+        }
+        // SAFETY: a shared mapping of the sealed memfd within its length; it cannot shrink.
+        let head = unsafe { MmapOptions::new().len(layout::EXTENTS_OFF).map_mut(&file) }
+            .map_err(|e| e.to_string())?;
+        // SAFETY: the mapping above, EXTENTS_OFF bytes, alive while `view` is used; payloads
+        // are not read through the view.
+        let view = unsafe { layout::StoreView::new(head.as_ptr() as *mut u8, layout::EXTENTS_OFF) }
+            .map_err(|e| e.to_string())?;
+        let capacity =
+            ((len_bytes as usize - layout::EXTENTS_OFF) / EXTENT_BYTES).min(layout::MAX_CHUNKS);
+        let mut slabs = Slabs::new(max_mapped_bytes);
+        slabs.file = Some(StoreFile {
+            file,
+            len_bytes,
+            head,
+        });
+        let mut used = Vec::new();
+        for chunk_idx in 0..capacity {
+            let Some(class_idx) = view.chunk_class(chunk_idx) else {
+                continue;
+            };
+            let map = slabs
+                .file
+                .as_mut()
+                .expect("set above")
+                .map_extent(chunk_idx as u32)
+                .map_err(|e| e.to_string())?;
+            let mut chunk = Chunk::new(class_idx, map);
+            for slot_idx in 0..slots_per_chunk(class_idx) {
+                let rec = chunk.record(slot_idx).load(Ordering::Acquire);
+                if rec == 0 || layout::record_owners(rec) == 0 {
+                    continue;
+                }
+                chunk.used_bitmap[slot_idx / BITS_PER_WORD] |= 1 << (slot_idx % BITS_PER_WORD);
+                chunk.used_slots += 1;
+                slabs.used_slot_bytes += slot_bytes(class_idx) as u64;
+                used.push((
+                    SlotLoc {
+                        class_idx,
+                        chunk_idx: chunk_idx as u32,
+                        slot_idx: slot_idx as u32,
+                    },
+                    rec,
+                ));
+            }
+            while slabs.chunks.len() < chunk_idx {
+                slabs.free_chunk_idxs.push(slabs.chunks.len() as u32);
+                slabs.chunks.push(None);
+            }
+            slabs.bitmap_words += chunk.used_bitmap.len() as u64;
+            if !chunk.is_full() {
+                chunk.partial_pos = slabs.partial[usize::from(class_idx)].len() as u32;
+                slabs.partial[usize::from(class_idx)].push(chunk_idx as u32);
+            }
+            slabs.chunks.push(Some(chunk));
+            slabs.live_chunks += 1;
+            ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+        }
+        // Chunks the dead monitor left empty are given back now.
+        let empty: Vec<u32> = slabs
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.as_ref().is_some_and(|c| c.used_slots == 0))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for chunk_idx in empty {
+            slabs.release_chunk(chunk_idx);
+        }
+        Ok((slabs, used))
+    }
+
+    /// Every slot in use, with its record.
+    pub fn used_slots(&self) -> Vec<(SlotLoc, u64)> {
+        let mut v = Vec::new();
+        for (chunk_idx, chunk) in self.chunks.iter().enumerate() {
+            let Some(chunk) = chunk else { continue };
+            for slot_idx in 0..slots_per_chunk(chunk.class_idx) {
+                if chunk.is_used(slot_idx) {
+                    v.push((
+                        SlotLoc {
+                            class_idx: chunk.class_idx,
+                            chunk_idx: chunk_idx as u32,
+                            slot_idx: slot_idx as u32,
+                        },
+                        chunk.record(slot_idx).load(Ordering::Acquire),
+                    ));
+                }
+            }
+        }
+        v
     }
 
     /// Slabs in a new store file (a memfd), for a store that must outlive the monitor.
