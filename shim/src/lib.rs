@@ -648,9 +648,6 @@ extern "C" fn fork_prepare() {
         }
         _ => return,
     }
-    // The memory libc touches in the child before our `fork_child` runs must be present at
-    // the fork (in the child it is unregistered until then): bring it home first.
-    touch_fork_path();
     sock_lock(true);
     FORK_LOCKED.store(true, Ordering::Relaxed);
     if !fds_ok(&[FD_SOCK]) {
@@ -687,6 +684,12 @@ extern "C" fn fork_prepare() {
         // The monitor died: the guardian brought every page home, so the child gets a
         // complete copy after all.
         return;
+    }
+    if ok == Some(true) && FORK_TOKEN.load(Ordering::Relaxed) != 0 {
+        // The memory libc touches in the child before our `fork_child` runs must be present
+        // at the fork (in the child it is unregistered until then). Brought home now that
+        // eviction is paused (until ForkDone), so nothing moves it out again before the fork.
+        touch_fork_path();
     }
     if ok != Some(true) {
         FORK_UNSAFE.store(true, Ordering::Relaxed);

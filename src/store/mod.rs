@@ -71,6 +71,9 @@ pub struct StoreConfig {
     pub max_bytes: Option<u64>,
 }
 
+/// A page found in an adopted store file: (page address, owner set, handle).
+pub type AdoptedPage = (u64, u16, Handle);
+
 /// Compressed pages in size-class slabs. See the module doc.
 pub struct Store {
     slabs: Slabs,
@@ -107,7 +110,7 @@ impl Store {
     pub fn adopt(
         file: std::fs::File,
         max_bytes: Option<u64>,
-    ) -> Result<(Store, Vec<(u64, u16, Handle)>), String> {
+    ) -> Result<(Store, Vec<AdoptedPage>), String> {
         let (slabs, used) = Slabs::adopt(file, max_bytes)?;
         let mut store = Store {
             slabs,
