@@ -10,7 +10,8 @@
 //!    evicted GiB.
 //! 4. Fresh-memory fill rate under uswap against the plain program.
 //!
-//! Usage: `uswap-bench [--quick]` from a release build (`cargo build --release --workspace`).
+//! Usage: `uswap-bench [--quick] [--backend B] [--set KEY=VALUE]...` from a release build
+//! (`cargo build --release --workspace`); each `--set` is added to every `uswap run`.
 //! Needs `taskset` (util-linux) for the CPU placement.
 
 use std::os::fd::AsRawFd;
@@ -105,8 +106,8 @@ struct Out {
     stats: serde_json::Value,
 }
 
-/// `--set backend=...` added to every `uswap run`, from `--backend`.
-static BACKEND: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+/// `--set` values added to every `uswap run`: `backend=...` from `--backend`, and each `--set`.
+static EXTRA_SETS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 fn uswap_run(
     monitor_cpu: Option<usize>,
@@ -129,8 +130,8 @@ fn uswap_run(
     for s in sets {
         cmd.args(["--set", s]);
     }
-    if let Some(Some(b)) = BACKEND.get() {
-        cmd.args(["--set", b]);
+    for s in EXTRA_SETS.get().into_iter().flatten() {
+        cmd.args(["--set", s]);
     }
     cmd.arg("--stats-json").arg(&stats).arg("--");
     if let Some(c) = prog_cpu {
@@ -176,10 +177,16 @@ fn main() {
         .position(|a| a == "--backend")
         .and_then(|i| argv.get(i + 1))
         .map(|b| format!("backend={b}"));
-    BACKEND.set(backend.clone()).expect("set once");
-    if let Some(b) = &backend {
-        println!("(all runs with --set {b})\n");
+    let mut extra: Vec<String> = backend.into_iter().collect();
+    extra.extend(
+        argv.windows(2)
+            .filter(|w| w[0] == "--set")
+            .map(|w| w[1].clone()),
+    );
+    if !extra.is_empty() {
+        println!("(all runs with --set {})\n", extra.join(" --set "));
     }
+    EXTRA_SETS.set(extra).expect("set once");
     let wl = exe_dir().join("uswap-workload");
     let wl = wl.to_str().unwrap();
     let mib = if quick { "128" } else { "512" };

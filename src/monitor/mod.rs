@@ -9,8 +9,10 @@ pub mod client;
 pub mod fault;
 pub mod pages;
 pub mod pagetrace;
+pub mod prefetch;
 pub mod regions;
 pub mod server;
+pub mod spin;
 pub mod stats;
 
 pub use server::{connect, query_status, Listener, Monitor, MonitorOptions};
