@@ -699,7 +699,7 @@ fn serve(
                 // page (a page below is present: EEXIST, which the kernel reports as a partial
                 // copy, or a refusal), settle what was copied and copy from the faulting page
                 // on. EAGAIN with nothing done is retried whole, like any other.
-                let done_pages = copied.map_or_else(|e| e.done_bytes(), |d| d) / PAGE_BYTES;
+                let done_pages = copied.unwrap_or_else(|e| e.done_bytes()) / PAGE_BYTES;
                 let retry_all = matches!(
                     copied,
                     Err(UffdError::Retry { done_bytes: 0, .. } | UffdError::TargetGone { .. })
