@@ -13,7 +13,7 @@
 //!    evicted GiB.
 //! 4. Fresh-memory fill rate under uswap against the plain program.
 //!
-//! Usage: `uswap-bench [--quick] [--backend B] [--set KEY=VALUE]...` from a release build
+//! Usage: `uswap-bench [--quick] [--bare-only] [--backend B] [--set KEY=VALUE]...` from a release build
 //! (`cargo build --release --workspace`); each `--set` is added to every `uswap run`.
 //! Needs `taskset` (util-linux) for the CPU placement.
 
@@ -48,6 +48,12 @@ enum Wait {
     Spin,
     /// One io_uring READ of a blocking descriptor per message batch (`submit_and_wait`).
     Uring,
+    /// One io_uring POLL_ADD of the (non-blocking) descriptor, waited for in
+    /// `submit_and_wait`, then `read`: what the monitor could do with the program's
+    /// descriptor, which must stay non-blocking.
+    UringPoll,
+    /// `Uring` on a non-blocking descriptor (the kernel arms a poll and retries the read).
+    UringNonblock,
 }
 
 /// Bare round trip: returns per-fault latencies in µs.
@@ -76,13 +82,14 @@ fn bare_round_trip(fault_cpu: usize, handler_cpu: usize, pages: usize, wait: Wai
         let src = vec![7u8; 4096];
         let mut raw = [sys::UffdMsg::default(); 16];
         let mut ev = [Event::Unknown; 16];
-        let mut ring = (wait == Wait::Uring).then(|| io_uring::IoUring::new(8).expect("io_uring"));
+        let mut ring = matches!(wait, Wait::Uring | Wait::UringPoll | Wait::UringNonblock)
+            .then(|| io_uring::IoUring::new(8).expect("io_uring"));
         // Until the extra page, touched after `stop`, is served.
         let last_addr = base + (pages * 4096) as u64;
         let mut served_last = false;
         while !served_last {
             let n = match (wait, ring.as_mut()) {
-                (Wait::Uring, Some(ring)) => {
+                (Wait::Uring | Wait::UringNonblock, Some(ring)) => {
                     let read = io_uring::opcode::Read::new(
                         io_uring::types::Fd(u.as_raw_fd()),
                         raw.as_mut_ptr().cast(),
@@ -99,6 +106,18 @@ fn bare_round_trip(fault_cpu: usize, handler_cpu: usize, pages: usize, wait: Wai
                         ev[i] = Event::decode(&raw[i]);
                     }
                     count
+                }
+                (Wait::UringPoll, Some(ring)) => {
+                    let poll = io_uring::opcode::PollAdd::new(
+                        io_uring::types::Fd(u.as_raw_fd()),
+                        libc::POLLIN as u32,
+                    )
+                    .build();
+                    // SAFETY: the request refers to no memory of ours.
+                    unsafe { ring.submission().push(&poll).expect("queue has room") };
+                    ring.submit_and_wait(1).expect("io_uring_enter");
+                    let _ = ring.completion().next();
+                    u.read_events(&mut raw, &mut ev).unwrap_or(0)
                 }
                 _ => {
                     let mut pfd = libc::pollfd {
@@ -254,9 +273,48 @@ fn main() {
         ("bare uffd round trip (COPY)", 0, 0, Wait::Poll),
         ("bare uffd round trip (COPY)", cross, 0, Wait::Poll),
         ("bare round trip, handler spins (poll 0)", 0, 0, Wait::Spin),
-        ("bare round trip, handler spins (poll 0)", cross, 0, Wait::Spin),
-        ("bare round trip, handler waits in io_uring READ", 0, 0, Wait::Uring),
-        ("bare round trip, handler waits in io_uring READ", cross, 0, Wait::Uring),
+        (
+            "bare round trip, handler spins (poll 0)",
+            cross,
+            0,
+            Wait::Spin,
+        ),
+        (
+            "bare round trip, handler waits in io_uring READ",
+            0,
+            0,
+            Wait::Uring,
+        ),
+        (
+            "bare round trip, handler waits in io_uring READ",
+            cross,
+            0,
+            Wait::Uring,
+        ),
+        (
+            "bare round trip, handler waits in io_uring POLL_ADD, then read",
+            0,
+            0,
+            Wait::UringPoll,
+        ),
+        (
+            "bare round trip, handler waits in io_uring POLL_ADD, then read",
+            cross,
+            0,
+            Wait::UringPoll,
+        ),
+        (
+            "bare round trip, handler waits in io_uring READ, O_NONBLOCK",
+            0,
+            0,
+            Wait::UringNonblock,
+        ),
+        (
+            "bare round trip, handler waits in io_uring READ, O_NONBLOCK",
+            cross,
+            0,
+            Wait::UringNonblock,
+        ),
     ]
     .into_iter()
     .enumerate()
@@ -271,6 +329,9 @@ fn main() {
             "| {name} | {} | {p50:.1} | {p99:.1} | {p999:.1} | {n} |",
             if f == h { "same" } else { "cross" }
         );
+    }
+    if argv.iter().any(|a| a == "--bare-only") {
+        return;
     }
     let mut evict_rows = Vec::new();
     // Two settings: "under eviction" (budget 32M: touching pages raises RSS over the budget, so
