@@ -538,8 +538,10 @@ fn serve(
         },
         region_end,
     );
-    // Pages brought back other than the faulting one (reported to the detector once served).
+    // Pages brought back other than the faulting one, and the strides of the window that were
+    // looked at (reported to the detector once served).
     let mut prefetched = 0u64;
+    let mut covered_steps = 0u64;
     let mut pf = prefetch::Plan::NONE;
     let result = match plan {
         FaultPlan::Wait { .. } => return Served::Wait,
@@ -739,8 +741,26 @@ fn serve(
                 }
                 Err(e) => Err(e),
             };
-            if served.is_ok() && pf.stride_pages.abs() > 1 {
-                prefetched += strided(client, &mut st, addr, &pf, window_pages, buf, arrivals);
+            if served.is_ok() {
+                // The rest of the window: further runs of evicted pages beyond the pages that
+                // stopped the first run (present ones are skipped), one COPY per run; or the
+                // pages of a strided stream, one COPY each.
+                let (steps, pages) = if pf.stride_pages.abs() > 1 {
+                    strided(client, &mut st, addr, &pf, window_pages, buf, arrivals)
+                } else if ahead_pages > 0 {
+                    let end = region_end.min(addr + (1 + ahead_pages) * PAGE_BYTES);
+                    let from = addr + n * PAGE_BYTES;
+                    let pages = more_runs(client, &mut st, from, end, addr, buf, arrivals);
+                    ((end - addr) / PAGE_BYTES - 1, pages)
+                } else if behind_pages > 0 {
+                    let start = region_start.max(addr - behind_pages * PAGE_BYTES);
+                    let pages = more_runs(client, &mut st, start, run_start, addr, buf, arrivals);
+                    ((addr - start) / PAGE_BYTES, pages)
+                } else {
+                    (0, 0)
+                };
+                covered_steps = steps;
+                prefetched += pages;
             }
             served
         }
@@ -749,7 +769,7 @@ fn serve(
     match result {
         Ok(()) => {
             if evicted {
-                detector.prefetched(&pf, prefetched as u32);
+                detector.prefetched(&pf, covered_steps as u32, prefetched as u32);
             }
             // Counted once per fault served (a retried copy is not counted twice).
             Counters::add(
@@ -766,7 +786,7 @@ fn serve(
         Err(UffdError::TargetGone { .. }) => Served::Gone,
         Err(e) => {
             if evicted {
-                detector.prefetched(&pf, prefetched as u32);
+                detector.prefetched(&pf, covered_steps as u32, prefetched as u32);
             }
             // The range is not mapped or not registered any more (an UNMAP is on its way):
             // release the faulting thread; if it touches the address again it faults anew.
@@ -817,9 +837,10 @@ fn gather(
     }
 }
 
-/// A constant-stride stream (|stride| > 1 page): after the faulting page, brings back up to
-/// `window_pages` evicted pages along the stride, one COPY each, stopping at the first page
-/// that is not evicted, outside the region, doubtful, or refused. Returns how many came back.
+/// A constant-stride stream (|stride| > 1 page): after the faulting page, brings back the
+/// evicted pages among the next `window_pages` along the stride, one COPY each. Pages not
+/// evicted are skipped; it stops at the region's end, a doubtful page, an unreadable one or a
+/// refused copy. Returns the strides looked at and the pages that came back.
 fn strided(
     client: &Client,
     st: &mut super::client::State,
@@ -828,12 +849,12 @@ fn strided(
     window_pages: u64,
     buf: &mut [u8],
     arrivals: &Arrivals,
-) -> u64 {
+) -> (u64, u64) {
     let Some(region) = st.regions.containing(addr).map(|r| r.start..r.end) else {
-        return 0;
+        return (0, 0);
     };
     let step_bytes = pf.stride_pages * PAGE_BYTES as i64;
-    let mut done = 0u64;
+    let (mut steps, mut done) = (0u64, 0u64);
     for k in 1..=window_pages as i64 {
         let Some(a) = addr.checked_add_signed(k * step_bytes) else {
             break;
@@ -841,12 +862,12 @@ fn strided(
         if !region.contains(&a) || arrivals.is_doubtful(a) {
             break;
         }
+        steps += 1;
         let dst: &mut [u8; PAGE_SIZE] = (&mut buf[..PAGE_SIZE]).try_into().expect("one page");
-        if !matches!(
-            gather(client, st, a, st.pages.state(a), dst),
-            Gathered::Page
-        ) {
-            break;
+        match gather(client, st, a, st.pages.state(a), dst) {
+            Gathered::Page => {}
+            Gathered::NotEvicted => continue,
+            Gathered::Unreadable => break,
         }
         let copied = client.uffd.copy(a, buf.as_ptr(), PAGE_BYTES, false);
         trace_copy(client, a, 1, &copied);
@@ -854,6 +875,61 @@ fn strided(
             Ok(PAGE_BYTES) => done += finish(client, st, a, 1, addr),
             _ => break,
         }
+    }
+    (steps, done)
+}
+
+/// Brings back the evicted pages of `[from, to)` (inside the faulting page's region, which
+/// is not among them), one COPY per contiguous run of at most `buf` pages; pages not evicted
+/// are skipped. Stops at a doubtful page, an unreadable one, or a copy that did not complete
+/// (what it did copy is settled). Returns how many pages came back.
+fn more_runs(
+    client: &Client,
+    st: &mut super::client::State,
+    from: u64,
+    to: u64,
+    fault_addr: u64,
+    buf: &mut [u8],
+    arrivals: &Arrivals,
+) -> u64 {
+    let max_pages = (buf.len() / PAGE_SIZE) as u64;
+    let mut done = 0u64;
+    let mut a = from;
+    while a < to {
+        if arrivals.is_doubtful(a) {
+            break;
+        }
+        // The next run: gathered from `a` while the pages are evicted.
+        let mut n = 0u64;
+        while n < max_pages && a + n * PAGE_BYTES < to {
+            let p = a + n * PAGE_BYTES;
+            if arrivals.is_doubtful(p) {
+                break;
+            }
+            let i = n as usize;
+            let dst: &mut [u8; PAGE_SIZE] = (&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+                .try_into()
+                .expect("one page");
+            match gather(client, st, p, st.pages.state(p), dst) {
+                Gathered::Page => n += 1,
+                Gathered::NotEvicted => break,
+                Gathered::Unreadable if n == 0 => return done,
+                Gathered::Unreadable => break,
+            }
+        }
+        if n == 0 {
+            // Present (or fresh), or on its way out: skip it.
+            a += PAGE_BYTES;
+            continue;
+        }
+        let copied = client.uffd.copy(a, buf.as_ptr(), n * PAGE_BYTES, false);
+        trace_copy(client, a, n, &copied);
+        let copied_pages = copied.unwrap_or_else(|e| e.done_bytes()) / PAGE_BYTES;
+        done += finish(client, st, a, copied_pages, fault_addr);
+        if copied_pages < n {
+            break;
+        }
+        a += n * PAGE_BYTES;
     }
     done
 }

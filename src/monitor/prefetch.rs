@@ -63,6 +63,9 @@ struct Stream {
     window_pages: u32,
     /// Pages prefetched at its last fault, not yet settled as hit or waste.
     outstanding_pages: u32,
+    /// Strides past its last fault that the fault thread took care of (prefetched, or found
+    /// present already): its next fault is expected just past them.
+    covered_steps: u32,
     /// Identity, so a report for a replaced stream is ignored.
     id: u64,
     /// Last use, for replacement.
@@ -111,7 +114,7 @@ impl Detector {
                 continue;
             }
             let steps = d / s.stride_pages;
-            if steps <= s.outstanding_pages as i64 + 1 + SLACK_STEPS
+            if steps <= s.covered_steps as i64 + 1 + SLACK_STEPS
                 && best.is_none_or(|(_, b)| steps < b)
             {
                 best = Some((i, steps));
@@ -119,19 +122,23 @@ impl Detector {
         }
         let idx = if let Some((i, steps)) = best {
             let s = self.streams[i].as_mut().expect("matched a live stream");
-            let out = s.outstanding_pages as i64;
-            if steps > out {
+            let out = s.outstanding_pages as u64;
+            if steps > s.covered_steps as i64 {
                 // Past everything prefetched: all of it was walked through.
-                hit_pages += out as u64;
+                hit_pages += out;
                 s.window_pages = (s.window_pages.max(1) * 2).min(self.cap_pages);
             } else {
-                // A prefetched page faulted: it was evicted again before being reached.
-                hit_pages += (steps - 1) as u64;
-                waste_pages += (out - (steps - 1)) as u64;
+                // A fault inside the span it took care of: a prefetched page evicted again
+                // before it was reached (or one that was on its way out then). The pages
+                // before it were used at most; count the rest as waste.
+                let used = ((steps - 1) as u64).min(out);
+                hit_pages += used;
+                waste_pages += out - used;
                 s.window_pages /= 2;
             }
             s.last_page = page;
             s.outstanding_pages = 0;
+            s.covered_steps = 0;
             s.stamp = self.clock;
             i
         } else {
@@ -152,6 +159,7 @@ impl Detector {
                         stride_pages,
                         window_pages: 1,
                         outstanding_pages: 0,
+                        covered_steps: 0,
                         id,
                         stamp: self.clock,
                     });
@@ -178,12 +186,15 @@ impl Detector {
         }
     }
 
-    /// The fault of `plan` was served with `pages` pages prefetched (≤ `plan.pages`: the run
-    /// stops at a page that is not evicted, at the region's end, or at a failed copy).
-    pub fn prefetched(&mut self, plan: &Plan, pages: u32) {
+    /// The fault of `plan` was served: of the `covered_steps` strides after it that the
+    /// fault thread went through (≤ `plan.pages`; fewer at the region's end or a failed
+    /// copy), `pages` were evicted and came back (the others were present already, or on
+    /// their way out, and were skipped).
+    pub fn prefetched(&mut self, plan: &Plan, covered_steps: u32, pages: u32) {
         let Some((i, id)) = plan.stream else { return };
         if let Some(s) = self.streams[i].as_mut().filter(|s| s.id == id) {
             s.outstanding_pages = pages;
+            s.covered_steps = covered_steps.max(pages);
         }
     }
 
@@ -218,8 +229,8 @@ mod tests {
     use super::*;
 
     /// Feeds `touches` as faults, as the fault thread would: the touched pages are the
-    /// evicted ones, a proposed page comes back if it is evicted and not back yet (the run
-    /// stops at the first that is not), and a touch of a page already back is no fault.
+    /// evicted ones, a proposed page comes back if it is evicted and not back yet (others are
+    /// skipped), and a touch of a page already back is no fault.
     /// Returns the faults taken, pages prefetched, hits and waste.
     fn run(d: &mut Detector, touches: impl IntoIterator<Item = u64>) -> (u64, u64, u64, u64) {
         let touches: Vec<u64> = touches.into_iter().collect();
@@ -234,15 +245,18 @@ mod tests {
             let plan = d.on_fault(p);
             hit += plan.hit_pages;
             waste += plan.waste_pages;
-            let mut n = 0;
+            let (mut covered, mut n) = (0, 0);
             for k in 1..=plan.pages as i64 {
                 let q = p as i64 + k * plan.stride_pages;
-                if q < 0 || !evicted.contains(&(q as u64)) || !present.insert(q as u64) {
+                if q < 0 {
                     break;
                 }
-                n += 1;
+                covered += 1;
+                if evicted.contains(&(q as u64)) && present.insert(q as u64) {
+                    n += 1;
+                }
             }
-            d.prefetched(&plan, n);
+            d.prefetched(&plan, covered, n);
             pre += n as u64;
         }
         (faults, pre, hit, waste)
@@ -264,7 +278,7 @@ mod tests {
             let plan = d.on_fault(p);
             windows.push(plan.pages);
             assert_eq!(plan.stride_pages, 1);
-            d.prefetched(&plan, plan.pages);
+            d.prefetched(&plan, plan.pages, plan.pages);
             p += plan.pages as u64 + 1;
         }
         assert_eq!(windows, vec![0, 1, 2, 4, 8, 16, 16, 16]);
@@ -298,7 +312,7 @@ mod tests {
         assert_eq!(d.on_fault(100).pages, 0);
         let plan = d.on_fault(104);
         assert_eq!((plan.stride_pages, plan.pages), (4, 1));
-        d.prefetched(&plan, 1);
+        d.prefetched(&plan, 1, 1);
         let plan = d.on_fault(112);
         assert_eq!((plan.stride_pages, plan.pages), (4, 2));
     }
@@ -339,12 +353,12 @@ mod tests {
         let mut p = 0u64;
         let mut plan = d.on_fault(p);
         for _ in 0..6 {
-            d.prefetched(&plan, plan.pages);
+            d.prefetched(&plan, plan.pages, plan.pages);
             p += plan.pages as u64 + 1;
             plan = d.on_fault(p);
         }
         assert_eq!(plan.pages, 16);
-        d.prefetched(&plan, 16);
+        d.prefetched(&plan, 16, 16);
         // The page right after the fault was evicted again and faults: 1 step, all 16 wasted
         // but the ones before it (none).
         let again = d.on_fault(p + 1);
@@ -362,7 +376,7 @@ mod tests {
             let base = s * 1_000_000;
             d.on_fault(base);
             let plan = d.on_fault(base + 1);
-            d.prefetched(&plan, plan.pages);
+            d.prefetched(&plan, plan.pages, plan.pages);
             total_pre += plan.pages as u64;
         }
         assert_eq!(d.outstanding_pages(), total_pre);
@@ -373,6 +387,18 @@ mod tests {
             waste += d.on_fault(base + 1).waste_pages;
         }
         assert_eq!(waste, total_pre);
+    }
+
+    #[test]
+    fn prefetch_stream_continues_over_present_pages() {
+        // A sequential scan where every third page is resident (never evicted, no fault).
+        let mut d = Detector::new(16);
+        let touches: Vec<u64> = (0..6000u64).filter(|p| p % 3 != 0).collect();
+        let n = touches.len() as u64;
+        let (faults, pre, _, waste) = run(&mut d, touches);
+        assert_eq!(pre + faults, n);
+        assert_eq!(waste, 0);
+        assert!(faults < n / 8, "{faults} faults for {n} evicted pages");
     }
 
     #[test]
@@ -391,7 +417,7 @@ mod tests {
             d.on_fault(s * 1_000_000);
             d.on_fault(s * 1_000_000 + 1);
         }
-        d.prefetched(&old, 4);
+        d.prefetched(&old, 4, 4);
         assert_eq!(d.outstanding_pages(), 0);
     }
 }
