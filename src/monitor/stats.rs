@@ -102,7 +102,8 @@ pub struct FaultPathReport {
     pub prefetch_hit_pages: u64,
     /// Prefetched pages wasted.
     pub prefetch_waste_pages: u64,
-    /// Wall time the fault thread spun waiting for the next fault (all of it on a CPU).
+    /// Wall time the fault thread spun waiting for the next fault: an upper bound of the
+    /// CPU it cost (between its polls it yields the CPU to any thread that wants it).
     pub spin_s: f64,
     pub spins_hit: u64,
     pub spins_empty: u64,
