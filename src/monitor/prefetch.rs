@@ -4,11 +4,11 @@
 //! page. A stream is a constant stride (in pages, either sign: +1 sequential, -1 reverse, ±k
 //! strided, |k| ≤ [`MAX_STRIDE_PAGES`]) seen in consecutive faults. Its window (pages to bring
 //! back ahead of the fault, along the stride) starts at 1 and doubles, up to the cap
-//! (`prefetch_pages`), each time the stream's next fault lands at or past the end of what was
-//! prefetched for it: the program walked through those pages, so they were used (*hits*). A
-//! fault on a page the stream had prefetched means that page was evicted again before the
-//! program got to it: the window was too large, it is halved, and the pages of that window are
-//! counted as *waste*. A stream that is not continued is eventually replaced (least recently
+//! (`prefetch_pages`), each time the stream's next fault lands past the span the fault thread
+//! went through for it (pages it prefetched, or skipped as present): the program walked
+//! through those pages, so they were used (*hits*). A fault inside that span means a page was
+//! evicted again before the program got to it: the window was too large, it is halved, and the
+//! prefetched pages from the faulting one on are counted as *waste*. A stream that is not continued is eventually replaced (least recently
 //! used first) and its last window counts as waste. A fault that continues no stream and has
 //! no recent neighbour within [`MAX_STRIDE_PAGES`] (random access) prefetches nothing.
 //!
