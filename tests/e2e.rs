@@ -215,6 +215,57 @@ fn fill_verify_rss_settles_below_budget_plus_slack() -> R {
     }
 }
 
+/// Adaptive prefetch: a forward, a reverse and a strided scan and zipfian touches with writes
+/// over evicted memory read back every byte (the workload checks each page it touches), the
+/// scans get their pages prefetched and settled as used, and the zipfian touches bring back
+/// little beyond the faulting page.
+fn prefetch_streams_serve_exact_bytes_and_adapt() -> R {
+    for pattern in ["seq", "rev", "stride", "zipf"] {
+        let r = run_under_uswap(
+            "prefetch",
+            "8M",
+            &[],
+            &[
+                workload(),
+                "bench",
+                "--mib",
+                "32",
+                "--pattern",
+                pattern,
+                "--idle-ms",
+                "1500",
+            ],
+        );
+        r.ok_with_eviction(2000)
+            .map_err(|e| format!("pattern {pattern}: {}", e.message().unwrap_or("")))?;
+        let faults = r.get("faults_store") + r.get("faults_window");
+        let prefetched = r.get("pages_prefetched");
+        let hits = r.client()["fault_path"]["prefetch_hit_pages"]
+            .as_u64()
+            .unwrap_or(0);
+        let scan = pattern != "zipf";
+        let adapted = if scan {
+            // 8192 pages read once: with windows of up to 16, far more pages came back
+            // prefetched than faulted, and most of them were used.
+            prefetched > 2 * faults && hits * 10 >= prefetched * 8
+        } else {
+            // Scattered faults: a fault near a recent one (likely in a region of 8192 pages)
+            // starts a stream that prefetches one page; fixed prefetch brought back 16 per
+            // fault.
+            prefetched * 4 <= faults
+        };
+        if !adapted {
+            return Err(format!(
+                "pattern {pattern}: {faults} faults on evicted pages, {prefetched} pages \
+                 prefetched, {hits} used\n{}",
+                r.describe()
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
 fn fork_cow_child_complete_and_shared_pages_unevictable() -> R {
     let r = run_under_uswap(
         "fork",
@@ -1295,6 +1346,10 @@ fn main() {
             ],
             "8M",
             2000,
+        ),
+        Trial::test(
+            "prefetch_streams_serve_exact_bytes_and_adapt",
+            prefetch_streams_serve_exact_bytes_and_adapt,
         ),
         Trial::test(
             "bgsave_child_checksums_while_parent_rewrites",

@@ -109,6 +109,38 @@ fn copy_zeropage_and_exists() {
     u.unregister(m.base, m.len as u64).unwrap();
 }
 
+/// What the fault thread's prefetch relies on: a COPY of a run that meets a present page
+/// installs the pages before it, reports them as done (the kernel turns the EEXIST into a
+/// partial copy, EAGAIN, once something was copied), overwrites nothing, and leaves the pages
+/// after it alone; a run starting at a present page does nothing (EEXIST).
+#[test]
+fn copy_run_stopping_at_present_page_reports_part_done() {
+    let m = Map::new(8);
+    let u = uffd(0);
+    u.register(m.base, m.len as u64, sys::UFFDIO_REGISTER_MODE_MISSING)
+        .unwrap();
+    let present = vec![0x11u8; PAGE as usize];
+    assert_eq!(
+        u.copy(m.page(3), present.as_ptr(), PAGE, false).unwrap(),
+        PAGE
+    );
+    let run = vec![0x22u8; 6 * PAGE as usize];
+    match u.copy(m.page(0), run.as_ptr(), 6 * PAGE, false) {
+        Err(e @ (UffdError::Retry { .. } | UffdError::Exists { .. })) => {
+            assert_eq!(e.done_bytes(), 3 * PAGE, "{e:?}")
+        }
+        other => panic!("expected a partial copy, got {other:?}"),
+    }
+    assert_eq!((m.read(0), m.read(2), m.read(3)), (0x22, 0x22, 0x11));
+    assert!(!m.resident(4) && !m.resident(5));
+    assert!(matches!(
+        u.copy(m.page(3), run.as_ptr(), 3 * PAGE, false),
+        Err(UffdError::Exists { done_bytes: 0, .. })
+    ));
+    assert!(!m.resident(4));
+    u.unregister(m.base, m.len as u64).unwrap();
+}
+
 #[test]
 fn move_with_src_holes_busy_and_errors() {
     let m = Map::new(8);

@@ -1,7 +1,10 @@
 //! `uswap-bench`: the core benchmarks, printed as one markdown table per section.
 //!
 //! 1. The bare userfaultfd round trip, measured from the faulting thread: a handler thread in
-//!    the same process serves each fault with UFFDIO_COPY. Same CPU and across CPUs.
+//!    the same process serves each fault with UFFDIO_COPY. Same CPU and across CPUs, with the
+//!    handler waiting in `poll` + `read` (as the monitor's fault thread does when it blocks),
+//!    spinning on non-blocking polls (as it does right after a fault), or waiting in one
+//!    io_uring READ of the descriptor (`io_uring_enter` both waits and reads).
 //! 2. Fault-in latency of uswap from the faulting thread's side (the workload's
 //!    `fault-latency`), for pages still in the window and for compressed pages, same CPU and
 //!    across CPUs (the program pinned to one CPU, the monitor to the same or the other one),
@@ -10,7 +13,8 @@
 //!    evicted GiB.
 //! 4. Fresh-memory fill rate under uswap against the plain program.
 //!
-//! Usage: `uswap-bench [--quick]` from a release build (`cargo build --release --workspace`).
+//! Usage: `uswap-bench [--quick] [--bare-only] [--backend B] [--set KEY=VALUE]...` from a release build
+//! (`cargo build --release --workspace`); each `--set` is added to every `uswap run`.
 //! Needs `taskset` (util-linux) for the CPU placement.
 
 use std::os::fd::AsRawFd;
@@ -35,9 +39,28 @@ fn pct(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * q).round() as usize]
 }
 
+/// How the bare round trip's handler waits for the next fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// `poll` (50 ms timeout), then a non-blocking `read`.
+    Poll,
+    /// Non-blocking `poll` in a loop with `spin_loop` hints, then `read`.
+    Spin,
+    /// One io_uring READ of a blocking descriptor per message batch (`submit_and_wait`).
+    Uring,
+    /// One io_uring POLL_ADD of the (non-blocking) descriptor, waited for in
+    /// `submit_and_wait`, then `read`: what the monitor could do with the program's
+    /// descriptor, which must stay non-blocking.
+    UringPoll,
+    /// `Uring` on a non-blocking descriptor (the kernel arms a poll and retries the read).
+    UringNonblock,
+}
+
 /// Bare round trip: returns per-fault latencies in µs.
-fn bare_round_trip(fault_cpu: usize, handler_cpu: usize, pages: usize) -> Vec<f64> {
-    let len = pages * 4096;
+fn bare_round_trip(fault_cpu: usize, handler_cpu: usize, pages: usize, wait: Wait) -> Vec<f64> {
+    // One more page than measured: touched last, after `stop`, to release a handler blocked
+    // in its read.
+    let len = (pages + 1) * 4096;
     // SAFETY: a fresh anonymous mapping, unmapped at the end.
     let base = unsafe {
         libc::mmap(
@@ -49,7 +72,7 @@ fn bare_round_trip(fault_cpu: usize, handler_cpu: usize, pages: usize) -> Vec<f6
             0,
         )
     } as u64;
-    let uffd = Arc::new(Uffd::create(0, 0, true).expect("userfaultfd"));
+    let uffd = Arc::new(Uffd::create(0, 0, wait != Wait::Uring).expect("userfaultfd"));
     uffd.register(base, len as u64, sys::UFFDIO_REGISTER_MODE_MISSING)
         .expect("register");
     let stop = Arc::new(AtomicBool::new(false));
@@ -59,18 +82,65 @@ fn bare_round_trip(fault_cpu: usize, handler_cpu: usize, pages: usize) -> Vec<f6
         let src = vec![7u8; 4096];
         let mut raw = [sys::UffdMsg::default(); 16];
         let mut ev = [Event::Unknown; 16];
-        while !s.load(Ordering::Relaxed) {
-            let mut pfd = libc::pollfd {
-                fd: u.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
+        let mut ring = matches!(wait, Wait::Uring | Wait::UringPoll | Wait::UringNonblock)
+            .then(|| io_uring::IoUring::new(8).expect("io_uring"));
+        // Until the extra page, touched after `stop`, is served.
+        let last_addr = base + (pages * 4096) as u64;
+        let mut served_last = false;
+        while !served_last {
+            let n = match (wait, ring.as_mut()) {
+                (Wait::Uring | Wait::UringNonblock, Some(ring)) => {
+                    let read = io_uring::opcode::Read::new(
+                        io_uring::types::Fd(u.as_raw_fd()),
+                        raw.as_mut_ptr().cast(),
+                        std::mem::size_of_val(&raw) as u32,
+                    )
+                    .build();
+                    // SAFETY: `raw` outlives the request: we wait for its completion below
+                    // before touching `raw` again.
+                    unsafe { ring.submission().push(&read).expect("queue has room") };
+                    ring.submit_and_wait(1).expect("io_uring_enter");
+                    let res = ring.completion().next().map_or(-1, |c| c.result());
+                    let count = res.max(0) as usize / std::mem::size_of::<sys::UffdMsg>();
+                    for i in 0..count {
+                        ev[i] = Event::decode(&raw[i]);
+                    }
+                    count
+                }
+                (Wait::UringPoll, Some(ring)) => {
+                    let poll = io_uring::opcode::PollAdd::new(
+                        io_uring::types::Fd(u.as_raw_fd()),
+                        libc::POLLIN as u32,
+                    )
+                    .build();
+                    // SAFETY: the request refers to no memory of ours.
+                    unsafe { ring.submission().push(&poll).expect("queue has room") };
+                    ring.submit_and_wait(1).expect("io_uring_enter");
+                    let _ = ring.completion().next();
+                    u.read_events(&mut raw, &mut ev).unwrap_or(0)
+                }
+                _ => {
+                    let mut pfd = libc::pollfd {
+                        fd: u.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    let timeout_ms = if wait == Wait::Spin { 0 } else { 50 };
+                    // SAFETY: polling one pollfd on our stack.
+                    let ready = unsafe { libc::poll(&mut pfd, 1, timeout_ms) } > 0;
+                    if wait == Wait::Spin && !ready {
+                        for _ in 0..64 {
+                            std::hint::spin_loop();
+                        }
+                        continue;
+                    }
+                    u.read_events(&mut raw, &mut ev).unwrap_or(0)
+                }
             };
-            // SAFETY: polling one pollfd on our stack.
-            unsafe { libc::poll(&mut pfd, 1, 50) };
-            let n = u.read_events(&mut raw, &mut ev).unwrap_or(0);
             for e in &ev[..n] {
                 if let Event::Pagefault { addr, .. } = e {
                     let _ = u.copy(*addr, src.as_ptr(), 4096, false);
+                    served_last |= *addr == last_addr && s.load(Ordering::Relaxed);
                 }
             }
         }
@@ -86,6 +156,8 @@ fn bare_round_trip(fault_cpu: usize, handler_cpu: usize, pages: usize) -> Vec<f6
         assert_eq!(v, 7);
     }
     stop.store(true, Ordering::Relaxed);
+    // SAFETY: reading the last page of our registered mapping; the handler fills it.
+    let _ = unsafe { std::ptr::read_volatile((base + (pages * 4096) as u64) as *const u8) };
     handler.join().unwrap();
     // SAFETY: unmapping our own mapping.
     unsafe { libc::munmap(base as *mut _, len) };
@@ -105,8 +177,8 @@ struct Out {
     stats: serde_json::Value,
 }
 
-/// `--set backend=...` added to every `uswap run`, from `--backend`.
-static BACKEND: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+/// `--set` values added to every `uswap run`: `backend=...` from `--backend`, and each `--set`.
+static EXTRA_SETS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 fn uswap_run(
     monitor_cpu: Option<usize>,
@@ -129,8 +201,8 @@ fn uswap_run(
     for s in sets {
         cmd.args(["--set", s]);
     }
-    if let Some(Some(b)) = BACKEND.get() {
-        cmd.args(["--set", b]);
+    for s in EXTRA_SETS.get().into_iter().flatten() {
+        cmd.args(["--set", s]);
     }
     cmd.arg("--stats-json").arg(&stats).arg("--");
     if let Some(c) = prog_cpu {
@@ -176,10 +248,16 @@ fn main() {
         .position(|a| a == "--backend")
         .and_then(|i| argv.get(i + 1))
         .map(|b| format!("backend={b}"));
-    BACKEND.set(backend.clone()).expect("set once");
-    if let Some(b) = &backend {
-        println!("(all runs with --set {b})\n");
+    let mut extra: Vec<String> = backend.into_iter().collect();
+    extra.extend(
+        argv.windows(2)
+            .filter(|w| w[0] == "--set")
+            .map(|w| w[1].clone()),
+    );
+    if !extra.is_empty() {
+        println!("(all runs with --set {})\n", extra.join(" --set "));
     }
+    EXTRA_SETS.set(extra).expect("set once");
     let wl = exe_dir().join("uswap-workload");
     let wl = wl.to_str().unwrap();
     let mib = if quick { "128" } else { "512" };
@@ -191,21 +269,69 @@ fn main() {
     println!("| case | CPUs | p50 | p99 | p99.9 | n |");
     println!("|---|---|---|---|---|---|");
     let mut bare = [0.0f64; 2];
-    for (i, (name, f, h)) in [
-        ("bare uffd round trip (COPY)", 0, 0),
-        ("bare uffd round trip (COPY)", cross, 0),
+    for (i, (name, f, h, wait)) in [
+        ("bare uffd round trip (COPY)", 0, 0, Wait::Poll),
+        ("bare uffd round trip (COPY)", cross, 0, Wait::Poll),
+        ("bare round trip, handler spins (poll 0)", 0, 0, Wait::Spin),
+        (
+            "bare round trip, handler spins (poll 0)",
+            cross,
+            0,
+            Wait::Spin,
+        ),
+        (
+            "bare round trip, handler waits in io_uring READ",
+            0,
+            0,
+            Wait::Uring,
+        ),
+        (
+            "bare round trip, handler waits in io_uring READ",
+            cross,
+            0,
+            Wait::Uring,
+        ),
+        (
+            "bare round trip, handler waits in io_uring POLL_ADD, then read",
+            0,
+            0,
+            Wait::UringPoll,
+        ),
+        (
+            "bare round trip, handler waits in io_uring POLL_ADD, then read",
+            cross,
+            0,
+            Wait::UringPoll,
+        ),
+        (
+            "bare round trip, handler waits in io_uring READ, O_NONBLOCK",
+            0,
+            0,
+            Wait::UringNonblock,
+        ),
+        (
+            "bare round trip, handler waits in io_uring READ, O_NONBLOCK",
+            cross,
+            0,
+            Wait::UringNonblock,
+        ),
     ]
     .into_iter()
     .enumerate()
     {
-        let mut v = bare_round_trip(f, h, if quick { 5000 } else { 20000 });
+        let mut v = bare_round_trip(f, h, if quick { 5000 } else { 20000 }, wait);
         let n = v.len();
         let (p50, p99, p999) = (pct(&mut v, 0.5), pct(&mut v, 0.99), pct(&mut v, 0.999));
-        bare[i] = p50;
+        if i < 2 {
+            bare[i] = p50;
+        }
         println!(
             "| {name} | {} | {p50:.1} | {p99:.1} | {p999:.1} | {n} |",
             if f == h { "same" } else { "cross" }
         );
+    }
+    if argv.iter().any(|a| a == "--bare-only") {
+        return;
     }
     let mut evict_rows = Vec::new();
     // Two settings: "under eviction" (budget 32M: touching pages raises RSS over the budget, so

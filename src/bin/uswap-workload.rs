@@ -2125,16 +2125,23 @@ fn status_kib(field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `bench --pattern stride`: pages between two touches of a pass.
+const STRIDE_PAGES: usize = 4;
+
 fn cmd_bench(o: &Opts) -> Result<String, String> {
     let (len, npages) = o.mib()?;
     let idle_ms = o.num("idle-ms", 2000)?;
     let threshold_ns = o.num("threshold-ns", 2000)?;
     let pattern = o.get("pattern").unwrap_or("seq").to_string();
     let default_touches = match pattern.as_str() {
-        "seq" => npages as u64,
+        "seq" | "rev" | "stride" => npages as u64,
         "random" => 200_000,
         "zipf" => 500_000,
-        p => return Err(format!("--pattern must be seq, random or zipf, not {p:?}")),
+        p => {
+            return Err(format!(
+                "--pattern must be seq, rev, stride, random or zipf, not {p:?}"
+            ))
+        }
     };
     let touches = o.num("touches", default_touches)? as usize;
     let write_pct = o.num("write-pct", 10)?.min(100);
@@ -2175,6 +2182,13 @@ fn cmd_bench(o: &Opts) -> Result<String, String> {
     for k in 0..touches {
         let (i, write) = match pattern.as_str() {
             "seq" => (k % npages, false),
+            "rev" => (npages - 1 - k % npages, false),
+            // Every 4th page, in 4 passes (offsets 0..3), so all pages are read.
+            "stride" => {
+                let per_pass = npages.div_ceil(STRIDE_PAGES);
+                let (pass, j) = ((k / per_pass) % STRIDE_PAGES, k % per_pass);
+                ((j * STRIDE_PAGES + pass).min(npages - 1), false)
+            }
             "random" => {
                 rng = mix(rng);
                 ((rng % npages as u64) as usize, false)
@@ -2303,7 +2317,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   garbage-to-monitor --mib N [--idle-ms M]
   close-all-fds    --mib N [--idle-ms M] [--fork]
   chaos            --mib N [--secs S] [--threads T] [--fork-ms MS (a thread forks every MS)]
-  bench            --mib N [--idle-ms M] [--pattern seq|random|zipf] [--touches K]
+  bench            --mib N [--idle-ms M] [--pattern seq|rev|stride|random|zipf] [--touches K]
                    [--threshold-ns T] [--theta X] [--write-pct P] [--linger-ms L]
   output-echo      [any args]
 defaults: --mib 64, --rounds 1, --threads 4, --pin-pages 16, --repeat 3,

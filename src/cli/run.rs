@@ -239,6 +239,17 @@ fn print_summary(r: &ClientReport, wall: Duration) {
         pol.pages_proactive,
         if pol.controller_state.is_empty() { "idle" } else { &pol.controller_state }
     );
+    let fp = &r.fault_path;
+    if r.pages_prefetched > 0 || fp.spin_s > 0.0 {
+        eprintln!(
+            "  fault path    prefetched {} pages (used {}, wasted {}); spun {:.2} s waiting for faults, fault thread CPU {:.2} s",
+            r.pages_prefetched,
+            fp.prefetch_hit_pages,
+            fp.prefetch_waste_pages,
+            fp.spin_s,
+            fp.fault_thread_cpu_s
+        );
+    }
     if let Some(saved) = r.saved_at_peak_bytes() {
         eprintln!("  memory saved  {} at the deepest point (program memory out of RAM minus what uswap held for it)", mib(saved));
     }

@@ -58,6 +58,7 @@ pub const KEYS: &[&str] = &[
     "window",
     "fill_ahead_pages",
     "prefetch_pages",
+    "fault_spin",
     "min_region",
     "max_store",
     "hot_ttl",
@@ -117,9 +118,13 @@ pub struct ProgramConfig {
     /// Fresh (never evicted) faults are served with a zero-page run of up to this many pages.
     /// Key `fill_ahead_pages`.
     pub fill_ahead_pages: u32,
-    /// On a fault in evicted memory, also bring back up to this many following evicted pages.
-    /// Key `prefetch_pages`.
+    /// Largest prefetch window: on a fault in evicted memory, up to this many evicted pages
+    /// along the fault's detected stream (sequential, reverse or strided) come back with it;
+    /// 0 = only the faulting page. Key `prefetch_pages`.
     pub prefetch_pages: u32,
+    /// Longest spin of the fault thread for the next fault after serving one (adaptive
+    /// below it); zero = never spin. Key `fault_spin`.
+    pub fault_spin: Duration,
     /// Anonymous regions smaller than this are not managed. Key `min_region`.
     pub min_region_bytes: u64,
     /// Per-program store quota; `None` = no quota. Key `max_store`.
@@ -160,6 +165,7 @@ impl Default for ProgramConfig {
             window_bytes: 32 << 20,
             fill_ahead_pages: 256,
             prefetch_pages: 16,
+            fault_spin: DEFAULT_FAULT_SPIN,
             min_region_bytes: 256 << 10,
             max_store_bytes: None,
             hot_ttl: Duration::from_secs(10),
@@ -201,6 +207,10 @@ impl ProgramConfig {
         line("window", format!("\"{}\"", format_size(self.window_bytes)));
         line("fill_ahead_pages", self.fill_ahead_pages.to_string());
         line("prefetch_pages", self.prefetch_pages.to_string());
+        line(
+            "fault_spin",
+            format!("\"{}\"", format_duration(self.fault_spin)),
+        );
         line(
             "min_region",
             format!("\"{}\"", format_size(self.min_region_bytes)),
@@ -250,6 +260,7 @@ pub struct Overrides {
     pub window_bytes: Option<u64>,
     pub fill_ahead_pages: Option<u32>,
     pub prefetch_pages: Option<u32>,
+    pub fault_spin: Option<Duration>,
     pub min_region_bytes: Option<u64>,
     /// `Some(None)` = `"none"` (no quota).
     pub max_store_bytes: Option<Option<u64>>,
@@ -301,6 +312,7 @@ impl Overrides {
             "window" => self.window_bytes = Some(check_window(size_value(v)?)?),
             "fill_ahead_pages" => self.fill_ahead_pages = Some(check_fill_ahead(u32_value(v)?)?),
             "prefetch_pages" => self.prefetch_pages = Some(check_prefetch(u32_value(v)?)?),
+            "fault_spin" => self.fault_spin = Some(check_fault_spin(duration_value(v)?)?),
             "min_region" => self.min_region_bytes = Some(size_value(v)?),
             "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
             "hot_ttl" => self.hot_ttl = Some(check_hot_ttl(duration_value(v)?)?),
@@ -353,6 +365,9 @@ impl Overrides {
         if let Some(v) = self.prefetch_pages {
             check_prefetch(v).map_err(|r| err("prefetch_pages", r.reason()))?;
         }
+        if let Some(v) = self.fault_spin {
+            check_fault_spin(v).map_err(|r| err("fault_spin", r.reason()))?;
+        }
         if let Some(v) = self.max_store_bytes {
             check_max_store(v).map_err(|r| err("max_store", r.reason()))?;
         }
@@ -393,6 +408,7 @@ impl Overrides {
         put(&mut cfg.window_bytes, &self.window_bytes);
         put(&mut cfg.fill_ahead_pages, &self.fill_ahead_pages);
         put(&mut cfg.prefetch_pages, &self.prefetch_pages);
+        put(&mut cfg.fault_spin, &self.fault_spin);
         put(&mut cfg.min_region_bytes, &self.min_region_bytes);
         put(&mut cfg.max_store_bytes, &self.max_store_bytes);
         put(&mut cfg.hot_ttl, &self.hot_ttl);
@@ -502,6 +518,7 @@ struct RawConfig {
     window: Option<Spanned<Value>>,
     fill_ahead_pages: Option<Spanned<Value>>,
     prefetch_pages: Option<Spanned<Value>>,
+    fault_spin: Option<Spanned<Value>>,
     min_region: Option<Spanned<Value>>,
     max_store: Option<Spanned<Value>>,
     hot_ttl: Option<Spanned<Value>>,
@@ -516,7 +533,7 @@ struct RawConfig {
 
 impl RawConfig {
     /// The fields paired with their key names, in [`KEYS`] order.
-    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 19] {
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 20] {
         [
             ("budget", self.budget),
             ("cooling", self.cooling),
@@ -527,6 +544,7 @@ impl RawConfig {
             ("window", self.window),
             ("fill_ahead_pages", self.fill_ahead_pages),
             ("prefetch_pages", self.prefetch_pages),
+            ("fault_spin", self.fault_spin),
             ("min_region", self.min_region),
             ("max_store", self.max_store),
             ("hot_ttl", self.hot_ttl),
@@ -925,6 +943,13 @@ fn check_fill_ahead(v: u32) -> Result<u32, KeyError> {
 
 fn check_prefetch(v: u32) -> Result<u32, KeyError> {
     in_range(v, 0, 4096)
+}
+
+/// Default of key `fault_spin`.
+pub const DEFAULT_FAULT_SPIN: Duration = Duration::from_micros(50);
+
+fn check_fault_spin(d: Duration) -> Result<Duration, KeyError> {
+    duration_in_range(d, Duration::ZERO, Duration::from_millis(1))
 }
 
 fn check_window(v: u64) -> Result<u64, KeyError> {

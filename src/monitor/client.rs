@@ -1626,6 +1626,7 @@ impl Client {
             shadow_max_us: g(&c.shadow_max_ns) as f64 / 1e3,
             pages_unshadowed: g(&c.pages_unshadowed),
             monitor_cpu_s: (g(&c.fault_thread_cpu_ns) + g(&c.control_thread_cpu_ns)) as f64 / 1e9,
+            fault_path: c.fault_path_report(),
             store,
         }
     }

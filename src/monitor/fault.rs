@@ -11,7 +11,15 @@
 //!    it, then the copy is retried).
 //!
 //! It never blocks on the agent: it only polls the uffd, the agent's done eventfd and its own
-//! command eventfd.
+//! command eventfd. After a round that served faults it first spins for a while (non-blocking
+//! polls, adaptive budget capped by config `fault_spin`; `monitor/spin.rs`), since waking a
+//! blocked thread from the other vCPU takes 20–40 µs on this VM.
+//!
+//! A fault on an evicted page brings back, with the same ioctl, the evicted pages next to it
+//! that the fault's stream will want (`monitor/prefetch.rs`: forward or backward runs, up to
+//! `prefetch_pages`); a constant-stride stream gets its pages one ioctl each, after the
+//! faulting page. Only `Window`/`Stored` pages are ever gathered, and a copy never overwrites
+//! a present page (EEXIST; the run stops there and what was copied is settled).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
@@ -24,6 +32,8 @@ use super::arrivals::Arrivals;
 use super::client::{drain, Client};
 use super::pages::{FaultPlan, PageState, Released};
 use super::pagetrace::rec;
+use super::prefetch::{self, Detector};
+use super::spin::SpinBudget;
 use super::stats::Counters;
 use crate::protocol::shm;
 use crate::uffd::{sys, Event, Probe, UffdError};
@@ -35,12 +45,20 @@ const MSGS_PER_READ: usize = 64;
 /// agent's work per batch is bounded (at most `MAX_BATCH_PAGES` moves and copies), so a wait this
 /// long means the program's agent thread is not being scheduled.
 const SLOW_AGENT: std::time::Duration = std::time::Duration::from_secs(1);
+/// `spin_loop` hints between two non-blocking polls of a spin (each poll is also followed by
+/// a `sched_yield`, see the spin loop).
+const SPIN_HINTS: u32 = 16;
+/// How often the fault thread publishes its CPU time while it runs.
+const CPU_SAMPLE: std::time::Duration = std::time::Duration::from_millis(100);
 
 struct Pending {
     addr: u64,
     since: Instant,
     /// Set when parked on a batch.
     waited: bool,
+    /// What to prefetch with it, decided once (at the first attempt that finds the page
+    /// evicted), so a retried service does not feed the detector twice.
+    prefetch: Option<prefetch::Plan>,
 }
 
 /// Runs until the client goes away. Returns why.
@@ -82,6 +100,11 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     let mut waiting = 0usize;
     let mut warned_slow = false;
     let mut arrivals = Arrivals::default();
+    let mut detector = Detector::new(client.cfg.prefetch_pages);
+    let mut spin = SpinBudget::new(client.cfg.fault_spin.as_nanos() as u64);
+    // When the last round that served a fault ended.
+    let mut served_at: Option<Instant> = None;
+    let mut cpu_sampled = Instant::now();
     loop {
         if client.closing.load(Ordering::Acquire) {
             return "closing";
@@ -109,8 +132,53 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                 revents: 0,
             },
         ];
-        // SAFETY: polling three pollfds on our stack.
-        unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout_ms) };
+        let spin_ns = served_at.map_or(0, |_| spin.budget_ns());
+        let mut ready = false;
+        if spin_ns > 0 {
+            let t0 = Instant::now();
+            let waited_ns = loop {
+                // SAFETY: polling three pollfds on our stack, without waiting.
+                ready = unsafe { libc::poll(pfds.as_mut_ptr(), 3, 0) } > 0;
+                let waited_ns = t0.elapsed().as_nanos() as u64;
+                if ready || waited_ns >= spin_ns {
+                    break waited_ns;
+                }
+                for _ in 0..SPIN_HINTS {
+                    std::hint::spin_loop();
+                }
+                // When the thread we just woke shares our CPU, it runs now rather than when
+                // the spin ends (without this, spinning raised the same-CPU fault p99 from
+                // ~15 to 60-1600 µs; BENCHMARKS.md). With nothing else to run it returns at
+                // once.
+                // SAFETY: no arguments; only gives up the CPU.
+                unsafe { libc::sched_yield() };
+            };
+            Counters::add(&client.counters.fault_spin_ns, waited_ns);
+            if !ready {
+                spin.on_empty();
+                Counters::add(&client.counters.fault_spins_empty, 1);
+            } else if pfds[0].revents != 0 {
+                spin.on_hit(waited_ns);
+                Counters::add(&client.counters.fault_spins_hit, 1);
+            }
+        }
+        if !ready {
+            // SAFETY: polling three pollfds on our stack.
+            unsafe { libc::poll(pfds.as_mut_ptr(), 3, timeout_ms) };
+            if let Some(t) = served_at {
+                if pfds[0].revents & libc::POLLIN != 0 {
+                    spin.on_blocked(t.elapsed().as_nanos() as u64);
+                }
+            }
+            if cpu_sampled.elapsed() >= CPU_SAMPLE {
+                cpu_sampled = Instant::now();
+                client
+                    .counters
+                    .fault_thread_cpu_ns
+                    .store(super::stats::thread_cpu_ns(), Ordering::Relaxed);
+            }
+        }
+        served_at = None;
         if pfds[0].revents & (libc::POLLERR | libc::POLLHUP) != 0 {
             return "userfaultfd closed";
         }
@@ -150,6 +218,7 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                             addr,
                             since: t_read,
                             waited: false,
+                            prefetch: None,
                         });
                     }
                 }
@@ -174,7 +243,7 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
         if !pending.is_empty() {
             let mut still = Vec::new();
             waiting = 0;
-            for p in pending.drain(..) {
+            for mut p in pending.drain(..) {
                 // Config `move_in_decompressed` (off by default): in the TCG VM with the debug
                 // kernel a fault on a compressed page (isolated, same CPU) took 242 µs p50 moved
                 // against 191 µs copied (BENCHMARKS.md): the monitor must first fault its own
@@ -187,8 +256,20 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                     Some(x) if move_in => &mut x[..],
                     _ => &mut buf[..],
                 };
-                match serve(&client, p.addr, gather, &mut arrivals, move_in) {
+                let fault = Fault {
+                    addr: p.addr,
+                    prefetch: &mut p.prefetch,
+                };
+                match serve(
+                    &client,
+                    fault,
+                    gather,
+                    &mut arrivals,
+                    &mut detector,
+                    move_in,
+                ) {
                     Served::Done { refault } => {
+                        served_at = Some(Instant::now());
                         let ns = p.since.elapsed().as_nanos() as u64;
                         client.latency.record_fault(ns);
                         Counters::add(&client.counters.fault_service_ns, ns);
@@ -423,25 +504,34 @@ enum Served {
     Gone,
 }
 
+/// One fault being served: its address and its prefetch plan (decided at the first attempt
+/// that finds the page evicted).
+struct Fault<'a> {
+    addr: u64,
+    prefetch: &'a mut Option<prefetch::Plan>,
+}
+
 /// Serves one fault. `buf` receives the pages gathered for it; with `move_in` (cross-mm
 /// backend) it is private anonymous memory of ours and its pages are moved into the program
 /// rather than copied.
 fn serve(
     client: &Client,
-    addr: u64,
+    fault: Fault<'_>,
     buf: &mut [u8],
     arrivals: &mut Arrivals,
+    detector: &mut Detector,
     move_in: bool,
 ) -> Served {
+    let addr = fault.addr;
     if arrivals.is_doubtful(addr) {
         // Its word may belong to memory that is gone: wait until it is probed.
         return Served::Retry;
     }
     let mut st = client.state.lock();
-    let region_end = st
+    let (region_start, region_end) = st
         .regions
         .containing(addr)
-        .map_or(addr + PAGE_BYTES, |r| r.end);
+        .map_or((addr, addr + PAGE_BYTES), |r| (r.start, r.end));
     let plan = st
         .pages
         .plan_fault(addr, client.cfg.fill_ahead_pages as u64, region_end);
@@ -458,6 +548,11 @@ fn serve(
         },
         region_end,
     );
+    // Pages brought back other than the faulting one, and the strides of the window that were
+    // looked at (reported to the detector once served).
+    let mut prefetched = 0u64;
+    let mut covered_steps = 0u64;
+    let mut pf = prefetch::Plan::NONE;
     let result = match plan {
         FaultPlan::Wait { .. } => return Served::Wait,
         FaultPlan::Zero { pages } => {
@@ -488,15 +583,42 @@ fn serve(
             }
         }
         FaultPlan::FromWindow { .. } | FaultPlan::FromStore(_) => {
-            // Gather the faulting page and the evicted pages right after it into `buf`.
-            let max_pages = (buf.len() / PAGE_SIZE) as u64;
+            pf = *fault.prefetch.get_or_insert_with(|| {
+                let p = detector.on_fault(addr / PAGE_BYTES);
+                Counters::add(&c.prefetch_hit_pages, p.hit_pages);
+                Counters::add(&c.prefetch_waste_pages, p.waste_pages);
+                p
+            });
+            // `buf` holds the faulting page and up to `prefetch_pages` others.
+            let cap_pages = (buf.len() / PAGE_SIZE) as u64 - 1;
+            let window_pages = (pf.pages as u64).min(cap_pages);
             let cross_mm = client.cross_mm.load(Ordering::Relaxed);
+            // The contiguous part of the plan: evicted pages after the fault (forward stream)
+            // or before it (reverse stream; not on the cross-mm backend, whose arena runs move
+            // back forward only).
+            let (ahead_pages, behind_pages) = match pf.stride_pages {
+                1 => (window_pages, 0),
+                -1 if !cross_mm => (0, window_pages),
+                _ => (0, 0),
+            };
             // Cross-mm: the first slot of a run of pages waiting in consecutive arena slots,
             // which moves back as it is (zero-copy).
             let arena_run = match plan {
                 FaultPlan::FromWindow { slot } if cross_mm => Some(slot),
                 _ => None,
             };
+            // Evicted pages right below the fault, counted first so the run can be laid out
+            // in address order: buf[back] is the faulting page.
+            let mut back = 0u64;
+            while back < behind_pages && addr - region_start > back * PAGE_BYTES {
+                let a = addr - (back + 1) * PAGE_BYTES;
+                if arrivals.is_doubtful(a) || !is_copyable(st.pages.state(a)) {
+                    break;
+                }
+                back += 1;
+            }
+            // Gather the faulting page and the evicted pages right after it into `buf`.
+            let max_pages = 1 + ahead_pages;
             let mut n = 0u64;
             while n < max_pages {
                 let a = addr + n * PAGE_BYTES;
@@ -515,42 +637,50 @@ fn serve(
                         _ => break,
                     }
                 }
-                let dst: &mut [u8; PAGE_SIZE] = (&mut buf
-                    [n as usize * PAGE_SIZE..(n as usize + 1) * PAGE_SIZE])
+                // The faulting page itself is copied from its slot if it ends up alone.
+                if n == 0 && max_pages == 1 && back == 0 {
+                    if let PageState::Window { .. } = state {
+                        n += 1;
+                        continue;
+                    }
+                }
+                let i = (back + n) as usize;
+                let dst: &mut [u8; PAGE_SIZE] = (&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
                     .try_into()
                     .expect("one page");
-                match state {
-                    // The faulting page itself is copied from its slot if it ends up alone.
-                    PageState::Window { .. } if n == 0 && max_pages == 1 => {}
-                    PageState::Window { slot, .. } => {
-                        // SAFETY: the slot lies inside the window mapping; the page is ours to
-                        // read while we hold the lock (the slot cannot be reused meanwhile).
-                        let src = unsafe { &*(client.slot_ptr(slot) as *const [u8; PAGE_SIZE]) };
-                        dst.copy_from_slice(src);
-                    }
-                    PageState::Stored(h) => {
-                        if let Err(e) = st.store.get(h, dst) {
-                            // Corrupt store entry: never hand out wrong bytes. Leave the page
-                            // evicted and stop serving this client (fail closed).
-                            warn!(client = client.id, addr = a, "stored page unreadable: {e}");
-                            if n == 0 {
-                                return Served::Gone;
-                            }
-                            break;
-                        }
-                    }
-                    _ => break,
+                match gather(client, &st, a, state, dst) {
+                    Gathered::Page => n += 1,
+                    Gathered::NotEvicted => break,
+                    // Never hand out wrong bytes: leave the page evicted and, if it is the
+                    // faulting one, stop serving this client (fail closed).
+                    Gathered::Unreadable if n == 0 => return Served::Gone,
+                    Gathered::Unreadable => break,
                 }
-                n += 1;
             }
+            // Then the pages below it, nearest first; the run starts at the lowest gathered.
+            let mut first_idx = back;
+            for k in 1..=back {
+                let a = addr - k * PAGE_BYTES;
+                let i = (back - k) as usize;
+                let dst: &mut [u8; PAGE_SIZE] = (&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+                    .try_into()
+                    .expect("one page");
+                match gather(client, &st, a, st.pages.state(a), dst) {
+                    Gathered::Page => first_idx = back - k,
+                    Gathered::NotEvicted | Gathered::Unreadable => break,
+                }
+            }
+            let below = back - first_idx;
+            let mut run_start = addr - below * PAGE_BYTES;
+            let run_pages = below + n;
             // A single page still in the window is copied straight from its slot; a run still
             // in the arena moves straight from it.
-            let src = match (n, plan, arena_run) {
+            let src = match (run_pages, plan, arena_run) {
                 (_, _, Some(first)) => client.slot_ptr(first) as *const u8,
                 (1, FaultPlan::FromWindow { slot }, _) => client.slot_ptr(slot) as *const u8,
-                _ => buf.as_ptr(),
+                _ => buf[first_idx as usize * PAGE_SIZE..].as_ptr(),
             };
-            let len = n * PAGE_BYTES;
+            let len = run_pages * PAGE_BYTES;
             let mut copied = None;
             // Cross-mm: pages waiting in the arena move back as they are (zero-copy). Pages
             // gathered in `buf` (decompressed, or mixed) are copied: a fresh page has to be
@@ -581,41 +711,76 @@ fn serve(
                     }
                 }
             }
-            let copied = copied.unwrap_or_else(|| client.uffd.copy(addr, src, len, false));
-            rec(
-                client.id,
-                "copy",
-                addr,
-                n,
-                match copied {
-                    Ok(d) => d,
-                    Err(e) => (1 << 63) | ((e.errno() as u64) << 32) | e.done_bytes(),
-                },
-            );
+            let mut copied = copied.unwrap_or_else(|| client.uffd.copy(run_start, src, len, false));
+            trace_copy(client, run_start, run_pages, &copied);
+            if below > 0 {
+                // The run starts below the fault. If it stopped before reaching the faulting
+                // page (a page below is present: EEXIST, which the kernel reports as a partial
+                // copy, or a refusal), settle what was copied and copy from the faulting page
+                // on. EAGAIN with nothing done is retried whole, like any other.
+                let done_pages = copied.unwrap_or_else(|e| e.done_bytes()) / PAGE_BYTES;
+                let retry_all = matches!(
+                    copied,
+                    Err(UffdError::Retry { done_bytes: 0, .. } | UffdError::TargetGone { .. })
+                );
+                if done_pages <= below && !retry_all {
+                    prefetched += finish(client, &mut st, run_start, done_pages, addr);
+                    run_start = addr;
+                    let src = buf[back as usize * PAGE_SIZE..].as_ptr();
+                    copied = client.uffd.copy(addr, src, n * PAGE_BYTES, false);
+                    trace_copy(client, addr, n, &copied);
+                }
+            }
             if matches!(copied, Ok(_) | Err(UffdError::Exists { .. })) {
                 arrivals.confirm();
             }
-            match copied {
+            let served = match copied {
                 Ok(done) => {
-                    finish(client, &mut st, addr, done / PAGE_BYTES);
+                    prefetched += finish(client, &mut st, run_start, done / PAGE_BYTES, addr);
                     Ok(())
                 }
                 Err(UffdError::Exists { done_bytes, .. }) => {
                     // Some page in the run is present already (served by a concurrent path):
                     // keep the ones copied, leave the rest as they are.
-                    finish(client, &mut st, addr, done_bytes / PAGE_BYTES);
+                    prefetched += finish(client, &mut st, run_start, done_bytes / PAGE_BYTES, addr);
                     client.uffd.wake(addr, PAGE_BYTES).map(|_| ())
                 }
                 Err(UffdError::Retry { done_bytes, .. }) if done_bytes > 0 => {
-                    finish(client, &mut st, addr, done_bytes / PAGE_BYTES);
+                    prefetched += finish(client, &mut st, run_start, done_bytes / PAGE_BYTES, addr);
                     Ok(())
                 }
                 Err(e) => Err(e),
+            };
+            if served.is_ok() {
+                // The rest of the window: further runs of evicted pages beyond the pages that
+                // stopped the first run (present ones are skipped), one COPY per run; or the
+                // pages of a strided stream, one COPY each.
+                let (steps, pages) = if pf.stride_pages.abs() > 1 {
+                    strided(client, &mut st, addr, &pf, window_pages, buf, arrivals)
+                } else if ahead_pages > 0 {
+                    let end = region_end.min(addr + (1 + ahead_pages) * PAGE_BYTES);
+                    let from = addr + n * PAGE_BYTES;
+                    let pages = more_runs(client, &mut st, from, end, addr, buf, arrivals);
+                    ((end - addr) / PAGE_BYTES - 1, pages)
+                } else if behind_pages > 0 {
+                    let start = region_start.max(addr - behind_pages * PAGE_BYTES);
+                    let pages = more_runs(client, &mut st, start, run_start, addr, buf, arrivals);
+                    ((addr - start) / PAGE_BYTES, pages)
+                } else {
+                    (0, 0)
+                };
+                covered_steps = steps;
+                prefetched += pages;
             }
+            served
         }
     };
+    let evicted = !matches!(plan, FaultPlan::Zero { .. });
     match result {
         Ok(()) => {
+            if evicted {
+                detector.prefetched(&pf, covered_steps as u32, prefetched as u32);
+            }
             // Counted once per fault served (a retried copy is not counted twice).
             Counters::add(
                 match plan {
@@ -632,6 +797,9 @@ fn serve(
         Err(UffdError::Retry { .. }) => Served::Retry,
         Err(UffdError::TargetGone { .. }) => Served::Gone,
         Err(e) => {
+            if evicted {
+                detector.prefetched(&pf, covered_steps as u32, prefetched as u32);
+            }
             // The range is not mapped or not registered any more (an UNMAP is on its way):
             // release the faulting thread; if it touches the address again it faults anew.
             debug!(client = client.id, addr, "fault service: {e}");
@@ -641,18 +809,178 @@ fn serve(
     }
 }
 
-/// `pages` pages from `addr` are back in the program.
-fn finish(client: &Client, st: &mut super::client::State, addr: u64, pages: u64) {
+/// Whether a page's bytes are with the monitor and can be copied back now.
+fn is_copyable(s: PageState) -> bool {
+    matches!(s, PageState::Window { .. } | PageState::Stored(_))
+}
+
+enum Gathered {
+    Page,
+    /// Not in the window or the store (present, fresh, or on its way out): not to be copied.
+    NotEvicted,
+    /// Its stored copy could not be read (logged).
+    Unreadable,
+}
+
+/// Copies the bytes of the page at `a`, whose state is `state`, into `dst`.
+fn gather(
+    client: &Client,
+    st: &super::client::State,
+    a: u64,
+    state: PageState,
+    dst: &mut [u8; PAGE_SIZE],
+) -> Gathered {
+    match state {
+        PageState::Window { slot, .. } => {
+            // SAFETY: the slot lies inside the window mapping; the page is ours to read while
+            // the caller holds the client's lock (the slot cannot be reused meanwhile).
+            let src = unsafe { &*(client.slot_ptr(slot) as *const [u8; PAGE_SIZE]) };
+            dst.copy_from_slice(src);
+            Gathered::Page
+        }
+        PageState::Stored(h) => match st.store.get(h, dst) {
+            Ok(_) => Gathered::Page,
+            Err(e) => {
+                warn!(client = client.id, addr = a, "stored page unreadable: {e}");
+                Gathered::Unreadable
+            }
+        },
+        PageState::Absent { .. } | PageState::Moving { .. } => Gathered::NotEvicted,
+    }
+}
+
+/// A constant-stride stream (|stride| > 1 page): after the faulting page, brings back the
+/// evicted pages among the next `window_pages` along the stride, one COPY each. Pages not
+/// evicted are skipped; it stops at the region's end, a doubtful page, an unreadable one or a
+/// refused copy. Returns the strides looked at and the pages that came back.
+fn strided(
+    client: &Client,
+    st: &mut super::client::State,
+    addr: u64,
+    pf: &prefetch::Plan,
+    window_pages: u64,
+    buf: &mut [u8],
+    arrivals: &Arrivals,
+) -> (u64, u64) {
+    let Some(region) = st.regions.containing(addr).map(|r| r.start..r.end) else {
+        return (0, 0);
+    };
+    let step_bytes = pf.stride_pages * PAGE_BYTES as i64;
+    let (mut steps, mut done) = (0u64, 0u64);
+    for k in 1..=window_pages as i64 {
+        let Some(a) = addr.checked_add_signed(k * step_bytes) else {
+            break;
+        };
+        if !region.contains(&a) || arrivals.is_doubtful(a) {
+            break;
+        }
+        steps += 1;
+        let dst: &mut [u8; PAGE_SIZE] = (&mut buf[..PAGE_SIZE]).try_into().expect("one page");
+        match gather(client, st, a, st.pages.state(a), dst) {
+            Gathered::Page => {}
+            Gathered::NotEvicted => continue,
+            Gathered::Unreadable => break,
+        }
+        let copied = client.uffd.copy(a, buf.as_ptr(), PAGE_BYTES, false);
+        trace_copy(client, a, 1, &copied);
+        match copied {
+            Ok(PAGE_BYTES) => done += finish(client, st, a, 1, addr),
+            _ => break,
+        }
+    }
+    (steps, done)
+}
+
+/// Brings back the evicted pages of `[from, to)` (inside the faulting page's region, which
+/// is not among them), one COPY per contiguous run of at most `buf` pages; pages not evicted
+/// are skipped. Stops at a doubtful page, an unreadable one, or a copy that did not complete
+/// (what it did copy is settled). Returns how many pages came back.
+fn more_runs(
+    client: &Client,
+    st: &mut super::client::State,
+    from: u64,
+    to: u64,
+    fault_addr: u64,
+    buf: &mut [u8],
+    arrivals: &Arrivals,
+) -> u64 {
+    let max_pages = (buf.len() / PAGE_SIZE) as u64;
+    let mut done = 0u64;
+    let mut a = from;
+    while a < to {
+        if arrivals.is_doubtful(a) {
+            break;
+        }
+        // The next run: gathered from `a` while the pages are evicted.
+        let mut n = 0u64;
+        while n < max_pages && a + n * PAGE_BYTES < to {
+            let p = a + n * PAGE_BYTES;
+            if arrivals.is_doubtful(p) {
+                break;
+            }
+            let i = n as usize;
+            let dst: &mut [u8; PAGE_SIZE] = (&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+                .try_into()
+                .expect("one page");
+            match gather(client, st, p, st.pages.state(p), dst) {
+                Gathered::Page => n += 1,
+                Gathered::NotEvicted => break,
+                Gathered::Unreadable if n == 0 => return done,
+                Gathered::Unreadable => break,
+            }
+        }
+        if n == 0 {
+            // Present (or fresh), or on its way out: skip it.
+            a += PAGE_BYTES;
+            continue;
+        }
+        let copied = client.uffd.copy(a, buf.as_ptr(), n * PAGE_BYTES, false);
+        trace_copy(client, a, n, &copied);
+        let copied_pages = copied.unwrap_or_else(|e| e.done_bytes()) / PAGE_BYTES;
+        done += finish(client, st, a, copied_pages, fault_addr);
+        if copied_pages < n {
+            break;
+        }
+        a += n * PAGE_BYTES;
+    }
+    done
+}
+
+fn trace_copy(client: &Client, start: u64, pages: u64, copied: &Result<u64, UffdError>) {
+    rec(
+        client.id,
+        "copy",
+        start,
+        pages,
+        match copied {
+            Ok(d) => *d,
+            Err(e) => (1 << 63) | ((e.errno() as u64) << 32) | e.done_bytes(),
+        },
+    );
+}
+
+/// `pages` pages from `start` are back in the program; `fault_addr` is the faulting page (the
+/// only one touched). Returns how many of them were prefetched (all but the faulting page).
+fn finish(
+    client: &Client,
+    st: &mut super::client::State,
+    start: u64,
+    pages: u64,
+    fault_addr: u64,
+) -> u64 {
     let now = client.now_ms();
+    let mut faulting = 0;
     for i in 0..pages {
-        let a = addr + i * PAGE_BYTES;
+        let a = start + i * PAGE_BYTES;
         // Only the faulting page was touched; prefetched ones are not hot.
-        let hot = (i == 0).then_some(now);
+        let hot = (a == fault_addr).then_some(now);
+        faulting += u64::from(a == fault_addr);
         rec(client.id, "back", a, i, 0);
         if let Released::Blob(h) = st.pages.brought_back(a, hot) {
             st.store.remove(h);
         }
     }
     Counters::add(&client.counters.pages_restored, pages);
-    Counters::add(&client.counters.pages_prefetched, pages.saturating_sub(1));
+    Counters::add(&client.counters.pages_prefetched, pages - faulting);
+    pages - faulting
 }

@@ -10,8 +10,10 @@ pub mod fault;
 pub mod forks;
 pub mod pages;
 pub mod pagetrace;
+pub mod prefetch;
 pub mod regions;
 pub mod server;
+pub mod spin;
 pub mod stats;
 
 pub use server::{connect, query_daemon_status, query_status, Listener, Monitor, MonitorOptions};

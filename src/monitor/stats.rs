@@ -80,6 +80,48 @@ pub struct Counters {
     pub control_thread_cpu_ns: AtomicU64,
     /// Faults per second over the last full second, sampled at each policy tick.
     pub fault_rate: FaultRate,
+    /// Prefetched pages settled as used (the program's fault stream walked past them) and as
+    /// wasted (evicted again before being reached, or their stream was abandoned); see
+    /// `monitor/prefetch.rs`. `pages_prefetched` counts them as they are brought back.
+    pub prefetch_hit_pages: AtomicU64,
+    pub prefetch_waste_pages: AtomicU64,
+    /// Fault thread: wall time spent spinning for the next message after serving faults
+    /// (config `fault_spin`), spins that found one, spins that ran out.
+    pub fault_spin_ns: AtomicU64,
+    pub fault_spins_hit: AtomicU64,
+    pub fault_spins_empty: AtomicU64,
+}
+
+impl Counters {
+    /// The fault path's own figures, for [`ClientReport::fault_path`].
+    pub fn fault_path_report(&self) -> FaultPathReport {
+        let g = Counters::get;
+        FaultPathReport {
+            prefetch_hit_pages: g(&self.prefetch_hit_pages),
+            prefetch_waste_pages: g(&self.prefetch_waste_pages),
+            spin_s: g(&self.fault_spin_ns) as f64 / 1e9,
+            spins_hit: g(&self.fault_spins_hit),
+            spins_empty: g(&self.fault_spins_empty),
+            fault_thread_cpu_s: g(&self.fault_thread_cpu_ns) as f64 / 1e9,
+        }
+    }
+}
+
+/// Prefetch accuracy and the cost of spinning, per client.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct FaultPathReport {
+    /// Prefetched pages the program went on to use (see `Counters::prefetch_hit_pages`).
+    pub prefetch_hit_pages: u64,
+    /// Prefetched pages wasted.
+    pub prefetch_waste_pages: u64,
+    /// Wall time the fault thread spun waiting for the next fault: an upper bound of the
+    /// CPU it cost (between its polls it yields the CPU to any thread that wants it).
+    pub spin_s: f64,
+    pub spins_hit: u64,
+    pub spins_empty: u64,
+    /// CPU time of the fault thread so far (updated at most every 100 ms, and at its end).
+    pub fault_thread_cpu_s: f64,
 }
 
 /// Faults per second, measured over windows of at least [`FaultRate::WINDOW`]: the control
@@ -281,6 +323,8 @@ pub struct ClientReport {
     pub pages_unshadowed: u64,
     /// CPU of the monitor's threads for this client (known once it detached).
     pub monitor_cpu_s: f64,
+    /// Prefetch accuracy and spinning cost of the fault thread.
+    pub fault_path: FaultPathReport,
     pub store: StoreStats,
 }
 

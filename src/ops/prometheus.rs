@@ -152,6 +152,26 @@ const SERIES: &[Series] = &[
         |r| r.pages_restored as f64,
     ),
     counter(
+        "uswap_client_pages_prefetched_total",
+        "Pages brought back with a fault on another page (adaptive prefetch).",
+        |r| r.pages_prefetched as f64,
+    ),
+    counter(
+        "uswap_client_prefetch_used_pages_total",
+        "Prefetched pages the program's fault stream went on past (used).",
+        |r| r.fault_path.prefetch_hit_pages as f64,
+    ),
+    counter(
+        "uswap_client_prefetch_wasted_pages_total",
+        "Prefetched pages evicted again before use, or left by an abandoned stream.",
+        |r| r.fault_path.prefetch_waste_pages as f64,
+    ),
+    counter(
+        "uswap_client_fault_spin_seconds_total",
+        "Wall time the fault thread spun for the next fault (upper bound of its CPU).",
+        |r| r.fault_path.spin_s,
+    ),
+    counter(
         "uswap_client_pages_unevictable_total",
         "Pages the kernel refused to move (shared, pinned).",
         |r| r.pages_unevictable as f64,
