@@ -1555,10 +1555,18 @@ fn cmd_bgsave(o: &Opts) -> Result<String, String> {
     let evicted_pct = 100u64.saturating_sub(rss * 100 / len as u64);
     println!("BGSAVE fork with about {evicted_pct}% of the region evicted");
     flush();
+    let fork_t0 = Instant::now();
     // SAFETY: the child only reads and writes its own memory, prints and leaves with _exit.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         return Err(format!("fork: {}", errno_str()));
+    }
+    if pid > 0 {
+        println!(
+            "FORK parent: fork() took {:.1} ms; RSSANON right after it {}",
+            fork_t0.elapsed().as_secs_f64() * 1e3,
+            rss_anon()
+        );
     }
     if pid == 0 {
         let t0 = Instant::now();
@@ -1569,10 +1577,11 @@ fn cmd_bgsave(o: &Opts) -> Result<String, String> {
             t.check("bgsave-child", p, i as u64, 1, &[]);
         }
         println!(
-            "child: checksummed {} pages in {:.3} s (sum {sum:#x}), {} mismatches",
+            "child: checksummed {} pages in {:.3} s (sum {sum:#x}), {} mismatches; RSSANON {}",
             t.pages,
             t0.elapsed().as_secs_f64(),
-            t.bad
+            t.bad,
+            rss_anon()
         );
         let mut vers = vec![1u32; npages];
         {
