@@ -1444,6 +1444,14 @@ fn cmd_fork_cow(o: &Opts) -> Result<String, String> {
     fill_timed(&mut m, 0, 1, "region");
     idle(idle_ms);
     print_rss();
+    // The inodes of the monitor's windows mapped here (the child must not have them).
+    let parent_windows: Vec<String> = std::fs::read_to_string("/proc/self/maps")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("uswap-window"))
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .collect();
+    println!("parent: {} window mappings", parent_windows.len());
     flush();
     // SAFETY: this program has no other threads of its own at this point; the child only
     // verifies memory, prints, flushes and leaves with _exit.
@@ -1455,6 +1463,23 @@ fn cmd_fork_cow(o: &Opts) -> Result<String, String> {
         let mut t = Tally::default();
         t.range("fork-child", m.words(), 0, 1);
         println!("child: verified {} pages, {} mismatches", t.pages, t.bad);
+        // The monitor's window and the agent's staging are MADV_DONTFORK: never in a child
+        // (a managed child maps a window of its own, another memfd).
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let leaked = maps
+            .lines()
+            .filter(|l| {
+                !parent_windows.is_empty()
+                    && parent_windows.iter().any(|w| {
+                        l.contains("uswap-window")
+                            && l.split_whitespace().nth(4) == Some(w.as_str())
+                    })
+            })
+            .count();
+        println!("child: {leaked} window mappings inherited");
+        if leaked > 0 {
+            t.bad += 1;
+        }
         flush();
         // SAFETY: _exit ends the child without running the parent's atexit handlers.
         unsafe { libc::_exit(if t.bad == 0 { 0 } else { 1 }) };
@@ -1627,6 +1652,82 @@ fn cmd_bgsave(o: &Opts) -> Result<String, String> {
         return Err("the BGSAVE child found wrong data".into());
     }
     ok_if(t, "bgsave")
+}
+
+/// posix_spawn, vfork + exec and system() from a program whose memory is mostly evicted: each
+/// child (which runs no fork handler) must start and exit 0, and the parent's memory must be
+/// whole afterwards.
+fn cmd_spawn(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    wait_rss_below(len as u64 / 2, idle_ms.max(1) * 20);
+    let truth = c"/bin/true";
+    let argv = [truth.as_ptr() as *mut libc::c_char, std::ptr::null_mut()];
+    extern "C" {
+        static environ: *const *mut libc::c_char;
+    }
+    // posix_spawn (glibc: clone(CLONE_VM | CLONE_VFORK), no atfork handlers).
+    let mut pid: libc::pid_t = 0;
+    // SAFETY: a NUL-terminated path and argv; default attributes; the process environment.
+    let rc = unsafe {
+        libc::posix_spawn(
+            &mut pid,
+            truth.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            argv.as_ptr(),
+            environ,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("posix_spawn: errno {rc}"));
+    }
+    if !wait_child(pid, "posix_spawn child")? {
+        return Err("the posix_spawn child failed".into());
+    }
+    // vfork semantics (CLONE_VM | CLONE_VFORK): the child shares our memory until it execs.
+    extern "C" fn exec_true(_: *mut libc::c_void) -> i32 {
+        let truth = c"/bin/true";
+        let argv = [truth.as_ptr(), std::ptr::null()];
+        extern "C" {
+            static environ: *const *const libc::c_char;
+        }
+        // SAFETY: execve replaces the image; _exit leaves if it fails.
+        unsafe {
+            libc::execve(truth.as_ptr(), argv.as_ptr(), environ);
+            libc::_exit(127)
+        }
+    }
+    let mut stack = vec![0u8; 64 * 1024];
+    // SAFETY: the child runs `exec_true` on its own stack (the top of `stack`, alive until
+    // the parent resumes after the child's exec) and only calls execve or _exit.
+    let pid = unsafe {
+        libc::clone(
+            exec_true,
+            stack.as_mut_ptr().add(stack.len()).cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        )
+    };
+    drop(stack);
+    if pid < 0 {
+        return Err(format!("clone(CLONE_VM | CLONE_VFORK): {}", errno_str()));
+    }
+    if !wait_child(pid, "vfork child")? {
+        return Err("the vfork child failed".into());
+    }
+    // SAFETY: a NUL-terminated command.
+    let st = unsafe { libc::system(c"exit 0".as_ptr()) };
+    println!("system() returned {st:#x}");
+    if st != 0 {
+        return Err(format!("system() returned {st:#x}"));
+    }
+    let mut t = Tally::default();
+    check_versions(&mut t, "after-spawns", m.words(), &vec![1u32; npages]);
+    t.print("parent after posix_spawn, vfork and system");
+    ok_if(t, "spawn")
 }
 
 /// A chain of forks `--depth` deep: each generation waits for eviction, forks, and its child
@@ -2320,6 +2421,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   fork-cow         --mib N [--idle-ms M]
   bgsave           --mib N [--idle-ms M]
   fork-chain       --mib N [--idle-ms M] [--depth D]
+  spawn            --mib N [--idle-ms M]
   pin              --mib N [--idle-ms M] [--pin-pages P]
   fill-rate        --mib N [--repeat K]
   fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K] [--only-evicted]
@@ -2354,6 +2456,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "fork-cow" => cmd_fork_cow(&parse(&[], &[])?),
         "bgsave" => cmd_bgsave(&parse(&[], &[])?),
         "fork-chain" => cmd_fork_chain(&parse(&["depth"], &[])?),
+        "spawn" => cmd_spawn(&parse(&[], &[])?),
         "pin" => cmd_pin(&parse(&["pin-pages"], &[])?),
         "fill-rate" => cmd_fill_rate(
             &Opts::parse(rest, &["mib", "repeat"], &[])
