@@ -953,39 +953,14 @@ struct Killed {
     held_pages: u64,
 }
 
-/// How a program came through its monitor's death.
-#[derive(Debug, PartialEq, Eq)]
-enum Survival {
-    /// Every page checked.
-    Whole,
-    /// Cross-mm only: pages the monitor was moving out died with it; the shim said so and made
-    /// them inaccessible, and the program (or a forked child) faulted on one (SIGSEGV) before
-    /// reading any wrong byte.
-    LostLoudly,
-}
-
 impl Killed {
-    /// The program verified everything; or (cross-mm, whose in-flight run can die with the
-    /// monitor) it was stopped by the fenced pages, loudly, having read no wrong byte.
-    /// Anything else (a mismatch, zeros, a hang) is a failure.
-    fn survived(&self) -> Result<Survival, Failed> {
-        use std::os::unix::process::ExitStatusExt;
+    /// The program verified everything, on both backends: no page may be lost with the
+    /// monitor (on cross-mm, the arena keeper saves the pages only the monitor held). A
+    /// mismatch, zeros, a fenced page, a crash or a hang is a failure.
+    fn survived(&self) -> R {
         let stdout = self.stdout();
         if self.out.status.success() && stdout.contains("RESULT ok") {
-            return Ok(Survival::Whole);
-        }
-        let cross_mm = std::env::var("USWAP_E2E_BACKEND").is_ok_and(|b| b == "cross-mm");
-        // The program itself, or a forked child whose copy held a fenced page (the chaos
-        // workload's fork thread reports the child's SIGSEGV, status 0xb).
-        let stopped_by_fence = self.out.status.signal() == Some(libc::SIGSEGV)
-            && !stdout.contains("RESULT FAIL")
-            || stdout.contains("found its copy of the fork region wrong (status 0xb)");
-        if cross_mm
-            && stopped_by_fence
-            && self.stderr().contains("pages were lost with the monitor")
-            && !stdout.contains("MISMATCH")
-        {
-            return Ok(Survival::LostLoudly);
+            return Ok(());
         }
         Err(format!("the program lost data or died\n{}", self.describe()).into())
     }
@@ -1120,9 +1095,7 @@ fn monitor_killed_program_keeps_every_page() -> R {
         Duration::ZERO,
         false,
     )?;
-    if k.survived()? == Survival::LostLoudly {
-        return Ok(());
-    }
+    k.survived()?;
     match k.brought_home() {
         Some(n) if n >= 1000 => Ok(()),
         _ => Err(format!(
@@ -1153,9 +1126,7 @@ fn restarted_monitor_adopts_program_before_rescue_after() -> R {
         Duration::ZERO,
         true,
     )?;
-    if k.survived()? == Survival::LostLoudly {
-        return Ok(());
-    }
+    k.survived()?;
     let adopted = k.adopted_pages();
     if k.after_kill > Duration::from_secs(30) || adopted.is_none_or(|n| n < 1000) {
         return Err(format!(
@@ -1187,7 +1158,6 @@ fn monitor_kill_loop() -> R {
     let mut seed = 0x5eed_u64 ^ std::process::id() as u64;
     let (mut checks, mut home, mut held, mut home_us) = (0u64, 0u64, 0u64, 0u64);
     let (mut adoptions, mut adopted_pages) = (0u64, 0u64);
-    let mut lost_loudly = 0u64;
     for i in 0..iterations {
         seed = seed
             .wrapping_mul(6364136223846793005)
@@ -1223,14 +1193,7 @@ fn monitor_kill_loop() -> R {
             }
         };
         let stdout = k.stdout();
-        let ok = match k.survived() {
-            Ok(Survival::LostLoudly) => {
-                lost_loudly += 1;
-                continue;
-            }
-            Ok(Survival::Whole) => true,
-            Err(_) => false,
-        };
+        let ok = k.survived().is_ok();
         let n = stdout
             .split("checks=")
             .nth(1)
@@ -1256,7 +1219,7 @@ fn monitor_kill_loop() -> R {
         held += k.held_pages;
     }
     eprintln!(
-        "kill loop: {iterations} kills, {held} pages held by the monitor at the kills, {home} brought home by the shims ({:.0} pages/s), {adoptions} adoptions by a restarted monitor ({adopted_pages} pages left evicted), {checks} page checks passed, 0 lost silently; {lost_loudly} runs stopped loudly by pages lost in flight (cross-mm only)",
+        "kill loop: {iterations} kills, {held} pages held by the monitor at the kills, {home} brought home by the shims ({:.0} pages/s), {adoptions} adoptions by a restarted monitor ({adopted_pages} pages left evicted), {checks} page checks passed, 0 pages lost",
         home as f64 / (home_us.max(1) as f64 / 1e6)
     );
     Ok(())

@@ -177,6 +177,9 @@ pub struct Client {
     pub adopted: bool,
     pub cfg: ProgramConfig,
     pub uffd: Uffd,
+    /// Cross-mm: this client's entry in the arena keeper's table (dropped before the window
+    /// and the arena are unmapped: fields drop in order).
+    keeper: Option<super::keeper::Registration>,
     pub mapping: Mapping,
     pub req_efd: OwnedFd,
     pub done_efd: OwnedFd,
@@ -383,7 +386,13 @@ impl Client {
             None
         };
         let mut pages = Pages::new(slots);
-        if !cross_mm {
+        let mut keeper = None;
+        if let Some(a) = &arena {
+            // The arena keeper saves the arena's pages into the window if the monitor dies.
+            let records: Arc<[AtomicU64]> = (0..slots).map(|_| AtomicU64::new(0)).collect();
+            pages.set_private_slot_records(records.clone());
+            keeper = super::keeper::register(&win, a.as_ptr() as usize, records);
+        } else {
             pages.set_slot_records(win);
         }
         let mut store = store;
@@ -412,6 +421,7 @@ impl Client {
             adopted,
             cfg,
             uffd,
+            keeper,
             mapping: Mapping { win },
             req_efd: eventfd()?,
             done_efd: eventfd()?,
@@ -1183,7 +1193,10 @@ impl Client {
             entered.clear();
             let mut st = self.state.lock();
             // Announce the run before any of its pages leaves the program (see
-            // `Window::inflight_run`).
+            // `Window::inflight_run`), and tell the keeper its slots.
+            if let Some(k) = &self.keeper {
+                k.set_inflight_first_slot(run.first_slot);
+            }
             win.inflight_run()
                 .store(run.addr | u64::from(run.pages), Ordering::Release);
             win.inflight_state()

@@ -8,6 +8,7 @@ pub mod arrivals;
 pub mod client;
 pub mod fault;
 pub mod forks;
+pub mod keeper;
 pub mod pages;
 pub mod pagetrace;
 pub mod prefetch;

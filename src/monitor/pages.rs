@@ -113,6 +113,14 @@ impl PageState {
     }
 }
 
+/// Where the durable slot records are kept in step: the shared window (stock backend, read by
+/// the shim's guardian) or the monitor's own array (cross-mm, read by the arena keeper).
+#[derive(Debug)]
+enum SlotRecords {
+    Window(Window),
+    Private(std::sync::Arc<[std::sync::atomic::AtomicU64]>),
+}
+
 /// One window slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot {
@@ -169,7 +177,7 @@ pub struct Pages {
     counts: PageCounts,
     /// The window whose slot records mirror the slot table (stock backend); `None` when the
     /// slots are not in shared memory (cross-mm arena, tests).
-    records: Option<Window>,
+    records: Option<SlotRecords>,
     /// Addresses of refaults (a touched page brought back from the window or the store) since
     /// the control thread last took them, for per-region statistics; at most
     /// [`MAX_REFAULT_LOG`], further ones only counted.
@@ -213,12 +221,26 @@ impl Pages {
     /// Keeps `win`'s slot records in step with the slot table from now on.
     pub fn set_slot_records(&mut self, win: Window) {
         assert_eq!(win.slots(), self.slots.len());
-        self.records = Some(win);
+        self.records = Some(SlotRecords::Window(win));
+    }
+
+    /// Cross-mm: keeps `records` (the monitor's own, one per slot, read by the arena keeper
+    /// if the monitor dies; see [`super::keeper`]) in step with the slot table from now on.
+    pub fn set_private_slot_records(
+        &mut self,
+        records: std::sync::Arc<[std::sync::atomic::AtomicU64]>,
+    ) {
+        assert_eq!(records.len(), self.slots.len());
+        self.records = Some(SlotRecords::Private(records));
     }
 
     fn set_record(&self, slot: u32, addr: u64) {
-        if let Some(w) = &self.records {
-            w.slot_record(slot as usize).store(addr, Ordering::Release);
+        match &self.records {
+            Some(SlotRecords::Window(w)) => {
+                w.slot_record(slot as usize).store(addr, Ordering::Release)
+            }
+            Some(SlotRecords::Private(r)) => r[slot as usize].store(addr, Ordering::Release),
+            None => {}
         }
     }
 
