@@ -246,6 +246,13 @@ fn prefetch_streams_serve_exact_bytes_and_adapt() -> R {
             .as_u64()
             .unwrap_or(0);
         let scan = pattern != "zipf";
+        // The cross-mm backend moves pages back in forward runs only (a move-in run needs its
+        // destination range registered and missing from its first page): a reverse scan gets
+        // no prefetch there, and must still read back every byte (checked above).
+        let cross_mm = std::env::var("USWAP_E2E_BACKEND").is_ok_and(|b| b == "cross-mm");
+        if cross_mm && pattern == "rev" {
+            continue;
+        }
         let adapted = if scan {
             // 8192 pages read once: with windows of up to 16, far more pages came back
             // prefetched than faulted, and most of them were used.

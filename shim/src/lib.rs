@@ -80,6 +80,8 @@ pub(crate) struct Shim {
     pub uffd_features: AtomicU64,
     /// The guardian brought every page home after the monitor died.
     pub rescue_done: AtomicBool,
+    /// Times a new monitor adopted this program (after the one before died).
+    pub adoptions: AtomicU64,
     /// High-numbered duplicates of sock, uffd, req_efd, done_efd (in that order), to tell
     /// whether the program closed one of ours and reused its number (see [`fds_ok`]).
     pub refs: [AtomicI32; 4],
@@ -112,6 +114,7 @@ pub(crate) static SHIM: Shim = Shim {
     agent_alive: AtomicBool::new(false),
     uffd_features: AtomicU64::new(0),
     rescue_done: AtomicBool::new(false),
+    adoptions: AtomicU64::new(0),
     refs: [
         AtomicI32::new(-1),
         AtomicI32::new(-1),
@@ -656,34 +659,20 @@ extern "C" fn fork_prepare() {
         touch_all_anonymous();
         return;
     }
-    let sock = SHIM.sock.load(Ordering::Acquire);
-    let mut buf = [0u8; 256];
-    let ok = Msg::ForkPrepare
-        .encode(&mut buf)
-        .ok()
-        .and_then(|n| send_packet(sock, &buf[..n], &[]).ok())
-        .and_then(|_| loop {
-            match recv_packet(sock, &mut buf, 0) {
-                Ok(Some(r)) => match Msg::decode(&buf[..r.len]) {
-                    Ok(Msg::ForkReady {
-                        status,
-                        token,
-                        child_member,
-                        ..
-                    }) => {
-                        FORK_TOKEN.store(token, Ordering::Relaxed);
-                        FORK_MEMBER.store(child_member, Ordering::Relaxed);
-                        break Some(status == 0);
-                    }
-                    _ => continue,
-                },
-                _ => break None,
-            }
-        });
-    if ok.is_none() && wait_for_rescue() {
-        // The monitor died: the guardian brought every page home, so the child gets a
-        // complete copy after all.
-        return;
+    let mut ok = None;
+    for _ in 0..4 {
+        let adoptions = SHIM.adoptions.load(Ordering::Acquire);
+        ok = fork_exchange();
+        if ok.is_some() {
+            break;
+        }
+        // The monitor died. The guardian either brings every page home (the child then gets
+        // a complete copy), or a new monitor adopts the program: ask that one.
+        match wait_for_rescue(adoptions) {
+            Rescued::Home => return,
+            Rescued::Adopted => continue,
+            Rescued::Neither => break,
+        }
     }
     if ok == Some(true) && FORK_TOKEN.load(Ordering::Relaxed) != 0 {
         // The memory libc touches in the child before our `fork_child` runs must be present
@@ -759,18 +748,59 @@ fn touch_fork_path() {
     }
 }
 
+/// `ForkPrepare` and its answer on the monitor's socket (held). `None` if the socket failed.
+fn fork_exchange() -> Option<bool> {
+    let sock = SHIM.sock.load(Ordering::Acquire);
+    let mut buf = [0u8; 256];
+    Msg::ForkPrepare
+        .encode(&mut buf)
+        .ok()
+        .and_then(|n| send_packet(sock, &buf[..n], &[]).ok())
+        .and_then(|_| loop {
+            match recv_packet(sock, &mut buf, 0) {
+                Ok(Some(r)) => match Msg::decode(&buf[..r.len]) {
+                    Ok(Msg::ForkReady {
+                        status,
+                        token,
+                        child_member,
+                        ..
+                    }) => {
+                        FORK_TOKEN.store(token, Ordering::Relaxed);
+                        FORK_MEMBER.store(child_member, Ordering::Relaxed);
+                        break Some(status == 0);
+                    }
+                    _ => continue,
+                },
+                _ => break None,
+            }
+        })
+}
+
+/// What became of a program whose monitor died during a fork request.
+enum Rescued {
+    /// The guardian brought every page home.
+    Home,
+    /// A new monitor adopted the program (the socket is a new one).
+    Adopted,
+    /// Neither within the bound (no guardian, or it never finished).
+    Neither,
+}
+
 /// The monitor's socket failed during a fork request: if the guardian runs, waits for it to
-/// notice and bring every page home (at most `rescue_after` plus the copying). Returns whether
-/// it did.
-fn wait_for_rescue() -> bool {
+/// notice and either bring every page home (at most `rescue_after` plus the copying) or have a
+/// new monitor adopt the program (`adoptions` was the count before the request).
+fn wait_for_rescue(adoptions: u64) -> Rescued {
     if SHIM.guard_base.load(Ordering::Relaxed) == 0 || SHIM.store_fd.load(Ordering::Relaxed) < 0 {
-        return false;
+        return Rescued::Neither;
     }
     // Bounded, so a guardian that never runs cannot hang the fork forever.
     let deadline = raw::monotonic_ns() + 3_700_000_000_000;
     while raw::monotonic_ns() < deadline {
         if SHIM.rescue_done.load(Ordering::Acquire) {
-            return true;
+            return Rescued::Home;
+        }
+        if SHIM.adoptions.load(Ordering::Acquire) != adoptions {
+            return Rescued::Adopted;
         }
         let ts = libc::timespec {
             tv_sec: 0,
@@ -779,7 +809,7 @@ fn wait_for_rescue() -> bool {
         // SAFETY: nanosleep with a valid timespec on our stack.
         unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
     }
-    false
+    Rescued::Neither
 }
 
 /// Faults in every page of every anonymous region outside the shim's own memory, so every

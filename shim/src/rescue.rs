@@ -244,6 +244,7 @@ fn adopt(r: &mut Rescue) -> bool {
     SHIM.monitor_lost.store(false, Ordering::SeqCst);
     // Threads whose fault messages this guardian read fault again, for the new monitor.
     wake_all(r.uffd);
+    SHIM.adoptions.fetch_add(1, Ordering::AcqRel);
     if crate::agent::start().is_err() {
         raw::eprint_line(&[b"uswap: adopted, but the agent could not restart; eviction stops"]);
     }
