@@ -234,6 +234,14 @@ impl Pages {
         self.records = Some(SlotRecords::Private(records));
     }
 
+    fn record(&self, slot: u32) -> u64 {
+        match &self.records {
+            Some(SlotRecords::Window(w)) => w.slot_record(slot as usize).load(Ordering::Acquire),
+            Some(SlotRecords::Private(r)) => r[slot as usize].load(Ordering::Acquire),
+            None => 0,
+        }
+    }
+
     fn set_record(&self, slot: u32, addr: u64) {
         match &self.records {
             Some(SlotRecords::Window(w)) => {
@@ -557,9 +565,12 @@ impl Pages {
                     }
                     PageState::Moving { slot, .. } => {
                         // The agent's result for it will find the word changed and be dropped;
-                        // the slot stays taken until then.
+                        // the slot stays taken until then. Its durable record (the agent may
+                        // have written it already) goes now: a monitor killed before that
+                        // result would otherwise leave the guardian a record of the page the
+                        // program just discarded, and it would bring the old bytes back.
                         self.set(a, PageState::Absent { hot_since_ms: None });
-                        let _ = slot;
+                        self.set_record(slot, 0);
                     }
                     PageState::Window { slot, .. } => {
                         self.set(a, PageState::Absent { hot_since_ms: None });
@@ -613,6 +624,12 @@ impl Pages {
             let dst = to + off;
             if let PageState::Moving { slot, .. } | PageState::Window { slot, .. } = s {
                 self.slots[slot as usize].addr = dst;
+                // A batch page whose record the agent wrote already: the record follows too
+                // (the program's interposed mremap waits for the batch, so a record written
+                // for this page is written by now).
+                if matches!(s, PageState::Moving { .. }) && self.record(slot) != 0 {
+                    self.set_record(slot, dst);
+                }
                 if matches!(s, PageState::Window { .. }) {
                     self.set_record(slot, dst);
                     if let Some(shadow) = self.slots[slot as usize].shadow {
