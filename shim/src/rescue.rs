@@ -592,6 +592,13 @@ impl Rescue {
         self.relocs_len += 1;
     }
 
+    fn in_remap_dst(&self, addr: u64) -> bool {
+        self.remap_dst_count > MAX_REMAP_DSTS
+            || self.remap_dsts[..self.remap_dst_count.min(MAX_REMAP_DSTS)]
+                .iter()
+                .any(|&(s, e)| (s..e).contains(&addr))
+    }
+
     fn apply(&mut self, ev: Event) {
         let page_mask = !(PAGE_SIZE as u64 - 1);
         match ev {
@@ -727,7 +734,10 @@ impl Rescue {
     }
 
     /// Brings home the window's pages, then (with `store_too`) the store's, then the shared
-    /// pages moved meanwhile. Without `store_too` the store's records stay for a monitor
+    /// pages moved meanwhile. Without `store_too` only the store's records in a REMAP
+    /// destination seen during the outage come home (an UNMAP over such a range kept its
+    /// records, for the copy to decide: ENOENT where nothing registered is mapped any more); the
+    /// others stay for a monitor
     /// that adopts the program.
     fn bring_home(&mut self, store_too: bool) -> Tally {
         let mut t = Tally::default();
@@ -752,7 +762,7 @@ impl Rescue {
             return t;
         };
         for chunk_idx in 0..store.chunk_capacity() {
-            if !store_too {
+            if !store_too && self.remap_dst_count == 0 {
                 break;
             }
             let Some(class_idx) = store.chunk_class(chunk_idx) else {
@@ -763,6 +773,9 @@ impl Rescue {
                     continue;
                 };
                 if !mine(page.owners) {
+                    continue;
+                }
+                if !store_too && !self.in_remap_dst(page.addr) {
                     continue;
                 }
                 let rec = store.record(chunk_idx, slot_idx);

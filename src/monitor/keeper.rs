@@ -60,6 +60,30 @@ static TABLE: [Entry; MAX_ENTRIES] = [const {
     }
 }; MAX_ENTRIES];
 
+/// The monitor's listening sockets: the keeper closes them first, so a monitor started right
+/// after the dead one finds the path free (a listening socket held open would accept its
+/// probe, and it would refuse to start).
+static LISTENERS: [std::sync::atomic::AtomicI32; 8] =
+    [const { std::sync::atomic::AtomicI32::new(-1) }; 8];
+
+/// Notes a listening socket of the monitor (see [`LISTENERS`]).
+pub fn note_listener(fd: i32) {
+    for l in &LISTENERS {
+        if l.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            return;
+        }
+    }
+}
+
+/// Forgets a listening socket about to be closed.
+pub fn forget_listener(fd: i32) {
+    for l in &LISTENERS {
+        let _ = l.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
 /// A cross-mm client's place in the keeper's table; holds its slot records alive.
 #[derive(Debug)]
 pub struct Registration {
@@ -233,6 +257,13 @@ extern "C" fn keeper_main(arg: *mut libc::c_void) -> libc::c_int {
             if r < 0 && r != -(libc::EINTR as isize) {
                 break;
             }
+        }
+    }
+    for l in &LISTENERS {
+        let fd = l.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            // SAFETY: closing the dead monitor's listening socket in the shared table.
+            unsafe { raw_syscall(libc::SYS_close, fd as usize, 0, 0, 0) };
         }
     }
     for e in TABLE.iter() {

@@ -112,6 +112,7 @@ pub struct Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        super::keeper::forget_listener(self.fd.as_raw_fd());
         if self.remove_on_drop {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -162,7 +163,7 @@ impl Listener {
     /// A stale socket file (nobody answering) is replaced; a live one is an error.
     pub fn bind(path: &Path, mode: u32) -> anyhow::Result<Listener> {
         if path.exists() {
-            if connect(path).is_ok() {
+            if monitor_listening(path) {
                 bail!("a monitor is already listening on {}", path.display());
             }
             std::fs::remove_file(path)
@@ -196,6 +197,7 @@ impl Listener {
         if unsafe { libc::listen(fd.as_raw_fd(), 128) } < 0 {
             return Err(std::io::Error::last_os_error()).context("listen");
         }
+        super::keeper::note_listener(fd.as_raw_fd());
         Ok(Listener {
             fd,
             path: path.to_path_buf(),
@@ -207,6 +209,7 @@ impl Listener {
     /// it is a listening AF_UNIX SOCK_SEQPACKET socket: `ops::activation`). Its file is left
     /// in place on drop.
     pub fn from_listening_fd(fd: OwnedFd, path: PathBuf) -> Listener {
+        super::keeper::note_listener(fd.as_raw_fd());
         Listener {
             fd,
             path,
@@ -831,6 +834,35 @@ impl Monitor {
             std::thread::sleep(Duration::from_millis(10));
         }
         true
+    }
+}
+
+/// Whether a live monitor answers on `path`. A socket that accepts but never answers a status
+/// request (a dead monitor's listening socket, held open for a moment by its arena keeper) is
+/// not one: it is waited for, up to 2 s, and then counted as stale.
+fn monitor_listening(path: &Path) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        let Ok(fd) = connect(path) else {
+            return false;
+        };
+        crate::protocol::io::set_recv_timeout(fd.as_raw_fd(), 1);
+        let mut buf = vec![0u8; MAX_MSG_LEN];
+        let answered = Msg::StatusRequest {
+            flags: STATUS_DAEMON,
+        }
+        .encode(&mut buf)
+        .ok()
+        .and_then(|n| send_packet(fd.as_raw_fd(), &buf[..n], &[]).ok())
+        .and_then(|_| recv_packet(fd.as_raw_fd(), &mut buf, 0).ok().flatten())
+        .is_some();
+        if answered {
+            return true;
+        }
+        if std::time::Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
