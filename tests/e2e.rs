@@ -1431,7 +1431,7 @@ fn main() {
         eprintln!("note: not root: daemon_as_other_unprivileged_user_serves_client is ignored (it switches to user nobody)");
     }
     if cross_mm {
-        eprintln!("note: USWAP_E2E_BACKEND=cross-mm: the monitor_kill tests also accept a program stopped loudly (SIGSEGV on a fenced page, after the shim's \"pages were lost with the monitor\" line) having read no wrong byte: with cross-mm a run being moved out can die with the monitor (DESIGN.md, \"The monitor dies\")");
+        eprintln!("note: USWAP_E2E_BACKEND=cross-mm: the monitor_kill tests require every page, as on stock (the arena keeper saves what only the monitor held; DESIGN.md, \"The monitor dies\")");
     }
     libtest_mimic::run(&args, tests).exit();
 }
