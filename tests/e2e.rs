@@ -1217,6 +1217,13 @@ fn monitor_kill_loop() -> R {
                 .into())
             }
         }
+        eprintln!(
+            "kill {i}: ok ({} pages held, restart {}, adopted {:?}, brought home {:?})",
+            k.held_pages,
+            i % 2 == 1,
+            k.adopted_pages(),
+            k.brought_home()
+        );
         if let Some(n) = k.adopted_pages() {
             adoptions += 1;
             adopted_pages += n;
