@@ -1031,6 +1031,11 @@ fn kill_daemon_under(
         .env("LD_PRELOAD", shim())
         .env("USWAP_SOCKET", &socket)
         .env("USWAP_OVERRIDES", overrides)
+        // Adoption is opt-in: the test that checks it asks for it (tag `stored-killback`).
+        .env(
+            "USWAP_ADOPT",
+            if tag.ends_with("killback") { "1" } else { "0" },
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -1185,8 +1190,9 @@ fn monitor_kill_loop() -> R {
             match kill_daemon_under(
                 &format!("killloop{i}"),
                 &args,
-                // A restarted monitor adopts the program within rescue_after; without one,
-                // the shim brings everything home after it.
+                // A restarted monitor answers within rescue_after: the shim brings everything
+                // home at once (adoption is opt-in, and checked on its own); without one,
+                // after rescue_after.
                 &kill_overrides(if i % 2 == 1 { "10s" } else { "200ms" }),
                 500,
                 delay,

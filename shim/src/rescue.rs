@@ -355,7 +355,11 @@ fn monitor_gone() {
             }
         }
     }
-    if waiting > 0 && raw::monotonic_ns() < deadline_ns && adopt(&mut r) {
+    // Adoption is opt-in (`USWAP_ADOPT=1`) until a rare stale page after adoption is found
+    // (DESIGN.md, "Adoption"); without it, a monitor that answers again makes the guardian
+    // bring every page home at once.
+    let adopt_on = raw::getenv(c"USWAP_ADOPT").is_some_and(|v| v == b"1");
+    if waiting > 0 && adopt_on && raw::monotonic_ns() < deadline_ns && adopt(&mut r) {
         return;
     }
     let t0 = raw::monotonic_ns();
