@@ -54,6 +54,28 @@ pub fn map_anon(len_bytes: usize, extra_flags: i32) -> usize {
     }
 }
 
+/// A read-write shared mapping of `len_bytes` of descriptor `fd`, made with the raw syscall
+/// (our own `mmap` interposer may wait for the agent). Returns 0 on failure.
+pub fn map_shared(fd: i32, len_bytes: usize) -> usize {
+    // SAFETY: a new mapping at an address the kernel picks; no existing memory is affected.
+    let p = unsafe {
+        libc::syscall(
+            libc::SYS_mmap,
+            0usize,
+            len_bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0usize,
+        )
+    };
+    if p < 0 {
+        0
+    } else {
+        p as usize
+    }
+}
+
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

@@ -192,23 +192,13 @@ fn adopt(r: &mut Rescue) -> bool {
         return false;
     };
     drop(got.take_fd(3));
-    // SAFETY: mapping the memfd the monitor sent, shared, at a new address; the raw syscall.
-    let base = unsafe {
-        libc::syscall(
-            libc::SYS_mmap,
-            0usize,
-            window_len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            win.as_raw_fd(),
-            0usize,
-        )
-    };
+    // The memfd the monitor sent, shared, at a new address.
+    let base = raw::map_shared(win.as_raw_fd(), window_len);
     let stack = raw::map_anon(
         crate::AGENT_STACK_BYTES,
         libc::MAP_NORESERVE | libc::MAP_STACK,
     );
-    if base == -1 || stack == 0 || window_len < shm::DATA_OFF {
+    if base == 0 || stack == 0 || window_len < shm::DATA_OFF {
         // The monitor holds our descriptor now: closing the connection makes it let go.
         close(sock);
         return false;
@@ -487,22 +477,11 @@ fn map_store_fd(fd: i32) -> Option<StoreView> {
         return None;
     }
     let len = st.st_size as usize;
-    // SAFETY: a new shared mapping of the store file at an address the kernel picks; it is
-    // never unmapped (the program is detached after the rescue). The raw syscall: libc's
-    // `mmap` is our own interposer, which waits while the agent holds `reg_busy`, and the
-    // agent may be waiting for us to read its REMOVE event.
-    let base = unsafe {
-        libc::syscall(
-            libc::SYS_mmap,
-            0usize,
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0usize,
-        )
-    } as *mut libc::c_void;
-    if base as isize == -1 {
+    // A new shared mapping of the store file, never unmapped (the program is detached after
+    // the rescue). The raw syscall: libc's `mmap` is our own interposer, which waits while the
+    // agent holds `reg_busy`, and the agent may be waiting for us to read its REMOVE event.
+    let base = raw::map_shared(fd, len) as *mut libc::c_void;
+    if base.is_null() {
         raw::eprint_line(&[b"uswap: cannot map the store file; its pages cannot be brought home"]);
         return None;
     }
