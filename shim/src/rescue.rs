@@ -315,6 +315,16 @@ fn monitor_gone() {
         relocs: [(0, 0, 0, 0); MAX_RELOCS],
         relocs_len: 0,
     };
+    // First what the monitor read but had not applied: it precedes every event still queued.
+    let replayed = r.replay_journal();
+    if replayed > 0 {
+        let mut num = [0u8; 20];
+        raw::eprint_line(&[
+            b"uswap: the monitor died after reading ",
+            fmt_u64(replayed, &mut num),
+            b" address-space change(s) of the program it had not yet applied; the shim applied them from its journal",
+        ]);
+    }
     // The agent finishes the run it is in (it may wait for its own REMOVE event to be read).
     while SHIM.agent_busy.load(Ordering::SeqCst) {
         r.drain_events(10);
@@ -585,42 +595,7 @@ impl Rescue {
     fn apply(&mut self, ev: Event) {
         let page_mask = !(PAGE_SIZE as u64 - 1);
         match ev {
-            Event::Remap { from, to, len } => {
-                // The in-flight run moves with its mapping (see `fence_lost`).
-                let run = self.win.inflight_run().load(Ordering::Acquire);
-                if (from..from + len).contains(&(run & page_mask)) {
-                    self.win
-                        .inflight_run()
-                        .store(run - from + to, Ordering::Release);
-                } else if (to..to + len).contains(&(run & page_mask)) {
-                    self.win
-                        .inflight_state()
-                        .store(shm::INFLIGHT_NONE, Ordering::Release);
-                }
-                // The kernel unmapped the destination first: what was recorded there is gone.
-                // Relocated shared pages follow their mapping too.
-                let n = self.relocs_len.min(MAX_RELOCS);
-                for r in &mut self.relocs[..n] {
-                    if (to..to + len).contains(&r.2) {
-                        r.2 = 0;
-                    } else if (from..from + len).contains(&r.2) {
-                        r.2 = r.2 - from + to;
-                    }
-                }
-                self.rewrite_records(|addr| {
-                    if (to..to + len).contains(&addr) {
-                        Follow::Drop
-                    } else if (from..from + len).contains(&addr) {
-                        Follow::Move(addr - from + to)
-                    } else {
-                        Follow::Keep
-                    }
-                });
-                if self.remap_dst_count < MAX_REMAP_DSTS {
-                    self.remap_dsts[self.remap_dst_count] = (to, to + len);
-                }
-                self.remap_dst_count += 1;
-            }
+            Event::Remap { from, to, len } => self.apply_remap(from, to, len, true),
             Event::Remove { start, end } | Event::Unmap { start, end } => {
                 let unmap = matches!(ev, Event::Unmap { .. });
                 // The program discarded the in-flight run: zeros are its content now.
@@ -653,6 +628,107 @@ impl Rescue {
             }
             _ => {}
         }
+    }
+
+    /// Notes `[start, end)` as a REMAP destination: an UNMAP read later over it may be stale.
+    fn add_remap_dst(&mut self, start: u64, end: u64) {
+        if self.remap_dst_count < MAX_REMAP_DSTS {
+            self.remap_dsts[self.remap_dst_count] = (start, end);
+        }
+        self.remap_dst_count += 1;
+    }
+
+    /// Takes over from the dead monitor's event journal (`protocol/shm.rs`): its unconfirmed
+    /// REMAP destinations become this guardian's, and the messages it had read but not applied
+    /// are applied here, in order, before any event is read from the descriptor. Returns how
+    /// many events were applied.
+    fn replay_journal(&mut self) -> u64 {
+        let dests = self.win.journal_dests_len();
+        if dests as usize > shm::JOURNAL_DESTS {
+            // Too many to name: every UNMAP is possibly stale from now on.
+            self.remap_dst_count = MAX_REMAP_DSTS + 1;
+        } else {
+            for i in 0..dests as usize {
+                let (start, end) = self.win.journal_dest(i);
+                self.add_remap_dst(start, end);
+            }
+        }
+        if self.win.journal_state().load(Ordering::Acquire) != shm::JOURNAL_APPLYING {
+            return 0;
+        }
+        let applied = (self.win.journal_applied().load(Ordering::Acquire) as usize)
+            .min(shm::JOURNAL_MSGS);
+        let mut replayed = 0;
+        for i in 0..shm::JOURNAL_MSGS {
+            let msg = sys::UffdMsg::from_words(self.win.journal_msg(i));
+            if msg.event == 0 {
+                break;
+            }
+            let ev = Event::decode(&msg);
+            match ev {
+                // Applied by the monitor: only its destination is remembered.
+                Event::Remap { to, len, .. } if i < applied => self.add_remap_dst(to, to + len),
+                _ if i < applied => {}
+                // Possibly half applied: what is at the destination already moved there.
+                Event::Remap { from, to, len } if i == applied => {
+                    self.apply_remap(from, to, len, false);
+                    replayed += 1;
+                }
+                Event::Remap { .. } | Event::Remove { .. } | Event::Unmap { .. } => {
+                    self.apply(ev);
+                    replayed += 1;
+                }
+                _ => {}
+            }
+        }
+        self.win
+            .journal_state()
+            .store(shm::JOURNAL_IDLE, Ordering::Release);
+        replayed
+    }
+
+    /// A REMAP moved `[from, from+len)` to `to`: records follow. With `drop_dst` what was
+    /// recorded at the destination is dropped (the kernel unmapped it first); without, it is
+    /// kept (a REMAP the dead monitor had half applied: its destination holds records it
+    /// already moved).
+    fn apply_remap(&mut self, from: u64, to: u64, len: u64, drop_dst: bool) {
+        let page_mask = !(PAGE_SIZE as u64 - 1);
+        // The in-flight run moves with its mapping (see `fence_lost`).
+        let run = self.win.inflight_run().load(Ordering::Acquire);
+        if (from..from + len).contains(&(run & page_mask)) {
+            self.win
+                .inflight_run()
+                .store(run - from + to, Ordering::Release);
+        } else if (to..to + len).contains(&(run & page_mask)) {
+            self.win
+                .inflight_state()
+                .store(shm::INFLIGHT_NONE, Ordering::Release);
+        }
+        // The kernel unmapped the destination first: what was recorded there is gone (unless
+        // the dead monitor put it there, see `drop_dst`). Relocated shared pages follow their
+        // mapping too.
+        let n = self.relocs_len.min(MAX_RELOCS);
+        for r in &mut self.relocs[..n] {
+            if drop_dst && (to..to + len).contains(&r.2) {
+                r.2 = 0;
+            } else if (from..from + len).contains(&r.2) {
+                r.2 = r.2 - from + to;
+            }
+        }
+        self.rewrite_records(|addr| {
+            if (to..to + len).contains(&addr) {
+                if drop_dst {
+                    Follow::Drop
+                } else {
+                    Follow::Keep
+                }
+            } else if (from..from + len).contains(&addr) {
+                Follow::Move(addr - from + to)
+            } else {
+                Follow::Keep
+            }
+        });
+        self.add_remap_dst(to, to + len);
     }
 
     /// Reads and applies the program's pending events, waiting up to `timeout_ms` for the

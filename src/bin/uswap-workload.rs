@@ -1337,6 +1337,129 @@ fn cmd_mremap(o: &Opts) -> Result<String, String> {
     ok_if(t, "mremap")
 }
 
+/// A fresh mapping at exactly `at` (MAP_FIXED_NOREPLACE: fails rather than clobber).
+fn map_at(at: *mut u8, len: usize) -> Result<Mapping, String> {
+    // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; it fails with EEXIST.
+    let p = unsafe {
+        libc::mmap(
+            at.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap at {at:p} of {len} bytes failed: {}", errno_str()));
+    }
+    if p.cast::<u8>() != at {
+        return Err(format!("mmap at {at:p} landed at {p:p}"));
+    }
+    Ok(Mapping { ptr: p.cast(), len })
+}
+
+/// Address-space changes over evicted memory, each followed by a fresh mapping over the
+/// addresses it freed: an mremap that moves a region, MADV_DONTNEED of half a region, munmap
+/// of half a region. Then every page is checked: moved pages keep their bytes, discarded and
+/// fresh ones read zeros. (The e2e tests run it under a monitor made to die right after it
+/// read one of these events, before applying it: `USWAP_TEST_DIE`.)
+fn cmd_event_reuse(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let half = len / 2;
+    let n = npages as u64;
+    // `a` with an inaccessible page right after it, so growing it must move it (an mremap
+    // to a fixed address would first unmap the destination: an UNMAP before the REMAP).
+    let a_and_guard = Mapping::anon(len + PAGE)?;
+    // SAFETY: MAP_FIXED over the last page of our own fresh mapping.
+    let g = unsafe {
+        libc::mmap(
+            a_and_guard.ptr.add(len).cast(),
+            PAGE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if g == libc::MAP_FAILED {
+        return Err(format!("mmap guard page: {}", errno_str()));
+    }
+    let mut a = Mapping {
+        ptr: a_and_guard.ptr,
+        len,
+    };
+    // The guard page stays mapped for the life of the process.
+    std::mem::forget(a_and_guard);
+    fill_timed(&mut a, 0, 1, "remap region");
+    let mut b = Mapping::anon(len)?;
+    fill_timed(&mut b, n, 1, "dontneed region");
+    let mut c = Mapping::anon(len)?;
+    fill_timed(&mut c, 2 * n, 1, "unmap region");
+    idle(idle_ms);
+    print_rss();
+    // 1. Grow `a` (it moves), then map afresh where it was.
+    let old = a.ptr;
+    let a = a.remap(len + PAGE, libc::MREMAP_MAYMOVE, std::ptr::null_mut())?;
+    if a.ptr == old {
+        return Err("mremap grew the region in place past its guard page".into());
+    }
+    // Another thread (the shim's) may take the hole first: then that check is skipped.
+    let fresh_a = match map_at(old, len) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            println!("note: no fresh mapping at the old address ({e})");
+            None
+        }
+    };
+    println!("mremap {old:p} -> {:p}, fresh mapping at {old:p}", a.ptr);
+    // 2. Discard the first half of `b`.
+    // SAFETY: the first half of our own mapping; no reference into it is alive.
+    if unsafe { libc::madvise(b.ptr.cast(), half, libc::MADV_DONTNEED) } != 0 {
+        return Err(format!("madvise(MADV_DONTNEED): {}", errno_str()));
+    }
+    // 3. Map afresh over the first half of `c` (MAP_FIXED: the kernel unmaps the old pages in
+    //    the same call, so no other thread's mapping can take the hole in between).
+    // SAFETY: MAP_FIXED replaces the first half of our own mapping `c`, which is rebuilt over
+    // its second half below; `fresh_c` owns the first.
+    let p = unsafe {
+        libc::mmap(
+            c.ptr.cast(),
+            half,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if p != c.ptr.cast() {
+        return Err(format!("mmap MAP_FIXED over {:p}: {}", c.ptr, errno_str()));
+    }
+    let fresh_c = Mapping { ptr: c.ptr, len: half };
+    // SAFETY: the second half stays mapped and owned by `c_rest`.
+    let c_rest = Mapping {
+        ptr: unsafe { c.ptr.add(half) },
+        len: len - half,
+    };
+    std::mem::forget(c);
+    println!("MADV_DONTNEED of half a region, a fresh mapping over half of another");
+    let mut t = Tally::default();
+    t.range("moved", &a.words()[..len / 8], 0, 1);
+    t.zeros("moved-grown-tail", &a.words()[len / 8..], n);
+    if let Some(f) = &fresh_a {
+        t.zeros("fresh-at-old-address", f.words(), 0);
+    }
+    t.zeros("discarded-half", &b.words()[..half / 8], n);
+    t.range("kept-half", &b.words()[half / 8..], n + (half / PAGE) as u64, 1);
+    t.zeros("fresh-over-unmapped", fresh_c.words(), 2 * n);
+    t.range("unmapped-kept-half", c_rest.words(), 2 * n + (half / PAGE) as u64, 1);
+    t.print("after the three changes");
+    // Drop `b` explicitly after its last use (the compiler would anyway).
+    drop(b);
+    ok_if(t, "event-reuse")
+}
+
 fn cmd_dontneed(o: &Opts) -> Result<String, String> {
     let (len, _) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
@@ -2417,6 +2540,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   munmap           --mib N [--idle-ms M]
   mremap           --mib N [--idle-ms M]
   dontneed         --mib N [--idle-ms M]
+  event-reuse      --mib N [--idle-ms M]   (mremap, DONTNEED, munmap over evicted memory, then fresh maps there)
   realloc          --mib N [--idle-ms M]
   fork-cow         --mib N [--idle-ms M]
   bgsave           --mib N [--idle-ms M]
@@ -2452,6 +2576,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "munmap" => cmd_munmap(&parse(&[], &[])?),
         "mremap" => cmd_mremap(&parse(&[], &[])?),
         "dontneed" => cmd_dontneed(&parse(&[], &[])?),
+        "event-reuse" => cmd_event_reuse(&parse(&[], &[])?),
         "realloc" => cmd_realloc(&parse(&[], &[])?),
         "fork-cow" => cmd_fork_cow(&parse(&[], &[])?),
         "bgsave" => cmd_bgsave(&parse(&[], &[])?),

@@ -37,6 +37,12 @@ pub struct Arrivals {
 }
 
 impl Arrivals {
+    /// The REMAP destinations read since the last confirmation (published in the window's
+    /// event journal for the shim's guardian).
+    pub fn unconfirmed(&self) -> &[(u64, u64)] {
+        &self.unconfirmed
+    }
+
     /// A REMAP moved `len` bytes from `from` to `to`. The words of both ranges were rewritten
     /// by it, so neither is doubtful any more; the destination is unconfirmed.
     pub fn on_remap(&mut self, from: u64, to: u64, len: u64) {

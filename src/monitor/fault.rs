@@ -40,7 +40,7 @@ use crate::uffd::{sys, Event, Probe, UffdError};
 use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
-const MSGS_PER_READ: usize = 64;
+const MSGS_PER_READ: usize = shm::JOURNAL_MSGS;
 /// A fault parked on the agent's batch for longer than this is logged (once per client): the
 /// agent's work per batch is bounded (at most `MAX_BATCH_PAGES` moves and copies), so a wait this
 /// long means the program's agent thread is not being scheduled.
@@ -197,17 +197,33 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                     .load(Ordering::Relaxed)
                     .then(|| client.state.lock());
                 win.read_begin().fetch_add(1, Ordering::SeqCst);
-                let n = match client.uffd.read_events(&mut raw, &mut events) {
+                // Read into the window's event journal (see `protocol/shm.rs`): what is read
+                // stays readable by the shim's guardian until it is applied, whenever this
+                // process dies.
+                win.journal_begin();
+                // SAFETY: the journal is JOURNAL_MSGS messages of the window mapping, which
+                // outlives this loop.
+                let read = unsafe { client.uffd.read_raw(win.journal_msgs_ptr(), MSGS_PER_READ) };
+                let n = match read {
                     Ok(n) => n,
                     Err(e) => {
+                        win.journal_state()
+                            .store(shm::JOURNAL_IDLE, Ordering::SeqCst);
                         win.read_end()
                             .store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
                         warn!(client = client.id, "reading the userfaultfd: {e}");
                         return "userfaultfd read failed";
                     }
                 };
+                for (i, ev) in events[..n].iter_mut().enumerate() {
+                    raw[i] = sys::UffdMsg::from_words(win.journal_msg(i));
+                    *ev = Event::decode(&raw[i]);
+                }
                 let t_read = Instant::now();
                 apply_events(&client, &events[..n], &mut arrivals, held);
+                win.journal_set_dests(arrivals.unconfirmed());
+                win.journal_state()
+                    .store(shm::JOURNAL_IDLE, Ordering::SeqCst);
                 win.read_end()
                     .store(win.read_begin().load(Ordering::SeqCst), Ordering::SeqCst);
                 for ev in &events[..n] {
@@ -238,6 +254,7 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
             if let Err(why) = settle(&client, &mut arrivals) {
                 return why;
             }
+            win.journal_set_dests(arrivals.unconfirmed());
         }
         // 4. Faults.
         if !pending.is_empty() {
@@ -319,7 +336,9 @@ fn apply_events(
 ) {
     let win = client.win();
     let mut st = held;
-    for ev in events {
+    for (i, ev) in events.iter().enumerate() {
+        // Messages before `i` are applied (journal, `protocol/shm.rs`).
+        win.journal_applied().store(i as u64, Ordering::SeqCst);
         let (start, end) = match *ev {
             Event::Remove { start, end } => {
                 rec(client.id, "ev_remove", start, end, 0);
@@ -332,6 +351,7 @@ fn apply_events(
                 (start, end)
             }
             Event::Remap { from, to, len } => {
+                super::die::point_over("read:remap", len);
                 rec(client.id, "ev_remap", from, to, len);
                 Counters::add(&client.counters.events_remap, 1);
                 win.log_event(from, from + len, false);
@@ -350,6 +370,7 @@ fn apply_events(
                     |h| store.remove(h),
                     |h, a| moved.push((h, a)),
                 );
+                super::die::point_over("apply:remap", len);
                 for (h, a) in moved {
                     match store.set_addr(h, a) {
                         Ok(h2) if h2 != h => st.pages.rehandle(a, h, h2),
@@ -371,6 +392,14 @@ fn apply_events(
         if st.regions.is_excluded(start, end) {
             continue;
         }
+        super::die::point_over(
+            if matches!(ev, Event::Unmap { .. }) {
+                "read:unmap"
+            } else {
+                "read:remove"
+            },
+            end - start,
+        );
         win.log_event(start, end, true);
         let store = &mut st.store;
         if matches!(ev, Event::Unmap { .. }) {

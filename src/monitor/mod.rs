@@ -6,6 +6,7 @@
 
 pub mod arrivals;
 pub mod client;
+pub mod die;
 pub mod fault;
 pub mod forks;
 pub mod keeper;

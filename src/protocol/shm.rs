@@ -7,6 +7,7 @@
 //! |-------------------------|-------------------------------------------------------------|
 //! | 0 .. 4096               | [`Control`] header: sequence numbers, epoch, agent reports  |
 //! | 4096 × (1 + i)          | batch descriptor `i` of the ring (`RING_LEN` of them)        |
+//! | `JOURNAL_OFF`           | event journal: the monitor's last read of the userfaultfd    |
 //! | `DATA_OFF` + 4096 × k   | page slot `k`: the bytes of one evicted page                 |
 //! | after the last slot     | slot record `k` (8 bytes each, padded to a page): 0, or the  |
 //! |                         | program address of the page slot `k` holds                   |
@@ -43,6 +44,22 @@
 //! address. (An earlier design had the agent drop such pages itself; it was redundant and, on a
 //! torn read of the log, lost a page no event had touched.)
 //!
+//! Event journal. An event the monitor has read from the program's descriptor is gone from
+//! the kernel; until the monitor has applied it to the records (a REMAP moves records, a
+//! REMOVE/UNMAP drops them), the records alone are wrong, and a monitor killed in between
+//! left the shim's guardian to bring pages home to the old address of a moved range (zeros at
+//! the new one) or old bytes into a discarded one. So the fault thread reads the descriptor
+//! straight into the journal: it zeroes the journal's messages, sets `applied = 0` and
+//! `state = APPLYING`, calls read(2) with the journal as its buffer (the kernel writes the
+//! messages into this shared page before the call returns, so a SIGKILL cannot fall between
+//! the read and the journal), stores `applied = i + 1` after each message `i` is fully
+//! applied, and sets `state = IDLE` at the end of the round. The guardian, taking over,
+//! applies the messages from `applied` on (a message whose event byte is 0 ends them). The
+//! message at `applied` may be half done: a REMAP there moves what is still at its source and
+//! keeps what is already at its destination. It also takes the destination of every REMAP of
+//! the journal, and the monitor's unconfirmed REMAP destinations (`dests`, see
+//! `monitor/arrivals.rs`), as ranges where an UNMAP may be stale.
+//!
 //! Trust: each side treats the other's writes as untrusted bytes. The monitor clamps
 //! `done_seq`, maps unknown result bytes to [`RESULT_FAILED`] and validates the reported RSS;
 //! the agent validates run addresses against slot bounds. Non-atomic fields are accessed with
@@ -53,7 +70,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub const SHM_MAGIC: u64 = 0x5553_5741_5057_494e; // "USWAPWIN"
-pub const SHM_VERSION: u32 = 2;
+pub const SHM_VERSION: u32 = 3;
 pub const SLOT_BYTES: usize = 4096;
 /// Batch descriptors in the ring.
 pub const RING_LEN: usize = 8;
@@ -62,7 +79,18 @@ pub const MAX_RUNS: usize = 128;
 /// Pages per batch descriptor.
 pub const MAX_BATCH_PAGES: usize = 1024;
 pub const DESC_BYTES: usize = 4096;
-pub const DATA_OFF: usize = 4096 * (1 + RING_LEN);
+/// The event journal page (see the module doc).
+pub const JOURNAL_OFF: usize = 4096 * (1 + RING_LEN);
+pub const DATA_OFF: usize = 4096 * (2 + RING_LEN);
+/// Messages the journal holds: the most the fault thread reads at once.
+pub const JOURNAL_MSGS: usize = 64;
+/// Unconfirmed REMAP destinations the journal holds; past this `dests_len` says how many there
+/// were, and the guardian treats every UNMAP as possibly stale.
+pub const JOURNAL_DESTS: usize = 32;
+/// Journal states: no read is being applied.
+pub const JOURNAL_IDLE: u64 = 0;
+/// The messages of the journal were (or are being) read and may not all be applied.
+pub const JOURNAL_APPLYING: u64 = 1;
 
 // Per-page results written by the agent.
 pub const RESULT_PENDING: u8 = 0;
@@ -126,6 +154,13 @@ const OFF_INFLIGHT_MOVED: usize = 128;
 const OFF_INFLIGHT_STATE: usize = 136;
 const OFF_EVENT_LOG: usize = 512;
 const _: () = assert!(OFF_EVENT_LOG + EVENT_LOG_LEN * 24 <= 4096);
+const J_STATE: usize = JOURNAL_OFF;
+const J_APPLIED: usize = JOURNAL_OFF + 8;
+const J_DESTS_LEN: usize = JOURNAL_OFF + 16;
+const J_DESTS: usize = JOURNAL_OFF + 64;
+const J_MSGS: usize = JOURNAL_OFF + 1024;
+const _: () = assert!(J_DESTS + JOURNAL_DESTS * 16 <= J_MSGS);
+const _: () = assert!(J_MSGS + JOURNAL_MSGS * 32 <= JOURNAL_OFF + 4096);
 
 const D_SEQ: usize = 0;
 const D_EPOCH: usize = 8;
@@ -362,6 +397,67 @@ impl Window {
 
     pub fn inflight_state(&self) -> &AtomicU64 {
         self.u64_at(OFF_INFLIGHT_STATE)
+    }
+
+    /// Journal state: [`JOURNAL_IDLE`] or [`JOURNAL_APPLYING`].
+    pub fn journal_state(&self) -> &AtomicU64 {
+        self.u64_at(J_STATE)
+    }
+
+    /// Journal messages fully applied by the monitor.
+    pub fn journal_applied(&self) -> &AtomicU64 {
+        self.u64_at(J_APPLIED)
+    }
+
+    /// Monitor side, before a read into the journal: zeroes its messages (so the kernel's
+    /// messages are told from leftovers by their non-zero event byte), then says a read is
+    /// being applied.
+    pub fn journal_begin(&self) {
+        for i in 0..JOURNAL_MSGS * 4 {
+            self.u64_at(J_MSGS + i * 8).store(0, Ordering::Relaxed);
+        }
+        self.journal_applied().store(0, Ordering::Relaxed);
+        self.journal_state()
+            .store(JOURNAL_APPLYING, Ordering::SeqCst);
+    }
+
+    /// Where the kernel writes the messages of a journalled read: `JOURNAL_MSGS` × 32 bytes.
+    pub fn journal_msgs_ptr(&self) -> *mut u8 {
+        // SAFETY: `new` checked `len >= DATA_OFF`, which is past the journal page.
+        unsafe { self.base.add(J_MSGS) }
+    }
+
+    /// Message `i` of the journal, as four little-endian words.
+    pub fn journal_msg(&self, i: usize) -> [u64; 4] {
+        assert!(i < JOURNAL_MSGS);
+        let o = J_MSGS + i * 32;
+        [0, 8, 16, 24].map(|w| self.u64_at(o + w).load(Ordering::Acquire))
+    }
+
+    /// Monitor side: publishes the unconfirmed REMAP destinations (all of them, or their
+    /// count alone when there are more than [`JOURNAL_DESTS`]).
+    pub fn journal_set_dests(&self, dests: &[(u64, u64)]) {
+        self.u64_at(J_DESTS_LEN).store(0, Ordering::SeqCst);
+        for (i, &(s, e)) in dests.iter().take(JOURNAL_DESTS).enumerate() {
+            self.u64_at(J_DESTS + i * 16).store(s, Ordering::Relaxed);
+            self.u64_at(J_DESTS + i * 16 + 8).store(e, Ordering::Relaxed);
+        }
+        self.u64_at(J_DESTS_LEN)
+            .store(dests.len() as u64, Ordering::SeqCst);
+    }
+
+    /// Guardian side: the published destinations' count, and destination `i` (for
+    /// `i < min(count, JOURNAL_DESTS)`).
+    pub fn journal_dests_len(&self) -> u64 {
+        self.u64_at(J_DESTS_LEN).load(Ordering::SeqCst)
+    }
+
+    pub fn journal_dest(&self, i: usize) -> (u64, u64) {
+        assert!(i < JOURNAL_DESTS);
+        (
+            self.u64_at(J_DESTS + i * 16).load(Ordering::Relaxed),
+            self.u64_at(J_DESTS + i * 16 + 8).load(Ordering::Relaxed),
+        )
     }
 
     pub fn slot_ptr(&self, slot: usize) -> *mut u8 {

@@ -243,6 +243,28 @@ impl Uffd {
 
     /// Reads as many messages as are queued (up to `buf.len()`), decoding each. Returns the
     /// number read: 0 when the descriptor is non-blocking and nothing is queued.
+    /// Reads pending messages straight into `dst` (up to `max_msgs` of them): memory the
+    /// caller shares with another process, so the messages survive this process being killed
+    /// the instant the read returns (the monitor's event journal, `protocol/shm.rs`). Returns
+    /// how many messages the kernel wrote (0 when none is pending).
+    ///
+    /// # Safety
+    /// `dst` must be valid for writes of `max_msgs * 32` bytes for the duration of the call.
+    pub unsafe fn read_raw(&self, dst: *mut u8, max_msgs: usize) -> Result<usize, UffdError> {
+        let msg_len = std::mem::size_of::<sys::UffdMsg>();
+        // SAFETY: the caller guarantees `dst` is writable for `max_msgs * msg_len` bytes; the
+        // kernel writes whole messages and returns how many bytes it wrote.
+        let rc = unsafe { libc::read(self.as_raw_fd(), dst.cast(), max_msgs * msg_len) };
+        if rc < 0 {
+            let e = errno();
+            if e == libc::EAGAIN {
+                return Ok(0);
+            }
+            return Err(UffdError::from_errno(Op::Read, e, 0));
+        }
+        Ok(rc as usize / msg_len)
+    }
+
     pub fn read_events(
         &self,
         buf: &mut [sys::UffdMsg],

@@ -175,6 +175,20 @@ pub struct UffdMsg {
     pub arg: [u64; 3],
 }
 
+impl UffdMsg {
+    /// The message whose 32 bytes are these four little-endian words (as the kernel wrote them
+    /// into memory, read back word by word from shared memory).
+    pub fn from_words(w: [u64; 4]) -> UffdMsg {
+        UffdMsg {
+            event: w[0] as u8,
+            reserved1: (w[0] >> 8) as u8,
+            reserved2: (w[0] >> 16) as u16,
+            reserved3: (w[0] >> 32) as u32,
+            arg: [w[1], w[2], w[3]],
+        }
+    }
+}
+
 const _: () = assert!(std::mem::size_of::<UffdioApi>() == 24);
 const _: () = assert!(std::mem::size_of::<UffdioRegister>() == 32);
 const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);

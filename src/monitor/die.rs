@@ -1,0 +1,44 @@
+//! Fault injection for the kill tests: `USWAP_TEST_DIE=<point>` in the monitor's environment
+//! makes it SIGKILL itself the first time it reaches `<point>`, so a test can kill it at one
+//! exact instant instead of a random one. Points (all in the fault thread):
+//!
+//! - `read:remap`, `read:remove`, `read:unmap`: an event of that kind of the program was read
+//!   from its userfaultfd (the program's call has returned) and is about to be applied;
+//! - `apply:remap`: a REMAP's page words (and window slot records) have moved, its store
+//!   records not yet.
+//!
+//! Only events over at least 256 KiB count; `<point>=<bytes>` picks events of exactly that
+//! length (a thread's exit unmaps its 8 MiB stack, for one).
+//!
+//! Unset (the normal case), [`point`] is one load of an initialised `OnceLock`.
+//!
+//! Owns: the parsed point. Must not: change any decision when unset.
+
+use std::sync::OnceLock;
+
+fn configured() -> Option<&'static str> {
+    static P: OnceLock<Option<String>> = OnceLock::new();
+    P.get_or_init(|| std::env::var("USWAP_TEST_DIE").ok())
+        .as_deref()
+}
+
+/// Events over fewer bytes than this do not count (the program's C library makes small ones
+/// of its own; the tests' changes are larger).
+const MIN_LEN_BYTES: u64 = 256 << 10;
+
+/// Kills this process with SIGKILL (no unwinding, no cleanup: as `kill -9` would) if
+/// `USWAP_TEST_DIE` names `point` and the event spans at least 256 KiB (or, with
+/// `point=N`, exactly N bytes).
+pub fn point_over(point: &str, len_bytes: u64) {
+    let Some(want) = configured() else { return };
+    let hit = match want.split_once('=') {
+        Some((name, n)) => name == point && n.parse() == Ok(len_bytes),
+        None => want == point && len_bytes >= MIN_LEN_BYTES,
+    };
+    if hit {
+        tracing::warn!(point, len_bytes, "USWAP_TEST_DIE: the monitor kills itself here");
+        // SAFETY: signalling our own process; SIGKILL cannot be caught, so this never returns
+        // to code that could observe a half-done state.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
