@@ -916,14 +916,29 @@ fn daemon_stop_hands_memory_back_to_running_programs() -> R {
 
 /// `uswap daemon` on `socket` (its config directory is `dir`), output discarded.
 fn spawn_daemon_at(socket: &Path, dir: &Path) -> Result<std::process::Child, Failed> {
+    spawn_daemon_with(socket, dir, &[])
+}
+
+/// [`spawn_daemon_at`] with extra environment for the daemon.
+fn spawn_daemon_with(
+    socket: &Path,
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> Result<std::process::Child, Failed> {
+    // The daemons' logs stay in `dir` (removed when the test passes).
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("daemons.log"))?;
     let child = Command::new(uswap())
+        .envs(env.iter().copied())
         .arg("daemon")
         .arg("--socket")
         .arg(socket)
         .args(["--mode", "600", "--config-dir"])
         .arg(dir)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()?;
     let end = Instant::now() + Duration::from_secs(10);
     while Command::new(uswap())
@@ -1153,6 +1168,103 @@ fn restarted_monitor_adopts_program_before_rescue_after() -> R {
             k.describe()
         )
         .into());
+    }
+    Ok(())
+}
+
+/// The monitor dies at an exact instant (`USWAP_TEST_DIE`, `monitor/die.rs`): right after it
+/// read one of the program's address-space changes over evicted memory (an mremap that moves
+/// a region, MADV_DONTNEED of half a region, a fresh mapping over half a region), before it
+/// applied it to the records, or half way through applying the mremap. Before the event
+/// journal this lost pages every time: moved pages read zeros, discarded ones their old bytes.
+/// The program must see every moved page and zeros in every discarded or fresh one, whether
+/// the shim brings its pages home itself or (opt-in adoption) a restarted monitor adopts it.
+fn monitor_dies_between_reading_an_event_and_applying_it() -> R {
+    let cases = [
+        ("read:remap", false),
+        ("apply:remap", false),
+        ("read:remove=4194304", false),
+        ("read:unmap=4194304", false),
+        ("read:remap", true),
+        ("apply:remap", true),
+        ("read:remove=4194304", true),
+        ("read:unmap=4194304", true),
+    ];
+    for (i, (point, adopt)) in cases.into_iter().enumerate() {
+        let dir = tmpdir(&format!("die{i}"));
+        let socket = dir.join("uswap.sock");
+        let mut daemon = spawn_daemon_with(&socket, &dir, &[("USWAP_TEST_DIE", point)])?;
+        let prog = Command::new(workload())
+            .args(["event-reuse", "--mib", "8", "--idle-ms", "1500"])
+            .env("LD_PRELOAD", shim())
+            .env("USWAP_SOCKET", &socket)
+            .env(
+                "USWAP_OVERRIDES",
+                kill_overrides(if adopt { "60s" } else { "200ms" }),
+            )
+            .env("USWAP_ADOPT", if adopt { "1" } else { "0" })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let end = Instant::now() + Duration::from_secs(60);
+        let died = loop {
+            if let Some(st) = daemon.try_wait()? {
+                break st;
+            }
+            if Instant::now() > end {
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+                let out = prog.wait_with_output()?;
+                return Err(format!(
+                    "{point}: the monitor never reached its death point\n--- stdout\n{}\n--- stderr\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let killed_at = Instant::now();
+        let second = if adopt {
+            Some(spawn_daemon_at(&socket, &dir)?)
+        } else {
+            None
+        };
+        let out = prog.wait_with_output()?;
+        let k = Killed {
+            out,
+            after_kill: killed_at.elapsed(),
+            held_pages: 0,
+        };
+        if let Some(mut d) = second {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+            d.wait()?;
+        }
+        k.survived().map_err(|e| {
+            format!(
+                "{point} (adopt {adopt}): {} (daemon logs in {})",
+                e.message().unwrap_or(""),
+                dir.display()
+            )
+        })?;
+        let journal = k
+            .stderr()
+            .contains("the shim applied them from its journal");
+        let settled = if adopt {
+            k.adopted_pages().is_some()
+        } else {
+            k.brought_home().is_some()
+        };
+        if died.code().is_some() || !journal || !settled {
+            return Err(format!(
+                "{point} (adopt {adopt}): the monitor should have died by SIGKILL ({died}) right after reading the event, the shim should have applied it from the journal and then {}\n{}",
+                if adopt { "been adopted" } else { "brought the pages home" },
+                k.describe()
+            )
+            .into());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
 }
@@ -1405,6 +1517,10 @@ fn main() {
         Trial::test(
             "restarted_monitor_adopts_program_before_rescue_after",
             restarted_monitor_adopts_program_before_rescue_after,
+        ),
+        Trial::test(
+            "monitor_dies_between_reading_an_event_and_applying_it",
+            monitor_dies_between_reading_an_event_and_applying_it,
         ),
         Trial::test("monitor_kill_loop", monitor_kill_loop),
         Trial::test(

@@ -119,24 +119,28 @@ extern "C" fn guardian_main(_: *mut libc::c_void) -> *mut libc::c_void {
 /// program's events before it says `Hello`: the new monitor reads the rest). The agent is
 /// restarted on the new window. Returns false, having changed nothing the rescue needs, if
 /// the monitor refused or cannot be reached; the caller then brings everything home.
-fn adopt(r: &mut Rescue) -> bool {
+fn adopt(r: &mut Rescue) -> Result<(), NotAdopted> {
     // Cross-mm: a run the dead monitor was moving has no complete record; such a program is
     // rescued (and the lost pages fenced) instead.
     if r.win.inflight_state().load(Ordering::Acquire) != shm::INFLIGHT_NONE {
-        return false;
+        return Err(NotAdopted::Final(
+            b"the dead monitor was moving a run out (cross-mm)",
+        ));
     }
     // The agent has stopped (monitor_lost) and must be gone before a new one starts.
     let end = raw::monotonic_ns() + 2_000_000_000;
     while SHIM.agent_alive.load(Ordering::SeqCst) {
         if raw::monotonic_ns() > end {
-            return false;
+            return Err(NotAdopted::Final(
+                b"the old agent thread did not stop within 2 s",
+            ));
         }
         r.drain_events(1);
     }
     let t = r.bring_home(false);
     r.drain_events(0);
     let Ok(sock) = crate::connect_again() else {
-        return false;
+        return Err(NotAdopted::Retry(b"connecting to the new monitor failed"));
     };
     let close = |fd: i32| {
         // SAFETY: closing a descriptor this function opened or received.
@@ -160,7 +164,9 @@ fn adopt(r: &mut Rescue) -> bool {
     let pkt = guard(MAPS_OFF, uswap::protocol::wire::MAX_MSG_LEN);
     let Ok(n) = hello.encode(pkt) else {
         close(sock);
-        return false;
+        return Err(NotAdopted::Final(
+            b"the adoption request could not be encoded",
+        ));
     };
     let fds = [
         SHIM.uffd.load(Ordering::Relaxed),
@@ -168,28 +174,33 @@ fn adopt(r: &mut Rescue) -> bool {
     ];
     if uswap::protocol::io::send_packet(sock, &pkt[..n], &fds).is_err() {
         close(sock);
-        return false;
+        return Err(NotAdopted::Retry(b"sending the adoption request failed"));
     }
     let got = match uswap::protocol::io::recv_packet(sock, pkt, 0) {
         Ok(Some(g)) => g,
         _ => {
             close(sock);
-            return false;
+            return Err(NotAdopted::Retry(
+                b"the new monitor closed the connection without an answer",
+            ));
         }
     };
     let mut got = got;
     let window_len = match uswap::protocol::wire::Msg::decode(&pkt[..got.len]) {
         Ok(uswap::protocol::wire::Msg::HelloAck(a)) if a.status == 0 => a.window_len_bytes as usize,
         _ => {
-            raw::eprint_line(&[b"uswap: the new monitor refused to adopt this program"]);
             close(sock);
-            return false;
+            return Err(NotAdopted::Final(
+                b"the new monitor refused to adopt this program (its log says why)",
+            ));
         }
     };
     let (Some(win), Some(req), Some(done)) = (got.take_fd(0), got.take_fd(1), got.take_fd(2))
     else {
         close(sock);
-        return false;
+        return Err(NotAdopted::Final(
+            b"the new monitor's answer lacked its descriptors",
+        ));
     };
     drop(got.take_fd(3));
     // The memfd the monitor sent, shared, at a new address.
@@ -201,7 +212,9 @@ fn adopt(r: &mut Rescue) -> bool {
     if base == 0 || stack == 0 || window_len < shm::DATA_OFF {
         // The monitor holds our descriptor now: closing the connection makes it let go.
         close(sock);
-        return false;
+        return Err(NotAdopted::Final(
+            b"mapping the new window or the agent's stack failed",
+        ));
     }
     // SAFETY: advising the mapping just made; the raw syscall.
     unsafe { libc::syscall(libc::SYS_madvise, base, window_len, libc::MADV_DONTFORK) };
@@ -247,7 +260,16 @@ fn adopt(r: &mut Rescue) -> bool {
         fmt_u64(t.restored, &mut b),
         b" window pages brought home",
     ]);
-    true
+    Ok(())
+}
+
+/// Why an adoption did not happen.
+enum NotAdopted {
+    /// The new monitor may not be fully up yet (its socket file is replaced while it starts,
+    /// and a probe can even reach the dead one's backlog): try again while time is left.
+    Retry(&'static [u8]),
+    /// It will not happen: bring every page home.
+    Final(&'static [u8]),
 }
 
 /// What the rescue did, for its closing line.
@@ -259,6 +281,8 @@ struct Tally {
     corrupt: u64,
     /// Cross-mm: pages the monitor had moved out and no copy of survived it.
     lost: u64,
+    /// Records whose copy kept meeting unread events (`COPY_TRIES` times): left in place.
+    stuck: u64,
     first_lost: u64,
 }
 
@@ -274,6 +298,9 @@ struct Rescue {
     relocs: [(usize, usize, u64, usize); MAX_RELOCS],
     relocs_len: usize,
 }
+
+/// Attempts to copy one record's page home while each meets an unread event (EAGAIN).
+const COPY_TRIES: u32 = 1000;
 
 /// Shared pages moved during one outage that the guardian keeps track of.
 const MAX_RELOCS: usize = 256;
@@ -330,7 +357,6 @@ fn monitor_gone() {
         r.drain_events(10);
     }
     let waiting = r.count_records();
-    let mut deadline_ns = 0;
     if waiting > 0 {
         let after_ms = win.rescue_after_ms().load(Ordering::Relaxed).min(3_600_000);
         let mut num = [0u8; 20];
@@ -342,25 +368,41 @@ fn monitor_gone() {
             fmt_u64(after_ms, &mut secs),
             b" ms for a monitor before bringing them home",
         ]);
-        deadline_ns = raw::monotonic_ns() + after_ms * 1_000_000;
+        let deadline_ns = raw::monotonic_ns() + after_ms * 1_000_000;
+        // Adoption is opt-in (`USWAP_ADOPT=1`, DESIGN.md "Adoption"); without it, a monitor
+        // that answers again makes the guardian bring every page home at once.
+        let adopt_on = raw::getenv(c"USWAP_ADOPT").is_some_and(|v| v == b"1");
         let mut next_probe = 0u64;
+        let mut not_adopted: Option<&'static [u8]> = None;
         while raw::monotonic_ns() < deadline_ns {
             r.drain_events(50);
             let now = raw::monotonic_ns();
-            if now >= next_probe {
-                next_probe = now + 250_000_000;
-                if crate::monitor_answers() {
+            if now < next_probe {
+                continue;
+            }
+            next_probe = now + 250_000_000;
+            if !crate::monitor_answers() {
+                continue;
+            }
+            if !adopt_on {
+                break;
+            }
+            match adopt(&mut r) {
+                Ok(()) => return,
+                Err(NotAdopted::Retry(why)) => not_adopted = Some(why),
+                Err(NotAdopted::Final(why)) => {
+                    not_adopted = Some(why);
                     break;
                 }
             }
         }
-    }
-    // Adoption is opt-in (`USWAP_ADOPT=1`) until a rare stale page after adoption is found
-    // (DESIGN.md, "Adoption"); without it, a monitor that answers again makes the guardian
-    // bring every page home at once.
-    let adopt_on = raw::getenv(c"USWAP_ADOPT").is_some_and(|v| v == b"1");
-    if waiting > 0 && adopt_on && raw::monotonic_ns() < deadline_ns && adopt(&mut r) {
-        return;
+        if let Some(why) = not_adopted {
+            raw::eprint_line(&[
+                b"uswap: not adopted: ",
+                why,
+                b"; bringing every page home instead",
+            ]);
+        }
     }
     let t0 = raw::monotonic_ns();
     let mut t = r.bring_home(true);
@@ -391,6 +433,14 @@ fn monitor_gone() {
         fmt_u64(t.corrupt, &mut d),
         b" corrupt; the program runs unmanaged from now on",
     ]);
+    if t.stuck > 0 {
+        let mut n = [0u8; 20];
+        raw::eprint_line(&[
+            b"uswap: ",
+            fmt_u64(t.stuck, &mut n),
+            b" evicted pages could not be brought home (every copy met a new address-space change of the program): they read as zeros",
+        ]);
+    }
     if t.lost > 0 {
         let (mut n, mut a) = ([0u8; 20], [0u8; 20]);
         raw::eprint_line(&[
@@ -656,8 +706,8 @@ impl Rescue {
         if self.win.journal_state().load(Ordering::Acquire) != shm::JOURNAL_APPLYING {
             return 0;
         }
-        let applied = (self.win.journal_applied().load(Ordering::Acquire) as usize)
-            .min(shm::JOURNAL_MSGS);
+        let applied =
+            (self.win.journal_applied().load(Ordering::Acquire) as usize).min(shm::JOURNAL_MSGS);
         let mut replayed = 0;
         for i in 0..shm::JOURNAL_MSGS {
             let msg = sys::UffdMsg::from_words(self.win.journal_msg(i));
@@ -764,59 +814,74 @@ impl Rescue {
         }
     }
 
-    /// Copies one page from `src` (page-aligned) to `dst`. Returns the errno, 0 on success.
-    fn copy(&mut self, dst: u64, src: *const u8) -> i32 {
-        for _ in 0..1000 {
-            let mut c = sys::UffdioCopy {
-                dst,
-                src: src as u64,
-                len: PAGE_SIZE as u64,
-                mode: 0,
-                copy: 0,
-            };
-            // SAFETY: UFFDIO_COPY reads one page from our buffer and installs it at `dst` in our
-            // own registered memory, only where no page is present.
-            let rc = unsafe { libc::ioctl(self.uffd, sys::UFFDIO_COPY as _, &mut c) };
-            if rc == 0 {
-                return 0;
-            }
-            let errno = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
-            if errno != libc::EAGAIN {
-                return errno;
-            }
-            // An address-space event is unread: read it (it may move this very page).
+    /// Tries once to copy one page from `src` (page-aligned) to `dst`. Returns the errno, 0 on
+    /// success. On EAGAIN (an address-space event of the program is queued and unread) it
+    /// reads and applies the pending events first: they may have moved or dropped the very
+    /// record being copied, so the caller looks at the record again before it retries. (The
+    /// first version retried the same address at once: a record moved by the event it read
+    /// was then skipped, its page reading zeros at the new address; and a record dropped by a
+    /// MADV_DONTNEED was copied anyway, after the kernel had discarded the page, bringing the
+    /// old bytes back.)
+    fn copy_once(&mut self, dst: u64, src: *const u8) -> i32 {
+        let mut c = sys::UffdioCopy {
+            dst,
+            src: src as u64,
+            len: PAGE_SIZE as u64,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY reads one page from our buffer and installs it at `dst` in our
+        // own registered memory, only where no page is present.
+        let rc = unsafe { libc::ioctl(self.uffd, sys::UFFDIO_COPY as _, &mut c) };
+        if rc == 0 {
+            return 0;
+        }
+        let errno = std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO);
+        if errno == libc::EAGAIN {
             self.drain_events(1);
         }
-        libc::EAGAIN
+        errno
     }
 
     /// Brings home the window's pages, then (with `store_too`) the store's, then the shared
     /// pages moved meanwhile. Without `store_too` only the store's records in a REMAP
     /// destination seen during the outage come home (an UNMAP over such a range kept its
     /// records, for the copy to decide: ENOENT where nothing registered is mapped any more); the
-    /// others stay for a monitor
-    /// that adopts the program.
+    /// others stay for a monitor that adopts the program.
+    ///
+    /// Every record is read again after a copy that met an unread event (see `copy_once`):
+    /// events rewrite records in place (a REMAP changes the address, a REMOVE/UNMAP drops it),
+    /// so the record as it is now decides. A record still met by EAGAIN after
+    /// `COPY_TRIES` attempts is left in place and counted (`stuck`).
     fn bring_home(&mut self, store_too: bool) -> Tally {
         let mut t = Tally::default();
+        let win = self.win;
         // Window pages first: they are whole pages already.
-        for slot in 0..self.win.slots() {
-            let rec = self.win.slot_record(slot).load(Ordering::Acquire);
-            if rec == 0 {
-                continue;
+        for slot in 0..win.slots() {
+            let w = win.slot_record(slot);
+            let mut tries = 0;
+            loop {
+                let rec = w.load(Ordering::Acquire);
+                if rec == 0 {
+                    break;
+                }
+                if tries == COPY_TRIES {
+                    t.stuck += 1;
+                    break;
+                }
+                tries += 1;
+                let errno = self.copy_once(rec, win.slot_ptr(slot));
+                if errno == libc::EAGAIN {
+                    continue;
+                }
+                self.count(&mut t, errno);
+                w.store(0, Ordering::Release);
+                break;
             }
-            let errno = self.copy(rec, self.win.slot_ptr(slot));
-            // The copy may have read events that moved or dropped this record.
-            let now = self.win.slot_record(slot).load(Ordering::Acquire);
-            if errno == libc::EAGAIN || (errno != 0 && now != rec) {
-                continue;
-            }
-            self.count(&mut t, errno);
-            self.win.slot_record(slot).store(0, Ordering::Release);
         }
-        // Store pages: decompress into our page buffer, copy in. Records may change while
-        // copying (the copy reads events), so each is re-read after its copy.
+        // Store pages: decompress into our page buffer, copy in.
         let Some(store) = self.store else {
             return t;
         };
@@ -828,58 +893,80 @@ impl Rescue {
                 continue;
             };
             for slot_idx in 0..store_layout::slots_per_chunk(class_idx) {
-                let Some(page) = store.page(chunk_idx, class_idx, slot_idx) else {
-                    continue;
+                let mut tries = 0;
+                loop {
+                    let Some(page) = store.page(chunk_idx, class_idx, slot_idx) else {
+                        break;
+                    };
+                    if !mine(page.owners) || (!store_too && !self.in_remap_dst(page.addr)) {
+                        break;
+                    }
+                    if tries == COPY_TRIES {
+                        t.stuck += 1;
+                        break;
+                    }
+                    tries += 1;
+                    let rec = store.record(chunk_idx, slot_idx);
+                    let done = store_layout::with_owners(rec, page.owners & !my_bit());
+                    let out: &mut [u8; PAGE_SIZE] =
+                        guard(PAGE_OFF, PAGE_SIZE).try_into().expect("one page");
+                    if !store_layout::decode_page(&page, out) {
+                        t.corrupt += 1;
+                        store.set_record(chunk_idx, slot_idx, done);
+                        break;
+                    }
+                    let errno = self.copy_once(page.addr, out.as_ptr());
+                    if errno == libc::EAGAIN {
+                        continue;
+                    }
+                    // No event was read since `rec` was: it is still this record.
+                    self.count(&mut t, errno);
+                    store.set_record(chunk_idx, slot_idx, done);
+                    break;
+                }
+            }
+        }
+        // Shared pages this program moved while no monitor ran: their slot, at the new address.
+        // (Events read by these copies may add more: the length is read again each time.)
+        let mut i = 0;
+        while i < self.relocs_len.min(MAX_RELOCS) {
+            let mut tries = 0;
+            loop {
+                let (chunk_idx, slot_idx, to, len_bytes) = self.relocs[i];
+                if to == 0 {
+                    break;
+                }
+                let Some(class_idx) = store.chunk_class(chunk_idx) else {
+                    break;
                 };
-                if !mine(page.owners) {
-                    continue;
+                let Some(page) = store.page_at(chunk_idx, class_idx, slot_idx, len_bytes) else {
+                    break;
+                };
+                if tries == COPY_TRIES {
+                    t.stuck += 1;
+                    break;
                 }
-                if !store_too && !self.in_remap_dst(page.addr) {
-                    continue;
-                }
-                let rec = store.record(chunk_idx, slot_idx);
-                let done = store_layout::with_owners(rec, page.owners & !my_bit());
+                tries += 1;
                 let out: &mut [u8; PAGE_SIZE] =
                     guard(PAGE_OFF, PAGE_SIZE).try_into().expect("one page");
                 if !store_layout::decode_page(&page, out) {
                     t.corrupt += 1;
-                    store.set_record(chunk_idx, slot_idx, done);
-                    continue;
+                    break;
                 }
-                let errno = self.copy(page.addr, out.as_ptr());
-                let now = store.record(chunk_idx, slot_idx);
-                if errno == libc::EAGAIN || (errno != 0 && now != rec) {
+                let errno = self.copy_once(to, out.as_ptr());
+                if errno == libc::EAGAIN {
                     continue;
                 }
                 self.count(&mut t, errno);
-                store.set_record(chunk_idx, slot_idx, done);
+                self.relocs[i].2 = 0;
+                break;
             }
+            i += 1;
         }
-        // Shared pages this program moved while no monitor ran: their slot, at the new address.
         if self.relocs_len > MAX_RELOCS {
             raw::eprint_line(&[
                 b"uswap: more shared pages were moved while the monitor was gone than the shim tracks; some read as zeros",
             ]);
-        }
-        for i in 0..self.relocs_len.min(MAX_RELOCS) {
-            let (chunk_idx, slot_idx, to, len_bytes) = self.relocs[i];
-            let Some(class_idx) = store.chunk_class(chunk_idx) else {
-                continue;
-            };
-            if to == 0 {
-                continue;
-            }
-            let Some(page) = store.page_at(chunk_idx, class_idx, slot_idx, len_bytes) else {
-                continue;
-            };
-            let out: &mut [u8; PAGE_SIZE] =
-                guard(PAGE_OFF, PAGE_SIZE).try_into().expect("one page");
-            if !store_layout::decode_page(&page, out) {
-                t.corrupt += 1;
-                continue;
-            }
-            let errno = self.copy(to, out.as_ptr());
-            self.count(&mut t, errno);
         }
         t
     }
@@ -895,18 +982,14 @@ impl Rescue {
         if state == shm::INFLIGHT_NONE {
             return;
         }
-        let run = self.win.inflight_run().load(Ordering::Acquire);
         let page_mask = !(PAGE_SIZE as u64 - 1);
-        let addr = run & page_mask;
+        let run = self.win.inflight_run().load(Ordering::Acquire);
         let pages = ((run & !page_mask) as u32).min(shm::INFLIGHT_MAX_PAGES);
         let bits = if state == shm::INFLIGHT_MOVED {
             self.win.inflight_moved().load(Ordering::Acquire)
         } else {
             u64::MAX
         };
-        if addr == 0 {
-            return;
-        }
         let poison = guard(PAGE_OFF, PAGE_SIZE);
         poison.fill(0xdb);
         let src = poison.as_ptr();
@@ -914,15 +997,30 @@ impl Rescue {
             if bits & (1u64 << i) == 0 {
                 continue;
             }
-            let a = addr + u64::from(i) * PAGE_SIZE as u64;
-            if self.copy(a, src) == 0 {
-                // SAFETY: mprotect of one page of the program's own anonymous memory, whose
-                // content is gone; the raw syscall (no interposer involved).
-                unsafe { libc::syscall(libc::SYS_mprotect, a, PAGE_SIZE, libc::PROT_NONE) };
-                if t.lost == 0 {
-                    t.first_lost = a;
+            for _ in 0..COPY_TRIES {
+                // The run follows a REMAP of its mapping, and a discard ends it (`apply`).
+                if self.win.inflight_state().load(Ordering::Acquire) == shm::INFLIGHT_NONE {
+                    return;
                 }
-                t.lost += 1;
+                let addr = self.win.inflight_run().load(Ordering::Acquire) & page_mask;
+                if addr == 0 {
+                    return;
+                }
+                let a = addr + u64::from(i) * PAGE_SIZE as u64;
+                match self.copy_once(a, src) {
+                    libc::EAGAIN => continue,
+                    0 => {
+                        // SAFETY: mprotect of one page of the program's own anonymous memory,
+                        // whose content is gone; the raw syscall (no interposer involved).
+                        unsafe { libc::syscall(libc::SYS_mprotect, a, PAGE_SIZE, libc::PROT_NONE) };
+                        if t.lost == 0 {
+                            t.first_lost = a;
+                        }
+                        t.lost += 1;
+                    }
+                    _ => {}
+                }
+                break;
             }
         }
         self.win

@@ -1351,7 +1351,10 @@ fn map_at(at: *mut u8, len: usize) -> Result<Mapping, String> {
         )
     };
     if p == libc::MAP_FAILED {
-        return Err(format!("mmap at {at:p} of {len} bytes failed: {}", errno_str()));
+        return Err(format!(
+            "mmap at {at:p} of {len} bytes failed: {}",
+            errno_str()
+        ));
     }
     if p.cast::<u8>() != at {
         return Err(format!("mmap at {at:p} landed at {p:p}"));
@@ -1436,7 +1439,10 @@ fn cmd_event_reuse(o: &Opts) -> Result<String, String> {
     if p != c.ptr.cast() {
         return Err(format!("mmap MAP_FIXED over {:p}: {}", c.ptr, errno_str()));
     }
-    let fresh_c = Mapping { ptr: c.ptr, len: half };
+    let fresh_c = Mapping {
+        ptr: c.ptr,
+        len: half,
+    };
     // SAFETY: the second half stays mapped and owned by `c_rest`.
     let c_rest = Mapping {
         ptr: unsafe { c.ptr.add(half) },
@@ -1451,9 +1457,19 @@ fn cmd_event_reuse(o: &Opts) -> Result<String, String> {
         t.zeros("fresh-at-old-address", f.words(), 0);
     }
     t.zeros("discarded-half", &b.words()[..half / 8], n);
-    t.range("kept-half", &b.words()[half / 8..], n + (half / PAGE) as u64, 1);
+    t.range(
+        "kept-half",
+        &b.words()[half / 8..],
+        n + (half / PAGE) as u64,
+        1,
+    );
     t.zeros("fresh-over-unmapped", fresh_c.words(), 2 * n);
-    t.range("unmapped-kept-half", c_rest.words(), 2 * n + (half / PAGE) as u64, 1);
+    t.range(
+        "unmapped-kept-half",
+        c_rest.words(),
+        2 * n + (half / PAGE) as u64,
+        1,
+    );
     t.print("after the three changes");
     // Drop `b` explicitly after its last use (the compiler would anyway).
     drop(b);

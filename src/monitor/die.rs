@@ -36,7 +36,11 @@ pub fn point_over(point: &str, len_bytes: u64) {
         None => want == point && len_bytes >= MIN_LEN_BYTES,
     };
     if hit {
-        tracing::warn!(point, len_bytes, "USWAP_TEST_DIE: the monitor kills itself here");
+        tracing::warn!(
+            point,
+            len_bytes,
+            "USWAP_TEST_DIE: the monitor kills itself here"
+        );
         // SAFETY: signalling our own process; SIGKILL cannot be caught, so this never returns
         // to code that could observe a half-done state.
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };

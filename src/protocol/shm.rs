@@ -440,7 +440,8 @@ impl Window {
         self.u64_at(J_DESTS_LEN).store(0, Ordering::SeqCst);
         for (i, &(s, e)) in dests.iter().take(JOURNAL_DESTS).enumerate() {
             self.u64_at(J_DESTS + i * 16).store(s, Ordering::Relaxed);
-            self.u64_at(J_DESTS + i * 16 + 8).store(e, Ordering::Relaxed);
+            self.u64_at(J_DESTS + i * 16 + 8)
+                .store(e, Ordering::Relaxed);
         }
         self.u64_at(J_DESTS_LEN)
             .store(dests.len() as u64, Ordering::SeqCst);
