@@ -1443,9 +1443,11 @@ fn cmd_event_reuse(o: &Opts) -> Result<String, String> {
         ptr: c.ptr,
         len: half,
     };
-    // SAFETY: the second half stays mapped and owned by `c_rest`.
+    // SAFETY: `half < len`, so the offset stays inside `c`'s mapping; the second half stays
+    // mapped and is owned by `c_rest` from here.
+    let second = unsafe { c.ptr.add(half) };
     let c_rest = Mapping {
-        ptr: unsafe { c.ptr.add(half) },
+        ptr: second,
         len: len - half,
     };
     std::mem::forget(c);
