@@ -1046,11 +1046,7 @@ fn kill_daemon_under(
         .env("LD_PRELOAD", shim())
         .env("USWAP_SOCKET", &socket)
         .env("USWAP_OVERRIDES", overrides)
-        // Adoption is opt-in: the test that checks it asks for it (tag `stored-killback`).
-        .env(
-            "USWAP_ADOPT",
-            if tag.ends_with("killback") { "1" } else { "0" },
-        )
+        // Adoption is on by default: a restarted monitor adopts the program.
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -1302,9 +1298,9 @@ fn monitor_kill_loop() -> R {
             match kill_daemon_under(
                 &format!("killloop{i}"),
                 &args,
-                // A restarted monitor answers within rescue_after: the shim brings everything
-                // home at once (adoption is opt-in, and checked on its own); without one,
-                // after rescue_after.
+                // A restarted monitor answers within rescue_after and adopts the program (and
+                // its forked children); without one, the shim brings everything home after
+                // rescue_after.
                 &kill_overrides(if i % 2 == 1 { "10s" } else { "200ms" }),
                 500,
                 delay,

@@ -369,9 +369,9 @@ fn monitor_gone() {
             b" ms for a monitor before bringing them home",
         ]);
         let deadline_ns = raw::monotonic_ns() + after_ms * 1_000_000;
-        // Adoption is opt-in (`USWAP_ADOPT=1`, DESIGN.md "Adoption"); without it, a monitor
-        // that answers again makes the guardian bring every page home at once.
-        let adopt_on = raw::getenv(c"USWAP_ADOPT").is_some_and(|v| v == b"1");
+        // A monitor that answers again adopts the program (DESIGN.md "Adoption"); with
+        // `USWAP_ADOPT=0` it makes the guardian bring every page home at once instead.
+        let adopt_on = raw::getenv(c"USWAP_ADOPT").is_none_or(|v| v != b"0");
         let mut next_probe = 0u64;
         let mut not_adopted: Option<&'static [u8]> = None;
         while raw::monotonic_ns() < deadline_ns {
