@@ -30,6 +30,7 @@ pub const DAEMON_KEYS: &[&str] = &[
     "max_store_per_uid",
     "max_clients_per_uid",
     "agent_timeout",
+    "compress_threads",
 ];
 
 /// The daemon's settings, fully resolved.
@@ -56,6 +57,10 @@ pub struct DaemonConfig {
     /// monitor stops evicting from that client (it resumes once the agent answers).
     /// Key `agent_timeout`.
     pub agent_timeout: Duration,
+    /// Compression workers shared by every program (0: each program's control thread
+    /// compresses alone). Key `compress_threads`; `None` ("auto") = one per CPU beyond the
+    /// first, at most 4.
+    pub compress_threads: Option<usize>,
 }
 
 impl Default for DaemonConfig {
@@ -68,6 +73,7 @@ impl Default for DaemonConfig {
             max_store_per_uid_bytes: None,
             max_clients_per_uid: 64,
             agent_timeout: Duration::from_secs(5),
+            compress_threads: None,
         }
     }
 }
@@ -163,6 +169,23 @@ fn set_daemon_key(cfg: &mut DaemonConfig, key: &str, v: &Value) -> Result<(), Ke
                 other => {
                     return Err(KeyError::Invalid(format!(
                         "expected an integer, found {}",
+                        type_name(other)
+                    )))
+                }
+            }
+        }
+        "compress_threads" => {
+            cfg.compress_threads = match v {
+                Value::String(s) if s == "auto" => None,
+                Value::Integer(i) if (0..=64).contains(i) => Some(*i as usize),
+                Value::Integer(i) => {
+                    return Err(KeyError::Invalid(format!(
+                        "{i} is out of range (allowed 0..=64, or \"auto\")"
+                    )))
+                }
+                other => {
+                    return Err(KeyError::Invalid(format!(
+                        "expected an integer 0..=64 or \"auto\", found {}",
                         type_name(other)
                     )))
                 }

@@ -425,9 +425,11 @@ fn daemon_keys_parse_to_their_values() {
     let cfg = parse_daemon(
         Path::new("d.toml"),
         "allow_uids = [1000, 0]\nallow_gids = [65534]\nsocket_mode = \"0660\"\nuser = \"nobody\"\n\
-         max_store_per_uid = \"64M\"\nmax_clients_per_uid = 3\nagent_timeout = \"1s\"\n",
+         max_store_per_uid = \"64M\"\nmax_clients_per_uid = 3\nagent_timeout = \"1s\"\n\
+         compress_threads = 2\n",
     )
     .unwrap();
+    assert_eq!(cfg.compress_threads, Some(2));
     assert_eq!(cfg.allow_uids, vec![1000, 0]);
     assert_eq!(cfg.allow_gids, vec![65534]);
     assert_eq!(cfg.socket_mode, 0o660);
@@ -477,6 +479,8 @@ fn daemon_bad_values_name_key_and_reason() {
         ("max_store_per_uid = \"4K\"", "max_store_per_uid", "256K"),
         ("max_clients_per_uid = 0", "max_clients_per_uid", "1..=4096"),
         ("agent_timeout = \"1ms\"", "agent_timeout", "out of range"),
+        ("compress_threads = 65", "compress_threads", "0..=64"),
+        ("compress_threads = \"many\"", "compress_threads", "auto"),
     ] {
         let e = daemon_error_for(text);
         assert!(

@@ -24,6 +24,7 @@ use anyhow::{bail, Context};
 use parking_lot::Mutex;
 use tracing::{debug, info, warn};
 
+use super::compress::{Compressed, Pool};
 use super::forks::{ForkSnapshot, Forks};
 use super::pages::{PageState, Pages};
 use super::regions::Regions;
@@ -66,6 +67,8 @@ pub struct ClientLimits {
     pub uid_store: Option<Arc<UidStore>>,
     /// The monitor's unclaimed fork snapshots.
     pub forks: Arc<Forks>,
+    /// The monitor's compression workers (`None`: the control thread compresses alone).
+    pub compress: Option<Arc<Pool>>,
 }
 
 impl Default for ClientLimits {
@@ -74,6 +77,7 @@ impl Default for ClientLimits {
             agent_timeout: Duration::from_secs(5),
             uid_store: None,
             forks: Arc::default(),
+            compress: None,
         }
     }
 }
@@ -91,47 +95,6 @@ pub struct ClientId {
 #[derive(Debug, Default)]
 struct AgentWatch {
     oldest: Option<(u64, Instant)>,
-}
-
-/// A page compressed outside the lock, waiting to be placed: its bytes are in an arena.
-#[derive(Clone, Copy)]
-enum Compressed {
-    Same(u64),
-    Lz4(usize, usize),
-    Raw,
-}
-
-impl Compressed {
-    /// Encodes `page`, appending an lz4 payload to `arena` (compression runs without the
-    /// client's lock; the result is placed in the store under it).
-    fn of(page: &[u8; PAGE_SIZE], scratch: &mut Vec<u8>, arena: &mut Vec<u8>) -> Compressed {
-        match crate::store::encode(page, scratch) {
-            crate::store::Encoded::SameFilled(w) => Compressed::Same(w),
-            crate::store::Encoded::Lz4(b) => {
-                arena.extend_from_slice(b);
-                Compressed::Lz4(arena.len() - b.len(), b.len())
-            }
-            crate::store::Encoded::Raw => Compressed::Raw,
-        }
-    }
-
-    /// The encoding again, its payload borrowed from `arena`.
-    fn encoded(self, arena: &[u8]) -> crate::store::Encoded<'_> {
-        match self {
-            Compressed::Same(w) => crate::store::Encoded::SameFilled(w),
-            Compressed::Lz4(off, len) => crate::store::Encoded::Lz4(&arena[off..off + len]),
-            Compressed::Raw => crate::store::Encoded::Raw,
-        }
-    }
-
-    /// Bytes it keeps in the store.
-    fn out_bytes(self) -> u64 {
-        match self {
-            Compressed::Same(_) => 0,
-            Compressed::Lz4(_, len) => len as u64,
-            Compressed::Raw => PAGE_BYTES,
-        }
-    }
 }
 
 /// Everything mutable about a client, behind one lock.
@@ -1452,18 +1415,35 @@ impl Client {
             }
             released.clear();
         }
+        let mut ptrs: Vec<*const [u8; PAGE_SIZE]> = Vec::new();
         for chunk in todo.chunks(256) {
             arena.clear();
             outs.clear();
-            for &(_addr, slot, gen) in chunk {
-                // The slot is stable: only this thread reuses slots, and a fault that takes the
-                // page back only frees it.
-                outs.push((
-                    slot,
-                    gen,
-                    Compressed::of(self.slot_page(slot), &mut scratch, &mut arena),
-                ));
-            }
+            // The slots are stable: only this thread reuses slots, and a fault that takes the
+            // page back only frees it.
+            ptrs.clear();
+            ptrs.extend(
+                chunk
+                    .iter()
+                    .map(|&(_, slot, _)| self.slot_page(slot) as *const _),
+            );
+            let encoded = match &self.limits.compress {
+                // SAFETY: window slots stay mapped for the client's life and are written only
+                // when this thread reuses them, which it does not while this call runs.
+                Some(pool) => unsafe { pool.compress(&ptrs, &mut scratch, &mut arena) },
+                None => chunk
+                    .iter()
+                    .map(|&(_, slot, _)| {
+                        Compressed::of(self.slot_page(slot), &mut scratch, &mut arena)
+                    })
+                    .collect(),
+            };
+            outs.extend(
+                chunk
+                    .iter()
+                    .zip(encoded)
+                    .map(|(&(_addr, slot, gen), c)| (slot, gen, c)),
+            );
             let mut st = self.state.lock();
             // The uid's quota is checked per chunk (it may be passed by at most one chunk's
             // worth of slab growth: 256 pages).

@@ -6,6 +6,7 @@
 
 pub mod arrivals;
 pub mod client;
+pub mod compress;
 pub mod die;
 pub mod fault;
 pub mod forks;

@@ -74,6 +74,8 @@ pub struct Monitor {
     /// with the uid of their programs.
     #[allow(clippy::type_complexity)]
     adopted: Mutex<HashMap<(u64, u64), (std::sync::Weak<parking_lot::Mutex<Store>>, u32)>>,
+    /// Compression workers shared by every client (daemon config `compress_threads`).
+    compress: Option<Arc<super::compress::Pool>>,
 }
 
 /// Kernel-reported credentials of a connection's peer.
@@ -304,7 +306,23 @@ const LINGER_MS: u64 = 200;
 
 impl Monitor {
     pub fn new(opts: MonitorOptions) -> Arc<Monitor> {
+        let workers = opts
+            .daemon
+            .compress_threads
+            .unwrap_or_else(super::compress::Pool::default_workers);
+        let compress = if workers == 0 {
+            None
+        } else {
+            match super::compress::Pool::new(workers) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    warn!("cannot start {workers} compression workers ({e}): control threads compress alone");
+                    None
+                }
+            }
+        };
         Arc::new(Monitor {
+            compress,
             opts,
             next_id: AtomicU64::new(1),
             clients: Mutex::new(Vec::new()),
@@ -667,6 +685,7 @@ impl Monitor {
                     agent_timeout: self.opts.daemon.agent_timeout,
                     uid_store: self.uid_store(peer_uid),
                     forks: Arc::clone(&self.forks),
+                    compress: self.compress.clone(),
                 };
                 let who = ClientId {
                     id,
