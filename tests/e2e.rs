@@ -1332,11 +1332,12 @@ fn monitor_kill_loop() -> R {
             }
         }
         eprintln!(
-            "kill {i}: ok ({} pages held, restart {}, adopted {:?}, brought home {:?})",
+            "kill {i}: ok ({} pages held, restart {}, adopted {:?}, brought home {:?}, {} page checks)",
             k.held_pages,
             i % 2 == 1,
             k.adopted_pages(),
-            k.brought_home()
+            k.brought_home(),
+            n.unwrap_or(0)
         );
         if let Some(n) = k.adopted_pages() {
             adoptions += 1;
