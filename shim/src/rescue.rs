@@ -793,7 +793,12 @@ impl Rescue {
             if to == 0 {
                 continue;
             }
-            let Some(page) = store.page_at(chunk_idx, class_idx, slot_idx, len_bytes) else {
+            let Some(page) = store.page_at(
+                chunk_idx,
+                store_layout::ChunkKind::Memory(class_idx),
+                slot_idx,
+                len_bytes,
+            ) else {
                 continue;
             };
             let out: &mut [u8; PAGE_SIZE] =

@@ -312,6 +312,7 @@ impl Client {
                     Store::try_new(StoreConfig {
                         durable: true,
                         max_bytes: cfg.max_store_bytes,
+                        disk: None,
                     })
                     .context("creating the client's store file")?,
                 ),

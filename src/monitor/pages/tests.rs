@@ -89,6 +89,7 @@ impl Sim {
             store: Store::try_new(StoreConfig {
                 durable: true,
                 max_bytes: None,
+                disk: None,
             })
             .unwrap(),
             mem,
@@ -336,6 +337,7 @@ fn word_encoding_roundtrips() {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .unwrap();
     let h = store.put(&page_of(77), 0x1000).unwrap();
@@ -378,6 +380,7 @@ fn shadows_follow_their_page_and_are_released_exactly_once() {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .unwrap();
     let mut p = Pages::new(8);
