@@ -6,6 +6,8 @@
 
 pub mod arrivals;
 pub mod client;
+pub mod diskio;
+pub mod disktier;
 pub mod fault;
 pub mod forks;
 pub mod keeper;

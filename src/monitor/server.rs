@@ -674,7 +674,8 @@ impl Monitor {
                     uid: peer_uid,
                     name: name.clone(),
                 };
-                let (client, memfd, store_fd) = Client::new(who, cfg, uffd, limits, inherit)?;
+                let (client, memfd, store_fd, _disk_fd) =
+                    Client::new(who, cfg, uffd, limits, inherit)?;
                 let client = Arc::new(client);
                 // Counted and registered in one hold of the registry lock, before the
                 // acknowledgement: concurrent Hellos of one uid cannot pass the cap together,

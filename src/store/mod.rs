@@ -102,6 +102,8 @@ pub struct DiskConfig {
 pub struct DiskRead {
     pub off: u64,
     pub len_bytes: u32,
+    /// The size of its slot (a slot right after it in the file starts at `off + slot_bytes`).
+    pub slot_bytes: u32,
 }
 
 /// A page on its way from a memory slot to a disk slot: see [`Store::begin_demote`].
@@ -117,6 +119,8 @@ pub struct Demotion {
     pub disk_off: u64,
     pub buf_off: usize,
     pub len_bytes: u32,
+    /// The size of its slot: the slot after it starts `slot_bytes` after `disk_off`.
+    pub slot_bytes: u32,
     /// The memory slot's record when the demotion began.
     rec: u64,
 }
@@ -414,13 +418,13 @@ impl Store {
                     self.read_disk(slot, payload)?;
                     self.disk_sync_reads
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return self.decode_payload(h, payload, out);
+                    return Self::decode_payload(h, payload, out);
                 }
                 let payload = self
                     .slabs
                     .read(slot, loc.len_bytes as usize)
                     .map_err(corrupt)?;
-                self.decode_payload(h, payload, out)
+                Self::decode_payload(h, payload, out)
             }
         }
     }
@@ -438,7 +442,6 @@ impl Store {
     /// Decodes `payload`, the blob of `h` (read from the slabs or, for a disk page, from the
     /// disk file by the caller), into `out`. Its length must be the handle's.
     pub fn decode_payload(
-        &self,
         h: Handle,
         payload: &[u8],
         out: &mut [u8; PAGE_SIZE],
@@ -476,6 +479,17 @@ impl Store {
         Ok(self.slabs.read(slot, len_bytes).map_err(corrupt)?.to_vec())
     }
 
+    /// Bytes of the memory slots in use (what the disk tier's watermarks compare with
+    /// `max_store`).
+    pub fn slot_bytes_used(&self) -> u64 {
+        self.slabs.used_slot_bytes()
+    }
+
+    /// Inserts refused with [`StoreError::Full`] so far.
+    pub fn inserts_refused_full(&self) -> u64 {
+        self.counters.inserts_refused_full
+    }
+
     /// Whether the store has a disk tier.
     pub fn has_disk(&self) -> bool {
         self.slabs.disk().is_some()
@@ -501,6 +515,7 @@ impl Store {
         self.slabs.is_on_disk(slot).ok()?.then_some(DiskRead {
             off: Slabs::disk_off(slot),
             len_bytes: loc.len_bytes,
+            slot_bytes: slab::slot_bytes(loc.class_idx) as u32,
         })
     }
 
@@ -560,6 +575,7 @@ impl Store {
             disk_off: Slabs::disk_off(dst),
             buf_off,
             len_bytes: loc.len_bytes,
+            slot_bytes: slab::slot_bytes(loc.class_idx) as u32,
             rec,
         }))
     }

@@ -725,7 +725,7 @@ fn demoted_pages_read_back_exactly_and_free_their_slots() {
         let mut payload = vec![0u8; r.len_bytes as usize];
         std::os::unix::fs::FileExt::read_exact_at(&file, &mut payload, r.off).unwrap();
         out.fill(0);
-        store.decode_payload(h, &payload, &mut out).unwrap();
+        Store::decode_payload(h, &payload, &mut out).unwrap();
         assert_eq!(out, pages[i], "page {i} via its disk offset");
         assert_eq!(store.disk_read(stored[i].1), None, "the old handle is gone");
     }
