@@ -694,6 +694,7 @@ impl Client {
     fn prepare_fork(&self) -> anyhow::Result<Option<(u64, u32)>> {
         self.state.lock().paused = true;
         self.wait_batches(FORK_WAIT)?;
+        self.store_window_for_fork();
         let mut st = self.state.lock();
         let evicted = st.pages.evicted_pages();
         let registered = self.register_requested.load(Ordering::Relaxed);
@@ -973,7 +974,10 @@ impl Client {
             .sample(Counters::get(&self.counters.faults));
         let decision = self.policy_tick(rss);
         self.compress_cooled(decision.cold_age_ms);
-        self.demote_cold();
+        if self.demote_cold() {
+            // Room was made: the pages the full store refused are stored now, not a tick later.
+            self.compress_cooled(decision.cold_age_ms);
+        }
         self.limits.forks.sweep();
         {
             let st = self.state.lock();
@@ -1477,7 +1481,7 @@ impl Client {
     /// Compresses pages that have cooled in the window (or must leave it under pressure).
     /// Pages untouched in the window for `cold_age_ms` (the controller's cold age, at least
     /// `cooling`) are cold.
-    fn compress_cooled(&self, cold_age_ms: u64) {
+    pub(super) fn compress_cooled(&self, cold_age_ms: u64) {
         let now_ms = self.now_ms();
         let cooling_ms = cold_age_ms;
         let mut todo = Vec::new();
@@ -1522,7 +1526,12 @@ impl Client {
             }
             released.clear();
         }
-        for chunk in todo.chunks(256) {
+        // With a disk tier a full store is made room in after this pass (`demote_cold`): the
+        // pages it refuses stay cooled, at the front of the window's FIFO, and no more are
+        // compressed in vain this pass.
+        let disk_tier = self.disk.is_some();
+        for (chunk_idx, chunk) in todo.chunks(256).enumerate() {
+            let mut refused_full = false;
             arena.clear();
             outs.clear();
             for &(_addr, slot, gen) in chunk {
@@ -1574,13 +1583,25 @@ impl Client {
                     Err(e) => {
                         // Full (quota) or unmappable: the page stays in the window and is tried
                         // again later; nothing is lost.
-                        if matches!(e, crate::store::StoreError::Full) {
+                        let full = matches!(e, crate::store::StoreError::Full);
+                        if full {
                             Counters::add(&self.counters.pages_store_full, 1);
                         } else {
                             warn!(client = self.id, "store insert failed: {e}");
                         }
-                        st.pages.requeue(slot, gen, now_ms);
+                        if full && disk_tier {
+                            refused_full = true;
+                            st.pages.requeue_cooled(slot, gen);
+                        } else {
+                            st.pages.requeue(slot, gen, now_ms);
+                        }
                     }
+                }
+            }
+            if refused_full {
+                let rest = todo.len().min((chunk_idx + 1) * 256);
+                for &(_addr, slot, gen) in todo[rest..].iter().rev() {
+                    st.pages.requeue_cooled(slot, gen);
                 }
             }
             if self.limits.uid_store.is_some() {
@@ -1599,6 +1620,9 @@ impl Client {
                 }
             }
             released.clear();
+            if refused_full {
+                break;
+            }
         }
         Counters::add(&self.counters.compress_ns, t0.elapsed().as_nanos() as u64);
     }

@@ -36,36 +36,73 @@ use crate::store::{Demotion, DiskRead, Handle, Store, StoreError};
 pub const DEMOTE_BATCH_PAGES: usize = 512;
 /// Batches one tick may write at most (the control thread also evicts and compresses).
 const MAX_BATCHES_PER_TICK: usize = 8;
-/// Demotion starts when the memory slots in use pass `HIGH_NUM / DEN` of `max_store` (or a
-/// page was refused because the store is full) and goes on until they are under
-/// `LOW_NUM / DEN`.
+/// Rounds of storing and demoting [`Client::store_window_for_fork`] makes at most.
+const MAX_FORK_ROUNDS: usize = 16;
+/// Demotion starts when the memory slots in use pass `HIGH_NUM / DEN` of `max_store`, or a
+/// page was refused because the store is full (a size class may need a chunk the quota has no
+/// room for), and goes on until the slots in use are under `LOW_NUM / DEN` of it and a whole
+/// chunk could be mapped again.
 const HIGH_NUM: u64 = 7;
 const LOW_NUM: u64 = 6;
 const DEN: u64 = 8;
 
 impl Client {
     /// One tick's demotion (see the module doc): batches while the store is over its
-    /// high-water mark, down to its low-water mark.
-    pub(super) fn demote_cold(&self) {
+    /// high-water mark, down to its low-water mark. Whether any page moved.
+    pub(super) fn demote_cold(&self) -> bool {
         let Some(max) = self.cfg.max_store_bytes else {
-            return;
+            return false;
         };
         if self.disk.is_none() {
-            return;
+            return false;
         }
+        let mut moved = false;
         let (high, low) = (max / DEN * HIGH_NUM, max / DEN * LOW_NUM);
         for _ in 0..MAX_BATCHES_PER_TICK {
-            let (used, refused) = {
+            let (used, mapped, refused) = {
                 let st = self.state.lock();
                 let s = st.store.lock();
-                (s.slot_bytes_used(), s.inserts_refused_full())
+                (
+                    s.slot_bytes_used(),
+                    s.mapped_bytes(),
+                    s.inserts_refused_full(),
+                )
             };
             let refused_new = refused != self.disk_last_refused.swap(refused, Ordering::Relaxed);
+            let settled = used <= low && mapped + crate::store::CHUNK_BYTES as u64 <= max;
             let draining = self.disk_draining.load(Ordering::Relaxed);
-            let go = used > high || refused_new || (draining && used > low);
-            self.disk_draining
-                .store(go && used > low, Ordering::Relaxed);
+            let go = used > high || refused_new || (draining && !settled);
+            self.disk_draining.store(go && !settled, Ordering::Relaxed);
             if !go || !self.demote_batch() {
+                return moved;
+            }
+            moved = true;
+        }
+        moved
+    }
+
+    /// Before a fork, with a disk tier: the pages cooling in the window are stored (and room
+    /// made for them on disk), so the child shares them copy-on-write like every stored page
+    /// instead of needing a copy of its own each, which a full store would refuse (and the
+    /// fork would then bring every page home). Pages that still do not fit get their copies
+    /// as without a disk tier.
+    pub(super) fn store_window_for_fork(&self) {
+        if self.disk.is_none() || self.cfg.max_store_bytes.is_none() {
+            return;
+        }
+        for _ in 0..MAX_FORK_ROUNDS {
+            self.compress_cooled(0);
+            if self.state.lock().pages.counts().window == 0 {
+                return;
+            }
+            let mut moved = false;
+            for _ in 0..MAX_BATCHES_PER_TICK {
+                if !self.demote_batch() {
+                    break;
+                }
+                moved = true;
+            }
+            if !moved {
                 return;
             }
         }

@@ -789,6 +789,12 @@ impl Pages {
         self.cooling.push_back((slot, gen & GEN_MASK, now_ms));
     }
 
+    /// A cooled page could not be stored yet, but room is being made (the disk tier): it stays
+    /// in the window at the front of the FIFO, still cooled, to be stored first next time.
+    pub fn requeue_cooled(&mut self, slot: u32, gen: u64) {
+        self.cooling.push_front((slot, gen & GEN_MASK, 0));
+    }
+
     /// Clears a hot mark (the clock hand's second chance).
     pub fn clear_hot(&mut self, addr: u64) {
         if let PageState::Absent {

@@ -485,6 +485,11 @@ impl Store {
         self.slabs.used_slot_bytes()
     }
 
+    /// Bytes of the memory chunks mapped (what `max_bytes` bounds).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.slabs.mapped_bytes()
+    }
+
     /// Inserts refused with [`StoreError::Full`] so far.
     pub fn inserts_refused_full(&self) -> u64 {
         self.counters.inserts_refused_full
