@@ -217,6 +217,8 @@ pub struct Client {
     pub(super) disk_draining: AtomicBool,
     /// Disk tier: the store's refused inserts at the last look.
     pub(super) disk_last_refused: AtomicU64,
+    /// Disk tier: no demotion before this (monitor clock, ms), after a failed write.
+    pub(super) disk_pause_until_ms: AtomicU64,
 }
 
 impl Drop for Client {
@@ -509,6 +511,7 @@ impl Client {
             disk_writer: Mutex::new(None),
             disk_draining: AtomicBool::new(false),
             disk_last_refused: AtomicU64::new(0),
+            disk_pause_until_ms: AtomicU64::new(0),
         };
         Ok((client, memfd, store_fd, disk_fd))
     }

@@ -36,6 +36,8 @@ use crate::store::{Demotion, DiskRead, Handle, Store, StoreError};
 pub const DEMOTE_BATCH_PAGES: usize = 512;
 /// Batches one tick may write at most (the control thread also evicts and compresses).
 const MAX_BATCHES_PER_TICK: usize = 8;
+/// After a failed write, no demotion for this long.
+const ERROR_PAUSE_MS: u64 = 1000;
 /// Rounds of storing and demoting [`Client::store_window_for_fork`] makes at most.
 const MAX_FORK_ROUNDS: usize = 16;
 /// Demotion starts when the memory slots in use pass `HIGH_NUM / DEN` of `max_store`, or a
@@ -53,7 +55,7 @@ impl Client {
         let Some(max) = self.cfg.max_store_bytes else {
             return false;
         };
-        if self.disk.is_none() {
+        if self.disk.is_none() || self.now_ms() < self.disk_pause_until_ms.load(Ordering::Relaxed) {
             return false;
         }
         let mut moved = false;
@@ -148,8 +150,12 @@ impl Client {
         // 2. The write, without any lock.
         let written = self.write_demotions(&ds, &buf);
         if let Err(e) = &written {
+            // A full or failing disk: the pages stay in the store, and no batch is tried for
+            // a while (the store is a hard quota meanwhile).
             Counters::add(&c.disk_errors, 1);
-            warn!(client = self.id, error = %e, pages = ds.len(), "disk tier: writing a batch failed; its pages stay in the store");
+            self.disk_pause_until_ms
+                .store(self.now_ms() + ERROR_PAUSE_MS, Ordering::Relaxed);
+            warn!(client = self.id, error = %e, pages = ds.len(), "disk tier: writing a batch failed; its pages stay in the store, no batch for {ERROR_PAUSE_MS} ms");
         }
         // 3. Commit what is still as it was.
         let (mut moved, mut aborted) = (0u64, 0u64);

@@ -328,9 +328,13 @@ impl Pages {
         self.slots.len()
     }
 
-    /// Bytes of page-map metadata (chunk words).
+    /// Bytes of page-map metadata (chunk words, and the stored order of a disk tier).
     pub fn metadata_bytes(&self) -> u64 {
-        (self.chunks.len() * (CHUNK_PAGES * 8 + 48)) as u64
+        let order = self
+            .stored_order
+            .as_ref()
+            .map_or(0, |q| q.capacity() * std::mem::size_of::<(u64, Handle)>());
+        (self.chunks.len() * (CHUNK_PAGES * 8 + 48) + order) as u64
     }
 
     /// The words of the chunk starting at `base` (a multiple of [`CHUNK_BYTES`]), if any.
