@@ -118,7 +118,9 @@ impl DiskIo {
         while inflight > 0 || (first_err.is_none() && !todo.is_empty()) {
             if first_err.is_none() {
                 let mut sq = ring.submission();
-                while !sq.is_full() {
+                // At most a ring's worth in flight: the completion queue (twice the size)
+                // never overflows.
+                while !sq.is_full() && inflight < RING_ENTRIES as usize {
                     let Some(i) = todo.pop() else { break };
                     let x = &t[i];
                     let rest = (x.len - x.done).min(u32::MAX as usize) as u32;
