@@ -193,29 +193,17 @@ impl Client {
     /// Writes the payloads of `ds` (in `buf`) to their disk slots: runs of consecutive slots
     /// are written whole (each payload padded to its slot), one write per run.
     fn write_demotions(&self, ds: &[Demotion], buf: &[u8]) -> std::io::Result<()> {
-        let mut order: Vec<&Demotion> = ds.iter().collect();
-        order.sort_unstable_by_key(|d| d.disk_off);
-        let mut wbuf: Vec<u8> = Vec::with_capacity(buf.len() + ds.len() * 64);
-        // (disk offset, start, end) in `wbuf`.
-        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
-        let mut prev: Option<&Demotion> = None;
-        for d in order {
-            let payload = &buf[d.buf_off..d.buf_off + d.len_bytes as usize];
-            match prev {
-                Some(p) if p.disk_off + u64::from(p.slot_bytes) == d.disk_off => {
-                    let run = runs.last_mut().expect("a run is open");
-                    wbuf.resize(run.1 + (d.disk_off - run.0) as usize, 0);
-                    wbuf.extend_from_slice(payload);
-                    run.2 = wbuf.len();
-                }
-                _ => {
-                    let start = wbuf.len();
-                    wbuf.extend_from_slice(payload);
-                    runs.push((d.disk_off, start, wbuf.len()));
-                }
-            }
-            prev = Some(d);
-        }
+        let slots: Vec<(u64, u32, &[u8])> = ds
+            .iter()
+            .map(|d| {
+                (
+                    d.disk_off,
+                    d.slot_bytes,
+                    &buf[d.buf_off..d.buf_off + d.len_bytes as usize],
+                )
+            })
+            .collect();
+        let (wbuf, runs) = write_runs(slots);
         let ops: Vec<(u64, &[u8])> = runs.iter().map(|&(o, s, e)| (o, &wbuf[s..e])).collect();
         let mut io = self.disk_writer.lock();
         if io.is_none() {
@@ -229,6 +217,65 @@ impl Client {
         );
         Ok(())
     }
+}
+
+/// Lays out payloads bound for disk slots `(offset, slot size, payload)` as writes: sorted by
+/// offset, a payload whose slot starts where the previous one's ends joins its run (the gap
+/// after the previous payload is zero-filled). Returns the buffer and each run's (offset,
+/// start, end) in it.
+fn write_runs(mut slots: Vec<(u64, u32, &[u8])>) -> (Vec<u8>, Vec<(u64, usize, usize)>) {
+    slots.sort_unstable_by_key(|s| s.0);
+    let mut wbuf: Vec<u8> = Vec::new();
+    let mut runs: Vec<(u64, usize, usize)> = Vec::new();
+    let mut prev: Option<(u64, u32)> = None;
+    for (off, slot_bytes, payload) in slots {
+        match prev {
+            Some((p_off, p_slot)) if p_off + u64::from(p_slot) == off => {
+                let run = runs.last_mut().expect("a run is open");
+                wbuf.resize(run.1 + (off - run.0) as usize, 0);
+                wbuf.extend_from_slice(payload);
+                run.2 = wbuf.len();
+            }
+            _ => {
+                let start = wbuf.len();
+                wbuf.extend_from_slice(payload);
+                runs.push((off, start, wbuf.len()));
+            }
+        }
+        prev = Some((off, slot_bytes));
+    }
+    (wbuf, runs)
+}
+
+/// Plans the reads of `want`: sorted by offset, one read per run of consecutive slots.
+/// Returns each run's (offset, start in the buffer, length), each page's (handle bits, start
+/// in the buffer, length), and the buffer's length.
+#[allow(clippy::type_complexity)]
+fn read_runs(
+    mut want: Vec<(Handle, DiskRead)>,
+) -> (Vec<(u64, usize, usize)>, Vec<(u64, usize, u32)>, usize) {
+    want.sort_unstable_by_key(|(_, r)| r.off);
+    want.dedup_by_key(|(_, r)| r.off);
+    let mut runs: Vec<(u64, usize, usize)> = Vec::new();
+    let mut got = Vec::with_capacity(want.len());
+    let mut prev: Option<DiskRead> = None;
+    for (h, r) in &want {
+        match prev {
+            Some(p) if p.off + u64::from(p.slot_bytes) == r.off => {
+                let run = runs.last_mut().expect("a run is open");
+                run.2 = (r.off + u64::from(r.len_bytes) - run.0) as usize;
+            }
+            _ => {
+                let start = runs.last().map_or(0, |r| r.1 + r.2);
+                runs.push((r.off, start, r.len_bytes as usize));
+            }
+        }
+        let run = runs.last().expect("just pushed");
+        got.push((h.to_bits(), run.1 + (r.off - run.0) as usize, r.len_bytes));
+        prev = Some(*r);
+    }
+    let total = runs.last().map_or(0, |r| r.1 + r.2);
+    (runs, got, total)
 }
 
 /// A client's disk file, as the monitor's threads use it (a duplicate of the store's).
@@ -309,34 +356,14 @@ impl DiskReads {
     /// the lock: one read per run of consecutive disk slots. On an error nothing is kept (the
     /// fault then reads each page under the lock, with `pread`, and fails closed if that fails
     /// too).
-    pub fn fetch(&mut self, client: &Client, epoch: u64, mut want: Vec<(Handle, DiskRead)>) {
+    pub fn fetch(&mut self, client: &Client, epoch: u64, want: Vec<(Handle, DiskRead)>) {
         let Some(disk) = client.disk.as_ref() else {
             return;
         };
         self.clear();
         self.epoch = epoch;
-        want.sort_unstable_by_key(|(_, r)| r.off);
-        want.dedup_by_key(|(_, r)| r.off);
-        // (disk offset, start in buf, length) per run.
-        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
-        let mut prev: Option<DiskRead> = None;
-        for (h, r) in &want {
-            match prev {
-                Some(p) if p.off + u64::from(p.slot_bytes) == r.off => {
-                    let run = runs.last_mut().expect("a run is open");
-                    run.2 = (r.off + u64::from(r.len_bytes) - run.0) as usize;
-                }
-                _ => {
-                    let start = runs.last().map_or(0, |r| r.1 + r.2);
-                    runs.push((r.off, start, r.len_bytes as usize));
-                }
-            }
-            let run = runs.last().expect("just pushed");
-            self.got
-                .push((h.to_bits(), run.1 + (r.off - run.0) as usize, r.len_bytes));
-            prev = Some(*r);
-        }
-        let total = runs.last().map_or(0, |r| r.1 + r.2);
+        let (runs, got, total) = read_runs(want);
+        self.got = got;
         self.buf.resize(total, 0);
         let mut ops: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
         let mut rest = &mut self.buf[..];
@@ -364,5 +391,56 @@ impl DiskReads {
                 self.clear();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_runs_join_consecutive_slots_and_pad_to_them() {
+        let (a, b, c) = (vec![1u8; 50], vec![2u8; 64], vec![3u8; 10]);
+        // Slots of 64 bytes at 128 and 192 (consecutive), one at 4096; given out of order.
+        let (buf, runs) = write_runs(vec![
+            (4096, 64, &c[..]),
+            (192, 64, &b[..]),
+            (128, 64, &a[..]),
+        ]);
+        assert_eq!(runs, vec![(128, 0, 128), (4096, 128, 138)]);
+        assert_eq!(&buf[..50], &a[..]);
+        assert_eq!(
+            &buf[50..64],
+            &[0u8; 14],
+            "the rest of the first slot is zeros"
+        );
+        assert_eq!(&buf[64..128], &b[..]);
+        assert_eq!(&buf[128..], &c[..]);
+    }
+
+    #[test]
+    fn read_runs_read_consecutive_slots_at_once() {
+        let h = |i: u64| Handle::from_bits((1 << 59) | (i << 13) | 1);
+        let r = |off: u64, len: u32| DiskRead {
+            off,
+            len_bytes: len,
+            slot_bytes: 128,
+        };
+        let (runs, got, total) = read_runs(vec![
+            (h(2), r(256, 100)),
+            (h(1), r(128, 128)),
+            (h(3), r(1024, 7)),
+            (h(2), r(256, 100)),
+        ]);
+        assert_eq!(runs, vec![(128, 0, 228), (1024, 228, 7)]);
+        assert_eq!(
+            got,
+            vec![
+                (h(1).to_bits(), 0, 128),
+                (h(2).to_bits(), 128, 100),
+                (h(3).to_bits(), 228, 7)
+            ]
+        );
+        assert_eq!(total, 235);
     }
 }

@@ -357,6 +357,43 @@ impl Store {
         Ok(h)
     }
 
+    /// Places a blob straight in the disk tier, written synchronously (`pwrite`) before its
+    /// record is set (layout write order, step 6).
+    fn place_on_disk(
+        &mut self,
+        class_idx: u8,
+        payload: &[u8],
+        addr: u64,
+        owners: u16,
+    ) -> Result<Handle, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let loc = self.slabs.reserve_disk(class_idx)?;
+        let written = self
+            .slabs
+            .disk()
+            .expect("reserve_disk needs a disk tier")
+            .file()
+            .write_all_at(payload, Slabs::disk_off(loc));
+        if let Err(e) = written {
+            let _ = self.slabs.free(loc);
+            return Err(StoreError::Disk(e));
+        }
+        let rec = crate::protocol::store_layout::record(addr, payload.len(), owners);
+        self.slabs
+            .publish(loc, rec)
+            .map_err(|reason| StoreError::CorruptHandle { bits: 0, reason })?;
+        let h = Handle::blob(BlobLoc {
+            class_idx: loc.class_idx,
+            chunk_idx: loc.chunk_idx,
+            slot_idx: loc.slot_idx,
+            len_bytes: payload.len() as u32,
+        });
+        self.counters.account(h.kind(), false, 0, 1);
+        self.counters.pages_on_disk += 1;
+        self.counters.disk_bytes_out += payload.len() as u64;
+        Ok(h)
+    }
+
     /// Convenience: [`encode`] + [`Store::insert`], with a scratch buffer of the store's own
     /// (so it compresses under the caller's lock; the monitor's hot path uses `encode` first).
     pub fn put(&mut self, page: &[u8; PAGE_SIZE], addr: u64) -> Result<Handle, StoreError> {
@@ -660,9 +697,15 @@ impl Store {
                     self.slabs.set_addr(slot, addr).map_err(corrupt)?;
                     return Ok(h);
                 }
-                // A shared page on disk gets its copy in memory (read back with `pread`).
+                // The copy goes to memory (a disk page's payload read back with `pread`); when
+                // the memory quota refuses it, to the disk tier if there is one.
                 let payload = self.payload(slot, loc.len_bytes as usize)?;
-                let copy = self.place_blob(loc.class_idx, &payload, addr, me)?;
+                let copy = match self.place_blob(loc.class_idx, &payload, addr, me) {
+                    Err(StoreError::Full) if self.has_disk() => {
+                        self.place_on_disk(loc.class_idx, &payload, addr, me)?
+                    }
+                    other => other?,
+                };
                 self.slabs.set_owners(slot, owners & !me).map_err(corrupt)?;
                 self.counters.shared_refs -= 1;
                 self.counters.shared_copies += 1;

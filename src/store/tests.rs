@@ -863,6 +863,43 @@ fn demotion_respects_owners_and_moves() {
     store.slabs.check_invariants();
 }
 
+/// A shared page one member moves needs a copy of its own; with the memory quota full it
+/// goes to the disk tier, written before its record is set.
+#[test]
+fn shared_page_moved_with_memory_full_gets_its_copy_on_disk() {
+    let (mut store, _dir) = disk_store(Some(CHUNK_BYTES as u64), None);
+    let at = |i: u64| 0x5000_0000_0000u64 + i * PAGE_SIZE as u64;
+    // Raw pages fill the one chunk the quota allows.
+    let hs: Vec<Handle> = (0..slots_per_chunk(RAW_CLASS_IDX) as u64)
+        .map(|i| store.put(&random_page(i), at(i)).unwrap())
+        .collect();
+    assert!(matches!(
+        store.put(&random_page(999), at(999)),
+        Err(StoreError::Full)
+    ));
+    let child = store.join_member().unwrap();
+    store.share(hs[3], child).unwrap();
+    let moved = store.set_addr_as(child, hs[3], at(300)).unwrap();
+    assert!(store.disk_read(moved).is_some(), "the copy is on disk");
+    let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+    store.get(moved, &mut out).unwrap();
+    assert_eq!(out, random_page(3));
+    let st = store.stats();
+    assert_eq!((st.pages_on_disk, st.shared_copies), (1, 1));
+    with_view(&store, |view| {
+        let mut found = Vec::new();
+        view.for_each_page(|p| {
+            if p.disk_off.is_some() {
+                found.push((p.addr, p.owners));
+            }
+        });
+        assert_eq!(found, vec![(at(300), 1 << child)]);
+    });
+    store.try_remove_as(child, moved).unwrap();
+    assert_eq!(store.stats().disk_bytes_mapped, 0);
+    store.slabs.check_invariants();
+}
+
 #[test]
 fn disk_tier_full_refuses_and_changes_nothing() {
     let (mut store, _dir) = disk_store(None, Some(CHUNK_BYTES as u64));
