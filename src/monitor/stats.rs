@@ -365,6 +365,7 @@ pub struct ClientReport {
     pub managed_bytes: u64,
     pub pages_in_flight: u64,
     pub pages_in_window: u64,
+    /// Pages compressed in the store, those in its disk tier (`disk.pages_on_disk`) included.
     pub pages_stored: u64,
     pub window_bytes: u64,
     pub faults: u64,

@@ -85,7 +85,7 @@ const SERIES: &[Series] = &[
     ),
     gauge(
         "uswap_client_stored_pages",
-        "Evicted pages held in the compressed store.",
+        "Evicted pages held in the compressed store (those in its disk tier included).",
         |r| r.pages_stored as f64,
     ),
     gauge(
