@@ -131,6 +131,7 @@ fn report_once() {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .expect("store file");
     let mut page = [0u8; PAGE_SIZE];
@@ -196,6 +197,7 @@ fn bench_store(c: &mut Criterion) {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .expect("store file");
     let handles: Vec<Handle> = pages

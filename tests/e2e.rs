@@ -1026,7 +1026,8 @@ impl Killed {
 const NOT_KILLED: &str = "the program ended before the daemon was killed";
 
 /// Runs `prog_args` under a daemon, SIGKILLs the daemon once it holds `min_held` evicted pages
-/// (compressed in the store only, with a `tag` starting `stored-`)
+/// (compressed in the store only, with a `tag` starting `stored-`; in the disk tier, with
+/// `disk-`)
 /// and at least `min_delay` has passed, then (if `restart`) starts a new daemon on the same
 /// socket, and waits for the program.
 fn kill_daemon_under(
@@ -1060,6 +1061,8 @@ fn kill_daemon_under(
                 let stored = c["pages_stored"].as_u64().unwrap_or(0);
                 if tag.starts_with("stored-") {
                     stored
+                } else if tag.starts_with("disk-") {
+                    c["disk"]["pages_on_disk"].as_u64().unwrap_or(0)
                 } else {
                     c["pages_in_window"].as_u64().unwrap_or(0) + stored
                 }
@@ -1354,6 +1357,291 @@ fn monitor_kill_loop() -> R {
     Ok(())
 }
 
+// ---- disk tier (DESIGN.md, "Disk tier") ----
+
+/// Settings that make the store pass `max_store` at once, with a disk tier in `dir`.
+fn disk_sets(dir: &Path) -> Vec<String> {
+    vec![
+        "--set".into(),
+        "max_store=2M".into(),
+        "--set".into(),
+        format!("disk_dir={}", dir.display()),
+    ]
+}
+
+/// Whether `dir` is empty (the disk file is made unlinked: nothing ever appears there).
+fn dir_is_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_none())
+}
+
+impl Run {
+    /// The program's disk tier figures.
+    fn disk(&self, key: &str) -> u64 {
+        self.client()["disk"][key].as_u64().unwrap_or(0)
+    }
+    /// The disk tier moved pages out in batches and served faults from disk.
+    fn ok_with_disk(&self, min_demoted: u64) -> R {
+        if self.client()["disk"]["enabled"].as_bool() != Some(true) {
+            return Err(format!("the disk tier is not enabled\n{}", self.describe()).into());
+        }
+        let (demoted, writes) = (self.disk("pages_demoted"), self.disk("writes"));
+        if demoted < min_demoted || writes == 0 || writes * 4 > demoted {
+            return Err(format!(
+                "{demoted} pages demoted in {writes} writes (expected >= {min_demoted}, batched)\n{}",
+                self.describe()
+            )
+            .into());
+        }
+        if self.disk("faults") == 0 || self.disk("pages_read_back") == 0 || self.disk("reads") == 0
+        {
+            return Err(format!("no fault was served from disk\n{}", self.describe()).into());
+        }
+        if self.disk("errors") != 0 {
+            return Err(format!("disk batches failed\n{}", self.describe()).into());
+        }
+        Ok(())
+    }
+}
+
+/// A program four times its budget plus `max_store`: the coldest compressed pages go to disk
+/// in batches, come back on faults, and every byte of every round verifies; the directory
+/// never holds a name.
+fn disk_tier_moves_cold_pages_to_disk_and_serves_them_back_exactly() -> R {
+    let disk = tmpdir("disktier-dir");
+    let sets = disk_sets(&disk);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let r = run_under_uswap(
+        "disktier",
+        "8M",
+        &sets,
+        &[
+            workload(),
+            "fill-verify",
+            "--mib",
+            "48",
+            "--idle-ms",
+            "1500",
+            "--rounds",
+            "3",
+        ],
+    );
+    let empty = dir_is_empty(&disk);
+    let _ = std::fs::remove_dir_all(&disk);
+    r.ok_with_eviction(8000)?;
+    r.ok_with_disk(2000)?;
+    if !empty {
+        return Err(format!(
+            "the disk directory is not empty after the run\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// Threads that fault, write, discard, unmap and remap (the chaos workload) while pages move
+/// to disk and back: every page check passes.
+fn chaos_with_disk_tier_loses_nothing() -> R {
+    let disk = tmpdir("diskchaos-dir");
+    // A store of two chunks: nearly every compressed page goes on to disk, even on a loaded
+    // machine where the chaos threads let few pages cool.
+    let mut sets = disk_sets(&disk);
+    sets[1] = "max_store=512K".into();
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let r = run_under_uswap(
+        "diskchaos",
+        "4M",
+        &sets,
+        &[
+            workload(),
+            "chaos",
+            "--mib",
+            "64",
+            "--secs",
+            "6",
+            "--threads",
+            "4",
+        ],
+    );
+    let _ = std::fs::remove_dir_all(&disk);
+    r.ok_with_eviction(1000)?;
+    if r.disk("pages_demoted") < 100 {
+        return Err(format!("too few pages went to disk\n{}", r.describe()).into());
+    }
+    Ok(())
+}
+
+/// BGSAVE with most of the data on disk: the child inherits the disk pages copy-on-write
+/// (owner bits in their records) and checksums them while the parent rewrites.
+fn bgsave_with_disk_tier_shares_disk_pages_with_the_child() -> R {
+    let disk = tmpdir("diskfork-dir");
+    let sets = disk_sets(&disk);
+    let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+    let r = run_under_uswap(
+        "diskfork",
+        "16M",
+        &sets,
+        &[workload(), "bgsave", "--mib", "64", "--idle-ms", "1500"],
+    );
+    let _ = std::fs::remove_dir_all(&disk);
+    r.ok_with_eviction(8000)?;
+    if !r.stdout.contains("child: checksummed 16384 pages") || r.get("fork_pages_shared") < 8000 {
+        return Err(format!("the child did not checksum every page\n{}", r.describe()).into());
+    }
+    let child_disk_faults: u64 = r.stats["clients"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["forked_from"].as_u64().unwrap_or(0) != 0)
+        .map(|c| c["disk"]["faults"].as_u64().unwrap_or(0))
+        .sum();
+    if r.disk("pages_demoted") < 2000 || child_disk_faults == 0 {
+        return Err(format!(
+            "the child was not served pages from the shared disk tier ({child_disk_faults} disk faults)\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The daemon's descriptors that name a file in `dir` (the disk file shows as
+/// `<dir>/#<inode> (deleted)`).
+fn fds_into(pid: u32, dir: &Path) -> usize {
+    let prefix = dir.display().to_string();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path())
+                        .is_ok_and(|t| t.to_string_lossy().starts_with(&prefix))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Under a daemon: while the program runs, its pages are on disk (status) in a file with no
+/// name; once it exits the daemon holds no descriptor of the file any more (so the kernel
+/// frees it), and its disk figure is back to zero.
+fn disk_tier_file_is_gone_when_the_program_exits() -> R {
+    let d = start_daemon("diskgone", None)?;
+    let disk = d.dir.join("disk");
+    std::fs::create_dir(&disk)?;
+    let overrides = format!(
+        "budget = \"8M\"\ncooling = \"100ms\"\ntick = \"10ms\"\nmax_store = \"2M\"\ndisk_dir = \"{}\"",
+        disk.display()
+    );
+    let mut prog = Command::new(workload())
+        .args([
+            "fill-verify",
+            "--mib",
+            "48",
+            "--idle-ms",
+            "1500",
+            "--rounds",
+            "2",
+        ])
+        .env("LD_PRELOAD", shim())
+        .env("USWAP_SOCKET", &d.socket)
+        .env("USWAP_OVERRIDES", &overrides)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let daemon_pid = d.child.id();
+    let end = Instant::now() + Duration::from_secs(30);
+    let mut seen_on_disk = 0;
+    let mut seen_fds = 0;
+    while prog.try_wait()?.is_none() {
+        if let Ok(st) = status_json(&d.socket) {
+            let n = st
+                .as_array()
+                .and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload"))
+                .and_then(|c| c["disk"]["pages_on_disk"].as_u64())
+                .unwrap_or(0);
+            if n > seen_on_disk {
+                seen_on_disk = n;
+                seen_fds = seen_fds.max(fds_into(daemon_pid, &disk));
+            }
+        }
+        if Instant::now() > end {
+            let _ = prog.kill();
+            return Err("the program did not finish".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = prog.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !stdout.contains("RESULT ok") {
+        return Err(format!("the program failed under the daemon:\n{stdout}").into());
+    }
+    if seen_on_disk < 1000 || seen_fds == 0 {
+        return Err(format!(
+            "pages on disk {seen_on_disk}, daemon descriptors of the disk file {seen_fds}"
+        )
+        .into());
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = Command::new(uswap())
+            .args(["status", "--daemon", "--socket"])
+            .arg(&d.socket)
+            .output()?;
+        let figures: Value = serde_json::from_slice(&out.stdout)?;
+        let fds = fds_into(daemon_pid, &disk);
+        if fds == 0 && figures["disk_mapped_bytes"] == 0 && dir_is_empty(&disk) {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            return Err(format!(
+                "after the program exited the daemon still holds {fds} descriptors of the disk file: {figures}"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The monitor is SIGKILLed while thousands of pages are on disk: the shim's guardian reads
+/// them from the disk file (its own descriptor) and brings every page home.
+fn monitor_killed_with_pages_on_disk_program_keeps_every_page() -> R {
+    let disk = tmpdir("diskkill-dir");
+    let overrides = format!(
+        "{}\nmax_store = \"2M\"\ndisk_dir = \"{}\"",
+        kill_overrides("300ms"),
+        disk.display()
+    );
+    let k = kill_daemon_under(
+        "disk-kill",
+        &[
+            "fill-verify",
+            "--mib",
+            "48",
+            "--rounds",
+            "4",
+            "--idle-ms",
+            "700",
+        ],
+        &overrides,
+        2000,
+        Duration::ZERO,
+        false,
+    );
+    let empty = dir_is_empty(&disk);
+    let _ = std::fs::remove_dir_all(&disk);
+    let k = k?;
+    k.survived()?;
+    match k.brought_home() {
+        Some(n) if n >= k.held_pages && empty => Ok(()),
+        _ => Err(format!(
+            "the shim did not bring the pages on disk home itself ({} on disk at the kill), or the directory is not empty ({empty})\n{}",
+            k.held_pages,
+            k.describe()
+        )
+        .into()),
+    }
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -1507,6 +1795,26 @@ fn main() {
             bad_config_file_is_refused_naming_file_key_reason,
         ),
         Trial::test("doctor_reports_the_machine", doctor_reports_the_machine),
+        Trial::test(
+            "disk_tier_moves_cold_pages_to_disk_and_serves_them_back_exactly",
+            disk_tier_moves_cold_pages_to_disk_and_serves_them_back_exactly,
+        ),
+        Trial::test(
+            "chaos_with_disk_tier_loses_nothing",
+            chaos_with_disk_tier_loses_nothing,
+        ),
+        Trial::test(
+            "bgsave_with_disk_tier_shares_disk_pages_with_the_child",
+            bgsave_with_disk_tier_shares_disk_pages_with_the_child,
+        ),
+        Trial::test(
+            "disk_tier_file_is_gone_when_the_program_exits",
+            disk_tier_file_is_gone_when_the_program_exits,
+        ),
+        Trial::test(
+            "monitor_killed_with_pages_on_disk_program_keeps_every_page",
+            monitor_killed_with_pages_on_disk_program_keeps_every_page,
+        ),
         Trial::test(
             "monitor_killed_program_keeps_every_page",
             monitor_killed_program_keeps_every_page,

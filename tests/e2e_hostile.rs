@@ -545,8 +545,9 @@ fn hostile_packets_get_named_errors_while_managed_program_verifies() -> R {
         &[],
         &["first message", "kind 2"],
     )?;
-    let mut ack = header(KIND_HELLO_ACK, 20);
-    ack.extend_from_slice(&[0; 20]);
+    // status, store member, window length, flags, reserved, empty text.
+    let mut ack = header(KIND_HELLO_ACK, 28);
+    ack.extend_from_slice(&[0; 28]);
     raw_case(
         s,
         "HelloAck from a client",

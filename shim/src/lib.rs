@@ -64,6 +64,9 @@ pub(crate) struct Shim {
     pub remaps_inflight: AtomicU32,
     /// The store file the monitor sent (a high-numbered descriptor, close-on-exec), or -1.
     pub store_fd: AtomicI32,
+    /// The store's disk tier file the monitor sent (high-numbered, close-on-exec), or -1: the
+    /// payloads of the store file's disk chunks, read with `pread` by the guardian.
+    pub disk_fd: AtomicI32,
     /// This program's member index in the store's fork family (its owner bit in records).
     pub store_member: AtomicU32,
     /// The agent registers the managed VMAs (the monitor asked it to: eviction has begun).
@@ -106,6 +109,7 @@ pub(crate) static SHIM: Shim = Shim {
     reg_busy: AtomicBool::new(false),
     remaps_inflight: AtomicU32::new(0),
     store_fd: AtomicI32::new(-1),
+    disk_fd: AtomicI32::new(-1),
     store_member: AtomicU32::new(0),
     registering: AtomicBool::new(false),
     guard_base: AtomicUsize::new(0),
@@ -325,6 +329,7 @@ fn close_own_fds() {
         &SHIM.req_efd,
         &SHIM.done_efd,
         &SHIM.store_fd,
+        &SHIM.disk_fd,
     ]
     .into_iter()
     .chain(SHIM.refs.iter())
@@ -525,10 +530,14 @@ fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
     let mut got = recv_packet(sock, pkt, 0)
         .map_err(|_| "the monitor did not answer in time")?
         .ok_or("the monitor closed the connection")?;
-    let (window_len, text) = match Msg::decode(&pkt[..got.len]) {
+    let (window_len, text, has_disk) = match Msg::decode(&pkt[..got.len]) {
         Ok(Msg::HelloAck(a)) if a.status == 0 => {
             SHIM.store_member.store(a.store_member, Ordering::Relaxed);
-            (a.window_len_bytes as usize, a.text)
+            (
+                a.window_len_bytes as usize,
+                a.text,
+                a.flags & uswap::protocol::wire::HELLO_ACK_DISK != 0,
+            )
         }
         Ok(Msg::HelloAck(a)) => {
             keep_refusal(a.text);
@@ -550,6 +559,12 @@ fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
         // SAFETY: duplicating a descriptor we own; the original closes when `store` drops.
         let d = unsafe { libc::fcntl(store.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 512) };
         SHIM.store_fd.store(d, Ordering::Relaxed);
+    }
+    // The disk tier's file, likewise: the guardian reads the store's disk pages from it.
+    if let Some(disk) = got.take_fd(4).filter(|_| has_disk) {
+        // SAFETY: duplicating a descriptor we own; the original closes when `disk` drops.
+        let d = unsafe { libc::fcntl(disk.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 512) };
+        SHIM.disk_fd.store(d, Ordering::Relaxed);
     }
     // SAFETY: mapping the memfd the monitor sent, shared, at a new address.
     let base = unsafe {
@@ -878,10 +893,13 @@ extern "C" fn fork_child() {
     let managed = SHIM.state.load(Ordering::Acquire) == MANAGED;
     // The family store, inherited: kept (not closed with the parent's other descriptors) in
     // case the child must bring its pages home itself.
-    let inherited_store = if managed && token != 0 {
-        SHIM.store_fd.swap(-1, Ordering::AcqRel)
+    let (inherited_store, inherited_disk) = if managed && token != 0 {
+        (
+            SHIM.store_fd.swap(-1, Ordering::AcqRel),
+            SHIM.disk_fd.swap(-1, Ordering::AcqRel),
+        )
     } else {
-        -1
+        (-1, -1)
     };
     if managed {
         SHIM.state.store(DETACHED, Ordering::Release);
@@ -910,7 +928,7 @@ extern "C" fn fork_child() {
         teardown_partial();
         if had_evicted && member != uswap::protocol::wire::NO_MEMBER {
             // The monitor is gone (or refused us): our pages are in the shared store.
-            match rescue::rescue_forked_child(inherited_store, member) {
+            match rescue::rescue_forked_child(inherited_store, inherited_disk, member) {
                 Some(n) => {
                     let mut num = [0u8; 20];
                     raw::eprint_line(&[
@@ -941,10 +959,12 @@ extern "C" fn fork_child() {
             raw::eprint_line(&[b"uswap: forked child runs unmanaged: ", why.as_bytes()]);
         }
     }
-    if inherited_store >= 0 {
-        // SAFETY: closing the inherited descriptor we kept (the monitor sent a new one, or the
-        // rescue is over).
-        unsafe { libc::close(inherited_store) };
+    for fd in [inherited_store, inherited_disk] {
+        if fd >= 0 {
+            // SAFETY: closing an inherited descriptor we kept (the monitor sent a new one, or
+            // the rescue is over).
+            unsafe { libc::close(fd) };
+        }
     }
 }
 

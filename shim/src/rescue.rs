@@ -3,7 +3,10 @@
 //!
 //! Every evicted page lives in shared memory the shim holds a descriptor of: compressed pages
 //! in the store file (`uswap::protocol::store_layout`), cooling pages in the window's slots
-//! (`uswap::protocol::shm`), each with a record naming the page's address. When the monitor's
+//! (`uswap::protocol::shm`), each with a record naming the page's address; the compressed
+//! pages of the disk tier have their records in the store file too (disk chunks) and their
+//! payloads in the disk file, whose descriptor the shim also holds and reads with `pread`.
+//! When the monitor's
 //! end of the socket closes while the program still runs, the guardian
 //! 1. stops the agent (no more moves, no more registrations) and waits until it is idle;
 //! 2. reads the program's userfaultfd events itself from then on, so a thread in
@@ -42,14 +45,16 @@ use crate::{maps, raw, MANAGED, SHIM};
 
 /// The guardian's stack.
 pub(crate) const GUARD_STACK_BYTES: usize = 128 * 1024;
-/// Its scratch, after the stack: one page buffer, the event buffer, the maps buffer.
+/// Its scratch, after the stack: one page buffer, the event buffer, the maps buffer, and a
+/// buffer for a payload read from the disk file.
 const PAGE_OFF: usize = GUARD_STACK_BYTES;
 const EVENTS_OFF: usize = PAGE_OFF + PAGE_SIZE;
 const EVENTS_LEN: usize = 64 * std::mem::size_of::<sys::UffdMsg>();
 const MAPS_OFF: usize = EVENTS_OFF + 4096;
 const MAPS_LEN: usize = 128 * 1024;
+const DISK_OFF: usize = MAPS_OFF + MAPS_LEN;
 /// The whole guardian mapping.
-pub(crate) const GUARD_BYTES: usize = MAPS_OFF + MAPS_LEN;
+pub(crate) const GUARD_BYTES: usize = DISK_OFF + PAGE_SIZE;
 const _: () = assert!(EVENTS_LEN <= 4096);
 
 /// The range every waiter is woken in: from the lowest address a mapping may have
@@ -125,6 +130,13 @@ fn adopt(r: &mut Rescue) -> Result<(), NotAdopted> {
     if r.win.inflight_state().load(Ordering::Acquire) != shm::INFLIGHT_NONE {
         return Err(NotAdopted::Final(
             b"the dead monitor was moving a run out (cross-mm)",
+        ));
+    }
+    // A store with a disk tier is not adopted (a monitor refuses its store file: it would need
+    // the disk file too); its pages are brought home instead.
+    if SHIM.disk_fd.load(Ordering::Relaxed) >= 0 {
+        return Err(NotAdopted::Final(
+            b"it has pages in a disk tier (a monitor adopts memory stores only)",
         ));
     }
     // The agent has stopped (monitor_lost) and must be gone before a new one starts.
@@ -407,6 +419,13 @@ fn monitor_gone() {
     let t0 = raw::monotonic_ns();
     let mut t = r.bring_home(true);
     r.fence_lost(&mut t);
+    // The disk tier's pages are home: this program's hold on the (unlinked) disk file goes, so
+    // its space is freed once no other member of the family holds it.
+    let disk = SHIM.disk_fd.swap(-1, Ordering::AcqRel);
+    if disk >= 0 {
+        // SAFETY: closing the descriptor the shim kept for the disk file (swapped out: once).
+        unsafe { libc::close(disk) };
+    }
     let home_us = (raw::monotonic_ns() - t0) / 1000;
     r.unregister_all();
     r.drain_events(0);
@@ -473,7 +492,7 @@ fn fmt_hex(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
 /// descriptor, copies each of its pages home, drops its bits and closes the descriptor (the
 /// memory is whole: nothing reads as zeros). Returns the pages brought home, or `None` if the
 /// store could not be read.
-pub(crate) fn rescue_forked_child(store_fd: i32, member: u32) -> Option<u64> {
+pub(crate) fn rescue_forked_child(store_fd: i32, disk_fd: i32, member: u32) -> Option<u64> {
     let store = map_store_fd(store_fd)?;
     let uffd = uswap::uffd::Uffd::create(0, 0, true).ok()?;
     SHIM.uffd.store(
@@ -488,13 +507,14 @@ pub(crate) fn rescue_forked_child(store_fd: i32, member: u32) -> Option<u64> {
     }
     let bit = 1u16 << (member & 15);
     let mut page = [0u8; PAGE_SIZE];
+    let mut payload = [0u8; PAGE_SIZE];
     let mut restored = 0;
     store.for_each_page(|p| {
         if p.owners & bit == 0 {
             return;
         }
         let rec = store.record(p.chunk_idx, p.slot_idx);
-        if store_layout::decode_page(&p, &mut page) {
+        if decode_stored(&p, disk_fd, &mut payload, &mut page) {
             let mut c = sys::UffdioCopy {
                 dst: p.addr,
                 src: page.as_ptr() as u64,
@@ -517,6 +537,45 @@ pub(crate) fn rescue_forked_child(store_fd: i32, member: u32) -> Option<u64> {
     // Closing the descriptor unregisters every range; every page is home.
     drop(uffd);
     Some(restored)
+}
+
+/// Decodes a stored page into `out`: a memory chunk's payload from the store file, a disk
+/// chunk's read with `pread` from `disk_fd` into `scratch` first. `false` if it is corrupt or
+/// cannot be read (no disk file, a short read).
+fn decode_stored(
+    page: &store_layout::StoredPage<'_>,
+    disk_fd: i32,
+    scratch: &mut [u8],
+    out: &mut [u8; PAGE_SIZE],
+) -> bool {
+    let Some(off) = page.disk_off else {
+        return store_layout::decode_page(page, out);
+    };
+    let len = page.len_bytes;
+    if disk_fd < 0 || len > scratch.len() {
+        return false;
+    }
+    let mut done = 0;
+    while done < len {
+        // SAFETY: pread into our own scratch buffer, within its length; a plain syscall that
+        // allocates nothing and takes no lock.
+        let n = unsafe {
+            libc::pread(
+                disk_fd,
+                scratch[done..len].as_mut_ptr().cast(),
+                len - done,
+                (off + done as u64) as libc::off_t,
+            )
+        };
+        if n > 0 {
+            done += n as usize;
+        } else if n < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+            continue;
+        } else {
+            return false;
+        }
+    }
+    store_layout::decode_payload(page.raw, &scratch[..len], out)
 }
 
 /// Maps the store file read-write (for its records), or `None` if there is none or it is not
@@ -889,13 +948,13 @@ impl Rescue {
             if !store_too && self.remap_dst_count == 0 {
                 break;
             }
-            let Some(class_idx) = store.chunk_class(chunk_idx) else {
+            let Some(kind) = store.chunk_kind(chunk_idx) else {
                 continue;
             };
-            for slot_idx in 0..store_layout::slots_per_chunk(class_idx) {
+            for slot_idx in 0..store_layout::slots_per_chunk(kind.class_idx()) {
                 let mut tries = 0;
                 loop {
-                    let Some(page) = store.page(chunk_idx, class_idx, slot_idx) else {
+                    let Some(page) = store.page_of(chunk_idx, kind, slot_idx) else {
                         break;
                     };
                     if !mine(page.owners) || (!store_too && !self.in_remap_dst(page.addr)) {
@@ -910,7 +969,8 @@ impl Rescue {
                     let done = store_layout::with_owners(rec, page.owners & !my_bit());
                     let out: &mut [u8; PAGE_SIZE] =
                         guard(PAGE_OFF, PAGE_SIZE).try_into().expect("one page");
-                    if !store_layout::decode_page(&page, out) {
+                    let disk = guard(DISK_OFF, PAGE_SIZE);
+                    if !decode_stored(&page, SHIM.disk_fd.load(Ordering::Relaxed), disk, out) {
                         t.corrupt += 1;
                         store.set_record(chunk_idx, slot_idx, done);
                         break;
@@ -936,10 +996,10 @@ impl Rescue {
                 if to == 0 {
                     break;
                 }
-                let Some(class_idx) = store.chunk_class(chunk_idx) else {
+                let Some(kind) = store.chunk_kind(chunk_idx) else {
                     break;
                 };
-                let Some(page) = store.page_at(chunk_idx, class_idx, slot_idx, len_bytes) else {
+                let Some(page) = store.page_at(chunk_idx, kind, slot_idx, len_bytes) else {
                     break;
                 };
                 if tries == COPY_TRIES {
@@ -949,7 +1009,8 @@ impl Rescue {
                 tries += 1;
                 let out: &mut [u8; PAGE_SIZE] =
                     guard(PAGE_OFF, PAGE_SIZE).try_into().expect("one page");
-                if !store_layout::decode_page(&page, out) {
+                let disk = guard(DISK_OFF, PAGE_SIZE);
+                if !decode_stored(&page, SHIM.disk_fd.load(Ordering::Relaxed), disk, out) {
                     t.corrupt += 1;
                     break;
                 }

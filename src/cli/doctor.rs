@@ -168,6 +168,23 @@ pub fn doctor(socket: Option<PathBuf>) -> anyhow::Result<i32> {
             fix: None,
         }),
     }
+    // The disk tier writes and reads through io_uring (it falls back to pread/pwrite).
+    {
+        let disabled = read("/proc/sys/kernel/io_uring_disabled").unwrap_or_else(|| "?".into());
+        let ring = io_uring::IoUring::new(2);
+        checks.push(Check {
+            ok: true,
+            what: match ring {
+                Ok(_) => format!(
+                    "io_uring available (kernel.io_uring_disabled = {disabled}): the disk tier (disk_dir) batches its I/O"
+                ),
+                Err(e) => format!(
+                    "io_uring unavailable ({e}; kernel.io_uring_disabled = {disabled}): a disk tier (disk_dir) would use pread/pwrite"
+                ),
+            },
+            fix: None,
+        });
+    }
     let thp = read("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     checks.push(Check {
         ok: true,

@@ -229,6 +229,28 @@ fn print_summary(r: &ClientReport, wall: Duration) {
         r.fault_latency.p50_us,
         r.fault_latency.p99_us
     );
+    let d = &r.disk;
+    if d.enabled {
+        eprintln!(
+            "  disk          {} pages demoted in {} writes ({}), {} read back in {} reads ({}); at exit {} pages on disk in {}; disk faults {}, p50 {:.1} us, p99 {:.1} us{}",
+            d.pages_demoted,
+            d.writes,
+            mib(d.write_bytes),
+            d.pages_read_back,
+            d.reads,
+            mib(d.read_bytes),
+            d.pages_on_disk,
+            mib(d.bytes_used),
+            d.faults,
+            d.fault_latency.p50_us,
+            d.fault_latency.p99_us,
+            if d.errors > 0 {
+                format!(", {} failed batches", d.errors)
+            } else {
+                String::new()
+            }
+        );
+    }
     let pol = &r.policy;
     eprintln!(
         "  policy        stall {:.2} s in all, promotion {:.1}%/min, cold age {:.1} s, hot pages evicted for the budget {}, proactive {} ({})",

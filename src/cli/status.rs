@@ -36,7 +36,7 @@ pub fn status(socket: Option<PathBuf>, json: bool, daemon: bool) -> anyhow::Resu
         return Ok(());
     }
     println!(
-        "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9}",
+        "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>9} {:>9}",
         "ID",
         "PID",
         "NAME",
@@ -45,6 +45,7 @@ pub fn status(socket: Option<PathBuf>, json: bool, daemon: bool) -> anyhow::Resu
         "RSS MiB",
         "BUDGET",
         "STORE MiB",
+        "DISK MiB",
         "WINDOW pg",
         "RATIO",
         "FAULTS",
@@ -55,7 +56,7 @@ pub fn status(socket: Option<PathBuf>, json: bool, daemon: bool) -> anyhow::Resu
         let store_out = r["store"]["bytes_out"].clone();
         let n = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
         println!(
-            "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>6.2} {:>9} {:>9.0} {:>9.1}",
+            "{:>5} {:>7} {:<16} {:>5} {:<8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>6.2} {:>9} {:>9.0} {:>9.1}",
             n(&r["id"]),
             r["pid"].as_i64().unwrap_or(0),
             r["name"]
@@ -78,6 +79,11 @@ pub fn status(socket: Option<PathBuf>, json: bool, daemon: bool) -> anyhow::Resu
             mib(&r["rss_anon_bytes"]),
             mib(&r["budget_bytes"]),
             mib(&store_out),
+            if r["disk"]["enabled"].as_bool() == Some(true) {
+                mib(&r["disk"]["bytes_used"])
+            } else {
+                "-".to_string()
+            },
             n(&r["pages_in_window"]),
             r["compression_ratio"].as_f64().unwrap_or(0.0),
             n(&r["faults"]),

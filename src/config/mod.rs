@@ -61,6 +61,8 @@ pub const KEYS: &[&str] = &[
     "fault_spin",
     "min_region",
     "max_store",
+    "disk_dir",
+    "max_disk",
     "hot_ttl",
     "rescue_after",
     "backend",
@@ -129,6 +131,12 @@ pub struct ProgramConfig {
     pub min_region_bytes: u64,
     /// Per-program store quota; `None` = no quota. Key `max_store`.
     pub max_store_bytes: Option<u64>,
+    /// Directory of the disk tier: past a high-water mark of `max_store`, the coldest
+    /// compressed pages go to an (unlinked) file there; `None` = no disk tier, `max_store` is
+    /// a hard quota. Key `disk_dir`.
+    pub disk_dir: Option<PathBuf>,
+    /// Upper bound on the disk tier's file; `None` = none. Key `max_disk`.
+    pub max_disk_bytes: Option<u64>,
     /// How long a refaulted page is skipped by the clock hand. Key `hot_ttl`.
     pub hot_ttl: Duration,
     /// How long a program whose monitor died waits for one to come back before its shim
@@ -168,6 +176,8 @@ impl Default for ProgramConfig {
             fault_spin: DEFAULT_FAULT_SPIN,
             min_region_bytes: 256 << 10,
             max_store_bytes: None,
+            disk_dir: None,
+            max_disk_bytes: None,
             hot_ttl: Duration::from_secs(10),
             rescue_after: Duration::from_secs(5),
             backend: Backend::Auto,
@@ -219,6 +229,14 @@ impl ProgramConfig {
             "max_store",
             format!("\"{}\"", opt_size(self.max_store_bytes)),
         );
+        line(
+            "disk_dir",
+            match &self.disk_dir {
+                None => "\"none\"".to_string(),
+                Some(d) => Value::String(d.display().to_string()).to_string(),
+            },
+        );
+        line("max_disk", format!("\"{}\"", opt_size(self.max_disk_bytes)));
         line("hot_ttl", format!("\"{}\"", format_duration(self.hot_ttl)));
         line(
             "rescue_after",
@@ -264,6 +282,10 @@ pub struct Overrides {
     pub min_region_bytes: Option<u64>,
     /// `Some(None)` = `"none"` (no quota).
     pub max_store_bytes: Option<Option<u64>>,
+    /// `Some(None)` = `"none"` (no disk tier).
+    pub disk_dir: Option<Option<PathBuf>>,
+    /// `Some(None)` = `"none"` (no bound).
+    pub max_disk_bytes: Option<Option<u64>>,
     pub hot_ttl: Option<Duration>,
     pub rescue_after: Option<Duration>,
     pub backend: Option<Backend>,
@@ -315,6 +337,8 @@ impl Overrides {
             "fault_spin" => self.fault_spin = Some(check_fault_spin(duration_value(v)?)?),
             "min_region" => self.min_region_bytes = Some(size_value(v)?),
             "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
+            "disk_dir" => self.disk_dir = Some(check_disk_dir(opt_path_value(v)?)?),
+            "max_disk" => self.max_disk_bytes = Some(check_max_disk(opt_size_value(v)?)?),
             "hot_ttl" => self.hot_ttl = Some(check_hot_ttl(duration_value(v)?)?),
             "rescue_after" => self.rescue_after = Some(check_rescue_after(duration_value(v)?)?),
             "backend" => self.backend = Some(backend_value(v)?),
@@ -371,6 +395,12 @@ impl Overrides {
         if let Some(v) = self.max_store_bytes {
             check_max_store(v).map_err(|r| err("max_store", r.reason()))?;
         }
+        if let Some(v) = &self.disk_dir {
+            check_disk_dir(v.clone()).map_err(|r| err("disk_dir", r.reason()))?;
+        }
+        if let Some(v) = self.max_disk_bytes {
+            check_max_disk(v).map_err(|r| err("max_disk", r.reason()))?;
+        }
         if let Some(v) = self.hot_ttl {
             check_hot_ttl(v).map_err(|r| err("hot_ttl", r.reason()))?;
         }
@@ -411,6 +441,8 @@ impl Overrides {
         put(&mut cfg.fault_spin, &self.fault_spin);
         put(&mut cfg.min_region_bytes, &self.min_region_bytes);
         put(&mut cfg.max_store_bytes, &self.max_store_bytes);
+        put(&mut cfg.disk_dir, &self.disk_dir);
+        put(&mut cfg.max_disk_bytes, &self.max_disk_bytes);
         put(&mut cfg.hot_ttl, &self.hot_ttl);
         put(&mut cfg.rescue_after, &self.rescue_after);
         put(&mut cfg.backend, &self.backend);
@@ -521,6 +553,8 @@ struct RawConfig {
     fault_spin: Option<Spanned<Value>>,
     min_region: Option<Spanned<Value>>,
     max_store: Option<Spanned<Value>>,
+    disk_dir: Option<Spanned<Value>>,
+    max_disk: Option<Spanned<Value>>,
     hot_ttl: Option<Spanned<Value>>,
     rescue_after: Option<Spanned<Value>>,
     backend: Option<Spanned<Value>>,
@@ -533,7 +567,7 @@ struct RawConfig {
 
 impl RawConfig {
     /// The fields paired with their key names, in [`KEYS`] order.
-    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 20] {
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 22] {
         [
             ("budget", self.budget),
             ("cooling", self.cooling),
@@ -547,6 +581,8 @@ impl RawConfig {
             ("fault_spin", self.fault_spin),
             ("min_region", self.min_region),
             ("max_store", self.max_store),
+            ("disk_dir", self.disk_dir),
+            ("max_disk", self.max_disk),
             ("hot_ttl", self.hot_ttl),
             ("rescue_after", self.rescue_after),
             ("backend", self.backend),
@@ -809,6 +845,18 @@ fn fraction_value(v: &Value) -> Result<f64, KeyError> {
     }
 }
 
+/// A path, or `"none"` (or an empty string) for none.
+fn opt_path_value(v: &Value) -> Result<Option<PathBuf>, KeyError> {
+    match v {
+        Value::String(s) if s.trim().is_empty() || s.trim() == "none" => Ok(None),
+        Value::String(s) => Ok(Some(PathBuf::from(s))),
+        other => Err(KeyError::Invalid(format!(
+            "expected a directory path (a string like \"/var/lib/uswap\") or \"none\", found {}",
+            type_name(other)
+        ))),
+    }
+}
+
 fn bool_value(v: &Value) -> Result<bool, KeyError> {
     match v {
         Value::Boolean(b) => Ok(*b),
@@ -971,6 +1019,60 @@ fn check_max_store(v: Option<u64>) -> Result<Option<u64>, KeyError> {
     match v {
         Some(b) if b < PAGE_BYTES => Err(KeyError::Invalid(format!(
             "max_store {b} is less than one page ({PAGE_BYTES} bytes); use \"none\" for no quota"
+        ))),
+        _ => Ok(v),
+    }
+}
+
+/// The disk tier's directory: an absolute path to an existing directory the monitor can
+/// create files in (checked with `access(W_OK | X_OK)` as the process that parses the config:
+/// the monitor).
+fn check_disk_dir(v: Option<PathBuf>) -> Result<Option<PathBuf>, KeyError> {
+    let Some(dir) = v else {
+        return Ok(None);
+    };
+    let shown = dir.display();
+    if !dir.is_absolute() {
+        return Err(KeyError::Invalid(format!(
+            "\"{shown}\" is not an absolute path"
+        )));
+    }
+    match std::fs::metadata(&dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(KeyError::Invalid(format!(
+                "directory \"{shown}\" does not exist"
+            )))
+        }
+        Err(e) => {
+            return Err(KeyError::Invalid(format!(
+                "cannot look at \"{shown}\": {e}"
+            )))
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(KeyError::Invalid(format!("\"{shown}\" is not a directory")))
+        }
+        Ok(_) => {}
+    }
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(dir.as_os_str()))
+        .map_err(|_| KeyError::Invalid(format!("\"{shown}\" contains a NUL byte")))?;
+    // SAFETY: access(2) with a NUL-terminated path; it only checks permissions.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        let e = io::Error::last_os_error();
+        // SAFETY: geteuid has no preconditions.
+        let uid = unsafe { libc::geteuid() };
+        return Err(KeyError::Invalid(format!(
+            "directory \"{shown}\" is not writable by the monitor (uid {uid}): {e}"
+        )));
+    }
+    Ok(Some(dir))
+}
+
+fn check_max_disk(v: Option<u64>) -> Result<Option<u64>, KeyError> {
+    let chunk = crate::protocol::store_layout::CHUNK_BYTES as u64;
+    match v {
+        Some(b) if b < chunk => Err(KeyError::Invalid(format!(
+            "max_disk {b} is less than one disk chunk ({}); use \"none\" for no bound",
+            format_size(chunk)
         ))),
         _ => Ok(v),
     }

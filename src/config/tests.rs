@@ -372,9 +372,12 @@ fn format_round_trips_through_parse() {
 
 #[test]
 fn to_toml_loads_back_to_same_config() {
+    let disk = tempfile::tempdir().unwrap();
     let cfg = ProgramConfig {
         budget_bytes: Some(3 << 29),
         max_store_bytes: Some(8 << 30),
+        disk_dir: Some(disk.path().to_path_buf()),
+        max_disk_bytes: Some(64 << 30),
         cooling: Duration::from_millis(1500),
         ..ProgramConfig::default()
     };
@@ -382,6 +385,105 @@ fn to_toml_loads_back_to_same_config() {
     let (back, _) =
         load_program_config(Some(dir.path()), "x", None, &Overrides::default()).unwrap();
     assert_eq!(back, cfg);
+}
+
+#[test]
+fn disk_dir_and_max_disk_parse_and_layer() {
+    let disk = tempfile::tempdir().unwrap();
+    let path = disk.path().display().to_string();
+    let dir = dir_with(&[
+        (
+            "default.toml",
+            &format!("disk_dir = \"{path}\"\nmax_disk = \"1G\"\nmax_store = \"64M\"\n"),
+        ),
+        ("nodisk.toml", "disk_dir = \"none\"\n"),
+    ]);
+    let (cfg, _) =
+        load_program_config(Some(dir.path()), "app", None, &Overrides::default()).unwrap();
+    assert_eq!(cfg.disk_dir.as_deref(), Some(disk.path()));
+    assert_eq!(cfg.max_disk_bytes, Some(1 << 30));
+    let (cfg, _) =
+        load_program_config(Some(dir.path()), "nodisk", None, &Overrides::default()).unwrap();
+    assert_eq!(cfg.disk_dir, None, "a program's file turns the tier off");
+    let mut over = Overrides::default();
+    over.set_str("disk_dir", "none").unwrap();
+    over.set_str("max_disk", "none").unwrap();
+    let (cfg, _) = load_program_config(Some(dir.path()), "app", None, &over).unwrap();
+    assert_eq!((cfg.disk_dir, cfg.max_disk_bytes), (None, None));
+    assert_eq!(ProgramConfig::default().disk_dir, None, "off by default");
+}
+
+#[test]
+fn disk_dir_bad_values_name_the_key_and_the_reason() {
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("a-file");
+    fs::write(&file, b"x").unwrap();
+    let missing = scratch.path().join("no-such-dir");
+    for (text, want) in [
+        (
+            format!("disk_dir = \"{}\"", missing.display()),
+            "does not exist".to_string(),
+        ),
+        (
+            format!("disk_dir = \"{}\"", file.display()),
+            "is not a directory".to_string(),
+        ),
+        (
+            "disk_dir = \"relative/dir\"".to_string(),
+            "is not an absolute path".to_string(),
+        ),
+        (
+            "disk_dir = 7".to_string(),
+            "expected a directory path".to_string(),
+        ),
+        (
+            "max_disk = \"64K\"".to_string(),
+            "less than one disk chunk".to_string(),
+        ),
+        ("max_disk = \"12Q\"".to_string(), "12Q".to_string()),
+    ] {
+        let err = error_for(&text);
+        let key = text.split(' ').next().unwrap();
+        assert!(
+            err.contains("foo.toml:1") && err.contains(&format!("key \"{key}\"")),
+            "{err}"
+        );
+        assert!(err.contains(&want), "{text}: {err}");
+    }
+    // Overrides are checked the same way.
+    let mut over = Overrides::default();
+    let err = over
+        .set_str("disk_dir", &missing.display().to_string())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("key \"disk_dir\"") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+/// A directory the monitor cannot write to is refused (root writes anywhere: checked only
+/// when the tests run as another user).
+#[test]
+fn disk_dir_not_writable_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let scratch = tempfile::tempdir().unwrap();
+    let ro = scratch.path().join("ro");
+    fs::create_dir(&ro).unwrap();
+    fs::set_permissions(&ro, fs::Permissions::from_mode(0o500)).unwrap();
+    let text = format!("disk_dir = \"{}\"", ro.display());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let dir = dir_with(&[("foo.toml", &text)]);
+        validate_file(&dir.path().join("foo.toml")).unwrap();
+    } else {
+        let err = error_for(&text);
+        assert!(
+            err.contains("key \"disk_dir\"") && err.contains("is not writable by the monitor"),
+            "{err}"
+        );
+    }
+    fs::set_permissions(&ro, fs::Permissions::from_mode(0o700)).unwrap();
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //!
 //! - the **control thread** (the connection's thread): reads the client's socket (region
 //!   snapshots, fork requests), runs the policy every tick (posting eviction batches to the
-//!   agent) and compresses cooled pages from the window into the store;
+//!   agent), compresses cooled pages from the window into the store and, with a disk tier,
+//!   moves the coldest stored pages to disk ([`super::disktier`]);
 //! - the **fault thread** ([`super::fault`]): reads the uffd, applies REMOVE/UNMAP/REMAP
 //!   events, processes the agent's batch completions, and serves every fault. It never waits
 //!   for the agent: a fault on a page the agent is still moving is parked until its batch
@@ -36,7 +37,7 @@ use crate::policy::{ClockPolicy, PageClass, PageView, PolicyParams, SweepLimits}
 use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::shm::{self, Window};
 use crate::protocol::wire::{Msg, NO_MEMBER, REGIONS_FIRST, REGIONS_LAST};
-use crate::store::{SharedStore, Store, StoreConfig};
+use crate::store::{DiskConfig, SharedStore, Store, StoreConfig, StoreError};
 use crate::uffd::{Uffd, UffdError};
 use crate::PAGE_SIZE;
 
@@ -171,6 +172,16 @@ pub struct Client {
     watch: Mutex<AgentWatch>,
     /// This client's share of `limits.uid_store`, in bytes.
     uid_store_share: AtomicU64,
+    /// Disk tier: the family store's disk file (`None`: no disk tier).
+    pub disk: Option<super::disktier::ClientDisk>,
+    /// Disk tier: the control thread's ring for demotion writes (made at the first batch).
+    pub(super) disk_writer: Mutex<Option<super::diskio::DiskIo>>,
+    /// Disk tier: demoting until the store is under its low-water mark.
+    pub(super) disk_draining: AtomicBool,
+    /// Disk tier: the store's refused inserts at the last look.
+    pub(super) disk_last_refused: AtomicU64,
+    /// Disk tier: no demotion before this (monitor clock, ms), after a failed write.
+    pub(super) disk_pause_until_ms: AtomicU64,
 }
 
 impl Drop for Client {
@@ -188,6 +199,52 @@ impl Drop for Client {
                 Ordering::Relaxed,
             );
         }
+    }
+}
+
+/// A new durable store for a program with config `cfg`, with its disk tier if `disk_dir` is
+/// set (and `max_store`, without which it would never be used). A disk file that cannot be
+/// made leaves the program without a disk tier (`max_store` is a hard quota then), with a
+/// warning.
+fn new_store(client: u64, cfg: &ProgramConfig) -> anyhow::Result<Store> {
+    let plain = || {
+        Store::try_new(StoreConfig {
+            durable: true,
+            max_bytes: cfg.max_store_bytes,
+            disk: None,
+        })
+        .context("creating the client's store file")
+    };
+    let Some(dir) = &cfg.disk_dir else {
+        return plain();
+    };
+    if cfg.max_store_bytes.is_none() {
+        warn!(
+            client,
+            dir = %dir.display(),
+            "disk_dir is set but max_store is \"none\": the store never fills, so the disk tier is off"
+        );
+        return plain();
+    }
+    match Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: cfg.max_store_bytes,
+        disk: Some(DiskConfig {
+            dir: dir.clone(),
+            max_bytes: cfg.max_disk_bytes,
+        }),
+    }) {
+        Ok(s) => Ok(s),
+        Err(StoreError::Disk(e)) => {
+            warn!(
+                client,
+                dir = %dir.display(),
+                error = %e,
+                "disk tier off: cannot create its file in disk_dir; max_store is a hard quota"
+            );
+            plain()
+        }
+        Err(e) => Err(e).context("creating the client's store file"),
     }
 }
 
@@ -250,14 +307,15 @@ fn controller_params(cfg: &ProgramConfig) -> ControllerParams {
 
 impl Client {
     /// Sets up the window and the durable store for a client whose `Hello` was accepted.
-    /// Returns the client and the window memfd and store file to send in the acknowledgement.
+    /// Returns the client and the window memfd, store file and disk file (if the store has a
+    /// disk tier) to send in the acknowledgement.
     pub fn new(
         who: ClientId,
         cfg: ProgramConfig,
         uffd: Uffd,
         limits: ClientLimits,
         inherit: Option<ForkSnapshot>,
-    ) -> anyhow::Result<(Client, OwnedFd, OwnedFd)> {
+    ) -> anyhow::Result<(Client, OwnedFd, OwnedFd, Option<OwnedFd>)> {
         let ClientId { id, pid, uid, name } = who;
         // Taken first: past this point a failure drops the member handle and the page list
         // without releasing any page (an adopted program's guardian then brings them home).
@@ -271,13 +329,7 @@ impl Client {
                 snap.registered,
             ),
             other => (
-                SharedStore::new(
-                    Store::try_new(StoreConfig {
-                        durable: true,
-                        max_bytes: cfg.max_store_bytes,
-                    })
-                    .context("creating the client's store file")?,
-                ),
+                SharedStore::new(new_store(id, &cfg)?),
                 Vec::new(),
                 other.is_some_and(|s| s.registered),
             ),
@@ -358,6 +410,21 @@ impl Client {
         } else {
             pages.set_slot_records(win);
         }
+        // The disk tier (the family's: a forked child shares its parent's).
+        let disk_file = store
+            .lock()
+            .disk_file()
+            .map(std::fs::File::try_clone)
+            .transpose()
+            .context("duplicating the disk file")?;
+        let disk_fd = disk_file
+            .as_ref()
+            .map(|f| f.try_clone().map(OwnedFd::from))
+            .transpose()
+            .context("duplicating the disk file")?;
+        if disk_file.is_some() {
+            pages.track_stored_order();
+        }
         let mut store = store;
         for (addr, h) in inherited_pages {
             if !pages.adopt_stored(addr, h) {
@@ -403,8 +470,13 @@ impl Client {
             agent_stalled: AtomicBool::new(false),
             watch: Mutex::new(AgentWatch::default()),
             uid_store_share: AtomicU64::new(0),
+            disk: disk_file.map(super::disktier::ClientDisk::new),
+            disk_writer: Mutex::new(None),
+            disk_draining: AtomicBool::new(false),
+            disk_last_refused: AtomicU64::new(0),
+            disk_pause_until_ms: AtomicU64::new(0),
         };
-        Ok((client, memfd, store_fd))
+        Ok((client, memfd, store_fd, disk_fd))
     }
 
     pub fn win(&self) -> &Window {
@@ -588,6 +660,7 @@ impl Client {
     fn prepare_fork(&self) -> anyhow::Result<Option<(u64, u32)>> {
         self.state.lock().paused = true;
         self.wait_batches(FORK_WAIT)?;
+        self.store_window_for_fork();
         let mut st = self.state.lock();
         let evicted = st.pages.evicted_pages();
         let registered = self.register_requested.load(Ordering::Relaxed);
@@ -867,6 +940,10 @@ impl Client {
             .sample(Counters::get(&self.counters.faults));
         let decision = self.policy_tick(rss);
         self.compress_cooled(decision.cold_age_ms);
+        if self.demote_cold() {
+            // Room was made: the pages the full store refused are stored now, not a tick later.
+            self.compress_cooled(decision.cold_age_ms);
+        }
         self.limits.forks.sweep();
         {
             let st = self.state.lock();
@@ -976,7 +1053,7 @@ impl Client {
     }
 
     /// Publishes this client's store size into the uid's shared usage.
-    fn update_uid_store(&self, mapped_bytes: u64) {
+    pub(super) fn update_uid_store(&self, mapped_bytes: u64) {
         if let Some(u) = &self.limits.uid_store {
             let old = self.uid_store_share.swap(mapped_bytes, Ordering::Relaxed);
             if mapped_bytes >= old {
@@ -1370,7 +1447,7 @@ impl Client {
     /// Compresses pages that have cooled in the window (or must leave it under pressure).
     /// Pages untouched in the window for `cold_age_ms` (the controller's cold age, at least
     /// `cooling`) are cold.
-    fn compress_cooled(&self, cold_age_ms: u64) {
+    pub(super) fn compress_cooled(&self, cold_age_ms: u64) {
         let now_ms = self.now_ms();
         let cooling_ms = cold_age_ms;
         let mut todo = Vec::new();
@@ -1415,8 +1492,13 @@ impl Client {
             }
             released.clear();
         }
+        // With a disk tier a full store is made room in after this pass (`demote_cold`): the
+        // pages it refuses stay cooled, at the front of the window's FIFO, and no more are
+        // compressed in vain this pass.
+        let disk_tier = self.disk.is_some();
         let mut ptrs: Vec<*const [u8; PAGE_SIZE]> = Vec::new();
-        for chunk in todo.chunks(256) {
+        for (chunk_idx, chunk) in todo.chunks(256).enumerate() {
+            let mut refused_full = false;
             arena.clear();
             outs.clear();
             // The slots are stable: only this thread reuses slots, and a fault that takes the
@@ -1484,13 +1566,25 @@ impl Client {
                     Err(e) => {
                         // Full (quota) or unmappable: the page stays in the window and is tried
                         // again later; nothing is lost.
-                        if matches!(e, crate::store::StoreError::Full) {
+                        let full = matches!(e, crate::store::StoreError::Full);
+                        if full {
                             Counters::add(&self.counters.pages_store_full, 1);
                         } else {
                             warn!(client = self.id, "store insert failed: {e}");
                         }
-                        st.pages.requeue(slot, gen, now_ms);
+                        if full && disk_tier {
+                            refused_full = true;
+                            st.pages.requeue_cooled(slot, gen);
+                        } else {
+                            st.pages.requeue(slot, gen, now_ms);
+                        }
                     }
+                }
+            }
+            if refused_full {
+                let rest = todo.len().min((chunk_idx + 1) * 256);
+                for &(_addr, slot, gen) in todo[rest..].iter().rev() {
+                    st.pages.requeue_cooled(slot, gen);
                 }
             }
             if self.limits.uid_store.is_some() {
@@ -1509,6 +1603,9 @@ impl Client {
                 }
             }
             released.clear();
+            if refused_full {
+                break;
+            }
         }
         Counters::add(&self.counters.compress_ns, t0.elapsed().as_nanos() as u64);
     }
@@ -1525,6 +1622,7 @@ impl Client {
         let counts = st.pages.counts();
         let store = st.store.stats();
         let stored = store.pages();
+        let disk_dir = st.store.lock().disk_dir().map(|d| d.display().to_string());
         let c = &self.counters;
         let g = Counters::get;
         ClientReport {
@@ -1620,6 +1718,11 @@ impl Client {
             pages_unshadowed: g(&c.pages_unshadowed),
             monitor_cpu_s: (g(&c.fault_thread_cpu_ns) + g(&c.control_thread_cpu_ns)) as f64 / 1e9,
             fault_path: c.fault_path_report(),
+            disk: c.disk_report(
+                disk_dir,
+                &store,
+                Percentiles::of(&self.latency.disk_fault_ns.lock()),
+            ),
             store,
         }
     }

@@ -30,12 +30,14 @@ use tracing::{debug, warn};
 
 use super::arrivals::Arrivals;
 use super::client::{drain, Client};
+use super::disktier::DiskReads;
 use super::pages::{FaultPlan, PageState, Released};
 use super::pagetrace::rec;
 use super::prefetch::{self, Detector};
 use super::spin::SpinBudget;
 use super::stats::Counters;
 use crate::protocol::shm;
+use crate::store::{DiskRead, Handle};
 use crate::uffd::{sys, Event, Probe, UffdError};
 use crate::PAGE_SIZE;
 
@@ -101,6 +103,8 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
     let mut warned_slow = false;
     let mut arrivals = Arrivals::default();
     let mut detector = Detector::new(client.cfg.prefetch_pages);
+    // Disk tier: the payloads of disk pages read for the fault being served.
+    let mut disk = DiskReads::default();
     let mut spin = SpinBudget::new(client.cfg.fault_spin.as_nanos() as u64);
     // When the last round that served a fault ended.
     let mut served_at: Option<Instant> = None;
@@ -284,11 +288,18 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                     &mut arrivals,
                     &mut detector,
                     move_in,
+                    &mut disk,
                 ) {
-                    Served::Done { refault } => {
+                    Served::ReadDisk(..) => unreachable!("handled inside `serve`"),
+                    Served::Done { refault, from_disk } => {
                         served_at = Some(Instant::now());
                         let ns = p.since.elapsed().as_nanos() as u64;
                         client.latency.record_fault(ns);
+                        if from_disk {
+                            Counters::add(&client.counters.faults_disk, 1);
+                            Counters::add(&client.counters.disk_fault_service_ns, ns);
+                            client.latency.record_disk_fault(ns);
+                        }
                         Counters::add(&client.counters.fault_service_ns, ns);
                         if refault || p.waited {
                             Counters::add(&client.counters.stall_ns, ns);
@@ -524,14 +535,23 @@ pub(super) fn complete_batches(client: &Client) {
 }
 
 enum Served {
-    /// `refault`: served from the window or the store (a stall caused by eviction).
+    /// `refault`: served from the window or the store (a stall caused by eviction);
+    /// `from_disk`: the page was in the disk tier.
     Done {
         refault: bool,
+        from_disk: bool,
     },
     Wait,
     Retry,
     Gone,
+    /// Disk tier: the fault needs these disk payloads, to be read without the lock (the
+    /// store's disk epoch when they were chosen comes first). Only [`serve_once`] returns it.
+    ReadDisk(u64, Vec<(Handle, DiskRead)>),
 }
+
+/// How often a fault goes back for disk payloads (a page that moved to disk meanwhile)
+/// before the last attempt reads any still missing under the lock.
+const DISK_READ_ATTEMPTS: usize = 3;
 
 /// One fault being served: its address and its prefetch plan (decided at the first attempt
 /// that finds the page evicted).
@@ -542,7 +562,9 @@ struct Fault<'a> {
 
 /// Serves one fault. `buf` receives the pages gathered for it; with `move_in` (cross-mm
 /// backend) it is private anonymous memory of ours and its pages are moved into the program
-/// rather than copied.
+/// rather than copied. Disk pages the fault needs are read first, without the client's lock
+/// (through io_uring, `disk`), then the fault is served under it as usual.
+#[allow(clippy::too_many_arguments)]
 fn serve(
     client: &Client,
     fault: Fault<'_>,
@@ -550,6 +572,36 @@ fn serve(
     arrivals: &mut Arrivals,
     detector: &mut Detector,
     move_in: bool,
+    disk: &mut DiskReads,
+) -> Served {
+    disk.clear();
+    let mut attempt = 0;
+    loop {
+        let f = Fault {
+            addr: fault.addr,
+            prefetch: &mut *fault.prefetch,
+        };
+        let may_read = attempt < DISK_READ_ATTEMPTS;
+        match serve_once(client, f, buf, arrivals, detector, move_in, disk, may_read) {
+            Served::ReadDisk(epoch, want) => disk.fetch(client, epoch, want),
+            done => return done,
+        }
+        attempt += 1;
+    }
+}
+
+/// One attempt of [`serve`]: returns [`Served::ReadDisk`] (only while `may_read`) when disk
+/// pages it would gather have not been read yet, before it changes anything.
+#[allow(clippy::too_many_arguments)]
+fn serve_once(
+    client: &Client,
+    fault: Fault<'_>,
+    buf: &mut [u8],
+    arrivals: &mut Arrivals,
+    detector: &mut Detector,
+    move_in: bool,
+    disk: &mut DiskReads,
+    may_read: bool,
 ) -> Served {
     let addr = fault.addr;
     if arrivals.is_doubtful(addr) {
@@ -557,6 +609,9 @@ fn serve(
         return Served::Retry;
     }
     let mut st = client.state.lock();
+    if client.disk.is_some() {
+        disk.validate(st.store.disk_epoch());
+    }
     let (region_start, region_end) = st
         .regions
         .containing(addr)
@@ -582,6 +637,7 @@ fn serve(
     let mut prefetched = 0u64;
     let mut covered_steps = 0u64;
     let mut pf = prefetch::Plan::NONE;
+    let mut from_disk = false;
     let result = match plan {
         FaultPlan::Wait { .. } => return Served::Wait,
         FaultPlan::Zero { pages } => {
@@ -630,6 +686,22 @@ fn serve(
                 -1 if !cross_mm => (0, window_pages),
                 _ => (0, 0),
             };
+            if let FaultPlan::FromStore(h) = plan {
+                from_disk = client.disk.is_some() && st.store.lock().disk_read(h).is_some();
+            }
+            if may_read && client.disk.is_some() {
+                let range = Span {
+                    addr,
+                    region_start,
+                    region_end,
+                    ahead_pages,
+                    behind_pages,
+                };
+                let want = disk_wanted(&st, &range, &pf, window_pages, disk);
+                if !want.is_empty() {
+                    return Served::ReadDisk(st.store.disk_epoch(), want);
+                }
+            }
             // Cross-mm: the first slot of a run of pages waiting in consecutive arena slots,
             // which moves back as it is (zero-copy).
             let arena_run = match plan {
@@ -677,7 +749,7 @@ fn serve(
                 let dst: &mut [u8; PAGE_SIZE] = (&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
                     .try_into()
                     .expect("one page");
-                match gather(client, &st, a, state, dst) {
+                match gather(client, &st, a, state, dst, disk) {
                     Gathered::Page => n += 1,
                     Gathered::NotEvicted => break,
                     // Never hand out wrong bytes: leave the page evicted and, if it is the
@@ -694,7 +766,7 @@ fn serve(
                 let dst: &mut [u8; PAGE_SIZE] = (&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
                     .try_into()
                     .expect("one page");
-                match gather(client, &st, a, st.pages.state(a), dst) {
+                match gather(client, &st, a, st.pages.state(a), dst, disk) {
                     Gathered::Page => first_idx = back - k,
                     Gathered::NotEvicted | Gathered::Unreadable => break,
                 }
@@ -785,15 +857,25 @@ fn serve(
                 // stopped the first run (present ones are skipped), one COPY per run; or the
                 // pages of a strided stream, one COPY each.
                 let (steps, pages) = if pf.stride_pages.abs() > 1 {
-                    strided(client, &mut st, addr, &pf, window_pages, buf, arrivals)
+                    strided(
+                        client,
+                        &mut st,
+                        addr,
+                        &pf,
+                        window_pages,
+                        buf,
+                        arrivals,
+                        disk,
+                    )
                 } else if ahead_pages > 0 {
                     let end = region_end.min(addr + (1 + ahead_pages) * PAGE_BYTES);
                     let from = addr + n * PAGE_BYTES;
-                    let pages = more_runs(client, &mut st, from, end, addr, buf, arrivals);
+                    let pages = more_runs(client, &mut st, from, end, addr, buf, arrivals, disk);
                     ((end - addr) / PAGE_BYTES - 1, pages)
                 } else if behind_pages > 0 {
                     let start = region_start.max(addr - behind_pages * PAGE_BYTES);
-                    let pages = more_runs(client, &mut st, start, run_start, addr, buf, arrivals);
+                    let pages =
+                        more_runs(client, &mut st, start, run_start, addr, buf, arrivals, disk);
                     ((addr - start) / PAGE_BYTES, pages)
                 } else {
                     (0, 0)
@@ -821,6 +903,7 @@ fn serve(
             );
             Served::Done {
                 refault: !matches!(plan, FaultPlan::Zero { .. }),
+                from_disk,
             }
         }
         Err(UffdError::Retry { .. }) => Served::Retry,
@@ -833,9 +916,64 @@ fn serve(
             // release the faulting thread; if it touches the address again it faults anew.
             debug!(client = client.id, addr, "fault service: {e}");
             let _ = client.uffd.wake(addr, PAGE_BYTES);
-            Served::Done { refault: false }
+            Served::Done {
+                refault: false,
+                from_disk: false,
+            }
         }
     }
+}
+
+/// The pages around a fault its service may gather: the faulting page, the forward or
+/// backward run of its stream, inside its region.
+struct Span {
+    addr: u64,
+    region_start: u64,
+    region_end: u64,
+    ahead_pages: u64,
+    behind_pages: u64,
+}
+
+/// Disk tier: the disk pages among those a fault may gather (its [`Span`], or the pages of its
+/// strided stream) whose payloads have not been read yet.
+fn disk_wanted(
+    st: &super::client::State,
+    span: &Span,
+    pf: &prefetch::Plan,
+    window_pages: u64,
+    disk: &DiskReads,
+) -> Vec<(Handle, DiskRead)> {
+    let mut addrs: Vec<u64> = Vec::new();
+    for k in 0..=span.ahead_pages {
+        let a = span.addr + k * PAGE_BYTES;
+        if a >= span.region_end {
+            break;
+        }
+        addrs.push(a);
+    }
+    for k in 1..=span.behind_pages {
+        match span.addr.checked_sub(k * PAGE_BYTES) {
+            Some(a) if a >= span.region_start => addrs.push(a),
+            _ => break,
+        }
+    }
+    if pf.stride_pages.abs() > 1 {
+        let step_bytes = pf.stride_pages * PAGE_BYTES as i64;
+        for k in 1..=window_pages as i64 {
+            match span.addr.checked_add_signed(k * step_bytes) {
+                Some(a) if (span.region_start..span.region_end).contains(&a) => addrs.push(a),
+                _ => break,
+            }
+        }
+    }
+    let store = st.store.lock();
+    addrs
+        .into_iter()
+        .filter_map(|a| match st.pages.state(a) {
+            PageState::Stored(h) if !disk.has(h) => store.disk_read(h).map(|r| (h, r)),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Whether a page's bytes are with the monitor and can be copied back now.
@@ -851,14 +989,30 @@ enum Gathered {
     Unreadable,
 }
 
-/// Copies the bytes of the page at `a`, whose state is `state`, into `dst`.
+/// Copies the bytes of the page at `a`, whose state is `state`, into `dst`. A disk page
+/// comes from the payload read for this fault, else (rarely: it moved to disk after the reads
+/// were decided) from a `pread` under the lock.
 fn gather(
     client: &Client,
     st: &super::client::State,
     a: u64,
     state: PageState,
     dst: &mut [u8; PAGE_SIZE],
+    disk: &DiskReads,
 ) -> Gathered {
+    if let PageState::Stored(h) = state {
+        match disk.decode(h, dst) {
+            Some(Ok(())) => {
+                Counters::add(&client.counters.pages_from_disk, 1);
+                return Gathered::Page;
+            }
+            Some(Err(e)) => {
+                warn!(client = client.id, addr = a, "disk page unreadable: {e}");
+                return Gathered::Unreadable;
+            }
+            None => {}
+        }
+    }
     match state {
         PageState::Window { slot, .. } => {
             // SAFETY: the slot lies inside the window mapping; the page is ours to read while
@@ -882,6 +1036,7 @@ fn gather(
 /// evicted pages among the next `window_pages` along the stride, one COPY each. Pages not
 /// evicted are skipped; it stops at the region's end, a doubtful page, an unreadable one or a
 /// refused copy. Returns the strides looked at and the pages that came back.
+#[allow(clippy::too_many_arguments)]
 fn strided(
     client: &Client,
     st: &mut super::client::State,
@@ -890,6 +1045,7 @@ fn strided(
     window_pages: u64,
     buf: &mut [u8],
     arrivals: &Arrivals,
+    disk: &DiskReads,
 ) -> (u64, u64) {
     let Some(region) = st.regions.containing(addr).map(|r| r.start..r.end) else {
         return (0, 0);
@@ -905,7 +1061,7 @@ fn strided(
         }
         steps += 1;
         let dst: &mut [u8; PAGE_SIZE] = (&mut buf[..PAGE_SIZE]).try_into().expect("one page");
-        match gather(client, st, a, st.pages.state(a), dst) {
+        match gather(client, st, a, st.pages.state(a), dst, disk) {
             Gathered::Page => {}
             Gathered::NotEvicted => continue,
             Gathered::Unreadable => break,
@@ -924,6 +1080,7 @@ fn strided(
 /// is not among them), one COPY per contiguous run of at most `buf` pages; pages not evicted
 /// are skipped. Stops at a doubtful page, an unreadable one, or a copy that did not complete
 /// (what it did copy is settled). Returns how many pages came back.
+#[allow(clippy::too_many_arguments)]
 fn more_runs(
     client: &Client,
     st: &mut super::client::State,
@@ -932,6 +1089,7 @@ fn more_runs(
     fault_addr: u64,
     buf: &mut [u8],
     arrivals: &Arrivals,
+    disk: &DiskReads,
 ) -> u64 {
     let max_pages = (buf.len() / PAGE_SIZE) as u64;
     let mut done = 0u64;
@@ -951,7 +1109,7 @@ fn more_runs(
             let dst: &mut [u8; PAGE_SIZE] = (&mut buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
                 .try_into()
                 .expect("one page");
-            match gather(client, st, p, st.pages.state(p), dst) {
+            match gather(client, st, p, st.pages.state(p), dst, disk) {
                 Gathered::Page => n += 1,
                 Gathered::NotEvicted => break,
                 Gathered::Unreadable if n == 0 => return done,

@@ -8,6 +8,8 @@ pub mod arrivals;
 pub mod client;
 pub mod compress;
 pub mod die;
+pub mod diskio;
+pub mod disktier;
 pub mod fault;
 pub mod forks;
 pub mod keeper;

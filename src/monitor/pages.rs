@@ -24,7 +24,8 @@
 //! harmless: its slot or blob is freed and the word is left alone. Each slot remembers the
 //! address of the page it belongs to, so a REMAP that moves a `Moving`/`Window` page is followed.
 //!
-//! Owns: the words, the window slot table and the FIFO of cooling pages, and (stock backend)
+//! Owns: the words, the window slot table and the FIFO of cooling pages, the order in which
+//! pages were stored (disk tier only: the coldest stored pages are the oldest there), and (stock backend)
 //! keeping the window's durable slot records in step with them: a record is rewritten when its
 //! page moves or its batch completes, and zeroed when its slot is freed (see
 //! [`crate::protocol::shm`]). Must not: issue syscalls or touch the window's page bytes
@@ -183,7 +184,14 @@ pub struct Pages {
     /// [`MAX_REFAULT_LOG`], further ones only counted.
     refault_log: Vec<u64>,
     refaults_dropped: u64,
+    /// Disk tier: pages in the order they became `Stored` (address, handle), oldest first;
+    /// entries whose page has since changed are skipped when popped. `None` without one.
+    stored_order: Option<VecDeque<(u64, Handle)>>,
 }
+
+/// Entries of `stored_order` beyond twice the stored pages (plus this) make it drop its stale
+/// ones.
+const STORED_ORDER_SLACK: usize = 4096;
 
 /// Refault addresses kept between two policy ticks.
 pub const MAX_REFAULT_LOG: usize = 1 << 16;
@@ -215,7 +223,63 @@ impl Pages {
             records: None,
             refault_log: Vec::new(),
             refaults_dropped: 0,
+            stored_order: None,
         }
+    }
+
+    /// Disk tier: remembers from now on the order in which pages are stored (see
+    /// [`Pages::pop_coldest_stored`]).
+    pub fn track_stored_order(&mut self) {
+        if self.stored_order.is_none() {
+            self.stored_order = Some(
+                self.evicted_pages()
+                    .into_iter()
+                    .filter_map(|(a, s)| match s {
+                        PageState::Stored(h) => Some((a, h)),
+                        _ => None,
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// Disk tier: up to `max` stored pages, coldest first: stored longest ago and neither
+    /// brought back nor moved since (a page that was is stored again at the back). Each is
+    /// taken off the order; [`Pages::unpop_stored`] puts back those not used.
+    pub fn pop_coldest_stored(&mut self, max: usize, out: &mut Vec<(u64, Handle)>) {
+        let stored = self.counts.stored as usize;
+        let Some(mut q) = self.stored_order.take() else {
+            return;
+        };
+        if q.len() > 2 * stored + STORED_ORDER_SLACK {
+            q.retain(|&(a, h)| self.state(a) == PageState::Stored(h));
+        }
+        while out.len() < max {
+            let Some((a, h)) = q.pop_front() else { break };
+            if self.state(a) == PageState::Stored(h) {
+                out.push((a, h));
+            }
+        }
+        self.stored_order = Some(q);
+    }
+
+    /// Puts pages taken by [`Pages::pop_coldest_stored`] back at the front, in their order.
+    pub fn unpop_stored(&mut self, pages: &[(u64, Handle)]) {
+        if let Some(q) = &mut self.stored_order {
+            for p in pages.iter().rev() {
+                q.push_front(*p);
+            }
+        }
+    }
+
+    /// Disk tier: the page at `addr`, stored as `old`, is stored as `new` now (its blob moved
+    /// to the disk file). Returns false, changing nothing, if the page is not `Stored(old)`.
+    pub fn demoted(&mut self, addr: u64, old: Handle, new: Handle) -> bool {
+        if self.state(addr) != PageState::Stored(old) {
+            return false;
+        }
+        self.set_noting(addr, PageState::Stored(new), false);
+        true
     }
 
     /// Keeps `win`'s slot records in step with the slot table from now on.
@@ -264,9 +328,13 @@ impl Pages {
         self.slots.len()
     }
 
-    /// Bytes of page-map metadata (chunk words).
+    /// Bytes of page-map metadata (chunk words, and the stored order of a disk tier).
     pub fn metadata_bytes(&self) -> u64 {
-        (self.chunks.len() * (CHUNK_PAGES * 8 + 48)) as u64
+        let order = self
+            .stored_order
+            .as_ref()
+            .map_or(0, |q| q.capacity() * std::mem::size_of::<(u64, Handle)>());
+        (self.chunks.len() * (CHUNK_PAGES * 8 + 48) + order) as u64
     }
 
     /// The words of the chunk starting at `base` (a multiple of [`CHUNK_BYTES`]), if any.
@@ -288,6 +356,14 @@ impl Pages {
     }
 
     fn set(&mut self, addr: u64, s: PageState) {
+        self.set_noting(addr, s, true);
+    }
+
+    /// Sets a word; with `note`, a page becoming `Stored` joins the back of the stored order.
+    fn set_noting(&mut self, addr: u64, s: PageState, note: bool) {
+        if let (Some(q), PageState::Stored(h), true) = (&mut self.stored_order, s, note) {
+            q.push_back((addr, h));
+        }
         let old = self.state(addr);
         self.count(old, -1);
         self.count(s, 1);
@@ -715,6 +791,12 @@ impl Pages {
     /// A cooled page could not be stored (quota): it stays in the window, back of the FIFO.
     pub fn requeue(&mut self, slot: u32, gen: u64, now_ms: u64) {
         self.cooling.push_back((slot, gen & GEN_MASK, now_ms));
+    }
+
+    /// A cooled page could not be stored yet, but room is being made (the disk tier): it stays
+    /// in the window at the front of the FIFO, still cooled, to be stored first next time.
+    pub fn requeue_cooled(&mut self, slot: u32, gen: u64) {
+        self.cooling.push_front((slot, gen & GEN_MASK, 0));
     }
 
     /// Clears a hot mark (the clock hand's second chance).

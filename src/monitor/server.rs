@@ -34,7 +34,9 @@ use super::forks::{ForkSnapshot, Forks};
 use super::stats::ClientReport;
 use crate::config::{load_program_config, DaemonConfig, Overrides, ProgramConfig};
 use crate::protocol::io::{recv_packet, send_packet};
-use crate::protocol::wire::{HelloAck, Msg, HELLO_ADOPT, MAX_MSG_LEN, STATUS_DAEMON};
+use crate::protocol::wire::{
+    HelloAck, Msg, HELLO_ACK_DISK, HELLO_ADOPT, MAX_MSG_LEN, STATUS_DAEMON,
+};
 use crate::store::{SharedStore, Store};
 use crate::uffd::Uffd;
 
@@ -437,6 +439,7 @@ impl Monitor {
     pub fn daemon_status(&self) -> serde_json::Value {
         serde_json::json!({
             "store_mapped_bytes": crate::store::all_mapped_bytes(),
+            "disk_mapped_bytes": crate::store::all_disk_bytes(),
             "clients_attached": self.live_clients(),
             "fork_snapshots_unclaimed": self.forks.len(),
         })
@@ -647,6 +650,7 @@ impl Monitor {
                             status: libc::EINVAL,
                             store_member: 0,
                             window_len_bytes: 0,
+                            flags: 0,
                             text: t,
                         })
                         .encode(&mut out)?;
@@ -693,7 +697,8 @@ impl Monitor {
                     uid: peer_uid,
                     name: name.clone(),
                 };
-                let (client, memfd, store_fd) = Client::new(who, cfg, uffd, limits, inherit)?;
+                let (client, memfd, store_fd, disk_fd) =
+                    Client::new(who, cfg, uffd, limits, inherit)?;
                 let client = Arc::new(client);
                 // Counted and registered in one hold of the registry lock, before the
                 // acknowledgement: concurrent Hellos of one uid cannot pass the cap together,
@@ -718,24 +723,26 @@ impl Monitor {
                     status: 0,
                     store_member,
                     window_len_bytes: client.win().len_bytes() as u64,
+                    flags: if disk_fd.is_some() { HELLO_ACK_DISK } else { 0 },
                     text: b"",
                 })
                 .encode(&mut out)?;
-                if let Err(e) = send_packet(
-                    fd,
-                    &out[..n],
-                    &[
-                        memfd.as_raw_fd(),
-                        client.req_efd.as_raw_fd(),
-                        client.done_efd.as_raw_fd(),
-                        store_fd.as_raw_fd(),
-                    ],
-                ) {
+                // The disk file goes to the shim too: if this monitor dies, the pages in it
+                // are brought home from there (DESIGN.md, "Disk tier").
+                let mut fds = vec![
+                    memfd.as_raw_fd(),
+                    client.req_efd.as_raw_fd(),
+                    client.done_efd.as_raw_fd(),
+                    store_fd.as_raw_fd(),
+                ];
+                fds.extend(disk_fd.as_ref().map(|f| f.as_raw_fd()));
+                if let Err(e) = send_packet(fd, &out[..n], &fds) {
                     self.clients.lock().retain(|c| c.id != id);
                     return Err(e).context("sending HelloAck");
                 }
                 drop(memfd);
                 drop(store_fd);
+                drop(disk_fd);
                 info!(client = id, pid = peer_pid, uid = peer_uid, name = %name, budget = ?client.cfg.budget_bytes, forked_from = client.forked_from, store_member, "client attached");
                 self.run_client(client, fd)
             }

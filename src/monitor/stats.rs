@@ -90,9 +90,67 @@ pub struct Counters {
     pub fault_spin_ns: AtomicU64,
     pub fault_spins_hit: AtomicU64,
     pub fault_spins_empty: AtomicU64,
+    /// Disk tier (`monitor/disktier.rs`): pages moved from the store to the disk file, and
+    /// demotions given up (the page changed while its payload was being written).
+    pub pages_demoted: AtomicU64,
+    pub demote_aborted: AtomicU64,
+    /// Demotion batches, and the control thread's wall time in them.
+    pub demote_batches: AtomicU64,
+    pub demote_ns: AtomicU64,
+    /// Batches cut short because the disk tier is full (`max_disk`).
+    pub disk_full_batches: AtomicU64,
+    /// Writes and reads submitted to the disk file (one per run of consecutive slots), and
+    /// their bytes.
+    pub disk_writes: AtomicU64,
+    pub disk_write_bytes: AtomicU64,
+    pub disk_reads: AtomicU64,
+    pub disk_read_bytes: AtomicU64,
+    /// Failed disk batches (no page is lost: a failed write is never published, a failed
+    /// read is retried with `pread` under the lock).
+    pub disk_errors: AtomicU64,
+    /// Faults whose page was on disk, and pages brought back from the disk reads of the fault
+    /// path (prefetched ones included).
+    pub faults_disk: AtomicU64,
+    pub pages_from_disk: AtomicU64,
+    /// Service time of the faults on disk pages, summed.
+    pub disk_fault_service_ns: AtomicU64,
 }
 
 impl Counters {
+    /// The disk tier's figures, for [`ClientReport::disk`] (`store` gives the family store's
+    /// disk pages and bytes, `latency` the service time of faults on disk pages).
+    pub fn disk_report(
+        &self,
+        dir: Option<String>,
+        store: &StoreStats,
+        latency: Percentiles,
+    ) -> DiskReport {
+        let g = Counters::get;
+        DiskReport {
+            enabled: dir.is_some(),
+            dir: dir.unwrap_or_default(),
+            pages_on_disk: store.pages_on_disk,
+            bytes_used: store.disk_bytes_used,
+            bytes_mapped: store.disk_bytes_mapped,
+            file_bytes: store.disk_file_bytes,
+            pages_demoted: g(&self.pages_demoted),
+            demote_aborted: g(&self.demote_aborted),
+            demote_batches: g(&self.demote_batches),
+            demote_s: g(&self.demote_ns) as f64 / 1e9,
+            full_batches: g(&self.disk_full_batches),
+            writes: g(&self.disk_writes),
+            write_bytes: g(&self.disk_write_bytes),
+            reads: g(&self.disk_reads),
+            read_bytes: g(&self.disk_read_bytes),
+            sync_reads: store.disk_sync_reads,
+            errors: g(&self.disk_errors),
+            faults: g(&self.faults_disk),
+            pages_read_back: g(&self.pages_from_disk),
+            fault_latency: latency,
+            fault_service_s: g(&self.disk_fault_service_ns) as f64 / 1e9,
+        }
+    }
+
     /// The fault path's own figures, for [`ClientReport::fault_path`].
     pub fn fault_path_report(&self) -> FaultPathReport {
         let g = Counters::get;
@@ -122,6 +180,47 @@ pub struct FaultPathReport {
     pub spins_empty: u64,
     /// CPU time of the fault thread so far (updated at most every 100 ms, and at its end).
     pub fault_thread_cpu_s: f64,
+}
+
+/// The disk tier of one client (DESIGN.md, "Disk tier"): what is on disk (its family
+/// store's figures), what moved, and the faults it served.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct DiskReport {
+    /// A disk tier is configured and its file exists.
+    pub enabled: bool,
+    /// Its directory (config `disk_dir`).
+    pub dir: String,
+    /// Pages whose compressed copy is in the disk file now.
+    pub pages_on_disk: u64,
+    /// Their payload bytes, the bytes of the disk chunks holding them (what `max_disk`
+    /// bounds), and what the file system has allocated to the file.
+    pub bytes_used: u64,
+    pub bytes_mapped: u64,
+    pub file_bytes: u64,
+    /// Pages moved from the store to the disk file, demotions given up, batches and the
+    /// control thread's time in them, batches cut short by `max_disk`.
+    pub pages_demoted: u64,
+    pub demote_aborted: u64,
+    pub demote_batches: u64,
+    pub demote_s: f64,
+    pub full_batches: u64,
+    /// Writes and reads submitted (one per run of consecutive disk slots) and their bytes.
+    pub writes: u64,
+    pub write_bytes: u64,
+    pub reads: u64,
+    pub read_bytes: u64,
+    /// Disk pages read with `pread` under the store's lock (fallback; bringing pages home).
+    pub sync_reads: u64,
+    /// Failed disk batches (nothing is lost: see `Counters::disk_errors`).
+    pub errors: u64,
+    /// Faults whose page was on disk, pages read back for faults (prefetched ones included),
+    /// and the service time of faults on disk pages.
+    pub faults: u64,
+    pub pages_read_back: u64,
+    pub fault_latency: Percentiles,
+    /// Their service time, summed.
+    pub fault_service_s: f64,
 }
 
 /// Faults per second, measured over windows of at least [`FaultRate::WINDOW`]: the control
@@ -182,6 +281,8 @@ pub struct Latency {
     pub fault_ns: Mutex<Histogram<u64>>,
     /// Time a fault waited for the agent's batch, in ns.
     pub wait_ns: Mutex<Histogram<u64>>,
+    /// Service time of faults whose page was on disk, in ns.
+    pub disk_fault_ns: Mutex<Histogram<u64>>,
 }
 
 impl Default for Latency {
@@ -194,6 +295,7 @@ impl Default for Latency {
         Latency {
             fault_ns: h(),
             wait_ns: h(),
+            disk_fault_ns: h(),
         }
     }
 }
@@ -204,6 +306,9 @@ impl Latency {
     }
     pub fn record_wait(&self, ns: u64) {
         let _ = self.wait_ns.lock().record(ns.max(100));
+    }
+    pub fn record_disk_fault(&self, ns: u64) {
+        let _ = self.disk_fault_ns.lock().record(ns.max(100));
     }
 }
 
@@ -260,6 +365,7 @@ pub struct ClientReport {
     pub managed_bytes: u64,
     pub pages_in_flight: u64,
     pub pages_in_window: u64,
+    /// Pages compressed in the store, those in its disk tier (`disk.pages_on_disk`) included.
     pub pages_stored: u64,
     pub window_bytes: u64,
     pub faults: u64,
@@ -326,6 +432,9 @@ pub struct ClientReport {
     /// Prefetch accuracy and spinning cost of the fault thread.
     pub fault_path: FaultPathReport,
     pub store: StoreStats,
+    /// The disk tier (all zero without one).
+    #[serde(default)]
+    pub disk: DiskReport,
 }
 
 /// The policy's figures: stall, promotion rate, cold age, controller state, busiest regions.

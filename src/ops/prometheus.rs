@@ -85,7 +85,7 @@ const SERIES: &[Series] = &[
     ),
     gauge(
         "uswap_client_stored_pages",
-        "Evicted pages held in the compressed store.",
+        "Evicted pages held in the compressed store (those in its disk tier included).",
         |r| r.pages_stored as f64,
     ),
     gauge(
@@ -221,6 +221,56 @@ const SERIES: &[Series] = &[
         "Pages chosen by proactive reclaim under the budget.",
         |r| r.policy.pages_proactive as f64,
     ),
+    gauge(
+        "uswap_client_disk_pages",
+        "Evicted pages whose compressed copy is in the disk tier's file.",
+        |r| r.disk.pages_on_disk as f64,
+    ),
+    gauge(
+        "uswap_client_disk_bytes",
+        "Compressed payload bytes in the disk tier's file.",
+        |r| r.disk.bytes_used as f64,
+    ),
+    gauge(
+        "uswap_client_disk_file_bytes",
+        "Bytes the file system has allocated to the disk tier's file.",
+        |r| r.disk.file_bytes as f64,
+    ),
+    counter(
+        "uswap_client_pages_demoted_total",
+        "Pages moved from the compressed store to the disk tier.",
+        |r| r.disk.pages_demoted as f64,
+    ),
+    counter(
+        "uswap_client_disk_writes_total",
+        "Writes to the disk tier's file (one per run of consecutive slots).",
+        |r| r.disk.writes as f64,
+    ),
+    counter(
+        "uswap_client_disk_write_bytes_total",
+        "Bytes written to the disk tier's file.",
+        |r| r.disk.write_bytes as f64,
+    ),
+    counter(
+        "uswap_client_disk_reads_total",
+        "Reads of the disk tier's file for faults (one per run of consecutive slots).",
+        |r| r.disk.reads as f64,
+    ),
+    counter(
+        "uswap_client_disk_read_bytes_total",
+        "Bytes read from the disk tier's file for faults.",
+        |r| r.disk.read_bytes as f64,
+    ),
+    counter(
+        "uswap_client_faults_disk_total",
+        "Faults on pages that were in the disk tier.",
+        |r| r.disk.faults as f64,
+    ),
+    counter(
+        "uswap_client_disk_errors_total",
+        "Failed disk tier batches (no page is lost: a failed write is never used).",
+        |r| r.disk.errors as f64,
+    ),
 ];
 
 /// Escapes a label value (backslash, double quote, newline).
@@ -299,6 +349,22 @@ pub fn render(reports: &[ClientReport]) -> String {
         let _ = writeln!(out, "{name}_sum{{{l}}} {}", num(r.monitor_fault_service_s));
         let _ = writeln!(out, "{name}_count{{{l}}} {}", p.count);
     }
+    let name = "uswap_client_disk_fault_service_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Service time of faults on pages in the disk tier.\n# TYPE {name} summary"
+    );
+    for (r, l) in reports.iter().zip(&labels) {
+        if !r.disk.enabled {
+            continue;
+        }
+        let p = &r.disk.fault_latency;
+        for (q, us) in [("0.5", p.p50_us), ("0.99", p.p99_us), ("0.999", p.p999_us)] {
+            let _ = writeln!(out, "{name}{{{l},quantile=\"{q}\"}} {}", num(us / 1e6));
+        }
+        let _ = writeln!(out, "{name}_sum{{{l}}} {}", num(r.disk.fault_service_s));
+        let _ = writeln!(out, "{name}_count{{{l}}} {}", p.count);
+    }
     out
 }
 
@@ -342,6 +408,29 @@ mod tests {
             let v = line.rsplit(' ').next().unwrap();
             assert!(v.parse::<f64>().is_ok(), "bad value in {line:?}");
         }
+    }
+
+    #[test]
+    fn render_disk_tier_series_and_summary_only_with_a_disk_tier() {
+        let text = render(&[report()]);
+        assert!(text.contains("uswap_client_disk_pages{"), "{text}");
+        assert!(
+            !text.contains("uswap_client_disk_fault_service_seconds{"),
+            "{text}"
+        );
+        let mut r = report();
+        r.disk.enabled = true;
+        r.disk.pages_on_disk = 9;
+        r.disk.fault_latency.count = 3;
+        r.disk.fault_latency.p99_us = 900.0;
+        let text = render(&[r]);
+        assert!(text.contains("uswap_client_disk_pages{id=\"7\""), "{text}");
+        assert!(text.contains("} 9\n"), "{text}");
+        assert!(
+            text.contains("uswap_client_disk_fault_service_seconds_count{id=\"7\""),
+            "{text}"
+        );
+        assert!(text.contains("quantile=\"0.99\"} 0.0009\n"), "{text}");
     }
 
     #[test]

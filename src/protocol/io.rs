@@ -40,9 +40,9 @@ pub fn set_recv_timeout(sock: RawFd, secs: i64) {
 }
 
 /// Most descriptors one packet carries.
-pub const MAX_FDS: usize = 4;
+pub const MAX_FDS: usize = 5;
 
-const CMSG_SPACE_FDS: usize = 64; // >= CMSG_SPACE(4 * sizeof(int)) on every 64-bit ABI
+const CMSG_SPACE_FDS: usize = 64; // >= CMSG_SPACE(5 * sizeof(int)) on every 64-bit ABI
 
 #[repr(C, align(8))]
 struct CmsgBuf([u8; CMSG_SPACE_FDS]);
@@ -136,7 +136,7 @@ pub fn recv_packet(sock: RawFd, buf: &mut [u8], flags: i32) -> io::Result<Option
     };
     let mut out = Received {
         len: n,
-        fds: [None, None, None, None],
+        fds: std::array::from_fn(|_| None),
     };
     let mut count = 0;
     let mut too_many = false;

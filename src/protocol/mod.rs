@@ -21,7 +21,8 @@ pub mod wire;
 pub use wire::{Msg, ProtoError};
 
 /// Protocol version; a peer speaking another version is refused with a clear error.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 3: `HelloAck` has flags, and may carry the disk tier's file as a fifth descriptor.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Environment variable naming the monitor's socket.
 pub const ENV_SOCKET: &str = "USWAP_SOCKET";

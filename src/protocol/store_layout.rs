@@ -11,7 +11,7 @@
 //! | offset                                   | what                                          |
 //! |------------------------------------------|-----------------------------------------------|
 //! | 0 .. 4096                                | header, see `OFF_*` below                      |
-//! | [`CLASS_TABLE_OFF`] + i (1 byte)         | chunk `i`'s size class + 1; 0 = no chunk       |
+//! | [`CLASS_TABLE_OFF`] + i (1 byte)         | chunk `i`'s kind and size class, see below     |
 //! | [`EXTENTS_OFF`] + i × [`EXTENT_BYTES`]   | chunk `i`'s extent                             |
 //!
 //! An extent is [`RECORDS_PER_CHUNK`] 8-byte **records** (one per slot, [`RECORDS_BYTES`]),
@@ -21,6 +21,16 @@
 //! of the page the slot holds (page-aligned, nonzero, below 2^48), the payload length
 //! (1..=4096), and the set of programs the page belongs to (bit `m` = family member `m`, see
 //! below; never empty).
+//!
+//! A class-table byte is 0 when chunk `i` does not exist, `c + 1` for a chunk of class `c` whose
+//! slots are in the extent (a *memory chunk*), and [`DISK_CHUNK_FLAG`]` | (c + 1)` for a *disk
+//! chunk* of class `c` (version 3): its extent holds only the records (the slot part is never
+//! written, so it stays a hole of the memfd), and slot `s`'s payload is in the **disk file**
+//! at [`disk_slot_off`]`(i, c, s)` = `i × CHUNK_BYTES + s × slot_bytes(c)`. The disk file (the
+//! program's disk tier, DESIGN.md "Disk tier") is a plain file of payloads with no header,
+//! created unlinked (`O_TMPFILE`) in the configured directory and sent to the shim next to the
+//! store file; it is read with `pread`. A record of a disk chunk has the same format and the
+//! same meaning as a memory chunk's.
 //!
 //! **Fork families (version 2).** A program forked from a managed program shares its parent's
 //! store: at the fork every page the parent had evicted becomes a page of the child too (its
@@ -40,10 +50,17 @@
 //! 3. a page moved by the program (`mremap`): the record is rewritten with the new address;
 //! 4. a page out (faulted back, or discarded by the program): the record is zeroed only
 //!    after the page was copied into the program (or the program discarded it);
-//! 5. an empty chunk: its class byte is zeroed, then its extent is punched out of the file.
+//! 5. an empty chunk: its class byte is zeroed, then its extent is punched out of the file
+//!    (and, for a disk chunk, its range of the disk file);
+//! 6. a page demoted to the disk tier (version 3): a slot of a disk chunk is reserved (its
+//!    record stays 0), the payload is written to the disk file and the write has *completed*,
+//!    then, with the memory slot found unchanged (same record, never freed meanwhile), the disk
+//!    record is set (release) and only then is the memory slot's record zeroed. A page read
+//!    back from disk follows step 4 like any other.
 //!
-//! So a reader sees, for every page, either a complete record with its payload, or no record
-//! while another copy exists. It may also see a stale record of a page that is already back
+//! So a reader sees, for every page, either a complete record with its payload (in the store
+//! file or, for a disk chunk, already in the disk file), or no record while another copy
+//! exists. It may also see a stale record of a page that is already back
 //! in the program (step 4 not done yet): copying it in again fails with EEXIST and is skipped,
 //! which is why a reader never overwrites a present page.
 //!
@@ -58,7 +75,10 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::PAGE_SIZE;
 
 pub const STORE_MAGIC: u64 = 0x524f_5453_5057_5355; // "USWPSTOR"
-pub const STORE_VERSION: u32 = 2;
+pub const STORE_VERSION: u32 = 3;
+
+/// Class-table bit of a disk chunk (its payloads are in the disk file; see the module doc).
+pub const DISK_CHUNK_FLAG: u8 = 0x80;
 
 /// Record bits 48..63: the set of *owners* of the slot, one bit per member of the client's
 /// fork family (see [`record`]). Program addresses stay below 2^47 on x86-64 unless a program
@@ -131,6 +151,51 @@ pub const fn extent_off(chunk_idx: usize) -> usize {
 /// Offset of slot `slot_idx` within an extent.
 pub const fn slot_off(class_idx: u8, slot_idx: usize) -> usize {
     RECORDS_BYTES + slot_idx * slot_bytes(class_idx)
+}
+
+/// Offset in the disk file of slot `slot_idx` of disk chunk `chunk_idx` of class `class_idx`.
+pub const fn disk_slot_off(chunk_idx: usize, class_idx: u8, slot_idx: usize) -> u64 {
+    (chunk_idx * CHUNK_BYTES + slot_idx * slot_bytes(class_idx)) as u64
+}
+
+/// The class-table byte of a chunk of class `class_idx`, in memory or on disk.
+pub const fn class_byte(class_idx: u8, on_disk: bool) -> u8 {
+    if on_disk {
+        DISK_CHUNK_FLAG | (class_idx + 1)
+    } else {
+        class_idx + 1
+    }
+}
+
+/// What a class-table byte says about its chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkKind {
+    /// Slots of this class in the extent.
+    Memory(u8),
+    /// Records in the extent, payloads of this class in the disk file.
+    Disk(u8),
+}
+
+impl ChunkKind {
+    /// The chunk's size class.
+    pub fn class_idx(self) -> u8 {
+        match self {
+            ChunkKind::Memory(c) | ChunkKind::Disk(c) => c,
+        }
+    }
+
+    /// Decodes a class-table byte (`None`: no chunk, or a byte no writer produces).
+    pub fn from_byte(b: u8) -> Option<ChunkKind> {
+        let class = b & !DISK_CHUNK_FLAG;
+        if class == 0 || usize::from(class) > NUM_CLASSES {
+            return None;
+        }
+        Some(if b & DISK_CHUNK_FLAG != 0 {
+            ChunkKind::Disk(class - 1)
+        } else {
+            ChunkKind::Memory(class - 1)
+        })
+    }
 }
 
 /// A record word for a page at `addr` with a payload of `len_bytes`, owned by the family
@@ -207,9 +272,14 @@ pub struct StoredPage<'a> {
     pub addr: u64,
     /// The family members the page belongs to (bit `m` = member `m`).
     pub owners: u16,
-    /// The raw page, or an lz4 block that decompresses to one page.
+    /// The raw page, or an lz4 block that decompresses to one page. Empty for a page of a disk
+    /// chunk (its payload is at `disk_off` in the disk file) and for a corrupt record.
     pub payload: &'a [u8],
+    /// Payload length, from the record.
+    pub len_bytes: usize,
     pub raw: bool,
+    /// A disk chunk's page: the offset of its payload in the disk file.
+    pub disk_off: Option<u64>,
     pub chunk_idx: usize,
     pub class_idx: u8,
     pub slot_idx: usize,
@@ -259,8 +329,17 @@ impl StoreView {
         ((self.len - EXTENTS_OFF) / EXTENT_BYTES).min(MAX_CHUNKS)
     }
 
-    /// The class of chunk `chunk_idx`, if it has one (and a valid one).
+    /// The class of chunk `chunk_idx` if it is a memory chunk (and a valid one); `None` for
+    /// no chunk and for a disk chunk (see [`StoreView::chunk_kind`]).
     pub fn chunk_class(&self, chunk_idx: usize) -> Option<u8> {
+        match self.chunk_kind(chunk_idx) {
+            Some(ChunkKind::Memory(c)) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The kind and class of chunk `chunk_idx`, if it has one (and a valid one).
+    pub fn chunk_kind(&self, chunk_idx: usize) -> Option<ChunkKind> {
         assert!(chunk_idx < MAX_CHUNKS);
         // SAFETY: in bounds (CLASS_TABLE_OFF + chunk_idx < EXTENTS_OFF <= len, checked in
         // `new`), and an AtomicU8 has the alignment and size of a u8.
@@ -268,11 +347,7 @@ impl StoreView {
             (*(self.base.add(CLASS_TABLE_OFF + chunk_idx) as *const AtomicU8))
                 .load(Ordering::Acquire)
         };
-        match byte {
-            0 => None,
-            b if usize::from(b) <= NUM_CLASSES => Some(b - 1),
-            _ => None,
-        }
+        ChunkKind::from_byte(byte)
     }
 
     fn record_word(&self, chunk_idx: usize, slot_idx: usize) -> &AtomicU64 {
@@ -295,81 +370,99 @@ impl StoreView {
             .store(rec, Ordering::Release)
     }
 
-    /// The page slot `slot_idx` of chunk `chunk_idx` (of class `class_idx`) holds, if its
-    /// record is set. A record that does not fit its slot (a corrupt length) gives an empty
-    /// payload, so the caller can report it.
+    /// The page slot `slot_idx` of memory chunk `chunk_idx` (of class `class_idx`) holds, if
+    /// its record is set. A record that does not fit its slot (a corrupt length) gives an
+    /// empty payload, so the caller can report it.
     pub fn page(&self, chunk_idx: usize, class_idx: u8, slot_idx: usize) -> Option<StoredPage<'_>> {
+        self.page_of(chunk_idx, ChunkKind::Memory(class_idx), slot_idx)
+    }
+
+    /// The page slot `slot_idx` of chunk `chunk_idx` (of kind `kind`) holds, if its record is
+    /// set; a disk chunk's page comes with its offset in the disk file and no payload.
+    pub fn page_of(
+        &self,
+        chunk_idx: usize,
+        kind: ChunkKind,
+        slot_idx: usize,
+    ) -> Option<StoredPage<'_>> {
         let rec = self.record(chunk_idx, slot_idx);
         if rec == 0 {
             return None;
         }
         let (addr, len_bytes) = record_parts(rec);
-        let raw = class_idx == RAW_CLASS_IDX;
-        let fits = if raw {
-            len_bytes == PAGE_SIZE
-        } else {
-            len_bytes <= slot_bytes(class_idx)
-        };
-        let start = extent_off(chunk_idx) + slot_off(class_idx, slot_idx);
-        let payload: &[u8] = if fits && start + len_bytes <= self.len {
-            // SAFETY: in bounds (checked); payloads are not written while the view is used
-            // (the contract of `new`).
-            unsafe { std::slice::from_raw_parts(self.base.add(start), len_bytes) }
-        } else {
-            &[]
-        };
-        Some(StoredPage {
-            addr,
-            owners: record_owners(rec),
-            payload,
-            raw,
-            chunk_idx,
-            class_idx,
-            slot_idx,
-        })
+        let mut page = self
+            .page_at(chunk_idx, kind, slot_idx, len_bytes)
+            .unwrap_or(StoredPage {
+                addr: 0,
+                owners: 0,
+                payload: &[],
+                len_bytes,
+                raw: kind.class_idx() == RAW_CLASS_IDX,
+                disk_off: None,
+                chunk_idx,
+                class_idx: kind.class_idx(),
+                slot_idx,
+            });
+        page.addr = addr;
+        page.owners = record_owners(rec);
+        Some(page)
     }
 
-    /// The payload of slot `slot_idx` of chunk `chunk_idx` (of class `class_idx`) as a page
-    /// of `len_bytes`, whatever its record says now (a reader that remembered the length).
+    /// The payload of slot `slot_idx` of chunk `chunk_idx` (of kind `kind`) as a page of
+    /// `len_bytes`, whatever its record says now (a reader that remembered the length); for
+    /// a disk chunk, where it is in the disk file. `None` if the length does not fit the slot.
     pub fn page_at(
         &self,
         chunk_idx: usize,
-        class_idx: u8,
+        kind: ChunkKind,
         slot_idx: usize,
         len_bytes: usize,
     ) -> Option<StoredPage<'_>> {
+        let class_idx = kind.class_idx();
         let raw = class_idx == RAW_CLASS_IDX;
         let fits = if raw {
             len_bytes == PAGE_SIZE
         } else {
             (1..=slot_bytes(class_idx)).contains(&len_bytes)
         };
-        let start = extent_off(chunk_idx) + slot_off(class_idx, slot_idx);
-        if !fits || slot_idx >= slots_per_chunk(class_idx) || start + len_bytes > self.len {
+        if !fits || slot_idx >= slots_per_chunk(class_idx) {
             return None;
         }
-        // SAFETY: in bounds (checked); payloads are not written while the view is used (the
-        // contract of `new`).
-        let payload = unsafe { std::slice::from_raw_parts(self.base.add(start), len_bytes) };
+        let (payload, disk_off): (&[u8], _) = match kind {
+            ChunkKind::Disk(_) => (&[], Some(disk_slot_off(chunk_idx, class_idx, slot_idx))),
+            ChunkKind::Memory(_) => {
+                let start = extent_off(chunk_idx) + slot_off(class_idx, slot_idx);
+                if start + len_bytes > self.len {
+                    return None;
+                }
+                // SAFETY: in bounds (checked); payloads are not written while the view is
+                // used (the contract of `new`).
+                let p = unsafe { std::slice::from_raw_parts(self.base.add(start), len_bytes) };
+                (p, None)
+            }
+        };
         Some(StoredPage {
             addr: 0,
             owners: 0,
             payload,
+            len_bytes,
             raw,
+            disk_off,
             chunk_idx,
             class_idx,
             slot_idx,
         })
     }
 
-    /// Calls `f` for every page with a record, chunk by chunk (see [`StoreView::page`]).
+    /// Calls `f` for every page with a record, chunk by chunk, memory and disk chunks alike
+    /// (see [`StoreView::page_of`]).
     pub fn for_each_page(&self, mut f: impl FnMut(StoredPage<'_>)) {
         for chunk_idx in 0..self.chunk_capacity() {
-            let Some(class_idx) = self.chunk_class(chunk_idx) else {
+            let Some(kind) = self.chunk_kind(chunk_idx) else {
                 continue;
             };
-            for slot_idx in 0..slots_per_chunk(class_idx) {
-                if let Some(p) = self.page(chunk_idx, class_idx, slot_idx) {
+            for slot_idx in 0..slots_per_chunk(kind.class_idx()) {
+                if let Some(p) = self.page_of(chunk_idx, kind, slot_idx) {
                     f(p);
                 }
             }
@@ -377,18 +470,26 @@ impl StoreView {
     }
 }
 
-/// Decompresses a stored page into `out` (no allocation). `false` if the payload is corrupt.
+/// Decompresses a stored page into `out` (no allocation). `false` if the payload is corrupt,
+/// and for a disk chunk's page, whose payload must be read first ([`decode_payload`]).
 #[cfg(feature = "decode")]
 pub fn decode_page(page: &StoredPage<'_>, out: &mut [u8; PAGE_SIZE]) -> bool {
-    if page.raw {
-        if page.payload.len() != PAGE_SIZE {
+    page.disk_off.is_none() && decode_payload(page.raw, page.payload, out)
+}
+
+/// Decompresses a payload (`raw`: the page itself) into `out` (no allocation). `false` if it
+/// is corrupt.
+#[cfg(feature = "decode")]
+pub fn decode_payload(raw: bool, payload: &[u8], out: &mut [u8; PAGE_SIZE]) -> bool {
+    if raw {
+        if payload.len() != PAGE_SIZE {
             return false;
         }
-        out.copy_from_slice(page.payload);
+        out.copy_from_slice(payload);
         return true;
     }
     matches!(
-        lz4_flex::block::decompress_into(page.payload, out),
+        lz4_flex::block::decompress_into(payload, out),
         Ok(PAGE_SIZE)
     )
 }
@@ -412,6 +513,49 @@ mod tests {
             assert_eq!(record_owners(with_owners(r, 2)), 2);
             assert_eq!(with_owners(r, 0), 0);
         }
+    }
+
+    #[test]
+    fn chunk_kind_bytes_roundtrip() {
+        for class_idx in 0..NUM_CLASSES as u8 {
+            for on_disk in [false, true] {
+                let b = class_byte(class_idx, on_disk);
+                let want = if on_disk {
+                    ChunkKind::Disk(class_idx)
+                } else {
+                    ChunkKind::Memory(class_idx)
+                };
+                assert_eq!(ChunkKind::from_byte(b), Some(want));
+            }
+        }
+        assert_eq!(ChunkKind::from_byte(0), None);
+        assert_eq!(ChunkKind::from_byte(DISK_CHUNK_FLAG), None);
+        assert_eq!(ChunkKind::from_byte(NUM_CLASSES as u8 + 1), None);
+        assert_eq!(
+            disk_slot_off(3, RAW_CLASS_IDX, 2),
+            (3 * CHUNK_BYTES + 2 * PAGE_SIZE) as u64
+        );
+        assert_eq!(disk_slot_off(1, 0, 5), (CHUNK_BYTES + 5 * 64) as u64);
+    }
+
+    #[test]
+    fn disk_chunk_pages_come_with_their_offset() {
+        let mut words = vec![0u64; (EXTENTS_OFF + 2 * EXTENT_BYTES) / 8];
+        let len = words.len() * 8;
+        let base: *mut u8 = words.as_mut_ptr().cast();
+        // SAFETY: `words` is `len` bytes, 8-aligned, alive and only used through this view
+        // and the header slice, one at a time.
+        write_header(unsafe { std::slice::from_raw_parts_mut(base, HEADER_BYTES) });
+        // SAFETY: as above.
+        unsafe { *base.add(CLASS_TABLE_OFF + 1) = class_byte(2, true) };
+        // SAFETY: as above.
+        let v = unsafe { StoreView::new(base, len) }.unwrap();
+        assert_eq!(v.chunk_class(1), None, "not a memory chunk");
+        assert_eq!(v.chunk_kind(1), Some(ChunkKind::Disk(2)));
+        v.set_record(1, 7, record(0x9000, 150, 1));
+        let mut found = Vec::new();
+        v.for_each_page(|p| found.push((p.addr, p.len_bytes, p.disk_off, p.payload.len())));
+        assert_eq!(found, vec![(0x9000, 150, Some(disk_slot_off(1, 2, 7)), 0)]);
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! | 12..16| reserved, must be zero                  |
 //!
 //! Order on a connection: the client sends `Hello` (with the uffd attached) and waits for
-//! `HelloAck` (with the window memfd and two eventfds attached). After that the client sends
+//! `HelloAck` (with the window memfd, two eventfds, the store file and, with
+//! [`HELLO_ACK_DISK`], the disk tier's file attached). After that the client sends
 //! `Regions` snapshots at any time, and `ForkPrepare`/`ForkDone` around a fork; the monitor
 //! answers `ForkPrepare` with `ForkReady`. A `StatusRequest` may be sent as the first message
 //! of a connection instead of `Hello` (the `uswap status` client). Anything else is a protocol
@@ -47,6 +48,11 @@ pub const STATUS_DAEMON: u32 = 1;
 /// `Hello` flag: adopt this program (its monitor died); a second descriptor, the store file,
 /// follows the userfaultfd.
 pub const HELLO_ADOPT: u32 = 1;
+
+/// `HelloAck` flag: a fifth descriptor, the store's disk tier file, follows the store file
+/// (its pages are named by the store file's disk chunks; the shim reads them with `pread` if
+/// the monitor dies).
+pub const HELLO_ACK_DISK: u32 = 1;
 
 /// `ForkReady::child_member` when the child shares no store with its parent.
 pub const NO_MEMBER: u32 = 255;
@@ -129,6 +135,8 @@ pub struct HelloAck<'a> {
     /// file's records, see `store_layout`); below `store_layout::MAX_OWNERS`.
     pub store_member: u32,
     pub window_len_bytes: u64,
+    /// [`HELLO_ACK_DISK`].
+    pub flags: u32,
     pub text: &'a [u8],
 }
 
@@ -365,6 +373,8 @@ impl<'a> Msg<'a> {
                 w.u32(a.status as u32)?;
                 w.u32(a.store_member)?;
                 w.u64(a.window_len_bytes)?;
+                w.u32(a.flags)?;
+                w.u32(0)?;
                 w.bytes(a.text)?;
             }
             Msg::Regions(r) => {
@@ -497,11 +507,25 @@ impl<'a> Msg<'a> {
                     });
                 }
                 let window_len_bytes = r.u64()?;
+                let flags = r.u32()?;
+                if flags & !HELLO_ACK_DISK != 0 {
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "flags",
+                    });
+                }
+                if r.u32()? != 0 {
+                    return Err(ProtoError::BadField {
+                        kind,
+                        field: "reserved",
+                    });
+                }
                 let text = r.bytes(MAX_MSG_LEN, "text")?;
                 Msg::HelloAck(HelloAck {
                     status,
                     store_member,
                     window_len_bytes,
+                    flags,
                     text,
                 })
             }
@@ -674,7 +698,15 @@ mod tests {
             status: 0,
             store_member: 3,
             window_len_bytes: 1 << 25,
+            flags: 0,
             text: b"ok",
+        }));
+        roundtrip(Msg::HelloAck(HelloAck {
+            status: 0,
+            store_member: 0,
+            window_len_bytes: 1 << 25,
+            flags: HELLO_ACK_DISK,
+            text: b"",
         }));
         roundtrip(Msg::ForkPrepare);
         roundtrip(Msg::ForkReady {
@@ -792,7 +824,7 @@ mod tests {
     #[test]
     fn decode_rejects_nonzero_reserved_payload_words() {
         let crash: [u8; 32] = [
-            85, 83, 87, 80, 2, 0, 103, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 0, 0, 4, 0, 0, 0,
+            85, 83, 87, 80, 3, 0, 103, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 0, 0, 4, 0, 0, 0,
             0, 0, 0, 0, 0, 0,
         ];
         let e = Msg::decode(&crash).unwrap_err();
@@ -808,15 +840,30 @@ mod tests {
             status: 0,
             store_member: 0,
             window_len_bytes: 4096,
+            flags: 0,
             text: b"",
         })
         .encode(&mut buf)
         .unwrap();
-        buf[HEADER_LEN + 4] = 16;
-        assert!(Msg::decode(&buf[..n])
+        let mut bad = buf;
+        bad[HEADER_LEN + 4] = 16;
+        assert!(Msg::decode(&bad[..n])
             .unwrap_err()
             .to_string()
             .contains("store_member"));
+        // Unknown flags and a nonzero reserved word are refused.
+        let mut bad = buf;
+        bad[HEADER_LEN + 16] = 2;
+        assert!(Msg::decode(&bad[..n])
+            .unwrap_err()
+            .to_string()
+            .contains("flags"));
+        let mut bad = buf;
+        bad[HEADER_LEN + 20] = 1;
+        assert!(Msg::decode(&bad[..n])
+            .unwrap_err()
+            .to_string()
+            .contains("reserved"));
     }
 
     /// Every packet the decoder accepts encodes back to the same bytes (the property the fuzz
@@ -840,6 +887,7 @@ mod tests {
                 status: 0,
                 store_member: 3,
                 window_len_bytes: 1 << 20,
+                flags: HELLO_ACK_DISK,
                 text: b"t",
             }),
             Msg::ForkReady {

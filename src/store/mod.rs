@@ -7,16 +7,27 @@
 //! a stored page costs its 8-byte handle (in the monitor's page map) plus a share of
 //! [`Store::metadata_bytes`].
 //! Must not touch: uffd, processes, sockets, policy. It works in pages and handles only; its
-//! only system calls are the anonymous mmap/munmap of slab chunks.
+//! system calls are the mmap/munmap of slab chunks, the store file's (memfd, ftruncate,
+//! fallocate) and the disk file's (open, fallocate, and `pread` for a disk page read under its
+//! lock).
+//!
+//! **Disk tier** (optional, [`StoreConfig::disk`]): a blob may live in a *disk chunk*, whose
+//! payloads are in a file in the configured directory. Its handle looks like any blob's; the
+//! store knows the tier from the chunk. The monitor moves the coldest blobs there in batches
+//! ([`Store::begin_demote`], write without any lock, [`Store::commit_demote`]) and reads them
+//! back without the lock ([`Store::disk_read`], [`Store::decode_payload`], checked with
+//! [`Store::disk_epoch`]); [`Store::get`] reads one with `pread` itself.
 //!
 //! Files: `handle.rs` (handle bit layout), `encode.rs` (same-filled detection, lz4; pure),
 //! `slab.rs` (chunks, bitmaps, quota), `samefill.rs` (refcounted fill words), `stats.rs`,
-//! `shared.rs` (one store shared by a fork family, one handle per member).
+//! `shared.rs` (one store shared by a fork family, one handle per member), `disk.rs` (the disk
+//! tier's file).
 //!
 //! Concurrency: [`encode`] is a pure function, so callers compress outside their lock and
 //! then [`Store::insert`] the result under it. `Store` is `Send` and has no interior
 //! mutability; the monitor wraps it in its own lock.
 
+mod disk;
 mod encode;
 mod handle;
 mod samefill;
@@ -26,10 +37,11 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
+pub use disk::DiskFile;
 pub use encode::{encode, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES, SCRATCH_BYTES};
 pub use handle::{Handle, PageKind};
 pub use shared::SharedStore;
-pub use slab::{all_mapped_bytes, CHUNK_BYTES, CLASS_STEP_BYTES};
+pub use slab::{all_disk_bytes, all_mapped_bytes, CHUNK_BYTES, CLASS_STEP_BYTES};
 pub use stats::StoreStats;
 
 use crate::protocol::store_layout::{ADDR_LIMIT, MAX_OWNERS};
@@ -55,6 +67,9 @@ pub enum StoreError {
     /// Mapping a new slab chunk failed.
     #[error("mapping a slab chunk failed: {0}")]
     Map(#[source] std::io::Error),
+    /// Creating or reading the disk tier's file failed.
+    #[error("disk tier: {0}")]
+    Disk(#[source] std::io::Error),
 }
 
 /// Store settings.
@@ -69,6 +84,45 @@ pub struct StoreConfig {
     /// Slabs grow in [`CHUNK_BYTES`] steps, so a bound below one chunk admits only
     /// same-filled pages. Same-filled pages take no slab space and are never refused by it.
     pub max_bytes: Option<u64>,
+    /// A disk tier (durable stores only): the coldest blobs can be moved to a file there.
+    pub disk: Option<DiskConfig>,
+}
+
+/// Where and how big a store's disk tier is.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// The directory the (unlinked) disk file is made in.
+    pub dir: std::path::PathBuf,
+    /// Upper bound on the disk chunks' bytes; `None` = no bound.
+    pub max_bytes: Option<u64>,
+}
+
+/// Where a disk page's payload is in the disk file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskRead {
+    pub off: u64,
+    pub len_bytes: u32,
+    /// The size of its slot (a slot right after it in the file starts at `off + slot_bytes`).
+    pub slot_bytes: u32,
+}
+
+/// A page on its way from a memory slot to a disk slot: see [`Store::begin_demote`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demotion {
+    /// The program address its record names.
+    pub addr: u64,
+    /// Its handle now, and once committed.
+    pub old: Handle,
+    pub new: Handle,
+    /// Where its payload goes in the disk file, and where [`Store::begin_demote`] put it in
+    /// the caller's buffer.
+    pub disk_off: u64,
+    pub buf_off: usize,
+    pub len_bytes: u32,
+    /// The size of its slot: the slot after it starts `slot_bytes` after `disk_off`.
+    pub slot_bytes: u32,
+    /// The memory slot's record when the demotion began.
+    rec: u64,
 }
 
 /// A page found in an adopted store file: (page address, owner set, handle).
@@ -84,23 +138,33 @@ pub struct Store {
     /// Live members of the fork family sharing this store (bit `m` = member `m`); member 0,
     /// the program the store was made for, joins at creation.
     members: u16,
+    /// Disk pages read with `pread` by [`Store::get`].
+    disk_sync_reads: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
     /// An empty store; maps nothing until the first blob arrives. A durable store creates
     /// its (empty) store file first, which can fail.
     pub fn try_new(cfg: StoreConfig) -> Result<Store, StoreError> {
-        let slabs = if cfg.durable {
+        let mut slabs = if cfg.durable {
             Slabs::new_durable(cfg.max_bytes)?
         } else {
             Slabs::new(cfg.max_bytes)
         };
+        if let Some(d) = &cfg.disk {
+            assert!(cfg.durable, "a disk tier needs a durable store");
+            slabs.set_disk(
+                DiskFile::create(&d.dir).map_err(StoreError::Disk)?,
+                d.max_bytes,
+            );
+        }
         Ok(Store {
             slabs,
             words: WordTable::default(),
             counters: Counters::default(),
             put_scratch: Vec::new(),
             members: 1,
+            disk_sync_reads: Default::default(),
         })
     }
 
@@ -118,6 +182,7 @@ impl Store {
             counters: Counters::default(),
             put_scratch: Vec::new(),
             members: 0,
+            disk_sync_reads: Default::default(),
         };
         let mut pages = Vec::with_capacity(used.len());
         for (loc, rec) in used {
@@ -192,12 +257,14 @@ impl Store {
     /// An empty, non-durable store; maps nothing until the first blob arrives.
     pub fn new(cfg: StoreConfig) -> Store {
         assert!(!cfg.durable, "a durable store is made with Store::try_new");
+        assert!(cfg.disk.is_none(), "a disk tier needs a durable store");
         Store {
             slabs: Slabs::new(cfg.max_bytes),
             words: WordTable::default(),
             counters: Counters::default(),
             put_scratch: Vec::new(),
             members: 1,
+            disk_sync_reads: Default::default(),
         }
     }
 
@@ -290,6 +357,43 @@ impl Store {
         Ok(h)
     }
 
+    /// Places a blob straight in the disk tier, written synchronously (`pwrite`) before its
+    /// record is set (layout write order, step 6).
+    fn place_on_disk(
+        &mut self,
+        class_idx: u8,
+        payload: &[u8],
+        addr: u64,
+        owners: u16,
+    ) -> Result<Handle, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let loc = self.slabs.reserve_disk(class_idx)?;
+        let written = self
+            .slabs
+            .disk()
+            .expect("reserve_disk needs a disk tier")
+            .file()
+            .write_all_at(payload, Slabs::disk_off(loc));
+        if let Err(e) = written {
+            let _ = self.slabs.free(loc);
+            return Err(StoreError::Disk(e));
+        }
+        let rec = crate::protocol::store_layout::record(addr, payload.len(), owners);
+        self.slabs
+            .publish(loc, rec)
+            .map_err(|reason| StoreError::CorruptHandle { bits: 0, reason })?;
+        let h = Handle::blob(BlobLoc {
+            class_idx: loc.class_idx,
+            chunk_idx: loc.chunk_idx,
+            slot_idx: loc.slot_idx,
+            len_bytes: payload.len() as u32,
+        });
+        self.counters.account(h.kind(), false, 0, 1);
+        self.counters.pages_on_disk += 1;
+        self.counters.disk_bytes_out += payload.len() as u64;
+        Ok(h)
+    }
+
     /// Convenience: [`encode`] + [`Store::insert`], with a scratch buffer of the store's own
     /// (so it compresses under the caller's lock; the monitor's hot path uses `encode` first).
     pub fn put(&mut self, page: &[u8; PAGE_SIZE], addr: u64) -> Result<Handle, StoreError> {
@@ -345,18 +449,220 @@ impl Store {
             }
             Decoded::Blob(loc) => {
                 let slot = Self::blob_slot(bits, loc)?;
+                if self.slabs.is_on_disk(slot).map_err(corrupt)? {
+                    let mut payload = [0u8; PAGE_SIZE];
+                    let payload = &mut payload[..loc.len_bytes as usize];
+                    self.read_disk(slot, payload)?;
+                    self.disk_sync_reads
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Self::decode_payload(h, payload, out);
+                }
                 let payload = self
                     .slabs
                     .read(slot, loc.len_bytes as usize)
                     .map_err(corrupt)?;
-                if loc.class_idx == RAW_CLASS_IDX {
-                    out.copy_from_slice(payload);
-                    Ok(())
-                } else {
-                    encode::decompress(payload, out)
-                        .map_err(|detail| StoreError::DecompressFailed { bits, detail })
-                }
+                Self::decode_payload(h, payload, out)
             }
+        }
+    }
+
+    /// Reads a disk slot's payload with `pread`.
+    fn read_disk(&self, slot: SlotLoc, payload: &mut [u8]) -> Result<(), StoreError> {
+        let disk = self.slabs.disk().ok_or(StoreError::CorruptHandle {
+            bits: 0,
+            reason: "a disk chunk without a disk file",
+        })?;
+        disk.read_exact_at(payload, Slabs::disk_off(slot))
+            .map_err(StoreError::Disk)
+    }
+
+    /// Decodes `payload`, the blob of `h` (read from the slabs or, for a disk page, from the
+    /// disk file by the caller), into `out`. Its length must be the handle's.
+    pub fn decode_payload(
+        h: Handle,
+        payload: &[u8],
+        out: &mut [u8; PAGE_SIZE],
+    ) -> Result<(), StoreError> {
+        let bits = h.to_bits();
+        let Some(Decoded::Blob(loc)) = h.decode() else {
+            return Err(StoreError::CorruptHandle {
+                bits,
+                reason: "not a blob handle",
+            });
+        };
+        if payload.len() != loc.len_bytes as usize {
+            return Err(StoreError::CorruptHandle {
+                bits,
+                reason: "payload length differs from the handle's",
+            });
+        }
+        if loc.class_idx == RAW_CLASS_IDX {
+            out.copy_from_slice(payload);
+            Ok(())
+        } else {
+            encode::decompress(payload, out)
+                .map_err(|detail| StoreError::DecompressFailed { bits, detail })
+        }
+    }
+
+    /// The payload of a blob in use, read from the disk file when it is there.
+    fn payload(&self, slot: SlotLoc, len_bytes: usize) -> Result<Vec<u8>, StoreError> {
+        let corrupt = |reason| StoreError::CorruptHandle { bits: 0, reason };
+        if self.slabs.is_on_disk(slot).map_err(corrupt)? {
+            let mut v = vec![0u8; len_bytes];
+            self.read_disk(slot, &mut v)?;
+            return Ok(v);
+        }
+        Ok(self.slabs.read(slot, len_bytes).map_err(corrupt)?.to_vec())
+    }
+
+    /// Bytes of the memory slots in use (what the disk tier's watermarks compare with
+    /// `max_store`).
+    pub fn slot_bytes_used(&self) -> u64 {
+        self.slabs.used_slot_bytes()
+    }
+
+    /// Bytes of the memory chunks mapped (what `max_bytes` bounds).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.slabs.mapped_bytes()
+    }
+
+    /// Inserts refused with [`StoreError::Full`] so far.
+    pub fn inserts_refused_full(&self) -> u64 {
+        self.counters.inserts_refused_full
+    }
+
+    /// Whether the store has a disk tier.
+    pub fn has_disk(&self) -> bool {
+        self.slabs.disk().is_some()
+    }
+
+    /// The disk tier's file, if any.
+    pub fn disk_file(&self) -> Option<&std::fs::File> {
+        self.slabs.disk().map(DiskFile::file)
+    }
+
+    /// The disk tier's directory, if any.
+    pub fn disk_dir(&self) -> Option<&std::path::Path> {
+        self.slabs.disk().map(DiskFile::dir)
+    }
+
+    /// Where `h`'s payload is in the disk file, if `h` names a disk page (and `None` for any
+    /// other handle, a corrupt one included: [`Store::get`] then says what is wrong).
+    pub fn disk_read(&self, h: Handle) -> Option<DiskRead> {
+        let Some(Decoded::Blob(loc)) = h.decode() else {
+            return None;
+        };
+        let slot = Self::blob_slot(h.to_bits(), loc).ok()?;
+        self.slabs.is_on_disk(slot).ok()?.then_some(DiskRead {
+            off: Slabs::disk_off(slot),
+            len_bytes: loc.len_bytes,
+            slot_bytes: slab::slot_bytes(loc.class_idx) as u32,
+        })
+    }
+
+    /// Counts disk slots freed so far. A disk payload read without the store's lock is the
+    /// blob of its handle if this is unchanged once the lock is held again and the handle
+    /// still names the page: no disk slot was freed (so none reused) in between.
+    pub fn disk_epoch(&self) -> u64 {
+        self.slabs.disk_frees()
+    }
+
+    /// Starts moving member `member`'s page at `addr`, stored as `h`, to the disk tier: a disk
+    /// slot of its class is reserved (no record yet), the payload is appended to `buf`, and
+    /// the memory slot is pinned. The caller writes `buf[buf_off..][..len_bytes]` at
+    /// `disk_off` of the disk file (without any lock), waits for the write to complete, then
+    /// calls [`Store::commit_demote`] (or [`Store::abort_demote`]). `Ok(None)`: not a page to
+    /// demote (same-filled, on disk already, shared with another member, or being demoted).
+    /// [`StoreError::Full`]: the disk tier is full or absent.
+    pub fn begin_demote(
+        &mut self,
+        member: u8,
+        h: Handle,
+        addr: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<Demotion>, StoreError> {
+        let bits = h.to_bits();
+        let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
+        let Some(Decoded::Blob(loc)) = h.decode() else {
+            return Ok(None);
+        };
+        let slot = Self::blob_slot(bits, loc)?;
+        if self.slabs.is_on_disk(slot).map_err(corrupt)? || self.slabs.is_pinned(slot) {
+            return Ok(None);
+        }
+        let rec = self.slabs.record(slot).map_err(corrupt)?;
+        let owners = crate::protocol::store_layout::record_owners(rec);
+        let (rec_addr, _) = crate::protocol::store_layout::record_parts(rec);
+        if owners != 1u16 << member || rec_addr != addr {
+            return Ok(None);
+        }
+        let dst = self.slabs.reserve_disk(loc.class_idx)?;
+        let payload = self
+            .slabs
+            .read(slot, loc.len_bytes as usize)
+            .map_err(corrupt)?;
+        let buf_off = buf.len();
+        buf.extend_from_slice(payload);
+        self.slabs.pin(slot);
+        Ok(Some(Demotion {
+            addr,
+            old: h,
+            new: Handle::blob(BlobLoc {
+                class_idx: dst.class_idx,
+                chunk_idx: dst.chunk_idx,
+                slot_idx: dst.slot_idx,
+                len_bytes: loc.len_bytes,
+            }),
+            disk_off: Slabs::disk_off(dst),
+            buf_off,
+            len_bytes: loc.len_bytes,
+            slot_bytes: slab::slot_bytes(loc.class_idx) as u32,
+            rec,
+        }))
+    }
+
+    /// Finishes a demotion whose payload is written to the disk file: if the memory slot was
+    /// not freed since [`Store::begin_demote`] and its record is unchanged (same address, same
+    /// sole owner), the disk record is published and then the memory slot is freed (layout
+    /// write order, step 6), and `true` is returned: the caller's page map must name the page
+    /// by `d.new` from now on (it checked, under its own lock, that it still names it by
+    /// `d.old`). Otherwise the reserved disk slot is given back and `false` is returned.
+    pub fn commit_demote(&mut self, d: &Demotion) -> bool {
+        let (old, new) = (Self::loc_of(d.old), Self::loc_of(d.new));
+        let still = self.slabs.unpin(old) && self.slabs.record(old) == Ok(d.rec);
+        if !still {
+            let _ = self.slabs.free(new);
+            return false;
+        }
+        if let Err(e) = self.slabs.publish(new, d.rec) {
+            tracing::error!(error = e, "store: publishing a disk record failed");
+            let _ = self.slabs.free(new);
+            return false;
+        }
+        self.slabs
+            .free(old)
+            .expect("the pinned slot is in use (checked above)");
+        self.counters.account_demoted(u64::from(d.len_bytes));
+        true
+    }
+
+    /// Gives up a demotion (the write failed, or the page map no longer names the page by
+    /// `d.old`): the reserved disk slot is freed, the memory slot unpinned.
+    pub fn abort_demote(&mut self, d: &Demotion) {
+        self.slabs.unpin(Self::loc_of(d.old));
+        let _ = self.slabs.free(Self::loc_of(d.new));
+    }
+
+    /// The slot of a blob handle this store made.
+    fn loc_of(h: Handle) -> SlotLoc {
+        match h.decode() {
+            Some(Decoded::Blob(b)) => SlotLoc {
+                class_idx: b.class_idx,
+                chunk_idx: b.chunk_idx,
+                slot_idx: b.slot_idx,
+            },
+            _ => unreachable!("demotions are made of blob handles only"),
         }
     }
 
@@ -391,12 +697,15 @@ impl Store {
                     self.slabs.set_addr(slot, addr).map_err(corrupt)?;
                     return Ok(h);
                 }
-                let payload = self
-                    .slabs
-                    .read(slot, loc.len_bytes as usize)
-                    .map_err(corrupt)?
-                    .to_vec();
-                let copy = self.place_blob(loc.class_idx, &payload, addr, me)?;
+                // The copy goes to memory (a disk page's payload read back with `pread`); when
+                // the memory quota refuses it, to the disk tier if there is one.
+                let payload = self.payload(slot, loc.len_bytes as usize)?;
+                let copy = match self.place_blob(loc.class_idx, &payload, addr, me) {
+                    Err(StoreError::Full) if self.has_disk() => {
+                        self.place_on_disk(loc.class_idx, &payload, addr, me)?
+                    }
+                    other => other?,
+                };
                 self.slabs.set_owners(slot, owners & !me).map_err(corrupt)?;
                 self.counters.shared_refs -= 1;
                 self.counters.shared_copies += 1;
@@ -492,9 +801,15 @@ impl Store {
                     self.counters.shared_refs -= 1;
                     return Ok(());
                 }
+                let on_disk = self.slabs.is_on_disk(slot).map_err(corrupt)?;
                 self.slabs.free(slot).map_err(corrupt)?;
-                self.counters
-                    .account(h.kind(), false, u64::from(loc.len_bytes), -1);
+                if on_disk {
+                    self.counters
+                        .account_disk_removed(h.kind(), u64::from(loc.len_bytes));
+                } else {
+                    self.counters
+                        .account(h.kind(), false, u64::from(loc.len_bytes), -1);
+                }
             }
         }
         Ok(())
@@ -540,6 +855,16 @@ impl Store {
             inserts_refused_full: c.inserts_refused_full,
             shared_refs: c.shared_refs,
             shared_copies: c.shared_copies,
+            pages_on_disk: c.pages_on_disk,
+            disk_bytes_used: c.disk_bytes_out,
+            disk_bytes_slots: self.slabs.disk_used_slot_bytes(),
+            disk_bytes_mapped: self.slabs.disk_mapped_bytes(),
+            disk_chunks: self.slabs.disk_chunks(),
+            disk_file_bytes: self.slabs.disk().map_or(0, DiskFile::allocated_bytes),
+            pages_demoted: c.pages_demoted,
+            disk_sync_reads: self
+                .disk_sync_reads
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 

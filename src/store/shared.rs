@@ -111,6 +111,11 @@ impl SharedStore {
         self.inner.lock().share(h, other.member)
     }
 
+    /// The family store's disk epoch (see [`Store::disk_epoch`]).
+    pub fn disk_epoch(&self) -> u64 {
+        self.inner.lock().disk_epoch()
+    }
+
     /// The family store's figures (shared by every member).
     pub fn stats(&self) -> StoreStats {
         self.inner.lock().stats()

@@ -8,16 +8,27 @@
 //! at fixed offsets of one memfd (the store file) whose descriptor the program's shim also
 //! holds. An empty chunk is unmapped (and punched out of the file) at once, so memory comes
 //! back as pages leave.
+//!
+//! Disk tier: a durable store may also have *disk chunks* (class byte with
+//! [`layout::DISK_CHUNK_FLAG`]): their records are mapped from the store file like any chunk's,
+//! their slots are ranges of the disk file ([`super::disk::DiskFile`]), which this module only
+//! reserves, frees and punches (the payloads are written and read by the caller). Memory chunks
+//! count against `max_mapped_bytes`, disk chunks against `max_disk_bytes`. A memory slot being
+//! demoted is *pinned* ([`Slabs::pin`]): freeing it unpins it, so the demotion can tell that the
+//! slot it copied may since hold another page.
 //! Must not touch: compression, handle bits (it works in class/chunk/slot indices), uffd,
 //! processes. Its only system calls are the mmap/munmap done by `memmap2` and, for a durable
-//! store, memfd_create, ftruncate and fallocate(PUNCH_HOLE) on the store file.
+//! store, memfd_create, ftruncate and fallocate(PUNCH_HOLE) on the store file and the disk
+//! file.
 //!
 //! Size classes: slots of 64, 128, ..., 3072 bytes for lz4 payloads (64-byte steps, so at most
 //! 63 bytes of a slot go unused), and one class of 4096-byte slots for raw pages.
 
+use std::collections::HashSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
+use super::disk::DiskFile;
 use super::handle::{MAX_CHUNK_IDX, MAX_SLOT_IDX};
 use super::StoreError;
 use crate::protocol::store_layout as layout;
@@ -106,8 +117,10 @@ impl StoreFile {
         unsafe { &*(self.head.as_ptr().add(off) as *const AtomicU8) }
     }
 
-    /// Maps chunk `chunk_idx`'s extent, growing the file first (layout write order, step 1).
-    fn map_extent(&mut self, chunk_idx: u32) -> Result<MmapMut, StoreError> {
+    /// Maps the first `len_bytes` of chunk `chunk_idx`'s extent (all of it for a memory
+    /// chunk, the records of a disk chunk), growing the file to the extent's end first (layout
+    /// write order, step 1; a reader sees a chunk only within the file's length).
+    fn map_extent(&mut self, chunk_idx: u32, len_bytes: usize) -> Result<MmapMut, StoreError> {
         let io = |e| StoreError::Map(e);
         let off = layout::extent_off(chunk_idx as usize) as u64;
         let end = off + EXTENT_BYTES as u64;
@@ -120,7 +133,7 @@ impl StoreFile {
         unsafe {
             MmapOptions::new()
                 .offset(off)
-                .len(EXTENT_BYTES)
+                .len(len_bytes)
                 .map_mut(&self.file)
         }
         .map_err(io)
@@ -151,21 +164,31 @@ impl StoreFile {
 
 /// Slab bytes mapped by every store of this process (the monitor's daemon-wide figure).
 static ALL_MAPPED_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Disk chunk bytes of every store of this process.
+static ALL_DISK_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Slab bytes mapped by every live store of this process.
 pub fn all_mapped_bytes() -> u64 {
     ALL_MAPPED_BYTES.load(Ordering::Relaxed)
 }
 
+/// Disk chunk bytes (slots in disk files) of every live store of this process.
+pub fn all_disk_bytes() -> u64 {
+    ALL_DISK_BYTES.load(Ordering::Relaxed)
+}
+
 impl Drop for Slabs {
     fn drop(&mut self) {
         ALL_MAPPED_BYTES.fetch_sub(self.live_chunks * CHUNK_BYTES as u64, Ordering::Relaxed);
+        ALL_DISK_BYTES.fetch_sub(self.disk_chunks * CHUNK_BYTES as u64, Ordering::Relaxed);
     }
 }
 
-/// One extent: the records, then the slots of a single class.
+/// One extent: the records, then the slots of a single class (a disk chunk maps only the
+/// records; its slots are in the disk file).
 struct Chunk {
     map: MmapMut,
+    on_disk: bool,
     /// Bit `i` set = slot `i` in use. Bits past the last slot are set, so they never look free.
     used_bitmap: Box<[u64]>,
     used_slots: u32,
@@ -175,8 +198,15 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn new(class_idx: u8, map: MmapMut) -> Chunk {
-        debug_assert_eq!(map.len(), EXTENT_BYTES);
+    fn new(class_idx: u8, map: MmapMut, on_disk: bool) -> Chunk {
+        debug_assert_eq!(
+            map.len(),
+            if on_disk {
+                layout::RECORDS_BYTES
+            } else {
+                EXTENT_BYTES
+            }
+        );
         let slots = slots_per_chunk(class_idx);
         let words = slots.div_ceil(BITS_PER_WORD);
         let mut used_bitmap = vec![0u64; words].into_boxed_slice();
@@ -186,6 +216,7 @@ impl Chunk {
         }
         Chunk {
             map,
+            on_disk,
             used_bitmap,
             used_slots: 0,
             class_idx,
@@ -234,19 +265,36 @@ pub(crate) struct Slabs {
     /// Indexed by `chunk_idx`; `None` for a released chunk whose index is on `free_chunk_idxs`.
     chunks: Vec<Option<Chunk>>,
     free_chunk_idxs: Vec<u32>,
-    /// Per class: indices of its chunks that have at least one free slot.
+    /// Per class and tier ([`plist`]): indices of its chunks that have at least one free slot.
     partial: Vec<Vec<u32>>,
+    /// Memory chunks mapped.
     live_chunks: u64,
-    /// Sum of the slot sizes of the slots in use.
+    /// Sum of the slot sizes of the memory slots in use.
     used_slot_bytes: u64,
     bitmap_words: u64,
     max_mapped_bytes: Option<u64>,
     /// The store file of a durable store; `None`: chunks are anonymous mappings.
     file: Option<StoreFile>,
+    /// The disk tier's file; `None`: no disk tier.
+    disk: Option<DiskFile>,
+    /// Disk chunks, and the slot bytes of their slots in use (reserved included).
+    disk_chunks: u64,
+    disk_used_slot_bytes: u64,
+    max_disk_bytes: Option<u64>,
+    /// Disk slots freed so far: a reader that read a disk payload without the lock and finds
+    /// this unchanged knows no disk slot was reused meanwhile.
+    disk_frees: u64,
+    /// Memory slots being demoted (see [`Slabs::pin`]).
+    pinned: HashSet<SlotLoc>,
+}
+
+/// Index of the partial list of class `class_idx` in memory or on disk.
+fn plist(class_idx: u8, on_disk: bool) -> usize {
+    usize::from(class_idx) + if on_disk { NUM_CLASSES } else { 0 }
 }
 
 /// Where a blob is, as the slabs see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct SlotLoc {
     pub class_idx: u8,
     pub chunk_idx: u32,
@@ -259,11 +307,17 @@ impl Slabs {
             file: None,
             chunks: Vec::new(),
             free_chunk_idxs: Vec::new(),
-            partial: (0..NUM_CLASSES).map(|_| Vec::new()).collect(),
+            partial: (0..2 * NUM_CLASSES).map(|_| Vec::new()).collect(),
             live_chunks: 0,
             used_slot_bytes: 0,
             bitmap_words: 0,
             max_mapped_bytes,
+            disk: None,
+            disk_chunks: 0,
+            disk_used_slot_bytes: 0,
+            max_disk_bytes: None,
+            disk_frees: 0,
+            pinned: HashSet::new(),
         }
     }
 
@@ -301,16 +355,22 @@ impl Slabs {
         });
         let mut used = Vec::new();
         for chunk_idx in 0..capacity {
-            let Some(class_idx) = view.chunk_class(chunk_idx) else {
-                continue;
+            let class_idx = match view.chunk_kind(chunk_idx) {
+                None => continue,
+                Some(layout::ChunkKind::Memory(c)) => c,
+                Some(layout::ChunkKind::Disk(_)) => {
+                    // Its payloads are in a disk file the program has not handed over; the
+                    // guardian brings those pages home itself instead.
+                    return Err("the store has pages in a disk tier, which is not adopted".into());
+                }
             };
             let map = slabs
                 .file
                 .as_mut()
                 .expect("set above")
-                .map_extent(chunk_idx as u32)
+                .map_extent(chunk_idx as u32, EXTENT_BYTES)
                 .map_err(|e| e.to_string())?;
-            let mut chunk = Chunk::new(class_idx, map);
+            let mut chunk = Chunk::new(class_idx, map, false);
             for slot_idx in 0..slots_per_chunk(class_idx) {
                 let rec = chunk.record(slot_idx).load(Ordering::Acquire);
                 if rec == 0 || layout::record_owners(rec) == 0 {
@@ -334,8 +394,9 @@ impl Slabs {
             }
             slabs.bitmap_words += chunk.used_bitmap.len() as u64;
             if !chunk.is_full() {
-                chunk.partial_pos = slabs.partial[usize::from(class_idx)].len() as u32;
-                slabs.partial[usize::from(class_idx)].push(chunk_idx as u32);
+                let list = plist(class_idx, false);
+                chunk.partial_pos = slabs.partial[list].len() as u32;
+                slabs.partial[list].push(chunk_idx as u32);
             }
             slabs.chunks.push(Some(chunk));
             slabs.live_chunks += 1;
@@ -388,6 +449,23 @@ impl Slabs {
         self.file.as_ref().map(|f| &f.file)
     }
 
+    /// Gives a durable store a disk tier in `disk`, of at most `max_disk_bytes` of disk chunks.
+    pub fn set_disk(&mut self, disk: DiskFile, max_disk_bytes: Option<u64>) {
+        assert!(self.file.is_some(), "a disk tier needs a durable store");
+        self.disk = Some(disk);
+        self.max_disk_bytes = max_disk_bytes;
+    }
+
+    /// The disk tier's file, if there is one.
+    pub fn disk(&self) -> Option<&DiskFile> {
+        self.disk.as_ref()
+    }
+
+    /// Disk slots freed so far (see `disk_frees`).
+    pub fn disk_frees(&self) -> u64 {
+        self.disk_frees
+    }
+
     /// Takes a slot of `class_idx`, copies `data` (1 byte up to the slot size) to its start,
     /// then writes its record naming the page at `addr` (layout write order, step 2).
     /// Maps a new chunk when the class has no free slot; that fails with
@@ -407,9 +485,49 @@ impl Slabs {
             data.len() <= slot_bytes(class_idx),
             "blob larger than its slot"
         );
-        let chunk_idx = match self.partial[usize::from(class_idx)].last() {
+        let loc = self.take(class_idx, false)?;
+        let chunk = self.chunks[loc.chunk_idx as usize]
+            .as_mut()
+            .expect("just taken");
+        let slot_idx = loc.slot_idx as usize;
+        let range = chunk.slot_range(slot_idx, data.len());
+        chunk.map[range].copy_from_slice(data);
+        chunk
+            .record(slot_idx)
+            .store(layout::record(addr, data.len(), owners), Ordering::Release);
+        Ok(loc)
+    }
+
+    /// Reserves a slot of `class_idx` in a disk chunk (a new one when the class has no free
+    /// disk slot; that fails with [`StoreError::Full`] past `max_disk_bytes`, or when the
+    /// store has no disk tier). Its record stays 0 until [`Slabs::publish`]: a reader ignores
+    /// it, and its disk range is the caller's to write meanwhile (layout write order, step 6).
+    pub fn reserve_disk(&mut self, class_idx: u8) -> Result<SlotLoc, StoreError> {
+        if self.disk.is_none() {
+            return Err(StoreError::Full);
+        }
+        self.take(class_idx, true)
+    }
+
+    /// Sets the record of a reserved disk slot, whose payload is written (step 6).
+    pub fn publish(&mut self, loc: SlotLoc, rec: u64) -> Result<(), &'static str> {
+        let chunk = self.chunk_of(loc)?;
+        if !chunk.on_disk {
+            return Err("not a disk slot");
+        }
+        chunk
+            .record(loc.slot_idx as usize)
+            .store(rec, Ordering::Release);
+        Ok(())
+    }
+
+    /// Takes the lowest free slot of a chunk of `class_idx` in the tier, mapping a new chunk
+    /// when none has one. Its record is left as it is (0).
+    fn take(&mut self, class_idx: u8, on_disk: bool) -> Result<SlotLoc, StoreError> {
+        let list = plist(class_idx, on_disk);
+        let chunk_idx = match self.partial[list].last() {
             Some(&idx) => idx,
-            None => self.add_chunk(class_idx)?,
+            None => self.add_chunk(class_idx, on_disk)?,
         };
         let chunk = self.chunks[chunk_idx as usize]
             .as_mut()
@@ -417,17 +535,16 @@ impl Slabs {
         let slot_idx = chunk
             .take_slot()
             .expect("a chunk on a partial list has a free slot");
-        let range = chunk.slot_range(slot_idx, data.len());
-        chunk.map[range].copy_from_slice(data);
-        chunk
-            .record(slot_idx)
-            .store(layout::record(addr, data.len(), owners), Ordering::Release);
         if chunk.is_full() {
-            let popped = self.partial[usize::from(class_idx)].pop();
+            let popped = self.partial[list].pop();
             debug_assert_eq!(popped, Some(chunk_idx));
             chunk.partial_pos = NOT_PARTIAL;
         }
-        self.used_slot_bytes += slot_bytes(class_idx) as u64;
+        if on_disk {
+            self.disk_used_slot_bytes += slot_bytes(class_idx) as u64;
+        } else {
+            self.used_slot_bytes += slot_bytes(class_idx) as u64;
+        }
         Ok(SlotLoc {
             class_idx,
             chunk_idx,
@@ -436,10 +553,14 @@ impl Slabs {
         })
     }
 
-    /// Maps a chunk for `class_idx` and puts it on the class's partial list.
-    fn add_chunk(&mut self, class_idx: u8) -> Result<u32, StoreError> {
-        let mapped_after = (self.live_chunks + 1) * CHUNK_BYTES as u64;
-        if self.max_mapped_bytes.is_some_and(|max| mapped_after > max) {
+    /// Maps a chunk for `class_idx` in the tier and puts it on its partial list.
+    fn add_chunk(&mut self, class_idx: u8, on_disk: bool) -> Result<u32, StoreError> {
+        let (count, max) = if on_disk {
+            (self.disk_chunks, self.max_disk_bytes)
+        } else {
+            (self.live_chunks, self.max_mapped_bytes)
+        };
+        if max.is_some_and(|max| (count + 1) * CHUNK_BYTES as u64 > max) {
             return Err(StoreError::Full);
         }
         let max_chunks = if self.file.is_some() {
@@ -452,16 +573,21 @@ impl Slabs {
             None if self.chunks.len() < max_chunks => self.chunks.len() as u32,
             None => return Err(StoreError::Full),
         };
+        let map_len = if on_disk {
+            layout::RECORDS_BYTES
+        } else {
+            EXTENT_BYTES
+        };
         let map = match &mut self.file {
-            Some(f) => f.map_extent(chunk_idx)?,
-            None => MmapMut::map_anon(EXTENT_BYTES).map_err(StoreError::Map)?,
+            Some(f) => f.map_extent(chunk_idx, map_len)?,
+            None => MmapMut::map_anon(map_len).map_err(StoreError::Map)?,
         };
         if let Some(f) = &self.file {
             f.class_byte(chunk_idx)
-                .store(class_idx + 1, Ordering::Release);
+                .store(layout::class_byte(class_idx, on_disk), Ordering::Release);
         }
-        let mut chunk = Chunk::new(class_idx, map);
-        let partial = &mut self.partial[usize::from(class_idx)];
+        let mut chunk = Chunk::new(class_idx, map, on_disk);
+        let partial = &mut self.partial[plist(class_idx, on_disk)];
         chunk.partial_pos = partial.len() as u32;
         partial.push(chunk_idx);
         self.bitmap_words += chunk.used_bitmap.len() as u64;
@@ -469,8 +595,13 @@ impl Slabs {
             self.chunks.push(None);
         }
         self.chunks[chunk_idx as usize] = Some(chunk);
-        self.live_chunks += 1;
-        ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+        if on_disk {
+            self.disk_chunks += 1;
+            ALL_DISK_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+        } else {
+            self.live_chunks += 1;
+            ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+        }
         Ok(chunk_idx)
     }
 
@@ -496,9 +627,46 @@ impl Slabs {
         Ok(chunk)
     }
 
-    /// The first `len_bytes` of a slot in use.
+    /// Whether a slot in use is in a disk chunk.
+    pub fn is_on_disk(&self, loc: SlotLoc) -> Result<bool, &'static str> {
+        Ok(self.chunk_of(loc)?.on_disk)
+    }
+
+    /// Offset of a disk slot's payload in the disk file.
+    pub fn disk_off(loc: SlotLoc) -> u64 {
+        layout::disk_slot_off(loc.chunk_idx as usize, loc.class_idx, loc.slot_idx as usize)
+    }
+
+    /// The record of a slot in use.
+    pub fn record(&self, loc: SlotLoc) -> Result<u64, &'static str> {
+        Ok(self
+            .chunk_of(loc)?
+            .record(loc.slot_idx as usize)
+            .load(Ordering::Acquire))
+    }
+
+    /// Pins a memory slot in use for a demotion: [`Slabs::free`] of it unpins it.
+    pub fn pin(&mut self, loc: SlotLoc) {
+        self.pinned.insert(loc);
+    }
+
+    /// Whether a slot is pinned (a demotion of it is under way).
+    pub fn is_pinned(&self, loc: SlotLoc) -> bool {
+        self.pinned.contains(&loc)
+    }
+
+    /// Unpins a slot; whether it was still pinned (not freed since [`Slabs::pin`]).
+    pub fn unpin(&mut self, loc: SlotLoc) -> bool {
+        self.pinned.remove(&loc)
+    }
+
+    /// The first `len_bytes` of a memory slot in use (a disk slot's payload is in the disk
+    /// file: an error here).
     pub fn read(&self, loc: SlotLoc, len_bytes: usize) -> Result<&[u8], &'static str> {
         let chunk = self.chunk_of(loc)?;
+        if chunk.on_disk {
+            return Err("slot is on disk");
+        }
         if len_bytes > slot_bytes(loc.class_idx) {
             return Err("length larger than the slot");
         }
@@ -538,23 +706,33 @@ impl Slabs {
         Ok(())
     }
 
-    /// Frees a slot; unmaps its chunk if that was the chunk's last slot in use. On error
-    /// (the slot was not in use) nothing changes.
+    /// Frees a slot (memory or disk, reserved or published); unmaps its chunk if that was the
+    /// chunk's last slot in use. On error (the slot was not in use) nothing changes.
     pub fn free(&mut self, loc: SlotLoc) -> Result<(), &'static str> {
         self.chunk_of(loc)?;
-        let class = usize::from(loc.class_idx);
+        if !self.pinned.is_empty() {
+            self.pinned.remove(&loc);
+        }
         let chunk = self.chunks[loc.chunk_idx as usize]
             .as_mut()
             .expect("checked by chunk_of");
+        let list = plist(loc.class_idx, chunk.on_disk);
         let slot_idx = loc.slot_idx as usize;
-        chunk.record(slot_idx).store(0, Ordering::Release);
+        let published = chunk.record(slot_idx).swap(0, Ordering::AcqRel) != 0;
         let was_full = chunk.is_full();
         chunk.used_bitmap[slot_idx / BITS_PER_WORD] &= !(1 << (slot_idx % BITS_PER_WORD));
         chunk.used_slots -= 1;
-        self.used_slot_bytes -= slot_bytes(loc.class_idx) as u64;
+        if chunk.on_disk {
+            self.disk_used_slot_bytes -= slot_bytes(loc.class_idx) as u64;
+            // A reserved slot (no record yet) was never named by a handle: no reader can
+            // hold its payload.
+            self.disk_frees += u64::from(published);
+        } else {
+            self.used_slot_bytes -= slot_bytes(loc.class_idx) as u64;
+        }
         if was_full {
-            chunk.partial_pos = self.partial[class].len() as u32;
-            self.partial[class].push(loc.chunk_idx);
+            chunk.partial_pos = self.partial[list].len() as u32;
+            self.partial[list].push(loc.chunk_idx);
         }
         if chunk.used_slots == 0 {
             self.release_chunk(loc.chunk_idx);
@@ -562,13 +740,14 @@ impl Slabs {
         Ok(())
     }
 
-    /// Unmaps an empty chunk and frees its index.
+    /// Unmaps an empty chunk and frees its index (a disk chunk's range of the disk file is
+    /// punched too).
     fn release_chunk(&mut self, chunk_idx: u32) {
         let chunk = self.chunks[chunk_idx as usize]
             .take()
             .expect("releasing a live chunk");
         debug_assert_eq!(chunk.used_slots, 0);
-        let partial = &mut self.partial[usize::from(chunk.class_idx)];
+        let partial = &mut self.partial[plist(chunk.class_idx, chunk.on_disk)];
         let pos = chunk.partial_pos as usize;
         debug_assert_eq!(partial.get(pos), Some(&chunk_idx), "empty chunk is partial");
         partial.swap_remove(pos);
@@ -579,14 +758,28 @@ impl Slabs {
                 .partial_pos = pos as u32;
         }
         self.bitmap_words -= chunk.used_bitmap.len() as u64;
-        self.live_chunks -= 1;
-        ALL_MAPPED_BYTES.fetch_sub(CHUNK_BYTES as u64, Ordering::Relaxed);
+        if chunk.on_disk {
+            self.disk_chunks -= 1;
+            ALL_DISK_BYTES.fetch_sub(CHUNK_BYTES as u64, Ordering::Relaxed);
+        } else {
+            self.live_chunks -= 1;
+            ALL_MAPPED_BYTES.fetch_sub(CHUNK_BYTES as u64, Ordering::Relaxed);
+        }
         self.free_chunk_idxs.push(chunk_idx);
+        let on_disk = chunk.on_disk;
         // Dropping the MmapMut unmaps it.
         drop(chunk);
         if let Some(f) = &self.file {
             f.class_byte(chunk_idx).store(0, Ordering::Release);
             f.punch(chunk_idx);
+        }
+        if on_disk {
+            if let Some(d) = &self.disk {
+                d.punch(
+                    layout::disk_slot_off(chunk_idx as usize, 0, 0),
+                    CHUNK_BYTES as u64,
+                );
+            }
         }
     }
 
@@ -595,19 +788,36 @@ impl Slabs {
         self.live_chunks
     }
 
-    /// Bytes of all mapped chunks.
+    /// Bytes of all mapped memory chunks.
     pub fn mapped_bytes(&self) -> u64 {
         self.live_chunks * CHUNK_BYTES as u64
     }
 
-    /// Sum of the slot sizes of the slots in use.
+    /// Sum of the slot sizes of the memory slots in use.
     pub fn used_slot_bytes(&self) -> u64 {
         self.used_slot_bytes
     }
 
-    /// Bytes of bookkeeping: the chunk table, bitmaps, partial lists and free index list.
+    /// Disk chunks.
+    pub fn disk_chunks(&self) -> u64 {
+        self.disk_chunks
+    }
+
+    /// Bytes of the disk file's range the disk chunks cover.
+    pub fn disk_mapped_bytes(&self) -> u64 {
+        self.disk_chunks * CHUNK_BYTES as u64
+    }
+
+    /// Sum of the slot sizes of the disk slots in use (reserved ones included).
+    pub fn disk_used_slot_bytes(&self) -> u64 {
+        self.disk_used_slot_bytes
+    }
+
+    /// Bytes of bookkeeping: the chunk table, bitmaps, partial lists and free index list (and
+    /// the records of disk chunks, which live in the store file's memory).
     pub fn metadata_bytes(&self) -> u64 {
-        let table = self.chunks.capacity() * std::mem::size_of::<Option<Chunk>>();
+        let table = self.chunks.capacity() * std::mem::size_of::<Option<Chunk>>()
+            + self.disk_chunks as usize * layout::RECORDS_BYTES;
         let free = self.free_chunk_idxs.capacity() * std::mem::size_of::<u32>();
         let partial: usize = self.partial.iter().map(|p| p.capacity() * 4).sum::<usize>()
             + self.partial.capacity() * std::mem::size_of::<Vec<u32>>();
@@ -618,21 +828,38 @@ impl Slabs {
     #[cfg(test)]
     pub fn check_invariants(&self) {
         let mut live = 0;
+        let mut disk = 0;
         let mut used_bytes = 0;
+        let mut disk_bytes = 0;
         let mut words = 0;
         for (idx, chunk) in self.chunks.iter().enumerate() {
             let Some(chunk) = chunk else {
                 assert!(self.free_chunk_idxs.contains(&(idx as u32)));
                 continue;
             };
-            live += 1;
             words += chunk.used_bitmap.len() as u64;
             let slots = slots_per_chunk(chunk.class_idx);
             let counted = (0..slots).filter(|&s| chunk.is_used(s)).count();
             assert_eq!(counted, chunk.used_slots as usize, "chunk {idx} count");
             assert!(chunk.used_slots > 0, "empty chunk {idx} still mapped");
-            used_bytes += counted as u64 * slot_bytes(chunk.class_idx) as u64;
-            let partial = &self.partial[usize::from(chunk.class_idx)];
+            let bytes = counted as u64 * slot_bytes(chunk.class_idx) as u64;
+            if chunk.on_disk {
+                disk += 1;
+                disk_bytes += bytes;
+            } else {
+                live += 1;
+                used_bytes += bytes;
+            }
+            for &loc in &self.pinned {
+                if loc.chunk_idx == idx as u32 {
+                    assert!(!chunk.on_disk, "a pinned slot is a memory slot");
+                    assert!(
+                        chunk.is_used(loc.slot_idx as usize),
+                        "a pinned slot is in use"
+                    );
+                }
+            }
+            let partial = &self.partial[plist(chunk.class_idx, chunk.on_disk)];
             if chunk.is_full() {
                 assert_eq!(chunk.partial_pos, NOT_PARTIAL);
                 assert!(!partial.contains(&(idx as u32)));
@@ -641,7 +868,9 @@ impl Slabs {
             }
         }
         assert_eq!(live, self.live_chunks);
+        assert_eq!(disk, self.disk_chunks);
         assert_eq!(used_bytes, self.used_slot_bytes);
+        assert_eq!(disk_bytes, self.disk_used_slot_bytes);
         assert_eq!(words, self.bitmap_words);
         let partial_total: usize = self.partial.iter().map(Vec::len).sum();
         let partial_live = self
@@ -680,7 +909,7 @@ mod tests {
     fn chunk_tail_bits_never_allocated() {
         // 1088-byte class: 240 slots, so the last bitmap word is partly tail.
         let class_idx = lz4_class_for_len(1088).unwrap();
-        let mut chunk = Chunk::new(class_idx, MmapMut::map_anon(EXTENT_BYTES).unwrap());
+        let mut chunk = Chunk::new(class_idx, MmapMut::map_anon(EXTENT_BYTES).unwrap(), false);
         let slots = slots_per_chunk(class_idx);
         assert_eq!(slots, 240);
         for want in 0..slots {

@@ -46,6 +46,32 @@ pub struct StoreStats {
     /// Shared blobs copied because one member moved its page (`mremap`), since creation.
     #[serde(default)]
     pub shared_copies: u64,
+    /// Disk tier: pages whose blob is in the disk file (counted in the per-kind page counts
+    /// too, not in `bytes_out`).
+    #[serde(default)]
+    pub pages_on_disk: u64,
+    /// Disk tier: payload bytes in the disk file.
+    #[serde(default)]
+    pub disk_bytes_used: u64,
+    /// Disk tier: bytes of the disk slots in use (payload rounded up to its size class).
+    #[serde(default)]
+    pub disk_bytes_slots: u64,
+    /// Disk tier: bytes of the disk file's chunks (what `max_disk` bounds).
+    #[serde(default)]
+    pub disk_bytes_mapped: u64,
+    /// Disk tier: disk chunks.
+    #[serde(default)]
+    pub disk_chunks: u64,
+    /// Disk tier: bytes the file system has allocated to the disk file.
+    #[serde(default)]
+    pub disk_file_bytes: u64,
+    /// Disk tier: pages moved from the memory slabs to the disk file, since creation.
+    #[serde(default)]
+    pub pages_demoted: u64,
+    /// Disk tier: disk pages read synchronously under the store's lock (`pread`; the fault
+    /// path reads through io_uring without it), since creation.
+    #[serde(default)]
+    pub disk_sync_reads: u64,
 }
 
 impl StoreStats {
@@ -76,10 +102,14 @@ pub(crate) struct Counters {
     pub inserts_refused_full: u64,
     pub shared_refs: u64,
     pub shared_copies: u64,
+    pub pages_on_disk: u64,
+    pub disk_bytes_out: u64,
+    pub pages_demoted: u64,
 }
 
 impl Counters {
-    /// Accounts one page coming in (`sign = 1`) or leaving (`sign = -1`).
+    /// Accounts one page coming in (`sign = 1`) or leaving (`sign = -1`), its payload in
+    /// memory.
     pub fn account(&mut self, kind: PageKind, is_zero: bool, payload_bytes: u64, sign: i64) {
         let step = |v: &mut u64, by: u64| {
             *v = if sign > 0 { *v + by } else { *v - by };
@@ -95,6 +125,21 @@ impl Counters {
             PageKind::Raw => step(&mut self.pages_raw, 1),
         }
         step(&mut self.bytes_out, payload_bytes);
+    }
+
+    /// Accounts a page whose payload is in the disk file leaving the store.
+    pub fn account_disk_removed(&mut self, kind: PageKind, payload_bytes: u64) {
+        self.account(kind, false, 0, -1);
+        self.pages_on_disk -= 1;
+        self.disk_bytes_out -= payload_bytes;
+    }
+
+    /// Accounts a page whose payload moved from memory to the disk file.
+    pub fn account_demoted(&mut self, payload_bytes: u64) {
+        self.bytes_out -= payload_bytes;
+        self.pages_on_disk += 1;
+        self.disk_bytes_out += payload_bytes;
+        self.pages_demoted += 1;
     }
 
     pub fn pages(&self) -> u64 {

@@ -4,6 +4,7 @@
 
 use super::slab::{slots_per_chunk, RAW_CLASS_IDX};
 use super::*;
+use crate::protocol::store_layout::{decode_payload, StoreView};
 use proptest::prelude::*;
 use std::collections::HashMap;
 
@@ -301,6 +302,7 @@ fn quota_exceeded_full_and_nothing_lost() {
     let max_bytes = 2 * CHUNK_BYTES as u64;
     let mut store = Store::new(StoreConfig {
         max_bytes: Some(max_bytes),
+        disk: None,
         ..Default::default()
     });
     let per_chunk = slots_per_chunk(RAW_CLASS_IDX) as u64;
@@ -436,7 +438,7 @@ fn read_store_file(store: &Store) -> HashMap<u64, Page> {
 /// [`read_store_file`] as the shim of family member `member` reads it (only its records);
 /// `None` reads every record.
 fn read_store_file_of(store: &Store, member: Option<u8>) -> HashMap<u64, Page> {
-    use crate::protocol::store_layout::{decode_page, StoreView};
+    use crate::protocol::store_layout::decode_page;
     use std::os::fd::AsRawFd;
     let file = store.file().expect("durable");
     let len = file.metadata().unwrap().len() as usize;
@@ -476,6 +478,7 @@ fn durable_store_file_names_every_nonzero_page_and_follows_moves() {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .unwrap();
     let base = 0x7f00_0000_0000u64;
@@ -532,6 +535,7 @@ fn fork_family_shares_pages_copy_on_write() {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .unwrap();
     let at = |i: u64| 0x5500_0000_0000u64 + i * PAGE_SIZE as u64;
@@ -638,9 +642,329 @@ fn address_above_record_limit_is_refused() {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .unwrap();
     let p = text_page(1);
     assert!(matches!(store.put(&p, 1 << 48), Err(StoreError::Full)));
     assert_eq!(store.stats().pages(), 0);
+}
+
+// ---- disk tier ----
+
+/// A durable store with a disk tier in a new temporary directory (kept alive by the caller).
+fn disk_store(max_bytes: Option<u64>, max_disk: Option<u64>) -> (Store, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes,
+        disk: Some(DiskConfig {
+            dir: dir.path().to_path_buf(),
+            max_bytes: max_disk,
+        }),
+    })
+    .unwrap();
+    (store, dir)
+}
+
+/// Moves every page of `pages` (address, handle) to the disk tier as the monitor does:
+/// begin, write the buffer with plain `pwrite`, commit. Returns the new handles.
+fn demote(store: &mut Store, member: u8, pages: &[(u64, Handle)]) -> Vec<Option<Handle>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = Vec::new();
+    let ds: Vec<Option<Demotion>> = pages
+        .iter()
+        .map(|&(a, h)| store.begin_demote(member, h, a, &mut buf).unwrap())
+        .collect();
+    let file = store.disk_file().unwrap().try_clone().unwrap();
+    for d in ds.iter().flatten() {
+        let range = d.buf_off..d.buf_off + d.len_bytes as usize;
+        file.write_all_at(&buf[range], d.disk_off).unwrap();
+    }
+    ds.iter()
+        .map(|d| d.and_then(|d| store.commit_demote(&d).then_some(d.new)))
+        .collect()
+}
+
+#[test]
+fn demoted_pages_read_back_exactly_and_free_their_slots() {
+    let (mut store, _dir) = disk_store(None, None);
+    let at = |i: u64| 0x6000_0000_0000u64 + i * PAGE_SIZE as u64;
+    let pages: Vec<Page> = (0..600u64)
+        .map(|i| match i % 3 {
+            0 => text_page(i),
+            1 => random_page(i),
+            _ => filled_page(0x1234_5678_0000_0000 | i),
+        })
+        .collect();
+    let stored: Vec<(u64, Handle)> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (at(i as u64), store.put(p, at(i as u64)).unwrap()))
+        .collect();
+    let mem_before = store.stats().slab_bytes_mapped;
+    assert!(mem_before > 0);
+    let moved = demote(&mut store, 0, &stored);
+    assert!(moved.iter().all(Option::is_some), "every blob page moves");
+    let st = store.stats();
+    assert_eq!(st.pages_on_disk, 600);
+    assert_eq!(st.pages_demoted, 600);
+    assert_eq!(st.bytes_out, 0, "no payload left in memory");
+    assert_eq!(st.slab_bytes_mapped, 0, "every memory chunk was released");
+    assert!(st.disk_bytes_mapped > 0 && st.disk_bytes_used > 0);
+    store.slabs.check_invariants();
+    // Synchronous reads (pread) and the fault path's way (read, then decode) agree.
+    let file = store.disk_file().unwrap().try_clone().unwrap();
+    let epoch = store.disk_epoch();
+    let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+    for (i, h) in moved.iter().enumerate() {
+        let h = h.unwrap();
+        store.get(h, &mut out).unwrap();
+        assert_eq!(out, pages[i], "page {i} via pread");
+        let r = store.disk_read(h).expect("on disk");
+        let mut payload = vec![0u8; r.len_bytes as usize];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut payload, r.off).unwrap();
+        out.fill(0);
+        Store::decode_payload(h, &payload, &mut out).unwrap();
+        assert_eq!(out, pages[i], "page {i} via its disk offset");
+        assert_eq!(store.disk_read(stored[i].1), None, "the old handle is gone");
+    }
+    assert_eq!(store.stats().disk_sync_reads, 600);
+    assert_eq!(store.disk_epoch(), epoch, "reads free nothing");
+    // The store file names every page exactly once, at its address, with its disk offset.
+    let mut seen = 0;
+    with_view(&store, |view| {
+        view.for_each_page(|p| {
+            let i = ((p.addr - at(0)) / PAGE_SIZE as u64) as usize;
+            assert!(p.disk_off.is_some() && p.payload.is_empty());
+            assert_eq!(p.owners, 1);
+            let mut payload = vec![0u8; p.len_bytes];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut payload, p.disk_off.unwrap())
+                .unwrap();
+            let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+            assert!(decode_payload(p.raw, &payload, &mut out));
+            assert_eq!(out, pages[i]);
+            seen += 1;
+        })
+    });
+    assert_eq!(seen, 600);
+    // Pages out: each free moves the epoch; the last one gives the disk chunks back.
+    for h in moved.iter().flatten() {
+        store.try_remove(*h).unwrap();
+    }
+    assert_eq!(store.disk_epoch(), epoch + 600);
+    let st = store.stats();
+    assert_eq!(
+        (st.pages(), st.pages_on_disk, st.disk_bytes_mapped),
+        (0, 0, 0)
+    );
+    assert_eq!(st.disk_bytes_used, 0);
+    store.slabs.check_invariants();
+    with_view(&store, |view| {
+        view.for_each_page(|p| panic!("record left at {:#x}", p.addr))
+    });
+}
+
+/// A page freed (faulted back, discarded) while its payload was being written must not be
+/// published, even when a new page took its slot with an identical record meanwhile.
+#[test]
+fn demotion_of_a_slot_freed_meanwhile_is_not_published() {
+    let (mut store, _dir) = disk_store(None, None);
+    let a = 0x7000_0000_0000u64;
+    let old = random_page(1);
+    let h = store.put(&old, a).unwrap();
+    let mut buf = Vec::new();
+    let d = store.begin_demote(0, h, a, &mut buf).unwrap().unwrap();
+    assert_eq!(
+        store.begin_demote(0, h, a, &mut buf).unwrap(),
+        None,
+        "one demotion at a time"
+    );
+    // Faulted back, rewritten, evicted again: a raw page of the same length in the same slot.
+    store.try_remove(h).unwrap();
+    let new = random_page(2);
+    let h2 = store.put(&new, a).unwrap();
+    assert_eq!(
+        h2, h,
+        "the same slot and length: an identical handle and record"
+    );
+    let epoch = store.disk_epoch();
+    assert!(!store.commit_demote(&d));
+    assert_eq!(
+        store.disk_epoch(),
+        epoch,
+        "a reserved slot freed is no epoch"
+    );
+    let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+    store.get(h2, &mut out).unwrap();
+    assert_eq!(out, new);
+    let st = store.stats();
+    assert_eq!((st.pages_on_disk, st.disk_bytes_mapped), (0, 0));
+    store.slabs.check_invariants();
+    // An aborted one leaves everything as it was, and the page can be demoted later.
+    let d = store.begin_demote(0, h2, a, &mut buf).unwrap().unwrap();
+    store.abort_demote(&d);
+    assert_eq!(store.stats().disk_bytes_mapped, 0);
+    assert!(demote(&mut store, 0, &[(a, h2)])[0].is_some());
+    store.slabs.check_invariants();
+}
+
+/// Shared pages (fork) are not demoted; a page shared while its demotion was under way is
+/// not published; a page moved meanwhile (its record names another address) is not either.
+/// Disk pages themselves share and move like memory ones.
+#[test]
+fn demotion_respects_owners_and_moves() {
+    let (mut store, _dir) = disk_store(None, None);
+    let at = |i: u64| 0x4000_0000_0000u64 + i * PAGE_SIZE as u64;
+    let pages: Vec<Page> = (0..4u64).map(text_page).collect();
+    let hs: Vec<Handle> = (0..4)
+        .map(|i| store.put(&pages[i], at(i as u64)).unwrap())
+        .collect();
+    let child = store.join_member().unwrap();
+    store.share(hs[0], child).unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(store.begin_demote(0, hs[0], at(0), &mut buf).unwrap(), None);
+    assert_eq!(
+        store.begin_demote(0, hs[1], at(9), &mut buf).unwrap(),
+        None,
+        "the record names another address"
+    );
+    let d1 = store
+        .begin_demote(0, hs[1], at(1), &mut buf)
+        .unwrap()
+        .unwrap();
+    let d2 = store
+        .begin_demote(0, hs[2], at(2), &mut buf)
+        .unwrap()
+        .unwrap();
+    store.share(hs[1], child).unwrap();
+    store.set_addr(hs[2], at(20)).unwrap();
+    assert!(!store.commit_demote(&d1));
+    assert!(!store.commit_demote(&d2));
+    // A disk page: shared at a fork, then moved by one member (it gets a memory copy of
+    // its own), then dropped by both.
+    let h3 = demote(&mut store, 0, &[(at(3), hs[3])])[0].unwrap();
+    store.share(h3, child).unwrap();
+    let moved = store.set_addr_as(child, h3, at(30)).unwrap();
+    assert_ne!(moved, h3);
+    assert_eq!(store.disk_read(moved), None, "the copy is in memory");
+    let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+    store.get(moved, &mut out).unwrap();
+    assert_eq!(out, pages[3]);
+    store.set_addr(h3, at(31)).unwrap();
+    with_view(&store, |view| {
+        let mut addrs = Vec::new();
+        view.for_each_page(|p| addrs.push((p.addr, p.owners, p.disk_off.is_some())));
+        assert!(addrs.contains(&(at(31), 1, true)), "{addrs:x?}");
+        assert!(addrs.contains(&(at(30), 2, false)), "{addrs:x?}");
+    });
+    store.try_remove(h3).unwrap();
+    assert_eq!(store.stats().pages_on_disk, 0);
+    store.slabs.check_invariants();
+}
+
+/// A shared page one member moves needs a copy of its own; with the memory quota full it
+/// goes to the disk tier, written before its record is set.
+#[test]
+fn shared_page_moved_with_memory_full_gets_its_copy_on_disk() {
+    let (mut store, _dir) = disk_store(Some(CHUNK_BYTES as u64), None);
+    let at = |i: u64| 0x5000_0000_0000u64 + i * PAGE_SIZE as u64;
+    // Raw pages fill the one chunk the quota allows.
+    let hs: Vec<Handle> = (0..slots_per_chunk(RAW_CLASS_IDX) as u64)
+        .map(|i| store.put(&random_page(i), at(i)).unwrap())
+        .collect();
+    assert!(matches!(
+        store.put(&random_page(999), at(999)),
+        Err(StoreError::Full)
+    ));
+    let child = store.join_member().unwrap();
+    store.share(hs[3], child).unwrap();
+    let moved = store.set_addr_as(child, hs[3], at(300)).unwrap();
+    assert!(store.disk_read(moved).is_some(), "the copy is on disk");
+    let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+    store.get(moved, &mut out).unwrap();
+    assert_eq!(out, random_page(3));
+    let st = store.stats();
+    assert_eq!((st.pages_on_disk, st.shared_copies), (1, 1));
+    with_view(&store, |view| {
+        let mut found = Vec::new();
+        view.for_each_page(|p| {
+            if p.disk_off.is_some() {
+                found.push((p.addr, p.owners));
+            }
+        });
+        assert_eq!(found, vec![(at(300), 1 << child)]);
+    });
+    store.try_remove_as(child, moved).unwrap();
+    assert_eq!(store.stats().disk_bytes_mapped, 0);
+    store.slabs.check_invariants();
+}
+
+#[test]
+fn disk_tier_full_refuses_and_changes_nothing() {
+    let (mut store, _dir) = disk_store(None, Some(CHUNK_BYTES as u64));
+    let at = |i: u64| 0x3000_0000_0000u64 + i * PAGE_SIZE as u64;
+    // Raw pages: 64 fill one disk chunk.
+    let stored: Vec<(u64, Handle)> = (0..70u64)
+        .map(|i| (at(i), store.put(&random_page(i), at(i)).unwrap()))
+        .collect();
+    let mut buf = Vec::new();
+    let mut ds = Vec::new();
+    for &(a, h) in &stored {
+        match store.begin_demote(0, h, a, &mut buf) {
+            Ok(Some(d)) => ds.push(d),
+            Err(StoreError::Full) => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(ds.len(), slots_per_chunk(RAW_CLASS_IDX));
+    for d in &ds {
+        store.abort_demote(d);
+    }
+    assert_eq!(store.stats().disk_bytes_mapped, 0);
+    let mut out: Page = Box::new([0u8; PAGE_SIZE]);
+    for (i, &(_, h)) in stored.iter().enumerate() {
+        store.get(h, &mut out).unwrap();
+        assert_eq!(out, random_page(i as u64));
+    }
+    store.slabs.check_invariants();
+}
+
+/// A store file with disk chunks is not adopted (the new monitor has no disk file): the
+/// program's guardian brings its pages home instead.
+#[test]
+fn adoption_refuses_a_store_with_disk_pages() {
+    let (mut store, _dir) = disk_store(None, None);
+    let a = 0x2000_0000_0000u64;
+    let h = store.put(&text_page(5), a).unwrap();
+    demote(&mut store, 0, &[(a, h)]);
+    let file = store.file().unwrap().try_clone().unwrap();
+    let err = Store::adopt(file, None).expect_err("refused");
+    assert!(err.contains("disk tier"), "{err}");
+}
+
+/// Calls `f` with a view of the store file.
+fn with_view(store: &Store, f: impl FnOnce(&StoreView)) {
+    use std::os::fd::AsRawFd;
+    let file = store.file().expect("durable");
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a new read-write shared mapping of the store file, unmapped below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    {
+        // SAFETY: the mapping above, `len` bytes; the store is not written meanwhile.
+        let view = unsafe { StoreView::new(base.cast(), len) }.expect("valid header");
+        f(&view);
+    }
+    // SAFETY: unmapping the mapping made above; the view is gone.
+    unsafe { libc::munmap(base, len) };
 }

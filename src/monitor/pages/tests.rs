@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use proptest::prelude::*;
 
 use super::*;
-use crate::store::{Store, StoreConfig};
+use crate::store::{Demotion, DiskConfig, Store, StoreConfig};
 
 const BASE: u64 = 0x10_0000;
 const PAGES: u64 = 24;
@@ -28,6 +28,10 @@ enum Op {
     Cool,
     Remove(u64, u64),
     Remap(u64, u64, u64),
+    /// Disk tier: the coldest `n` stored pages start moving to disk (payload copied).
+    DemoteBegin(usize),
+    /// Disk tier: the writes of every demotion under way complete, and they are committed.
+    DemoteCommit,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -40,6 +44,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Cool),
         1 => (0..PAGES, 1..4u64).prop_map(|(p, n)| Op::Remove(p, n)),
         1 => (0..PAGES, 0..PAGES, 1..4u64).prop_map(|(a, b, n)| Op::Remap(a, b, n)),
+    ]
+}
+
+/// [`op`] and the disk tier's demotion steps.
+fn disk_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        8 => op(),
+        2 => (1..6usize).prop_map(Op::DemoteBegin),
+        1 => Just(Op::DemoteCommit),
     ]
 }
 
@@ -63,6 +76,10 @@ struct Sim {
     events: Vec<(u64, u64)>,
     next_gen: u64,
     now_ms: u64,
+    /// Disk tier: its directory, the demotions under way and their payloads.
+    disk_dir: Option<tempfile::TempDir>,
+    demoting: Vec<Demotion>,
+    demote_buf: Vec<u8>,
 }
 
 fn page_of(v: u64) -> [u8; PAGE_SIZE] {
@@ -80,15 +97,28 @@ fn value_of(p: &[u8; PAGE_SIZE]) -> u64 {
 
 impl Sim {
     fn new() -> Sim {
+        Sim::with_disk(false)
+    }
+
+    fn with_disk(disk: bool) -> Sim {
         let mut mem = HashMap::new();
         for p in 0..PAGES {
             mem.insert(addr(p), None);
         }
+        let disk_dir = disk.then(|| tempfile::tempdir().unwrap());
+        let mut pages = Pages::new(SLOTS);
+        if disk {
+            pages.track_stored_order();
+        }
         Sim {
-            pages: Pages::new(SLOTS),
+            pages,
             store: Store::try_new(StoreConfig {
                 durable: true,
                 max_bytes: None,
+                disk: disk_dir.as_ref().map(|d| DiskConfig {
+                    dir: d.path().to_path_buf(),
+                    max_bytes: None,
+                }),
             })
             .unwrap(),
             mem,
@@ -98,6 +128,75 @@ impl Sim {
             events: Vec::new(),
             next_gen: 1,
             now_ms: 0,
+            disk_dir,
+            demoting: Vec::new(),
+            demote_buf: Vec::new(),
+        }
+    }
+
+    /// The monitor dies now: every page the program misses must be named by a record of the
+    /// store file (read as the shim's guardian reads it, disk pages with `pread`) with the
+    /// bytes the program last wrote, unless it is in the window or in flight (their copies
+    /// are elsewhere). A missing page with no record must read as zeros. One record per page.
+    fn check_records(&self) {
+        use std::os::fd::AsRawFd;
+        let file = self.store.file().expect("durable");
+        let len = file.metadata().unwrap().len() as usize;
+        // SAFETY: a new read-write shared mapping of the store file, unmapped below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let mut found: HashMap<u64, u64> = HashMap::new();
+        {
+            // SAFETY: the mapping above, `len` bytes; the store is not written meanwhile.
+            let view = unsafe { crate::protocol::store_layout::StoreView::new(base.cast(), len) }
+                .expect("valid header");
+            view.for_each_page(|p| {
+                let mut out = [0u8; PAGE_SIZE];
+                let payload = match p.disk_off {
+                    Some(off) => {
+                        let mut b = vec![0u8; p.len_bytes];
+                        let disk = self.store.disk_file().expect("a disk chunk has a file");
+                        std::os::unix::fs::FileExt::read_exact_at(disk, &mut b, off).unwrap();
+                        b
+                    }
+                    None => p.payload.to_vec(),
+                };
+                assert!(crate::protocol::store_layout::decode_payload(
+                    p.raw, &payload, &mut out
+                ));
+                assert!(
+                    found.insert(p.addr, value_of(&out)).is_none(),
+                    "two records for {:#x}",
+                    p.addr
+                );
+            });
+        }
+        // SAFETY: unmapping the mapping made above; the view is gone.
+        unsafe { libc::munmap(base, len) };
+        for p in 0..PAGES {
+            let a = addr(p);
+            if self.mem[&a].is_some() {
+                continue; // present: a stale record would lose to it (EEXIST)
+            }
+            match self.pages.state(a) {
+                PageState::Window { .. } | PageState::Moving { .. } => continue,
+                _ => {}
+            }
+            let want = self.reference.get(&a).copied().unwrap_or(0);
+            assert_eq!(
+                found.get(&a).copied().unwrap_or(0),
+                want,
+                "page {p} as a rescue would bring it home"
+            );
         }
     }
 
@@ -228,10 +327,10 @@ impl Sim {
             Op::Cool => {
                 let mut out = Vec::new();
                 self.pages.pop_cooled(u64::MAX, 0, 64, &mut out);
-                for (_a, slot, gen) in out {
+                for (a, slot, gen) in out {
                     let h = self
                         .store
-                        .put(&page_of(self.window[slot as usize]), 0x1000)
+                        .put(&page_of(self.window[slot as usize]), a)
                         .unwrap();
                     if let Err(h) = self.pages.commit_stored(slot, gen, h) {
                         self.store.remove(h);
@@ -289,6 +388,40 @@ impl Sim {
                 }
                 // The old range is a fresh mapping again in this model (mremap + new mmap).
             }
+            Op::DemoteBegin(n) => {
+                let mut cold = Vec::new();
+                self.pages.pop_coldest_stored(n, &mut cold);
+                for (i, &(a, h)) in cold.iter().enumerate() {
+                    match self.store.begin_demote(0, h, a, &mut self.demote_buf) {
+                        Ok(Some(d)) => self.demoting.push(d),
+                        Ok(None) => {}
+                        Err(e) => {
+                            self.pages.unpop_stored(&cold[i..]);
+                            panic!("no disk limit here: {e}");
+                        }
+                    }
+                }
+            }
+            Op::DemoteCommit => {
+                let disk = self
+                    .store
+                    .disk_file()
+                    .expect("disk tier")
+                    .try_clone()
+                    .unwrap();
+                for d in &self.demoting {
+                    let b = &self.demote_buf[d.buf_off..d.buf_off + d.len_bytes as usize];
+                    std::os::unix::fs::FileExt::write_all_at(&disk, b, d.disk_off).unwrap();
+                }
+                for d in std::mem::take(&mut self.demoting) {
+                    if self.pages.state(d.addr) != PageState::Stored(d.old) {
+                        self.store.abort_demote(&d);
+                    } else if self.store.commit_demote(&d) {
+                        assert!(self.pages.demoted(d.addr, d.old, d.new));
+                    }
+                }
+                self.demote_buf.clear();
+            }
         }
     }
 }
@@ -315,6 +448,65 @@ proptest! {
         prop_assert_eq!(sim.pages.free_slot_count() as u64, SLOTS as u64 - c.window);
         prop_assert_eq!(sim.store.stored_pages(), c.stored);
     }
+
+    /// The same model with a disk tier: demotions begin and commit interleaved with faults,
+    /// writes, removes and remaps; after every step a monitor death would bring home exactly
+    /// what the program last wrote (disk pages included), and in the end every page reads back.
+    #[test]
+    fn state_machine_with_disk_tier_matches_reference_model(
+        ops in proptest::collection::vec(disk_op(), 1..120)
+    ) {
+        let mut sim = Sim::with_disk(true);
+        for op in &ops {
+            sim.step(op);
+            sim.check_records();
+        }
+        sim.step(&Op::DemoteCommit);
+        while !sim.batches.is_empty() {
+            sim.complete(0);
+        }
+        for p in 0..PAGES {
+            let got = sim.access(p);
+            prop_assert_eq!(got, sim.reference.get(&addr(p)).copied().unwrap_or(0), "page {}", p);
+        }
+        let c = sim.pages.counts();
+        prop_assert_eq!(sim.store.stored_pages(), c.stored);
+        prop_assert_eq!(c.stored, 0);
+        prop_assert_eq!(sim.store.stats().disk_bytes_mapped, 0, "every disk slot was freed");
+        prop_assert!(sim.disk_dir.is_some());
+    }
+}
+
+/// The stored order: oldest first, stale entries skipped, a moved page goes to the back, a
+/// demoted page is not listed again, pages not used can be put back in front.
+#[test]
+fn stored_order_pops_coldest_first_and_skips_stale() {
+    let mut p = Pages::new(16);
+    p.track_stored_order();
+    let h = |i: u64| crate::store::Handle::from_bits((1 << 59) | (i << 13) | 100);
+    for i in 0..6 {
+        assert!(p.adopt_stored(addr(i), h(i)));
+    }
+    // Page 1 comes back, page 2 moves to page 10's address.
+    assert_eq!(p.faulted_in(addr(1), 0), Released::Blob(h(1)));
+    p.remap(addr(2), addr(10), PAGE_BYTES, |_| {}, |_, _| {});
+    let mut out = Vec::new();
+    p.pop_coldest_stored(3, &mut out);
+    assert_eq!(out, vec![(addr(0), h(0)), (addr(3), h(3)), (addr(4), h(4))]);
+    p.unpop_stored(&out[1..]);
+    assert!(p.demoted(addr(0), h(0), h(40)));
+    assert!(!p.demoted(addr(0), h(0), h(41)), "no longer stored as h(0)");
+    out.clear();
+    p.pop_coldest_stored(10, &mut out);
+    assert_eq!(
+        out,
+        vec![
+            (addr(3), h(3)),
+            (addr(4), h(4)),
+            (addr(5), h(5)),
+            (addr(10), h(2))
+        ]
+    );
 }
 
 #[test]
@@ -336,6 +528,7 @@ fn word_encoding_roundtrips() {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .unwrap();
     let h = store.put(&page_of(77), 0x1000).unwrap();
@@ -378,6 +571,7 @@ fn shadows_follow_their_page_and_are_released_exactly_once() {
     let mut store = Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
+        disk: None,
     })
     .unwrap();
     let mut p = Pages::new(8);
@@ -424,4 +618,35 @@ fn shadows_follow_their_page_and_are_released_exactly_once() {
     p.discard_range(addr(100), addr(101), |h| released.push(h));
     assert_eq!(released, vec![shadows[1]]);
     assert_eq!(p.free_slot_count(), 8);
+}
+
+/// The page being demoted comes back, is rewritten and stored again in the same slot with a
+/// record identical to the old one before the demotion's write completes: the demotion must
+/// not publish the old bytes.
+#[test]
+fn demotion_racing_a_refault_and_restore_in_the_same_slot_keeps_the_new_bytes() {
+    let mut sim = Sim::with_disk(true);
+    for op in [
+        Op::Write(0, 5),
+        Op::Post(0, 1),
+        Op::Complete(0),
+        Op::Cool,
+        Op::DemoteBegin(1),
+        Op::Write(0, 6),
+        Op::Post(0, 1),
+        Op::Complete(0),
+        Op::Cool,
+    ] {
+        sim.step(&op);
+    }
+    assert_eq!(sim.demoting.len(), 1);
+    assert_eq!(
+        sim.pages.state(addr(0)),
+        PageState::Stored(sim.demoting[0].old),
+        "the new bytes were stored under the very handle being demoted"
+    );
+    sim.step(&Op::DemoteCommit);
+    sim.check_records();
+    assert_eq!(sim.store.stats().pages_on_disk, 0);
+    assert_eq!(sim.access(0), 6);
 }
