@@ -1190,81 +1190,114 @@ fn monitor_dies_between_reading_an_event_and_applying_it() -> R {
         ("read:unmap=4194304", true),
     ];
     for (i, (point, adopt)) in cases.into_iter().enumerate() {
-        let dir = tmpdir(&format!("die{i}"));
-        let socket = dir.join("uswap.sock");
-        let mut daemon = spawn_daemon_with(&socket, &dir, &[("USWAP_TEST_DIE", point)])?;
-        let prog = Command::new(workload())
-            .args(["event-reuse", "--mib", "8", "--idle-ms", "1500"])
-            .env("LD_PRELOAD", shim())
-            .env("USWAP_SOCKET", &socket)
-            .env(
-                "USWAP_OVERRIDES",
-                kill_overrides(if adopt { "60s" } else { "200ms" }),
-            )
-            .env("USWAP_ADOPT", if adopt { "1" } else { "0" })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let end = Instant::now() + Duration::from_secs(60);
-        let died = loop {
-            if let Some(st) = daemon.try_wait()? {
-                break st;
-            }
-            if Instant::now() > end {
-                let _ = daemon.kill();
-                let _ = daemon.wait();
-                let out = prog.wait_with_output()?;
-                return Err(format!(
-                    "{point}: the monitor never reached its death point\n--- stdout\n{}\n--- stderr\n{}",
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                )
-                .into());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let killed_at = Instant::now();
-        let second = if adopt {
-            Some(spawn_daemon_at(&socket, &dir)?)
-        } else {
-            None
-        };
-        let out = prog.wait_with_output()?;
-        let k = Killed {
-            out,
-            after_kill: killed_at.elapsed(),
-            held_pages: 0,
-        };
-        if let Some(mut d) = second {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
-            d.wait()?;
+        let args = ["event-reuse", "--mib", "8", "--idle-ms", "1500"];
+        die_at(&format!("die{i}"), point, adopt, &args, true)?;
+    }
+    Ok(())
+}
+
+/// A fork family moves shared evicted memory while its monitor is dead: the parent's mremap
+/// of a 16 MiB region whose evicted pages it shares with a live forked child is read by the
+/// monitor, which dies before applying it. The guardian applies it from the journal and keeps
+/// each moved shared page's slot apart (the child still owns the record); before, it kept at
+/// most 256 of them and the rest read as zeros (seen in the cross-mm kill loop in the VM).
+/// Parent and child must both read every page, rescued and adopted alike.
+fn forked_family_moves_shared_memory_while_the_monitor_is_dead() -> R {
+    for (i, adopt) in [false, true].into_iter().enumerate() {
+        let args = ["fork-remap", "--mib", "16", "--idle-ms", "1500"];
+        // Every page the parent had evicted is shared and moved, so the guardian brings them
+        // all home before it hands the program over: the program may finish before the
+        // adoption does, and only its data is checked.
+        die_at(
+            &format!("forkdie{i}"),
+            "read:remap=16777216",
+            adopt,
+            &args,
+            false,
+        )?;
+    }
+    Ok(())
+}
+
+/// Runs `args` under a daemon made to die at `point` (`USWAP_TEST_DIE`); with `adopt` a new
+/// daemon is started at once and must adopt the program, otherwise the shim must bring its
+/// pages home (checked from its stderr when `settled`). The program must verify every page.
+fn die_at(tag: &str, point: &str, adopt: bool, args: &[&str], settled: bool) -> R {
+    let dir = tmpdir(tag);
+    let socket = dir.join("uswap.sock");
+    let mut daemon = spawn_daemon_with(&socket, &dir, &[("USWAP_TEST_DIE", point)])?;
+    let prog = Command::new(workload())
+        .args(args)
+        .env("LD_PRELOAD", shim())
+        .env("USWAP_SOCKET", &socket)
+        .env(
+            "USWAP_OVERRIDES",
+            kill_overrides(if adopt { "60s" } else { "200ms" }),
+        )
+        .env("USWAP_ADOPT", if adopt { "1" } else { "0" })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let end = Instant::now() + Duration::from_secs(60);
+    let died = loop {
+        if let Some(st) = daemon.try_wait()? {
+            break st;
         }
-        k.survived().map_err(|e| {
-            format!(
-                "{point} (adopt {adopt}): {} (daemon logs in {})",
-                e.message().unwrap_or(""),
-                dir.display()
+        if Instant::now() > end {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            let out = prog.wait_with_output()?;
+            return Err(format!(
+                "{point}: the monitor never reached its death point\n--- stdout\n{}\n--- stderr\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
             )
-        })?;
-        let journal = k
-            .stderr()
-            .contains("the shim applied them from its journal");
-        let settled = if adopt {
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let killed_at = Instant::now();
+    let second = if adopt {
+        Some(spawn_daemon_at(&socket, &dir)?)
+    } else {
+        None
+    };
+    let out = prog.wait_with_output()?;
+    let k = Killed {
+        out,
+        after_kill: killed_at.elapsed(),
+        held_pages: 0,
+    };
+    if let Some(mut d) = second {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+        d.wait()?;
+    }
+    k.survived().map_err(|e| {
+        format!(
+            "{point} (adopt {adopt}): {} (daemon logs in {})",
+            e.message().unwrap_or(""),
+            dir.display()
+        )
+    })?;
+    let journal = k
+        .stderr()
+        .contains("the shim applied them from its journal");
+    let settled = !settled
+        || if adopt {
             k.adopted_pages().is_some()
         } else {
             k.brought_home().is_some()
         };
-        if died.code().is_some() || !journal || !settled {
-            return Err(format!(
-                "{point} (adopt {adopt}): the monitor should have died by SIGKILL ({died}) right after reading the event, the shim should have applied it from the journal and then {}\n{}",
-                if adopt { "been adopted" } else { "brought the pages home" },
-                k.describe()
-            )
-            .into());
-        }
-        let _ = std::fs::remove_dir_all(&dir);
+    if died.code().is_some() || !journal || !settled {
+        return Err(format!(
+            "{point} (adopt {adopt}): the monitor should have died by SIGKILL ({died}) right after reading the event, the shim should have applied it from the journal and then {}\n{}",
+            if adopt { "been adopted" } else { "brought the pages home" },
+            k.describe()
+        )
+        .into());
     }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 
@@ -1826,6 +1859,10 @@ fn main() {
         Trial::test(
             "monitor_dies_between_reading_an_event_and_applying_it",
             monitor_dies_between_reading_an_event_and_applying_it,
+        ),
+        Trial::test(
+            "forked_family_moves_shared_memory_while_the_monitor_is_dead",
+            forked_family_moves_shared_memory_while_the_monitor_is_dead,
         ),
         Trial::test("monitor_kill_loop", monitor_kill_loop),
         Trial::test(

@@ -53,8 +53,11 @@ const EVENTS_LEN: usize = 64 * std::mem::size_of::<sys::UffdMsg>();
 const MAPS_OFF: usize = EVENTS_OFF + 4096;
 const MAPS_LEN: usize = 128 * 1024;
 const DISK_OFF: usize = MAPS_OFF + MAPS_LEN;
+/// The relocation table (`Rescue::relocs`): `MAX_RELOCS` entries of 32 bytes. The mapping is
+/// MAP_NORESERVE: only the entries an outage uses take memory.
+const RELOCS_OFF: usize = DISK_OFF + PAGE_SIZE;
 /// The whole guardian mapping.
-pub(crate) const GUARD_BYTES: usize = DISK_OFF + PAGE_SIZE;
+pub(crate) const GUARD_BYTES: usize = RELOCS_OFF + MAX_RELOCS * std::mem::size_of::<Reloc>();
 const _: () = assert!(EVENTS_LEN <= 4096);
 
 /// The range every waiter is woken in: from the lowest address a mapping may have
@@ -149,8 +152,17 @@ fn adopt(r: &mut Rescue) -> Result<(), NotAdopted> {
         }
         r.drain_events(1);
     }
-    let t = r.bring_home(false);
-    r.drain_events(0);
+    let mut t = r.bring_home(false);
+    // Events read now may move more shared pages or records into REMAP destinations: they
+    // come home too (the new monitor knows nothing of this guardian's relocations).
+    loop {
+        let before = (r.relocs_len, r.remap_dst_count);
+        r.drain_events(0);
+        if (r.relocs_len, r.remap_dst_count) == before {
+            break;
+        }
+        t.restored += r.bring_home(false).restored;
+    }
     let Ok(sock) = crate::connect_again() else {
         return Err(NotAdopted::Retry(b"connecting to the new monitor failed"));
     };
@@ -307,15 +319,30 @@ struct Rescue {
     /// Shared pages (fork family) this program moved while the monitor was gone: (chunk,
     /// slot, new address or 0 once discarded, payload length). Their records name the other
     /// members' pages, so the move is kept here.
-    relocs: [(usize, usize, u64, usize); MAX_RELOCS],
+    relocs: &'static mut [Reloc],
     relocs_len: usize,
 }
 
 /// Attempts to copy one record's page home while each meets an unread event (EAGAIN).
 const COPY_TRIES: u32 = 1000;
 
-/// Shared pages moved during one outage that the guardian keeps track of.
-const MAX_RELOCS: usize = 256;
+/// Shared pages moved during one outage that the guardian keeps track of: 2^20 (4 GiB of moved
+/// shared memory; the first version kept 256 on its stack, and the cross-mm kill loop in the
+/// VM overflowed it: the pages past it read as zeros).
+const MAX_RELOCS: usize = 1 << 20;
+
+/// A shared page this program moved during the outage: (chunk, slot, new address or 0 once
+/// discarded or home, payload length).
+type Reloc = (usize, usize, u64, usize);
+
+/// The relocation table in the guardian mapping.
+fn relocs_table() -> &'static mut [Reloc] {
+    let bytes = guard(RELOCS_OFF, MAX_RELOCS * std::mem::size_of::<Reloc>());
+    // SAFETY: RELOCS_OFF is page aligned in a page-aligned mapping, so the bytes are aligned
+    // for `Reloc` (four 8-byte fields, any bit pattern valid); only the guardian thread uses
+    // them, through this one view per outage.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr().cast::<Reloc>(), MAX_RELOCS) }
+}
 
 /// What becomes of a record after an event of the program.
 enum Follow {
@@ -351,7 +378,7 @@ fn monitor_gone() {
         store: map_store(),
         remap_dsts: [(0, 0); MAX_REMAP_DSTS],
         remap_dst_count: 0,
-        relocs: [(0, 0, 0, 0); MAX_RELOCS],
+        relocs: relocs_table(),
         relocs_len: 0,
     };
     // First what the monitor read but had not applied: it precedes every event still queued.
@@ -368,7 +395,8 @@ fn monitor_gone() {
     while SHIM.agent_busy.load(Ordering::SeqCst) {
         r.drain_events(10);
     }
-    let waiting = r.count_records();
+    // Shared pages the journal's events moved are this program's too (`relocs`).
+    let waiting = r.count_records() + r.relocs_len as u64;
     if waiting > 0 {
         let after_ms = win.rescue_after_ms().load(Ordering::Relaxed).min(3_600_000);
         let mut num = [0u8; 20];
@@ -678,16 +706,10 @@ impl Rescue {
     }
 
     /// Remembers that slot `slot_idx` of chunk `chunk_idx` holds this program's page now at
-    /// `to` (its record names another member's). A page remembered again (moved twice) follows.
+    /// `to` (its record names another member's). Called once per page: the record loses this
+    /// program's bit here, so `rewrite_records` never meets it again; a second move of the page
+    /// updates its entry (`apply_remap`).
     fn relocate(&mut self, chunk_idx: usize, slot_idx: usize, to: u64, len_bytes: usize) {
-        let n = self.relocs_len.min(MAX_RELOCS);
-        if let Some(r) = self.relocs[..n]
-            .iter_mut()
-            .find(|r| r.0 == chunk_idx && r.1 == slot_idx)
-        {
-            r.2 = to;
-            return;
-        }
         if self.relocs_len < MAX_RELOCS {
             self.relocs[self.relocs_len] = (chunk_idx, slot_idx, to, len_bytes);
         }

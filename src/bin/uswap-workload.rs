@@ -1478,6 +1478,103 @@ fn cmd_event_reuse(o: &Opts) -> Result<String, String> {
     ok_if(t, "event-reuse")
 }
 
+/// A forked family moves shared evicted memory: the parent fills a region, lets it be
+/// evicted, forks a child that keeps the fork-time copy (the pages are shared copy-on-write
+/// entries of the family store), then grows the region so that it moves, and checks every
+/// page; the child checks its own copy after that. (The e2e test kills the monitor right after
+/// it read the parent's REMAP: the guardian then relocates every shared page it moved.)
+fn cmd_fork_remap(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let a_and_guard = Mapping::anon(len + PAGE)?;
+    // SAFETY: MAP_FIXED over the last page of our own fresh mapping.
+    let g = unsafe {
+        libc::mmap(
+            a_and_guard.ptr.add(len).cast(),
+            PAGE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if g == libc::MAP_FAILED {
+        return Err(format!("mmap guard page: {}", errno_str()));
+    }
+    let a = Mapping {
+        ptr: a_and_guard.ptr,
+        len,
+    };
+    std::mem::forget(a_and_guard);
+    for i in 0..npages {
+        // SAFETY: i < npages, inside our region.
+        chaos_fill(unsafe { a.ptr.add(i * PAGE) }, 0x5a, i, 1);
+    }
+    println!("filled {} MiB ({npages} pages)", len / MIB);
+    idle(idle_ms);
+    print_rss();
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into our array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(format!("pipe: {}", errno_str()));
+    }
+    // SAFETY: the child only reads its memory and our pipe, compares without allocating, and
+    // leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno_str()));
+    }
+    if pid == 0 {
+        let mut b = 0u8;
+        // SAFETY: closing our copy of the write end, then waiting for the parent's to close.
+        unsafe {
+            libc::close(fds[1]);
+            libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
+        }
+        let bad = (0..npages)
+            // SAFETY: i < npages, inside our copy of the region.
+            .filter(|&i| !chaos_matches(unsafe { a.ptr.add(i * PAGE) }, 0x5a, i, 1))
+            .count();
+        // SAFETY: _exit ends the child at once.
+        unsafe { libc::_exit(if bad == 0 { 0 } else { 1 }) };
+    }
+    // SAFETY: closing the parent's copy of the read end.
+    unsafe { libc::close(fds[0]) };
+    let old = a.ptr;
+    let a = a.remap(len + PAGE, libc::MREMAP_MAYMOVE, std::ptr::null_mut())?;
+    if a.ptr == old {
+        return Err("mremap grew the region in place past its guard page".into());
+    }
+    println!("forked child {pid}; mremap {old:p} -> {:p}", a.ptr);
+    let bad_parent = (0..npages)
+        // SAFETY: i < npages, inside the moved region.
+        .filter(|&i| !chaos_matches(unsafe { a.ptr.add(i * PAGE) }, 0x5a, i, 1))
+        .count();
+    // SAFETY: closing the write end lets the child check its copy.
+    unsafe { libc::close(fds[1]) };
+    let mut status = 0;
+    // SAFETY: waiting for our own child; status is a valid int.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return Err(format!("waitpid: {}", errno_str()));
+    }
+    let child_ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    println!(
+        "parent: {bad_parent} of {npages} moved pages wrong; child: {}",
+        if child_ok {
+            "its copy is right"
+        } else {
+            "its copy is WRONG"
+        }
+    );
+    if bad_parent == 0 && child_ok {
+        Ok(format!("fork-remap pages={npages} mismatches=0"))
+    } else {
+        Err(format!(
+            "fork-remap: {bad_parent} parent pages wrong, child status {status:#x}"
+        ))
+    }
+}
+
 fn cmd_dontneed(o: &Opts) -> Result<String, String> {
     let (len, _) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
@@ -2559,6 +2656,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   mremap           --mib N [--idle-ms M]
   dontneed         --mib N [--idle-ms M]
   event-reuse      --mib N [--idle-ms M]   (mremap, DONTNEED, munmap over evicted memory, then fresh maps there)
+  fork-remap       --mib N [--idle-ms M]   (a forked child keeps its copy while the parent moves the region)
   realloc          --mib N [--idle-ms M]
   fork-cow         --mib N [--idle-ms M]
   bgsave           --mib N [--idle-ms M]
@@ -2595,6 +2693,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "mremap" => cmd_mremap(&parse(&[], &[])?),
         "dontneed" => cmd_dontneed(&parse(&[], &[])?),
         "event-reuse" => cmd_event_reuse(&parse(&[], &[])?),
+        "fork-remap" => cmd_fork_remap(&parse(&[], &[])?),
         "realloc" => cmd_realloc(&parse(&[], &[])?),
         "fork-cow" => cmd_fork_cow(&parse(&[], &[])?),
         "bgsave" => cmd_bgsave(&parse(&[], &[])?),
