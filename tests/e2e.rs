@@ -1022,6 +1022,109 @@ impl Killed {
     }
 }
 
+/// Waits for `prog` (its output read meanwhile); if it has not exited after `limit`, describes
+/// every thread of it and of its children (name, kernel wait channel, system call, kernel
+/// stack), kills them and fails with that description and the daemons' logs in `dir`.
+fn wait_or_diagnose(
+    mut prog: std::process::Child,
+    limit: Duration,
+    dir: &Path,
+) -> Result<Output, Failed> {
+    use std::io::Read;
+    let mut out_pipe = prog.stdout.take();
+    let mut err_pipe = prog.stderr.take();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(p) = out_pipe.as_mut() {
+            let _ = p.read_to_end(&mut v);
+        }
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        if let Some(p) = err_pipe.as_mut() {
+            let _ = p.read_to_end(&mut v);
+        }
+        v
+    });
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = prog.try_wait()? {
+            break st;
+        }
+        if Instant::now() > end {
+            let pid = prog.id() as i32;
+            let mut pids = vec![pid];
+            if let Ok(rd) = std::fs::read_dir("/proc") {
+                for e in rd.flatten() {
+                    let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+                        continue;
+                    };
+                    let stat =
+                        std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                    let ppid = stat
+                        .rsplit(')')
+                        .next()
+                        .and_then(|r| r.split_whitespace().nth(1))
+                        .and_then(|v| v.parse::<i32>().ok());
+                    if ppid == Some(pid) {
+                        pids.push(p);
+                    }
+                }
+            }
+            let mut why = String::new();
+            for p in &pids {
+                if let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/task")) {
+                    for t in rd.flatten() {
+                        let tp = t.path();
+                        let rd = |f: &str| {
+                            std::fs::read_to_string(tp.join(f))
+                                .unwrap_or_default()
+                                .trim()
+                                .to_string()
+                        };
+                        why.push_str(&format!(
+                            "pid {p} task {}: {} wchan={} syscall={}\n{}\n",
+                            t.file_name().to_string_lossy(),
+                            rd("comm"),
+                            rd("wchan"),
+                            rd("syscall"),
+                            rd("stack")
+                        ));
+                    }
+                }
+            }
+            for p in &pids {
+                // SAFETY: signalling processes this test started (the program and its children).
+                unsafe { libc::kill(*p, libc::SIGKILL) };
+            }
+            let _ = prog.wait();
+            let out = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+            let err = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+            let logs = std::fs::read_to_string(dir.join("daemons.log")).unwrap_or_default();
+            let tail: String = logs
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(format!(
+                "the program did not exit within {limit:?} after the kill: a hang\n{why}--- stdout\n{out}\n--- stderr\n{err}\n--- daemon log (last lines)\n{tail}"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        status,
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    })
+}
+
 /// What [`kill_daemon_under`] fails with when the program ended before the kill.
 const NOT_KILLED: &str = "the program ended before the daemon was killed";
 
@@ -1089,7 +1192,7 @@ fn kill_daemon_under(
     if restart {
         second = Some(spawn_daemon_at(&socket, &dir)?);
     }
-    let out = prog.wait_with_output()?;
+    let out = wait_or_diagnose(prog, Duration::from_secs(300), &dir)?;
     let after_kill = killed_at.elapsed();
     if let Some(mut d) = second {
         // SAFETY: signalling our own child.
