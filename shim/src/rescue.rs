@@ -975,10 +975,7 @@ impl Rescue {
             };
             for slot_idx in 0..store_layout::slots_per_chunk(kind.class_idx()) {
                 let mut tries = 0;
-                loop {
-                    let Some(page) = store.page_of(chunk_idx, kind, slot_idx) else {
-                        break;
-                    };
+                while let Some(page) = store.page_of(chunk_idx, kind, slot_idx) {
                     if !mine(page.owners) || (!store_too && !self.in_remap_dst(page.addr)) {
                         break;
                     }
