@@ -1526,9 +1526,13 @@ impl Run {
             return Err(format!("the disk tier is not enabled\n{}", self.describe()).into());
         }
         let (demoted, writes) = (self.disk("pages_demoted"), self.disk("writes"));
-        if demoted < min_demoted || writes == 0 || writes * 4 > demoted {
+        let batches = self.disk("demote_batches");
+        // Batched: several pages per batch on average. (Pages per *write* depend on how
+        // scattered the free disk slots are: 2.8 in the TCG VM after rewrites, so they are not
+        // asserted.)
+        if demoted < min_demoted || writes == 0 || batches == 0 || batches * 4 > demoted {
             return Err(format!(
-                "{demoted} pages demoted in {writes} writes (expected >= {min_demoted}, batched)\n{}",
+                "{demoted} pages demoted in {batches} batches and {writes} writes (expected >= {min_demoted} pages, at least 4 a batch)\n{}",
                 self.describe()
             )
             .into());
