@@ -1148,6 +1148,8 @@ fn kill_daemon_under(
 ) -> Result<Killed, Failed> {
     let dir = tmpdir(tag);
     let socket = dir.join("uswap.sock");
+    // One compression worker (the default has none on two CPUs): the kill tests run the pool.
+    std::fs::write(dir.join("daemon.toml"), "compress_threads = 1\n")?;
     let mut daemon = spawn_daemon_at(&socket, &dir)?;
     let started = Instant::now();
     let mut prog = Command::new(workload())

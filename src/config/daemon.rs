@@ -58,8 +58,8 @@ pub struct DaemonConfig {
     /// Key `agent_timeout`.
     pub agent_timeout: Duration,
     /// Compression workers shared by every program (0: each program's control thread
-    /// compresses alone). Key `compress_threads`; `None` ("auto") = one per CPU beyond the
-    /// first, at most 4.
+    /// compresses alone). Key `compress_threads`; `None` ("auto") = none on one or two CPUs,
+    /// else one per CPU beyond the first, at most 4.
     pub compress_threads: Option<usize>,
 }
 
