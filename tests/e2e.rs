@@ -1194,7 +1194,31 @@ fn kill_daemon_under(
     };
     daemon.kill()?;
     let killed_at = Instant::now();
-    daemon.wait()?;
+    // A SIGKILLed monitor that does not exit is stuck in the kernel: say where.
+    while daemon.try_wait()?.is_none() {
+        if killed_at.elapsed() > Duration::from_secs(60) {
+            let pid = daemon.id();
+            let mut why = String::new();
+            if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+                for t in rd.flatten() {
+                    let f = |n: &str| std::fs::read_to_string(t.path().join(n)).unwrap_or_default();
+                    why.push_str(&format!(
+                        "task {}: {} wchan={} syscall={}\n{}\n",
+                        t.file_name().to_string_lossy(),
+                        f("comm").trim(),
+                        f("wchan").trim(),
+                        f("syscall").trim(),
+                        f("stack")
+                    ));
+                }
+            }
+            return Err(format!(
+                "the monitor (pid {pid}) did not exit within 60 s of SIGKILL: stuck in the kernel\n{why}"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut second = None;
     if restart {
         second = Some(spawn_daemon_at(&socket, &dir)?);
