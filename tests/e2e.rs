@@ -1022,6 +1022,30 @@ impl Killed {
     }
 }
 
+/// Every thread of process `pid`: name, kernel wait channel, system call and kernel stack.
+fn describe_tasks(pid: i32) -> String {
+    let mut out = String::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            let f = |n: &str| {
+                std::fs::read_to_string(t.path().join(n))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            };
+            out.push_str(&format!(
+                "pid {pid} task {}: {} wchan={} syscall={}\n{}\n",
+                t.file_name().to_string_lossy(),
+                f("comm"),
+                f("wchan"),
+                f("syscall"),
+                f("stack")
+            ));
+        }
+    }
+    out
+}
+
 /// Waits for `prog` (its output read meanwhile); if it has not exited after `limit`, describes
 /// every thread of it and of its children (name, kernel wait channel, system call, kernel
 /// stack), kills them and fails with that description and the daemons' logs in `dir`.
@@ -1076,28 +1100,7 @@ fn wait_or_diagnose(
                     }
                 }
             }
-            let mut why = String::new();
-            for p in &pids {
-                if let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/task")) {
-                    for t in rd.flatten() {
-                        let tp = t.path();
-                        let rd = |f: &str| {
-                            std::fs::read_to_string(tp.join(f))
-                                .unwrap_or_default()
-                                .trim()
-                                .to_string()
-                        };
-                        why.push_str(&format!(
-                            "pid {p} task {}: {} wchan={} syscall={}\n{}\n",
-                            t.file_name().to_string_lossy(),
-                            rd("comm"),
-                            rd("wchan"),
-                            rd("syscall"),
-                            rd("stack")
-                        ));
-                    }
-                }
-            }
+            let why: String = pids.iter().map(|p| describe_tasks(*p)).collect();
             for p in &pids[..1] {
                 // SAFETY: signalling the program this test started (its children follow when
                 // their pipes close; monitor processes are left to the test's own cleanup).
@@ -1198,20 +1201,7 @@ fn kill_daemon_under(
     while daemon.try_wait()?.is_none() {
         if killed_at.elapsed() > Duration::from_secs(60) {
             let pid = daemon.id();
-            let mut why = String::new();
-            if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-                for t in rd.flatten() {
-                    let f = |n: &str| std::fs::read_to_string(t.path().join(n)).unwrap_or_default();
-                    why.push_str(&format!(
-                        "task {}: {} wchan={} syscall={}\n{}\n",
-                        t.file_name().to_string_lossy(),
-                        f("comm").trim(),
-                        f("wchan").trim(),
-                        f("syscall").trim(),
-                        f("stack")
-                    ));
-                }
-            }
+            let why = describe_tasks(pid as i32);
             return Err(format!(
                 "the monitor (pid {pid}) did not exit within 60 s of SIGKILL: stuck in the kernel\n{why}"
             )
@@ -1380,7 +1370,7 @@ fn die_at(tag: &str, point: &str, adopt: bool, args: &[&str], settled: bool) -> 
         if Instant::now() > end {
             let _ = daemon.kill();
             let _ = daemon.wait();
-            let out = prog.wait_with_output()?;
+            let out = wait_or_diagnose(prog, Duration::from_secs(300), &dir)?;
             return Err(format!(
                 "{point}: the monitor never reached its death point\n--- stdout\n{}\n--- stderr\n{}",
                 String::from_utf8_lossy(&out.stdout),

@@ -1337,6 +1337,30 @@ fn cmd_mremap(o: &Opts) -> Result<String, String> {
     ok_if(t, "mremap")
 }
 
+/// A fresh anonymous mapping of `len` bytes with an inaccessible page right after it (kept
+/// for the life of the process), so growing the mapping with mremap must move it.
+fn anon_before_guard_page(len: usize) -> Result<Mapping, String> {
+    let both = Mapping::anon(len + PAGE)?;
+    // SAFETY: MAP_FIXED over the last page of our own fresh mapping.
+    let g = unsafe {
+        libc::mmap(
+            both.ptr.add(len).cast(),
+            PAGE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if g == libc::MAP_FAILED {
+        return Err(format!("mmap guard page: {}", errno_str()));
+    }
+    let m = Mapping { ptr: both.ptr, len };
+    // The guard page is never unmapped; `m` owns the rest.
+    std::mem::forget(both);
+    Ok(m)
+}
+
 /// A fresh mapping at exactly `at` (MAP_FIXED_NOREPLACE: fails rather than clobber).
 fn map_at(at: *mut u8, len: usize) -> Result<Mapping, String> {
     // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping; it fails with EEXIST.
@@ -1374,27 +1398,7 @@ fn cmd_event_reuse(o: &Opts) -> Result<String, String> {
     let n = npages as u64;
     // `a` with an inaccessible page right after it, so growing it must move it (an mremap
     // to a fixed address would first unmap the destination: an UNMAP before the REMAP).
-    let a_and_guard = Mapping::anon(len + PAGE)?;
-    // SAFETY: MAP_FIXED over the last page of our own fresh mapping.
-    let g = unsafe {
-        libc::mmap(
-            a_and_guard.ptr.add(len).cast(),
-            PAGE,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if g == libc::MAP_FAILED {
-        return Err(format!("mmap guard page: {}", errno_str()));
-    }
-    let mut a = Mapping {
-        ptr: a_and_guard.ptr,
-        len,
-    };
-    // The guard page stays mapped for the life of the process.
-    std::mem::forget(a_and_guard);
+    let mut a = anon_before_guard_page(len)?;
     fill_timed(&mut a, 0, 1, "remap region");
     let mut b = Mapping::anon(len)?;
     fill_timed(&mut b, n, 1, "dontneed region");
@@ -1486,26 +1490,7 @@ fn cmd_event_reuse(o: &Opts) -> Result<String, String> {
 fn cmd_fork_remap(o: &Opts) -> Result<String, String> {
     let (len, npages) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
-    let a_and_guard = Mapping::anon(len + PAGE)?;
-    // SAFETY: MAP_FIXED over the last page of our own fresh mapping.
-    let g = unsafe {
-        libc::mmap(
-            a_and_guard.ptr.add(len).cast(),
-            PAGE,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if g == libc::MAP_FAILED {
-        return Err(format!("mmap guard page: {}", errno_str()));
-    }
-    let a = Mapping {
-        ptr: a_and_guard.ptr,
-        len,
-    };
-    std::mem::forget(a_and_guard);
+    let a = anon_before_guard_page(len)?;
     for i in 0..npages {
         // SAFETY: i < npages, inside our region.
         chaos_fill(unsafe { a.ptr.add(i * PAGE) }, 0x5a, i, 1);

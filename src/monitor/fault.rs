@@ -225,7 +225,10 @@ fn serve_loop(client: &Arc<Client>) -> &'static str {
                 }
                 let t_read = Instant::now();
                 apply_events(&client, &events[..n], &mut arrivals, held);
-                win.journal_set_dests(arrivals.unconfirmed());
+                // Only a REMAP adds an unconfirmed destination (`settle` publishes the shrink).
+                if events[..n].iter().any(|e| matches!(e, Event::Remap { .. })) {
+                    win.journal_set_dests(arrivals.unconfirmed());
+                }
                 win.journal_state()
                     .store(shm::JOURNAL_IDLE, Ordering::SeqCst);
                 win.read_end()
