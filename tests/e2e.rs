@@ -187,6 +187,41 @@ fn workload_test(
     })
 }
 
+/// Random refaults leave holes in the store's chunks; compaction moves the blobs left into
+/// fewer chunks and gives the rest back while the program runs, and every page the program
+/// touches afterwards (each is checked) reads back exactly.
+fn store_compaction_gives_chunks_back_and_keeps_every_byte() -> R {
+    let r = run_under_uswap(
+        "compact",
+        "16M",
+        &["--set", "prefetch_pages=0"],
+        &[
+            workload(),
+            "bench",
+            "--mib",
+            "64",
+            "--pattern",
+            "random",
+            "--touches",
+            "40000",
+            "--idle-ms",
+            "500",
+        ],
+    );
+    r.ok_with_eviction(8000)?;
+    let store = &r.client()["store"];
+    let moves = store["compact_moves"].as_u64().unwrap_or(0);
+    let freed = store["compact_chunks_freed"].as_u64().unwrap_or(0);
+    if moves == 0 || freed == 0 {
+        return Err(format!(
+            "no compaction ({moves} blobs moved, {freed} chunks given back)\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn fill_verify_rss_settles_below_budget_plus_slack() -> R {
     // 128 MiB of data, 32 MiB budget; slack: one tick of fill-ahead plus the policy's
     // hysteresis and the unmanaged anonymous memory of a small Rust program (~8 MiB).
@@ -1821,6 +1856,10 @@ fn main() {
     let needs_root = |t: Trial| if root { t } else { t.with_ignored_flag(true) };
     let cross_mm = std::env::var("USWAP_E2E_BACKEND").is_ok_and(|b| b == "cross-mm");
     let tests = vec![
+        Trial::test(
+            "store_compaction_gives_chunks_back_and_keeps_every_byte",
+            store_compaction_gives_chunks_back_and_keeps_every_byte,
+        ),
         Trial::test(
             "fill_verify_rss_settles_below_budget_plus_slack",
             fill_verify_rss_settles_below_budget_plus_slack,

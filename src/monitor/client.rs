@@ -944,6 +944,7 @@ impl Client {
             // Room was made: the pages the full store refused are stored now, not a tick later.
             self.compress_cooled(decision.cold_age_ms);
         }
+        self.compact_store();
         self.limits.forks.sweep();
         {
             let st = self.state.lock();
@@ -1713,6 +1714,8 @@ impl Client {
             agent_cpu_s: g(&c.agent_busy_ns) as f64 / 1e9,
             monitor_move_out_s: g(&c.move_out_ns) as f64 / 1e9,
             monitor_shadow_s: g(&c.shadow_ns) as f64 / 1e9,
+            compact_s: g(&c.compact_ns) as f64 / 1e9,
+            compact_max_us: g(&c.compact_max_ns) as f64 / 1e3,
             shadow_runs: g(&c.shadow_runs),
             shadow_max_us: g(&c.shadow_max_ns) as f64 / 1e3,
             pages_unshadowed: g(&c.pages_unshadowed),

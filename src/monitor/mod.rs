@@ -6,6 +6,7 @@
 
 pub mod arrivals;
 pub mod client;
+pub mod compact;
 pub mod compress;
 pub mod die;
 pub mod diskio;

@@ -282,6 +282,31 @@ impl Pages {
         true
     }
 
+    /// Store compaction: each page `addr` stored as `old` is stored as `new` now (its blob
+    /// moved to another slot), keeping its place in the stored order. A page no longer
+    /// `Stored(old)` is left alone; returns how many were updated.
+    pub fn rehandled(&mut self, moves: &[(u64, Handle, Handle)]) -> usize {
+        let mut n = 0;
+        for &(addr, old, new) in moves {
+            if self.state(addr) == PageState::Stored(old) {
+                self.set_noting(addr, PageState::Stored(new), false);
+                n += 1;
+            }
+        }
+        if let Some(q) = &mut self.stored_order {
+            let renamed: std::collections::HashMap<(u64, Handle), Handle> = moves
+                .iter()
+                .map(|&(addr, old, new)| ((addr, old), new))
+                .collect();
+            for e in q.iter_mut() {
+                if let Some(&new) = renamed.get(e) {
+                    e.1 = new;
+                }
+            }
+        }
+        n
+    }
+
     /// Keeps `win`'s slot records in step with the slot table from now on.
     pub fn set_slot_records(&mut self, win: Window) {
         assert_eq!(win.slots(), self.slots.len());

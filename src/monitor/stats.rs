@@ -73,6 +73,10 @@ pub struct Counters {
     pub shadow_max_ns: AtomicU64,
     /// Cross-mm: pages that got no shadow (store quota) and lived only in the arena.
     pub pages_unshadowed: AtomicU64,
+    /// Store compaction (`monitor/compact.rs`): the control thread's wall time in it, and its
+    /// longest single lock hold, in ns.
+    pub compact_ns: AtomicU64,
+    pub compact_max_ns: AtomicU64,
     /// Largest (evicted bytes - bytes uswap held for them) seen at a tick.
     pub peak_saved_bytes: AtomicU64,
     /// CPU time (user + system) of the client's fault and control threads, set when they end.
@@ -421,6 +425,12 @@ pub struct ClientReport {
     pub monitor_move_out_s: f64,
     /// Cross-mm: time spent giving moved pages their durable copy in the store.
     pub monitor_shadow_s: f64,
+    /// Store compaction: control-thread time in it, and its longest lock hold in µs (blob
+    /// moves and chunks given back are in `store`).
+    #[serde(default)]
+    pub compact_s: f64,
+    #[serde(default)]
+    pub compact_max_us: f64,
     /// Cross-mm: runs given durable copies, and the longest (the most a monitor death could
     /// catch in flight), in µs.
     pub shadow_runs: u64,

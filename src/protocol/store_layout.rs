@@ -57,6 +57,12 @@
 //!    then, with the memory slot found unchanged (same record, never freed meanwhile), the disk
 //!    record is set (release) and only then is the memory slot's record zeroed. A page read
 //!    back from disk follows step 4 like any other.
+//! 7. a page moved by compaction (a blob of a sparse memory chunk moved to a free slot of a
+//!    fuller chunk of its class, so the sparse chunk empties and is given back by step 5): the
+//!    payload is copied to the new slot, then the *same* record is written there (release),
+//!    and only then is the old slot's record zeroed. A reader may find both, naming the same
+//!    page with the same bytes; it brings the page home once (the second copy fails with
+//!    EEXIST), and an adopting monitor keeps one and frees the other.
 //!
 //! So a reader sees, for every page, either a complete record with its payload (in the store
 //! file or, for a disk chunk, already in the disk file), or no record while another copy

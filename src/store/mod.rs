@@ -72,6 +72,17 @@ pub enum StoreError {
     Disk(#[source] std::io::Error),
 }
 
+/// What one [`Store::compact`] did.
+#[derive(Debug, Default)]
+pub struct Compaction {
+    /// (page address, old handle, new handle) of every blob moved.
+    pub moves: Vec<(u64, Handle, Handle)>,
+    /// Memory chunks given back.
+    pub chunks_freed: u64,
+    /// Payload bytes copied.
+    pub bytes_moved: u64,
+}
+
 /// Store settings.
 #[derive(Debug, Clone, Default)]
 pub struct StoreConfig {
@@ -829,6 +840,79 @@ impl Store {
         }
     }
 
+    /// Slot bytes the store's memory chunks could give back by compaction: per size class,
+    /// the chunks mapped beyond those its slots in use need. O(chunks).
+    pub fn compactable_bytes(&self) -> u64 {
+        self.slabs
+            .class_usage()
+            .iter()
+            .enumerate()
+            .map(|(class_idx, &(chunks, used))| {
+                let per_chunk = slab::slots_per_chunk(class_idx as u8) as u64;
+                (u64::from(chunks) - used.div_ceil(per_chunk)) * CHUNK_BYTES as u64
+            })
+            .sum()
+    }
+
+    /// Compaction (see [`Slabs::compact_class`]; layout write order, step 7): blobs of member
+    /// `member` alone are moved out of the sparsest memory chunks of each size class into
+    /// free slots of its other chunks, and the chunks so emptied are given back. A blob moves
+    /// only if `movable(addr, handle)` (the caller's page map still names the page at `addr`
+    /// by `handle`, under the lock the caller holds), at most `max_moves` in all, classes with
+    /// the most to give back first. Returns each move as (page address, old handle, new
+    /// handle): the caller's page map must name each page by its new handle from now on.
+    pub fn compact(
+        &mut self,
+        member: u8,
+        max_moves: usize,
+        movable: &mut dyn FnMut(u64, Handle) -> bool,
+    ) -> Compaction {
+        let usage = self.slabs.class_usage();
+        let mut classes: Vec<(u64, u8)> = usage
+            .iter()
+            .enumerate()
+            .filter_map(|(class_idx, &(chunks, used))| {
+                let per_chunk = slab::slots_per_chunk(class_idx as u8) as u64;
+                let freeable = u64::from(chunks) - used.div_ceil(per_chunk);
+                (freeable > 0).then_some((freeable, class_idx as u8))
+            })
+            .collect();
+        classes.sort_unstable_by(|a, b| b.cmp(a));
+        let me = 1u16 << member;
+        let mut out = Compaction::default();
+        let handle = |loc: SlotLoc, len_bytes: usize| {
+            Handle::blob(BlobLoc {
+                class_idx: loc.class_idx,
+                chunk_idx: loc.chunk_idx,
+                slot_idx: loc.slot_idx,
+                len_bytes: len_bytes as u32,
+            })
+        };
+        for (freeable, class_idx) in classes {
+            let left = max_moves.saturating_sub(out.moves.len());
+            if left == 0 {
+                break;
+            }
+            let (moves, freed) =
+                self.slabs
+                    .compact_class(class_idx, freeable as usize, left, &mut |loc, rec| {
+                        let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
+                        crate::protocol::store_layout::record_owners(rec) == me
+                            && movable(addr, handle(loc, len_bytes))
+                    });
+            out.chunks_freed += freed;
+            for (old, new, rec) in moves {
+                let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
+                out.bytes_moved += len_bytes as u64;
+                out.moves
+                    .push((addr, handle(old, len_bytes), handle(new, len_bytes)));
+            }
+        }
+        self.counters.compact_moves += out.moves.len() as u64;
+        self.counters.compact_chunks_freed += out.chunks_freed;
+        out
+    }
+
     /// A snapshot of the counters. O(size classes).
     pub fn stats(&self) -> StoreStats {
         let c = &self.counters;
@@ -862,6 +946,8 @@ impl Store {
             disk_chunks: self.slabs.disk_chunks(),
             disk_file_bytes: self.slabs.disk().map_or(0, DiskFile::allocated_bytes),
             pages_demoted: c.pages_demoted,
+            compact_moves: c.compact_moves,
+            compact_chunks_freed: c.compact_chunks_freed,
             disk_sync_reads: self
                 .disk_sync_reads
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -747,15 +747,18 @@ impl Slabs {
             .take()
             .expect("releasing a live chunk");
         debug_assert_eq!(chunk.used_slots, 0);
-        let partial = &mut self.partial[plist(chunk.class_idx, chunk.on_disk)];
-        let pos = chunk.partial_pos as usize;
-        debug_assert_eq!(partial.get(pos), Some(&chunk_idx), "empty chunk is partial");
-        partial.swap_remove(pos);
-        if let Some(&moved_idx) = partial.get(pos) {
-            self.chunks[moved_idx as usize]
-                .as_mut()
-                .expect("partial lists name live chunks only")
-                .partial_pos = pos as u32;
+        if chunk.partial_pos != NOT_PARTIAL {
+            // (A chunk being compacted was taken off its list; see `compact_class`.)
+            let partial = &mut self.partial[plist(chunk.class_idx, chunk.on_disk)];
+            let pos = chunk.partial_pos as usize;
+            debug_assert_eq!(partial.get(pos), Some(&chunk_idx), "empty chunk is partial");
+            partial.swap_remove(pos);
+            if let Some(&moved_idx) = partial.get(pos) {
+                self.chunks[moved_idx as usize]
+                    .as_mut()
+                    .expect("partial lists name live chunks only")
+                    .partial_pos = pos as u32;
+            }
         }
         self.bitmap_words -= chunk.used_bitmap.len() as u64;
         if chunk.on_disk {
@@ -781,6 +784,135 @@ impl Slabs {
                 );
             }
         }
+    }
+
+    /// Takes a partial chunk off its list (it gets no new slot until [`Slabs::relist`]).
+    fn unlist(&mut self, chunk_idx: u32) {
+        let chunk = self.chunks[chunk_idx as usize]
+            .as_mut()
+            .expect("unlisting a live chunk");
+        let pos = chunk.partial_pos as usize;
+        chunk.partial_pos = NOT_PARTIAL;
+        let partial = &mut self.partial[plist(chunk.class_idx, chunk.on_disk)];
+        debug_assert_eq!(
+            partial.get(pos),
+            Some(&chunk_idx),
+            "unlisting a partial chunk"
+        );
+        partial.swap_remove(pos);
+        if let Some(&moved_idx) = partial.get(pos) {
+            self.chunks[moved_idx as usize]
+                .as_mut()
+                .expect("partial lists name live chunks only")
+                .partial_pos = pos as u32;
+        }
+    }
+
+    /// Puts a chunk taken off its list back on it, if it is still mapped and not full.
+    fn relist(&mut self, chunk_idx: u32) {
+        let Some(chunk) = self.chunks[chunk_idx as usize].as_mut() else {
+            return;
+        };
+        if chunk.is_full() || chunk.partial_pos != NOT_PARTIAL {
+            return;
+        }
+        let list = plist(chunk.class_idx, chunk.on_disk);
+        chunk.partial_pos = self.partial[list].len() as u32;
+        self.partial[list].push(chunk_idx);
+    }
+
+    /// Per size class, the memory chunks mapped and their slots in use.
+    pub fn class_usage(&self) -> [(u32, u64); NUM_CLASSES] {
+        let mut usage = [(0u32, 0u64); NUM_CLASSES];
+        for chunk in self.chunks.iter().flatten().filter(|c| !c.on_disk) {
+            let u = &mut usage[usize::from(chunk.class_idx)];
+            u.0 += 1;
+            u.1 += u64::from(chunk.used_slots);
+        }
+        usage
+    }
+
+    /// Compaction of one size class's memory chunks (layout write order, step 7): the slots
+    /// in use of the sparsest chunks, as many chunks as the class's free slots elsewhere could
+    /// absorb (at most `max_chunks`), are moved into the free slots of its other chunks, so
+    /// the emptied chunks are given back. A slot moves only if it is not pinned and
+    /// `movable(old, record)` says so; each move copies the payload, publishes the same
+    /// record in the new slot, and only then frees the old slot (zeroing its record), so a
+    /// reader always finds at least one complete copy. No chunk is mapped for it. Stops after
+    /// `max_moves` moves. Returns the moves as (old, new, record) and the chunks given back.
+    pub fn compact_class(
+        &mut self,
+        class_idx: u8,
+        max_chunks: usize,
+        max_moves: usize,
+        movable: &mut dyn FnMut(SlotLoc, u64) -> bool,
+    ) -> (Vec<(SlotLoc, SlotLoc, u64)>, u64) {
+        let list = plist(class_idx, false);
+        let per_chunk = slots_per_chunk(class_idx) as u64;
+        let (chunks, used) = self.class_usage()[usize::from(class_idx)];
+        let freeable = (u64::from(chunks) - used.div_ceil(per_chunk)) as usize;
+        let mut sources: Vec<(u32, u32)> = self.partial[list]
+            .iter()
+            .map(|&i| {
+                let c = self.chunks[i as usize]
+                    .as_ref()
+                    .expect("listed chunks live");
+                (c.used_slots, i)
+            })
+            .collect();
+        sources.sort_unstable();
+        sources.truncate(freeable.min(max_chunks));
+        let mut moves = Vec::new();
+        if sources.is_empty() {
+            return (moves, 0);
+        }
+        for &(_, chunk_idx) in &sources {
+            self.unlist(chunk_idx);
+        }
+        let live_before = self.live_chunks;
+        let mut buf = [0u8; PAGE_SIZE];
+        'chunks: for &(_, chunk_idx) in &sources {
+            for slot_idx in 0..per_chunk as usize {
+                if moves.len() >= max_moves || self.partial[list].is_empty() {
+                    break 'chunks;
+                }
+                let Some(chunk) = self.chunks[chunk_idx as usize].as_ref() else {
+                    break;
+                };
+                if !chunk.is_used(slot_idx) {
+                    continue;
+                }
+                let old = SlotLoc {
+                    class_idx,
+                    chunk_idx,
+                    slot_idx: slot_idx as u32,
+                };
+                let rec = chunk.record(slot_idx).load(Ordering::Acquire);
+                if rec == 0 || self.pinned.contains(&old) || !movable(old, rec) {
+                    continue;
+                }
+                let (_, len_bytes) = layout::record_parts(rec);
+                let range = chunk.slot_range(slot_idx, len_bytes);
+                buf[..len_bytes].copy_from_slice(&chunk.map[range]);
+                let new = self
+                    .take(class_idx, false)
+                    .expect("a listed chunk has a free slot");
+                let dst = self.chunks[new.chunk_idx as usize]
+                    .as_mut()
+                    .expect("just taken");
+                let range = dst.slot_range(new.slot_idx as usize, len_bytes);
+                dst.map[range].copy_from_slice(&buf[..len_bytes]);
+                dst.record(new.slot_idx as usize)
+                    .store(rec, Ordering::Release);
+                self.free(old).expect("a used slot");
+                moves.push((old, new, rec));
+            }
+        }
+        let freed = live_before - self.live_chunks;
+        for &(_, chunk_idx) in &sources {
+            self.relist(chunk_idx);
+        }
+        (moves, freed)
     }
 
     /// Chunks currently mapped.

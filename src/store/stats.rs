@@ -72,6 +72,13 @@ pub struct StoreStats {
     /// path reads through io_uring without it), since creation.
     #[serde(default)]
     pub disk_sync_reads: u64,
+    /// Blobs moved by compaction (out of sparse chunks into free slots of fuller ones), since
+    /// creation.
+    #[serde(default)]
+    pub compact_moves: u64,
+    /// Memory chunks given back by compaction, since creation.
+    #[serde(default)]
+    pub compact_chunks_freed: u64,
 }
 
 impl StoreStats {
@@ -105,6 +112,8 @@ pub(crate) struct Counters {
     pub pages_on_disk: u64,
     pub disk_bytes_out: u64,
     pub pages_demoted: u64,
+    pub compact_moves: u64,
+    pub compact_chunks_freed: u64,
 }
 
 impl Counters {

@@ -7,6 +7,7 @@ use super::*;
 use crate::protocol::store_layout::{decode_payload, StoreView};
 use proptest::prelude::*;
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
 
 type Page = Box<[u8; PAGE_SIZE]>;
 
@@ -138,6 +139,22 @@ fn check_against_model(store: &Store, model: &HashMap<u64, (Handle, Page)>) {
     store.slabs.check_invariants();
 }
 
+/// Compacts `store` (every blob movable), at most `max_moves` moves, and renames the moved
+/// pages in `model`; checks that each move named a page of the model by its handle.
+fn compact_model(store: &mut Store, model: &mut HashMap<u64, (Handle, Page)>, max_moves: usize) {
+    let by_handle: HashMap<Handle, u64> = model.iter().map(|(k, (h, _))| (*h, *k)).collect();
+    let c = store.compact(0, max_moves, &mut |_, h| {
+        assert!(by_handle.contains_key(&h), "asked about a live handle");
+        true
+    });
+    assert!(c.moves.len() <= max_moves);
+    for (_, old, new) in c.moves {
+        assert_ne!(old, new);
+        let key = by_handle[&old];
+        model.get_mut(&key).unwrap().0 = new;
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
 
@@ -176,6 +193,8 @@ proptest! {
                 let h = store.insert(enc, &page, 0x1000).unwrap();
                 model.insert(next_key, (h, page));
                 next_key += 1;
+            } else if seed % 11 == 0 {
+                compact_model(&mut store, &mut model, 1 + (seed >> 8) as usize % 64);
             } else {
                 let keys: Vec<u64> = model.keys().copied().collect();
                 let key = keys[(seed % keys.len() as u64) as usize];
@@ -967,4 +986,131 @@ fn with_view(store: &Store, f: impl FnOnce(&StoreView)) {
     }
     // SAFETY: unmapping the mapping made above; the view is gone.
     unsafe { libc::munmap(base, len) };
+}
+
+/// Per size class, the chunks its blobs need at least.
+fn min_chunks(store: &Store) -> u64 {
+    store
+        .slabs
+        .class_usage()
+        .iter()
+        .enumerate()
+        .map(|(c, &(_, used))| used.div_ceil(slots_per_chunk(c as u8) as u64))
+        .sum()
+}
+
+/// The program faulted most of its pages back at random: compaction moves the rest into as
+/// few chunks as their classes need, gives the others back (memory and file), and every page
+/// reads back, through the store and through the store file a rescue would read.
+#[test]
+fn compaction_gives_back_sparse_chunks_and_every_page_reads_back() {
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+        disk: None,
+    })
+    .unwrap();
+    let at = |i: u64| 0x6600_0000_0000u64 + i * PAGE_SIZE as u64;
+    let mut model: HashMap<u64, (Handle, Page)> = HashMap::new();
+    let mut scratch = Vec::new();
+    for i in 0..6000u64 {
+        let page = page_of_shape(2 + (i % 3) as u8, i * 7919);
+        let enc = encode(&page, &mut scratch);
+        let h = store.insert(enc, &page, at(i)).unwrap();
+        model.insert(at(i), (h, page));
+    }
+    let mut rng = Rng(42);
+    let keys: Vec<u64> = model.keys().copied().collect();
+    for k in keys {
+        if rng.next() % 10 < 7 {
+            let (h, _) = model.remove(&k).unwrap();
+            store.remove(h);
+        }
+    }
+    let before = store.stats();
+    let file_before = store.file().unwrap().metadata().unwrap().blocks();
+    assert!(
+        store.compactable_bytes() >= 8 * CHUNK_BYTES as u64,
+        "the test makes the store sparse: {before:?}"
+    );
+    compact_model(&mut store, &mut model, usize::MAX);
+    let after = store.stats();
+    check_against_model(&store, &model);
+    assert_eq!(store.compactable_bytes(), 0);
+    assert_eq!(after.chunks, min_chunks(&store), "{after:?}");
+    assert!(
+        after.chunks * 5 < before.chunks * 3,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(after.compact_chunks_freed, before.chunks - after.chunks);
+    assert!(after.compact_moves > 0);
+    let file_after = store.file().unwrap().metadata().unwrap().blocks();
+    assert!(
+        file_after * 5 < file_before * 3,
+        "the store file gives its memory back: {file_before} -> {file_after} blocks"
+    );
+    let want: HashMap<u64, Page> = model.iter().map(|(a, (_, p))| (*a, p.clone())).collect();
+    assert_eq!(
+        read_store_file(&store),
+        want,
+        "one record per page, at its address"
+    );
+    // A monitor adopting the file finds the same pages.
+    let dup = store.file().unwrap().try_clone().unwrap();
+    let (adopted, pages) = Store::adopt(dup, None).unwrap();
+    assert_eq!(pages.len(), model.len());
+    for (addr, owners, h) in pages {
+        assert_eq!(owners, 1);
+        assert_eq!(&read_back(&adopted, h), &model[&addr].1);
+    }
+}
+
+/// Only blobs of the compacting member alone, that the caller calls movable and that no
+/// demotion pins, move; the others keep their slots and handles.
+#[test]
+fn compaction_moves_only_the_members_own_unpinned_movable_blobs() {
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+        disk: None,
+    })
+    .unwrap();
+    let at = |i: u64| 0x6700_0000_0000u64 + i * PAGE_SIZE as u64;
+    let handles: Vec<Handle> = (0..2000u64)
+        .map(|i| store.put(&random_page(i), at(i)).unwrap())
+        .collect();
+    let child = store.join_member().unwrap();
+    // Keep every 5th page: of those, every 3rd is shared with the child, every 7th refused.
+    for (i, h) in handles.iter().enumerate() {
+        if i % 5 != 0 {
+            store.remove(*h);
+        } else if i % 3 == 0 {
+            store.share(*h, child).unwrap();
+        }
+    }
+    for (i, h) in handles.iter().enumerate() {
+        if i % 5 == 0 && i % 11 == 0 {
+            store.slabs.pin(Store::loc_of(*h));
+        }
+    }
+    let refused = |addr: u64| ((addr - at(0)) / PAGE_SIZE as u64) % 7 == 0;
+    let c = store.compact(0, usize::MAX, &mut |addr, _| !refused(addr));
+    // (Every chunk keeps a blob that may not move, so none is given back here.)
+    assert!(!c.moves.is_empty(), "{c:?}");
+    let moved: HashMap<u64, Handle> = c.moves.iter().map(|&(a, _, new)| (a, new)).collect();
+    for (i, h) in handles.iter().enumerate().filter(|(i, _)| i % 5 == 0) {
+        let shared = i % 3 == 0;
+        let now = match moved.get(&at(i as u64)) {
+            Some(new) => {
+                assert!(
+                    !shared && !refused(at(i as u64)) && i % 11 != 0,
+                    "page {i} must not move"
+                );
+                *new
+            }
+            None => *h,
+        };
+        assert_eq!(*read_back(&store, now), *random_page(i as u64), "page {i}");
+    }
+    store.slabs.check_invariants();
 }
