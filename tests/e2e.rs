@@ -1057,6 +1057,31 @@ impl Killed {
     }
 }
 
+/// SIGTERMs a daemon and waits for it; one that has not exited after 60 s is reported with
+/// every thread's wait channel, system call and kernel stack, and its log, then killed.
+fn stop_daemon(mut d: std::process::Child, dir: &Path) -> R {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(60);
+    while d.try_wait()?.is_none() {
+        if Instant::now() > end {
+            let pid = d.id() as i32;
+            let why = describe_tasks(pid);
+            let log = std::fs::read_to_string(dir.join("daemons.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let _ = d.kill();
+            let _ = d.wait();
+            return Err(format!(
+                "the daemon (pid {pid}) did not exit within 60 s of SIGTERM\n{why}\n--- its log, last lines first\n{}",
+                tail.join("\n")
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 /// Every thread of process `pid`: name, kernel wait channel, system call and kernel stack.
 fn describe_tasks(pid: i32) -> String {
     let mut out = String::new();
@@ -1201,7 +1226,13 @@ fn kill_daemon_under(
         .spawn()?;
     let end = Instant::now() + Duration::from_secs(20);
     let held_pages = loop {
-        let st = status_json(&socket)?;
+        let st = status_json(&socket).map_err(|e| {
+            format!(
+                "{}\n{}",
+                e.message().unwrap_or("uswap status failed"),
+                describe_tasks(daemon.id() as i32)
+            )
+        })?;
         let held = st
             .as_array()
             .and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload"))
@@ -1250,10 +1281,8 @@ fn kill_daemon_under(
     }
     let out = wait_or_diagnose(prog, Duration::from_secs(300), &dir)?;
     let after_kill = killed_at.elapsed();
-    if let Some(mut d) = second {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
-        d.wait()?;
+    if let Some(d) = second {
+        stop_daemon(d, &dir)?;
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Killed {
@@ -1421,16 +1450,14 @@ fn die_at(tag: &str, point: &str, adopt: bool, args: &[&str], settled: bool) -> 
     } else {
         None
     };
-    let out = prog.wait_with_output()?;
+    let out = wait_or_diagnose(prog, Duration::from_secs(300), &dir)?;
     let k = Killed {
         out,
         after_kill: killed_at.elapsed(),
         held_pages: 0,
     };
-    if let Some(mut d) = second {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
-        d.wait()?;
+    if let Some(d) = second {
+        stop_daemon(d, &dir)?;
     }
     k.survived().map_err(|e| {
         format!(

@@ -902,13 +902,27 @@ pub fn query_daemon_status(path: &Path) -> anyhow::Result<serde_json::Value> {
     query_status_flags(path, STATUS_DAEMON)
 }
 
+/// How long a status query waits for the monitor's reply.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn query_status_flags(path: &Path, flags: u32) -> anyhow::Result<serde_json::Value> {
     let fd = connect(path)?;
+    nix::sys::socket::setsockopt(
+        &fd,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(STATUS_TIMEOUT.as_secs() as _, 0),
+    )
+    .context("setting the status query's timeout")?;
     let mut buf = vec![0u8; MAX_MSG_LEN];
     let n = Msg::StatusRequest { flags }.encode(&mut buf)?;
     send_packet(fd.as_raw_fd(), &buf[..n], &[])?;
-    let got =
-        recv_packet(fd.as_raw_fd(), &mut buf, 0)?.context("the monitor closed the connection")?;
+    let got = match recv_packet(fd.as_raw_fd(), &mut buf, 0) {
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => bail!(
+            "the monitor accepted the connection but did not answer within {} s (is it stuck? see its log)",
+            STATUS_TIMEOUT.as_secs()
+        ),
+        r => r?.context("the monitor closed the connection")?,
+    };
     match Msg::decode(&buf[..got.len])? {
         Msg::StatusReply { json } => serde_json::from_slice(json).context("decoding status"),
         Msg::Error { text, .. } => bail!("monitor refused: {}", String::from_utf8_lossy(text)),
