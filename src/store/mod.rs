@@ -948,6 +948,7 @@ impl Store {
             pages_demoted: c.pages_demoted,
             compact_moves: c.compact_moves,
             compact_chunks_freed: c.compact_chunks_freed,
+            resident_bytes: self.slabs.resident_bytes(),
             disk_sync_reads: self
                 .disk_sync_reads
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -915,6 +915,19 @@ impl Slabs {
         (moves, freed)
     }
 
+    /// Memory the store holds: for a durable store the store file's allocated pages (one
+    /// fstat), else the chunks mapped.
+    pub fn resident_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        match &self.file {
+            Some(f) => f
+                .file
+                .metadata()
+                .map_or(self.mapped_bytes(), |m| m.blocks() * 512),
+            None => self.mapped_bytes(),
+        }
+    }
+
     /// Chunks currently mapped.
     pub fn live_chunks(&self) -> u64 {
         self.live_chunks

@@ -79,6 +79,11 @@ pub struct StoreStats {
     /// Memory chunks given back by compaction, since creation.
     #[serde(default)]
     pub compact_chunks_freed: u64,
+    /// Memory the store file really holds (its pages allocated: records and slots written,
+    /// untouched chunk tails and punched chunks excluded); for a non-durable store, the slab
+    /// bytes mapped.
+    #[serde(default)]
+    pub resident_bytes: u64,
 }
 
 impl StoreStats {
