@@ -35,6 +35,7 @@ impl Client {
     pub(super) fn compact_store(&self) -> u64 {
         let mut freed = 0;
         let mut moved = 0;
+        let mut bytes_before = 0u64;
         while moved < MAX_MOVES_PER_TICK {
             let (n, chunks, mapped, ns) = {
                 let mut st = self.state.lock();
@@ -46,9 +47,13 @@ impl Client {
                 }
                 let member = st.store.member();
                 let pages = &st.pages;
-                let c = store.compact(member, BATCH_MOVES, &mut |addr, h| {
-                    pages.state(addr) == PageState::Stored(h)
-                });
+                let c = store.compact(
+                    member,
+                    BATCH_MOVES,
+                    &mut |addr, h| pages.state(addr) == PageState::Stored(h),
+                    &mut |bytes| super::die::point_over("compact:copied", bytes_before + bytes),
+                );
+                bytes_before += c.bytes_moved;
                 let n = st.pages.rehandled(&c.moves);
                 debug_assert_eq!(n, c.moves.len(), "checked under the same lock");
                 let mapped = store.stats().slab_bytes_mapped;

@@ -1,11 +1,14 @@
 //! Fault injection for the kill tests: `USWAP_TEST_DIE=<point>` in the monitor's environment
 //! makes it SIGKILL itself the first time it reaches `<point>`, so a test can kill it at one
-//! exact instant instead of a random one. Points (all in the fault thread):
+//! exact instant instead of a random one. Points (in the fault thread unless said):
 //!
 //! - `read:remap`, `read:remove`, `read:unmap`: an event of that kind of the program was read
 //!   from its userfaultfd (the program's call has returned) and is about to be applied;
 //! - `apply:remap`: a REMAP's page words (and window slot records) have moved, its store
-//!   records not yet.
+//!   records not yet;
+//! - `compact:copied` (control thread): store compaction has published a blob's new copy and
+//!   record, and not yet zeroed the old record; the length is the payload bytes compaction
+//!   moved in this tick so far.
 //!
 //! Only events over at least 256 KiB count; `<point>=<bytes>` picks events of exactly that
 //! length (a thread's exit unmaps its 8 MiB stack, for one).

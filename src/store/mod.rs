@@ -861,11 +861,14 @@ impl Store {
     /// by `handle`, under the lock the caller holds), at most `max_moves` in all, classes with
     /// the most to give back first. Returns each move as (page address, old handle, new
     /// handle): the caller's page map must name each page by its new handle from now on.
+    /// `published(bytes)` is called with the payload bytes moved so far each time a new copy
+    /// is published and its old one not yet dropped (for the kill tests' death point).
     pub fn compact(
         &mut self,
         member: u8,
         max_moves: usize,
         movable: &mut dyn FnMut(u64, Handle) -> bool,
+        published: &mut dyn FnMut(u64),
     ) -> Compaction {
         let usage = self.slabs.class_usage();
         let mut classes: Vec<(u64, u8)> = usage
@@ -880,6 +883,7 @@ impl Store {
         classes.sort_unstable_by(|a, b| b.cmp(a));
         let me = 1u16 << member;
         let mut out = Compaction::default();
+        let mut copied = 0u64;
         let handle = |loc: SlotLoc, len_bytes: usize| {
             Handle::blob(BlobLoc {
                 class_idx: loc.class_idx,
@@ -893,13 +897,20 @@ impl Store {
             if left == 0 {
                 break;
             }
-            let (moves, freed) =
-                self.slabs
-                    .compact_class(class_idx, freeable as usize, left, &mut |loc, rec| {
-                        let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
-                        crate::protocol::store_layout::record_owners(rec) == me
-                            && movable(addr, handle(loc, len_bytes))
-                    });
+            let (moves, freed) = self.slabs.compact_class(
+                class_idx,
+                freeable as usize,
+                left,
+                &mut |loc, rec| {
+                    let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
+                    crate::protocol::store_layout::record_owners(rec) == me
+                        && movable(addr, handle(loc, len_bytes))
+                },
+                &mut |len_bytes| {
+                    copied += len_bytes as u64;
+                    published(copied);
+                },
+            );
             out.chunks_freed += freed;
             for (old, new, rec) in moves {
                 let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);

@@ -840,12 +840,16 @@ impl Slabs {
     /// record in the new slot, and only then frees the old slot (zeroing its record), so a
     /// reader always finds at least one complete copy. No chunk is mapped for it. Stops after
     /// `max_moves` moves. Returns the moves as (old, new, record) and the chunks given back.
+    ///
+    /// `published(len_bytes)` is called after each new record is published and before the old
+    /// slot is freed (the kill tests' death point).
     pub fn compact_class(
         &mut self,
         class_idx: u8,
         max_chunks: usize,
         max_moves: usize,
         movable: &mut dyn FnMut(SlotLoc, u64) -> bool,
+        published: &mut dyn FnMut(usize),
     ) -> (Vec<(SlotLoc, SlotLoc, u64)>, u64) {
         let list = plist(class_idx, false);
         let per_chunk = slots_per_chunk(class_idx) as u64;
@@ -904,6 +908,7 @@ impl Slabs {
                 dst.map[range].copy_from_slice(&buf[..len_bytes]);
                 dst.record(new.slot_idx as usize)
                     .store(rec, Ordering::Release);
+                published(len_bytes);
                 self.free(old).expect("a used slot");
                 moves.push((old, new, rec));
             }

@@ -143,10 +143,15 @@ fn check_against_model(store: &Store, model: &HashMap<u64, (Handle, Page)>) {
 /// pages in `model`; checks that each move named a page of the model by its handle.
 fn compact_model(store: &mut Store, model: &mut HashMap<u64, (Handle, Page)>, max_moves: usize) {
     let by_handle: HashMap<Handle, u64> = model.iter().map(|(k, (h, _))| (*h, *k)).collect();
-    let c = store.compact(0, max_moves, &mut |_, h| {
-        assert!(by_handle.contains_key(&h), "asked about a live handle");
-        true
-    });
+    let c = store.compact(
+        0,
+        max_moves,
+        &mut |_, h| {
+            assert!(by_handle.contains_key(&h), "asked about a live handle");
+            true
+        },
+        &mut |_| {},
+    );
     assert!(c.moves.len() <= max_moves);
     for (_, old, new) in c.moves {
         assert_ne!(old, new);
@@ -1094,7 +1099,7 @@ fn compaction_moves_only_the_members_own_unpinned_movable_blobs() {
         }
     }
     let refused = |addr: u64| ((addr - at(0)) / PAGE_SIZE as u64) % 7 == 0;
-    let c = store.compact(0, usize::MAX, &mut |addr, _| !refused(addr));
+    let c = store.compact(0, usize::MAX, &mut |addr, _| !refused(addr), &mut |_| {});
     // (Every chunk keeps a blob that may not move, so none is given back here.)
     assert!(!c.moves.is_empty(), "{c:?}");
     let moved: HashMap<u64, Handle> = c.moves.iter().map(|&(a, _, new)| (a, new)).collect();
