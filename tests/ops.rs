@@ -111,14 +111,21 @@ fn start_daemon(tag: &str, extra: &[&str]) -> Result<Daemon, Failed> {
 
 /// A managed program: `uswap-workload fill-verify` under the shim, attached to `socket`.
 fn managed_workload(socket: &Path, mib: u32, idle_ms: u32) -> std::io::Result<Child> {
-    Command::new(workload())
-        .args([
+    managed_workload_args(
+        socket,
+        &[
             "fill-verify",
             "--mib",
             &mib.to_string(),
             "--idle-ms",
             &idle_ms.to_string(),
-        ])
+        ],
+    )
+}
+
+fn managed_workload_args(socket: &Path, args: &[&str]) -> std::io::Result<Child> {
+    Command::new(workload())
+        .args(args)
         .env("LD_PRELOAD", shim())
         .env("USWAP_SOCKET", socket)
         .env(
@@ -435,7 +442,22 @@ fn metrics_on_a_public_address_is_refused_without_opt_in() -> R {
 
 fn top_once_shows_the_program_with_status_figures_and_a_fault_rate() -> R {
     let d = start_daemon("top", &[])?;
-    let prog = managed_workload(&d.socket, 32, 1500)?;
+    // Random touches fault for a few seconds (a verify pass of a fill is over within one
+    // second, which a rate over the last full second can miss).
+    let prog = managed_workload_args(
+        &d.socket,
+        &[
+            "bench",
+            "--mib",
+            "32",
+            "--pattern",
+            "random",
+            "--touches",
+            "200000",
+            "--idle-ms",
+            "1000",
+        ],
+    )?;
     let pid = prog.id();
     // Sample while it runs: the fault rate must show up (the verify pass faults pages back).
     let mut max_rate: f64 = 0.0;

@@ -45,6 +45,12 @@ const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
 /// Longest wait for the agent's batches before a fork (the program is blocked in `fork` and a
 /// busy agent may be slow).
+/// Window trim: free slots left above the highest one in use, and the fewest worth a trim.
+const WINDOW_TRIM_MARGIN_SLOTS: u32 = 256;
+const WINDOW_TRIM_MIN_SLOTS: u32 = 256;
+/// Resident memory over the budget by more than an eighth of it, and at least this much, holds
+/// prefetch back (see `Client::over_budget`): a small program's own unmanaged memory does not.
+const OVER_BUDGET_MIN_BYTES: u64 = 32 << 20;
 const FORK_WAIT: Duration = Duration::from_secs(30);
 
 /// `Regions` packets one client may send in one second. The shim sends at most 100 snapshots
@@ -169,6 +175,10 @@ pub struct Client {
     /// The agent left a batch unanswered for `limits.agent_timeout`: no new batches are
     /// posted until every batch in flight is answered.
     pub agent_stalled: AtomicBool,
+    /// Resident memory is well over the budget (more than an eighth and 32 MiB; cleared below
+    /// a sixteenth and 16 MiB): faults bring back only the faulting page, so refaults do not outrun
+    /// eviction (the kernel throttles a cgroup over its limit with direct reclaim instead).
+    pub over_budget: AtomicBool,
     watch: Mutex<AgentWatch>,
     /// This client's share of `limits.uid_store`, in bytes.
     uid_store_share: AtomicU64,
@@ -468,6 +478,7 @@ impl Client {
             move_in_refused: AtomicBool::new(false),
             limits,
             agent_stalled: AtomicBool::new(false),
+            over_budget: AtomicBool::new(false),
             watch: Mutex::new(AgentWatch::default()),
             uid_store_share: AtomicU64::new(0),
             disk: disk_file.map(super::disktier::ClientDisk::new),
@@ -938,6 +949,19 @@ impl Client {
         self.counters
             .fault_rate
             .sample(Counters::get(&self.counters.faults));
+        if let Some(budget) = self.cfg.budget_bytes {
+            let over = rss.saturating_sub(budget);
+            let was = self.over_budget.load(Ordering::Relaxed);
+            let now = if was {
+                over > (budget / 16).max(OVER_BUDGET_MIN_BYTES / 2)
+            } else {
+                over > (budget / 8).max(OVER_BUDGET_MIN_BYTES)
+            };
+            if now != was {
+                self.over_budget.store(now, Ordering::Relaxed);
+                Counters::add(&self.counters.over_budget_spells, u64::from(now));
+            }
+        }
         let decision = self.policy_tick(rss);
         self.compress_cooled(decision.cold_age_ms);
         if self.demote_cold() {
@@ -945,6 +969,7 @@ impl Client {
             self.compress_cooled(decision.cold_age_ms);
         }
         self.compact_store();
+        self.trim_window();
         self.limits.forks.sweep();
         {
             let st = self.state.lock();
@@ -1454,7 +1479,7 @@ impl Client {
         let mut todo = Vec::new();
         {
             let mut st = self.state.lock();
-            let min_free = st.pages.slot_count() / 4;
+            let min_free = st.pages.slot_count() * 3 / 4;
             st.pages.pop_cooled(
                 now_ms.saturating_sub(cooling_ms),
                 min_free.max(shm::MAX_BATCH_PAGES),
@@ -1611,6 +1636,56 @@ impl Client {
         Counters::add(&self.counters.compress_ns, t0.elapsed().as_nanos() as u64);
     }
 
+    /// Stock backend: gives back the memory of the free slots at the top of the window (the
+    /// shared window is a memfd; a freed slot keeps its page until punched), so the window
+    /// holds about as much memory as its pages in use, not its high-water mark. Runs on the
+    /// control thread, the only one that takes slots, so no slot in the range is taken
+    /// meanwhile; a fault reads a slot only while it is in use.
+    fn trim_window(&self) {
+        if self.cross_mm.load(Ordering::Relaxed) {
+            return; // the arena's stored slots are given back as they are stored
+        }
+        let mut st = self.state.lock();
+        let Some(range) = st
+            .pages
+            .trimmable_slots(WINDOW_TRIM_MARGIN_SLOTS, WINDOW_TRIM_MIN_SLOTS)
+        else {
+            return;
+        };
+        let ptr = self.slot_ptr(range.start);
+        let len_bytes = (range.end - range.start) as usize * PAGE_SIZE;
+        // SAFETY: the range is whole slots of the window mapping (slot_ptr asserts the start is
+        // a slot; the end is at most the slot count), all free: no page of the program lives
+        // there, and none is taken before this returns (we hold the client's lock, and slots
+        // are taken on this thread only). MADV_REMOVE frees the memfd's pages behind them.
+        let rc = unsafe { libc::madvise(ptr.cast(), len_bytes, libc::MADV_REMOVE) };
+        if rc == 0 {
+            st.pages.trimmed(range.start);
+            Counters::add(&self.counters.window_trimmed_bytes, len_bytes as u64);
+        } else {
+            debug!(
+                client = self.id,
+                error = %std::io::Error::last_os_error(),
+                "window trim failed"
+            );
+        }
+    }
+
+    /// Memory the window (stock) or the arena (cross-mm) holds now: its resident pages
+    /// (`mincore`), in bytes.
+    pub fn window_resident_bytes(&self) -> u64 {
+        let slots = self.state.lock().pages.slot_count();
+        let len_bytes = slots * PAGE_SIZE;
+        let mut vec = vec![0u8; slots];
+        // SAFETY: the slots are one contiguous mapping of `slots` pages starting at slot 0's
+        // page (window or arena), alive as long as the client; `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(self.slot_ptr(0).cast(), len_bytes, vec.as_mut_ptr()) };
+        if rc != 0 {
+            return 0;
+        }
+        vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * PAGE_BYTES
+    }
+
     /// The bytes of window slot `slot`.
     fn slot_page(&self, slot: u32) -> &[u8; PAGE_SIZE] {
         // SAFETY: the slot pointer lies inside the window mapping, valid for PAGE_SIZE bytes
@@ -1619,6 +1694,12 @@ impl Client {
     }
 
     pub fn report(&self, alive: bool) -> ClientReport {
+        // (Takes the client's lock itself.)
+        let window_resident_bytes = if alive {
+            self.window_resident_bytes()
+        } else {
+            0
+        };
         let st = self.state.lock();
         let counts = st.pages.counts();
         let store = st.store.stats();
@@ -1715,6 +1796,8 @@ impl Client {
             monitor_move_out_s: g(&c.move_out_ns) as f64 / 1e9,
             monitor_shadow_s: g(&c.shadow_ns) as f64 / 1e9,
             compact_s: g(&c.compact_ns) as f64 / 1e9,
+            window_resident_bytes,
+            window_trimmed_bytes: g(&c.window_trimmed_bytes),
             compact_max_us: g(&c.compact_max_ns) as f64 / 1e3,
             shadow_runs: g(&c.shadow_runs),
             shadow_max_us: g(&c.shadow_max_ns) as f64 / 1e3,

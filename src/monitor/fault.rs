@@ -678,7 +678,12 @@ fn serve_once(
                 p
             });
             // `buf` holds the faulting page and up to `prefetch_pages` others.
-            let cap_pages = (buf.len() / PAGE_SIZE) as u64 - 1;
+            // Well over the budget: the faulting page alone (see `Client::over_budget`).
+            let cap_pages = if client.over_budget.load(Ordering::Relaxed) {
+                0
+            } else {
+                (buf.len() / PAGE_SIZE) as u64 - 1
+            };
             let window_pages = (pf.pages as u64).min(cap_pages);
             let cross_mm = client.cross_mm.load(Ordering::Relaxed);
             // The contiguous part of the plan: evicted pages after the fault (forward stream)

@@ -172,6 +172,9 @@ pub struct Pages {
     /// Free slots, ordered: allocation prefers the slot after the previous one, so a run of
     /// pages gets contiguous slots and the agent moves it with one ioctl.
     free_slots: BTreeSet<u32>,
+    /// Every slot from this index up has been free (and so untouched, or given back by a
+    /// window trim) since the last trim.
+    slot_high_water: u32,
     /// Pages that entered the window: (slot, gen, entered_ms), oldest first. Entries whose slot
     /// has since been reused or freed are skipped when popped.
     cooling: VecDeque<(u32, u64, u64)>,
@@ -218,6 +221,8 @@ impl Pages {
                 slot_count
             ],
             free_slots: (0..slot_count as u32).collect(),
+            // Unknown at first (an adopted window may hold pages): the first trim looks at all.
+            slot_high_water: slot_count as u32,
             cooling: VecDeque::new(),
             counts: PageCounts::default(),
             records: None,
@@ -353,6 +358,30 @@ impl Pages {
         self.slots.len()
     }
 
+    /// Window trim: the free slots at the top of the window that may hold memory (slots are
+    /// taken lowest first, so the ones in use sit low), as a range of slot indices, leaving
+    /// `margin` free slots above the highest one in use; `None` when fewer than `min` slots
+    /// would go. The caller gives the range's memory back, then calls
+    /// [`Pages::trimmed`] with its start.
+    pub fn trimmable_slots(&self, margin: u32, min: u32) -> Option<std::ops::Range<u32>> {
+        let count = self.slots.len() as u32;
+        // Highest slot in use + 1: walk down the run of free slots at the top.
+        let mut top = count;
+        for &s in self.free_slots.range(..count).rev() {
+            if s + 1 != top {
+                break;
+            }
+            top = s;
+        }
+        let start = (top + margin).min(count);
+        (self.slot_high_water >= start + min).then_some(start..self.slot_high_water)
+    }
+
+    /// The slots from `start` up hold no memory now (see [`Pages::trimmable_slots`]).
+    pub fn trimmed(&mut self, start: u32) {
+        self.slot_high_water = self.slot_high_water.min(start);
+    }
+
     /// Bytes of page-map metadata (chunk words, and the stored order of a disk tier).
     pub fn metadata_bytes(&self) -> u64 {
         let order = self
@@ -428,6 +457,7 @@ impl Pages {
             _ => *self.free_slots.first()?,
         };
         self.free_slots.remove(&s);
+        self.slot_high_water = self.slot_high_water.max(s + 1);
         self.slots[s as usize] = Slot {
             addr,
             gen: gen & GEN_MASK,

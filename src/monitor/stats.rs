@@ -77,6 +77,10 @@ pub struct Counters {
     /// longest single lock hold, in ns.
     pub compact_ns: AtomicU64,
     pub compact_max_ns: AtomicU64,
+    /// Window trim: bytes of free window slots given back (stock backend), since the start.
+    pub window_trimmed_bytes: AtomicU64,
+    /// Times resident memory went well over the budget (prefetch held back meanwhile).
+    pub over_budget_spells: AtomicU64,
     /// Largest (evicted bytes - bytes uswap held for them) seen at a tick.
     pub peak_saved_bytes: AtomicU64,
     /// CPU time (user + system) of the client's fault and control threads, set when they end.
@@ -431,6 +435,13 @@ pub struct ClientReport {
     pub compact_s: f64,
     #[serde(default)]
     pub compact_max_us: f64,
+    /// Memory the window (stock) or arena (cross-mm) holds now (its resident pages); 0 once
+    /// the program has ended.
+    #[serde(default)]
+    pub window_resident_bytes: u64,
+    /// Stock: bytes of free window slots given back by window trims.
+    #[serde(default)]
+    pub window_trimmed_bytes: u64,
     /// Cross-mm: runs given durable copies, and the longest (the most a monitor death could
     /// catch in flight), in µs.
     pub shadow_runs: u64,

@@ -104,6 +104,21 @@ const SERIES: &[Series] = &[
         |r| r.store.slab_bytes_mapped as f64,
     ),
     gauge(
+        "uswap_client_store_resident_bytes",
+        "Memory the program's store file holds (its allocated pages).",
+        |r| r.store.resident_bytes as f64,
+    ),
+    counter(
+        "uswap_client_store_compaction_moves_total",
+        "Blobs store compaction moved out of sparse chunks.",
+        |r| r.store.compact_moves as f64,
+    ),
+    counter(
+        "uswap_client_store_compaction_chunks_freed_total",
+        "Store chunks compaction emptied and gave back.",
+        |r| r.store.compact_chunks_freed as f64,
+    ),
+    gauge(
         "uswap_client_compression_ratio",
         "Bytes compressed over bytes kept, over the program's life.",
         |r| r.compression_ratio,

@@ -650,3 +650,43 @@ fn demotion_racing_a_refault_and_restore_in_the_same_slot_keeps_the_new_bytes() 
     assert_eq!(sim.store.stats().pages_on_disk, 0);
     assert_eq!(sim.access(0), 6);
 }
+
+/// Window trim: only the free slots above the highest one in use (less a margin) are offered,
+/// each only once until a slot there is taken again, and never fewer than asked for.
+#[test]
+fn window_trim_offers_free_slots_above_the_highest_in_use_once() {
+    let mut p = Pages::new(64);
+    // A fresh window may hold anything: the first look offers every free slot.
+    assert_eq!(p.trimmable_slots(0, 1), Some(0..64));
+    p.trimmed(0);
+    assert_eq!(p.trimmable_slots(0, 1), None);
+    // Slots 0..40 taken (scattered addresses: lowest free first), then all but 0..10 and
+    // 20 freed again.
+    let slots: Vec<u32> = (0..40)
+        .map(|i| p.begin_evict(addr(2 * i), 7).unwrap())
+        .collect();
+    assert_eq!(slots, (0..40).collect::<Vec<u32>>());
+    for &s in &slots {
+        assert!(p.complete(s, 7, true, 0, false));
+    }
+    for i in (10..40u64).filter(|&i| i != 20) {
+        p.discard_range(addr(2 * i), addr(2 * i + 1), |_| {});
+    }
+    // In use: 0..10 and 20; slots up to 40 were touched.
+    assert_eq!(p.trimmable_slots(4, 8), Some(25..40));
+    assert_eq!(p.trimmable_slots(4, 16), None, "fewer than asked for");
+    p.trimmed(25);
+    assert_eq!(p.trimmable_slots(4, 1), None, "given back already");
+    // Taking slots up there makes them count again: 20 more pages take 10..20 and 21..31.
+    let more: Vec<u32> = (0..20)
+        .map(|i| p.begin_evict(addr(2 * i + 1), 8).unwrap())
+        .collect();
+    assert_eq!(more.iter().max(), Some(&30));
+    for &s in &more {
+        assert!(p.complete(s, 8, true, 0, false));
+    }
+    for i in 0..20u64 {
+        p.discard_range(addr(2 * i + 1), addr(2 * i + 2), |_| {});
+    }
+    assert_eq!(p.trimmable_slots(4, 1), Some(25..31));
+}
