@@ -178,7 +178,7 @@ impl Default for ProgramConfig {
             max_store_bytes: None,
             disk_dir: None,
             max_disk_bytes: None,
-            hot_ttl: Duration::from_secs(10),
+            hot_ttl: Duration::from_secs(1),
             rescue_after: Duration::from_secs(5),
             backend: Backend::Auto,
             move_in_decompressed: false,
