@@ -220,6 +220,15 @@ fn print_summary(r: &ClientReport, wall: Duration) {
         st.pages_same_filled + st.pages_lz4 + st.pages_raw,
         mib(held)
     );
+    if st.compact_moves > 0 {
+        eprintln!(
+            "  compaction    {} blobs moved, {} chunks ({}) given back, {:.3} s",
+            st.compact_moves,
+            st.compact_chunks_freed,
+            mib(st.compact_chunks_freed * crate::store::CHUNK_BYTES as u64),
+            r.compact_s
+        );
+    }
     eprintln!(
         "  faults        {} (fresh {}, window {}, store {}), service p50 {:.1} us, p99 {:.1} us",
         r.faults,
