@@ -743,23 +743,19 @@ impl Slabs {
     /// Unmaps an empty chunk and frees its index (a disk chunk's range of the disk file is
     /// punched too).
     fn release_chunk(&mut self, chunk_idx: u32) {
+        let listed = self.chunks[chunk_idx as usize]
+            .as_ref()
+            .expect("releasing a live chunk")
+            .partial_pos
+            != NOT_PARTIAL;
+        // (A chunk being compacted was taken off its list already; see `compact_class`.)
+        if listed {
+            self.unlist(chunk_idx);
+        }
         let chunk = self.chunks[chunk_idx as usize]
             .take()
             .expect("releasing a live chunk");
         debug_assert_eq!(chunk.used_slots, 0);
-        if chunk.partial_pos != NOT_PARTIAL {
-            // (A chunk being compacted was taken off its list; see `compact_class`.)
-            let partial = &mut self.partial[plist(chunk.class_idx, chunk.on_disk)];
-            let pos = chunk.partial_pos as usize;
-            debug_assert_eq!(partial.get(pos), Some(&chunk_idx), "empty chunk is partial");
-            partial.swap_remove(pos);
-            if let Some(&moved_idx) = partial.get(pos) {
-                self.chunks[moved_idx as usize]
-                    .as_mut()
-                    .expect("partial lists name live chunks only")
-                    .partial_pos = pos as u32;
-            }
-        }
         self.bitmap_words -= chunk.used_bitmap.len() as u64;
         if chunk.on_disk {
             self.disk_chunks -= 1;
