@@ -36,6 +36,9 @@ impl Client {
         let mut freed = 0;
         let mut moved = 0;
         let mut bytes_before = 0u64;
+        // Disk tier: the stored order is renamed once for the whole tick (one pass over it;
+        // only this thread reads it, so it may lag behind the page words until then).
+        let mut all_moves = Vec::new();
         while moved < MAX_MOVES_PER_TICK {
             let (n, chunks, mapped, ns) = {
                 let mut st = self.state.lock();
@@ -56,6 +59,9 @@ impl Client {
                 bytes_before += c.bytes_moved;
                 let n = st.pages.rehandled(&c.moves);
                 debug_assert_eq!(n, c.moves.len(), "checked under the same lock");
+                if st.pages.tracks_stored_order() {
+                    all_moves.extend_from_slice(&c.moves);
+                }
                 let mapped = store.stats().slab_bytes_mapped;
                 (
                     c.moves.len(),
@@ -76,6 +82,9 @@ impl Client {
             if n == 0 {
                 break;
             }
+        }
+        if !all_moves.is_empty() {
+            self.state.lock().pages.rename_stored_order(&all_moves);
         }
         if moved > 0 {
             debug!(

@@ -232,6 +232,11 @@ impl Pages {
         }
     }
 
+    /// Whether the stored order is kept (disk tier).
+    pub fn tracks_stored_order(&self) -> bool {
+        self.stored_order.is_some()
+    }
+
     /// Disk tier: remembers from now on the order in which pages are stored (see
     /// [`Pages::pop_coldest_stored`]).
     pub fn track_stored_order(&mut self) {
@@ -288,8 +293,9 @@ impl Pages {
     }
 
     /// Store compaction: each page `addr` stored as `old` is stored as `new` now (its blob
-    /// moved to another slot), keeping its place in the stored order. A page no longer
-    /// `Stored(old)` is left alone; returns how many were updated.
+    /// moved to another slot). A page no longer `Stored(old)` is left alone; returns how many
+    /// were updated. The stored order (disk tier) still names them by `old` until
+    /// [`Pages::rename_stored_order`] (one pass over it for many batches).
     pub fn rehandled(&mut self, moves: &[(u64, Handle, Handle)]) -> usize {
         let mut n = 0;
         for &(addr, old, new) in moves {
@@ -297,6 +303,15 @@ impl Pages {
                 self.set_noting(addr, PageState::Stored(new), false);
                 n += 1;
             }
+        }
+        n
+    }
+
+    /// Disk tier: the stored order names the pages [`Pages::rehandled`] renamed by their new
+    /// handles, keeping their places. O(stored order).
+    pub fn rename_stored_order(&mut self, moves: &[(u64, Handle, Handle)]) {
+        if moves.is_empty() {
+            return;
         }
         if let Some(q) = &mut self.stored_order {
             let renamed: std::collections::HashMap<(u64, Handle), Handle> = moves
@@ -309,7 +324,6 @@ impl Pages {
                 }
             }
         }
-        n
     }
 
     /// Keeps `win`'s slot records in step with the slot table from now on.

@@ -690,3 +690,37 @@ fn window_trim_offers_free_slots_above_the_highest_in_use_once() {
     }
     assert_eq!(p.trimmable_slots(4, 1), Some(25..31));
 }
+
+/// Store compaction renames stored pages: their words name the new handles at once, and the
+/// stored order (disk tier) keeps their places once renamed.
+#[test]
+fn compaction_renames_keep_the_stored_order() {
+    let mut p = Pages::new(16);
+    p.track_stored_order();
+    let h = |i: u64| crate::store::Handle::from_bits((1 << 59) | (i << 13) | 100);
+    for i in 0..5 {
+        assert!(p.adopt_stored(addr(i), h(i)));
+    }
+    // Pages 1 and 3 move to new slots; a stale move (page 4 is not stored as h(9)) is ignored.
+    let moves = [
+        (addr(1), h(1), h(21)),
+        (addr(3), h(3), h(23)),
+        (addr(4), h(9), h(24)),
+    ];
+    assert_eq!(p.rehandled(&moves), 2);
+    assert_eq!(p.state(addr(1)), PageState::Stored(h(21)));
+    assert_eq!(p.state(addr(4)), PageState::Stored(h(4)));
+    p.rename_stored_order(&moves);
+    let mut out = Vec::new();
+    p.pop_coldest_stored(10, &mut out);
+    assert_eq!(
+        out,
+        vec![
+            (addr(0), h(0)),
+            (addr(1), h(21)),
+            (addr(2), h(2)),
+            (addr(3), h(23)),
+            (addr(4), h(4))
+        ]
+    );
+}
