@@ -163,6 +163,8 @@ fn adopt(r: &mut Rescue) -> Result<(), NotAdopted> {
         }
         t.restored += r.bring_home(false).restored;
     }
+    // Counted now: if the adoption fails below, these pages are home all the same.
+    r.earlier.absorb(&t);
     let Ok(sock) = crate::connect_again() else {
         return Err(NotAdopted::Retry(b"connecting to the new monitor failed"));
     };
@@ -297,7 +299,7 @@ enum NotAdopted {
 }
 
 /// What the rescue did, for its closing line.
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Tally {
     restored: u64,
     present: u64,
@@ -308,6 +310,21 @@ struct Tally {
     /// Records whose copy kept meeting unread events (`COPY_TRIES` times): left in place.
     stuck: u64,
     first_lost: u64,
+}
+
+impl Tally {
+    /// Adds what another pass did.
+    fn absorb(&mut self, o: &Tally) {
+        self.restored += o.restored;
+        self.present += o.present;
+        self.unmapped += o.unmapped;
+        self.corrupt += o.corrupt;
+        self.lost += o.lost;
+        self.stuck += o.stuck;
+        if self.first_lost == 0 {
+            self.first_lost = o.first_lost;
+        }
+    }
 }
 
 struct Rescue {
@@ -321,6 +338,9 @@ struct Rescue {
     /// members' pages, so the move is kept here.
     relocs: &'static mut [Reloc],
     relocs_len: usize,
+    /// What adoption attempts that then failed brought home (the window's pages come home
+    /// before the new monitor is asked), for the closing line.
+    earlier: Tally,
 }
 
 /// Attempts to copy one record's page home while each meets an unread event (EAGAIN).
@@ -380,6 +400,7 @@ fn monitor_gone() {
         remap_dst_count: 0,
         relocs: relocs_table(),
         relocs_len: 0,
+        earlier: Tally::default(),
     };
     // First what the monitor read but had not applied: it precedes every event still queued.
     let replayed = r.replay_journal();
@@ -447,6 +468,7 @@ fn monitor_gone() {
     let t0 = raw::monotonic_ns();
     let mut t = r.bring_home(true);
     r.fence_lost(&mut t);
+    t.absorb(&r.earlier);
     // The disk tier's pages are home: this program's hold on the (unlinked) disk file goes, so
     // its space is freed once no other member of the family holds it.
     let disk = SHIM.disk_fd.swap(-1, Ordering::AcqRel);
