@@ -35,7 +35,8 @@ impl Client {
     pub(super) fn compact_store(&self) -> u64 {
         let mut freed = 0;
         let mut moved = 0;
-        let mut bytes_before = 0u64;
+        // The death point counts the bytes compaction moved over the client's life.
+        let mut bytes_before = Counters::get(&self.counters.compact_bytes);
         // Disk tier: the stored order is renamed once for the whole tick (one pass over it;
         // only this thread reads it, so it may lag behind the page words until then).
         let mut all_moves = Vec::new();
@@ -57,6 +58,7 @@ impl Client {
                     &mut |bytes| super::die::point_over("compact:copied", bytes_before + bytes),
                 );
                 bytes_before += c.bytes_moved;
+                Counters::add(&self.counters.compact_bytes, c.bytes_moved);
                 let n = st.pages.rehandled(&c.moves);
                 debug_assert_eq!(n, c.moves.len(), "checked under the same lock");
                 if st.pages.tracks_stored_order() {

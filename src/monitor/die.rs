@@ -8,7 +8,7 @@
 //!   records not yet;
 //! - `compact:copied` (control thread): store compaction has published a blob's new copy and
 //!   record, and not yet zeroed the old record; the length is the payload bytes compaction
-//!   moved in this tick so far.
+//!   moved for this client so far.
 //!
 //! Only events over at least 256 KiB count; `<point>=<bytes>` picks events of exactly that
 //! length (a thread's exit unmaps its 8 MiB stack, for one).

@@ -77,6 +77,8 @@ pub struct Counters {
     /// longest single lock hold, in ns.
     pub compact_ns: AtomicU64,
     pub compact_max_ns: AtomicU64,
+    /// Payload bytes compaction moved.
+    pub compact_bytes: AtomicU64,
     /// Window trim: bytes of free window slots given back (stock backend), since the start.
     pub window_trimmed_bytes: AtomicU64,
     /// Times resident memory went well over the budget (prefetch held back meanwhile).
