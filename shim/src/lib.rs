@@ -644,6 +644,45 @@ static FORK_TOKEN: AtomicU64 = AtomicU64::new(0);
 static FORK_MEMBER: AtomicU32 = AtomicU32::new(255);
 /// madvise(2) advice that faults pages in for reading (Linux 5.14).
 const MADV_POPULATE_READ: i32 = 22;
+const MADV_POPULATE_WRITE: i32 = 23;
+
+/// Bytes of the forking thread's stack below its stack pointer that a forked child makes
+/// resident before it registers anything (see [`populate_stack_below_sp`]).
+const CHILD_STACK_PREFAULT_BYTES: u64 = 256 * 1024;
+
+/// In a forked child, before any of its memory is registered: the stack below the stack
+/// pointer (dead data of the forking thread, at most [`CHILD_STACK_PREFAULT_BYTES`], within
+/// the stack's mapping) is made resident. The parent's monitor may have evicted those pages;
+/// the child's own attach, and the rescue it runs if no monitor takes it, use that stack
+/// (buffers, decompression) after registering the child's memory with its new userfaultfd,
+/// and a fault there would wait for a monitor that may never come (seen: a child refused by a
+/// restarted monitor hung in its rescue's decompression). Nothing is registered yet, so
+/// these faults are ordinary ones (zero pages; the content below the stack pointer is dead).
+fn populate_stack_below_sp() {
+    let marker = 0u8;
+    let sp = std::hint::black_box(&marker) as *const u8 as u64;
+    let page = uswap::PAGE_SIZE as u64;
+    let top = sp & !(page - 1);
+    let mut lo = top;
+    let mut buf = [0u8; 4096];
+    maps::for_each_mapping(&mut buf, |m| {
+        if m.start <= sp && sp < m.end {
+            lo = m.start.max(top.saturating_sub(CHILD_STACK_PREFAULT_BYTES));
+        }
+    });
+    if lo < top {
+        // SAFETY: madvise(MADV_POPULATE_WRITE) only faults in pages of our own stack mapping
+        // below the stack pointer, which no frame uses; the raw syscall.
+        unsafe {
+            libc::syscall(
+                libc::SYS_madvise,
+                lo,
+                (top - lo) as usize,
+                MADV_POPULATE_WRITE,
+            )
+        };
+    }
+}
 /// libc's `fork`, found once by the constructor (see [`fork`]).
 static REAL_FORK: AtomicUsize = AtomicUsize::new(0);
 
@@ -912,6 +951,7 @@ extern "C" fn fork_child() {
     if !managed || token == 0 {
         return;
     }
+    populate_stack_below_sp();
     // The parent's threads are not here: whatever they held is released.
     SHIM.reg_busy.store(false, Ordering::SeqCst);
     SHIM.remaps_inflight.store(0, Ordering::SeqCst);
