@@ -1115,8 +1115,17 @@ fn wait_or_diagnose(
     dir: &Path,
 ) -> Result<Output, Failed> {
     use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
     let mut out_pipe = prog.stdout.take();
     let mut err_pipe = prog.stderr.take();
+    // The pipe's inode: a process of the program's (a forked child) that outlives it keeps
+    // the pipe open, and reading the output waits for it.
+    let out_ino = out_pipe.as_ref().and_then(|p| {
+        use std::os::fd::AsRawFd;
+        std::fs::metadata(format!("/proc/self/fd/{}", p.as_raw_fd()))
+            .ok()
+            .map(|m| m.ino())
+    });
     let out_t = std::thread::spawn(move || {
         let mut v = Vec::new();
         if let Some(p) = out_pipe.as_mut() {
@@ -1186,11 +1195,60 @@ fn wait_or_diagnose(
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    // The program has exited; its output ends when every process holding its pipes has
+    // closed them. One that still holds them after 120 s (a forked child stuck in a fault)
+    // is a hang too: say where it is.
+    let exited = Instant::now();
+    while !(out_t.is_finished() && err_t.is_finished()) {
+        if exited.elapsed() > Duration::from_secs(120) {
+            let holders = out_ino.map(pipe_holders).unwrap_or_default();
+            let why: String = holders.iter().map(|p| describe_tasks(*p)).collect();
+            for p in &holders {
+                // SAFETY: signalling a process of the program this test started.
+                unsafe { libc::kill(*p, libc::SIGKILL) };
+            }
+            let out = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+            let err = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+            return Err(format!(
+                "the program exited ({status}) but processes {holders:?} (its forked children) still held its output 120 s later: a hang\n{why}--- stdout\n{out}\n--- stderr\n{err}"
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(Output {
         status,
         stdout: out_t.join().unwrap_or_default(),
         stderr: err_t.join().unwrap_or_default(),
     })
+}
+
+/// The processes (other than this one) with a descriptor of the pipe whose inode is `ino`.
+fn pipe_holders(ino: u64) -> Vec<i32> {
+    let want = format!("pipe:[{ino}]");
+    let me = std::process::id() as i32;
+    let mut pids = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|f| std::fs::read_link(f.path()).is_ok_and(|l| l.to_string_lossy() == want))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// What [`kill_daemon_under`] fails with when the program ended before the kill.
