@@ -43,14 +43,14 @@ use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
-/// Longest wait for the agent's batches before a fork (the program is blocked in `fork` and a
-/// busy agent may be slow).
 /// Window trim: free slots left above the highest one in use, and the fewest worth a trim.
 const WINDOW_TRIM_MARGIN_SLOTS: u32 = 256;
 const WINDOW_TRIM_MIN_SLOTS: u32 = 256;
 /// Resident memory over the budget by more than an eighth of it, and at least this much, holds
 /// prefetch back (see `Client::over_budget`): a small program's own unmanaged memory does not.
 const OVER_BUDGET_MIN_BYTES: u64 = 32 << 20;
+/// Longest wait for the agent's batches before a fork (the program is blocked in `fork` and a
+/// busy agent may be slow).
 const FORK_WAIT: Duration = Duration::from_secs(30);
 
 /// `Regions` packets one client may send in one second. The shim sends at most 100 snapshots

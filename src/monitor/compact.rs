@@ -64,7 +64,7 @@ impl Client {
                 if st.pages.tracks_stored_order() {
                     all_moves.extend_from_slice(&c.moves);
                 }
-                let mapped = store.stats().slab_bytes_mapped;
+                let mapped = store.mapped_bytes();
                 (
                     c.moves.len(),
                     c.chunks_freed,
