@@ -1497,7 +1497,26 @@ fn forked_family_moves_shared_memory_while_the_monitor_is_dead() -> R {
 /// Runs `args` under a daemon made to die at `point` (`USWAP_TEST_DIE`); with `adopt` a new
 /// daemon is started at once and must adopt the program, otherwise the shim must bring its
 /// pages home (checked from its stderr when `settled`). The program must verify every page.
-fn die_at(tag: &str, point: &str, adopt: bool, args: &[&str], settled: bool) -> R {
+fn die_at(
+    tag: &str,
+    point: &str,
+    adopt: bool,
+    args: &[&str],
+    settled: bool,
+) -> Result<Killed, Failed> {
+    die_at_with(tag, point, adopt, args, settled, "4M", &[])
+}
+
+/// [`die_at`] with the program's budget and extra environment.
+fn die_at_with(
+    tag: &str,
+    point: &str,
+    adopt: bool,
+    args: &[&str],
+    settled: bool,
+    budget: &str,
+    env: &[(&str, &str)],
+) -> Result<Killed, Failed> {
     let dir = tmpdir(tag);
     let socket = dir.join("uswap.sock");
     let mut daemon = spawn_daemon_with(&socket, &dir, &[("USWAP_TEST_DIE", point)])?;
@@ -1507,9 +1526,11 @@ fn die_at(tag: &str, point: &str, adopt: bool, args: &[&str], settled: bool) -> 
         .env("USWAP_SOCKET", &socket)
         .env(
             "USWAP_OVERRIDES",
-            kill_overrides(if adopt { "60s" } else { "200ms" }),
+            kill_overrides(if adopt { "60s" } else { "200ms" })
+                .replace("budget = \"4M\"", &format!("budget = \"{budget}\"")),
         )
         .env("USWAP_ADOPT", if adopt { "1" } else { "0" })
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -1572,6 +1593,54 @@ fn die_at(tag: &str, point: &str, adopt: bool, args: &[&str], settled: bool) -> 
         .into());
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(k)
+}
+
+/// A thread forks with the stack below its stack pointer evicted, and the monitor dies as
+/// soon as the fork is done (`fork:done`), before the child attaches (the child waits 1 s,
+/// `USWAP_TEST_CHILD_WAIT_MS`). The child finds no monitor, or (adopt) a restarted one that
+/// does not know its snapshot and refuses it; either way it brings the pages its parent had
+/// evicted home itself, from the family store it inherited. That rescue registers the child's
+/// memory with a new userfaultfd and then runs on the forking thread's stack: an evicted page
+/// there is a fault no one serves (a child hung for good in its decompression in a CI kill
+/// loop, fixed by making that stack resident first). The child must check its copy and exit;
+/// the parent is rescued or adopted and checks its own.
+fn forked_child_of_a_dead_monitor_rescues_itself_on_a_cold_stack() -> R {
+    for (i, adopt) in [false, true].into_iter().enumerate() {
+        let args = ["fork-cold-stack", "--mib", "16", "--idle-ms", "1500"];
+        // A small budget: the stack below the fork is evicted too.
+        let k = die_at_with(
+            &format!("forkdone{i}"),
+            "fork:done",
+            adopt,
+            &args,
+            true,
+            "1M",
+            &[("USWAP_TEST_CHILD_WAIT_MS", "1000")],
+        )?;
+        let err = k.stderr();
+        let child_home = err
+            .split("forked child could not attach (")
+            .nth(1)
+            .and_then(|r| r.split("); ").nth(1))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok());
+        let refused = !adopt || err.contains("forked child could not attach (the monitor refused");
+        let out = k.stdout();
+        let below = out
+            .split(" of 64 stack pages below the fork evicted")
+            .next()
+            .and_then(|p| p.rsplit("; ").next())
+            .and_then(|n| n.parse::<u64>().ok());
+        if child_home.is_none_or(|n| n < 1000) || !refused || below.is_none_or(|n| n < 32) {
+            return Err(format!(
+                "fork:done (adopt {adopt}): the forked child should have brought its parent's evicted pages home itself ({}), with at least 32 of the 64 stack pages below the fork evicted ({below:?})\n{}",
+                if adopt { "refused by the restarted monitor" } else { "no monitor" },
+                k.describe()
+            )
+            .into());
+        }
+    }
     Ok(())
 }
 
@@ -2149,6 +2218,10 @@ fn main() {
         Trial::test(
             "forked_family_moves_shared_memory_while_the_monitor_is_dead",
             forked_family_moves_shared_memory_while_the_monitor_is_dead,
+        ),
+        Trial::test(
+            "forked_child_of_a_dead_monitor_rescues_itself_on_a_cold_stack",
+            forked_child_of_a_dead_monitor_rescues_itself_on_a_cold_stack,
         ),
         Trial::test("monitor_kill_loop", monitor_kill_loop),
         Trial::test(

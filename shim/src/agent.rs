@@ -541,6 +541,24 @@ pub(crate) fn register_all(buf: &mut [u8]) -> bool {
     scanned && ok
 }
 
+/// Unregisters every managed VMA from the descriptor in `SHIM.uffd` (see [`register_all`]).
+/// A forked child refused by the monitor undoes its registrations this way before it
+/// registers again with a new descriptor: the monitor may still hold a copy of the refused
+/// one for a while, and the registrations live as long as any copy.
+pub(crate) fn unregister_all(buf: &mut [u8]) -> bool {
+    let shim_addr = &SHIM as *const _ as u64;
+    let own = crate::own_ranges();
+    let mut ok = true;
+    let scanned = maps::for_each_mapping(buf, |m| {
+        let holds_shim =
+            m.start < shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end;
+        if !holds_shim && m.is_manageable() {
+            ok &= register_vma(m.start, m.end, &own, Reg::Unregister);
+        }
+    });
+    scanned && ok
+}
+
 /// `send_snapshot`, waiting for the socket if a fork request holds it (bounded).
 fn send_snapshot_retrying(snapshot: u32, reg: Reg) {
     for _ in 0..1000 {

@@ -413,6 +413,32 @@ pub(crate) fn program_name(buf: &mut [u8; 256]) -> usize {
     n - start
 }
 
+/// A forked child's registrations with the userfaultfd it sent in a `Hello` that failed (no
+/// answer, a refusal): undone when `init` returns with an error. The monitor received a copy
+/// of that descriptor and may keep it open a while; registrations live as long as any copy,
+/// so without this the child's own rescue could not register its memory again (EBUSY) and it
+/// would have to exit (seen: a child refused by a restarted monitor exited 70).
+struct UnregisterOnDrop {
+    /// The descriptor, or -1 when there is nothing to undo.
+    uffd: i32,
+    /// init's scratch mapping (SCRATCH_BYTES), for reading /proc/self/maps.
+    scratch: usize,
+}
+
+impl Drop for UnregisterOnDrop {
+    fn drop(&mut self) {
+        if self.uffd < 0 {
+            return;
+        }
+        SHIM.uffd.store(self.uffd, Ordering::Relaxed);
+        // SAFETY: init's scratch mapping, SCRATCH_BYTES long; init is over and nothing else
+        // uses it.
+        let buf = unsafe { std::slice::from_raw_parts_mut(self.scratch as *mut u8, SCRATCH_BYTES) };
+        agent::unregister_all(buf);
+        SHIM.uffd.store(-1, Ordering::Relaxed);
+    }
+}
+
 /// Attaches this process to the monitor. `fork` is `(token, parent pid)` in a child forked
 /// from a managed program: the child then registers its memory before it says `Hello`.
 fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
@@ -490,8 +516,12 @@ fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
     // A forked child: the pages its parent had evicted are missing here, in memory the kernel
     // unregistered at the fork. It registers every managed VMA with its new descriptor before
     // anything touches them (the monitor serves them once it has the descriptor).
+    // If the attach fails after this, the registrations are undone before the descriptor
+    // closes (the guard drops before `uffd`).
+    let mut undo = UnregisterOnDrop { uffd: -1, scratch };
     if fork.is_some() && SHIM.registering.load(Ordering::Relaxed) {
         SHIM.uffd.store(uffd.as_raw_fd(), Ordering::Relaxed);
+        undo.uffd = uffd.as_raw_fd();
         // SAFETY: the scratch mapping is ours, SCRATCH_BYTES long, and nothing else uses it yet.
         let buf = unsafe { std::slice::from_raw_parts_mut(scratch as *mut u8, SCRATCH_BYTES) };
         let ok = agent::register_all(buf);
@@ -588,6 +618,7 @@ fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
     SHIM.req_efd.store(req.into_raw_fd(), Ordering::Relaxed);
     SHIM.done_efd.store(done.into_raw_fd(), Ordering::Relaxed);
     SHIM.uffd_features.store(uffd.features(), Ordering::Relaxed);
+    undo.uffd = -1;
     SHIM.uffd
         .store(uffd.into_owned_fd().into_raw_fd(), Ordering::Relaxed);
     // Blocking from now on (fork requests may wait for a long restore).
@@ -683,6 +714,28 @@ fn populate_stack_below_sp() {
         };
     }
 }
+
+/// Test hook: `USWAP_TEST_CHILD_WAIT_MS=N` makes a forked child wait N ms before it
+/// attaches, so a test can kill the monitor between the fork and the child's connection
+/// (`USWAP_TEST_DIE=fork:done` in the monitor). Unset, one getenv per fork.
+fn test_child_wait() {
+    let Some(v) = raw::getenv(c"USWAP_TEST_CHILD_WAIT_MS") else {
+        return;
+    };
+    let ms = v
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .fold(0u64, |n, c| {
+            n.saturating_mul(10).saturating_add(u64::from(c - b'0'))
+        });
+    let ts = libc::timespec {
+        tv_sec: (ms / 1000) as libc::time_t,
+        tv_nsec: ((ms % 1000) * 1_000_000) as libc::c_long,
+    };
+    // SAFETY: nanosleep with a valid timespec on our stack.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
 /// libc's `fork`, found once by the constructor (see [`fork`]).
 static REAL_FORK: AtomicUsize = AtomicUsize::new(0);
 
@@ -963,6 +1016,7 @@ extern "C" fn fork_child() {
     let member = FORK_MEMBER.load(Ordering::Relaxed);
     // SAFETY: getppid has no preconditions.
     let ppid = unsafe { libc::getppid() } as u32;
+    test_child_wait();
     let attached = init(Some((token, ppid)));
     if let Err(why) = attached {
         teardown_partial();

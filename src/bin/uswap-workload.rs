@@ -1487,6 +1487,136 @@ fn cmd_event_reuse(o: &Opts) -> Result<String, String> {
 /// entries of the family store), then grows the region so that it moves, and checks every
 /// page; the child checks its own copy after that. (The e2e test kills the monitor right after
 /// it read the parent's REMAP: the guardian then relocates every shared page it moved.)
+/// Writes `bytes` of this thread's stack below the caller's frame (the pages then hold dead
+/// data of this thread, for the monitor to evict once they are cold).
+#[inline(never)]
+fn use_stack_deeply(bytes: usize) -> u64 {
+    const CHUNK: usize = 64 * 1024;
+    let mut frame = [0u8; CHUNK];
+    for i in (0..CHUNK).step_by(PAGE) {
+        frame[i] = (i / PAGE) as u8 | 1;
+    }
+    let sum = std::hint::black_box(&frame)
+        .iter()
+        .step_by(PAGE)
+        .map(|&b| b as u64)
+        .sum::<u64>();
+    if bytes > CHUNK {
+        sum + use_stack_deeply(bytes - CHUNK)
+    } else {
+        sum
+    }
+}
+
+/// How many of the `pages` pages just below this thread's stack pointer are not resident.
+#[inline(never)]
+fn evicted_below_sp(pages: usize) -> usize {
+    let marker = 0u8;
+    let sp = std::hint::black_box(&marker) as *const u8 as usize & !(PAGE - 1);
+    let mut vec = [0u8; 64];
+    let pages = pages.min(vec.len());
+    // SAFETY: mincore only reads page-table state of our own stack mapping (the thread's 8 MiB
+    // stack extends far below) into `vec`, which holds `pages` entries.
+    if unsafe {
+        libc::mincore(
+            (sp - pages * PAGE) as *mut _,
+            pages * PAGE,
+            vec.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return 0;
+    }
+    vec[..pages].iter().filter(|&&b| b & 1 == 0).count()
+}
+
+/// `fork-cold-stack`: a thread uses `--stack-mib` (6) MiB of its stack, fills a region, idles while the
+/// monitor evicts both, then forks. The child checks its copy of the region. The pages below
+/// the forking thread's stack pointer are evicted at the fork: a child that must bring its
+/// pages home itself (its monitor died when it said `Hello`, test point `fork:hello`) runs
+/// its rescue on that stack.
+fn cmd_fork_cold_stack(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let stack_mib = o.num("stack-mib", 6)? as usize;
+    let a = Mapping::anon(len)?;
+    let base = a.ptr as usize;
+    let t = std::thread::Builder::new()
+        .stack_size((stack_mib + 2) * MIB)
+        .spawn(move || -> Result<(), String> {
+            let ptr = base as *mut u8;
+            std::hint::black_box(use_stack_deeply(stack_mib * MIB));
+            for i in 0..npages {
+                // SAFETY: i < npages, inside the region the main thread keeps mapped.
+                chaos_fill(unsafe { ptr.add(i * PAGE) }, 0x5c, i, 1);
+            }
+            println!(
+                "filled {} MiB ({npages} pages), {stack_mib} MiB of stack used",
+                len / MIB
+            );
+            // Nothing after the idle touches the stack deeply before the fork: the pages below
+            // the stack pointer stay evicted.
+            print_rss();
+            idle(idle_ms);
+            // The precondition of the test: the pages below the stack pointer are evicted.
+            // The monitor's clock hand may have stopped short of them (the budget was met
+            // first): rewriting a slice of the region makes it go on around.
+            let mut below = evicted_below_sp(64);
+            let slice = (npages / 8).max(1);
+            for round in 0..32 {
+                if below >= 48 {
+                    break;
+                }
+                for i in (round * slice..(round + 1) * slice).map(|i| i % npages) {
+                    // SAFETY: i < npages, inside the region; rewritten with the same version.
+                    chaos_fill(unsafe { ptr.add(i * PAGE) }, 0x5c, i, 1);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+                below = evicted_below_sp(64);
+            }
+            // SAFETY: the child only reads the region, compares without allocating, and
+            // leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            if pid < 0 {
+                return Err(format!("fork: {}", errno_str()));
+            }
+            if pid == 0 {
+                let bad = (0..npages)
+                    // SAFETY: i < npages, inside our copy of the region.
+                    .filter(|&i| !chaos_matches(unsafe { ptr.add(i * PAGE) }, 0x5c, i, 1))
+                    .count();
+                // SAFETY: _exit ends the child at once.
+                unsafe { libc::_exit(if bad == 0 { 0 } else { 1 }) };
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child; status is a valid int.
+            if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+                return Err(format!("waitpid: {}", errno_str()));
+            }
+            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                return Err(format!(
+                    "the forked child found its copy wrong or died (status {status:#x})"
+                ));
+            }
+            let bad = (0..npages)
+                // SAFETY: i < npages, inside the region.
+                .filter(|&i| !chaos_matches(unsafe { ptr.add(i * PAGE) }, 0x5c, i, 1))
+                .count();
+            if bad != 0 {
+                return Err(format!("parent: {bad} of {npages} pages wrong"));
+            }
+            println!(
+                "forked child {pid} checked its copy; the parent checked its own; {below} of 64 stack pages below the fork evicted"
+            );
+            Ok(())
+        })
+        .map_err(|e| format!("spawning the forking thread: {e}"))?;
+    t.join()
+        .map_err(|_| "the forking thread panicked".to_string())??;
+    drop(a);
+    Ok(format!("fork-cold-stack pages={npages} mismatches=0"))
+}
+
 fn cmd_fork_remap(o: &Opts) -> Result<String, String> {
     let (len, npages) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
@@ -2642,6 +2772,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   dontneed         --mib N [--idle-ms M]
   event-reuse      --mib N [--idle-ms M]   (mremap, DONTNEED, munmap over evicted memory, then fresh maps there)
   fork-remap       --mib N [--idle-ms M]   (a forked child keeps its copy while the parent moves the region)
+  fork-cold-stack  --mib N [--stack-mib S] [--idle-ms M]   (a thread forks with the stack below it evicted)
   realloc          --mib N [--idle-ms M]
   fork-cow         --mib N [--idle-ms M]
   bgsave           --mib N [--idle-ms M]
@@ -2679,6 +2810,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "dontneed" => cmd_dontneed(&parse(&[], &[])?),
         "event-reuse" => cmd_event_reuse(&parse(&[], &[])?),
         "fork-remap" => cmd_fork_remap(&parse(&[], &[])?),
+        "fork-cold-stack" => cmd_fork_cold_stack(&parse(&[], &[])?),
         "realloc" => cmd_realloc(&parse(&[], &[])?),
         "fork-cow" => cmd_fork_cow(&parse(&[], &[])?),
         "bgsave" => cmd_bgsave(&parse(&[], &[])?),

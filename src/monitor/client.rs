@@ -647,6 +647,9 @@ impl Client {
                 send_packet(sock, &out[..n], &[]).context("answering ForkPrepare")?;
             }
             Msg::ForkDone { child_pid, token } => {
+                if token != 0 {
+                    super::die::point("fork:done");
+                }
                 self.state.lock().paused = false;
                 if token != 0 {
                     self.limits.forks.fork_done(token, child_pid);

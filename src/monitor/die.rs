@@ -8,7 +8,10 @@
 //!   records not yet;
 //! - `compact:copied` (control thread): store compaction has published a blob's new copy and
 //!   record, and not yet zeroed the old record; the length is the payload bytes compaction
-//!   moved for this client so far.
+//!   moved for this client so far;
+//! - `fork:hello` (server thread): a forked child's `Hello` has arrived, its snapshot not yet
+//!   claimed; the child has registered its memory with its own userfaultfd and finds no monitor
+//!   (a restarted one would not know its token), so it brings its pages home itself.
 //!
 //! Only events over at least 256 KiB count; `<point>=<bytes>` picks events of exactly that
 //! length (a thread's exit unmaps its 8 MiB stack, for one).
@@ -29,6 +32,14 @@ fn configured() -> Option<&'static str> {
 /// of its own; the tests' changes are larger).
 const MIN_LEN_BYTES: u64 = 256 << 10;
 
+/// Kills this process with SIGKILL if `USWAP_TEST_DIE` names `point` (a point without a
+/// length).
+pub fn point(point: &str) {
+    if configured() == Some(point) {
+        die(point, 0);
+    }
+}
+
 /// Kills this process with SIGKILL (no unwinding, no cleanup: as `kill -9` would) if
 /// `USWAP_TEST_DIE` names `point` and the event spans at least 256 KiB (or, with
 /// `point=N`, exactly N bytes).
@@ -39,13 +50,17 @@ pub fn point_over(point: &str, len_bytes: u64) {
         None => want == point && len_bytes >= MIN_LEN_BYTES,
     };
     if hit {
-        tracing::warn!(
-            point,
-            len_bytes,
-            "USWAP_TEST_DIE: the monitor kills itself here"
-        );
-        // SAFETY: signalling our own process; SIGKILL cannot be caught, so this never returns
-        // to code that could observe a half-done state.
-        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        die(point, len_bytes);
     }
+}
+
+fn die(point: &str, len_bytes: u64) {
+    tracing::warn!(
+        point,
+        len_bytes,
+        "USWAP_TEST_DIE: the monitor kills itself here"
+    );
+    // SAFETY: signalling our own process; SIGKILL cannot be caught, so this never returns
+    // to code that could observe a half-done state.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
 }
