@@ -43,9 +43,11 @@ use crate::PAGE_SIZE;
 
 const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 
-/// Window trim: free slots left above the highest one in use, and the fewest worth a trim.
-const WINDOW_TRIM_MARGIN_SLOTS: u32 = 256;
+/// Window trim: free slots kept holding memory for reuse (4 MiB; the lowest, which are taken
+/// first), the fewest worth a trim, and the most given back per tick.
+const WINDOW_TRIM_RESERVE_SLOTS: u32 = 1024;
 const WINDOW_TRIM_MIN_SLOTS: u32 = 256;
+const WINDOW_TRIM_MAX_SLOTS: u32 = 4096;
 /// Resident memory over the budget by more than an eighth of it, and at least this much, holds
 /// prefetch back (see `Client::over_budget`): a small program's own unmanaged memory does not.
 const OVER_BUDGET_MIN_BYTES: u64 = 32 << 20;
@@ -1639,9 +1641,11 @@ impl Client {
         Counters::add(&self.counters.compress_ns, t0.elapsed().as_nanos() as u64);
     }
 
-    /// Stock backend: gives back the memory of the free slots at the top of the window (the
-    /// shared window is a memfd; a freed slot keeps its page until punched), so the window
-    /// holds about as much memory as its pages in use, not its high-water mark. Runs on the
+    /// Stock backend: gives back the memory of free window slots beyond a reserve of 4 MiB
+    /// (none when the window is empty; the shared window is a memfd; a freed slot keeps its page until punched), highest
+    /// first, so the window holds about as much memory as its pages in use plus the reserve,
+    /// not its high-water mark (before, only the free slots above the highest one in use went,
+    /// and one page cooling high up kept the whole window resident). Runs on the
     /// control thread, the only one that takes slots, so no slot in the range is taken
     /// meanwhile; a fault reads a slot only while it is in use.
     fn trim_window(&self) {
@@ -1649,28 +1653,38 @@ impl Client {
             return; // the arena's stored slots are given back as they are stored
         }
         let mut st = self.state.lock();
-        let Some(range) = st
-            .pages
-            .trimmable_slots(WINDOW_TRIM_MARGIN_SLOTS, WINDOW_TRIM_MIN_SLOTS)
-        else {
-            return;
-        };
-        let ptr = self.slot_ptr(range.start);
-        let len_bytes = (range.end - range.start) as usize * PAGE_SIZE;
-        // SAFETY: the range is whole slots of the window mapping (slot_ptr asserts the start is
-        // a slot; the end is at most the slot count), all free: no page of the program lives
-        // there, and none is taken before this returns (we hold the client's lock, and slots
-        // are taken on this thread only). MADV_REMOVE frees the memfd's pages behind them.
-        let rc = unsafe { libc::madvise(ptr.cast(), len_bytes, libc::MADV_REMOVE) };
-        if rc == 0 {
-            st.pages.trimmed(range.start);
-            Counters::add(&self.counters.window_trimmed_bytes, len_bytes as u64);
+        // An empty window (nothing moving in or cooling) keeps no reserve: a program at rest
+        // is held at its store alone.
+        let counts = st.pages.counts();
+        let reserve = if counts.moving + counts.window == 0 {
+            0
         } else {
-            debug!(
-                client = self.id,
-                error = %std::io::Error::last_os_error(),
-                "window trim failed"
-            );
+            WINDOW_TRIM_RESERVE_SLOTS
+        };
+        let runs = st.pages.trimmable_runs(
+            reserve,
+            WINDOW_TRIM_MIN_SLOTS,
+            WINDOW_TRIM_MAX_SLOTS,
+        );
+        for run in runs {
+            let ptr = self.slot_ptr(run.start);
+            let len_bytes = (run.end - run.start) as usize * PAGE_SIZE;
+            // SAFETY: the run is whole slots of the window mapping (slot_ptr asserts the start
+            // is a slot; the end is at most the slot count), all free: no page of the program
+            // lives there, and none is taken before this returns (we hold the client's lock,
+            // and slots are taken under it). MADV_REMOVE frees the memfd's pages behind them.
+            let rc = unsafe { libc::madvise(ptr.cast(), len_bytes, libc::MADV_REMOVE) };
+            if rc == 0 {
+                st.pages.trimmed(run);
+                Counters::add(&self.counters.window_trimmed_bytes, len_bytes as u64);
+            } else {
+                debug!(
+                    client = self.id,
+                    error = %std::io::Error::last_os_error(),
+                    "window trim failed"
+                );
+                return;
+            }
         }
     }
 

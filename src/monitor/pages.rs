@@ -172,9 +172,11 @@ pub struct Pages {
     /// Free slots, ordered: allocation prefers the slot after the previous one, so a run of
     /// pages gets contiguous slots and the agent moves it with one ioctl.
     free_slots: BTreeSet<u32>,
-    /// Every slot from this index up has been free (and so untouched, or given back by a
-    /// window trim) since the last trim.
-    slot_high_water: u32,
+    /// Per slot: whether it may hold memory (taken since it was last given back by a window
+    /// trim; a fresh window counts as holding memory everywhere).
+    slot_resident: Vec<bool>,
+    /// Free slots that may hold memory.
+    free_resident: u32,
     /// Pages that entered the window: (slot, gen, entered_ms), oldest first. Entries whose slot
     /// has since been reused or freed are skipped when popped.
     cooling: VecDeque<(u32, u64, u64)>,
@@ -222,7 +224,8 @@ impl Pages {
             ],
             free_slots: (0..slot_count as u32).collect(),
             // Unknown at first (an adopted window may hold pages): the first trim looks at all.
-            slot_high_water: slot_count as u32,
+            slot_resident: vec![true; slot_count],
+            free_resident: slot_count as u32,
             cooling: VecDeque::new(),
             counts: PageCounts::default(),
             records: None,
@@ -372,28 +375,52 @@ impl Pages {
         self.slots.len()
     }
 
-    /// Window trim: the free slots at the top of the window that may hold memory (slots are
-    /// taken lowest first, so the ones in use sit low), as a range of slot indices, leaving
-    /// `margin` free slots above the highest one in use; `None` when fewer than `min` slots
-    /// would go. The caller gives the range's memory back, then calls
-    /// [`Pages::trimmed`] with its start.
-    pub fn trimmable_slots(&self, margin: u32, min: u32) -> Option<std::ops::Range<u32>> {
-        let count = self.slots.len() as u32;
-        // Highest slot in use + 1: walk down the run of free slots at the top.
-        let mut top = count;
-        for &s in self.free_slots.range(..count).rev() {
-            if s + 1 != top {
+    /// Window trim: the free slots that may hold memory beyond the `reserve` lowest of them
+    /// (slots are taken lowest first, so those are reused first), as runs of contiguous slots,
+    /// highest first, at most `max_slots` slots in all; empty when fewer than `min` slots
+    /// would go. The caller gives each run's memory back, then calls [`Pages::trimmed`].
+    pub fn trimmable_runs(
+        &self,
+        reserve: u32,
+        min: u32,
+        max_slots: u32,
+    ) -> Vec<std::ops::Range<u32>> {
+        let excess = self.free_resident.saturating_sub(reserve).min(max_slots);
+        let mut runs: Vec<std::ops::Range<u32>> = Vec::new();
+        if excess < min.max(1) {
+            return runs;
+        }
+        let mut left = excess;
+        for &slot in self.free_slots.iter().rev() {
+            if left == 0 {
                 break;
             }
-            top = s;
+            if !self.slot_resident[slot as usize] {
+                continue;
+            }
+            left -= 1;
+            match runs.last_mut() {
+                Some(r) if r.start == slot + 1 => r.start = slot,
+                _ => runs.push(slot..slot + 1),
+            }
         }
-        let start = (top + margin).min(count);
-        (self.slot_high_water >= start + min).then_some(start..self.slot_high_water)
+        runs
     }
 
-    /// The slots from `start` up hold no memory now (see [`Pages::trimmable_slots`]).
-    pub fn trimmed(&mut self, start: u32) {
-        self.slot_high_water = self.slot_high_water.min(start);
+    /// The free slots in `run` hold no memory now (see [`Pages::trimmable_runs`]).
+    pub fn trimmed(&mut self, run: std::ops::Range<u32>) {
+        for slot in run {
+            let i = slot as usize;
+            if self.slot_resident[i] && !self.slots[i].in_use {
+                self.slot_resident[i] = false;
+                self.free_resident -= 1;
+            }
+        }
+    }
+
+    /// Free window slots that may hold memory.
+    pub fn free_resident_slots(&self) -> u32 {
+        self.free_resident
     }
 
     /// Bytes of page-map metadata (chunk words, and the stored order of a disk tier).
@@ -471,7 +498,9 @@ impl Pages {
             _ => *self.free_slots.first()?,
         };
         self.free_slots.remove(&s);
-        self.slot_high_water = self.slot_high_water.max(s + 1);
+        if std::mem::replace(&mut self.slot_resident[s as usize], true) {
+            self.free_resident -= 1;
+        }
         self.slots[s as usize] = Slot {
             addr,
             gen: gen & GEN_MASK,
@@ -489,6 +518,7 @@ impl Pages {
             s.in_use = false;
             let shadow = s.shadow.take();
             self.free_slots.insert(slot);
+            self.free_resident += 1;
             self.set_record(slot, 0);
             shadow
         } else {

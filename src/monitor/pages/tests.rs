@@ -651,15 +651,25 @@ fn demotion_racing_a_refault_and_restore_in_the_same_slot_keeps_the_new_bytes() 
     assert_eq!(sim.access(0), 6);
 }
 
-/// Window trim: only the free slots above the highest one in use (less a margin) are offered,
-/// each only once until a slot there is taken again, and never fewer than asked for.
+/// Window trim: the free slots that may hold memory, beyond a reserve of the lowest ones, are
+/// offered highest first in runs, each only once until it is taken again; slots in use never;
+/// nothing when fewer than asked for would go.
 #[test]
-fn window_trim_offers_free_slots_above_the_highest_in_use_once() {
+fn window_trim_offers_free_resident_slots_beyond_the_reserve_once() {
     let mut p = Pages::new(64);
-    // A fresh window may hold anything: the first look offers every free slot.
-    assert_eq!(p.trimmable_slots(0, 1), Some(0..64));
-    p.trimmed(0);
-    assert_eq!(p.trimmable_slots(0, 1), None);
+    // A fresh window may hold anything: every free slot but the reserve is offered.
+    assert_eq!(p.free_resident_slots(), 64);
+    assert_eq!(p.trimmable_runs(8, 1, 1000), vec![8..64]);
+    assert_eq!(
+        p.trimmable_runs(8, 1, 10),
+        vec![54..64],
+        "at most max_slots"
+    );
+    for r in p.trimmable_runs(0, 1, 1000) {
+        p.trimmed(r);
+    }
+    assert_eq!(p.free_resident_slots(), 0);
+    assert!(p.trimmable_runs(0, 1, 1000).is_empty());
     // Slots 0..40 taken (scattered addresses: lowest free first), then all but 0..10 and
     // 20 freed again.
     let slots: Vec<u32> = (0..40)
@@ -672,23 +682,42 @@ fn window_trim_offers_free_slots_above_the_highest_in_use_once() {
     for i in (10..40u64).filter(|&i| i != 20) {
         p.discard_range(addr(2 * i), addr(2 * i + 1), |_| {});
     }
-    // In use: 0..10 and 20; slots up to 40 were touched.
-    assert_eq!(p.trimmable_slots(4, 8), Some(25..40));
-    assert_eq!(p.trimmable_slots(4, 16), None, "fewer than asked for");
-    p.trimmed(25);
-    assert_eq!(p.trimmable_slots(4, 1), None, "given back already");
-    // Taking slots up there makes them count again: 20 more pages take 10..20 and 21..31.
+    // Free and holding memory: 10..20 and 21..40 (29 slots); in use: 0..10 and 20.
+    assert_eq!(p.free_resident_slots(), 29);
+    assert_eq!(p.trimmable_runs(4, 8, 1000), vec![21..40, 14..20]);
+    assert_eq!(
+        p.trimmable_runs(4, 26, 1000),
+        Vec::<std::ops::Range<u32>>::new(),
+        "fewer than asked for"
+    );
+    for r in p.trimmable_runs(4, 8, 1000) {
+        p.trimmed(r);
+    }
+    assert_eq!(p.free_resident_slots(), 4);
+    assert!(
+        p.trimmable_runs(4, 1, 1000).is_empty(),
+        "given back already"
+    );
+    // A slot in use is never offered, even when asked for more than there is.
+    assert_eq!(p.trimmable_runs(0, 1, 1000), vec![10..14]);
+    // Taking slots makes them count again once freed: 20 more pages take 10..20 and 21..31.
     let more: Vec<u32> = (0..20)
         .map(|i| p.begin_evict(addr(2 * i + 1), 8).unwrap())
         .collect();
     assert_eq!(more.iter().max(), Some(&30));
+    assert_eq!(
+        p.free_resident_slots(),
+        0,
+        "the four held slots were reused first"
+    );
     for &s in &more {
         assert!(p.complete(s, 8, true, 0, false));
     }
     for i in 0..20u64 {
         p.discard_range(addr(2 * i + 1), addr(2 * i + 2), |_| {});
     }
-    assert_eq!(p.trimmable_slots(4, 1), Some(25..31));
+    assert_eq!(p.free_resident_slots(), 20);
+    assert_eq!(p.trimmable_runs(0, 1, 1000), vec![21..31, 10..20]);
 }
 
 /// Store compaction renames stored pages: their words name the new handles at once, and the
