@@ -281,6 +281,12 @@ fn print_summary(r: &ClientReport, wall: Duration) {
             fp.fault_thread_cpu_s
         );
     }
+    if r.over_budget_spells > 0 {
+        eprintln!(
+            "  over budget   {} spells over the budget by more than an eighth (prefetch held back during them)",
+            r.over_budget_spells
+        );
+    }
     if let Some(saved) = r.saved_at_peak_bytes() {
         eprintln!("  memory saved  {} at the deepest point (program memory out of RAM minus what uswap held for it)", mib(saved));
     }

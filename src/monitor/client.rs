@@ -1661,11 +1661,9 @@ impl Client {
         } else {
             WINDOW_TRIM_RESERVE_SLOTS
         };
-        let runs = st.pages.trimmable_runs(
-            reserve,
-            WINDOW_TRIM_MIN_SLOTS,
-            WINDOW_TRIM_MAX_SLOTS,
-        );
+        let runs = st
+            .pages
+            .trimmable_runs(reserve, WINDOW_TRIM_MIN_SLOTS, WINDOW_TRIM_MAX_SLOTS);
         for run in runs {
             let ptr = self.slot_ptr(run.start);
             let len_bytes = (run.end - run.start) as usize * PAGE_SIZE;
@@ -1815,6 +1813,7 @@ impl Client {
             compact_s: g(&c.compact_ns) as f64 / 1e9,
             window_resident_bytes,
             window_trimmed_bytes: g(&c.window_trimmed_bytes),
+            over_budget_spells: g(&c.over_budget_spells),
             compact_max_us: g(&c.compact_max_ns) as f64 / 1e3,
             shadow_runs: g(&c.shadow_runs),
             shadow_max_us: g(&c.shadow_max_ns) as f64 / 1e3,

@@ -444,6 +444,10 @@ pub struct ClientReport {
     /// Stock: bytes of free window slots given back by window trims.
     #[serde(default)]
     pub window_trimmed_bytes: u64,
+    /// Times resident memory went over the budget by more than an eighth of it (and 32 MiB);
+    /// prefetch is held back for the rest of each such spell.
+    #[serde(default)]
+    pub over_budget_spells: u64,
     /// Cross-mm: runs given durable copies, and the longest (the most a monitor death could
     /// catch in flight), in µs.
     pub shadow_runs: u64,

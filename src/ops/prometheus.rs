@@ -119,6 +119,16 @@ const SERIES: &[Series] = &[
         |r| r.store.compact_chunks_freed as f64,
     ),
     gauge(
+        "uswap_client_window_resident_bytes",
+        "Memory the window (stock) or arena (cross-mm) holds now (its resident pages).",
+        |r| r.window_resident_bytes as f64,
+    ),
+    counter(
+        "uswap_client_over_budget_spells_total",
+        "Times resident memory went over the budget by more than an eighth (prefetch held back).",
+        |r| r.over_budget_spells as f64,
+    ),
+    gauge(
         "uswap_client_compression_ratio",
         "Bytes compressed over bytes kept, over the program's life.",
         |r| r.compression_ratio,
