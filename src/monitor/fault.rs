@@ -15,10 +15,14 @@
 //! polls, adaptive budget capped by config `fault_spin`; `monitor/spin.rs`), since waking a
 //! blocked thread from the other vCPU takes 20–40 µs on this VM.
 //!
-//! A fault on an evicted page brings back, with the same ioctl, the evicted pages next to it
-//! that the fault's stream will want (`monitor/prefetch.rs`: forward or backward runs, up to
-//! `prefetch_pages`); a constant-stride stream gets its pages one ioctl each, after the
-//! faulting page. Only `Window`/`Stored` pages are ever gathered, and a copy never overwrites
+//! A fault on an evicted page brings back the evicted pages next to it that the fault's
+//! stream will want (`monitor/prefetch.rs`: forward or backward runs, up to
+//! `prefetch_pages`). A forward run is split: the COPY that wakes the faulting thread holds
+//! the faulting page and the next one only, and the rest follows in COPYs of 4 pages, so the
+//! thread waits for two decompressions rather than seventeen (seq p99 122–157 → 80–100 µs,
+//! phase ~8 % longer; BENCHMARKS.md). A backward run comes back with the faulting page in one
+//! ioctl, a run still in the cross-mm arena moves back whole, and a constant-stride stream gets
+//! its pages one ioctl each, after the faulting page. Only `Window`/`Stored` pages are ever gathered, and a copy never overwrites
 //! a present page (EEXIST; the run stops there and what was copied is settled).
 
 use std::os::fd::AsRawFd;
@@ -50,6 +54,11 @@ const SLOW_AGENT: std::time::Duration = std::time::Duration::from_secs(1);
 /// `spin_loop` hints between two non-blocking polls of a spin (each poll is also followed by
 /// a `sched_yield`, see the spin loop).
 const SPIN_HINTS: u32 = 16;
+/// Pages after the faulting one in the COPY that wakes the faulting thread of a forward stream
+/// (the one it touches next), when they have to be gathered; the rest of its prefetch window
+/// follows in COPYs of [`PREFETCH_COPY_PAGES`].
+const FIRST_COPY_AHEAD_PAGES: u64 = 1;
+const PREFETCH_COPY_PAGES: u64 = 4;
 /// How often the fault thread publishes its CPU time while it runs.
 const CPU_SAMPLE: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -726,8 +735,18 @@ fn serve_once(
                 }
                 back += 1;
             }
-            // Gather the faulting page and the evicted pages right after it into `buf`.
-            let max_pages = 1 + ahead_pages;
+            // Gather the faulting page and the evicted pages right after it into `buf`. The
+            // faulting thread waits for this first COPY only, so a forward run that has to be
+            // gathered (decompressed) is cut after the page the thread will want next; the
+            // rest of the stream follows in COPYs of `PREFETCH_COPY_PAGES`, each waking a
+            // thread that faulted on them meanwhile (`more_runs`). A run still in the arena
+            // moves back whole: it costs no gathering.
+            let first_ahead = if arena_run.is_some() {
+                ahead_pages
+            } else {
+                ahead_pages.min(FIRST_COPY_AHEAD_PAGES)
+            };
+            let max_pages = 1 + first_ahead;
             let mut n = 0u64;
             while n < max_pages {
                 let a = addr + n * PAGE_BYTES;
@@ -878,12 +897,29 @@ fn serve_once(
                 } else if ahead_pages > 0 {
                     let end = region_end.min(addr + (1 + ahead_pages) * PAGE_BYTES);
                     let from = addr + n * PAGE_BYTES;
-                    let pages = more_runs(client, &mut st, from, end, addr, buf, arrivals, disk);
+                    let pages = more_runs(
+                        client,
+                        &mut st,
+                        from..end,
+                        addr,
+                        PREFETCH_COPY_PAGES,
+                        buf,
+                        arrivals,
+                        disk,
+                    );
                     ((end - addr) / PAGE_BYTES - 1, pages)
                 } else if behind_pages > 0 {
                     let start = region_start.max(addr - behind_pages * PAGE_BYTES);
-                    let pages =
-                        more_runs(client, &mut st, start, run_start, addr, buf, arrivals, disk);
+                    let pages = more_runs(
+                        client,
+                        &mut st,
+                        start..run_start,
+                        addr,
+                        u64::MAX,
+                        buf,
+                        arrivals,
+                        disk,
+                    );
                     ((addr - start) / PAGE_BYTES, pages)
                 } else {
                     (0, 0)
@@ -1084,22 +1120,23 @@ fn strided(
     (steps, done)
 }
 
-/// Brings back the evicted pages of `[from, to)` (inside the faulting page's region, which
-/// is not among them), one COPY per contiguous run of at most `buf` pages; pages not evicted
-/// are skipped. Stops at a doubtful page, an unreadable one, or a copy that did not complete
-/// (what it did copy is settled). Returns how many pages came back.
+/// Brings back the evicted pages of `range` (inside the faulting page's region, which is not
+/// among them), one COPY per contiguous run of at most `copy_pages` (and `buf`) pages; pages
+/// not evicted are skipped. Stops at a doubtful page, an unreadable one, or a copy that did
+/// not complete (what it did copy is settled). Returns how many pages came back.
 #[allow(clippy::too_many_arguments)]
 fn more_runs(
     client: &Client,
     st: &mut super::client::State,
-    from: u64,
-    to: u64,
+    range: std::ops::Range<u64>,
     fault_addr: u64,
+    copy_pages: u64,
     buf: &mut [u8],
     arrivals: &Arrivals,
     disk: &DiskReads,
 ) -> u64 {
-    let max_pages = (buf.len() / PAGE_SIZE) as u64;
+    let (from, to) = (range.start, range.end);
+    let max_pages = ((buf.len() / PAGE_SIZE) as u64).min(copy_pages.max(1));
     let mut done = 0u64;
     let mut a = from;
     while a < to {
