@@ -181,6 +181,9 @@ pub struct Client {
     /// a sixteenth and 16 MiB): faults bring back only the faulting page, so refaults do not outrun
     /// eviction (the kernel throttles a cgroup over its limit with direct reclaim instead).
     pub over_budget: AtomicBool,
+    /// Faults served as of the last compaction tick (compaction: a client that served none
+    /// since is at rest, and its store is compacted down to the last chunk).
+    pub compact_faults_mark: AtomicU64,
     watch: Mutex<AgentWatch>,
     /// This client's share of `limits.uid_store`, in bytes.
     uid_store_share: AtomicU64,
@@ -481,6 +484,7 @@ impl Client {
             limits,
             agent_stalled: AtomicBool::new(false),
             over_budget: AtomicBool::new(false),
+            compact_faults_mark: AtomicU64::new(0),
             watch: Mutex::new(AgentWatch::default()),
             uid_store_share: AtomicU64::new(0),
             disk: disk_file.map(super::disktier::ClientDisk::new),

@@ -23,8 +23,10 @@ use super::pages::PageState;
 use super::stats::Counters;
 use crate::store::CHUNK_BYTES;
 
-/// Compaction starts when the store could give back at least this many chunks.
+/// Compaction starts when the store could give back at least this many chunks; at rest (no
+/// fault served since the last tick), at least one.
 const MIN_COMPACTABLE_CHUNKS: u64 = 4;
+const MIN_COMPACTABLE_CHUNKS_AT_REST: u64 = 1;
 /// Blobs moved under one hold of the client's lock (a fault waits for it meanwhile).
 const BATCH_MOVES: usize = 128;
 /// Blobs moved per tick at most.
@@ -40,13 +42,23 @@ impl Client {
         // Disk tier: the stored order is renamed once for the whole tick (one pass over it;
         // only this thread reads it, so it may lag behind the page words until then).
         let mut all_moves = Vec::new();
+        let counters = &self.counters;
+        let faults = Counters::get(&counters.faults_store)
+            + Counters::get(&counters.faults_window)
+            + Counters::get(&counters.faults_zero);
+        let at_rest = self.compact_faults_mark.swap(faults, Ordering::Relaxed) == faults;
+        let min_chunks = if at_rest {
+            MIN_COMPACTABLE_CHUNKS_AT_REST
+        } else {
+            MIN_COMPACTABLE_CHUNKS
+        };
         while moved < MAX_MOVES_PER_TICK {
             let (n, chunks, mapped, ns) = {
                 let mut st = self.state.lock();
                 let t0 = Instant::now();
                 let st = &mut *st;
                 let mut store = st.store.lock();
-                if store.compactable_bytes() < MIN_COMPACTABLE_CHUNKS * CHUNK_BYTES as u64 {
+                if store.compactable_bytes() < min_chunks * CHUNK_BYTES as u64 {
                     break;
                 }
                 let member = st.store.member();
