@@ -528,6 +528,12 @@ fn register_vma(start: u64, end: u64, own: &[(u64, u64)], reg: Reg) -> bool {
 /// parent had evicted are missing there). Single-threaded: no mapping changes meanwhile.
 /// Returns false if a scan or a registration failed.
 pub(crate) fn register_all(buf: &mut [u8]) -> bool {
+    for_all_managed(buf, Reg::Register)
+}
+
+/// [`register_all`] or [`unregister_all`]: `reg` applied to every managed VMA but the one
+/// holding the shim's own state.
+fn for_all_managed(buf: &mut [u8], reg: Reg) -> bool {
     let shim_addr = &SHIM as *const _ as u64;
     let own = crate::own_ranges();
     let mut ok = true;
@@ -535,7 +541,7 @@ pub(crate) fn register_all(buf: &mut [u8]) -> bool {
         let holds_shim =
             m.start < shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end;
         if !holds_shim && m.is_manageable() {
-            ok &= register_vma(m.start, m.end, &own, Reg::Register);
+            ok &= register_vma(m.start, m.end, &own, reg);
         }
     });
     scanned && ok
@@ -546,17 +552,7 @@ pub(crate) fn register_all(buf: &mut [u8]) -> bool {
 /// registers again with a new descriptor: the monitor may still hold a copy of the refused
 /// one for a while, and the registrations live as long as any copy.
 pub(crate) fn unregister_all(buf: &mut [u8]) -> bool {
-    let shim_addr = &SHIM as *const _ as u64;
-    let own = crate::own_ranges();
-    let mut ok = true;
-    let scanned = maps::for_each_mapping(buf, |m| {
-        let holds_shim =
-            m.start < shim_addr + std::mem::size_of::<crate::Shim>() as u64 && shim_addr < m.end;
-        if !holds_shim && m.is_manageable() {
-            ok &= register_vma(m.start, m.end, &own, Reg::Unregister);
-        }
-    });
-    scanned && ok
+    for_all_managed(buf, Reg::Unregister)
 }
 
 /// `send_snapshot`, waiting for the socket if a fork request holds it (bounded).
