@@ -942,6 +942,16 @@ fn chaos_map(bytes: usize) -> Result<*mut u8, String> {
     Ok(p.cast())
 }
 
+/// Waits for our child `pid`: `None` if it exited 0, else its wait status.
+fn reap(pid: libc::pid_t) -> Result<Option<i32>, String> {
+    let mut status = 0;
+    // SAFETY: waiting for our own child; status is a valid int.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return Err(format!("waitpid: {}", errno_str()));
+    }
+    Ok((!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0)).then_some(status))
+}
+
 /// The forking thread of `chaos --fork-ms N`: owns one region; every N ms it rewrites a
 /// quarter of it and forks while the other threads go on faulting and remapping. Each child
 /// checks the whole region against the versions at the fork and leaves with its verdict.
@@ -978,12 +988,7 @@ fn chaos_forks(bytes: usize, deadline: Instant, fork_ms: u64) -> Result<(u64, u6
             // SAFETY: _exit ends the child at once.
             unsafe { libc::_exit(if bad == 0 { 0 } else { 1 }) };
         }
-        let mut status = 0;
-        // SAFETY: waiting for our own child; status is a valid int.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
-            return Err(format!("waitpid: {}", errno_str()));
-        }
-        if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+        if let Some(status) = reap(pid)? {
             return Err(format!(
                 "forked child {forks} found its copy of the fork region wrong (status {status:#x})"
             ));
@@ -1588,12 +1593,7 @@ fn cmd_fork_cold_stack(o: &Opts) -> Result<String, String> {
                 // SAFETY: _exit ends the child at once.
                 unsafe { libc::_exit(if bad == 0 { 0 } else { 1 }) };
             }
-            let mut status = 0;
-            // SAFETY: waiting for our own child; status is a valid int.
-            if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
-                return Err(format!("waitpid: {}", errno_str()));
-            }
-            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+            if let Some(status) = reap(pid)? {
                 return Err(format!(
                     "the forked child found its copy wrong or died (status {status:#x})"
                 ));
@@ -1905,18 +1905,13 @@ fn check_versions(t: &mut Tally, label: &str, words: &[u64], vers: &[u32]) {
 
 /// Waits for child `pid`; returns whether it exited with status 0.
 fn wait_child(pid: libc::pid_t, what: &str) -> Result<bool, String> {
-    let mut status = 0;
-    // SAFETY: waiting for our own child; status is a valid int.
-    let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-    if r != pid {
-        return Err(format!("waitpid: {}", errno_str()));
-    }
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let failed = reap(pid)?;
     println!(
-        "{what} exited: status {status:#x} ({})",
-        if ok { "ok" } else { "FAILED" }
+        "{what} exited: status {:#x} ({})",
+        failed.unwrap_or(0),
+        if failed.is_none() { "ok" } else { "FAILED" }
     );
-    Ok(ok)
+    Ok(failed.is_none())
 }
 
 /// Redis BGSAVE under eviction: the parent fills the region and waits until the monitor has
