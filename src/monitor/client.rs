@@ -1646,12 +1646,11 @@ impl Client {
     }
 
     /// Stock backend: gives back the memory of free window slots beyond a reserve of 4 MiB
-    /// (none when the window is empty; the shared window is a memfd; a freed slot keeps its page until punched), highest
-    /// first, so the window holds about as much memory as its pages in use plus the reserve,
-    /// not its high-water mark (before, only the free slots above the highest one in use went,
-    /// and one page cooling high up kept the whole window resident). Runs on the
-    /// control thread, the only one that takes slots, so no slot in the range is taken
-    /// meanwhile; a fault reads a slot only while it is in use.
+    /// (none when the window is empty), highest first. The shared window is a memfd and a
+    /// freed slot keeps its page until punched; this way the window holds about its pages in
+    /// use plus the reserve, not its high-water mark. Runs on the control thread, the only one
+    /// that takes slots, so no slot in a run is taken meanwhile; a fault reads a slot only
+    /// while it is in use.
     fn trim_window(&self) {
         if self.cross_mm.load(Ordering::Relaxed) {
             return; // the arena's stored slots are given back as they are stored

@@ -19,11 +19,12 @@
 //! stream will want (`monitor/prefetch.rs`: forward or backward runs, up to
 //! `prefetch_pages`). A forward run is split: the COPY that wakes the faulting thread holds
 //! the faulting page and the next one only, and the rest follows in COPYs of 4 pages, so the
-//! thread waits for two decompressions rather than seventeen (seq p99 122–157 → 80–100 µs,
-//! phase ~8 % longer; BENCHMARKS.md). A backward run comes back with the faulting page in one
-//! ioctl, a run still in the cross-mm arena moves back whole, and a constant-stride stream gets
-//! its pages one ioctl each, after the faulting page. Only `Window`/`Stored` pages are ever gathered, and a copy never overwrites
-//! a present page (EEXIST; the run stops there and what was copied is settled).
+//! thread waits for two decompressions rather than seventeen (BENCHMARKS.md, "Splitting a
+//! forward prefetch run"). A backward run comes back with the faulting page in one ioctl, a
+//! run still in the cross-mm arena moves back whole, and a constant-stride stream gets its
+//! pages one ioctl each, after the faulting page. Only `Window`/`Stored` pages are ever
+//! gathered, and a copy never overwrites a present page (EEXIST; the run stops there and what
+//! was copied is settled).
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;

@@ -477,16 +477,26 @@ proptest! {
     }
 }
 
+/// A stored page's handle, distinct for each `i` (the page map does not decode it).
+fn h(i: u64) -> crate::store::Handle {
+    crate::store::Handle::from_bits((1 << 59) | (i << 13) | 100)
+}
+
+/// Pages tracking the stored order, with pages 0..n stored (as `h(i)`) in that order.
+fn stored_in_order(n: u64) -> Pages {
+    let mut p = Pages::new(16);
+    p.track_stored_order();
+    for i in 0..n {
+        assert!(p.adopt_stored(addr(i), h(i)));
+    }
+    p
+}
+
 /// The stored order: oldest first, stale entries skipped, a moved page goes to the back, a
 /// demoted page is not listed again, pages not used can be put back in front.
 #[test]
 fn stored_order_pops_coldest_first_and_skips_stale() {
-    let mut p = Pages::new(16);
-    p.track_stored_order();
-    let h = |i: u64| crate::store::Handle::from_bits((1 << 59) | (i << 13) | 100);
-    for i in 0..6 {
-        assert!(p.adopt_stored(addr(i), h(i)));
-    }
+    let mut p = stored_in_order(6);
     // Page 1 comes back, page 2 moves to page 10's address.
     assert_eq!(p.faulted_in(addr(1), 0), Released::Blob(h(1)));
     p.remap(addr(2), addr(10), PAGE_BYTES, |_| {}, |_, _| {});
@@ -724,12 +734,7 @@ fn window_trim_offers_free_resident_slots_beyond_the_reserve_once() {
 /// stored order (disk tier) keeps their places once renamed.
 #[test]
 fn compaction_renames_keep_the_stored_order() {
-    let mut p = Pages::new(16);
-    p.track_stored_order();
-    let h = |i: u64| crate::store::Handle::from_bits((1 << 59) | (i << 13) | 100);
-    for i in 0..5 {
-        assert!(p.adopt_stored(addr(i), h(i)));
-    }
+    let mut p = stored_in_order(5);
     // Pages 1 and 3 move to new slots; a stale move (page 4 is not stored as h(9)) is ignored.
     let moves = [
         (addr(1), h(1), h(21)),
