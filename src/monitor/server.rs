@@ -16,7 +16,9 @@
 //! A refused peer gets an `Error` packet naming the rule and the value (and the daemon logs
 //! it); nothing it sends can affect another client: each client has its own thread, its own
 //! descriptor and its own state, and every action on a program goes through the descriptor
-//! that program forwarded.
+//! that program forwarded. A refused `Hello`'s descriptors are closed before the refusal is
+//! sent: a shim that acts on the refusal (a refused forked child registering its memory again
+//! for its own rescue) never finds its ranges still held by a copy in the monitor.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -615,6 +617,7 @@ impl Monitor {
                         h.page_size,
                         crate::PAGE_SIZE
                     );
+                    drop(uffd);
                     send_error(fd, libc::EINVAL as u32, &why);
                     bail!("peer pid {peer_pid}: {why}");
                 }
@@ -623,6 +626,7 @@ impl Monitor {
                         let why = format!(
                             "Hello claims userfaultfd features {extra:#x} this kernel does not offer"
                         );
+                        drop(uffd);
                         send_error(fd, libc::EINVAL as u32, &why);
                         bail!("peer pid {peer_pid}: {why}");
                     }
@@ -654,6 +658,7 @@ impl Monitor {
                             text: t,
                         })
                         .encode(&mut out)?;
+                        drop(uffd);
                         let _ = send_packet(fd, &out[..n], &[]);
                         bail!("client {name} (pid {peer_pid}): {text}");
                     }
@@ -665,6 +670,7 @@ impl Monitor {
                         Ok(snap) => Some(snap),
                         Err(why) => {
                             let why = format!("cannot adopt this program: {why}");
+                            drop(uffd);
                             send_error(fd, libc::EINVAL as u32, &why);
                             bail!("peer pid {peer_pid}: {why}");
                         }
@@ -677,6 +683,7 @@ impl Monitor {
                                 "Hello of a child forked from pid {}: {why}",
                                 h.forked_from
                             );
+                            drop(uffd);
                             send_error(fd, libc::ENOENT as u32, &why);
                             bail!("peer pid {peer_pid}: {why}");
                         }
@@ -709,6 +716,7 @@ impl Monitor {
                     let attached = clients.iter().filter(|c| c.uid == peer_uid).count();
                     if attached >= max {
                         drop(clients);
+                        drop((client, memfd, store_fd, disk_fd));
                         let why = format!(
                             "uid {peer_uid} has {attached} programs attached already (daemon config max_clients_per_uid = {max})"
                         );
