@@ -1651,40 +1651,52 @@ impl Client {
     /// use plus the reserve, not its high-water mark. Runs on the control thread, the only one
     /// that takes slots, so no slot in a run is taken meanwhile; a fault reads a slot only
     /// while it is in use.
+    ///
+    /// The punching runs without the client's lock: it takes milliseconds for a few MiB (the
+    /// shmem pages are freed one by one), and a fault waiting for the lock that long was most
+    /// of the p99.9 of a random workload (BENCHMARKS.md, "Lock holds on the control thread").
     fn trim_window(&self) {
         if self.cross_mm.load(Ordering::Relaxed) {
             return; // the arena's stored slots are given back as they are stored
         }
-        let mut st = self.state.lock();
-        // An empty window (nothing moving in or cooling) keeps no reserve: a program at rest
-        // is held at its store alone.
-        let counts = st.pages.counts();
-        let reserve = if counts.moving + counts.window == 0 {
-            0
-        } else {
-            WINDOW_TRIM_RESERVE_SLOTS
+        let runs = {
+            let st = self.state.lock();
+            // An empty window (nothing moving in or cooling) keeps no reserve: a program at
+            // rest is held at its store alone.
+            let counts = st.pages.counts();
+            let reserve = if counts.moving + counts.window == 0 {
+                0
+            } else {
+                WINDOW_TRIM_RESERVE_SLOTS
+            };
+            st.pages
+                .trimmable_runs(reserve, WINDOW_TRIM_MIN_SLOTS, WINDOW_TRIM_MAX_SLOTS)
         };
-        let runs = st
-            .pages
-            .trimmable_runs(reserve, WINDOW_TRIM_MIN_SLOTS, WINDOW_TRIM_MAX_SLOTS);
+        let mut done = Vec::with_capacity(runs.len());
         for run in runs {
             let ptr = self.slot_ptr(run.start);
             let len_bytes = (run.end - run.start) as usize * PAGE_SIZE;
             // SAFETY: the run is whole slots of the window mapping (slot_ptr asserts the start
-            // is a slot; the end is at most the slot count), all free: no page of the program
-            // lives there, and none is taken before this returns (we hold the client's lock,
-            // and slots are taken under it). MADV_REMOVE frees the memfd's pages behind them.
+            // is a slot; the end is at most the slot count), all free when it was chosen: no
+            // page of the program lives there, and none is taken before this returns (slots
+            // are taken only by this thread, in `evict`). A fault only frees slots meanwhile.
+            // MADV_REMOVE frees the memfd's pages behind them.
             let rc = unsafe { libc::madvise(ptr.cast(), len_bytes, libc::MADV_REMOVE) };
-            if rc == 0 {
-                st.pages.trimmed(run);
-                Counters::add(&self.counters.window_trimmed_bytes, len_bytes as u64);
-            } else {
+            if rc != 0 {
                 debug!(
                     client = self.id,
                     error = %std::io::Error::last_os_error(),
                     "window trim failed"
                 );
-                return;
+                break;
+            }
+            Counters::add(&self.counters.window_trimmed_bytes, len_bytes as u64);
+            done.push(run);
+        }
+        if !done.is_empty() {
+            let mut st = self.state.lock();
+            for run in done {
+                st.pages.trimmed(run);
             }
         }
     }
