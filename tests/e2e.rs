@@ -717,6 +717,70 @@ fn daemon_returns_store_space_when_program_exits() -> R {
     Ok(())
 }
 
+/// The window (stock) or arena (cross-mm) holds pages while they cool. Once they are stored
+/// and the program rests, that memory goes back: at rest uswap holds the store, not the
+/// window's high-water mark. Sampled live through `uswap status --json`.
+fn window_gives_its_memory_back_at_rest() -> R {
+    const MIB: u64 = 1 << 20;
+    let d = start_daemon("trim", None)?;
+    let mut overrides = "budget = \"4M\"\ncooling = \"200ms\"\ntick = \"10ms\"".to_string();
+    if let Ok(b) = std::env::var("USWAP_E2E_BACKEND") {
+        overrides += &format!("\nbackend = \"{b}\"");
+    }
+    let mut child = Command::new(workload())
+        .args(["fill-verify", "--mib", "48", "--idle-ms", "6000"])
+        .env("LD_PRELOAD", shim())
+        .env("USWAP_SOCKET", &d.socket)
+        .env("USWAP_OVERRIDES", &overrides)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // The highest window seen, and the lowest seen since (reset by each new high).
+    let (mut peak, mut low_since_peak, mut samples) = (0u64, u64::MAX, Vec::new());
+    while child.try_wait()?.is_none() {
+        if let Ok(st) = status_json(&d.socket) {
+            let live = st.as_array().and_then(|a| {
+                a.iter()
+                    .find(|c| c["name"] == "uswap-workload" && c["alive"] == true)
+            });
+            if let Some(c) = live {
+                let w = c["window_resident_bytes"].as_u64().unwrap_or(0);
+                if w > peak {
+                    (peak, low_since_peak) = (w, w);
+                }
+                low_since_peak = low_since_peak.min(w);
+                samples.push(w / MIB);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !stdout.contains("RESULT ok") {
+        return Err(format!(
+            "the program failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    if peak < 8 * MIB {
+        return Err(format!(
+            "the window never held 8 MiB (peak {} KiB), the check proves nothing; MiB samples {samples:?}",
+            peak / 1024
+        )
+        .into());
+    }
+    if low_since_peak > 2 * MIB {
+        return Err(format!(
+            "the window kept {} KiB at rest after a peak of {} MiB; MiB samples {samples:?}",
+            low_since_peak / 1024,
+            peak / MIB
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn exec_ends_old_context_and_new_image_attaches() -> R {
     // A shell (itself a client) execs the workload: the shell's context ends, the new image
     // attaches afresh under the same pid and is managed.
@@ -2255,6 +2319,10 @@ fn main() {
         Trial::test(
             "daemon_returns_store_space_when_program_exits",
             daemon_returns_store_space_when_program_exits,
+        ),
+        Trial::test(
+            "window_gives_its_memory_back_at_rest",
+            window_gives_its_memory_back_at_rest,
         ),
     ];
     if !root {
