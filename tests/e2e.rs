@@ -620,6 +620,20 @@ fn start_daemon(tag: &str, as_user: Option<(u32, u32)>) -> Result<Daemon, Failed
     Ok(d)
 }
 
+/// The program exited 0 and said RESULT ok (its own check of every page); else `what`, with
+/// its output.
+fn verified(out: &Output, what: &str) -> R {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.success() && stdout.contains("RESULT ok") {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    )
+    .into())
+}
+
 fn status_json(socket: &Path) -> Result<Value, Failed> {
     let out = Command::new(uswap())
         .arg("status")
@@ -650,14 +664,7 @@ fn daemon_as_other_unprivileged_user_serves_client() -> R {
             "budget = \"8M\"\ncooling = \"200ms\"\ntick = \"10ms\"",
         )
         .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !stdout.contains("RESULT ok") {
-        return Err(format!(
-            "program failed under a daemon running as nobody:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
+    verified(&out, "program failed under a daemon running as nobody")?;
     let st = status_json(&d.socket)?;
     let c = st
         .as_array()
@@ -754,15 +761,7 @@ fn window_gives_its_memory_back_at_rest() -> R {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let out = child.wait_with_output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() || !stdout.contains("RESULT ok") {
-        return Err(format!(
-            "the program failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-        .into());
-    }
+    verified(&child.wait_with_output()?, "the program failed")?;
     if peak < 8 * MIB {
         return Err(format!(
             "the window never held 8 MiB (peak {} KiB), the check proves nothing; MiB samples {samples:?}",
