@@ -162,8 +162,20 @@ fn run_under_uswap(tag: &str, budget: &str, extra: &[&str], prog: &[&str]) -> Ru
         .args(prog);
     cmd.env("USWAP_SHIM", shim())
         .env_remove("USWAP_SOCKET")
-        .env("XDG_RUNTIME_DIR", &dir);
-    let out = cmd.output().expect("running uswap");
+        .env("XDG_RUNTIME_DIR", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // A program that hangs fails here with every thread's kernel stack, instead of running
+    // until the harness kills the whole suite.
+    let out = match wait_or_diagnose(cmd.spawn().expect("running uswap"), program_limit(), &dir) {
+        Ok(out) => out,
+        Err(why) => Output {
+            status: std::os::unix::process::ExitStatusExt::from_raw(9),
+            stdout: why.message().unwrap_or("a hang").as_bytes().to_vec(),
+            stderr: Vec::new(),
+        },
+    };
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stats = std::fs::read(&stats)
         .ok()
@@ -1139,6 +1151,16 @@ fn stop_daemon(mut d: std::process::Child, dir: &Path) -> R {
     Ok(())
 }
 
+/// How long one program under `uswap run` may take before it counts as a hang: 300 s, or
+/// `USWAP_E2E_PROGRAM_TIMEOUT` seconds (the slowest test takes about a minute in the TCG VM).
+fn program_limit() -> Duration {
+    let secs = std::env::var("USWAP_E2E_PROGRAM_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
 /// Every thread of process `pid`: name, kernel wait channel, system call and kernel stack.
 fn describe_tasks(pid: i32) -> String {
     let mut out = String::new();
@@ -1221,7 +1243,7 @@ fn wait_or_diagnose(
                     // outlives the monitor it belongs to until it has saved the arena).
                     let comm =
                         std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
-                    if ppid == Some(pid) || comm.trim() == "uswap" {
+                    if p != pid && (ppid == Some(pid) || comm.trim() == "uswap") {
                         pids.push(p);
                     }
                 }
@@ -1246,7 +1268,7 @@ fn wait_or_diagnose(
                 .collect::<Vec<_>>()
                 .join("\n");
             return Err(format!(
-                "the program did not exit within {limit:?} after the kill: a hang\n{why}--- stdout\n{out}\n--- stderr\n{err}\n--- daemon log (last lines)\n{tail}"
+                "the program did not exit within {limit:?}: a hang\n{why}--- stdout\n{out}\n--- stderr\n{err}\n--- daemon log (last lines)\n{tail}"
             )
             .into());
         }
