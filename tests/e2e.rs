@@ -431,15 +431,12 @@ fn forked_family_returns_store_space_when_all_exit() -> R {
     let base = before["store_mapped_bytes"]
         .as_u64()
         .ok_or("no store figure")?;
-    let out = Command::new(workload())
-        .args(["bgsave", "--mib", "48", "--idle-ms", "1200"])
-        .env("LD_PRELOAD", shim())
-        .env("USWAP_SOCKET", &d.socket)
-        .env(
-            "USWAP_OVERRIDES",
-            "budget = \"8M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
-        )
-        .output()?;
+    let out = workload_at(
+        &d.socket,
+        "budget = \"8M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
+        &["bgsave", "--mib", "48", "--idle-ms", "1200"],
+    )
+    .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() || !stdout.contains("RESULT ok") {
         return Err(format!("bgsave failed under the daemon:\n{stdout}").into());
@@ -632,6 +629,17 @@ fn start_daemon(tag: &str, as_user: Option<(u32, u32)>) -> Result<Daemon, Failed
     Ok(d)
 }
 
+/// The workload with `args`, its shim pointed at the daemon listening on `socket`, with the
+/// program settings `overrides` (TOML).
+fn workload_at(socket: &Path, overrides: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(workload());
+    cmd.args(args)
+        .env("LD_PRELOAD", shim())
+        .env("USWAP_SOCKET", socket)
+        .env("USWAP_OVERRIDES", overrides);
+    cmd
+}
+
 /// The program exited 0 and said RESULT ok (its own check of every page); else `what`, with
 /// its output.
 fn verified(out: &Output, what: &str) -> R {
@@ -667,15 +675,12 @@ fn daemon_as_other_unprivileged_user_serves_client() -> R {
     // The monitor runs as `nobody` with no capabilities; the program runs as root. The monitor
     // can only act through the descriptor the program forwarded.
     let d = start_daemon("otheruid", Some((65534, 65534)))?;
-    let out = Command::new(workload())
-        .args(["fill-verify", "--mib", "48", "--idle-ms", "2000"])
-        .env("LD_PRELOAD", shim())
-        .env("USWAP_SOCKET", &d.socket)
-        .env(
-            "USWAP_OVERRIDES",
-            "budget = \"8M\"\ncooling = \"200ms\"\ntick = \"10ms\"",
-        )
-        .output()?;
+    let out = workload_at(
+        &d.socket,
+        "budget = \"8M\"\ncooling = \"200ms\"\ntick = \"10ms\"",
+        &["fill-verify", "--mib", "48", "--idle-ms", "2000"],
+    )
+    .output()?;
     verified(&out, "program failed under a daemon running as nobody")?;
     let st = status_json(&d.socket)?;
     let c = st
@@ -696,15 +701,12 @@ fn daemon_as_other_unprivileged_user_serves_client() -> R {
 
 fn daemon_returns_store_space_when_program_exits() -> R {
     let d = start_daemon("exit", None)?;
-    let out = Command::new(workload())
-        .args(["fill-verify", "--mib", "32", "--idle-ms", "1500"])
-        .env("LD_PRELOAD", shim())
-        .env("USWAP_SOCKET", &d.socket)
-        .env(
-            "USWAP_OVERRIDES",
-            "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
-        )
-        .output()?;
+    let out = workload_at(
+        &d.socket,
+        "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
+        &["fill-verify", "--mib", "32", "--idle-ms", "1500"],
+    )
+    .output()?;
     if !out.status.success() {
         return Err(format!("program failed: {}", String::from_utf8_lossy(&out.stdout)).into());
     }
@@ -745,19 +747,29 @@ fn window_gives_its_memory_back_at_rest() -> R {
     if let Ok(b) = std::env::var("USWAP_E2E_BACKEND") {
         overrides += &format!("\nbackend = \"{b}\"");
     }
-    let mut child = Command::new(workload())
-        .args(["fill-verify", "--mib", "48", "--idle-ms", "6000"])
-        .env("LD_PRELOAD", shim())
-        .env("USWAP_SOCKET", &d.socket)
-        .env("USWAP_OVERRIDES", &overrides)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = workload_at(
+        &d.socket,
+        &overrides,
+        &["fill-verify", "--mib", "48", "--idle-ms", "6000"],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
     // The window's resident MiB, sampled while the program lives: it fills while the fill is
     // evicted, must empty while the program rests, and fills again when the final check
     // brings every page back.
     let mut samples: Vec<u64> = Vec::new();
+    let end = Instant::now() + program_limit();
     while child.try_wait()?.is_none() {
+        if Instant::now() > end {
+            let why = describe_tasks(child.id() as i32);
+            let _ = child.kill();
+            return Err(format!(
+                "the program did not exit within {:?}: a hang\n{why}",
+                program_limit()
+            )
+            .into());
+        }
         if let Ok(st) = status_json(&d.socket) {
             let live = st.as_array().and_then(|a| {
                 a.iter()
@@ -977,16 +989,13 @@ fn children_left_behind_get_their_memory_back_when_uswap_exits() -> R {
 
 fn daemon_stop_hands_memory_back_to_running_programs() -> R {
     let mut d = start_daemon("stop", None)?;
-    let prog = Command::new(workload())
-        .args(["fill-verify", "--mib", "32", "--idle-ms", "4000"])
-        .env("LD_PRELOAD", shim())
-        .env("USWAP_SOCKET", &d.socket)
-        .env(
-            "USWAP_OVERRIDES",
-            "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
-        )
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let prog = workload_at(
+        &d.socket,
+        "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
+        &["fill-verify", "--mib", "32", "--idle-ms", "4000"],
+    )
+    .stdout(Stdio::piped())
+    .spawn()?;
     // Let it fill and be evicted, then stop the daemon under it.
     let end = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1352,11 +1361,7 @@ fn kill_daemon_under(
     std::fs::write(dir.join("daemon.toml"), "compress_threads = 1\n")?;
     let mut daemon = spawn_daemon_at(&socket, &dir)?;
     let started = Instant::now();
-    let mut prog = Command::new(workload())
-        .args(prog_args)
-        .env("LD_PRELOAD", shim())
-        .env("USWAP_SOCKET", &socket)
-        .env("USWAP_OVERRIDES", overrides)
+    let mut prog = workload_at(&socket, overrides, prog_args)
         // Adoption is on by default: a restarted monitor adopts the program.
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1599,15 +1604,9 @@ fn die_at_with(
     let dir = tmpdir(tag);
     let socket = dir.join("uswap.sock");
     let mut daemon = spawn_daemon_with(&socket, &dir, &[("USWAP_TEST_DIE", point)])?;
-    let prog = Command::new(workload())
-        .args(args)
-        .env("LD_PRELOAD", shim())
-        .env("USWAP_SOCKET", &socket)
-        .env(
-            "USWAP_OVERRIDES",
-            kill_overrides(if adopt { "60s" } else { "200ms" })
-                .replace("budget = \"4M\"", &format!("budget = \"{budget}\"")),
-        )
+    let overrides = kill_overrides(if adopt { "60s" } else { "200ms" })
+        .replace("budget = \"4M\"", &format!("budget = \"{budget}\""));
+    let prog = workload_at(&socket, &overrides, args)
         .env("USWAP_ADOPT", if adopt { "1" } else { "0" })
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
@@ -1991,8 +1990,10 @@ fn disk_tier_file_is_gone_when_the_program_exits() -> R {
         "budget = \"8M\"\ncooling = \"100ms\"\ntick = \"10ms\"\nmax_store = \"2M\"\ndisk_dir = \"{}\"",
         disk.display()
     );
-    let mut prog = Command::new(workload())
-        .args([
+    let mut prog = workload_at(
+        &d.socket,
+        &overrides,
+        &[
             "fill-verify",
             "--mib",
             "48",
@@ -2000,13 +2001,11 @@ fn disk_tier_file_is_gone_when_the_program_exits() -> R {
             "1500",
             "--rounds",
             "2",
-        ])
-        .env("LD_PRELOAD", shim())
-        .env("USWAP_SOCKET", &d.socket)
-        .env("USWAP_OVERRIDES", &overrides)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
     let daemon_pid = d.child.id();
     let end = Instant::now() + Duration::from_secs(30);
     let mut seen_on_disk = 0;
