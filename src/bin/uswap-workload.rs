@@ -1693,6 +1693,9 @@ fn cmd_fork_remap(o: &Opts) -> Result<String, String> {
 fn cmd_dontneed(o: &Opts) -> Result<String, String> {
     let (len, _) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
+    // A rest after the discard, before anything is read again: the monitor's store is left
+    // with every other record gone, so it compacts while nothing faults.
+    let rest_ms = o.num("rest-ms", 0)?;
     let mut m = Mapping::anon(len)?;
     fill_timed(&mut m, 0, 1, "region");
     idle(idle_ms);
@@ -1710,6 +1713,9 @@ fn cmd_dontneed(o: &Opts) -> Result<String, String> {
         "MADV_DONTNEED on {} of {nchunks} chunks of 64 KiB",
         nchunks.div_ceil(2)
     );
+    if rest_ms > 0 {
+        idle(rest_ms);
+    }
     let mut t = Tally::default();
     for (c, ch) in m.words().chunks_exact(CHUNK / 8).enumerate() {
         let first = (c * PAGES_PER_CHUNK) as u64;
@@ -2764,7 +2770,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   threads          --mib N [--threads T] [--idle-ms M]
   munmap           --mib N [--idle-ms M]
   mremap           --mib N [--idle-ms M]
-  dontneed         --mib N [--idle-ms M]
+  dontneed         --mib N [--idle-ms M] [--rest-ms R (after the discard, before reading)]
   event-reuse      --mib N [--idle-ms M]   (mremap, DONTNEED, munmap over evicted memory, then fresh maps there)
   fork-remap       --mib N [--idle-ms M]   (a forked child keeps its copy while the parent moves the region)
   fork-cold-stack  --mib N [--stack-mib S] [--idle-ms M]   (a thread forks with the stack below it evicted)
@@ -2802,7 +2808,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "threads" => cmd_threads(&parse(&["threads"], &[])?),
         "munmap" => cmd_munmap(&parse(&[], &[])?),
         "mremap" => cmd_mremap(&parse(&[], &[])?),
-        "dontneed" => cmd_dontneed(&parse(&[], &[])?),
+        "dontneed" => cmd_dontneed(&parse(&["rest-ms"], &[])?),
         "event-reuse" => cmd_event_reuse(&parse(&[], &[])?),
         "fork-remap" => cmd_fork_remap(&parse(&[], &[])?),
         "fork-cold-stack" => cmd_fork_cold_stack(&parse(&[], &[])?),
