@@ -358,6 +358,57 @@ fn fork_cow_child_complete_and_shared_pages_unevictable() -> R {
     Ok(())
 }
 
+/// A fork chain longer than a family can be (16 members): the 16th child cannot share its
+/// parent's store, so its parent brings every page home before the fork; that child is then
+/// managed as a new program (a family of its own) and its own child joins it. Every
+/// generation must verify its inheritance and be managed (hold its userfaultfd; a child left
+/// unmanaged, as before, held none, and neither did its children).
+fn fork_chain_past_a_full_family_stays_managed() -> R {
+    const DEPTH: u32 = 17;
+    let depth = DEPTH.to_string();
+    let r = run_under_uswap(
+        "chainfull",
+        "1M",
+        &[],
+        &[
+            workload(),
+            "fork-chain",
+            "--mib",
+            "4",
+            "--idle-ms",
+            "50",
+            "--depth",
+            &depth,
+        ],
+    );
+    r.ok_with_eviction(100)?;
+    let unmanaged: Vec<u32> = (0..=DEPTH)
+        .filter(|g| {
+            !r.stdout.lines().any(|l| {
+                l.strip_prefix(&format!("generation {g}: "))
+                    .and_then(|t| t.strip_suffix(" userfaultfd descriptors open"))
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| n >= 1)
+            })
+        })
+        .collect();
+    let verified = (1..=DEPTH)
+        .filter(|g| {
+            r.stdout.contains(&format!(
+                "generation {g}: inherited pages: 1024 pages verified, 0 mismatches"
+            ))
+        })
+        .count();
+    if !unmanaged.is_empty() || verified != DEPTH as usize {
+        return Err(format!(
+            "every process of the chain should be managed (generations {unmanaged:?} were not) and all {DEPTH} generations should verify their inheritance ({verified} did)\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Redis BGSAVE: most of the data evicted, fork, the child checksums everything while the
 /// parent rewrites half; then each rewrites its own share and checks again.
 fn bgsave_child_checksums_while_parent_rewrites() -> R {
@@ -1683,8 +1734,9 @@ fn die_at_with(
 /// evicted home itself, from the family store it inherited. That rescue registers the child's
 /// memory with a new userfaultfd and then runs on the forking thread's stack: an evicted page
 /// there is a fault no one serves (a child hung for good in its decompression in a CI kill
-/// loop, fixed by making that stack resident first). The child must check its copy and exit;
-/// the parent is rescued or adopted and checks its own.
+/// loop, fixed by making that stack resident first). Its memory whole, a child refused by a
+/// restarted monitor then asks it to manage it as a new program. The child must check its
+/// copy and exit; the parent is rescued or adopted and checks its own.
 fn forked_child_of_a_dead_monitor_rescues_itself_on_a_cold_stack() -> R {
     for (i, adopt) in [false, true].into_iter().enumerate() {
         let args = ["fork-cold-stack", "--mib", "16", "--idle-ms", "1500"];
@@ -1706,15 +1758,27 @@ fn forked_child_of_a_dead_monitor_rescues_itself_on_a_cold_stack() -> R {
             .and_then(|r| r.split_whitespace().next())
             .and_then(|n| n.parse::<u64>().ok());
         let refused = !adopt || err.contains("forked child could not attach (the monitor refused");
+        // Its memory whole again, the child asks the restarted monitor to manage it as a new
+        // program (with none there, it runs unmanaged).
+        let then = if adopt {
+            "the monitor manages it as a new program"
+        } else {
+            "it runs unmanaged"
+        };
+        let then_ok = err.contains(&format!("brought home from the shared store; {then}"));
         let out = k.stdout();
         let below = out
             .split(" of 64 stack pages below the fork evicted")
             .next()
             .and_then(|p| p.rsplit("; ").next())
             .and_then(|n| n.parse::<u64>().ok());
-        if child_home.is_none_or(|n| n < 1000) || !refused || below.is_none_or(|n| n < 32) {
+        if child_home.is_none_or(|n| n < 1000)
+            || !refused
+            || !then_ok
+            || below.is_none_or(|n| n < 32)
+        {
             return Err(format!(
-                "fork:done (adopt {adopt}): the forked child should have brought its parent's evicted pages home itself ({}), with at least 32 of the 64 stack pages below the fork evicted ({below:?})\n{}",
+                "fork:done (adopt {adopt}): the forked child should have brought its parent's evicted pages home itself ({}), with at least 32 of the 64 stack pages below the fork evicted ({below:?}), and then said \"{then}\"\n{}",
                 if adopt { "refused by the restarted monitor" } else { "no monitor" },
                 k.describe()
             )
@@ -2215,6 +2279,10 @@ fn main() {
         Trial::test(
             "fork_chain_three_deep_each_generation_sees_its_own",
             fork_chain_three_deep_each_generation_sees_its_own,
+        ),
+        Trial::test(
+            "fork_chain_past_a_full_family_stays_managed",
+            fork_chain_past_a_full_family_stays_managed,
         ),
         Trial::test(
             "forked_family_returns_store_space_when_all_exit",

@@ -301,7 +301,7 @@ static INIT: extern "C" fn() = uswap_shim_init;
 
 extern "C" fn uswap_shim_init() {
     resolve_fork();
-    if let Err(why) = init(None) {
+    if let Err(why) = init(Attach::Start) {
         let quiet = raw::getenv(c"USWAP_QUIET").is_some_and(|v| v == b"1");
         if !quiet {
             let mut text = [0u8; REFUSAL_MAX];
@@ -439,15 +439,35 @@ impl Drop for UnregisterOnDrop {
     }
 }
 
-/// Attaches this process to the monitor. `fork` is `(token, parent pid)` in a child forked
-/// from a managed program: the child then registers its memory before it says `Hello`.
-fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
+/// How a process attaches to the monitor.
+#[derive(Clone, Copy)]
+enum Attach {
+    /// At program start: connects to `USWAP_SOCKET` (or the default path) and installs the
+    /// fork handlers.
+    Start,
+    /// A child forked from a managed program, with its snapshot's token and its parent's pid:
+    /// it registers its memory before it says `Hello`, and reconnects to its parent's address
+    /// without allocating.
+    Forked { token: u64, ppid: u32 },
+    /// A forked child whose memory is whole again (its parent had nothing evicted, or it
+    /// brought the pages home itself) after its monitor could not take it as a family member
+    /// (a restarted monitor does not know its snapshot): it asks the same monitor to manage
+    /// it as a new program. Its fork handlers are inherited.
+    Whole,
+}
+
+/// Attaches this process to the monitor (see [`Attach`]).
+fn init(how: Attach) -> Result<(), &'static str> {
+    let fork = match how {
+        Attach::Forked { token, ppid } => Some((token, ppid)),
+        Attach::Start | Attach::Whole => None,
+    };
     // SAFETY: sysconf has no preconditions.
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if page_size != uswap::PAGE_SIZE as i64 {
         return Err("page size is not 4 KiB");
     }
-    let sock = if fork.is_some() {
+    let sock = if !matches!(how, Attach::Start) {
         // A forked child must not allocate before its memory is registered and the monitor
         // serves it (malloc could touch a page its parent had evicted): it reuses the
         // address its parent connected to.
@@ -632,7 +652,7 @@ fn init(fork: Option<(u64, u32)>) -> Result<(), &'static str> {
     if SHIM.store_fd.load(Ordering::Relaxed) >= 0 {
         rescue::start().map_err(|_| "cannot start the guardian thread")?;
     }
-    if fork.is_none() {
+    if matches!(how, Attach::Start) {
         // SAFETY: registering plain extern "C" handlers.
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
     }
@@ -1001,7 +1021,17 @@ extern "C" fn fork_child() {
     if locked {
         sock_unlock();
     }
-    if !managed || token == 0 {
+    if !managed {
+        return;
+    }
+    if token == 0 {
+        // No snapshot: every page was brought home before the fork (the family is full, or
+        // the guardian had them home), so this copy is whole. The child is managed as a new
+        // program, with a family of its own, as any forked child is; quietly unmanaged if the
+        // monitor will not take it, as before.
+        if locked {
+            let _ = attach_whole();
+        }
         return;
     }
     populate_stack_below_sp();
@@ -1017,7 +1047,7 @@ extern "C" fn fork_child() {
     // SAFETY: getppid has no preconditions.
     let ppid = unsafe { libc::getppid() } as u32;
     test_child_wait();
-    let attached = init(Some((token, ppid)));
+    let attached = init(Attach::Forked { token, ppid });
     if let Err(why) = attached {
         teardown_partial();
         if had_evicted && member != uswap::protocol::wire::NO_MEMBER {
@@ -1025,12 +1055,15 @@ extern "C" fn fork_child() {
             match rescue::rescue_forked_child(inherited_store, inherited_disk, member) {
                 Some(n) => {
                     let mut num = [0u8; 20];
+                    let n = rescue::fmt_u64(n, &mut num);
+                    let again = attach_whole();
                     raw::eprint_line(&[
                         b"uswap: forked child could not attach (",
                         why.as_bytes(),
                         b"); ",
-                        rescue::fmt_u64(n, &mut num),
-                        b" pages its parent had evicted brought home from the shared store; it runs unmanaged",
+                        n,
+                        b" pages its parent had evicted brought home from the shared store; ",
+                        again,
                     ]);
                 }
                 None => {
@@ -1050,7 +1083,13 @@ extern "C" fn fork_child() {
             // SAFETY: leaving the child at once; its memory is incomplete.
             unsafe { libc::_exit(70) };
         } else {
-            raw::eprint_line(&[b"uswap: forked child runs unmanaged: ", why.as_bytes()]);
+            let again = attach_whole();
+            raw::eprint_line(&[
+                b"uswap: forked child could not attach (",
+                why.as_bytes(),
+                b"); ",
+                again,
+            ]);
         }
     }
     for fd in [inherited_store, inherited_disk] {
@@ -1058,6 +1097,19 @@ extern "C" fn fork_child() {
             // SAFETY: closing an inherited descriptor we kept (the monitor sent a new one, or
             // the rescue is over).
             unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// A forked child whose memory is whole and who could not join its family: asks the same
+/// monitor to manage it as a new program ([`Attach::Whole`]). Returns the end of its stderr
+/// line.
+fn attach_whole() -> &'static [u8] {
+    match init(Attach::Whole) {
+        Ok(()) => b"the monitor manages it as a new program",
+        Err(_) => {
+            teardown_partial();
+            b"it runs unmanaged"
         }
     }
 }

@@ -1909,6 +1909,17 @@ fn check_versions(t: &mut Tally, label: &str, words: &[u64], vers: &[u32]) {
     }
 }
 
+/// The userfaultfd descriptors this process has open (`/proc/self/fd`).
+fn userfaultfds_open() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|t| t.to_string_lossy() == "anon_inode:[userfaultfd]")
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// Waits for child `pid`; returns whether it exited with status 0.
 fn wait_child(pid: libc::pid_t, what: &str) -> Result<bool, String> {
     let failed = reap(pid)?;
@@ -2099,6 +2110,11 @@ fn cmd_fork_chain(o: &Opts) -> Result<String, String> {
     let mut level = 0u32;
     loop {
         wait_rss_below(len as u64 / 2, idle_ms.max(1) * 20);
+        // Whether this process is managed: its shim keeps the userfaultfd it forwarded.
+        println!(
+            "generation {level}: {} userfaultfd descriptors open",
+            userfaultfds_open()
+        );
         if level == depth {
             break;
         }
