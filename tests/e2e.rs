@@ -2166,6 +2166,50 @@ fn monitor_killed_with_pages_on_disk_program_keeps_every_page() -> R {
     }
 }
 
+/// The monitor is SIGKILLed while the program has pages on disk, and a new one answers at
+/// once: the shim hands it the disk file with the store file, and the new monitor adopts the
+/// program with its disk tier (before, such a program was always brought home, all of its
+/// disk pages read back into memory). Every page must verify, nothing may be brought home,
+/// and the directory stays empty.
+fn restarted_monitor_adopts_program_with_pages_on_disk() -> R {
+    let disk = tmpdir("diskadopt-dir");
+    let overrides = format!(
+        "{}\nmax_store = \"2M\"\ndisk_dir = \"{}\"",
+        kill_overrides("60s"),
+        disk.display()
+    );
+    let k = kill_daemon_under(
+        "disk-adopt",
+        &[
+            "fill-verify",
+            "--mib",
+            "48",
+            "--rounds",
+            "4",
+            "--idle-ms",
+            "700",
+        ],
+        &overrides,
+        2000,
+        Duration::ZERO,
+        true,
+    );
+    let empty = dir_is_empty(&disk);
+    let _ = std::fs::remove_dir_all(&disk);
+    let k = k?;
+    k.survived()?;
+    let adopted = k.adopted_pages();
+    if adopted.is_none_or(|n| n < 1000) || k.brought_home().is_some() || !empty {
+        return Err(format!(
+            "the restarted monitor should have adopted the program with its {} pages on disk (adopted: {adopted:?}), none brought home, and the directory should be empty ({empty})\n{}",
+            k.held_pages,
+            k.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn doctor_reports_the_machine() -> R {
     let out = Command::new(uswap())
         .arg("doctor")
@@ -2354,6 +2398,10 @@ fn main() {
         Trial::test(
             "monitor_killed_program_keeps_every_page",
             monitor_killed_program_keeps_every_page,
+        ),
+        Trial::test(
+            "restarted_monitor_adopts_program_with_pages_on_disk",
+            restarted_monitor_adopts_program_with_pages_on_disk,
         ),
         Trial::test(
             "restarted_monitor_adopts_program_before_rescue_after",

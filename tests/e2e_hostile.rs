@@ -22,8 +22,8 @@ use serde_json::Value;
 use uswap::protocol::io::{recv_packet, send_packet, set_recv_timeout};
 use uswap::protocol::shm::Window;
 use uswap::protocol::wire::{
-    Hello, Msg, RegionEntry, RegionsBuilder, HEADER_LEN, KIND_HELLO_ACK, KIND_REGIONS, MAGIC,
-    MAX_MSG_LEN, REGIONS_FIRST, REGIONS_LAST, REGION_MANAGED, REGION_REGISTERED,
+    Hello, Msg, RegionEntry, RegionsBuilder, HEADER_LEN, HELLO_ADOPT, KIND_HELLO_ACK, KIND_REGIONS,
+    MAGIC, MAX_MSG_LEN, REGIONS_FIRST, REGIONS_LAST, REGION_MANAGED, REGION_REGISTERED,
 };
 use uswap::uffd::{sys, Uffd};
 
@@ -662,6 +662,65 @@ fn hostile_packets_get_named_errors_while_managed_program_verifies() -> R {
         &[u.as_raw_fd()],
         &["forked from pid 1", "no fork snapshot has this token"],
     )?;
+    // Adoption requests whose store or disk file is not what a shim holds: each is refused
+    // by name, before anything is mapped from it.
+    let adopt = encode(Msg::Hello(Hello {
+        pid: std::process::id(),
+        fork_token: 0,
+        forked_from: 0,
+        flags: HELLO_ADOPT,
+        store_member: 0,
+        page_size: 4096,
+        uffd_features: u.features(),
+        name: b"hostile",
+        app: b"",
+        overrides: b"",
+    }));
+    let unsealed = memfd();
+    raw_case(
+        s,
+        "adoption with an unsealed store file",
+        &adopt,
+        &[u.as_raw_fd(), unsealed.as_raw_fd()],
+        &["cannot adopt", "not a memfd sealed against shrinking"],
+    )?;
+    raw_case(
+        s,
+        "adoption with a pipe as the disk file",
+        &adopt,
+        &[u.as_raw_fd(), unsealed.as_raw_fd(), rd.as_raw_fd()],
+        &[
+            "cannot adopt",
+            "disk file handed over is not a regular file",
+        ],
+    )?;
+    let named_dir = tmpdir("named-disk");
+    let named = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(named_dir.join("f"))?;
+    raw_case(
+        s,
+        "adoption with a named file as the disk file",
+        &adopt,
+        &[u.as_raw_fd(), unsealed.as_raw_fd(), named.as_raw_fd()],
+        &["cannot adopt", "still has a name"],
+    )?;
+    raw_case(
+        s,
+        "adoption with four descriptors",
+        &adopt,
+        &[
+            u.as_raw_fd(),
+            unsealed.as_raw_fd(),
+            named.as_raw_fd(),
+            rd.as_raw_fd(),
+        ],
+        &["two or three when adopting"],
+    )?;
+    let _ = std::fs::remove_dir_all(&named_dir);
     // A bad overrides text is refused by the HelloAck (status != 0) naming the key.
     {
         let fd = connect(s)?;

@@ -20,8 +20,9 @@
 //! 5. unregisters every mapping from the descriptor, which wakes every waiting thread; the
 //!    program carries on unmanaged, with all of its memory.
 //!
-//! If a monitor answers during the wait, the rescue starts at once: the program is brought
-//! home and then runs unmanaged (a restarted monitor does not adopt it yet).
+//! If a monitor answers during the wait, it is asked to adopt the program (`adopt`: the store
+//! file, and the disk file if there is a disk tier, are handed over); if it refuses, the
+//! program is brought home and runs unmanaged.
 //!
 //! An UNMAP read after a REMAP into the same range may be stale (the kernel queues the
 //! unmapping thread's UNMAP after the remapping thread's REMAP, see DESIGN.md): records inside
@@ -135,13 +136,6 @@ fn adopt(r: &mut Rescue) -> Result<(), NotAdopted> {
             b"the dead monitor was moving a run out (cross-mm)",
         ));
     }
-    // A store with a disk tier is not adopted (a monitor refuses its store file: it would need
-    // the disk file too); its pages are brought home instead.
-    if SHIM.disk_fd.load(Ordering::Relaxed) >= 0 {
-        return Err(NotAdopted::Final(
-            b"it has pages in a disk tier (a monitor adopts memory stores only)",
-        ));
-    }
     // The agent has stopped (monitor_lost) and must be gone before a new one starts.
     let end = raw::monotonic_ns() + 2_000_000_000;
     while SHIM.agent_alive.load(Ordering::SeqCst) {
@@ -194,11 +188,16 @@ fn adopt(r: &mut Rescue) -> Result<(), NotAdopted> {
             b"the adoption request could not be encoded",
         ));
     };
+    // The store file, and the disk tier's file if there is one (the store's disk pages are
+    // there; the new monitor keeps the tier).
+    let disk_fd = SHIM.disk_fd.load(Ordering::Relaxed);
     let fds = [
         SHIM.uffd.load(Ordering::Relaxed),
         SHIM.store_fd.load(Ordering::Relaxed),
+        disk_fd,
     ];
-    if uswap::protocol::io::send_packet(sock, &pkt[..n], &fds).is_err() {
+    let fds = if disk_fd >= 0 { &fds[..] } else { &fds[..2] };
+    if uswap::protocol::io::send_packet(sock, &pkt[..n], fds).is_err() {
         close(sock);
         return Err(NotAdopted::Retry(b"sending the adoption request failed"));
     }

@@ -394,10 +394,12 @@ impl Monitor {
     /// The store of a program whose monitor died, from the store file it handed over. A fork
     /// family's members adopt one store: the first builds it from the file, the others find
     /// it by the file's inode. Only the pages carrying `member`'s owner bit are this
-    /// program's.
+    /// program's. `disk` is the disk tier's file, if the program had one (a member that finds
+    /// its family's store adopted already needs none).
     fn adopt_store(
         &self,
         file: std::fs::File,
+        disk: Option<std::fs::File>,
         member: u32,
         pid: i32,
         uid: u32,
@@ -418,7 +420,11 @@ impl Monitor {
                 w.upgrade().ok_or("the store's family just ended")?
             }
             None => {
-                let (store, _) = Store::adopt(file, cfg.max_store_bytes)?;
+                let disk = disk
+                    .map(crate::store::DiskFile::adopt)
+                    .transpose()?
+                    .map(|d| (d, cfg.max_disk_bytes));
+                let (store, _) = Store::adopt(file, cfg.max_store_bytes, disk)?;
                 let family = Arc::new(parking_lot::Mutex::new(store));
                 reg.insert(key, (Arc::downgrade(&family), uid));
                 family
@@ -576,10 +582,14 @@ impl Monitor {
                     send_error(fd, libc::EINVAL as u32, "Hello carries no userfaultfd");
                     bail!("peer pid {peer_pid}: Hello without a descriptor");
                 };
-                // A program whose monitor died hands its store file over too.
+                // A program whose monitor died hands its store file over too, and its disk
+                // tier's file if it has one.
                 let adopt_file = if h.flags & HELLO_ADOPT != 0 {
                     match got.take_fd(1) {
-                        Some(f) => Some(std::fs::File::from(f)),
+                        Some(f) => Some((
+                            std::fs::File::from(f),
+                            got.take_fd(2).map(std::fs::File::from),
+                        )),
                         None => {
                             send_error(
                                 fd,
@@ -596,7 +606,7 @@ impl Monitor {
                     send_error(
                         fd,
                         libc::EINVAL as u32,
-                        "Hello carries more than one descriptor (two when adopting)",
+                        "Hello carries more than one descriptor (two or three when adopting)",
                     );
                     bail!("peer pid {peer_pid}: Hello with extra descriptors");
                 }
@@ -665,8 +675,8 @@ impl Monitor {
                 };
                 // A forked child claims the pages it inherited from its parent; an adopted
                 // program brings its own.
-                let inherit = if let Some(file) = adopt_file {
-                    match self.adopt_store(file, h.store_member, peer_pid, peer_uid, &cfg) {
+                let inherit = if let Some((file, disk)) = adopt_file {
+                    match self.adopt_store(file, disk, h.store_member, peer_pid, peer_uid, &cfg) {
                         Ok(snap) => Some(snap),
                         Err(why) => {
                             let why = format!("cannot adopt this program: {why}");

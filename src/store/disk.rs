@@ -50,6 +50,37 @@ impl DiskFile {
         })
     }
 
+    /// The disk file of a store whose monitor died, handed over by the program that holds it
+    /// too (an adoption). It must be what [`DiskFile::create`] makes: a regular file with no
+    /// name left (so it is no one's named file the program could have opened), open for
+    /// reading and writing. Its directory is read back from the kernel, for the status only.
+    pub fn adopt(file: File) -> Result<DiskFile, String> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("fstat of the disk file: {e}"))?;
+        if !meta.file_type().is_file() {
+            return Err("the disk file handed over is not a regular file".into());
+        }
+        if meta.nlink() != 0 {
+            return Err(format!(
+                "the disk file handed over still has a name ({} links): a disk tier's file is unlinked from the start",
+                meta.nlink()
+            ));
+        }
+        // SAFETY: fcntl(F_GETFL) on a descriptor we hold.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
+            return Err("the disk file handed over is not open for reading and writing".into());
+        }
+        // Where it was made: the kernel still knows its directory ("<dir>/#<inode> (deleted)").
+        let dir = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok()
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("(adopted)"));
+        Ok(DiskFile { file, dir })
+    }
+
     /// The open file (for io_uring reads and writes, and for the shim's copy).
     pub fn file(&self) -> &File {
         &self.file

@@ -182,11 +182,15 @@ impl Store {
     /// A durable store over `file`, the store file of a monitor that died (handed over by the
     /// program that holds it too; see [`Slabs::adopt`] for what is checked). Returns the store
     /// and every page in it as (page address, owner set, handle).
+    /// With `disk` (the disk file the program handed over too, validated by
+    /// [`DiskFile::adopt`], and the bound on the disk tier), a store with pages on disk is
+    /// adopted with its disk tier.
     pub fn adopt(
         file: std::fs::File,
         max_bytes: Option<u64>,
+        disk: Option<(DiskFile, Option<u64>)>,
     ) -> Result<(Store, Vec<AdoptedPage>), String> {
-        let (slabs, used) = Slabs::adopt(file, max_bytes)?;
+        let (slabs, used) = Slabs::adopt(file, max_bytes, disk)?;
         let mut store = Store {
             slabs,
             words: WordTable::default(),
@@ -219,7 +223,13 @@ impl Store {
                     loc.chunk_idx, loc.slot_idx
                 ));
             }
-            store.counters.account(h.kind(), false, len_bytes as u64, 1);
+            if store.slabs.is_on_disk(loc) == Ok(true) {
+                store.counters.account(h.kind(), false, 0, 1);
+                store.counters.pages_on_disk += 1;
+                store.counters.disk_bytes_out += len_bytes as u64;
+            } else {
+                store.counters.account(h.kind(), false, len_bytes as u64, 1);
+            }
             store.counters.shared_refs += u64::from(owners.count_ones().saturating_sub(1));
             pages.push((addr, owners, h));
         }

@@ -323,11 +323,15 @@ impl Slabs {
 
     /// Slabs over an existing store file, handed over by a program whose monitor died: the
     /// file must be a memfd sealed against shrinking (so mapping it cannot SIGBUS) in this
-    /// build's layout. Every chunk with a class is mapped, and a slot is in use when its record
-    /// names an owner. Returns the slabs and every used slot with its record.
+    /// build's layout. Every chunk with a class is mapped (a disk chunk's records only), and a
+    /// slot is in use when its record names an owner. A store with disk chunks needs `disk`,
+    /// the disk file the program handed over too (and the bound on its chunks); with it the
+    /// adopted store keeps its disk tier. Returns the slabs and every used slot with its
+    /// record.
     pub fn adopt(
         file: std::fs::File,
         max_mapped_bytes: Option<u64>,
+        disk: Option<(DiskFile, Option<u64>)>,
     ) -> Result<(Slabs, Vec<(SlotLoc, u64)>), String> {
         // SAFETY: fcntl(F_GET_SEALS) on a descriptor we hold.
         let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
@@ -353,24 +357,38 @@ impl Slabs {
             len_bytes,
             head,
         });
+        if let Some((d, max_disk_bytes)) = disk {
+            slabs.set_disk(d, max_disk_bytes);
+        }
         let mut used = Vec::new();
         for chunk_idx in 0..capacity {
-            let class_idx = match view.chunk_kind(chunk_idx) {
+            let (class_idx, on_disk) = match view.chunk_kind(chunk_idx) {
                 None => continue,
-                Some(layout::ChunkKind::Memory(c)) => c,
-                Some(layout::ChunkKind::Disk(_)) => {
+                Some(layout::ChunkKind::Memory(c)) => (c, false),
+                Some(layout::ChunkKind::Disk(_)) if slabs.disk.is_none() => {
                     // Its payloads are in a disk file the program has not handed over; the
                     // guardian brings those pages home itself instead.
-                    return Err("the store has pages in a disk tier, which is not adopted".into());
+                    return Err(
+                        "the store has pages in a disk tier but its disk file was not handed over"
+                            .into(),
+                    );
                 }
+                Some(layout::ChunkKind::Disk(c)) => (c, true),
             };
             let map = slabs
                 .file
                 .as_mut()
                 .expect("set above")
-                .map_extent(chunk_idx as u32, EXTENT_BYTES)
+                .map_extent(
+                    chunk_idx as u32,
+                    if on_disk {
+                        layout::RECORDS_BYTES
+                    } else {
+                        EXTENT_BYTES
+                    },
+                )
                 .map_err(|e| e.to_string())?;
-            let mut chunk = Chunk::new(class_idx, map, false);
+            let mut chunk = Chunk::new(class_idx, map, on_disk);
             for slot_idx in 0..slots_per_chunk(class_idx) {
                 let rec = chunk.record(slot_idx).load(Ordering::Acquire);
                 if rec == 0 || layout::record_owners(rec) == 0 {
@@ -378,7 +396,11 @@ impl Slabs {
                 }
                 chunk.used_bitmap[slot_idx / BITS_PER_WORD] |= 1 << (slot_idx % BITS_PER_WORD);
                 chunk.used_slots += 1;
-                slabs.used_slot_bytes += slot_bytes(class_idx) as u64;
+                if on_disk {
+                    slabs.disk_used_slot_bytes += slot_bytes(class_idx) as u64;
+                } else {
+                    slabs.used_slot_bytes += slot_bytes(class_idx) as u64;
+                }
                 used.push((
                     SlotLoc {
                         class_idx,
@@ -394,13 +416,18 @@ impl Slabs {
             }
             slabs.bitmap_words += chunk.used_bitmap.len() as u64;
             if !chunk.is_full() {
-                let list = plist(class_idx, false);
+                let list = plist(class_idx, on_disk);
                 chunk.partial_pos = slabs.partial[list].len() as u32;
                 slabs.partial[list].push(chunk_idx as u32);
             }
             slabs.chunks.push(Some(chunk));
-            slabs.live_chunks += 1;
-            ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+            if on_disk {
+                slabs.disk_chunks += 1;
+                ALL_DISK_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+            } else {
+                slabs.live_chunks += 1;
+                ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+            }
         }
         // Chunks the dead monitor left empty are given back now.
         let empty: Vec<u32> = slabs

@@ -954,17 +954,90 @@ fn disk_tier_full_refuses_and_changes_nothing() {
     store.slabs.check_invariants();
 }
 
-/// A store file with disk chunks is not adopted (the new monitor has no disk file): the
-/// program's guardian brings its pages home instead.
+/// A store file with disk chunks: without its disk file it is refused (the program's guardian
+/// then brings its pages home); with it, the adopted store finds every page (memory and disk
+/// alike), reads each back exactly, keeps its disk tier (another demotion works) and gives an
+/// emptied disk chunk back.
 #[test]
-fn adoption_refuses_a_store_with_disk_pages() {
+fn adoption_of_a_store_with_disk_pages_needs_its_disk_file() {
     let (mut store, _dir) = disk_store(None, None);
-    let a = 0x2000_0000_0000u64;
-    let h = store.put(&text_page(5), a).unwrap();
-    demote(&mut store, 0, &[(a, h)]);
-    let file = store.file().unwrap().try_clone().unwrap();
-    let err = Store::adopt(file, None).expect_err("refused");
-    assert!(err.contains("disk tier"), "{err}");
+    let at = |i: u64| 0x2000_0000_0000u64 + i * PAGE_SIZE as u64;
+    let pages: Vec<Page> = (0..400u64)
+        .map(|i| {
+            if i % 2 == 0 {
+                text_page(i)
+            } else {
+                random_page(i)
+            }
+        })
+        .collect();
+    let stored: Vec<(u64, Handle)> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (at(i as u64), store.put(p, at(i as u64)).unwrap()))
+        .collect();
+    // The first 300 go to disk, the other 100 stay in memory.
+    let moved = demote(&mut store, 0, &stored[..300]);
+    assert!(moved.iter().all(Option::is_some));
+    let file = || store.file().unwrap().try_clone().unwrap();
+    let err = Store::adopt(file(), None, None).expect_err("refused without the disk file");
+    assert!(err.contains("disk file was not handed over"), "{err}");
+
+    let disk = DiskFile::adopt(store.disk_file().unwrap().try_clone().unwrap()).unwrap();
+    let (mut adopted, found) = Store::adopt(file(), None, Some((disk, None))).unwrap();
+    assert_eq!(found.len(), 400);
+    let st = adopted.stats();
+    assert_eq!(
+        (st.pages_on_disk, st.disk_chunks > 0),
+        (300, true),
+        "{st:?}"
+    );
+    let mut on_disk = Vec::new();
+    for (addr, owners, h) in found {
+        assert_eq!(owners, 1);
+        let i = ((addr - at(0)) / PAGE_SIZE as u64) as usize;
+        assert_eq!(*read_back(&adopted, h), *pages[i], "page {i}");
+        if i < 300 {
+            on_disk.push(h);
+        } else if i == 399 {
+            // The tier is kept: a memory page of the adopted store goes to disk too.
+            let new = demote(&mut adopted, 0, &[(addr, h)]);
+            let new = new[0].expect("demoted");
+            assert_eq!(*read_back(&adopted, new), *pages[i]);
+        }
+    }
+    assert_eq!(adopted.stats().pages_on_disk, 301);
+    // Every disk page leaves: its chunks go back (records and disk file).
+    for h in on_disk {
+        adopted.remove(h);
+    }
+    let st = adopted.stats();
+    assert_eq!((st.pages_on_disk, st.disk_chunks), (1, 1), "{st:?}");
+    adopted.slabs.check_invariants();
+}
+
+/// A disk file handed over for adoption must be an unlinked regular file open read-write:
+/// a named file (someone's file the program could open) is refused.
+#[test]
+fn adoption_refuses_a_named_disk_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("named");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    let err = DiskFile::adopt(f).expect_err("a named file");
+    assert!(err.contains("still has a name"), "{err}");
+    let ro = std::fs::File::open(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let err = DiskFile::adopt(ro).expect_err("read-only");
+    assert!(err.contains("reading and writing"), "{err}");
+    let d = DiskFile::create(dir.path()).unwrap();
+    let again = DiskFile::adopt(d.file().try_clone().unwrap()).unwrap();
+    assert_eq!(again.dir(), dir.path());
 }
 
 /// Calls `f` with a view of the store file.
@@ -1062,7 +1135,7 @@ fn compaction_gives_back_sparse_chunks_and_every_page_reads_back() {
     );
     // A monitor adopting the file finds the same pages.
     let dup = store.file().unwrap().try_clone().unwrap();
-    let (adopted, pages) = Store::adopt(dup, None).unwrap();
+    let (adopted, pages) = Store::adopt(dup, None, None).unwrap();
     assert_eq!(pages.len(), model.len());
     for (addr, owners, h) in pages {
         assert_eq!(owners, 1);
