@@ -409,6 +409,59 @@ fn fork_chain_past_a_full_family_stays_managed() -> R {
     Ok(())
 }
 
+/// After a fork every page the program had resident is shared copy-on-write with the child,
+/// and the kernel keeps it marked shared after the child exits, until the program writes it:
+/// UFFDIO_MOVE refuses such a page (EBUSY). The program here reads a hot set that no longer
+/// fits beside those pages. Once the child has exited, the agent makes each busy page the
+/// program's own again (a write fault that changes nothing) and the next batch evicts it;
+/// before, they were retried and refused at every tick and the hot set was evicted instead.
+/// While the child lives they are left alone (unsharing would copy them, not reclaim them).
+fn pages_shared_with_an_exited_child_are_evicted_again() -> R {
+    let run = |tag: &str, child_ms: &str| {
+        run_under_uswap(
+            tag,
+            "16M",
+            &[],
+            &[
+                workload(),
+                "fork-then-hot",
+                "--mib",
+                "64",
+                "--hot-mib",
+                "12",
+                "--secs",
+                "3",
+                "--idle-ms",
+                "1000",
+                "--child-ms",
+                child_ms,
+            ],
+        )
+    };
+    let r = run("forkhot", "0");
+    r.ok_with_eviction(1000)?;
+    let (busy, unshared) = (r.get("pages_unevictable"), r.get("pages_unshared"));
+    if unshared < 500 || busy > 2 * unshared + 256 {
+        return Err(format!(
+            "the pages shared with the exited child should have been made the program's own and evicted ({unshared} unshared, {busy} refused as busy)\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    // The child lives through the hot phase (and exits before the final check).
+    let r = run("forkhotlive", "6000");
+    r.ok_with_eviction(1000)?;
+    let (busy, unshared) = (r.get("pages_unevictable"), r.get("pages_unshared"));
+    if busy <= 2 * unshared + 256 {
+        return Err(format!(
+            "while the child lived, the pages it shared should have stayed shared (refused as busy, {busy}; unshared {unshared})\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Redis BGSAVE: most of the data evicted, fork, the child checksums everything while the
 /// parent rewrites half; then each rewrites its own share and checks again.
 fn bgsave_child_checksums_while_parent_rewrites() -> R {
@@ -2323,6 +2376,10 @@ fn main() {
         Trial::test(
             "fork_chain_three_deep_each_generation_sees_its_own",
             fork_chain_three_deep_each_generation_sees_its_own,
+        ),
+        Trial::test(
+            "pages_shared_with_an_exited_child_are_evicted_again",
+            pages_shared_with_an_exited_child_are_evicted_again,
         ),
         Trial::test(
             "fork_chain_past_a_full_family_stays_managed",

@@ -9,6 +9,13 @@
 //! the other way round) and signals the monitor. The ordering rules against the program's own
 //! munmap/mremap/MADV_DONTNEED are in `uswap::protocol::shm`.
 //!
+//! After a batch flagged `shm::DESC_UNSHARE` is done and signalled, it makes each page the
+//! batch found busy the program's own again (`MADV_POPULATE_WRITE`: a write fault that changes
+//! nothing, for pages still marked shared with a forked child that has exited), so the next
+//! batch can move them. This is its only touch of program memory, and it runs outside any
+//! batch: if such a page was discarded meanwhile, the fault it raises is served by the
+//! monitor without waiting for this thread.
+//!
 //! It also reports the program's anonymous regions (a snapshot of /proc/self/maps after any
 //! change, and on request) and its resident anonymous size.
 //!
@@ -34,14 +41,19 @@ use crate::{maps, raw, sock_lock, sock_unlock, SCRATCH_BYTES, SHIM};
 /// Minimum time between two unrequested rescans of /proc/self/maps.
 const RESCAN_MIN_INTERVAL_NS: u64 = 10_000_000;
 /// Scratch layout: [0, 64K) packet buffer, [64K, 192K) maps buffer, [192K, 196K) mincore
-/// vector, [196K, 256K) status buffer.
+/// vector, [196K, 204K) status buffer, [204K, 220K) busy pages to unshare.
 const PKT_OFF: usize = 0;
 const MAPS_OFF: usize = 64 * 1024;
 const MAPS_LEN: usize = 128 * 1024;
 const MINCORE_OFF: usize = 192 * 1024;
 const STATUS_OFF: usize = 196 * 1024;
 const STATUS_LEN: usize = 8 * 1024;
-const _: () = assert!(STATUS_OFF + STATUS_LEN <= SCRATCH_BYTES);
+/// Busy pages of the batches just run, to make the program's own again (`shm::DESC_UNSHARE`):
+/// one address each, at most [`UNSHARE_MAX`].
+const UNSHARE_OFF: usize = 204 * 1024;
+const UNSHARE_MAX: usize = 2048;
+const _: () = assert!(UNSHARE_OFF + UNSHARE_MAX * 8 <= SCRATCH_BYTES);
+const _: () = assert!(STATUS_OFF + STATUS_LEN <= UNSHARE_OFF);
 
 pub(crate) fn kick() {
     let efd = SHIM.req_efd.load(Ordering::Relaxed);
@@ -202,7 +214,8 @@ fn agent_loop() {
             SHIM.agent_busy.store(false, Ordering::SeqCst);
             return;
         }
-        let worked = run_batches(&win);
+        let mut busy = Busy::default();
+        let worked = run_batches(&win, &mut busy);
         if requests & shm::REQ_RSS != 0 {
             if let Some(rss) = maps::rss_anon_bytes(scratch(STATUS_OFF, STATUS_LEN)) {
                 win.rss_anon_bytes().store(rss, Ordering::Relaxed);
@@ -231,12 +244,20 @@ fn agent_loop() {
             // SAFETY: an 8-byte write to an eventfd.
             unsafe { libc::write(done_efd, (&one as *const u64).cast(), 8) };
         }
+        // After the batches are done and said so: a page made the program's own here is no
+        // longer in any batch, so a fault on it (one the program discarded meanwhile) is
+        // served without waiting for this thread.
+        let unshared = busy.unshare();
+        if unshared > 0 {
+            win.agent_unshared_pages()
+                .fetch_add(unshared, Ordering::Relaxed);
+        }
         SHIM.agent_busy.store(false, Ordering::SeqCst);
     }
 }
 
 /// Processes every posted batch. Returns whether there was any.
-fn run_batches(win: &Window) -> bool {
+fn run_batches(win: &Window, busy: &mut Busy) -> bool {
     let mut worked = false;
     loop {
         let done = win.done_seq().load(Ordering::Relaxed);
@@ -253,6 +274,9 @@ fn run_batches(win: &Window) -> bool {
         // before `quiescent` lets the check run).
         let moved = if hold_remaps() {
             let m = run_batch(win, &desc);
+            if desc.flags() & shm::DESC_UNSHARE != 0 {
+                busy.collect(&desc);
+            }
             SHIM.reg_busy.store(false, Ordering::SeqCst);
             m
         } else {
@@ -370,6 +394,80 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
         };
     }
     moved_total
+}
+
+/// Pages a batch found busy (EBUSY), kept in the agent's scratch until its batches are done.
+#[derive(Default)]
+struct Busy {
+    len: usize,
+}
+
+impl Busy {
+    fn addrs(&mut self) -> &'static mut [u64] {
+        let b = scratch(UNSHARE_OFF, UNSHARE_MAX * 8);
+        // SAFETY: the scratch region is UNSHARE_MAX * 8 bytes of our page-aligned mapping
+        // (so aligned for u64), used by this thread alone, and any bit pattern is a u64.
+        unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast(), UNSHARE_MAX) }
+    }
+
+    /// Notes the busy pages of `desc` (runs validated as in `run_batch`).
+    fn collect(&mut self, desc: &shm::Desc<'_>) {
+        let addrs = self.addrs();
+        let mut page_idx = 0usize;
+        for r in 0..desc.nruns() {
+            let run = desc.run(r);
+            for i in 0..run.pages as usize {
+                let p = page_idx + i;
+                if p >= desc.npages() || self.len >= UNSHARE_MAX {
+                    return;
+                }
+                if desc.result(p) == shm::RESULT_BUSY {
+                    addrs[self.len] = run.addr + (i * PAGE_SIZE) as u64;
+                    self.len += 1;
+                }
+            }
+            page_idx += run.pages as usize;
+        }
+    }
+
+    /// A write fault that changes nothing on each noted page (`MADV_POPULATE_WRITE`, one call
+    /// per contiguous run): a page still marked shared after the child that shared it exited
+    /// becomes the program's own (the kernel reuses it, no copy), so the next batch can move
+    /// it. A pinned page stays busy; a page unmapped meanwhile fails harmlessly. Returns the
+    /// pages of the runs that succeeded.
+    fn unshare(&mut self) -> u64 {
+        let n = self.len;
+        if n == 0 {
+            return 0;
+        }
+        let addrs = &mut self.addrs()[..n];
+        addrs.sort_unstable();
+        let mut done = 0u64;
+        let mut i = 0;
+        while i < n {
+            let start = addrs[i];
+            let mut pages = 1usize;
+            while i + pages < n && addrs[i + pages] == start + (pages * PAGE_SIZE) as u64 {
+                pages += 1;
+            }
+            // SAFETY: the raw syscall (libc's `madvise` is the shim's interposer); a populate
+            // of pages of the program's own anonymous memory writes nothing into them.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_madvise,
+                    start as usize,
+                    pages * PAGE_SIZE,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if rc == 0 {
+                done += pages as u64;
+            }
+            i += pages;
+        }
+        self.len = 0;
+        done
+    }
 }
 
 fn mark(desc: &shm::Desc<'_>, first: usize, pages: usize, result: u8) {

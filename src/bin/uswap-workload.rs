@@ -1936,6 +1936,89 @@ fn wait_child(pid: libc::pid_t, what: &str) -> Result<bool, String> {
 /// it was at the fork) while the parent rewrites half of them; then the child rewrites a third
 /// of its own pages, idles (its pages are evicted in turn) and checks again; the parent checks
 /// its own view twice. Each side must see exactly what it wrote, or what was there at the fork.
+/// `fork-then-hot`: what a program that forks a short-lived child (a snapshot, a helper)
+/// leaves behind: after the fork every page it had resident is shared copy-on-write with the
+/// child, and stays marked shared after the child exits, until the program writes it. Fills
+/// the region, lets the monitor evict down to its budget, forks a child that exits at once,
+/// then reads a hot set (the first `--hot-mib` MiB, long evicted) over and over for
+/// `--secs` seconds without writing anything. Prints the pages of the hot set faulted in the
+/// last second (0 when the hot set stays resident) and RSS, and checks every page.
+fn cmd_fork_then_hot(o: &Opts) -> Result<String, String> {
+    let (len, npages) = o.mib()?;
+    let idle_ms = o.num("idle-ms", 1500)?;
+    let hot_pages = (o.num("hot-mib", 4)? as usize * MIB / PAGE).min(npages);
+    let secs = o.num("secs", 4)?;
+    // With `--child-ms`, the child lives that long (through the hot phase) instead of exiting
+    // at once; it is waited for at the end.
+    let child_ms = o.num("child-ms", 0)?;
+    let mut m = Mapping::anon(len)?;
+    fill_timed(&mut m, 0, 1, "region");
+    wait_rss_below(len as u64 / 2, idle_ms.max(1) * 20);
+    idle(idle_ms);
+    let rss = rss_anon();
+    flush();
+    // SAFETY: the child only leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", errno_str()));
+    }
+    if pid == 0 {
+        if child_ms > 0 {
+            // SAFETY: nanosleep through libc; the child touches nothing else.
+            unsafe {
+                let ts = libc::timespec {
+                    tv_sec: (child_ms / 1000) as libc::time_t,
+                    tv_nsec: ((child_ms % 1000) * 1_000_000) as libc::c_long,
+                };
+                libc::nanosleep(&ts, std::ptr::null_mut());
+            }
+        }
+        // SAFETY: leaving the child, without the parent's atexit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    if child_ms == 0 {
+        if !wait_child(pid, "the short-lived child")? {
+            return Err("the short-lived child failed".into());
+        }
+        println!("forked with RSSANON {rss}; the child has exited");
+    } else {
+        println!("forked with RSSANON {rss}; the child lives {child_ms} ms");
+    }
+    let words = m.words();
+    let t0 = Instant::now();
+    let mut passes = 0u64;
+    let mut last_faults = 0u64;
+    let mut t = Tally::default();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        let last_second = t0.elapsed() + Duration::from_secs(1) >= Duration::from_secs(secs);
+        let mut faulted = 0u64;
+        for (i, p) in words.chunks_exact(WORDS).take(hot_pages).enumerate() {
+            let t1 = Instant::now();
+            // Reads only: the hot set is never written after the fork.
+            t.check("hot", p, i as u64, 1, &[]);
+            if t1.elapsed() > Duration::from_micros(5) {
+                faulted += 1;
+            }
+        }
+        passes += 1;
+        if last_second {
+            last_faults += faulted;
+        }
+    }
+    let rss_end = print_rss();
+    println!(
+        "hot set {hot_pages} pages, {passes} passes; pages faulted in the last second {last_faults}; RSSANON {rss_end}"
+    );
+    if child_ms > 0 && !wait_child(pid, "the child")? {
+        return Err("the child failed".into());
+    }
+    let mut t2 = Tally::default();
+    check_versions(&mut t2, "fork-then-hot-all", m.words(), &vec![1u32; npages]);
+    t2.print("every page at the end");
+    t.add(t2);
+    ok_if(t, "fork-then-hot")
+}
+
 fn cmd_bgsave(o: &Opts) -> Result<String, String> {
     let (len, npages) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
@@ -2793,6 +2876,8 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   realloc          --mib N [--idle-ms M]
   fork-cow         --mib N [--idle-ms M]
   bgsave           --mib N [--idle-ms M]
+  fork-then-hot    --mib N [--idle-ms M] [--hot-mib H] [--secs S] [--child-ms C]
+                   (a child that exits at once, or lives C ms; then a read-only hot set)
   fork-chain       --mib N [--idle-ms M] [--depth D]
   spawn            --mib N [--idle-ms M]
   pin              --mib N [--idle-ms M] [--pin-pages P]
@@ -2831,6 +2916,7 @@ fn run(args: &[String]) -> Result<String, String> {
         "realloc" => cmd_realloc(&parse(&[], &[])?),
         "fork-cow" => cmd_fork_cow(&parse(&[], &[])?),
         "bgsave" => cmd_bgsave(&parse(&[], &[])?),
+        "fork-then-hot" => cmd_fork_then_hot(&parse(&["hot-mib", "secs", "child-ms"], &[])?),
         "fork-chain" => cmd_fork_chain(&parse(&["depth"], &[])?),
         "spawn" => cmd_spawn(&parse(&[], &[])?),
         "pin" => cmd_pin(&parse(&["pin-pages"], &[])?),

@@ -36,7 +36,7 @@ use crate::policy::regions::RegionStats;
 use crate::policy::{ClockPolicy, PageClass, PageView, PolicyParams, SweepLimits};
 use crate::protocol::io::{recv_packet, send_packet};
 use crate::protocol::shm::{self, Window};
-use crate::protocol::wire::{Msg, NO_MEMBER, REGIONS_FIRST, REGIONS_LAST};
+use crate::protocol::wire::{Msg, FORK_FAILED, NO_MEMBER, REGIONS_FIRST, REGIONS_LAST};
 use crate::store::{DiskConfig, SharedStore, Store, StoreConfig, StoreError};
 use crate::uffd::{Uffd, UffdError};
 use crate::PAGE_SIZE;
@@ -197,6 +197,71 @@ pub struct Client {
     pub(super) disk_last_refused: AtomicU64,
     /// Disk tier: no demotion before this (monitor clock, ms), after a failed write.
     pub(super) disk_pause_until_ms: AtomicU64,
+    /// The program's forked children that may still share its pages copy-on-write (see
+    /// [`ForkedChildren`]).
+    pub(super) children: Mutex<ForkedChildren>,
+}
+
+/// Whether the program may still share pages copy-on-write with a forked child: then a page
+/// that refuses to move (EBUSY) is left as it is; with none alive, the agent makes such pages
+/// the program's own again after the batch ([`shm::DESC_UNSHARE`]), so the memory a short-lived
+/// child left marked shared can be evicted. Without it, those pages stayed resident until the
+/// program wrote them, and the program's budget went to them (e2e
+/// `pages_shared_with_an_exited_child_are_evicted_again`).
+#[derive(Default)]
+pub(super) struct ForkedChildren {
+    /// Exit watches (pidfds) of children whose pid the program's `ForkDone` named.
+    pidfds: Vec<OwnedFd>,
+    /// A fork whose child is unknown (prepared, its pid not reported: a fork outside the
+    /// shim's `fork` wrapper, or a family that was full) counts as a live child until then.
+    unknown_until: Option<Instant>,
+}
+
+/// How long a forked child whose pid the monitor never learns counts as alive.
+const UNKNOWN_CHILD_TTL: Duration = Duration::from_secs(30);
+
+impl ForkedChildren {
+    /// A fork is being prepared: its child is unknown until `ForkDone` names it.
+    fn on_prepare(&mut self) {
+        self.unknown_until = Some(Instant::now() + UNKNOWN_CHILD_TTL);
+    }
+
+    /// The program's `ForkDone`: `child_pid` 0 says nothing (the fork handler's resume);
+    /// [`FORK_FAILED`] says no child was made.
+    fn on_done(&mut self, child_pid: u32) {
+        if child_pid == 0 {
+            return;
+        }
+        if child_pid == FORK_FAILED || child_pid > i32::MAX as u32 {
+            self.unknown_until = None;
+            return;
+        }
+        // SAFETY: pidfd_open(2) with a pid and no flags returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child_pid as libc::pid_t, 0) };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor we own.
+            self.pidfds.push(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+            self.unknown_until = None;
+        }
+        // Otherwise (ESRCH: gone already) the unknown child's time runs out on its own.
+    }
+
+    /// Whether no forked child can share the program's pages any more (exited children are
+    /// forgotten here).
+    fn none_alive(&mut self) -> bool {
+        self.pidfds.retain(|fd| {
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: polling one pollfd on our stack without waiting; a pidfd is readable
+            // once its process has exited.
+            let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+            rc == 0
+        });
+        self.pidfds.is_empty() && self.unknown_until.is_none_or(|t| Instant::now() >= t)
+    }
 }
 
 impl Drop for Client {
@@ -492,6 +557,7 @@ impl Client {
             disk_draining: AtomicBool::new(false),
             disk_last_refused: AtomicU64::new(0),
             disk_pause_until_ms: AtomicU64::new(0),
+            children: Mutex::new(ForkedChildren::default()),
         };
         Ok((client, memfd, store_fd, disk_fd))
     }
@@ -657,6 +723,7 @@ impl Client {
                     super::die::point("fork:done");
                 }
                 self.state.lock().paused = false;
+                self.children.lock().on_done(child_pid);
                 if token != 0 {
                     self.limits.forks.fork_done(token, child_pid);
                 }
@@ -678,6 +745,7 @@ impl Client {
     /// caller then brings every page home instead.
     /// The pair returned is (token, the child's member index or [`NO_MEMBER`]).
     fn prepare_fork(&self) -> anyhow::Result<Option<(u64, u32)>> {
+        self.children.lock().on_prepare();
         self.state.lock().paused = true;
         self.wait_batches(FORK_WAIT)?;
         self.store_window_for_fork();
@@ -1006,6 +1074,10 @@ impl Client {
             win.agent_busy_ns().load(Ordering::Relaxed),
             Ordering::Relaxed,
         );
+        self.counters.pages_unshared.store(
+            win.agent_unshared_pages().load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
     }
 
     /// Feeds the pressure controller this tick's counters and attributes the refaults logged
@@ -1104,6 +1176,13 @@ impl Client {
     /// (cold candidates only).
     fn evict(&self, rss: u64, proactive_pages: u64) {
         let win = self.win();
+        // Busy pages of these batches may be made the program's own again (see
+        // `ForkedChildren`); not on the cross-mm backend, which moves without the agent.
+        let unshare = if self.children.lock().none_alive() {
+            shm::DESC_UNSHARE
+        } else {
+            0
+        };
         {
             let st = self.state.lock();
             if st.paused
@@ -1228,8 +1307,12 @@ impl Client {
                 st = self.state.lock();
                 continue;
             }
-            win.desc(seq)
-                .write(seq, win.epoch().load(Ordering::Acquire), &desc_runs);
+            win.desc(seq).write(
+                seq,
+                win.epoch().load(Ordering::Acquire),
+                &desc_runs,
+                unshare,
+            );
             st.next_seq = seq + 1;
             st.inflight.push_back((seq, slots_in_order));
             win.post_seq().store(seq + 1, Ordering::Release);
@@ -1771,6 +1854,7 @@ impl Client {
             pages_prefetched: g(&c.pages_prefetched),
             pages_holes: g(&c.pages_holes),
             pages_unevictable: g(&c.pages_busy),
+            pages_unshared: g(&c.pages_unshared),
             pages_failed: g(&c.pages_failed),
             pages_cancelled: g(&c.pages_cancelled),
             pages_discarded: g(&c.pages_discarded),
@@ -1898,5 +1982,44 @@ impl PageView for View<'_> {
             // The cleared word now reads as a plain Absent page: 0.
             self.words.borrow_mut()[((page_addr - base) / PAGE_BYTES) as usize] = 0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real child process: alive while it sleeps, not once it has exited (a pidfd is
+    /// readable from its exit on, before it is reaped); a prepared fork counts until its
+    /// `ForkDone` names the child or says it failed.
+    #[test]
+    fn forked_children_alive_until_they_exit() {
+        let mut c = ForkedChildren::default();
+        assert!(c.none_alive());
+        c.on_prepare();
+        assert!(!c.none_alive(), "a prepared fork's child is unknown: alive");
+        c.on_done(FORK_FAILED);
+        assert!(c.none_alive());
+
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("sleep");
+        c.on_prepare();
+        c.on_done(0);
+        assert!(!c.none_alive(), "the resume alone says nothing");
+        c.on_done(child.id());
+        assert!(!c.none_alive(), "the child sleeps");
+        child.kill().unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while !c.none_alive() {
+            assert!(
+                Instant::now() < end,
+                "the killed child still counts as alive"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.wait().unwrap();
+        assert!(c.none_alive());
     }
 }

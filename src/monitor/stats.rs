@@ -33,6 +33,9 @@ pub struct Counters {
     pub pages_moved_in: AtomicU64,
     pub pages_holes: AtomicU64,
     pub pages_busy: AtomicU64,
+    /// Busy pages the agent made the program's own again (the window's counter, copied each
+    /// tick).
+    pub pages_unshared: AtomicU64,
     pub pages_failed: AtomicU64,
     pub pages_cancelled: AtomicU64,
     pub pages_discarded: AtomicU64,
@@ -394,6 +397,9 @@ pub struct ClientReport {
     pub pages_prefetched: u64,
     pub pages_holes: u64,
     pub pages_unevictable: u64,
+    /// Pages found busy that the agent made the program's own again after its forked
+    /// children exited (then evictable); a pinned page stays busy.
+    pub pages_unshared: u64,
     pub pages_failed: u64,
     pub pages_cancelled: u64,
     pub pages_discarded: u64,

@@ -119,6 +119,14 @@ pub const INFLIGHT_MAX_PAGES: u32 = 64;
 /// Entries in the event log.
 pub const EVENT_LOG_LEN: usize = 128;
 
+// Bits of a batch descriptor's `flags` (monitor → agent).
+/// After the batch, make each page it found busy (EBUSY) the program's own again with a write
+/// fault that changes nothing (`MADV_POPULATE_WRITE`): a page the program shared copy-on-write
+/// with a child that has exited stays marked shared until the program writes it, and cannot be
+/// moved until then. Set only while the program has no live forked child (the fault would
+/// copy a page still shared, not reclaim one). A pinned page stays busy.
+pub const DESC_UNSHARE: u32 = 1;
+
 // Bits of `requests` (monitor → agent).
 /// Re-read /proc/self/maps and send a `Regions` snapshot.
 pub const REQ_RESCAN: u32 = 1;
@@ -152,6 +160,7 @@ const OFF_RESCUE_AFTER_MS: usize = 112;
 const OFF_INFLIGHT_RUN: usize = 120;
 const OFF_INFLIGHT_MOVED: usize = 128;
 const OFF_INFLIGHT_STATE: usize = 136;
+const OFF_AGENT_UNSHARED: usize = 144;
 const OFF_EVENT_LOG: usize = 512;
 const _: () = assert!(OFF_EVENT_LOG + EVENT_LOG_LEN * 24 <= 4096);
 const J_STATE: usize = JOURNAL_OFF;
@@ -167,6 +176,7 @@ const D_EPOCH: usize = 8;
 const D_NRUNS: usize = 16;
 const D_NPAGES: usize = 20;
 const D_AGENT_NS: usize = 24;
+const D_FLAGS: usize = 32;
 const D_RUNS: usize = 64;
 const D_RESULTS: usize = D_RUNS + MAX_RUNS * 16;
 const _: () = assert!(D_RESULTS + MAX_BATCH_PAGES <= DESC_BYTES);
@@ -287,6 +297,10 @@ impl Window {
     }
     pub fn agent_discarded_pages(&self) -> &AtomicU64 {
         self.u64_at(OFF_AGENT_DISCARDED)
+    }
+    /// Busy pages the agent made the program's own again ([`DESC_UNSHARE`]).
+    pub fn agent_unshared_pages(&self) -> &AtomicU64 {
+        self.u64_at(OFF_AGENT_UNSHARED)
     }
     /// Address of the agent's staging area (registered with the forwarded descriptor for the
     /// program's lifetime), written by the agent when it starts; 0 until then. The monitor uses
@@ -511,6 +525,10 @@ impl Desc<'_> {
     pub fn agent_ns(&self) -> u64 {
         self.rd64(D_AGENT_NS)
     }
+    /// `DESC_*` bits.
+    pub fn flags(&self) -> u32 {
+        self.rd32(D_FLAGS)
+    }
     pub fn set_agent_ns(&self, ns: u64) {
         self.wr64(D_AGENT_NS, ns)
     }
@@ -525,8 +543,9 @@ impl Desc<'_> {
         }
     }
 
-    /// Monitor side: writes a whole batch (runs must total at most MAX_BATCH_PAGES pages).
-    pub fn write(&self, seq: u64, epoch: u64, runs: &[Run]) {
+    /// Monitor side: writes a whole batch (runs must total at most MAX_BATCH_PAGES pages) with
+    /// its `DESC_*` flags.
+    pub fn write(&self, seq: u64, epoch: u64, runs: &[Run], flags: u32) {
         assert!(runs.len() <= MAX_RUNS);
         let mut pages = 0usize;
         for (i, r) in runs.iter().enumerate() {
@@ -545,6 +564,7 @@ impl Desc<'_> {
         self.wr32(D_NRUNS, runs.len() as u32);
         self.wr32(D_NPAGES, pages as u32);
         self.wr64(D_AGENT_NS, 0);
+        self.wr32(D_FLAGS, flags);
     }
 
     /// Result of the `page_idx`-th page of the batch (runs in order).
@@ -598,9 +618,10 @@ mod tests {
                 first_slot: 3,
             },
         ];
-        w.desc(9).write(9, 4, &runs);
+        w.desc(9).write(9, 4, &runs, DESC_UNSHARE);
         let d = w.desc(9);
         assert_eq!((d.seq(), d.epoch(), d.nruns(), d.npages()), (9, 4, 2, 5));
+        assert_eq!(d.flags(), DESC_UNSHARE);
         assert_eq!(d.run(1), runs[1]);
         d.set_result(4, RESULT_BUSY);
         assert_eq!(d.result(4), RESULT_BUSY);
