@@ -2182,31 +2182,7 @@ fn disk_tier_file_is_gone_when_the_program_exits() -> R {
 /// The monitor is SIGKILLed while thousands of pages are on disk: the shim's guardian reads
 /// them from the disk file (its own descriptor) and brings every page home.
 fn monitor_killed_with_pages_on_disk_program_keeps_every_page() -> R {
-    let disk = tmpdir("diskkill-dir");
-    let overrides = format!(
-        "{}\nmax_store = \"2M\"\ndisk_dir = \"{}\"",
-        kill_overrides("300ms"),
-        disk.display()
-    );
-    let k = kill_daemon_under(
-        "disk-kill",
-        &[
-            "fill-verify",
-            "--mib",
-            "48",
-            "--rounds",
-            "4",
-            "--idle-ms",
-            "700",
-        ],
-        &overrides,
-        2000,
-        Duration::ZERO,
-        false,
-    );
-    let empty = dir_is_empty(&disk);
-    let _ = std::fs::remove_dir_all(&disk);
-    let k = k?;
+    let (k, empty) = kill_with_pages_on_disk("disk-kill", "300ms", false)?;
     k.survived()?;
     match k.brought_home() {
         Some(n) if n >= k.held_pages && empty => Ok(()),
@@ -2219,20 +2195,23 @@ fn monitor_killed_with_pages_on_disk_program_keeps_every_page() -> R {
     }
 }
 
-/// The monitor is SIGKILLed while the program has pages on disk, and a new one answers at
-/// once: the shim hands it the disk file with the store file, and the new monitor adopts the
-/// program with its disk tier (before, such a program was always brought home, all of its
-/// disk pages read back into memory). Every page must verify, nothing may be brought home,
-/// and the directory stays empty.
-fn restarted_monitor_adopts_program_with_pages_on_disk() -> R {
-    let disk = tmpdir("diskadopt-dir");
+/// Runs a program with pages on disk (`max_store` 2M, a disk tier in a new directory) under a
+/// daemon SIGKILLed once 2000 of them are on disk (see [`kill_daemon_under`]; `restart`
+/// starts a new daemon at once). Returns what the program printed and whether the disk
+/// directory was empty afterwards.
+fn kill_with_pages_on_disk(
+    tag: &str,
+    rescue_after: &str,
+    restart: bool,
+) -> Result<(Killed, bool), Failed> {
+    let disk = tmpdir(&format!("{tag}-dir"));
     let overrides = format!(
         "{}\nmax_store = \"2M\"\ndisk_dir = \"{}\"",
-        kill_overrides("60s"),
+        kill_overrides(rescue_after),
         disk.display()
     );
     let k = kill_daemon_under(
-        "disk-adopt",
+        tag,
         &[
             "fill-verify",
             "--mib",
@@ -2245,11 +2224,20 @@ fn restarted_monitor_adopts_program_with_pages_on_disk() -> R {
         &overrides,
         2000,
         Duration::ZERO,
-        true,
+        restart,
     );
     let empty = dir_is_empty(&disk);
     let _ = std::fs::remove_dir_all(&disk);
-    let k = k?;
+    Ok((k?, empty))
+}
+
+/// The monitor is SIGKILLed while the program has pages on disk, and a new one answers at
+/// once: the shim hands it the disk file with the store file, and the new monitor adopts the
+/// program with its disk tier (before, such a program was always brought home, all of its
+/// disk pages read back into memory). Every page must verify, nothing may be brought home,
+/// and the directory stays empty.
+fn restarted_monitor_adopts_program_with_pages_on_disk() -> R {
+    let (k, empty) = kill_with_pages_on_disk("disk-adopt", "60s", true)?;
     k.survived()?;
     let adopted = k.adopted_pages();
     if adopted.is_none_or(|n| n < 1000) || k.brought_home().is_some() || !empty {
