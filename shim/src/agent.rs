@@ -244,15 +244,18 @@ fn agent_loop() {
             // SAFETY: an 8-byte write to an eventfd.
             unsafe { libc::write(done_efd, (&one as *const u64).cast(), 8) };
         }
-        // After the batches are done and said so: a page made the program's own here is no
-        // longer in any batch, so a fault on it (one the program discarded meanwhile) is
-        // served without waiting for this thread.
+        SHIM.agent_busy.store(false, Ordering::SeqCst);
+        // After the batches are done and said so, and outside `agent_busy`: a page made the
+        // program's own here is in no batch, so a fault on it (one the program discarded
+        // meanwhile) is served without waiting for this thread; and if the monitor dies while
+        // this thread waits in such a fault, the guardian does not wait for it (its rescue
+        // unregisters the memory, which ends the fault). It moves nothing, so it cannot
+        // conflict with the rescue.
         let unshared = busy.unshare();
         if unshared > 0 {
             win.agent_unshared_pages()
                 .fetch_add(unshared, Ordering::Relaxed);
         }
-        SHIM.agent_busy.store(false, Ordering::SeqCst);
     }
 }
 
@@ -433,8 +436,9 @@ impl Busy {
     /// A write fault that changes nothing on each noted page (`MADV_POPULATE_WRITE`, one call
     /// per contiguous run): a page still marked shared after the child that shared it exited
     /// becomes the program's own (the kernel reuses it, no copy), so the next batch can move
-    /// it. A pinned page stays busy; a page unmapped meanwhile fails harmlessly. Returns the
-    /// pages of the runs that succeeded.
+    /// it. A pinned page stays busy; a page unmapped meanwhile fails harmlessly. Stops if the
+    /// monitor is lost or the program starts a fork. Returns the pages of the runs that
+    /// succeeded.
     fn unshare(&mut self) -> u64 {
         let n = self.len;
         if n == 0 {
@@ -444,7 +448,12 @@ impl Busy {
         addrs.sort_unstable();
         let mut done = 0u64;
         let mut i = 0;
-        while i < n {
+        // A fork from now on shares these pages with a live child: unsharing them would copy.
+        let forks = crate::FORKS_STARTED.load(Ordering::SeqCst);
+        while i < n
+            && !SHIM.monitor_lost.load(Ordering::SeqCst)
+            && crate::FORKS_STARTED.load(Ordering::SeqCst) == forks
+        {
             let start = addrs[i];
             let mut pages = 1usize;
             while i + pages < n && addrs[i + pages] == start + (pages * PAGE_SIZE) as u64 {

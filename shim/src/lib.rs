@@ -686,6 +686,9 @@ pub(crate) fn sock_unlock() {
 static WAS_MANAGED: AtomicBool = AtomicBool::new(false);
 /// `fork_prepare` holds the socket lock for `fork_parent`/`fork_child` to release.
 static FORK_LOCKED: AtomicBool = AtomicBool::new(false);
+/// Forks prepared so far: the agent's unshare (`agent::Busy`) stops when one starts, since the
+/// pages it would make the program's own are then shared with a live child again.
+pub(crate) static FORKS_STARTED: AtomicU64 = AtomicU64::new(0);
 /// The monitor could not bring every page home: the child must not run on a partial copy.
 static FORK_UNSAFE: AtomicBool = AtomicBool::new(false);
 /// The monitor's snapshot of this fork's evicted pages, for the child (0 = none: every page is
@@ -766,6 +769,7 @@ fn resolve_fork() {
 /// Before fork: asks the monitor to pause eviction and keep a copy-on-write snapshot of the
 /// evicted pages for the child (or, when it cannot, to bring every page home).
 extern "C" fn fork_prepare() {
+    FORKS_STARTED.fetch_add(1, Ordering::SeqCst);
     FORK_UNSAFE.store(false, Ordering::Relaxed);
     FORK_TOKEN.store(0, Ordering::Relaxed);
     match SHIM.state.load(Ordering::Acquire) {
