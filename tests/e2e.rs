@@ -77,14 +77,19 @@ struct Run {
 impl Run {
     /// The program's own report: the first client not forked from another (its forked
     /// children report too, and may have finished first).
+    /// The program `uswap run` started: the first client to attach (lowest id) that was not
+    /// forked (a forked child that could not join its family attaches later as a program of
+    /// its own, also with `forked_from` 0).
     fn client(&self) -> &Value {
         let all = self.stats["clients"].as_array();
         let main = |c: &&Value| c["forked_from"].as_u64().unwrap_or(0) == 0;
+        let id = |c: &&Value| c["id"].as_u64().unwrap_or(u64::MAX);
         all.and_then(|a| {
             a.iter()
                 .filter(main)
-                .find(|c| c["name"] == "uswap-workload")
-                .or_else(|| a.iter().find(main))
+                .filter(|c| c["name"] == "uswap-workload")
+                .min_by_key(id)
+                .or_else(|| a.iter().filter(main).min_by_key(id))
         })
         .unwrap_or(&self.stats["clients"][0])
     }
