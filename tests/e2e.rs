@@ -421,6 +421,7 @@ fn fork_chain_past_a_full_family_stays_managed() -> R {
 /// program's own again (a write fault that changes nothing) and the next batch evicts it;
 /// before, they were retried and refused at every tick and the hot set was evicted instead.
 /// While the child lives they are left alone (unsharing would copy them, not reclaim them).
+/// On the cross-mm backend (no agent in the move path) busy pages stay busy: checked as such.
 fn pages_shared_with_an_exited_child_are_evicted_again() -> R {
     let run = |tag: &str, child_ms: &str| {
         run_under_uswap(
@@ -446,6 +447,18 @@ fn pages_shared_with_an_exited_child_are_evicted_again() -> R {
     let r = run("forkhot", "0");
     r.ok_with_eviction(1000)?;
     let (busy, unshared) = (r.get("pages_unevictable"), r.get("pages_unshared"));
+    // The cross-mm backend moves pages without the agent, which does the unsharing: there the
+    // busy pages stay busy (DESIGN.md, "Limits"), and the program must still verify (above).
+    if std::env::var("USWAP_E2E_BACKEND").is_ok_and(|b| b == "cross-mm") {
+        if unshared != 0 || busy == 0 {
+            return Err(format!(
+                "cross-mm: the shared pages should have been refused as busy ({busy}) and none unshared ({unshared})\n{}",
+                r.describe()
+            )
+            .into());
+        }
+        return Ok(());
+    }
     if unshared < 500 || busy > 2 * unshared + 256 {
         return Err(format!(
             "the pages shared with the exited child should have been made the program's own and evicted ({unshared} unshared, {busy} refused as busy)\n{}",
