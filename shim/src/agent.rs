@@ -276,10 +276,7 @@ fn run_batches(win: &Window, busy: &mut Busy) -> bool {
         // old one. Calls already in progress finish first (their events are read and logged
         // before `quiescent` lets the check run).
         let moved = if hold_remaps() {
-            let m = run_batch(win, &desc);
-            if desc.flags() & shm::DESC_UNSHARE != 0 {
-                busy.collect(&desc);
-            }
+            let m = run_batch(win, &desc, busy);
             SHIM.reg_busy.store(false, Ordering::SeqCst);
             m
         } else {
@@ -297,7 +294,9 @@ fn run_batches(win: &Window, busy: &mut Busy) -> bool {
     }
 }
 
-fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
+/// Runs one batch; with `shm::DESC_UNSHARE`, the pages it finds busy are noted in `busy`.
+fn run_batch(win: &Window, desc: &shm::Desc<'_>, busy: &mut Busy) -> u64 {
+    let unshare = desc.flags() & shm::DESC_UNSHARE != 0;
     let uffd = SHIM.uffd.load(Ordering::Relaxed);
     let staging = SHIM.staging_base.load(Ordering::Relaxed) as u64;
     let staging_pages = SHIM.staging_len.load(Ordering::Relaxed) / PAGE_SIZE;
@@ -341,7 +340,15 @@ fn run_batch(win: &Window, desc: &shm::Desc<'_>) -> u64 {
             continue;
         }
         let dst = staging + (page_idx * PAGE_SIZE) as u64;
-        move_run(uffd, dst, run.addr, pages, desc, page_idx);
+        move_run(
+            uffd,
+            dst,
+            run.addr,
+            pages,
+            desc,
+            page_idx,
+            unshare.then_some(&mut *busy),
+        );
         // Which staging pages now hold a page. Holes (never touched, or already gone) stay
         // unpopulated; reading one would fault to the monitor for nothing. If mincore could
         // not tell (it does not fail on our own mapping), every page is treated as present:
@@ -413,23 +420,11 @@ impl Busy {
         unsafe { std::slice::from_raw_parts_mut(b.as_mut_ptr().cast(), UNSHARE_MAX) }
     }
 
-    /// Notes the busy pages of `desc` (runs validated as in `run_batch`).
-    fn collect(&mut self, desc: &shm::Desc<'_>) {
-        let addrs = self.addrs();
-        let mut page_idx = 0usize;
-        for r in 0..desc.nruns() {
-            let run = desc.run(r);
-            for i in 0..run.pages as usize {
-                let p = page_idx + i;
-                if p >= desc.npages() || self.len >= UNSHARE_MAX {
-                    return;
-                }
-                if desc.result(p) == shm::RESULT_BUSY {
-                    addrs[self.len] = run.addr + (i * PAGE_SIZE) as u64;
-                    self.len += 1;
-                }
-            }
-            page_idx += run.pages as usize;
+    /// Notes a busy page (beyond [`UNSHARE_MAX`] pages, it waits for a later batch).
+    fn note(&mut self, addr: u64) {
+        if self.len < UNSHARE_MAX {
+            self.addrs()[self.len] = addr;
+            self.len += 1;
         }
     }
 
@@ -525,7 +520,7 @@ fn move_ioctl(uffd: i32, dst: u64, src: u64, len: u64) -> Result<u64, UffdError>
 }
 
 /// Moves `pages` pages from `src` to `dst` in as few ioctls as the kernel allows; a page it
-/// refuses is marked (busy or failed) and skipped.
+/// refuses is marked (busy or failed) and skipped, a busy one also noted in `busy` if given.
 fn move_run(
     uffd: i32,
     dst: u64,
@@ -533,6 +528,7 @@ fn move_run(
     pages: usize,
     desc: &shm::Desc<'_>,
     first_page_idx: usize,
+    mut busy: Option<&mut Busy>,
 ) {
     let mut off = 0usize;
     let mut retries = 0;
@@ -560,6 +556,9 @@ fn move_run(
                     _ => shm::RESULT_FAILED,
                 };
                 desc.set_result(first_page_idx + off, result);
+                if let (shm::RESULT_BUSY, Some(b)) = (result, busy.as_deref_mut()) {
+                    b.note(src + (off * PAGE_SIZE) as u64);
+                }
                 off += 1;
                 retries = 0;
             }

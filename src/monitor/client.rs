@@ -236,11 +236,8 @@ impl ForkedChildren {
             self.unknown_until = None;
             return;
         }
-        // SAFETY: pidfd_open(2) with a pid and no flags returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child_pid as libc::pid_t, 0) };
-        if fd >= 0 {
-            // SAFETY: a fresh descriptor we own.
-            self.pidfds.push(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        if let Ok(fd) = super::forks::pidfd_open(child_pid) {
+            self.pidfds.push(fd);
             self.unknown_until = None;
         }
         // Otherwise (ESRCH: gone already) the unknown child's time runs out on its own.

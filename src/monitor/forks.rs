@@ -158,22 +158,15 @@ impl Forks {
         if child_pid == 0 || child_pid > i32::MAX as u32 {
             return;
         }
-        // SAFETY: pidfd_open(2) with a pid and no flags returns a new descriptor or -1. The
-        // child cannot have been reaped yet: its parent is still returning from fork().
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child_pid as libc::pid_t, 0) };
-        if fd >= 0 {
-            // SAFETY: a fresh descriptor we own.
-            snap.child_pidfd = Some(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        } else {
-            // ESRCH: the child is gone (or not ours to see); its snapshot goes at the next sweep
-            // if unclaimed by then.
-            warn!(
-                token,
-                child_pid,
-                "pidfd_open of a forked child failed: {}",
-                std::io::Error::last_os_error()
-            );
-            snap.created = Instant::now() - UNCLAIMED_TTL + Duration::from_secs(10);
+        // The child cannot have been reaped yet: its parent is still returning from fork().
+        match pidfd_open(child_pid) {
+            Ok(fd) => snap.child_pidfd = Some(fd),
+            Err(e) => {
+                // ESRCH: the child is gone (or not ours to see); its snapshot goes at the next
+                // sweep if unclaimed by then.
+                warn!(token, child_pid, "pidfd_open of a forked child failed: {e}");
+                snap.created = Instant::now() - UNCLAIMED_TTL + Duration::from_secs(10);
+            }
         }
     }
 
@@ -205,6 +198,17 @@ impl Forks {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// An exit watch on process `pid` (readable once it has exited): pidfd_open(2), nothing more.
+pub(super) fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) with a pid and no flags returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 fn random_u64() -> u64 {

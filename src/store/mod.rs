@@ -224,9 +224,9 @@ impl Store {
                 ));
             }
             if store.slabs.is_on_disk(loc) == Ok(true) {
-                store.counters.account(h.kind(), false, 0, 1);
-                store.counters.pages_on_disk += 1;
-                store.counters.disk_bytes_out += len_bytes as u64;
+                store
+                    .counters
+                    .account_disk_added(h.kind(), len_bytes as u64);
             } else {
                 store.counters.account(h.kind(), false, len_bytes as u64, 1);
             }
@@ -409,9 +409,8 @@ impl Store {
             slot_idx: loc.slot_idx,
             len_bytes: payload.len() as u32,
         });
-        self.counters.account(h.kind(), false, 0, 1);
-        self.counters.pages_on_disk += 1;
-        self.counters.disk_bytes_out += payload.len() as u64;
+        self.counters
+            .account_disk_added(h.kind(), payload.len() as u64);
         Ok(h)
     }
 

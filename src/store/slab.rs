@@ -379,14 +379,7 @@ impl Slabs {
                 .file
                 .as_mut()
                 .expect("set above")
-                .map_extent(
-                    chunk_idx as u32,
-                    if on_disk {
-                        layout::RECORDS_BYTES
-                    } else {
-                        EXTENT_BYTES
-                    },
-                )
+                .map_extent(chunk_idx as u32, Slabs::map_len(on_disk))
                 .map_err(|e| e.to_string())?;
             let mut chunk = Chunk::new(class_idx, map, on_disk);
             for slot_idx in 0..slots_per_chunk(class_idx) {
@@ -396,11 +389,7 @@ impl Slabs {
                 }
                 chunk.used_bitmap[slot_idx / BITS_PER_WORD] |= 1 << (slot_idx % BITS_PER_WORD);
                 chunk.used_slots += 1;
-                if on_disk {
-                    slabs.disk_used_slot_bytes += slot_bytes(class_idx) as u64;
-                } else {
-                    slabs.used_slot_bytes += slot_bytes(class_idx) as u64;
-                }
+                slabs.count_slot_taken(class_idx, on_disk);
                 used.push((
                     SlotLoc {
                         class_idx,
@@ -421,13 +410,7 @@ impl Slabs {
                 slabs.partial[list].push(chunk_idx as u32);
             }
             slabs.chunks.push(Some(chunk));
-            if on_disk {
-                slabs.disk_chunks += 1;
-                ALL_DISK_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
-            } else {
-                slabs.live_chunks += 1;
-                ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
-            }
+            slabs.count_chunk_added(on_disk);
         }
         // Chunks the dead monitor left empty are given back now.
         let empty: Vec<u32> = slabs
@@ -567,17 +550,42 @@ impl Slabs {
             debug_assert_eq!(popped, Some(chunk_idx));
             chunk.partial_pos = NOT_PARTIAL;
         }
-        if on_disk {
-            self.disk_used_slot_bytes += slot_bytes(class_idx) as u64;
-        } else {
-            self.used_slot_bytes += slot_bytes(class_idx) as u64;
-        }
+        self.count_slot_taken(class_idx, on_disk);
         Ok(SlotLoc {
             class_idx,
             chunk_idx,
             // < slots_per_chunk <= MAX_SLOT_IDX + 1 (asserted at compile time).
             slot_idx: slot_idx as u32,
         })
+    }
+
+    /// Bytes of a chunk's extent that are mapped: a disk chunk maps its records only.
+    fn map_len(on_disk: bool) -> usize {
+        if on_disk {
+            layout::RECORDS_BYTES
+        } else {
+            EXTENT_BYTES
+        }
+    }
+
+    /// Counts a slot of `class_idx` taken in the tier.
+    fn count_slot_taken(&mut self, class_idx: u8, on_disk: bool) {
+        if on_disk {
+            self.disk_used_slot_bytes += slot_bytes(class_idx) as u64;
+        } else {
+            self.used_slot_bytes += slot_bytes(class_idx) as u64;
+        }
+    }
+
+    /// Counts a chunk added to the tier (here and in the process-wide totals).
+    fn count_chunk_added(&mut self, on_disk: bool) {
+        if on_disk {
+            self.disk_chunks += 1;
+            ALL_DISK_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+        } else {
+            self.live_chunks += 1;
+            ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
+        }
     }
 
     /// Maps a chunk for `class_idx` in the tier and puts it on its partial list.
@@ -600,11 +608,7 @@ impl Slabs {
             None if self.chunks.len() < max_chunks => self.chunks.len() as u32,
             None => return Err(StoreError::Full),
         };
-        let map_len = if on_disk {
-            layout::RECORDS_BYTES
-        } else {
-            EXTENT_BYTES
-        };
+        let map_len = Self::map_len(on_disk);
         let map = match &mut self.file {
             Some(f) => f.map_extent(chunk_idx, map_len)?,
             None => MmapMut::map_anon(map_len).map_err(StoreError::Map)?,
@@ -622,13 +626,7 @@ impl Slabs {
             self.chunks.push(None);
         }
         self.chunks[chunk_idx as usize] = Some(chunk);
-        if on_disk {
-            self.disk_chunks += 1;
-            ALL_DISK_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
-        } else {
-            self.live_chunks += 1;
-            ALL_MAPPED_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
-        }
+        self.count_chunk_added(on_disk);
         Ok(chunk_idx)
     }
 

@@ -141,6 +141,14 @@ impl Counters {
         step(&mut self.bytes_out, payload_bytes);
     }
 
+    /// Accounts a page whose payload is in the disk file coming in (a disk slot published, or
+    /// found by an adoption).
+    pub fn account_disk_added(&mut self, kind: PageKind, payload_bytes: u64) {
+        self.account(kind, false, 0, 1);
+        self.pages_on_disk += 1;
+        self.disk_bytes_out += payload_bytes;
+    }
+
     /// Accounts a page whose payload is in the disk file leaving the store.
     pub fn account_disk_removed(&mut self, kind: PageKind, payload_bytes: u64) {
         self.account(kind, false, 0, -1);
