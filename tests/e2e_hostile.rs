@@ -281,7 +281,18 @@ fn encode(m: Msg<'_>) -> Vec<u8> {
 }
 
 fn hello(pid: u32, features: u64, name: &[u8], overrides: &[u8]) -> Vec<u8> {
-    encode(Msg::Hello(Hello {
+    hello_with(pid, features, name, overrides, |_| {})
+}
+
+/// [`hello`] with some fields changed by `edit` (a forged token, adoption, a page size).
+fn hello_with(
+    pid: u32,
+    features: u64,
+    name: &[u8],
+    overrides: &[u8],
+    edit: impl FnOnce(&mut Hello<'_>),
+) -> Vec<u8> {
+    let mut h = Hello {
         pid,
         page_size: 4096,
         uffd_features: features,
@@ -292,7 +303,9 @@ fn hello(pid: u32, features: u64, name: &[u8], overrides: &[u8]) -> Vec<u8> {
         name,
         app: b"",
         overrides,
-    }))
+    };
+    edit(&mut h);
+    encode(Msg::Hello(h))
 }
 
 /// Reads packets until an `Error` arrives; it must contain every one of `want`. A close
@@ -621,18 +634,9 @@ fn hostile_packets_get_named_errors_while_managed_program_verifies() -> R {
         &[u.as_raw_fd()],
         &["features 0x10000000000"],
     )?;
-    let mut huge = encode(Msg::Hello(Hello {
-        pid: std::process::id(),
-        fork_token: 0,
-        forked_from: 0,
-        flags: 0,
-        store_member: 0,
-        page_size: 1 << 21,
-        uffd_features: u.features(),
-        name: b"hostile",
-        app: b"",
-        overrides: b"",
-    }));
+    let mut huge = hello_with(std::process::id(), u.features(), b"hostile", b"", |h| {
+        h.page_size = 1 << 21
+    });
     raw_case(
         s,
         "page size",
@@ -643,18 +647,10 @@ fn hostile_packets_get_named_errors_while_managed_program_verifies() -> R {
     huge[HEADER_LEN + 4] = 3; // not a power of two: the decoder refuses it
     raw_case(s, "page size 3", &huge, &[u.as_raw_fd()], &["page_size"])?;
     // A forged fork token: no snapshot has it, so no other program's pages can be claimed.
-    let forged = encode(Msg::Hello(Hello {
-        pid: std::process::id(),
-        fork_token: 0x5eed_f00d_dead_beef,
-        forked_from: 1,
-        flags: 0,
-        store_member: 0,
-        page_size: 4096,
-        uffd_features: u.features(),
-        name: b"hostile",
-        app: b"",
-        overrides: b"",
-    }));
+    let forged = hello_with(std::process::id(), u.features(), b"hostile", b"", |h| {
+        h.fork_token = 0x5eed_f00d_dead_beef;
+        h.forked_from = 1;
+    });
     raw_case(
         s,
         "forged fork token",
@@ -664,18 +660,9 @@ fn hostile_packets_get_named_errors_while_managed_program_verifies() -> R {
     )?;
     // Adoption requests whose store or disk file is not what a shim holds: each is refused
     // by name, before anything is mapped from it.
-    let adopt = encode(Msg::Hello(Hello {
-        pid: std::process::id(),
-        fork_token: 0,
-        forked_from: 0,
-        flags: HELLO_ADOPT,
-        store_member: 0,
-        page_size: 4096,
-        uffd_features: u.features(),
-        name: b"hostile",
-        app: b"",
-        overrides: b"",
-    }));
+    let adopt = hello_with(std::process::id(), u.features(), b"hostile", b"", |h| {
+        h.flags = HELLO_ADOPT
+    });
     let unsealed = memfd();
     raw_case(
         s,

@@ -46,6 +46,19 @@ fn text_page(seed: u64) -> Page {
     p
 }
 
+/// `n` pages, text (compressible) at even indices and random (incompressible) at odd ones.
+fn text_and_random_pages(n: u64) -> Vec<Page> {
+    (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                text_page(i)
+            } else {
+                random_page(i)
+            }
+        })
+        .collect()
+}
+
 fn random_page(seed: u64) -> Page {
     let mut rng = Rng(seed | 1);
     let mut p: Page = Box::new([0u8; PAGE_SIZE]);
@@ -563,15 +576,7 @@ fn fork_family_shares_pages_copy_on_write() {
     })
     .unwrap();
     let at = |i: u64| 0x5500_0000_0000u64 + i * PAGE_SIZE as u64;
-    let pages: Vec<Page> = (0..64u64)
-        .map(|i| {
-            if i % 2 == 0 {
-                text_page(i)
-            } else {
-                random_page(i)
-            }
-        })
-        .collect();
+    let pages = text_and_random_pages(64);
     let handles: Vec<Handle> = pages
         .iter()
         .enumerate()
@@ -962,15 +967,7 @@ fn disk_tier_full_refuses_and_changes_nothing() {
 fn adoption_of_a_store_with_disk_pages_needs_its_disk_file() {
     let (mut store, _dir) = disk_store(None, None);
     let at = |i: u64| 0x2000_0000_0000u64 + i * PAGE_SIZE as u64;
-    let pages: Vec<Page> = (0..400u64)
-        .map(|i| {
-            if i % 2 == 0 {
-                text_page(i)
-            } else {
-                random_page(i)
-            }
-        })
-        .collect();
+    let pages = text_and_random_pages(400);
     let stored: Vec<(u64, Handle)> = pages
         .iter()
         .enumerate()
