@@ -63,6 +63,11 @@
 //!    and only then is the old slot's record zeroed. A reader may find both, naming the same
 //!    page with the same bytes; it brings the page home once (the second copy fails with
 //!    EEXIST), and an adopting monitor keeps one and frees the other.
+//! 8. a page recompressed (idle time: its lz4 block replaced by a shorter lz4 block of the
+//!    same page, in a smaller class): the new payload is written to a slot of the smaller
+//!    class, then its record (the old one with the new length; release), and only then is
+//!    the old slot's record zeroed. As in step 7, a reader may find both; the two decode to
+//!    the same page, so it does not matter which one it brings home or keeps.
 //!
 //! So a reader sees, for every page, either a complete record with its payload (in the store
 //! file or, for a disk chunk, already in the disk file), or no record while another copy

@@ -56,6 +56,50 @@ pub fn encode<'a>(page: &[u8; PAGE_SIZE], scratch: &'a mut Vec<u8>) -> Encoded<'
     }
 }
 
+/// Highest lz4hc level (liblz4's `LZ4HC_CLEVEL_MAX`).
+pub const RECOMPRESS_LEVEL_MAX: u32 = 12;
+
+/// Recompresses one stored lz4 `payload` with lz4's high-compression encoder at `level`
+/// (1..=[`RECOMPRESS_LEVEL_MAX`]) into `out`, and returns the new length, only if the new
+/// payload is shorter than `fits_below` bytes (the caller's bound: the next smaller size
+/// class) and decodes back to exactly the page `payload` held. `page` and `check` are scratch
+/// pages. The output is an ordinary lz4 block: readers need no change.
+///
+/// `None`: nothing better (or the old payload does not decode: the caller leaves it as it is
+/// and the fault path reports it).
+///
+/// Why liblz4 (the `lz4` crate) and not lz4_flex: lz4_flex has no high-compression mode.
+pub fn recompress(
+    payload: &[u8],
+    level: u32,
+    fits_below: usize,
+    page: &mut [u8; PAGE_SIZE],
+    check: &mut [u8; PAGE_SIZE],
+    out: &mut Vec<u8>,
+) -> Option<usize> {
+    decompress(payload, page).ok()?;
+    if fits_below <= 1 {
+        return None;
+    }
+    // A buffer one short of the bound: liblz4 gives up (an error) as soon as the output cannot
+    // fit, instead of finishing a block that would not be kept.
+    out.resize(fits_below - 1, 0);
+    let level = level.clamp(1, RECOMPRESS_LEVEL_MAX) as i32;
+    let len_bytes = lz4::block::compress_to_buffer(
+        &page[..],
+        Some(lz4::block::CompressionMode::HIGHCOMPRESSION(level)),
+        false,
+        out,
+    )
+    .ok()?;
+    if len_bytes == 0 || len_bytes >= fits_below {
+        return None;
+    }
+    // Read it back with the decoder every reader uses before it replaces anything.
+    decompress(&out[..len_bytes], check).ok()?;
+    (check[..] == page[..]).then_some(len_bytes)
+}
+
 /// Fills `out` with `word` repeated.
 pub(crate) fn fill_word(out: &mut [u8; PAGE_SIZE], word: u64) {
     if word == 0 {
@@ -120,6 +164,73 @@ mod tests {
             *b = x as u8;
         }
         assert_eq!(encode(&page, &mut Vec::new()), Encoded::Raw);
+    }
+
+    /// Heap-like text: lz4 compresses it, lz4hc compresses it better.
+    fn text_page() -> [u8; PAGE_SIZE] {
+        let words: [&[u8]; 8] = [
+            b"alpha ",
+            b"kernel ",
+            b"latency ",
+            b"memory ",
+            b"page ",
+            b"queue ",
+            b"token ",
+            b"worker ",
+        ];
+        let mut page = [0u8; PAGE_SIZE];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut pos = 0;
+        while pos < PAGE_SIZE {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let w = words[(x % 8) as usize];
+            let n = w.len().min(PAGE_SIZE - pos);
+            page[pos..pos + n].copy_from_slice(&w[..n]);
+            pos += n;
+            if x % 5 == 0 && pos + 2 <= PAGE_SIZE {
+                page[pos..pos + 2].copy_from_slice(&((x >> 20) as u16).to_le_bytes());
+                pos += 2;
+            }
+        }
+        page
+    }
+
+    #[test]
+    fn recompress_is_shorter_and_decodes_to_the_same_page() {
+        let page = text_page();
+        let mut scratch = Vec::new();
+        let Encoded::Lz4(fast) = encode(&page, &mut scratch) else {
+            panic!("expected Lz4")
+        };
+        let fast = fast.to_vec();
+        let (mut p, mut c, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+        let len = recompress(&fast, 9, fast.len(), &mut p, &mut c, &mut out)
+            .expect("lz4hc beats lz4 on text");
+        assert!(len < fast.len(), "{len} >= {}", fast.len());
+        let mut back = [0u8; PAGE_SIZE];
+        decompress(&out[..len], &mut back).expect("an ordinary lz4 block");
+        assert_eq!(back, page);
+    }
+
+    #[test]
+    fn recompress_gives_up_below_the_bound() {
+        let page = text_page();
+        let mut scratch = Vec::new();
+        let Encoded::Lz4(fast) = encode(&page, &mut scratch) else {
+            panic!("expected Lz4")
+        };
+        let fast = fast.to_vec();
+        let (mut p, mut c, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+        // No encoder gets a page of text into 16 bytes.
+        assert_eq!(recompress(&fast, 9, 16, &mut p, &mut c, &mut out), None);
+        assert_eq!(recompress(&fast, 9, 0, &mut p, &mut c, &mut out), None);
+        // A payload that does not decode is left alone.
+        assert_eq!(
+            recompress(&fast[..fast.len() / 2], 9, 4096, &mut p, &mut c, &mut out),
+            None
+        );
     }
 
     #[test]

@@ -18,6 +18,13 @@
 //! back without the lock ([`Store::disk_read`], [`Store::decode_payload`], checked with
 //! [`Store::disk_epoch`]); [`Store::get`] reads one with `pread` itself.
 //!
+//! **Recompression** (idle time): a blob goes in as fast lz4 (eviction must keep up with
+//! the program); later the monitor takes the blobs not offered yet
+//! ([`Store::recompress_candidates`]), recompresses them with lz4hc without any lock
+//! ([`recompress`]) and puts each one that now fits a smaller class back
+//! ([`Store::replace_blob`]). The result is still one lz4 block, so no reader changes. What
+//! zram's `recompress` does with a second algorithm, without one.
+//!
 //! Files: `handle.rs` (handle bit layout), `encode.rs` (same-filled detection, lz4; pure),
 //! `slab.rs` (chunks, bitmaps, quota), `samefill.rs` (refcounted fill words), `stats.rs`,
 //! `shared.rs` (one store shared by a fork family, one handle per member), `disk.rs` (the disk
@@ -38,7 +45,10 @@ mod stats;
 mod tests;
 
 pub use disk::DiskFile;
-pub use encode::{encode, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES, SCRATCH_BYTES};
+pub use encode::{
+    encode, recompress, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES, RECOMPRESS_LEVEL_MAX,
+    SCRATCH_BYTES,
+};
 pub use handle::{Handle, PageKind};
 pub use shared::SharedStore;
 pub use slab::{all_disk_bytes, all_mapped_bytes, CHUNK_BYTES, CLASS_STEP_BYTES};
@@ -70,6 +80,29 @@ pub enum StoreError {
     /// Creating or reading the disk tier's file failed.
     #[error("disk tier: {0}")]
     Disk(#[source] std::io::Error),
+}
+
+/// A blob offered for recompression by [`Store::recompress_candidates`]: the page at `addr`,
+/// named by `handle`, whose payload was copied to `arena[off..off + len_bytes]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecompressCandidate {
+    pub addr: u64,
+    pub handle: Handle,
+    pub off: usize,
+    pub len_bytes: usize,
+}
+
+impl RecompressCandidate {
+    /// A new payload is worth placing only if it is shorter than this: it must fit a smaller
+    /// size class than the blob's (0 or 1: no smaller class).
+    pub fn fits_below(&self) -> usize {
+        match self.handle.decode() {
+            Some(Decoded::Blob(b)) if b.class_idx != RAW_CLASS_IDX => {
+                usize::from(b.class_idx) * CLASS_STEP_BYTES + 1
+            }
+            _ => 0,
+        }
+    }
 }
 
 /// What one [`Store::compact`] did.
@@ -933,6 +966,111 @@ impl Store {
         out
     }
 
+    /// Idle-time recompression, first half (under the caller's lock): up to `max` lz4 blobs
+    /// in memory that member `member` alone owns and that were never offered in their slot
+    /// (see [`Slabs::unsettled`]), each only if `movable(addr, handle)` (the caller's page map
+    /// names the page by that handle). Their payloads are appended to `arena`, so the caller
+    /// can recompress them without the lock ([`encode::recompress`]) and then
+    /// [`Store::replace_blob`] each under it again.
+    pub fn recompress_candidates(
+        &mut self,
+        member: u8,
+        max: usize,
+        movable: &mut dyn FnMut(u64, Handle) -> bool,
+        arena: &mut Vec<u8>,
+    ) -> Vec<RecompressCandidate> {
+        let me = 1u16 << member;
+        let picked = self.slabs.unsettled(max, &mut |loc, rec| {
+            let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
+            crate::protocol::store_layout::record_owners(rec) == me
+                && lz4_class_for_len(len_bytes) == Some(loc.class_idx)
+                && movable(
+                    addr,
+                    Handle::blob(BlobLoc {
+                        class_idx: loc.class_idx,
+                        chunk_idx: loc.chunk_idx,
+                        slot_idx: loc.slot_idx,
+                        len_bytes: len_bytes as u32,
+                    }),
+                )
+        });
+        let mut out = Vec::with_capacity(picked.len());
+        for (loc, rec) in picked {
+            let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
+            let Ok(payload) = self.slabs.read(loc, len_bytes) else {
+                continue;
+            };
+            let off = arena.len();
+            arena.extend_from_slice(payload);
+            out.push(RecompressCandidate {
+                addr,
+                handle: Handle::blob(BlobLoc {
+                    class_idx: loc.class_idx,
+                    chunk_idx: loc.chunk_idx,
+                    slot_idx: loc.slot_idx,
+                    len_bytes: len_bytes as u32,
+                }),
+                off,
+                len_bytes,
+            });
+        }
+        out
+    }
+
+    /// Idle-time recompression, second half: replaces member `member`'s blob `old` of the page
+    /// at `addr` by `payload`, a shorter lz4 block of the same page that fits a smaller size
+    /// class (the caller recompressed and checked it; its page map names the page by `old`
+    /// under the lock it holds). Layout write order, step 8: the new payload and the *same*
+    /// record but its length are published in the new slot first, `published()` is called,
+    /// and only then is the old slot freed; a reader in between finds the page twice, with
+    /// the same contents. Returns the new handle; on error nothing changed (a full store,
+    /// or `old` is not a sole-owned memory blob of that page, or the payload would not
+    /// shrink it).
+    pub fn replace_blob(
+        &mut self,
+        member: u8,
+        old: Handle,
+        addr: u64,
+        payload: &[u8],
+        published: &mut dyn FnMut(),
+    ) -> Result<Handle, StoreError> {
+        let bits = old.to_bits();
+        let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
+        let Some(Decoded::Blob(old_loc)) = old.decode() else {
+            return Err(corrupt("not a blob"));
+        };
+        let slot = Self::blob_slot(bits, old_loc)?;
+        let rec = self.slabs.record(slot).map_err(corrupt)?;
+        let (rec_addr, _) = crate::protocol::store_layout::record_parts(rec);
+        let owners = crate::protocol::store_layout::record_owners(rec);
+        if rec == 0 || rec_addr != addr || owners != 1u16 << member {
+            return Err(corrupt("not a sole-owned blob of that page"));
+        }
+        if self.slabs.is_on_disk(slot).map_err(corrupt)? || self.slabs.is_pinned(slot) {
+            return Err(corrupt("not a blob in memory at rest"));
+        }
+        let new_class = match lz4_class_for_len(payload.len()) {
+            Some(c) if old_loc.class_idx != RAW_CLASS_IDX && c < old_loc.class_idx => c,
+            _ => return Err(corrupt("the new payload does not fit a smaller class")),
+        };
+        let new_loc = self.slabs.store(new_class, payload, addr, owners)?;
+        self.slabs.settle(new_loc);
+        published();
+        self.slabs.free(slot).map_err(corrupt)?;
+        let old_len = u64::from(old_loc.len_bytes);
+        self.counters.account(PageKind::Lz4, false, old_len, -1);
+        self.counters
+            .account(PageKind::Lz4, false, payload.len() as u64, 1);
+        self.counters.recompressed += 1;
+        self.counters.recompress_bytes_saved += old_len - payload.len() as u64;
+        Ok(Handle::blob(BlobLoc {
+            class_idx: new_loc.class_idx,
+            chunk_idx: new_loc.chunk_idx,
+            slot_idx: new_loc.slot_idx,
+            len_bytes: payload.len() as u32,
+        }))
+    }
+
     /// A snapshot of the counters. O(size classes).
     pub fn stats(&self) -> StoreStats {
         let c = &self.counters;
@@ -968,6 +1106,8 @@ impl Store {
             pages_demoted: c.pages_demoted,
             compact_moves: c.compact_moves,
             compact_chunks_freed: c.compact_chunks_freed,
+            recompressed: c.recompressed,
+            recompress_bytes_saved: c.recompress_bytes_saved,
             resident_bytes: self.slabs.resident_bytes(),
             disk_sync_reads: self
                 .disk_sync_reads

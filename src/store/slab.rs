@@ -191,6 +191,10 @@ struct Chunk {
     on_disk: bool,
     /// Bit `i` set = slot `i` in use. Bits past the last slot are set, so they never look free.
     used_bitmap: Box<[u64]>,
+    /// Bit `i` set = slot `i`'s blob was offered for recompression already (or the slot is
+    /// free, or past the last slot): [`Slabs::unsettled`] skips it. Monitor memory only; an
+    /// adopted store starts with every blob unsettled.
+    settled_bitmap: Box<[u64]>,
     used_slots: u32,
     class_idx: u8,
     /// Index in `Slabs::partial[class_idx]`, or [`NOT_PARTIAL`] while the chunk is full.
@@ -214,10 +218,12 @@ impl Chunk {
         if tail_bits != 0 {
             used_bitmap[words - 1] = !((1u64 << tail_bits) - 1);
         }
+        let settled_bitmap = vec![u64::MAX; words].into_boxed_slice();
         Chunk {
             map,
             on_disk,
             used_bitmap,
+            settled_bitmap,
             used_slots: 0,
             class_idx,
             partial_pos: NOT_PARTIAL,
@@ -236,6 +242,20 @@ impl Chunk {
         self.used_bitmap[slot_idx / BITS_PER_WORD] & (1 << (slot_idx % BITS_PER_WORD)) != 0
     }
 
+    fn is_settled(&self, slot_idx: usize) -> bool {
+        self.settled_bitmap[slot_idx / BITS_PER_WORD] & (1 << (slot_idx % BITS_PER_WORD)) != 0
+    }
+
+    fn set_settled(&mut self, slot_idx: usize, settled: bool) {
+        let bit = 1 << (slot_idx % BITS_PER_WORD);
+        let word = &mut self.settled_bitmap[slot_idx / BITS_PER_WORD];
+        if settled {
+            *word |= bit;
+        } else {
+            *word &= !bit;
+        }
+    }
+
     /// Marks the lowest free slot used and returns it; `None` when full. Lowest-first keeps
     /// the touched (resident) part of a chunk a prefix of it.
     fn take_slot(&mut self) -> Option<usize> {
@@ -247,6 +267,8 @@ impl Chunk {
         let bit = word.trailing_ones() as usize;
         *word |= 1 << bit;
         self.used_slots += 1;
+        // A new blob: not offered for recompression yet.
+        self.settled_bitmap[word_idx] &= !(1 << bit);
         Some(word_idx * BITS_PER_WORD + bit)
     }
 
@@ -286,6 +308,8 @@ pub(crate) struct Slabs {
     disk_frees: u64,
     /// Memory slots being demoted (see [`Slabs::pin`]).
     pinned: HashSet<SlotLoc>,
+    /// Where [`Slabs::unsettled`] resumes (a chunk index).
+    settle_cursor: u32,
 }
 
 /// Index of the partial list of class `class_idx` in memory or on disk.
@@ -318,6 +342,7 @@ impl Slabs {
             max_disk_bytes: None,
             disk_frees: 0,
             pinned: HashSet::new(),
+            settle_cursor: 0,
         }
     }
 
@@ -388,6 +413,7 @@ impl Slabs {
                     continue;
                 }
                 chunk.used_bitmap[slot_idx / BITS_PER_WORD] |= 1 << (slot_idx % BITS_PER_WORD);
+                chunk.set_settled(slot_idx, false);
                 chunk.used_slots += 1;
                 slabs.count_slot_taken(class_idx, on_disk);
                 used.push((
@@ -842,6 +868,73 @@ impl Slabs {
         self.partial[list].push(chunk_idx);
     }
 
+    /// Recompression candidates (see `Store::recompress_candidates`): up to `max` memory slots
+    /// of the lz4 classes whose blob was not offered yet, as (slot, record), scanning the
+    /// chunks round-robin from where the last call stopped, at most once round. Every slot it
+    /// looks at is marked settled, whether `pick(slot, record)` takes it or not (pinned slots,
+    /// being demoted, are not looked at), so a blob is offered once in its life in a slot;
+    /// a blob placed in a slot later (a new page, or compaction's move of an unsettled one)
+    /// is offered again.
+    pub fn unsettled(
+        &mut self,
+        max: usize,
+        pick: &mut dyn FnMut(SlotLoc, u64) -> bool,
+    ) -> Vec<(SlotLoc, u64)> {
+        let mut out = Vec::new();
+        let n = self.chunks.len();
+        for step in 0..n {
+            if out.len() >= max {
+                break;
+            }
+            let chunk_idx = (self.settle_cursor as usize + step) % n;
+            let Some(chunk) = self.chunks[chunk_idx].as_mut() else {
+                continue;
+            };
+            if chunk.on_disk || chunk.class_idx == RAW_CLASS_IDX {
+                continue;
+            }
+            let class_idx = chunk.class_idx;
+            for word_idx in 0..chunk.used_bitmap.len() {
+                let mut todo = chunk.used_bitmap[word_idx] & !chunk.settled_bitmap[word_idx];
+                while todo != 0 && out.len() < max {
+                    let bit = todo.trailing_zeros() as usize;
+                    todo &= todo - 1;
+                    let slot_idx = word_idx * BITS_PER_WORD + bit;
+                    let loc = SlotLoc {
+                        class_idx,
+                        chunk_idx: chunk_idx as u32,
+                        slot_idx: slot_idx as u32,
+                    };
+                    if self.pinned.contains(&loc) {
+                        continue;
+                    }
+                    chunk.set_settled(slot_idx, true);
+                    let rec = chunk.record(slot_idx).load(Ordering::Acquire);
+                    if rec != 0 && pick(loc, rec) {
+                        out.push((loc, rec));
+                    }
+                }
+            }
+            if out.len() >= max {
+                // Resume in this chunk: it may have more.
+                self.settle_cursor = chunk_idx as u32;
+                return out;
+            }
+        }
+        self.settle_cursor = 0;
+        out
+    }
+
+    /// Marks a memory slot's blob settled (see [`Slabs::unsettled`]): a recompressed blob is
+    /// not offered again.
+    pub fn settle(&mut self, loc: SlotLoc) {
+        if let Some(Some(chunk)) = self.chunks.get_mut(loc.chunk_idx as usize) {
+            if (loc.slot_idx as usize) < slots_per_chunk(chunk.class_idx) {
+                chunk.set_settled(loc.slot_idx as usize, true);
+            }
+        }
+    }
+
     /// Per size class, the memory chunks mapped and their slots in use.
     pub fn class_usage(&self) -> [(u32, u64); NUM_CLASSES] {
         let mut usage = [(0u32, 0u64); NUM_CLASSES];
@@ -919,6 +1012,8 @@ impl Slabs {
                 let (_, len_bytes) = layout::record_parts(rec);
                 let range = chunk.slot_range(slot_idx, len_bytes);
                 buf[..len_bytes].copy_from_slice(&chunk.map[range]);
+                // A moved blob keeps its recompression state.
+                let settled = chunk.is_settled(slot_idx);
                 let new = self
                     .take(class_idx, false)
                     .expect("a listed chunk has a free slot");
@@ -927,6 +1022,7 @@ impl Slabs {
                     .expect("just taken");
                 let range = dst.slot_range(new.slot_idx as usize, len_bytes);
                 dst.map[range].copy_from_slice(&buf[..len_bytes]);
+                dst.set_settled(new.slot_idx as usize, settled);
                 dst.record(new.slot_idx as usize)
                     .store(rec, Ordering::Release);
                 published(len_bytes);
@@ -992,7 +1088,8 @@ impl Slabs {
         let free = self.free_chunk_idxs.capacity() * std::mem::size_of::<u32>();
         let partial: usize = self.partial.iter().map(|p| p.capacity() * 4).sum::<usize>()
             + self.partial.capacity() * std::mem::size_of::<Vec<u32>>();
-        (table + free + partial) as u64 + self.bitmap_words * 8
+        // Two bitmaps per chunk of `bitmap_words` words in all: used and settled.
+        (table + free + partial) as u64 + self.bitmap_words * 16
     }
 
     /// Checks the internal invariants; for tests.

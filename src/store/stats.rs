@@ -79,6 +79,13 @@ pub struct StoreStats {
     /// Memory chunks given back by compaction, since creation.
     #[serde(default)]
     pub compact_chunks_freed: u64,
+    /// Blobs replaced by a shorter encoding of the same page (idle-time recompression with
+    /// lz4hc), since creation.
+    #[serde(default)]
+    pub recompressed: u64,
+    /// Payload bytes those replacements saved, since creation.
+    #[serde(default)]
+    pub recompress_bytes_saved: u64,
     /// Memory the store file really holds (its pages allocated: records and slots written,
     /// untouched chunk tails and punched chunks excluded); for a non-durable store, the slab
     /// bytes mapped.
@@ -119,6 +126,8 @@ pub(crate) struct Counters {
     pub pages_demoted: u64,
     pub compact_moves: u64,
     pub compact_chunks_freed: u64,
+    pub recompressed: u64,
+    pub recompress_bytes_saved: u64,
 }
 
 impl Counters {

@@ -1189,3 +1189,190 @@ fn compaction_moves_only_the_members_own_unpinned_movable_blobs() {
     }
     store.slabs.check_invariants();
 }
+
+/// One round of idle-time recompression as the monitor runs it: candidates under the lock,
+/// lz4hc without it, each shorter blob put back. Renames the replaced pages in `model`;
+/// returns (offered, replaced).
+fn recompress_model(
+    store: &mut Store,
+    model: &mut HashMap<u64, (Handle, Page)>,
+    max: usize,
+) -> (usize, usize) {
+    let mut arena = Vec::new();
+    let cands = store.recompress_candidates(
+        0,
+        max,
+        &mut |addr, h| model.get(&addr).is_some_and(|(mh, _)| *mh == h),
+        &mut arena,
+    );
+    let (mut page, mut check, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+    let mut replaced = 0;
+    for c in &cands {
+        let payload = &arena[c.off..c.off + c.len_bytes];
+        let Some(len) = recompress(payload, 9, c.fits_below(), &mut page, &mut check, &mut out)
+        else {
+            continue;
+        };
+        let mut published = false;
+        let new = store
+            .replace_blob(0, c.handle, c.addr, &out[..len], &mut || published = true)
+            .expect("a shorter blob of a live page");
+        assert!(published);
+        assert!(len < c.len_bytes);
+        model.get_mut(&c.addr).unwrap().0 = new;
+        replaced += 1;
+    }
+    (cands.len(), replaced)
+}
+
+/// Idle-time recompression: blobs shrink into smaller classes, every page reads back exactly
+/// (through the handle and through the store file, one record per page), each blob is offered
+/// once, and a blob moved by compaction is not offered again while a new page is.
+#[test]
+fn recompression_shrinks_blobs_and_offers_each_once() {
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+        disk: None,
+    })
+    .unwrap();
+    let at = |i: u64| 0x6600_0000_0000u64 + i * PAGE_SIZE as u64;
+    let mut model = HashMap::new();
+    for (i, page) in text_and_random_pages(1200).into_iter().enumerate() {
+        let h = store.put(&page, at(i as u64)).unwrap();
+        model.insert(at(i as u64), (h, page));
+    }
+    let before = store.stats();
+    let mut offered = 0;
+    let mut replaced = 0;
+    loop {
+        let (o, r) = recompress_model(&mut store, &mut model, 100);
+        if o == 0 {
+            break;
+        }
+        offered += o;
+        replaced += r;
+        check_against_model(&store, &model);
+    }
+    let after = store.stats();
+    assert_eq!(offered, 600, "every lz4 blob once, raw ones never");
+    assert!(
+        replaced > 300,
+        "text shrinks under lz4hc: {replaced} of 600"
+    );
+    assert_eq!(after.recompressed, replaced as u64);
+    assert_eq!(
+        after.recompress_bytes_saved,
+        before.bytes_out - after.bytes_out
+    );
+    assert!(after.slab_bytes_slots < before.slab_bytes_slots);
+    let want: HashMap<u64, Page> = model.iter().map(|(a, (_, p))| (*a, p.clone())).collect();
+    assert_eq!(read_store_file(&store), want, "one record per page");
+    assert_eq!(recompress_model(&mut store, &mut model, 100), (0, 0));
+
+    // Most pages go back to the program: compaction moves the rest, and settled ones stay
+    // settled.
+    let mut rng = Rng(7);
+    let keys: Vec<u64> = model.keys().copied().collect();
+    for k in keys {
+        if rng.next() % 10 < 7 {
+            let (h, _) = model.remove(&k).unwrap();
+            store.remove(h);
+        }
+    }
+    compact_model(&mut store, &mut model, usize::MAX);
+    check_against_model(&store, &model);
+    assert!(store.stats().compact_moves > 0);
+    assert_eq!(recompress_model(&mut store, &mut model, 100), (0, 0));
+    // A new page is offered; and a page dropped in between is simply not replaced.
+    let page = text_page(99_999);
+    let h = store.put(&page, at(5000)).unwrap();
+    model.insert(at(5000), (h, page));
+    let (o, r) = recompress_model(&mut store, &mut model, 100);
+    assert_eq!((o, r), (1, 1));
+    check_against_model(&store, &model);
+    // An adopting monitor reads the same pages, and offers every blob again.
+    let dup = store.file().unwrap().try_clone().unwrap();
+    let (mut adopted, pages) = Store::adopt(dup, None, None).unwrap();
+    assert_eq!(pages.len(), model.len());
+    let mut arena = Vec::new();
+    let again = adopted.recompress_candidates(0, usize::MAX, &mut |_, _| true, &mut arena);
+    let lz4_pages = model
+        .values()
+        .filter(|(h, _)| h.kind() == PageKind::Lz4)
+        .count();
+    assert_eq!(again.len(), lz4_pages);
+}
+
+/// What recompression must not touch, and what `replace_blob` refuses with nothing changed.
+#[test]
+fn recompression_leaves_shared_and_changed_blobs_alone() {
+    let mut store = Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+        disk: None,
+    })
+    .unwrap();
+    let at = |i: u64| 0x6700_0000_0000u64 + i * PAGE_SIZE as u64;
+    let pages: Vec<Page> = (0..8).map(text_page).collect();
+    let handles: Vec<Handle> = pages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| store.put(p, at(i as u64)).unwrap())
+        .collect();
+    // Pages 0 and 1 are shared with a forked child; page 2 is not named by the page map.
+    let child = store.join_member().unwrap();
+    store.share(handles[0], child).unwrap();
+    store.share(handles[1], child).unwrap();
+    let mut arena = Vec::new();
+    let cands =
+        store.recompress_candidates(0, usize::MAX, &mut |addr, _| addr != at(2), &mut arena);
+    let offered: Vec<u64> = cands.iter().map(|c| c.addr).collect();
+    assert_eq!(offered.len(), 5, "{offered:x?}");
+    assert!(!offered.contains(&at(0)) && !offered.contains(&at(1)) && !offered.contains(&at(2)));
+    let c = cands[0];
+    let i = ((c.addr - at(0)) / PAGE_SIZE as u64) as usize;
+    let (mut page, mut check, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+    let len = recompress(
+        &arena[c.off..c.off + c.len_bytes],
+        9,
+        c.fits_below(),
+        &mut page,
+        &mut check,
+        &mut out,
+    )
+    .expect("text shrinks");
+    let stats = store.stats();
+    let mut never = || panic!("nothing may be published");
+    // The wrong address, the whole old payload (no smaller class), a shared blob's handle.
+    assert!(store
+        .replace_blob(
+            0,
+            c.handle,
+            c.addr + PAGE_SIZE as u64,
+            &out[..len],
+            &mut never
+        )
+        .is_err());
+    let old_payload = arena[c.off..c.off + c.len_bytes].to_vec();
+    assert!(store
+        .replace_blob(0, c.handle, c.addr, &old_payload, &mut never)
+        .is_err());
+    assert!(store
+        .replace_blob(0, handles[0], at(0), &out[..len], &mut never)
+        .is_err());
+    // The page went back to the program meanwhile: its handle names nothing.
+    store.remove(c.handle);
+    assert!(store
+        .replace_blob(0, c.handle, c.addr, &out[..len], &mut never)
+        .is_err());
+    let after = store.stats();
+    assert_eq!(after.recompressed, 0);
+    assert_eq!(after.pages_lz4, stats.pages_lz4 - 1);
+    for (j, h) in handles.iter().enumerate() {
+        if j != i {
+            assert_eq!(&read_back(&store, *h), &pages[j]);
+        }
+    }
+    store.slabs.check_invariants();
+}
