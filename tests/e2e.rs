@@ -239,6 +239,57 @@ fn store_compaction_gives_chunks_back_and_keeps_every_byte() -> R {
     Ok(())
 }
 
+/// Idle-time recompression: while the program rests, the monitor's idle-priority thread
+/// recompresses its stored blobs with lz4hc and the shorter ones replace the old; every page
+/// the program touches afterwards (each is checked) reads back exactly. With
+/// `recompress_level = 0` nothing is recompressed.
+fn idle_recompression_shrinks_the_store_and_keeps_every_byte() -> R {
+    let prog = [
+        workload(),
+        "bench",
+        "--mib",
+        "64",
+        "--pattern",
+        "random",
+        "--touches",
+        "20000",
+        "--idle-ms",
+        "2000",
+    ];
+    let r = run_under_uswap("recompress", "16M", &[], &prog);
+    r.ok_with_eviction(8000)?;
+    let c = r.client();
+    let store = &c["store"];
+    let replaced = store["recompressed"].as_u64().unwrap_or(0);
+    let saved = store["recompress_bytes_saved"].as_u64().unwrap_or(0);
+    let cpu_s = c["recompress_cpu_s"].as_f64().unwrap_or(0.0);
+    if replaced < 1000 || saved < replaced * 64 || cpu_s <= 0.0 {
+        return Err(format!(
+            "idle recompression did too little: {replaced} blobs replaced, {saved} bytes saved, {cpu_s} s of CPU\n{}",
+            r.describe()
+        )
+        .into());
+    }
+    let off = run_under_uswap(
+        "recompress-off",
+        "16M",
+        &["--set", "recompress_level=0"],
+        &prog,
+    );
+    off.ok_with_eviction(8000)?;
+    let c = off.client();
+    let replaced = c["store"]["recompressed"].as_u64().unwrap_or(0);
+    let offered = c["recompress_offered"].as_u64().unwrap_or(0);
+    if replaced != 0 || offered != 0 {
+        return Err(format!(
+            "recompress_level = 0 still recompressed ({offered} offered, {replaced} replaced)\n{}",
+            off.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 fn fill_verify_rss_settles_below_budget_plus_slack() -> R {
     // 128 MiB of data, 32 MiB budget; slack: one tick of fill-ahead plus the policy's
     // hysteresis and the unmanaged anonymous memory of a small Rust program (~8 MiB).
@@ -1679,6 +1730,34 @@ fn monitor_dies_in_the_middle_of_a_compaction() -> R {
     Ok(())
 }
 
+/// The monitor dies in the middle of an idle-time recompression: a blob's shorter copy and
+/// its record are published, the old record not yet zeroed (layout write order, step 8), so
+/// the store file names that page twice with two different lz4 blocks of the same page. The
+/// program must read every page, brought home by its shim or adopted by a new monitor.
+fn monitor_dies_in_the_middle_of_a_recompression() -> R {
+    for (i, adopt) in [false, true].into_iter().enumerate() {
+        let args = [
+            "bench",
+            "--mib",
+            "32",
+            "--pattern",
+            "random",
+            "--touches",
+            "8000",
+            "--idle-ms",
+            "3000",
+        ];
+        die_at(
+            &format!("recompdie{i}"),
+            "recompress:published",
+            adopt,
+            &args,
+            true,
+        )?;
+    }
+    Ok(())
+}
+
 /// A fork family moves shared evicted memory while its monitor is dead: the parent's mremap
 /// of a 16 MiB region whose evicted pages it shares with a live forked child is read by the
 /// monitor, which dies before applying it. The guardian applies it from the journal and keeps
@@ -2294,6 +2373,14 @@ fn main() {
         Trial::test(
             "monitor_dies_in_the_middle_of_a_compaction",
             monitor_dies_in_the_middle_of_a_compaction,
+        ),
+        Trial::test(
+            "idle_recompression_shrinks_the_store_and_keeps_every_byte",
+            idle_recompression_shrinks_the_store_and_keeps_every_byte,
+        ),
+        Trial::test(
+            "monitor_dies_in_the_middle_of_a_recompression",
+            monitor_dies_in_the_middle_of_a_recompression,
         ),
         Trial::test(
             "fill_verify_rss_settles_below_budget_plus_slack",

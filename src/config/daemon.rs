@@ -31,6 +31,7 @@ pub const DAEMON_KEYS: &[&str] = &[
     "max_clients_per_uid",
     "agent_timeout",
     "compress_threads",
+    "recompress_threads",
 ];
 
 /// The daemon's settings, fully resolved.
@@ -61,6 +62,9 @@ pub struct DaemonConfig {
     /// compresses alone). Key `compress_threads`; `None` ("auto") = none on one or two CPUs,
     /// else one per CPU beyond the first, at most 4.
     pub compress_threads: Option<usize>,
+    /// Idle-priority threads that recompress cold blobs for every program (programs choose
+    /// the level, `recompress_level`); 0 = none. Key `recompress_threads`.
+    pub recompress_threads: usize,
 }
 
 impl Default for DaemonConfig {
@@ -74,6 +78,7 @@ impl Default for DaemonConfig {
             max_clients_per_uid: 64,
             agent_timeout: Duration::from_secs(5),
             compress_threads: None,
+            recompress_threads: 1,
         }
     }
 }
@@ -186,6 +191,22 @@ fn set_daemon_key(cfg: &mut DaemonConfig, key: &str, v: &Value) -> Result<(), Ke
                 other => {
                     return Err(KeyError::Invalid(format!(
                         "expected an integer 0..=64 or \"auto\", found {}",
+                        type_name(other)
+                    )))
+                }
+            }
+        }
+        "recompress_threads" => {
+            cfg.recompress_threads = match v {
+                Value::Integer(i) if (0..=16).contains(i) => *i as usize,
+                Value::Integer(i) => {
+                    return Err(KeyError::Invalid(format!(
+                        "{i} is out of range (allowed 0..=16)"
+                    )))
+                }
+                other => {
+                    return Err(KeyError::Invalid(format!(
+                        "expected an integer, found {}",
                         type_name(other)
                     )))
                 }

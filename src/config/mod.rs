@@ -63,6 +63,7 @@ pub const KEYS: &[&str] = &[
     "max_store",
     "disk_dir",
     "max_disk",
+    "recompress_level",
     "hot_ttl",
     "rescue_after",
     "backend",
@@ -111,6 +112,9 @@ pub struct ProgramConfig {
     pub tick: Duration,
     /// Cap on eviction bandwidth. Key `max_evict_rate`.
     pub max_evict_bytes_per_sec: u64,
+    /// lz4hc level at which cold blobs are recompressed at idle time (a CPU nobody else
+    /// wants); 0 = never. Key `recompress_level`.
+    pub recompress_level: u32,
     /// Pages per agent batch. Key `batch_pages`.
     pub batch_pages: u32,
     /// Maximum pages per contiguous run (one ioctl). Key `run_pages`.
@@ -169,6 +173,7 @@ impl Default for ProgramConfig {
             tick: Duration::from_millis(20),
             max_evict_bytes_per_sec: 1 << 30,
             batch_pages: 512,
+            recompress_level: DEFAULT_RECOMPRESS_LEVEL,
             run_pages: 64,
             window_bytes: 32 << 20,
             fill_ahead_pages: 256,
@@ -237,6 +242,7 @@ impl ProgramConfig {
             },
         );
         line("max_disk", format!("\"{}\"", opt_size(self.max_disk_bytes)));
+        line("recompress_level", self.recompress_level.to_string());
         line("hot_ttl", format!("\"{}\"", format_duration(self.hot_ttl)));
         line(
             "rescue_after",
@@ -286,6 +292,7 @@ pub struct Overrides {
     pub disk_dir: Option<Option<PathBuf>>,
     /// `Some(None)` = `"none"` (no bound).
     pub max_disk_bytes: Option<Option<u64>>,
+    pub recompress_level: Option<u32>,
     pub hot_ttl: Option<Duration>,
     pub rescue_after: Option<Duration>,
     pub backend: Option<Backend>,
@@ -339,6 +346,9 @@ impl Overrides {
             "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
             "disk_dir" => self.disk_dir = Some(check_disk_dir(opt_path_value(v)?)?),
             "max_disk" => self.max_disk_bytes = Some(check_max_disk(opt_size_value(v)?)?),
+            "recompress_level" => {
+                self.recompress_level = Some(check_recompress_level(u32_value(v)?)?)
+            }
             "hot_ttl" => self.hot_ttl = Some(check_hot_ttl(duration_value(v)?)?),
             "rescue_after" => self.rescue_after = Some(check_rescue_after(duration_value(v)?)?),
             "backend" => self.backend = Some(backend_value(v)?),
@@ -376,6 +386,9 @@ impl Overrides {
         }
         if let Some(v) = self.batch_pages {
             check_batch_pages(v).map_err(|r| err("batch_pages", r.reason()))?;
+        }
+        if let Some(v) = self.recompress_level {
+            check_recompress_level(v).map_err(|r| err("recompress_level", r.reason()))?;
         }
         if let Some(v) = self.run_pages {
             check_run_pages(v).map_err(|r| err("run_pages", r.reason()))?;
@@ -443,6 +456,7 @@ impl Overrides {
         put(&mut cfg.max_store_bytes, &self.max_store_bytes);
         put(&mut cfg.disk_dir, &self.disk_dir);
         put(&mut cfg.max_disk_bytes, &self.max_disk_bytes);
+        put(&mut cfg.recompress_level, &self.recompress_level);
         put(&mut cfg.hot_ttl, &self.hot_ttl);
         put(&mut cfg.rescue_after, &self.rescue_after);
         put(&mut cfg.backend, &self.backend);
@@ -555,6 +569,7 @@ struct RawConfig {
     max_store: Option<Spanned<Value>>,
     disk_dir: Option<Spanned<Value>>,
     max_disk: Option<Spanned<Value>>,
+    recompress_level: Option<Spanned<Value>>,
     hot_ttl: Option<Spanned<Value>>,
     rescue_after: Option<Spanned<Value>>,
     backend: Option<Spanned<Value>>,
@@ -567,7 +582,7 @@ struct RawConfig {
 
 impl RawConfig {
     /// The fields paired with their key names, in [`KEYS`] order.
-    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 22] {
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 23] {
         [
             ("budget", self.budget),
             ("cooling", self.cooling),
@@ -583,6 +598,7 @@ impl RawConfig {
             ("max_store", self.max_store),
             ("disk_dir", self.disk_dir),
             ("max_disk", self.max_disk),
+            ("recompress_level", self.recompress_level),
             ("hot_ttl", self.hot_ttl),
             ("rescue_after", self.rescue_after),
             ("backend", self.backend),
@@ -979,6 +995,15 @@ fn check_evict_rate(v: u64) -> Result<u64, KeyError> {
 /// At most one request descriptor of the shared window (`protocol::shm::MAX_BATCH_PAGES`).
 fn check_batch_pages(v: u32) -> Result<u32, KeyError> {
     in_range(v, 1, crate::protocol::shm::MAX_BATCH_PAGES as u32)
+}
+
+/// Default lz4hc level of idle-time recompression: level 3 gains about 10 % over lz4 on
+/// heap-like pages for ~25 µs of CPU per page (BENCHMARKS.md, "Idle-time recompression").
+pub const DEFAULT_RECOMPRESS_LEVEL: u32 = 3;
+
+/// 0 (off) or an lz4hc level.
+fn check_recompress_level(v: u32) -> Result<u32, KeyError> {
+    in_range(v, 0, crate::store::RECOMPRESS_LEVEL_MAX)
 }
 
 fn check_run_pages(v: u32) -> Result<u32, KeyError> {

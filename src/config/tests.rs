@@ -255,6 +255,11 @@ fn error_out_of_range_integer_names_file_key_reason() {
         msg.contains("foo.toml:1: key \"batch_pages\": 5000 is out of range (allowed 1..=1024)"),
         "{msg}"
     );
+    let msg = error_for("recompress_level = 13\n");
+    assert!(
+        msg.contains("key \"recompress_level\": 13 is out of range (allowed 0..=12)"),
+        "{msg}"
+    );
     let msg = error_for("run_pages = -1\n");
     assert!(
         msg.contains("key \"run_pages\"") && msg.contains("out of range"),
@@ -528,10 +533,11 @@ fn daemon_keys_parse_to_their_values() {
         Path::new("d.toml"),
         "allow_uids = [1000, 0]\nallow_gids = [65534]\nsocket_mode = \"0660\"\nuser = \"nobody\"\n\
          max_store_per_uid = \"64M\"\nmax_clients_per_uid = 3\nagent_timeout = \"1s\"\n\
-         compress_threads = 2\n",
+         compress_threads = 2\nrecompress_threads = 0\n",
     )
     .unwrap();
     assert_eq!(cfg.compress_threads, Some(2));
+    assert_eq!(cfg.recompress_threads, 0);
     assert_eq!(cfg.allow_uids, vec![1000, 0]);
     assert_eq!(cfg.allow_gids, vec![65534]);
     assert_eq!(cfg.socket_mode, 0o660);
@@ -582,6 +588,12 @@ fn daemon_bad_values_name_key_and_reason() {
         ("max_clients_per_uid = 0", "max_clients_per_uid", "1..=4096"),
         ("agent_timeout = \"1ms\"", "agent_timeout", "out of range"),
         ("compress_threads = 65", "compress_threads", "0..=64"),
+        ("recompress_threads = 17", "recompress_threads", "0..=16"),
+        (
+            "recompress_threads = \"one\"",
+            "recompress_threads",
+            "expected an integer",
+        ),
         ("compress_threads = \"many\"", "compress_threads", "auto"),
     ] {
         let e = daemon_error_for(text);

@@ -78,6 +78,8 @@ pub struct ClientLimits {
     pub forks: Arc<Forks>,
     /// The monitor's compression workers (`None`: the control thread compresses alone).
     pub compress: Option<Arc<Pool>>,
+    /// The monitor's idle-time recompression threads (`None`: no recompression).
+    pub recompress: Option<Arc<super::recompress::Recompressor>>,
 }
 
 impl Default for ClientLimits {
@@ -87,6 +89,7 @@ impl Default for ClientLimits {
             uid_store: None,
             forks: Arc::default(),
             compress: None,
+            recompress: None,
         }
     }
 }
@@ -184,6 +187,8 @@ pub struct Client {
     /// Faults served as of the last compaction tick (compaction: a client that served none
     /// since is at rest, and its store is compacted down to the last chunk).
     pub compact_faults_mark: AtomicU64,
+    /// Idle-time recompression jobs queued (control thread only).
+    pub recompress_jobs: Mutex<super::recompress::Jobs>,
     watch: Mutex<AgentWatch>,
     /// This client's share of `limits.uid_store`, in bytes.
     uid_store_share: AtomicU64,
@@ -547,6 +552,7 @@ impl Client {
             agent_stalled: AtomicBool::new(false),
             over_budget: AtomicBool::new(false),
             compact_faults_mark: AtomicU64::new(0),
+            recompress_jobs: Mutex::new(Default::default()),
             watch: Mutex::new(AgentWatch::default()),
             uid_store_share: AtomicU64::new(0),
             disk: disk_file.map(super::disktier::ClientDisk::new),
@@ -1042,6 +1048,7 @@ impl Client {
             // Room was made: the pages the full store refused are stored now, not a tick later.
             self.compress_cooled(decision.cold_age_ms);
         }
+        self.recompress_tick();
         self.compact_store();
         self.trim_window();
         self.limits.forks.sweep();
@@ -1911,6 +1918,9 @@ impl Client {
             window_trimmed_bytes: g(&c.window_trimmed_bytes),
             over_budget_spells: g(&c.over_budget_spells),
             compact_max_us: g(&c.compact_max_ns) as f64 / 1e3,
+            recompress_offered: g(&c.recompress_offered),
+            recompress_cpu_s: g(&c.recompress_ns) as f64 / 1e9,
+            recompress_max_hold_us: g(&c.recompress_max_hold_ns) as f64 / 1e3,
             shadow_runs: g(&c.shadow_runs),
             shadow_max_us: g(&c.shadow_max_ns) as f64 / 1e3,
             pages_unshadowed: g(&c.pages_unshadowed),

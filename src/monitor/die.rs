@@ -9,6 +9,9 @@
 //! - `compact:copied` (control thread): store compaction has published a blob's new copy and
 //!   record, and not yet zeroed the old record; the length is the payload bytes compaction
 //!   moved for this client so far;
+//! - `recompress:published` (control thread): idle-time recompression has published a
+//!   blob's shorter copy and its record, and not yet zeroed the old record (layout write
+//!   order, step 8);
 //! - `fork:hello` (server thread): a forked child's `Hello` has arrived, its snapshot not yet
 //!   claimed; the child has registered its memory with its own userfaultfd and finds no monitor
 //!   (a restarted one would not know its token), so it brings its pages home itself.

@@ -17,6 +17,7 @@ pub mod keeper;
 pub mod pages;
 pub mod pagetrace;
 pub mod prefetch;
+pub mod recompress;
 pub mod regions;
 pub mod server;
 pub mod spin;

@@ -80,6 +80,8 @@ pub struct Monitor {
     adopted: Mutex<HashMap<(u64, u64), (std::sync::Weak<parking_lot::Mutex<Store>>, u32)>>,
     /// Compression workers shared by every client (daemon config `compress_threads`).
     compress: Option<Arc<super::compress::Pool>>,
+    /// Idle-time recompression threads (daemon config `recompress_threads`).
+    recompress: Option<Arc<super::recompress::Recompressor>>,
 }
 
 /// Kernel-reported credentials of a connection's peer.
@@ -325,8 +327,21 @@ impl Monitor {
                 }
             }
         };
+        let threads = opts.daemon.recompress_threads;
+        let recompress = if threads == 0 {
+            None
+        } else {
+            match super::recompress::Recompressor::new(threads) {
+                Ok(p) => Some(Arc::new(p)),
+                Err(e) => {
+                    warn!("cannot start {threads} recompression threads ({e}): no idle-time recompression");
+                    None
+                }
+            }
+        };
         Arc::new(Monitor {
             compress,
+            recompress,
             opts,
             next_id: AtomicU64::new(1),
             clients: Mutex::new(Vec::new()),
@@ -707,6 +722,7 @@ impl Monitor {
                     uid_store: self.uid_store(peer_uid),
                     forks: Arc::clone(&self.forks),
                     compress: self.compress.clone(),
+                    recompress: self.recompress.clone(),
                 };
                 let who = ClientId {
                     id,

@@ -82,6 +82,12 @@ pub struct Counters {
     pub compact_max_ns: AtomicU64,
     /// Payload bytes compaction moved.
     pub compact_bytes: AtomicU64,
+    /// Idle-time recompression (`monitor/recompress.rs`): blobs offered to the workers, the
+    /// workers' CPU time on them, and the control thread's longest lock hold putting the
+    /// results in place (blobs replaced and bytes saved are in `store`).
+    pub recompress_offered: AtomicU64,
+    pub recompress_ns: AtomicU64,
+    pub recompress_max_hold_ns: AtomicU64,
     /// Window trim: bytes of free window slots given back (stock backend), since the start.
     pub window_trimmed_bytes: AtomicU64,
     /// Times resident memory went well over the budget (prefetch held back meanwhile).
@@ -443,6 +449,15 @@ pub struct ClientReport {
     pub compact_s: f64,
     #[serde(default)]
     pub compact_max_us: f64,
+    /// Idle-time recompression: blobs offered to the idle-priority workers, their CPU time
+    /// on this program's blobs, and the longest lock hold putting results in place, in µs
+    /// (blobs replaced and payload bytes saved are in `store`).
+    #[serde(default)]
+    pub recompress_offered: u64,
+    #[serde(default)]
+    pub recompress_cpu_s: f64,
+    #[serde(default)]
+    pub recompress_max_hold_us: f64,
     /// Memory the window (stock) or arena (cross-mm) holds now (its resident pages); 0 once
     /// the program has ended.
     #[serde(default)]

@@ -196,6 +196,8 @@ struct Chunk {
     /// adopted store starts with every blob unsettled.
     settled_bitmap: Box<[u64]>,
     used_slots: u32,
+    /// Slots in use and not settled: a chunk with none is skipped without reading its bitmaps.
+    unsettled_slots: u32,
     class_idx: u8,
     /// Index in `Slabs::partial[class_idx]`, or [`NOT_PARTIAL`] while the chunk is full.
     partial_pos: u32,
@@ -225,6 +227,7 @@ impl Chunk {
             used_bitmap,
             settled_bitmap,
             used_slots: 0,
+            unsettled_slots: 0,
             class_idx,
             partial_pos: NOT_PARTIAL,
         }
@@ -246,13 +249,21 @@ impl Chunk {
         self.settled_bitmap[slot_idx / BITS_PER_WORD] & (1 << (slot_idx % BITS_PER_WORD)) != 0
     }
 
+    /// Sets a slot's settled bit; the slot must be in use (a free slot is always settled).
     fn set_settled(&mut self, slot_idx: usize, settled: bool) {
+        debug_assert!(self.is_used(slot_idx));
         let bit = 1 << (slot_idx % BITS_PER_WORD);
         let word = &mut self.settled_bitmap[slot_idx / BITS_PER_WORD];
+        let was = *word & bit != 0;
         if settled {
             *word |= bit;
         } else {
             *word &= !bit;
+        }
+        match (was, settled) {
+            (false, true) => self.unsettled_slots -= 1,
+            (true, false) => self.unsettled_slots += 1,
+            _ => {}
         }
     }
 
@@ -268,7 +279,7 @@ impl Chunk {
         *word |= 1 << bit;
         self.used_slots += 1;
         // A new blob: not offered for recompression yet.
-        self.settled_bitmap[word_idx] &= !(1 << bit);
+        self.set_settled(word_idx * BITS_PER_WORD + bit, false);
         Some(word_idx * BITS_PER_WORD + bit)
     }
 
@@ -771,6 +782,7 @@ impl Slabs {
         let slot_idx = loc.slot_idx as usize;
         let published = chunk.record(slot_idx).swap(0, Ordering::AcqRel) != 0;
         let was_full = chunk.is_full();
+        chunk.set_settled(slot_idx, true);
         chunk.used_bitmap[slot_idx / BITS_PER_WORD] &= !(1 << (slot_idx % BITS_PER_WORD));
         chunk.used_slots -= 1;
         if chunk.on_disk {
@@ -890,7 +902,7 @@ impl Slabs {
             let Some(chunk) = self.chunks[chunk_idx].as_mut() else {
                 continue;
             };
-            if chunk.on_disk || chunk.class_idx == RAW_CLASS_IDX {
+            if chunk.on_disk || chunk.class_idx == RAW_CLASS_IDX || chunk.unsettled_slots == 0 {
                 continue;
             }
             let class_idx = chunk.class_idx;
@@ -905,7 +917,7 @@ impl Slabs {
                         chunk_idx: chunk_idx as u32,
                         slot_idx: slot_idx as u32,
                     };
-                    if self.pinned.contains(&loc) {
+                    if !self.pinned.is_empty() && self.pinned.contains(&loc) {
                         continue;
                     }
                     chunk.set_settled(slot_idx, true);
@@ -1109,6 +1121,14 @@ impl Slabs {
             let slots = slots_per_chunk(chunk.class_idx);
             let counted = (0..slots).filter(|&s| chunk.is_used(s)).count();
             assert_eq!(counted, chunk.used_slots as usize, "chunk {idx} count");
+            let unsettled = (0..slots)
+                .filter(|&s| chunk.is_used(s) && !chunk.is_settled(s))
+                .count();
+            assert_eq!(unsettled, chunk.unsettled_slots as usize, "chunk {idx}");
+            assert!(
+                (slots..chunk.settled_bitmap.len() * BITS_PER_WORD).all(|s| chunk.is_settled(s)),
+                "chunk {idx}: bits past the last slot are settled"
+            );
             assert!(chunk.used_slots > 0, "empty chunk {idx} still mapped");
             let bytes = counted as u64 * slot_bytes(chunk.class_idx) as u64;
             if chunk.on_disk {

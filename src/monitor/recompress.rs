@@ -1,0 +1,371 @@
+//! Idle-time recompression, monitor side (the store's part: `store` module doc,
+//! "Recompression"). Pages go into the store as fast lz4, at the rate eviction needs; a
+//! CPU left idle afterwards recompresses them with lz4hc, and each blob that then fits a
+//! smaller size class takes less memory. Compaction gives the emptied chunks back.
+//!
+//! Each tick, a client's control thread (1) puts in place the results of its jobs that are
+//! done, under its lock, at most [`INSTALL_BATCH`] per hold, and only for pages its page map
+//! still names by the handle the job read; (2) keeps up to [`JOBS_IN_FLIGHT`] jobs queued,
+//! each up to [`JOB_BLOBS`] blobs whose payloads it copied under its lock
+//! (`Store::recompress_candidates`). The daemon's recompression threads (config
+//! `recompress_threads`) run at idle priority: `SCHED_IDLE`, so any other runnable thread of
+//! the machine (the programs, the fault threads) preempts them at once; `nice 19` where
+//! `SCHED_IDLE` is refused.
+//!
+//! Owns: the recompression threads, their job queue, each client's jobs in flight, and the
+//! counters of their CPU time. Must not: let a worker take a client's lock or touch a store
+//! (an idle-priority thread holding a lock the fault path waits for would make the fault wait
+//! for every other runnable thread of the machine), or hold a client's lock while
+//! compressing.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender, TryRecvError};
+use tracing::{debug, warn};
+
+use super::client::Client;
+use super::pages::PageState;
+use super::stats::Counters;
+use crate::store::{recompress, RecompressCandidate, StoreError};
+use crate::PAGE_SIZE;
+
+/// Blobs per job (their payloads are copied under the client's lock: 768 KiB at most).
+pub const JOB_BLOBS: usize = 256;
+/// Jobs a client keeps queued, so a worker finds the next one when it finishes one.
+pub const JOBS_IN_FLIGHT: usize = 3;
+/// Replacements under one hold of the client's lock (a fault waits for it meanwhile).
+const INSTALL_BATCH: usize = 32;
+
+/// One client's blobs to recompress.
+struct Job {
+    level: u32,
+    arena: Vec<u8>,
+    cands: Vec<RecompressCandidate>,
+    reply: Sender<Done>,
+}
+
+/// A job's results: for each blob that shrank, (index in `cands`, offset and length of its
+/// new payload in `out`).
+pub struct Done {
+    cands: Vec<RecompressCandidate>,
+    shrunk: Vec<(usize, usize, usize)>,
+    out: Vec<u8>,
+    /// CPU time the worker spent on the job.
+    cpu_ns: u64,
+}
+
+/// The daemon's recompression threads.
+pub struct Recompressor {
+    tx: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Recompressor {
+    /// Starts `threads` workers (at least one).
+    pub fn new(threads: usize) -> std::io::Result<Recompressor> {
+        let (tx, rx) = unbounded::<Job>();
+        let mut handles = Vec::new();
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("uswap-recomp-{i}"))
+                    .spawn(move || worker(rx))?,
+            );
+        }
+        Ok(Recompressor {
+            tx: Some(tx),
+            threads: handles,
+        })
+    }
+
+    /// Queues a job; its result arrives on the returned channel.
+    fn submit(
+        &self,
+        level: u32,
+        arena: Vec<u8>,
+        cands: Vec<RecompressCandidate>,
+    ) -> Receiver<Done> {
+        let (reply, rx) = bounded(1);
+        if let Some(tx) = &self.tx {
+            // A send fails only once every worker is gone; the receiver then reports it.
+            let _ = tx.send(Job {
+                level,
+                arena,
+                cands,
+                reply,
+            });
+        }
+        rx
+    }
+}
+
+impl std::fmt::Debug for Recompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recompressor")
+            .field("threads", &self.threads.len())
+            .finish()
+    }
+}
+
+impl Drop for Recompressor {
+    fn drop(&mut self) {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Makes the calling thread run only when a CPU is otherwise idle.
+fn lower_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 names the calling thread; `param` is a valid sched_param on our stack.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } == 0 {
+        return;
+    }
+    let err = std::io::Error::last_os_error();
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on this thread's own id (Linux: per-thread nice value).
+    let niced = unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19) } == 0;
+    warn!(
+        "recompression thread: SCHED_IDLE refused ({err}); running at {}",
+        if niced { "nice 19" } else { "normal priority" }
+    );
+}
+
+/// CPU time of the calling thread.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec on our stack.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn worker(rx: Receiver<Job>) {
+    lower_priority();
+    let mut page = Box::new([0u8; PAGE_SIZE]);
+    let mut check = Box::new([0u8; PAGE_SIZE]);
+    let mut buf = Vec::new();
+    for job in rx {
+        let t0 = thread_cpu_ns();
+        let mut shrunk = Vec::new();
+        let mut out = Vec::new();
+        for (i, c) in job.cands.iter().enumerate() {
+            let payload = &job.arena[c.off..c.off + c.len_bytes];
+            if let Some(len) = recompress(
+                payload,
+                job.level,
+                c.fits_below(),
+                &mut page,
+                &mut check,
+                &mut buf,
+            ) {
+                shrunk.push((i, out.len(), len));
+                out.extend_from_slice(&buf[..len]);
+            }
+        }
+        let cpu_ns = thread_cpu_ns().saturating_sub(t0);
+        // The client may be gone; its results go with it.
+        let _ = job.reply.send(Done {
+            cands: job.cands,
+            shrunk,
+            out,
+            cpu_ns,
+        });
+    }
+}
+
+impl Client {
+    /// One tick's recompression (see the module doc).
+    pub(super) fn recompress_tick(&self) {
+        let Some(pool) = &self.limits.recompress else {
+            return;
+        };
+        let level = self.cfg.recompress_level;
+        if level == 0 {
+            return;
+        }
+        let mut jobs = self.recompress_jobs.lock();
+        while let Some(rx) = jobs.front() {
+            match rx.try_recv() {
+                Ok(done) => {
+                    jobs.pop_front();
+                    self.install_recompressed(done);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    jobs.pop_front();
+                }
+            }
+        }
+        while jobs.len() < JOBS_IN_FLIGHT {
+            let mut arena = Vec::new();
+            let cands = {
+                let mut st = self.state.lock();
+                let t0 = Instant::now();
+                let st = &mut *st;
+                let member = st.store.member();
+                let mut store = st.store.lock();
+                let pages = &st.pages;
+                let cands = store.recompress_candidates(
+                    member,
+                    JOB_BLOBS,
+                    &mut |addr, h| pages.state(addr) == PageState::Stored(h),
+                    &mut arena,
+                );
+                self.counters
+                    .recompress_max_hold_ns
+                    .fetch_max(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                cands
+            };
+            if cands.is_empty() {
+                break;
+            }
+            Counters::add(&self.counters.recompress_offered, cands.len() as u64);
+            jobs.push_back(pool.submit(level, arena, cands));
+        }
+    }
+
+    /// Puts a job's shorter blobs in place of the ones it read, where the page map still
+    /// names the page by the handle read (a page faulted back, discarded, moved by compaction
+    /// or demoted meanwhile is left as it is).
+    fn install_recompressed(&self, done: Done) {
+        Counters::add(&self.counters.recompress_ns, done.cpu_ns);
+        let mut all_moves = Vec::new();
+        let mut replaced = 0u64;
+        for batch in done.shrunk.chunks(INSTALL_BATCH) {
+            let mut st = self.state.lock();
+            let t0 = Instant::now();
+            let st = &mut *st;
+            let member = st.store.member();
+            let mut store = st.store.lock();
+            let mut moves = Vec::with_capacity(batch.len());
+            for &(i, off, len) in batch {
+                let c = done.cands[i];
+                if st.pages.state(c.addr) != PageState::Stored(c.handle) {
+                    continue;
+                }
+                match store.replace_blob(
+                    member,
+                    c.handle,
+                    c.addr,
+                    &done.out[off..off + len],
+                    &mut || super::die::point("recompress:published"),
+                ) {
+                    Ok(new) => moves.push((c.addr, c.handle, new)),
+                    // No room for the smaller slot: the blob stays as it is.
+                    Err(StoreError::Full) => {}
+                    Err(e) => debug!(client = self.id, "recompression not applied: {e}"),
+                }
+            }
+            let n = st.pages.rehandled(&moves);
+            debug_assert_eq!(n, moves.len(), "checked under the same lock");
+            replaced += moves.len() as u64;
+            if st.pages.tracks_stored_order() {
+                all_moves.extend_from_slice(&moves);
+            }
+            drop(store);
+            let ns = t0.elapsed().as_nanos() as u64;
+            self.counters
+                .recompress_max_hold_ns
+                .fetch_max(ns, Ordering::Relaxed);
+        }
+        if !all_moves.is_empty() {
+            self.state.lock().pages.rename_stored_order(&all_moves);
+        }
+        if replaced > 0 {
+            debug!(
+                client = self.id,
+                offered = done.cands.len(),
+                replaced,
+                "blobs recompressed"
+            );
+        }
+    }
+}
+
+/// The recompression jobs a client has queued, oldest first.
+pub type Jobs = VecDeque<Receiver<Done>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker runs at idle priority and returns each job's shorter payloads, which decode
+    /// to the pages the job's blobs held.
+    #[test]
+    fn worker_shrinks_text_blobs_at_idle_priority() {
+        let pool = Recompressor::new(1).unwrap();
+        let mut store = crate::store::Store::new(crate::store::StoreConfig::default());
+        let mut pages = Vec::new();
+        for i in 0..64u64 {
+            let mut p = [0u8; PAGE_SIZE];
+            let words: [&[u8]; 4] = [b"cold ", b"page ", b"store ", b"uswap "];
+            let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+            let mut pos = 0;
+            while pos < PAGE_SIZE {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let w = words[(x % 4) as usize];
+                let n = w.len().min(PAGE_SIZE - pos);
+                p[pos..pos + n].copy_from_slice(&w[..n]);
+                pos += n;
+            }
+            let h = store.put(&p, 0x1000 * (i + 1)).unwrap();
+            pages.push((h, p));
+        }
+        let mut arena = Vec::new();
+        let cands = store.recompress_candidates(0, usize::MAX, &mut |_, _| true, &mut arena);
+        assert_eq!(cands.len(), 64);
+        let done = pool.submit(9, arena, cands).recv().unwrap();
+        assert!(done.shrunk.len() > 32, "{} of 64 shrank", done.shrunk.len());
+        assert!(done.cpu_ns > 0);
+        for &(i, off, len) in &done.shrunk {
+            let c = done.cands[i];
+            assert!(len < c.len_bytes);
+            let mut back = [0u8; PAGE_SIZE];
+            assert_eq!(
+                lz4_flex::block::decompress_into(&done.out[off..off + len], &mut back).ok(),
+                Some(PAGE_SIZE)
+            );
+            let want = pages.iter().find(|(h, _)| *h == c.handle).unwrap();
+            assert_eq!(back, want.1);
+        }
+        // The worker's scheduling policy: SCHED_IDLE (a test host may refuse it: then nice).
+        let policy = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| {
+                let t = t.ok()?.path();
+                let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+                comm.trim()
+                    .starts_with("uswap-recomp")
+                    .then(|| std::fs::read_to_string(t.join("stat")).ok())
+                    .flatten()
+            })
+            .next()
+            .expect("the worker thread is listed");
+        // Field 41 of /proc/.../stat is the policy (after the comm in parentheses).
+        let fields: Vec<&str> = policy
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let sched: u32 = fields[38].parse().unwrap();
+        let nice: i32 = fields[16].parse().unwrap();
+        assert!(
+            sched == libc::SCHED_IDLE as u32 || nice == 19,
+            "policy {sched}, nice {nice}"
+        );
+        drop(pool);
+    }
+}
