@@ -3,13 +3,15 @@
 //! Owns: a deterministic generator of heap-like 4 KiB pages (text records, small integers,
 //! pointers, zero runs, random bytes, some zero and incompressible pages; about 2x under lz4)
 //! and the criterion benches of `encode` (compression) and `Store::get` (decompression) per
-//! page. Prints once, for 100k pages, the compression ratio, metadata bytes per stored page
-//! and fragmentation.
+//! page, and of idle-time recompression (lz4hc) per page. Prints once, for 100k pages, the
+//! compression ratio, metadata bytes per stored page and fragmentation, and a table of what
+//! recompression at each lz4hc level saves and costs.
 //! Must not touch: anything but the public `uswap::store` API.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
-use uswap::store::{encode, Handle, Store, StoreConfig};
+use std::time::Instant;
+use uswap::store::{encode, recompress, Handle, Store, StoreConfig};
 use uswap::PAGE_SIZE;
 
 /// Pages cycled through by the timed loops (16 MiB: larger than a typical L2, like real
@@ -177,8 +179,100 @@ fn report_once() {
     );
 }
 
+/// Stores [`REPORT_PAGES`] mixed pages, recompresses every lz4 blob at each of a few lz4hc
+/// levels as the monitor does (candidates, `recompress`, `replace_blob`) and prints a table:
+/// payload and slot bytes before and after, CPU per page, and decoding time per page before
+/// and after (the fault path's cost).
+fn report_recompression() {
+    eprintln!(
+        "recompression, {REPORT_PAGES} mixed pages (lz4 blobs only; slots = payload rounded to its size class)"
+    );
+    eprintln!("| level | payload MiB before → after | slots MiB before → after | blobs replaced | µs/page (recompress) | decode µs/page before → after |");
+    eprintln!("|---|---|---|---|---|---|");
+    for level in [1u32, 3, 6, 9] {
+        let mut store = Store::try_new(StoreConfig {
+            durable: true,
+            max_bytes: None,
+            disk: None,
+        })
+        .expect("store file");
+        let mut page = [0u8; PAGE_SIZE];
+        let mut buf = Vec::new();
+        let mut handles = std::collections::HashMap::new();
+        for i in 0..REPORT_PAGES {
+            mixed_page(i, &mut page, &mut buf);
+            let addr = 0x1000 * (i + 1);
+            handles.insert(addr, store.put(&page, addr).expect("no quota"));
+        }
+        let lz4_handles = |handles: &std::collections::HashMap<u64, Handle>| -> Vec<Handle> {
+            handles
+                .values()
+                .copied()
+                .filter(|h| h.kind() == uswap::store::PageKind::Lz4)
+                .collect()
+        };
+        let decode_us = |store: &Store, hs: &[Handle]| {
+            let mut out = [0u8; PAGE_SIZE];
+            let t = Instant::now();
+            for h in hs {
+                store.get(*h, &mut out).unwrap();
+            }
+            t.elapsed().as_secs_f64() * 1e6 / hs.len() as f64
+        };
+        let before = store.stats();
+        let decode_before = decode_us(&store, &lz4_handles(&handles));
+        let (mut p, mut c, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+        let mut cpu = std::time::Duration::ZERO;
+        let mut offered = 0usize;
+        loop {
+            let mut arena = Vec::new();
+            let cands = store.recompress_candidates(0, 4096, &mut |_, _| true, &mut arena);
+            if cands.is_empty() {
+                break;
+            }
+            offered += cands.len();
+            for cand in cands {
+                let t = Instant::now();
+                let len = recompress(
+                    &arena[cand.off..cand.off + cand.len_bytes],
+                    level,
+                    cand.fits_below(),
+                    &mut p,
+                    &mut c,
+                    &mut out,
+                );
+                cpu += t.elapsed();
+                if let Some(len) = len {
+                    let new = store
+                        .replace_blob(0, cand.handle, cand.addr, &out[..len], &mut || {})
+                        .unwrap();
+                    handles.insert(cand.addr, new);
+                }
+            }
+        }
+        let after = store.stats();
+        let decode_after = decode_us(&store, &lz4_handles(&handles));
+        let raw = before.pages_raw * PAGE_SIZE as u64;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        eprintln!(
+            "| {level} | {:.1} → {:.1} ({:.1} %) | {:.1} → {:.1} ({:.1} %) | {} of {offered} | {:.1} | {:.2} → {:.2} |",
+            mib(before.bytes_out - raw),
+            mib(after.bytes_out - raw),
+            100.0 * (1.0 - (after.bytes_out - raw) as f64 / (before.bytes_out - raw) as f64),
+            mib(before.slab_bytes_slots),
+            mib(after.slab_bytes_slots),
+            100.0 * (1.0 - after.slab_bytes_slots as f64 / before.slab_bytes_slots as f64),
+            after.recompressed,
+            cpu.as_secs_f64() * 1e6 / offered as f64,
+            decode_before,
+            decode_after,
+        );
+    }
+}
+
 fn bench_store(c: &mut Criterion) {
     report_once();
+    report_recompression();
     let pages = working_set();
 
     let mut group = c.benchmark_group("store");
@@ -226,6 +320,30 @@ fn bench_store(c: &mut Criterion) {
             store.get(black_box(lz4[i]), &mut out).unwrap();
             i = (i + 1) % lz4.len();
             black_box(&out);
+        })
+    });
+
+    group.bench_function("recompress_mixed_page_level3", |b| {
+        let lz4: Vec<(Vec<u8>, usize)> = pages
+            .iter()
+            .filter_map(|p| match encode(p, &mut Vec::new()) {
+                uswap::store::Encoded::Lz4(b) => Some((b.to_vec(), b.len() + 1)),
+                _ => None,
+            })
+            .collect();
+        let (mut p, mut c, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+        let mut i = 0;
+        b.iter(|| {
+            let (payload, bound) = &lz4[i];
+            black_box(recompress(
+                black_box(payload),
+                3,
+                *bound,
+                &mut p,
+                &mut c,
+                &mut out,
+            ));
+            i = (i + 1) % lz4.len();
         })
     });
 

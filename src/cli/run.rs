@@ -229,6 +229,15 @@ fn print_summary(r: &ClientReport, wall: Duration) {
             r.compact_s
         );
     }
+    if st.recompressed > 0 {
+        eprintln!(
+            "  recompression {} of {} blobs offered made smaller, {} saved, {:.2} s of idle CPU",
+            st.recompressed,
+            r.recompress_offered,
+            mib(st.recompress_bytes_saved),
+            r.recompress_cpu_s
+        );
+    }
     eprintln!(
         "  faults        {} (fresh {}, window {}, store {}), service p50 {:.1} us, p99 {:.1} us",
         r.faults,

@@ -189,6 +189,8 @@ pub struct Client {
     pub compact_faults_mark: AtomicU64,
     /// Idle-time recompression jobs queued (control thread only).
     pub recompress_jobs: Mutex<super::recompress::Jobs>,
+    /// Faults served as of the last recompression tick (a busy program gets less of it).
+    pub recompress_faults_mark: AtomicU64,
     watch: Mutex<AgentWatch>,
     /// This client's share of `limits.uid_store`, in bytes.
     uid_store_share: AtomicU64,
@@ -553,6 +555,7 @@ impl Client {
             over_budget: AtomicBool::new(false),
             compact_faults_mark: AtomicU64::new(0),
             recompress_jobs: Mutex::new(Default::default()),
+            recompress_faults_mark: AtomicU64::new(0),
             watch: Mutex::new(AgentWatch::default()),
             uid_store_share: AtomicU64::new(0),
             disk: disk_file.map(super::disktier::ClientDisk::new),

@@ -39,9 +39,6 @@ impl Client {
         let mut moved = 0;
         // The death point counts the bytes compaction moved over the client's life.
         let mut bytes_before = Counters::get(&self.counters.compact_bytes);
-        // Disk tier: the stored order is renamed once for the whole tick (one pass over it;
-        // only this thread reads it, so it may lag behind the page words until then).
-        let mut all_moves = Vec::new();
         let counters = &self.counters;
         let faults = Counters::get(&counters.faults_store)
             + Counters::get(&counters.faults_window)
@@ -73,9 +70,6 @@ impl Client {
                 Counters::add(&self.counters.compact_bytes, c.bytes_moved);
                 let n = st.pages.rehandled(&c.moves);
                 debug_assert_eq!(n, c.moves.len(), "checked under the same lock");
-                if st.pages.tracks_stored_order() {
-                    all_moves.extend_from_slice(&c.moves);
-                }
                 let mapped = store.mapped_bytes();
                 (
                     c.moves.len(),
@@ -96,9 +90,6 @@ impl Client {
             if n == 0 {
                 break;
             }
-        }
-        if !all_moves.is_empty() {
-            self.state.lock().pages.rename_stored_order(&all_moves);
         }
         if moved > 0 {
             debug!(

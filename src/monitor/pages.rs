@@ -31,7 +31,7 @@
 //! [`crate::protocol::shm`]). Must not: issue syscalls or touch the window's page bytes
 //! (callers copy); all calls are made under the client's lock.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use std::sync::atomic::Ordering;
 
@@ -192,6 +192,10 @@ pub struct Pages {
     /// Disk tier: pages in the order they became `Stored` (address, handle), oldest first;
     /// entries whose page has since changed are skipped when popped. `None` without one.
     stored_order: Option<VecDeque<(u64, Handle)>>,
+    /// Disk tier: blobs moved since their stored-order entry was made (compaction,
+    /// recompression), (address, old handle) → new handle; followed when an entry is popped,
+    /// folded into the order when it grows (so a move costs O(1), not a pass over the order).
+    stored_renames: HashMap<(u64, Handle), Handle>,
 }
 
 /// Entries of `stored_order` beyond twice the stored pages (plus this) make it drop its stale
@@ -232,6 +236,7 @@ impl Pages {
             refault_log: Vec::new(),
             refaults_dropped: 0,
             stored_order: None,
+            stored_renames: HashMap::new(),
         }
     }
 
@@ -265,11 +270,11 @@ impl Pages {
             return;
         };
         if q.len() > 2 * stored + STORED_ORDER_SLACK {
-            q.retain(|&(a, h)| self.state(a) == PageState::Stored(h));
+            self.fold_renames(&mut q);
         }
         while out.len() < max {
             let Some((a, h)) = q.pop_front() else { break };
-            if self.state(a) == PageState::Stored(h) {
+            if let Some(h) = self.resolve_stored(a, h) {
                 out.push((a, h));
             }
         }
@@ -295,38 +300,52 @@ impl Pages {
         true
     }
 
-    /// Store compaction: each page `addr` stored as `old` is stored as `new` now (its blob
-    /// moved to another slot). A page no longer `Stored(old)` is left alone; returns how many
-    /// were updated. The stored order (disk tier) still names them by `old` until
-    /// [`Pages::rename_stored_order`] (one pass over it for many batches).
+    /// Store compaction and recompression: each page `addr` stored as `old` is stored as
+    /// `new` now (its blob moved to another slot). A page no longer `Stored(old)` is left
+    /// alone; returns how many were updated. The stored order (disk tier) keeps each renamed
+    /// page's place.
     pub fn rehandled(&mut self, moves: &[(u64, Handle, Handle)]) -> usize {
         let mut n = 0;
         for &(addr, old, new) in moves {
             if self.state(addr) == PageState::Stored(old) {
                 self.set_noting(addr, PageState::Stored(new), false);
+                if self.stored_order.is_some() {
+                    self.stored_renames.insert((addr, old), new);
+                }
                 n += 1;
             }
+        }
+        if let Some(mut q) = self.stored_order.take() {
+            if self.stored_renames.len() > q.len() / 4 + STORED_ORDER_SLACK {
+                self.fold_renames(&mut q);
+            }
+            self.stored_order = Some(q);
         }
         n
     }
 
-    /// Disk tier: the stored order names the pages [`Pages::rehandled`] renamed by their new
-    /// handles, keeping their places. O(stored order).
-    pub fn rename_stored_order(&mut self, moves: &[(u64, Handle, Handle)]) {
-        if moves.is_empty() {
-            return;
-        }
-        if let Some(q) = &mut self.stored_order {
-            let renamed: std::collections::HashMap<(u64, Handle), Handle> = moves
-                .iter()
-                .map(|&(addr, old, new)| ((addr, old), new))
-                .collect();
-            for e in q.iter_mut() {
-                if let Some(&new) = renamed.get(e) {
-                    e.1 = new;
-                }
+    /// The handle a stored-order entry's page is stored under now, following its renames;
+    /// `None` if it is no longer stored as that entry (or any blob moved from it).
+    fn resolve_stored(&mut self, addr: u64, mut h: Handle) -> Option<Handle> {
+        loop {
+            if self.state(addr) == PageState::Stored(h) {
+                return Some(h);
             }
+            h = self.stored_renames.remove(&(addr, h))?;
         }
+    }
+
+    /// Renames every entry of the stored order to its current handle, drops the entries of
+    /// pages no longer stored, and forgets the renames. O(stored order).
+    fn fold_renames(&mut self, q: &mut VecDeque<(u64, Handle)>) {
+        q.retain_mut(|e| match self.resolve_stored(e.0, e.1) {
+            Some(h) => {
+                e.1 = h;
+                true
+            }
+            None => false,
+        });
+        self.stored_renames.clear();
     }
 
     /// Keeps `win`'s slot records in step with the slot table from now on.
@@ -428,7 +447,8 @@ impl Pages {
         let order = self
             .stored_order
             .as_ref()
-            .map_or(0, |q| q.capacity() * std::mem::size_of::<(u64, Handle)>());
+            .map_or(0, |q| q.capacity() * std::mem::size_of::<(u64, Handle)>())
+            + self.stored_renames.capacity() * std::mem::size_of::<((u64, Handle), Handle)>();
         (self.chunks.len() * (CHUNK_PAGES * 8 + 48) + order) as u64
     }
 

@@ -5,9 +5,13 @@
 //!
 //! Each tick, a client's control thread (1) puts in place the results of its jobs that are
 //! done, under its lock, at most [`INSTALL_BATCH`] per hold, and only for pages its page map
-//! still names by the handle the job read; (2) keeps up to [`JOBS_IN_FLIGHT`] jobs queued,
-//! each up to [`JOB_BLOBS`] blobs whose payloads it copied under its lock
-//! (`Store::recompress_candidates`). The daemon's recompression threads (config
+//! still names by the handle the job read and whose slot was never freed since (the store's
+//! *offer*; a slot reused by the same page with the same handle is not mistaken for the
+//! blob that was read); (2) keeps up to [`JOBS_IN_FLIGHT`] jobs queued, each up to
+//! [`JOB_BLOBS`] blobs whose payloads it copied under its lock
+//! (`Store::recompress_candidates`). While the program faults (more than
+//! [`QUIET_FAULTS_PER_TICK`] in a tick) only one job goes in and one comes out per tick, so
+//! its faults do not queue behind these lock holds; a quiet program gets the full rate. The daemon's recompression threads (config
 //! `recompress_threads`) run at idle priority: `SCHED_IDLE`, so any other runnable thread of
 //! the machine (the programs, the fault threads) preempts them at once; `nice 19` where
 //! `SCHED_IDLE` is refused.
@@ -32,12 +36,16 @@ use super::stats::Counters;
 use crate::store::{recompress, RecompressCandidate, StoreError};
 use crate::PAGE_SIZE;
 
-/// Blobs per job (their payloads are copied under the client's lock: 768 KiB at most).
-pub const JOB_BLOBS: usize = 256;
-/// Jobs a client keeps queued, so a worker finds the next one when it finishes one.
-pub const JOBS_IN_FLIGHT: usize = 3;
+/// Blobs per job (their payloads are copied under the client's lock: 192 KiB at most).
+pub const JOB_BLOBS: usize = 64;
+/// Jobs a client keeps queued, so a worker finds the next one when it finishes one (a
+/// worker recompresses ~700 blobs per 20 ms tick at level 3 here).
+pub const JOBS_IN_FLIGHT: usize = 16;
 /// Replacements under one hold of the client's lock (a fault waits for it meanwhile).
-const INSTALL_BATCH: usize = 32;
+const INSTALL_BATCH: usize = 16;
+/// Faults served in one tick above which the program counts as busy (see
+/// [`Client::recompress_tick`]).
+const QUIET_FAULTS_PER_TICK: u64 = 16;
 
 /// One client's blobs to recompress.
 struct Job {
@@ -193,11 +201,29 @@ impl Client {
         if level == 0 {
             return;
         }
+        // A program that faults is not left waiting behind this work's lock holds: while it
+        // faults more than QUIET_FAULTS_PER_TICK, one job a tick goes in and one comes out.
+        let c = &self.counters;
+        let faults = Counters::get(&c.faults_store)
+            + Counters::get(&c.faults_window)
+            + Counters::get(&c.faults_zero);
+        let busy = faults - self.recompress_faults_mark.swap(faults, Ordering::Relaxed)
+            > QUIET_FAULTS_PER_TICK;
+        let (max_in, max_out) = if busy {
+            (1, 1)
+        } else {
+            (JOBS_IN_FLIGHT, JOBS_IN_FLIGHT)
+        };
         let mut jobs = self.recompress_jobs.lock();
+        let mut taken = 0;
         while let Some(rx) = jobs.front() {
+            if taken == max_out {
+                break;
+            }
             match rx.try_recv() {
                 Ok(done) => {
                     jobs.pop_front();
+                    taken += 1;
                     self.install_recompressed(done);
                 }
                 Err(TryRecvError::Empty) => break,
@@ -206,7 +232,8 @@ impl Client {
                 }
             }
         }
-        while jobs.len() < JOBS_IN_FLIGHT {
+        let mut submitted = 0;
+        while jobs.len() < JOBS_IN_FLIGHT && submitted < max_in {
             let mut arena = Vec::new();
             let cands = {
                 let mut st = self.state.lock();
@@ -231,35 +258,42 @@ impl Client {
             }
             Counters::add(&self.counters.recompress_offered, cands.len() as u64);
             jobs.push_back(pool.submit(level, arena, cands));
+            submitted += 1;
         }
     }
 
     /// Puts a job's shorter blobs in place of the ones it read, where the page map still
-    /// names the page by the handle read (a page faulted back, discarded, moved by compaction
-    /// or demoted meanwhile is left as it is).
+    /// names the page by the handle read and the slot was never freed since (a page faulted
+    /// back, discarded, moved or demoted meanwhile is left as it is); ends the offer of every
+    /// other blob of the job.
     fn install_recompressed(&self, done: Done) {
         Counters::add(&self.counters.recompress_ns, done.cpu_ns);
-        let mut all_moves = Vec::new();
         let mut replaced = 0u64;
-        for batch in done.shrunk.chunks(INSTALL_BATCH) {
+        let mut shrunk = done.shrunk.iter().peekable();
+        for (b, batch) in done.cands.chunks(INSTALL_BATCH).enumerate() {
+            let base = b * INSTALL_BATCH;
             let mut st = self.state.lock();
             let t0 = Instant::now();
             let st = &mut *st;
             let member = st.store.member();
             let mut store = st.store.lock();
             let mut moves = Vec::with_capacity(batch.len());
-            for &(i, off, len) in batch {
-                let c = done.cands[i];
-                if st.pages.state(c.addr) != PageState::Stored(c.handle) {
+            for (k, c) in batch.iter().enumerate() {
+                let payload = match shrunk.peek() {
+                    Some(&&(i, off, len)) if i == base + k => {
+                        shrunk.next();
+                        Some(&done.out[off..off + len])
+                    }
+                    _ => None,
+                };
+                let named = st.pages.state(c.addr) == PageState::Stored(c.handle);
+                let Some(payload) = payload.filter(|_| named) else {
+                    store.withdraw_candidate(c.handle);
                     continue;
-                }
-                match store.replace_blob(
-                    member,
-                    c.handle,
-                    c.addr,
-                    &done.out[off..off + len],
-                    &mut || super::die::point("recompress:published"),
-                ) {
+                };
+                match store.replace_blob(member, c.handle, c.addr, payload, &mut || {
+                    super::die::point("recompress:published")
+                }) {
                     Ok(new) => moves.push((c.addr, c.handle, new)),
                     // No room for the smaller slot: the blob stays as it is.
                     Err(StoreError::Full) => {}
@@ -269,17 +303,11 @@ impl Client {
             let n = st.pages.rehandled(&moves);
             debug_assert_eq!(n, moves.len(), "checked under the same lock");
             replaced += moves.len() as u64;
-            if st.pages.tracks_stored_order() {
-                all_moves.extend_from_slice(&moves);
-            }
             drop(store);
             let ns = t0.elapsed().as_nanos() as u64;
             self.counters
                 .recompress_max_hold_ns
                 .fetch_max(ns, Ordering::Relaxed);
-        }
-        if !all_moves.is_empty() {
-            self.state.lock().pages.rename_stored_order(&all_moves);
         }
         if replaced > 0 {
             debug!(

@@ -118,6 +118,21 @@ const SERIES: &[Series] = &[
         "Store chunks compaction emptied and gave back.",
         |r| r.store.compact_chunks_freed as f64,
     ),
+    counter(
+        "uswap_client_store_recompressed_total",
+        "Blobs idle-time recompression replaced by a shorter lz4hc block of the same page.",
+        |r| r.store.recompressed as f64,
+    ),
+    counter(
+        "uswap_client_store_recompress_saved_bytes_total",
+        "Payload bytes idle-time recompression saved.",
+        |r| r.store.recompress_bytes_saved as f64,
+    ),
+    counter(
+        "uswap_client_recompress_cpu_seconds_total",
+        "CPU time the idle-priority recompression threads spent on the program's blobs.",
+        |r| r.recompress_cpu_s,
+    ),
     gauge(
         "uswap_client_window_resident_bytes",
         "Memory the window (stock) or arena (cross-mm) holds now (its resident pages).",

@@ -971,7 +971,10 @@ impl Store {
     /// (see [`Slabs::unsettled`]), each only if `movable(addr, handle)` (the caller's page map
     /// names the page by that handle). Their payloads are appended to `arena`, so the caller
     /// can recompress them without the lock ([`encode::recompress`]) and then
-    /// [`Store::replace_blob`] each under it again.
+    /// [`Store::replace_blob`] each under it again (or [`Store::withdraw_candidate`] it). Each
+    /// candidate's slot stays *offered* until then: freeing it (the page went back, say) ends
+    /// the offer, so a slot reused meanwhile by another page with the same handle is never
+    /// taken for the one that was read.
     pub fn recompress_candidates(
         &mut self,
         member: u8,
@@ -1002,6 +1005,7 @@ impl Store {
             };
             let off = arena.len();
             arena.extend_from_slice(payload);
+            self.slabs.offer(loc);
             out.push(RecompressCandidate {
                 addr,
                 handle: Handle::blob(BlobLoc {
@@ -1040,6 +1044,10 @@ impl Store {
             return Err(corrupt("not a blob"));
         };
         let slot = Self::blob_slot(bits, old_loc)?;
+        // Ends the offer either way: the caller is done with this candidate.
+        if !self.slabs.take_offer(slot) {
+            return Err(corrupt("not offered, or freed since it was offered"));
+        }
         let rec = self.slabs.record(slot).map_err(corrupt)?;
         let (rec_addr, _) = crate::protocol::store_layout::record_parts(rec);
         let owners = crate::protocol::store_layout::record_owners(rec);
@@ -1069,6 +1077,18 @@ impl Store {
             slot_idx: new_loc.slot_idx,
             len_bytes: payload.len() as u32,
         }))
+    }
+
+    /// Ends the offer of a candidate that is not replaced (it did not shrink, or its page
+    /// changed). Harmless if the slot was freed meanwhile.
+    pub fn withdraw_candidate(&mut self, h: Handle) {
+        if let Some(Decoded::Blob(b)) = h.decode() {
+            self.slabs.take_offer(SlotLoc {
+                class_idx: b.class_idx,
+                chunk_idx: b.chunk_idx,
+                slot_idx: b.slot_idx,
+            });
+        }
     }
 
     /// A snapshot of the counters. O(size classes).

@@ -321,6 +321,10 @@ pub(crate) struct Slabs {
     pinned: HashSet<SlotLoc>,
     /// Where [`Slabs::unsettled`] resumes (a chunk index).
     settle_cursor: u32,
+    /// Memory slots whose blob was handed out for recompression and not freed since (see
+    /// [`Slabs::offer`]): a separate set from `pinned`, so neither user can mistake the
+    /// other's mark for its own.
+    offered: HashSet<SlotLoc>,
 }
 
 /// Index of the partial list of class `class_idx` in memory or on disk.
@@ -354,6 +358,7 @@ impl Slabs {
             disk_frees: 0,
             pinned: HashSet::new(),
             settle_cursor: 0,
+            offered: HashSet::new(),
         }
     }
 
@@ -775,6 +780,9 @@ impl Slabs {
         if !self.pinned.is_empty() {
             self.pinned.remove(&loc);
         }
+        if !self.offered.is_empty() {
+            self.offered.remove(&loc);
+        }
         let chunk = self.chunks[loc.chunk_idx as usize]
             .as_mut()
             .expect("checked by chunk_of");
@@ -937,6 +945,18 @@ impl Slabs {
         out
     }
 
+    /// Marks a slot in use as handed out for recompression: until it is freed, or
+    /// [`Slabs::take_offer`], the slot's blob is the one that was read (a slot's payload never
+    /// changes while it is in use), and compaction leaves it where it is.
+    pub fn offer(&mut self, loc: SlotLoc) {
+        self.offered.insert(loc);
+    }
+
+    /// Ends an offer; whether the slot was still offered (never freed since [`Slabs::offer`]).
+    pub fn take_offer(&mut self, loc: SlotLoc) -> bool {
+        self.offered.remove(&loc)
+    }
+
     /// Marks a memory slot's blob settled (see [`Slabs::unsettled`]): a recompressed blob is
     /// not offered again.
     pub fn settle(&mut self, loc: SlotLoc) {
@@ -1018,7 +1038,11 @@ impl Slabs {
                     slot_idx: slot_idx as u32,
                 };
                 let rec = chunk.record(slot_idx).load(Ordering::Acquire);
-                if rec == 0 || self.pinned.contains(&old) || !movable(old, rec) {
+                if rec == 0
+                    || self.pinned.contains(&old)
+                    || self.offered.contains(&old)
+                    || !movable(old, rec)
+                {
                     continue;
                 }
                 let (_, len_bytes) = layout::record_parts(rec);

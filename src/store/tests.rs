@@ -1211,6 +1211,7 @@ fn recompress_model(
         let payload = &arena[c.off..c.off + c.len_bytes];
         let Some(len) = recompress(payload, 9, c.fits_below(), &mut page, &mut check, &mut out)
         else {
+            store.withdraw_candidate(c.handle);
             continue;
         };
         let mut published = false;
@@ -1304,7 +1305,10 @@ fn recompression_shrinks_blobs_and_offers_each_once() {
     assert_eq!(again.len(), lz4_pages);
 }
 
-/// What recompression must not touch, and what `replace_blob` refuses with nothing changed.
+/// What recompression must not touch, and what `replace_blob` refuses with nothing changed:
+/// a shared blob, a blob not offered, the wrong address, a payload that does not shrink it,
+/// a page that went back, and a slot freed and taken again by the same page at the same
+/// address (the same handle: only the offer, ended by the free, tells them apart).
 #[test]
 fn recompression_leaves_shared_and_changed_blobs_alone() {
     let mut store = Store::try_new(StoreConfig {
@@ -1315,7 +1319,7 @@ fn recompression_leaves_shared_and_changed_blobs_alone() {
     .unwrap();
     let at = |i: u64| 0x6700_0000_0000u64 + i * PAGE_SIZE as u64;
     let pages: Vec<Page> = (0..8).map(text_page).collect();
-    let handles: Vec<Handle> = pages
+    let mut handles: Vec<Handle> = pages
         .iter()
         .enumerate()
         .map(|(i, p)| store.put(p, at(i as u64)).unwrap())
@@ -1328,50 +1332,71 @@ fn recompression_leaves_shared_and_changed_blobs_alone() {
     let cands =
         store.recompress_candidates(0, usize::MAX, &mut |addr, _| addr != at(2), &mut arena);
     let offered: Vec<u64> = cands.iter().map(|c| c.addr).collect();
-    assert_eq!(offered.len(), 5, "{offered:x?}");
-    assert!(!offered.contains(&at(0)) && !offered.contains(&at(1)) && !offered.contains(&at(2)));
-    let c = cands[0];
-    let i = ((c.addr - at(0)) / PAGE_SIZE as u64) as usize;
+    assert_eq!(offered, (3..8).map(at).collect::<Vec<_>>());
     let (mut page, mut check, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
-    let len = recompress(
-        &arena[c.off..c.off + c.len_bytes],
-        9,
-        c.fits_below(),
-        &mut page,
-        &mut check,
-        &mut out,
-    )
-    .expect("text shrinks");
+    let mut shorter = |c: &RecompressCandidate| {
+        let len = recompress(
+            &arena[c.off..c.off + c.len_bytes],
+            9,
+            c.fits_below(),
+            &mut page,
+            &mut check,
+            &mut out,
+        )
+        .expect("text shrinks");
+        out[..len].to_vec()
+    };
+    let new: Vec<Vec<u8>> = cands.iter().map(&mut shorter).collect();
     let stats = store.stats();
     let mut never = || panic!("nothing may be published");
-    // The wrong address, the whole old payload (no smaller class), a shared blob's handle.
+    // A shared blob, and a blob never offered (page 2).
     assert!(store
-        .replace_blob(
-            0,
-            c.handle,
-            c.addr + PAGE_SIZE as u64,
-            &out[..len],
-            &mut never
-        )
-        .is_err());
-    let old_payload = arena[c.off..c.off + c.len_bytes].to_vec();
-    assert!(store
-        .replace_blob(0, c.handle, c.addr, &old_payload, &mut never)
+        .replace_blob(0, handles[0], at(0), &new[0], &mut never)
         .is_err());
     assert!(store
-        .replace_blob(0, handles[0], at(0), &out[..len], &mut never)
+        .replace_blob(0, handles[2], at(2), &new[0], &mut never)
+        .is_err());
+    // The wrong address; the whole old payload (no smaller class).
+    assert!(store
+        .replace_blob(0, cands[0].handle, at(9), &new[0], &mut never)
+        .is_err());
+    let old_payload = arena[cands[1].off..cands[1].off + cands[1].len_bytes].to_vec();
+    assert!(store
+        .replace_blob(0, cands[1].handle, cands[1].addr, &old_payload, &mut never)
+        .is_err());
+    // The page went back and came out again, into the same slot (lowest free first) with
+    // the same length: the same handle names the new blob, which the job never read.
+    let i = 6;
+    assert_eq!(cands[3].addr, at(i as u64));
+    store.remove(cands[3].handle);
+    handles[i] = store.put(&pages[i], at(i as u64)).unwrap();
+    assert_eq!(
+        handles[i], cands[3].handle,
+        "the test needs the slot reused"
+    );
+    assert!(store
+        .replace_blob(0, cands[3].handle, cands[3].addr, &new[3], &mut never)
         .is_err());
     // The page went back to the program meanwhile: its handle names nothing.
-    store.remove(c.handle);
+    store.remove(cands[2].handle);
     assert!(store
-        .replace_blob(0, c.handle, c.addr, &out[..len], &mut never)
+        .replace_blob(0, cands[2].handle, cands[2].addr, &new[2], &mut never)
         .is_err());
     let after = store.stats();
     assert_eq!(after.recompressed, 0);
     assert_eq!(after.pages_lz4, stats.pages_lz4 - 1);
+    // The last one is replaced.
+    let mut published = false;
+    let h = store
+        .replace_blob(0, cands[4].handle, cands[4].addr, &new[4], &mut || {
+            published = true
+        })
+        .unwrap();
+    assert!(published);
+    assert_eq!(&read_back(&store, h), &pages[7]);
     for (j, h) in handles.iter().enumerate() {
-        if j != i {
-            assert_eq!(&read_back(&store, *h), &pages[j]);
+        if j != 5 && j != 7 {
+            assert_eq!(&read_back(&store, *h), &pages[j], "page {j}");
         }
     }
     store.slabs.check_invariants();

@@ -744,7 +744,8 @@ fn compaction_renames_keep_the_stored_order() {
     assert_eq!(p.rehandled(&moves), 2);
     assert_eq!(p.state(addr(1)), PageState::Stored(h(21)));
     assert_eq!(p.state(addr(4)), PageState::Stored(h(4)));
-    p.rename_stored_order(&moves);
+    // Page 3 moves once more (compaction after a recompression): the order follows both.
+    assert_eq!(p.rehandled(&[(addr(3), h(23), h(33))]), 1);
     let mut out = Vec::new();
     p.pop_coldest_stored(10, &mut out);
     assert_eq!(
@@ -753,8 +754,35 @@ fn compaction_renames_keep_the_stored_order() {
             (addr(0), h(0)),
             (addr(1), h(21)),
             (addr(2), h(2)),
-            (addr(3), h(23)),
+            (addr(3), h(33)),
             (addr(4), h(4))
         ]
     );
+}
+
+/// Many renames (a recompression pass renames every stored page) are folded into the stored
+/// order without losing a place; a renamed page that then goes back is skipped, and its
+/// renames are forgotten.
+#[test]
+fn many_renames_fold_into_the_stored_order() {
+    let n = 2 * (super::STORED_ORDER_SLACK as u64) + 100;
+    let mut p = stored_in_order(n);
+    // Every page moves once (more than the fold threshold), page 5 twice.
+    let moves: Vec<_> = (0..n).map(|i| (addr(i), h(i), h(n + i))).collect();
+    assert_eq!(p.rehandled(&moves), n as usize);
+    assert_eq!(p.rehandled(&[(addr(5), h(n + 5), h(3 * n))]), 1);
+    assert!(
+        p.stored_renames.len() <= 1 + super::STORED_ORDER_SLACK + n as usize / 4,
+        "renames folded: {} left",
+        p.stored_renames.len()
+    );
+    assert_eq!(p.faulted_in(addr(7), 0), Released::Blob(h(n + 7)));
+    let mut out = Vec::new();
+    p.pop_coldest_stored(usize::MAX, &mut out);
+    let want: Vec<_> = (0..n)
+        .filter(|&i| i != 7)
+        .map(|i| (addr(i), if i == 5 { h(3 * n) } else { h(n + i) }))
+        .collect();
+    assert_eq!(out, want);
+    assert!(p.stored_renames.is_empty(), "every rename was followed");
 }
