@@ -340,19 +340,7 @@ mod tests {
         let mut store = crate::store::Store::new(crate::store::StoreConfig::default());
         let mut pages = Vec::new();
         for i in 0..64u64 {
-            let mut p = [0u8; PAGE_SIZE];
-            let words: [&[u8]; 4] = [b"cold ", b"page ", b"store ", b"uswap "];
-            let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-            let mut pos = 0;
-            while pos < PAGE_SIZE {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let w = words[(x % 4) as usize];
-                let n = w.len().min(PAGE_SIZE - pos);
-                p[pos..pos + n].copy_from_slice(&w[..n]);
-                pos += n;
-            }
+            let p = crate::store::text_page(i);
             let h = store.put(&p, 0x1000 * (i + 1)).unwrap();
             pages.push((h, p));
         }

@@ -121,6 +121,39 @@ pub(crate) fn decompress(payload: &[u8], out: &mut [u8; PAGE_SIZE]) -> Result<()
     }
 }
 
+/// Heap-like text for tests (`seed` picks the page): lz4 compresses it, lz4hc compresses it
+/// better.
+#[cfg(test)]
+pub(crate) fn text_page(seed: u64) -> [u8; PAGE_SIZE] {
+    let words: [&[u8]; 8] = [
+        b"alpha ",
+        b"kernel ",
+        b"latency ",
+        b"memory ",
+        b"page ",
+        b"queue ",
+        b"token ",
+        b"worker ",
+    ];
+    let mut page = [0u8; PAGE_SIZE];
+    let mut x = 0x2545_f491_4f6c_dd1du64 ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut pos = 0;
+    while pos < PAGE_SIZE {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let w = words[(x % 8) as usize];
+        let n = w.len().min(PAGE_SIZE - pos);
+        page[pos..pos + n].copy_from_slice(&w[..n]);
+        pos += n;
+        if x % 5 == 0 && pos + 2 <= PAGE_SIZE {
+            page[pos..pos + 2].copy_from_slice(&((x >> 20) as u16).to_le_bytes());
+            pos += 2;
+        }
+    }
+    page
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,40 +199,9 @@ mod tests {
         assert_eq!(encode(&page, &mut Vec::new()), Encoded::Raw);
     }
 
-    /// Heap-like text: lz4 compresses it, lz4hc compresses it better.
-    fn text_page() -> [u8; PAGE_SIZE] {
-        let words: [&[u8]; 8] = [
-            b"alpha ",
-            b"kernel ",
-            b"latency ",
-            b"memory ",
-            b"page ",
-            b"queue ",
-            b"token ",
-            b"worker ",
-        ];
-        let mut page = [0u8; PAGE_SIZE];
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        let mut pos = 0;
-        while pos < PAGE_SIZE {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let w = words[(x % 8) as usize];
-            let n = w.len().min(PAGE_SIZE - pos);
-            page[pos..pos + n].copy_from_slice(&w[..n]);
-            pos += n;
-            if x % 5 == 0 && pos + 2 <= PAGE_SIZE {
-                page[pos..pos + 2].copy_from_slice(&((x >> 20) as u16).to_le_bytes());
-                pos += 2;
-            }
-        }
-        page
-    }
-
     #[test]
     fn recompress_is_shorter_and_decodes_to_the_same_page() {
-        let page = text_page();
+        let page = text_page(1);
         let mut scratch = Vec::new();
         let Encoded::Lz4(fast) = encode(&page, &mut scratch) else {
             panic!("expected Lz4")
@@ -216,7 +218,7 @@ mod tests {
 
     #[test]
     fn recompress_gives_up_below_the_bound() {
-        let page = text_page();
+        let page = text_page(1);
         let mut scratch = Vec::new();
         let Encoded::Lz4(fast) = encode(&page, &mut scratch) else {
             panic!("expected Lz4")

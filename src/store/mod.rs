@@ -45,6 +45,8 @@ mod stats;
 mod tests;
 
 pub use disk::DiskFile;
+#[cfg(test)]
+pub(crate) use encode::text_page;
 pub use encode::{
     encode, recompress, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES, RECOMPRESS_LEVEL_MAX,
     SCRATCH_BYTES,
@@ -236,12 +238,7 @@ impl Store {
         for (loc, rec) in used {
             let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
             let owners = crate::protocol::store_layout::record_owners(rec);
-            let h = Handle::blob(BlobLoc {
-                class_idx: loc.class_idx,
-                chunk_idx: loc.chunk_idx,
-                slot_idx: loc.slot_idx,
-                len_bytes: len_bytes as u32,
-            });
+            let h = Self::blob_handle(loc, len_bytes);
             if Self::blob_slot(
                 h.to_bits(),
                 match h.decode() {
@@ -279,15 +276,7 @@ impl Store {
             .filter(|(_, rec)| crate::protocol::store_layout::record_owners(*rec) & bit != 0)
             .map(|(loc, rec)| {
                 let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
-                (
-                    addr,
-                    Handle::blob(BlobLoc {
-                        class_idx: loc.class_idx,
-                        chunk_idx: loc.chunk_idx,
-                        slot_idx: loc.slot_idx,
-                        len_bytes: len_bytes as u32,
-                    }),
-                )
+                (addr, Self::blob_handle(loc, len_bytes))
             })
             .collect()
     }
@@ -399,13 +388,7 @@ impl Store {
         owners: u16,
     ) -> Result<Handle, StoreError> {
         let loc = self.slabs.store(class_idx, payload, addr, owners)?;
-        let h = Handle::blob(BlobLoc {
-            class_idx: loc.class_idx,
-            chunk_idx: loc.chunk_idx,
-            slot_idx: loc.slot_idx,
-            // <= PAGE_SIZE, checked by Slabs::store against the slot size.
-            len_bytes: payload.len() as u32,
-        });
+        let h = Self::blob_handle(loc, payload.len());
         self.counters
             .account(h.kind(), false, payload.len() as u64, 1);
         Ok(h)
@@ -436,12 +419,7 @@ impl Store {
         self.slabs
             .publish(loc, rec)
             .map_err(|reason| StoreError::CorruptHandle { bits: 0, reason })?;
-        let h = Handle::blob(BlobLoc {
-            class_idx: loc.class_idx,
-            chunk_idx: loc.chunk_idx,
-            slot_idx: loc.slot_idx,
-            len_bytes: payload.len() as u32,
-        });
+        let h = Self::blob_handle(loc, payload.len());
         self.counters
             .account_disk_added(h.kind(), payload.len() as u64);
         Ok(h)
@@ -484,6 +462,17 @@ impl Store {
             class_idx: loc.class_idx,
             chunk_idx: loc.chunk_idx,
             slot_idx: loc.slot_idx,
+        })
+    }
+
+    /// The handle of a blob of `len_bytes` in slot `loc`.
+    fn blob_handle(loc: SlotLoc, len_bytes: usize) -> Handle {
+        Handle::blob(BlobLoc {
+            class_idx: loc.class_idx,
+            chunk_idx: loc.chunk_idx,
+            slot_idx: loc.slot_idx,
+            // <= PAGE_SIZE: a slot holds at most a page.
+            len_bytes: len_bytes as u32,
         })
     }
 
@@ -661,12 +650,7 @@ impl Store {
         Ok(Some(Demotion {
             addr,
             old: h,
-            new: Handle::blob(BlobLoc {
-                class_idx: dst.class_idx,
-                chunk_idx: dst.chunk_idx,
-                slot_idx: dst.slot_idx,
-                len_bytes: loc.len_bytes,
-            }),
+            new: Self::blob_handle(dst, loc.len_bytes as usize),
             disk_off: Slabs::disk_off(dst),
             buf_off,
             len_bytes: loc.len_bytes,
@@ -926,14 +910,7 @@ impl Store {
         let me = 1u16 << member;
         let mut out = Compaction::default();
         let mut copied = 0u64;
-        let handle = |loc: SlotLoc, len_bytes: usize| {
-            Handle::blob(BlobLoc {
-                class_idx: loc.class_idx,
-                chunk_idx: loc.chunk_idx,
-                slot_idx: loc.slot_idx,
-                len_bytes: len_bytes as u32,
-            })
-        };
+        let handle = Self::blob_handle;
         for (freeable, class_idx) in classes {
             let left = max_moves.saturating_sub(out.moves.len());
             if left == 0 {
@@ -987,15 +964,7 @@ impl Store {
             let (addr, len_bytes) = crate::protocol::store_layout::record_parts(rec);
             crate::protocol::store_layout::record_owners(rec) == me
                 && lz4_class_for_len(len_bytes) == Some(loc.class_idx)
-                && movable(
-                    addr,
-                    Handle::blob(BlobLoc {
-                        class_idx: loc.class_idx,
-                        chunk_idx: loc.chunk_idx,
-                        slot_idx: loc.slot_idx,
-                        len_bytes: len_bytes as u32,
-                    }),
-                )
+                && movable(addr, Self::blob_handle(loc, len_bytes))
         });
         let mut out = Vec::with_capacity(picked.len());
         for (loc, rec) in picked {
@@ -1008,12 +977,7 @@ impl Store {
             self.slabs.offer(loc);
             out.push(RecompressCandidate {
                 addr,
-                handle: Handle::blob(BlobLoc {
-                    class_idx: loc.class_idx,
-                    chunk_idx: loc.chunk_idx,
-                    slot_idx: loc.slot_idx,
-                    len_bytes: len_bytes as u32,
-                }),
+                handle: Self::blob_handle(loc, len_bytes),
                 off,
                 len_bytes,
             });
@@ -1071,12 +1035,7 @@ impl Store {
             .account(PageKind::Lz4, false, payload.len() as u64, 1);
         self.counters.recompressed += 1;
         self.counters.recompress_bytes_saved += old_len - payload.len() as u64;
-        Ok(Handle::blob(BlobLoc {
-            class_idx: new_loc.class_idx,
-            chunk_idx: new_loc.chunk_idx,
-            slot_idx: new_loc.slot_idx,
-            len_bytes: payload.len() as u32,
-        }))
+        Ok(Self::blob_handle(new_loc, payload.len()))
     }
 
     /// Ends the offer of a candidate that is not replaced (it did not shrink, or its page

@@ -28,6 +28,16 @@ impl Rng {
     }
 }
 
+/// A durable store (a store file, as the monitor makes for every client) with no quota.
+fn durable_store() -> Store {
+    Store::try_new(StoreConfig {
+        durable: true,
+        max_bytes: None,
+        disk: None,
+    })
+    .unwrap()
+}
+
 /// A low-entropy, text-like page (words from a small vocabulary).
 fn text_page(seed: u64) -> Page {
     const WORDS: [&str; 12] = [
@@ -512,12 +522,7 @@ fn read_store_file_of(store: &Store, member: Option<u8>) -> HashMap<u64, Page> {
 
 #[test]
 fn durable_store_file_names_every_nonzero_page_and_follows_moves() {
-    let mut store = Store::try_new(StoreConfig {
-        durable: true,
-        max_bytes: None,
-        disk: None,
-    })
-    .unwrap();
+    let mut store = durable_store();
     let base = 0x7f00_0000_0000u64;
     let at = |i: u64| base + i * PAGE_SIZE as u64;
     let mut want = HashMap::new();
@@ -569,12 +574,7 @@ fn durable_store_file_names_every_nonzero_page_and_follows_moves() {
 /// drops or moves its own, and the store file tells each member's shim exactly its pages.
 #[test]
 fn fork_family_shares_pages_copy_on_write() {
-    let mut store = Store::try_new(StoreConfig {
-        durable: true,
-        max_bytes: None,
-        disk: None,
-    })
-    .unwrap();
+    let mut store = durable_store();
     let at = |i: u64| 0x5500_0000_0000u64 + i * PAGE_SIZE as u64;
     let pages = text_and_random_pages(64);
     let handles: Vec<Handle> = pages
@@ -668,12 +668,7 @@ fn fork_family_member_indices() {
 /// A page above what a record can name is refused, not stored wrongly.
 #[test]
 fn address_above_record_limit_is_refused() {
-    let mut store = Store::try_new(StoreConfig {
-        durable: true,
-        max_bytes: None,
-        disk: None,
-    })
-    .unwrap();
+    let mut store = durable_store();
     let p = text_page(1);
     assert!(matches!(store.put(&p, 1 << 48), Err(StoreError::Full)));
     assert_eq!(store.stats().pages(), 0);
@@ -1079,12 +1074,7 @@ fn min_chunks(store: &Store) -> u64 {
 /// reads back, through the store and through the store file a rescue would read.
 #[test]
 fn compaction_gives_back_sparse_chunks_and_every_page_reads_back() {
-    let mut store = Store::try_new(StoreConfig {
-        durable: true,
-        max_bytes: None,
-        disk: None,
-    })
-    .unwrap();
+    let mut store = durable_store();
     let at = |i: u64| 0x6600_0000_0000u64 + i * PAGE_SIZE as u64;
     let mut model: HashMap<u64, (Handle, Page)> = HashMap::new();
     let mut scratch = Vec::new();
@@ -1144,12 +1134,7 @@ fn compaction_gives_back_sparse_chunks_and_every_page_reads_back() {
 /// demotion pins, move; the others keep their slots and handles.
 #[test]
 fn compaction_moves_only_the_members_own_unpinned_movable_blobs() {
-    let mut store = Store::try_new(StoreConfig {
-        durable: true,
-        max_bytes: None,
-        disk: None,
-    })
-    .unwrap();
+    let mut store = durable_store();
     let at = |i: u64| 0x6700_0000_0000u64 + i * PAGE_SIZE as u64;
     let handles: Vec<Handle> = (0..2000u64)
         .map(|i| store.put(&random_page(i), at(i)).unwrap())
@@ -1231,12 +1216,7 @@ fn recompress_model(
 /// once, and a blob moved by compaction is not offered again while a new page is.
 #[test]
 fn recompression_shrinks_blobs_and_offers_each_once() {
-    let mut store = Store::try_new(StoreConfig {
-        durable: true,
-        max_bytes: None,
-        disk: None,
-    })
-    .unwrap();
+    let mut store = durable_store();
     let at = |i: u64| 0x6600_0000_0000u64 + i * PAGE_SIZE as u64;
     let mut model = HashMap::new();
     for (i, page) in text_and_random_pages(1200).into_iter().enumerate() {
@@ -1311,12 +1291,7 @@ fn recompression_shrinks_blobs_and_offers_each_once() {
 /// address (the same handle: only the offer, ended by the free, tells them apart).
 #[test]
 fn recompression_leaves_shared_and_changed_blobs_alone() {
-    let mut store = Store::try_new(StoreConfig {
-        durable: true,
-        max_bytes: None,
-        disk: None,
-    })
-    .unwrap();
+    let mut store = durable_store();
     let at = |i: u64| 0x6700_0000_0000u64 + i * PAGE_SIZE as u64;
     let pages: Vec<Page> = (0..8).map(text_page).collect();
     let mut handles: Vec<Handle> = pages
