@@ -748,6 +748,18 @@ struct Daemon {
     dir: PathBuf,
 }
 
+impl Daemon {
+    /// The last 4 KiB of the daemon's log (its stderr).
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+        let mut from = text.len().saturating_sub(4096);
+        while !text.is_char_boundary(from) {
+            from += 1;
+        }
+        text[from..].to_string()
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
@@ -789,7 +801,8 @@ fn start_daemon(tag: &str, as_user: Option<(u32, u32)>) -> Result<Daemon, Failed
         .arg(&socket)
         .args(["--mode", "666", "--config-dir"])
         .arg(&dir);
-    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let log = std::fs::File::create(dir.join("daemon.log"))?;
+    cmd.stdout(Stdio::null()).stderr(log);
     let child = cmd.spawn()?;
     let d = Daemon { child, socket, dir };
     let end = Instant::now() + Duration::from_secs(10);
@@ -1168,6 +1181,7 @@ fn daemon_stop_hands_memory_back_to_running_programs() -> R {
         &["fill-verify", "--mib", "32", "--idle-ms", "4000"],
     )
     .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
     .spawn()?;
     // Let it fill and be evicted, then stop the daemon under it.
     let end = Instant::now() + Duration::from_secs(10);
@@ -1193,7 +1207,9 @@ fn daemon_stop_hands_memory_back_to_running_programs() -> R {
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !daemon_status.success() || !out.status.success() || !stdout.contains("RESULT ok") {
         return Err(format!(
-            "daemon {daemon_status:?}; program after the daemon stopped:\n{stdout}"
+            "daemon {daemon_status:?}; program after the daemon stopped:\n{stdout}\n--- stderr\n{}\n--- daemon log\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            d.log()
         )
         .into());
     }
