@@ -1175,9 +1175,13 @@ fn children_left_behind_get_their_memory_back_when_uswap_exits() -> R {
 
 fn daemon_stop_hands_memory_back_to_running_programs() -> R {
     let mut d = start_daemon("stop", None)?;
+    let mut overrides = "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"".to_string();
+    if let Ok(b) = std::env::var("USWAP_E2E_BACKEND") {
+        overrides.push_str(&format!("\nbackend = \"{b}\""));
+    }
     let prog = workload_at(
         &d.socket,
-        "budget = \"4M\"\ncooling = \"100ms\"\ntick = \"10ms\"",
+        &overrides,
         &["fill-verify", "--mib", "32", "--idle-ms", "4000"],
     )
     .stdout(Stdio::piped())

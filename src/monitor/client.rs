@@ -1228,6 +1228,12 @@ impl Client {
         let batch_pages = (self.cfg.batch_pages as usize).min(shm::MAX_BATCH_PAGES);
         let now_ms = self.now_ms();
         while want > 0 && st.inflight.len() < shm::RING_LEN {
+            // Cross-mm moves each run without the lock: a pause (a fork, or a detach that has
+            // just brought every page home) may have come in meanwhile, and a run moved after
+            // it would be out of the program once its ranges are unregistered.
+            if st.paused {
+                break;
+            }
             let free = st.pages.free_slot_count() as u64;
             let chunk = want.min(batch_pages as u64).min(free);
             if chunk == 0 {
