@@ -128,14 +128,19 @@ fn working_set() -> Vec<[u8; PAGE_SIZE]> {
         .collect()
 }
 
-/// Stores [`REPORT_PAGES`] mixed pages and prints the figures the monitor would report.
-fn report_once() {
-    let mut store = Store::try_new(StoreConfig {
+/// A durable store (a store file, as the monitor makes) with no quota.
+fn durable_store() -> Store {
+    Store::try_new(StoreConfig {
         durable: true,
         max_bytes: None,
         disk: None,
     })
-    .expect("store file");
+    .expect("store file")
+}
+
+/// Stores [`REPORT_PAGES`] mixed pages and prints the figures the monitor would report.
+fn report_once() {
+    let mut store = durable_store();
     let mut page = [0u8; PAGE_SIZE];
     let mut buf = Vec::new();
     let mut handles: Vec<Handle> = Vec::with_capacity(REPORT_PAGES as usize);
@@ -190,12 +195,7 @@ fn report_recompression() {
     eprintln!("| level | payload MiB before → after | slots MiB before → after | blobs replaced | µs/page (recompress) | decode µs/page before → after |");
     eprintln!("|---|---|---|---|---|---|");
     for level in [1u32, 3, 6, 9] {
-        let mut store = Store::try_new(StoreConfig {
-            durable: true,
-            max_bytes: None,
-            disk: None,
-        })
-        .expect("store file");
+        let mut store = durable_store();
         let mut page = [0u8; PAGE_SIZE];
         let mut buf = Vec::new();
         let mut handles = std::collections::HashMap::new();
@@ -288,12 +288,7 @@ fn bench_store(c: &mut Criterion) {
         })
     });
 
-    let mut store = Store::try_new(StoreConfig {
-        durable: true,
-        max_bytes: None,
-        disk: None,
-    })
-    .expect("store file");
+    let mut store = durable_store();
     let handles: Vec<Handle> = pages
         .iter()
         .map(|p| store.put(p, 0x1000).unwrap())

@@ -199,14 +199,19 @@ mod tests {
         assert_eq!(encode(&page, &mut Vec::new()), Encoded::Raw);
     }
 
+    /// The lz4 payload eviction stores for `page` (which must compress).
+    fn fast_payload(page: &[u8; PAGE_SIZE]) -> Vec<u8> {
+        let mut scratch = Vec::new();
+        let Encoded::Lz4(fast) = encode(page, &mut scratch) else {
+            panic!("expected Lz4")
+        };
+        fast.to_vec()
+    }
+
     #[test]
     fn recompress_is_shorter_and_decodes_to_the_same_page() {
         let page = text_page(1);
-        let mut scratch = Vec::new();
-        let Encoded::Lz4(fast) = encode(&page, &mut scratch) else {
-            panic!("expected Lz4")
-        };
-        let fast = fast.to_vec();
+        let fast = fast_payload(&page);
         let (mut p, mut c, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
         let len = recompress(&fast, 9, fast.len(), &mut p, &mut c, &mut out)
             .expect("lz4hc beats lz4 on text");
@@ -219,11 +224,7 @@ mod tests {
     #[test]
     fn recompress_gives_up_below_the_bound() {
         let page = text_page(1);
-        let mut scratch = Vec::new();
-        let Encoded::Lz4(fast) = encode(&page, &mut scratch) else {
-            panic!("expected Lz4")
-        };
-        let fast = fast.to_vec();
+        let fast = fast_payload(&page);
         let (mut p, mut c, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
         // No encoder gets a page of text into 16 bytes.
         assert_eq!(recompress(&fast, 9, 16, &mut p, &mut c, &mut out), None);
