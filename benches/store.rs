@@ -3,15 +3,15 @@
 //! Owns: a deterministic generator of heap-like 4 KiB pages (text records, small integers,
 //! pointers, zero runs, random bytes, some zero and incompressible pages; about 2x under lz4)
 //! and the criterion benches of `encode` (compression) and `Store::get` (decompression) per
-//! page, and of idle-time recompression (lz4hc) per page. Prints once, for 100k pages, the
-//! compression ratio, metadata bytes per stored page and fragmentation, and a table of what
-//! recompression at each lz4hc level saves and costs.
+//! page, and of idle-time recompression (zstd, lz4hc) per page. Prints once, for 100k pages,
+//! the compression ratio, metadata bytes per stored page and fragmentation, and a table of
+//! what recompression with each codec and level saves and costs.
 //! Must not touch: anything but the public `uswap::store` API.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::hint::black_box;
 use std::time::Instant;
-use uswap::store::{encode, recompress, Handle, Store, StoreConfig};
+use uswap::store::{encode, recompress, Handle, Recompress, RecompressScratch, Store, StoreConfig};
 use uswap::PAGE_SIZE;
 
 /// Pages cycled through by the timed loops (16 MiB: larger than a typical L2, like real
@@ -184,17 +184,25 @@ fn report_once() {
     );
 }
 
-/// Stores [`REPORT_PAGES`] mixed pages, recompresses every lz4 blob at each of a few lz4hc
-/// levels as the monitor does (candidates, `recompress`, `replace_blob`) and prints a table:
+/// Stores [`REPORT_PAGES`] mixed pages, recompresses every lz4 blob with each of a few codecs
+/// and levels as the monitor does (candidates, `recompress`, `replace_blob`) and prints a table:
 /// payload and slot bytes before and after, CPU per page, and decoding time per page before
 /// and after (the fault path's cost).
 fn report_recompression() {
     eprintln!(
         "recompression, {REPORT_PAGES} mixed pages (lz4 blobs only; slots = payload rounded to its size class)"
     );
-    eprintln!("| level | payload MiB before → after | slots MiB before → after | blobs replaced | µs/page (recompress) | decode µs/page before → after |");
+    eprintln!("| codec | payload MiB before → after | slots MiB before → after | blobs replaced | µs/page (recompress) | decode µs/page before → after |");
     eprintln!("|---|---|---|---|---|---|");
-    for level in [1u32, 3, 6, 9] {
+    for codec in [
+        Recompress::Lz4hc(1),
+        Recompress::Lz4hc(3),
+        Recompress::Lz4hc(9),
+        Recompress::Zstd(1),
+        Recompress::Zstd(3),
+        Recompress::Zstd(6),
+        Recompress::Zstd(9),
+    ] {
         let mut store = durable_store();
         let mut page = [0u8; PAGE_SIZE];
         let mut buf = Vec::new();
@@ -221,7 +229,7 @@ fn report_recompression() {
         };
         let before = store.stats();
         let decode_before = decode_us(&store, &lz4_handles(&handles));
-        let (mut p, mut c, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+        let mut s = RecompressScratch::new();
         let mut cpu = std::time::Duration::ZERO;
         let mut offered = 0usize;
         loop {
@@ -235,16 +243,14 @@ fn report_recompression() {
                 let t = Instant::now();
                 let len = recompress(
                     &arena[cand.off..cand.off + cand.len_bytes],
-                    level,
+                    codec,
                     cand.fits_below(),
-                    &mut p,
-                    &mut c,
-                    &mut out,
+                    &mut s,
                 );
                 cpu += t.elapsed();
                 if let Some(len) = len {
                     let new = store
-                        .replace_blob(0, cand.handle, cand.addr, &out[..len], &mut || {})
+                        .replace_blob(0, cand.handle, cand.addr, &s.out[..len], &mut || {})
                         .unwrap();
                     handles.insert(cand.addr, new);
                 }
@@ -255,7 +261,8 @@ fn report_recompression() {
         let raw = before.pages_raw * PAGE_SIZE as u64;
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         eprintln!(
-            "| {level} | {:.1} → {:.1} ({:.1} %) | {:.1} → {:.1} ({:.1} %) | {} of {offered} | {:.1} | {:.2} → {:.2} |",
+            "| {} | {:.1} → {:.1} ({:.1} %) | {:.1} → {:.1} ({:.1} %) | {} of {offered} | {:.1} | {:.2} → {:.2} |",
+            codec.name(),
             mib(before.bytes_out - raw),
             mib(after.bytes_out - raw),
             100.0 * (1.0 - (after.bytes_out - raw) as f64 / (before.bytes_out - raw) as f64),
@@ -318,29 +325,27 @@ fn bench_store(c: &mut Criterion) {
         })
     });
 
-    group.bench_function("recompress_mixed_page_level3", |b| {
-        let lz4: Vec<(Vec<u8>, usize)> = pages
-            .iter()
-            .filter_map(|p| match encode(p, &mut Vec::new()) {
-                uswap::store::Encoded::Lz4(b) => Some((b.to_vec(), b.len() + 1)),
-                _ => None,
-            })
-            .collect();
-        let (mut p, mut c, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
-        let mut i = 0;
-        b.iter(|| {
-            let (payload, bound) = &lz4[i];
-            black_box(recompress(
-                black_box(payload),
-                3,
-                *bound,
-                &mut p,
-                &mut c,
-                &mut out,
-            ));
-            i = (i + 1) % lz4.len();
+    let lz4: Vec<(Vec<u8>, usize)> = pages
+        .iter()
+        .filter_map(|p| match encode(p, &mut Vec::new()) {
+            uswap::store::Encoded::Lz4(b) => Some((b.to_vec(), b.len() + 1)),
+            _ => None,
         })
-    });
+        .collect();
+    for (name, codec) in [
+        ("recompress_mixed_page_lz4hc3", Recompress::Lz4hc(3)),
+        ("recompress_mixed_page_zstd3", Recompress::Zstd(3)),
+    ] {
+        group.bench_function(name, |b| {
+            let mut s = RecompressScratch::new();
+            let mut i = 0;
+            b.iter(|| {
+                let (payload, bound) = &lz4[i];
+                black_box(recompress(black_box(payload), codec, *bound, &mut s));
+                i = (i + 1) % lz4.len();
+            })
+        });
+    }
 
     group.bench_function("encode_insert_remove_mixed_page", |b| {
         let mut scratch = Vec::new();

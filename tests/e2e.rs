@@ -240,9 +240,9 @@ fn store_compaction_gives_chunks_back_and_keeps_every_byte() -> R {
 }
 
 /// Idle-time recompression: while the program rests, the monitor's idle-priority thread
-/// recompresses its stored blobs with lz4hc and the shorter ones replace the old; every page
-/// the program touches afterwards (each is checked) reads back exactly. With
-/// `recompress_level = 0` nothing is recompressed.
+/// recompresses its stored blobs (zstd, the default codec) and the shorter ones replace the
+/// old; every page the program touches afterwards (each is checked, decoded by the fault path)
+/// reads back exactly. With `recompress = none` nothing is recompressed.
 fn idle_recompression_shrinks_the_store_and_keeps_every_byte() -> R {
     let prog = [
         workload(),
@@ -273,7 +273,7 @@ fn idle_recompression_shrinks_the_store_and_keeps_every_byte() -> R {
     let off = run_under_uswap(
         "recompress-off",
         "16M",
-        &["--set", "recompress_level=0"],
+        &["--set", "recompress=none"],
         &prog,
     );
     off.ok_with_eviction(8000)?;
@@ -282,7 +282,7 @@ fn idle_recompression_shrinks_the_store_and_keeps_every_byte() -> R {
     let offered = c["recompress_offered"].as_u64().unwrap_or(0);
     if replaced != 0 || offered != 0 {
         return Err(format!(
-            "recompress_level = 0 still recompressed ({offered} offered, {replaced} replaced)\n{}",
+            "recompress = none still recompressed ({offered} offered, {replaced} replaced)\n{}",
             off.describe()
         )
         .into());

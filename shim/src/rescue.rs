@@ -46,17 +46,19 @@ use crate::{maps, raw, MANAGED, SHIM};
 
 /// The guardian's stack.
 pub(crate) const GUARD_STACK_BYTES: usize = 128 * 1024;
-/// Its scratch, after the stack: one page buffer, the event buffer, the maps buffer, and a
-/// buffer for a payload read from the disk file.
+/// Its scratch, after the stack: one page buffer, the event buffer, the maps buffer, a
+/// buffer for a payload read from the disk file, and the zstd decoder's workspace.
 const PAGE_OFF: usize = GUARD_STACK_BYTES;
 const EVENTS_OFF: usize = PAGE_OFF + PAGE_SIZE;
 const EVENTS_LEN: usize = 64 * std::mem::size_of::<sys::UffdMsg>();
 const MAPS_OFF: usize = EVENTS_OFF + 4096;
 const MAPS_LEN: usize = 128 * 1024;
 const DISK_OFF: usize = MAPS_OFF + MAPS_LEN;
+/// The workspace of the decoder of zstd payloads ([`store_layout::PageDecoder`]).
+const DECODER_OFF: usize = DISK_OFF + PAGE_SIZE;
 /// The relocation table (`Rescue::relocs`): `MAX_RELOCS` entries of 32 bytes. The mapping is
-/// MAP_NORESERVE: only the entries an outage uses take memory.
-const RELOCS_OFF: usize = DISK_OFF + PAGE_SIZE;
+/// MAP_NORESERVE: only the entries an outage uses take memory (the decoder's workspace too).
+const RELOCS_OFF: usize = DECODER_OFF + store_layout::DECODER_WORKSPACE_BYTES;
 /// The whole guardian mapping.
 pub(crate) const GUARD_BYTES: usize = RELOCS_OFF + MAX_RELOCS * std::mem::size_of::<Reloc>();
 const _: () = assert!(EVENTS_LEN <= 4096);
@@ -74,7 +76,8 @@ fn guard(off: usize, len: usize) -> &'static mut [u8] {
     let base = SHIM.guard_base.load(Ordering::Relaxed);
     assert!(base != 0 && off + len <= GUARD_BYTES);
     // SAFETY: the guardian mapping is made in `init`, never unmapped, and its scratch part is
-    // used by the guardian thread alone; the regions at the fixed offsets do not overlap and
+    // used by the guardian thread alone (or, in a forked child, by its fork handler while it is
+    // the child's only thread, on the child's copy); the regions at the fixed offsets do not overlap and
     // each has one user at a time.
     unsafe { std::slice::from_raw_parts_mut((base + off) as *mut u8, len) }
 }
@@ -597,8 +600,15 @@ fn decode_stored(
     scratch: &mut [u8],
     out: &mut [u8; PAGE_SIZE],
 ) -> bool {
+    // The guardian thread and a forked child's fork handler (the child's only thread, on its
+    // own copy of the mapping) are the only users of the decoder's workspace.
+    let Some(mut decoder) =
+        store_layout::PageDecoder::new(guard(DECODER_OFF, store_layout::DECODER_WORKSPACE_BYTES))
+    else {
+        return false;
+    };
     let Some(off) = page.disk_off else {
-        return store_layout::decode_page(page, out);
+        return decoder.decode_page(page, out);
     };
     let len = page.len_bytes;
     if disk_fd < 0 || len > scratch.len() {
@@ -624,7 +634,7 @@ fn decode_stored(
             return false;
         }
     }
-    store_layout::decode_payload(page.raw, &scratch[..len], out)
+    decoder.decode_payload(page.raw, &scratch[..len], out)
 }
 
 /// Maps the store file read-write (for its records), or `None` if there is none or it is not

@@ -63,7 +63,7 @@ pub struct DaemonConfig {
     /// else one per CPU beyond the first, at most 4.
     pub compress_threads: Option<usize>,
     /// Idle-priority threads that recompress cold blobs for every program (programs choose
-    /// the level, `recompress_level`); 0 = none. Key `recompress_threads`.
+    /// the codec and level, `recompress`); 0 = none. Key `recompress_threads`.
     pub recompress_threads: usize,
 }
 

@@ -41,6 +41,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
+pub use crate::store::Recompress;
+
 pub use daemon::{parse_daemon, DaemonConfig, DAEMON_FILE, DAEMON_KEYS};
 pub use units::{format_duration, format_size, parse_duration, parse_optional_size, parse_size};
 
@@ -63,7 +65,7 @@ pub const KEYS: &[&str] = &[
     "max_store",
     "disk_dir",
     "max_disk",
-    "recompress_level",
+    "recompress",
     "hot_ttl",
     "rescue_after",
     "backend",
@@ -112,9 +114,9 @@ pub struct ProgramConfig {
     pub tick: Duration,
     /// Cap on eviction bandwidth. Key `max_evict_rate`.
     pub max_evict_bytes_per_sec: u64,
-    /// lz4hc level at which cold blobs are recompressed at idle time (a CPU nobody else
-    /// wants); 0 = never. Key `recompress_level`.
-    pub recompress_level: u32,
+    /// How cold blobs are recompressed at idle time (a CPU nobody else wants): codec and
+    /// level, or not at all. Key `recompress` (`"zstd:3"`, `"lz4hc:9"`, `"none"`).
+    pub recompress: Recompress,
     /// Pages per agent batch. Key `batch_pages`.
     pub batch_pages: u32,
     /// Maximum pages per contiguous run (one ioctl). Key `run_pages`.
@@ -173,7 +175,7 @@ impl Default for ProgramConfig {
             tick: Duration::from_millis(20),
             max_evict_bytes_per_sec: 1 << 30,
             batch_pages: 512,
-            recompress_level: DEFAULT_RECOMPRESS_LEVEL,
+            recompress: DEFAULT_RECOMPRESS,
             run_pages: 64,
             window_bytes: 32 << 20,
             fill_ahead_pages: 256,
@@ -242,7 +244,7 @@ impl ProgramConfig {
             },
         );
         line("max_disk", format!("\"{}\"", opt_size(self.max_disk_bytes)));
-        line("recompress_level", self.recompress_level.to_string());
+        line("recompress", format!("\"{}\"", self.recompress.name()));
         line("hot_ttl", format!("\"{}\"", format_duration(self.hot_ttl)));
         line(
             "rescue_after",
@@ -292,7 +294,7 @@ pub struct Overrides {
     pub disk_dir: Option<Option<PathBuf>>,
     /// `Some(None)` = `"none"` (no bound).
     pub max_disk_bytes: Option<Option<u64>>,
-    pub recompress_level: Option<u32>,
+    pub recompress: Option<Recompress>,
     pub hot_ttl: Option<Duration>,
     pub rescue_after: Option<Duration>,
     pub backend: Option<Backend>,
@@ -346,9 +348,7 @@ impl Overrides {
             "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
             "disk_dir" => self.disk_dir = Some(check_disk_dir(opt_path_value(v)?)?),
             "max_disk" => self.max_disk_bytes = Some(check_max_disk(opt_size_value(v)?)?),
-            "recompress_level" => {
-                self.recompress_level = Some(check_recompress_level(u32_value(v)?)?)
-            }
+            "recompress" => self.recompress = Some(recompress_value(v)?),
             "hot_ttl" => self.hot_ttl = Some(check_hot_ttl(duration_value(v)?)?),
             "rescue_after" => self.rescue_after = Some(check_rescue_after(duration_value(v)?)?),
             "backend" => self.backend = Some(backend_value(v)?),
@@ -387,8 +387,8 @@ impl Overrides {
         if let Some(v) = self.batch_pages {
             check_batch_pages(v).map_err(|r| err("batch_pages", r.reason()))?;
         }
-        if let Some(v) = self.recompress_level {
-            check_recompress_level(v).map_err(|r| err("recompress_level", r.reason()))?;
+        if let Some(v) = self.recompress {
+            check_recompress(v).map_err(|r| err("recompress", r.reason()))?;
         }
         if let Some(v) = self.run_pages {
             check_run_pages(v).map_err(|r| err("run_pages", r.reason()))?;
@@ -456,7 +456,7 @@ impl Overrides {
         put(&mut cfg.max_store_bytes, &self.max_store_bytes);
         put(&mut cfg.disk_dir, &self.disk_dir);
         put(&mut cfg.max_disk_bytes, &self.max_disk_bytes);
-        put(&mut cfg.recompress_level, &self.recompress_level);
+        put(&mut cfg.recompress, &self.recompress);
         put(&mut cfg.hot_ttl, &self.hot_ttl);
         put(&mut cfg.rescue_after, &self.rescue_after);
         put(&mut cfg.backend, &self.backend);
@@ -569,7 +569,7 @@ struct RawConfig {
     max_store: Option<Spanned<Value>>,
     disk_dir: Option<Spanned<Value>>,
     max_disk: Option<Spanned<Value>>,
-    recompress_level: Option<Spanned<Value>>,
+    recompress: Option<Spanned<Value>>,
     hot_ttl: Option<Spanned<Value>>,
     rescue_after: Option<Spanned<Value>>,
     backend: Option<Spanned<Value>>,
@@ -598,7 +598,7 @@ impl RawConfig {
             ("max_store", self.max_store),
             ("disk_dir", self.disk_dir),
             ("max_disk", self.max_disk),
-            ("recompress_level", self.recompress_level),
+            ("recompress", self.recompress),
             ("hot_ttl", self.hot_ttl),
             ("rescue_after", self.rescue_after),
             ("backend", self.backend),
@@ -997,13 +997,49 @@ fn check_batch_pages(v: u32) -> Result<u32, KeyError> {
     in_range(v, 1, crate::protocol::shm::MAX_BATCH_PAGES as u32)
 }
 
-/// Default lz4hc level of idle-time recompression: level 3 gains about 10 % over lz4 on
-/// heap-like pages for ~25 µs of CPU per page (BENCHMARKS.md, "Idle-time recompression").
-pub const DEFAULT_RECOMPRESS_LEVEL: u32 = 3;
+/// Default idle-time recompression: zstd level 3 makes heap-like pages about 28 % smaller
+/// than lz4 for ~17 µs of idle CPU per page (BENCHMARKS.md, "zstd for cold blobs").
+pub const DEFAULT_RECOMPRESS: Recompress = Recompress::Zstd(3);
 
-/// 0 (off) or an lz4hc level.
-fn check_recompress_level(v: u32) -> Result<u32, KeyError> {
-    in_range(v, 0, crate::store::RECOMPRESS_LEVEL_MAX)
+const RECOMPRESS_FORMS: &str =
+    "\"none\", \"zstd\", \"zstd:LEVEL\" (1..=19), \"lz4hc\" or \"lz4hc:LEVEL\" (1..=12)";
+
+/// `"none"`, `"zstd[:LEVEL]"` or `"lz4hc[:LEVEL]"` (the level defaults to 3 for either).
+fn recompress_value(v: &Value) -> Result<Recompress, KeyError> {
+    let Value::String(s) = v else {
+        return Err(KeyError::Invalid(format!(
+            "expected {RECOMPRESS_FORMS}, found {}",
+            type_name(v)
+        )));
+    };
+    let bad = || KeyError::Invalid(format!("expected {RECOMPRESS_FORMS}, found \"{s}\""));
+    let (codec, level) = match s.split_once(':') {
+        Some((c, l)) => (c, Some(l.trim().parse::<u32>().map_err(|_| bad())?)),
+        None => (s.as_str(), None),
+    };
+    let r = match codec.trim() {
+        "none" | "off" if level.is_none() => Recompress::Off,
+        "zstd" => Recompress::Zstd(level.unwrap_or(3)),
+        "lz4hc" => Recompress::Lz4hc(level.unwrap_or(3)),
+        _ => return Err(bad()),
+    };
+    check_recompress(r)
+}
+
+/// A level within its codec's range.
+fn check_recompress(r: Recompress) -> Result<Recompress, KeyError> {
+    let (codec, level, max) = match r {
+        Recompress::Off => return Ok(r),
+        Recompress::Zstd(l) => ("zstd", l, crate::store::ZSTD_LEVEL_MAX),
+        Recompress::Lz4hc(l) => ("lz4hc", l, crate::store::LZ4HC_LEVEL_MAX),
+    };
+    if (1..=max).contains(&level) {
+        Ok(r)
+    } else {
+        Err(KeyError::Invalid(format!(
+            "{codec} level {level} is out of range (allowed 1..={max})"
+        )))
+    }
 }
 
 fn check_run_pages(v: u32) -> Result<u32, KeyError> {

@@ -255,9 +255,14 @@ fn error_out_of_range_integer_names_file_key_reason() {
         msg.contains("foo.toml:1: key \"batch_pages\": 5000 is out of range (allowed 1..=1024)"),
         "{msg}"
     );
-    let msg = error_for("recompress_level = 13\n");
+    let msg = error_for("recompress = \"lz4hc:13\"\n");
     assert!(
-        msg.contains("key \"recompress_level\": 13 is out of range (allowed 0..=12)"),
+        msg.contains("key \"recompress\": lz4hc level 13 is out of range (allowed 1..=12)"),
+        "{msg}"
+    );
+    let msg = error_for("recompress = \"zstd:20\"\n");
+    assert!(
+        msg.contains("key \"recompress\": zstd level 20 is out of range (allowed 1..=19)"),
         "{msg}"
     );
     let msg = error_for("run_pages = -1\n");
@@ -729,4 +734,37 @@ fn policy_keys_bad_overrides_are_refused() {
     let mut over = Overrides::default();
     let err = over.set_str("promotion_slo", "-1").unwrap_err();
     assert!(err.to_string().contains("key \"promotion_slo\""), "{err}");
+}
+
+/// `recompress` takes a codec and an optional level; each bad form is named in the error.
+#[test]
+fn recompress_forms_and_refusals() {
+    let mut over = Overrides::default();
+    for (text, want) in [
+        ("zstd", Recompress::Zstd(3)),
+        ("zstd:19", Recompress::Zstd(19)),
+        ("lz4hc", Recompress::Lz4hc(3)),
+        ("lz4hc:12", Recompress::Lz4hc(12)),
+        ("none", Recompress::Off),
+        ("off", Recompress::Off),
+    ] {
+        over.set_str("recompress", text).unwrap();
+        assert_eq!(over.recompress, Some(want), "{text}");
+        // What the config renders loads back to the same value.
+        assert_eq!(recompress_value(&Value::String(want.name())).unwrap(), want);
+    }
+    for (bad, says) in [
+        ("zstd:0", "zstd level 0 is out of range (allowed 1..=19)"),
+        ("gzip", "found \"gzip\""),
+        ("zstd:", "found \"zstd:\""),
+        ("none:3", "found \"none:3\""),
+        ("3", "found integer"),
+    ] {
+        let msg = over.set_str("recompress", bad).unwrap_err().to_string();
+        assert!(
+            msg.contains("recompress") && msg.contains(says),
+            "{bad}: {msg}"
+        );
+    }
+    assert_eq!(ProgramConfig::default().recompress, Recompress::Zstd(3));
 }

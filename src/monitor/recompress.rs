@@ -36,8 +36,7 @@ use tracing::{debug, warn};
 use super::client::Client;
 use super::pages::PageState;
 use super::stats::Counters;
-use crate::store::{recompress, RecompressCandidate, StoreError};
-use crate::PAGE_SIZE;
+use crate::store::{recompress, Recompress, RecompressCandidate, RecompressScratch, StoreError};
 
 /// Blobs per job (their payloads are copied under the client's lock: 192 KiB at most).
 pub const JOB_BLOBS: usize = 64;
@@ -52,7 +51,7 @@ const QUIET_FAULTS_PER_TICK: u64 = 16;
 
 /// One client's blobs to recompress.
 struct Job {
-    level: u32,
+    codec: Recompress,
     arena: Vec<u8>,
     cands: Vec<RecompressCandidate>,
     reply: Sender<Done>,
@@ -96,7 +95,7 @@ impl Recompressor {
     /// Queues a job; its result arrives on the returned channel.
     fn submit(
         &self,
-        level: u32,
+        codec: Recompress,
         arena: Vec<u8>,
         cands: Vec<RecompressCandidate>,
     ) -> Receiver<Done> {
@@ -104,7 +103,7 @@ impl Recompressor {
         if let Some(tx) = &self.tx {
             // A send fails only once every worker is gone; the receiver then reports it.
             let _ = tx.send(Job {
-                level,
+                codec,
                 arena,
                 cands,
                 reply,
@@ -162,25 +161,16 @@ fn thread_cpu_ns() -> u64 {
 
 fn worker(rx: Receiver<Job>) {
     lower_priority();
-    let mut page = Box::new([0u8; PAGE_SIZE]);
-    let mut check = Box::new([0u8; PAGE_SIZE]);
-    let mut buf = Vec::new();
+    let mut scratch = RecompressScratch::new();
     for job in rx {
         let t0 = thread_cpu_ns();
         let mut shrunk = Vec::new();
         let mut out = Vec::new();
         for (i, c) in job.cands.iter().enumerate() {
             let payload = &job.arena[c.off..c.off + c.len_bytes];
-            if let Some(len) = recompress(
-                payload,
-                job.level,
-                c.fits_below(),
-                &mut page,
-                &mut check,
-                &mut buf,
-            ) {
+            if let Some(len) = recompress(payload, job.codec, c.fits_below(), &mut scratch) {
                 shrunk.push((i, out.len(), len));
-                out.extend_from_slice(&buf[..len]);
+                out.extend_from_slice(&scratch.out[..len]);
             }
         }
         let cpu_ns = thread_cpu_ns().saturating_sub(t0);
@@ -200,8 +190,8 @@ impl Client {
         let Some(pool) = &self.limits.recompress else {
             return;
         };
-        let level = self.cfg.recompress_level;
-        if level == 0 {
+        let codec = self.cfg.recompress;
+        if codec == Recompress::Off {
             return;
         }
         // A program that faults is left alone: while it faults more than
@@ -262,7 +252,7 @@ impl Client {
                 break;
             }
             Counters::add(&self.counters.recompress_offered, cands.len() as u64);
-            jobs.push_back(pool.submit(level, arena, cands));
+            jobs.push_back(pool.submit(codec, arena, cands));
             submitted += 1;
         }
     }
@@ -347,17 +337,21 @@ mod tests {
         let mut arena = Vec::new();
         let cands = store.recompress_candidates(0, usize::MAX, &mut |_, _| true, &mut arena);
         assert_eq!(cands.len(), 64);
-        let done = pool.submit(9, arena, cands).recv().unwrap();
+        let done = pool
+            .submit(Recompress::Zstd(3), arena, cands)
+            .recv()
+            .unwrap();
         assert!(done.shrunk.len() > 32, "{} of 64 shrank", done.shrunk.len());
         assert!(done.cpu_ns > 0);
         for &(i, off, len) in &done.shrunk {
             let c = done.cands[i];
             assert!(len < c.len_bytes);
-            let mut back = [0u8; PAGE_SIZE];
-            assert_eq!(
-                lz4_flex::block::decompress_into(&done.out[off..off + len], &mut back).ok(),
-                Some(PAGE_SIZE)
-            );
+            let mut back = [0u8; crate::PAGE_SIZE];
+            assert!(crate::store::OwnedPageDecoder::new().get().decode_payload(
+                false,
+                &done.out[off..off + len],
+                &mut back
+            ));
             let want = pages.iter().find(|(h, _)| *h == c.handle).unwrap();
             assert_eq!(back, want.1);
         }

@@ -22,7 +22,9 @@ pub use wire::{Msg, ProtoError};
 
 /// Protocol version; a peer speaking another version is refused with a clear error.
 /// Version 3: `HelloAck` has flags, and may carry the disk tier's file as a fifth descriptor.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// Version 4: the store file it sends is of layout version 4 (payloads may be zstd frames), so
+/// a shim that could not read it is refused at `Hello` instead of failing at a rescue.
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Environment variable naming the monitor's socket.
 pub const ENV_SOCKET: &str = "USWAP_SOCKET";

@@ -39,8 +39,10 @@
 //! freed when no bit is left. A shared page the program moves (`mremap`) is first copied to a
 //! slot of its own. Each member's shim is told its member index and, on a rescue, brings home
 //! only the records carrying its bit. A payload of the raw
-//! class ([`RAW_CLASS_IDX`]) is the page itself; any other is one lz4 block that decompresses
-//! to exactly one page. Pages that are all zero bytes have no record: once a range is
+//! class ([`RAW_CLASS_IDX`]) is the page itself; any other decompresses to exactly one page
+//! and is either one lz4 block or (version 4) one zstd frame, which begins with the zstd magic
+//! number [`ZSTD_MAGIC`] (an lz4 block of a whole page never does: its first sequence would
+//! copy from 253 or more bytes back, before the start of the page). See [`PageDecoder`]. Pages that are all zero bytes have no record: once a range is
 //! unregistered from userfaultfd, a missing page reads as zeros, which is their content.
 //!
 //! Order of writes (crash consistency: the monitor may die between any two):
@@ -63,8 +65,8 @@
 //!    and only then is the old slot's record zeroed. A reader may find both, naming the same
 //!    page with the same bytes; it brings the page home once (the second copy fails with
 //!    EEXIST), and an adopting monitor keeps one and frees the other.
-//! 8. a page recompressed (idle time: its lz4 block replaced by a shorter lz4 block of the
-//!    same page, in a smaller class): the new payload is written to a slot of the smaller
+//! 8. a page recompressed (idle time: its lz4 block replaced by a shorter lz4 block or zstd
+//!    frame of the same page, in a smaller class): the new payload is written to a slot of the smaller
 //!    class, then its record (the old one with the new length; release), and only then is
 //!    the old slot's record zeroed. As in step 7, a reader may find both; the two decode to
 //!    the same page, so it does not matter which one it brings home or keeps.
@@ -86,7 +88,11 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::PAGE_SIZE;
 
 pub const STORE_MAGIC: u64 = 0x524f_5453_5057_5355; // "USWPSTOR"
-pub const STORE_VERSION: u32 = 3;
+/// Version 4: a payload may be a zstd frame (idle-time recompression).
+pub const STORE_VERSION: u32 = 4;
+
+/// The first four bytes of a zstd frame (RFC 8878, magic number 0xFD2FB528 little-endian).
+pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 
 /// Class-table bit of a disk chunk (its payloads are in the disk file; see the module doc).
 pub const DISK_CHUNK_FLAG: u8 = 0x80;
@@ -481,28 +487,88 @@ impl StoreView {
     }
 }
 
-/// Decompresses a stored page into `out` (no allocation). `false` if the payload is corrupt,
-/// and for a disk chunk's page, whose payload must be read first ([`decode_payload`]).
+/// Bytes of the workspace a [`PageDecoder`] needs (zstd's decompression context, about 94 KiB
+/// with zstd 1.5; checked against `ZSTD_estimateDCtxSize` when a decoder is made).
+pub const DECODER_WORKSPACE_BYTES: usize = 128 * 1024;
+
+/// Decodes stored payloads (raw, lz4 block or zstd frame) into a page without allocating:
+/// zstd's decompression context lives in a workspace the caller provides once
+/// (`ZSTD_initStaticDCtx`; a static context cannot allocate), so the shim can decode on its
+/// rescue path, where the program's allocator may be unusable, from its own scratch mapping.
+///
+/// Why zstd-sys and not a Rust decoder: the pure-Rust zstd decoders allocate their buffers
+/// per frame; zstd's static context is the one that guarantees no allocation.
 #[cfg(feature = "decode")]
-pub fn decode_page(page: &StoredPage<'_>, out: &mut [u8; PAGE_SIZE]) -> bool {
-    page.disk_off.is_none() && decode_payload(page.raw, page.payload, out)
+pub struct PageDecoder<'w> {
+    dctx: std::ptr::NonNull<zstd_sys::ZSTD_DCtx>,
+    _workspace: std::marker::PhantomData<&'w mut [u8]>,
 }
 
-/// Decompresses a payload (`raw`: the page itself) into `out` (no allocation). `false` if it
-/// is corrupt.
 #[cfg(feature = "decode")]
-pub fn decode_payload(raw: bool, payload: &[u8], out: &mut [u8; PAGE_SIZE]) -> bool {
-    if raw {
-        if payload.len() != PAGE_SIZE {
-            return false;
+impl<'w> PageDecoder<'w> {
+    /// A decoder whose context lives in `workspace` (at least [`DECODER_WORKSPACE_BYTES`],
+    /// 8-byte aligned; the decoder borrows it for its life). `None` if it is too small or
+    /// misaligned.
+    pub fn new(workspace: &'w mut [u8]) -> Option<PageDecoder<'w>> {
+        // SAFETY: a pure function of the library's build.
+        let need_bytes = unsafe { zstd_sys::ZSTD_estimateDCtxSize() };
+        if workspace.len() < need_bytes.max(DECODER_WORKSPACE_BYTES)
+            || workspace.as_ptr().align_offset(8) != 0
+        {
+            return None;
         }
-        out.copy_from_slice(payload);
-        return true;
+        // SAFETY: `workspace` is writable, 8-byte aligned, long enough (checked above) and
+        // exclusively borrowed for the decoder's life ('w): nothing else touches it meanwhile.
+        let dctx = unsafe {
+            zstd_sys::ZSTD_initStaticDCtx(workspace.as_mut_ptr().cast(), workspace.len())
+        };
+        Some(PageDecoder {
+            dctx: std::ptr::NonNull::new(dctx)?,
+            _workspace: std::marker::PhantomData,
+        })
     }
-    matches!(
-        lz4_flex::block::decompress_into(payload, out),
-        Ok(PAGE_SIZE)
-    )
+
+    /// Decompresses a stored page into `out`. `false` if the payload is corrupt, and for a
+    /// disk chunk's page, whose payload must be read first ([`Self::decode_payload`]).
+    pub fn decode_page(&mut self, page: &StoredPage<'_>, out: &mut [u8; PAGE_SIZE]) -> bool {
+        page.disk_off.is_none() && self.decode_payload(page.raw, page.payload, out)
+    }
+
+    /// Decompresses a payload (`raw`: the page itself) into `out`. `false` if it is corrupt
+    /// or does not make exactly one page.
+    pub fn decode_payload(&mut self, raw: bool, payload: &[u8], out: &mut [u8; PAGE_SIZE]) -> bool {
+        if raw {
+            if payload.len() != PAGE_SIZE {
+                return false;
+            }
+            out.copy_from_slice(payload);
+            return true;
+        }
+        if payload.starts_with(&ZSTD_MAGIC) {
+            return self.zstd(payload, out);
+        }
+        matches!(
+            lz4_flex::block::decompress_into(payload, out),
+            Ok(PAGE_SIZE)
+        )
+    }
+
+    fn zstd(&mut self, payload: &[u8], out: &mut [u8; PAGE_SIZE]) -> bool {
+        // SAFETY: `dctx` is a static context in the workspace this decoder borrows
+        // exclusively; source and destination are valid for the lengths passed, and the
+        // library writes at most `out.len()` bytes.
+        let n = unsafe {
+            zstd_sys::ZSTD_decompressDCtx(
+                self.dctx.as_ptr(),
+                out.as_mut_ptr().cast(),
+                out.len(),
+                payload.as_ptr().cast(),
+                payload.len(),
+            )
+        };
+        // SAFETY: a pure function of its argument.
+        n == PAGE_SIZE && unsafe { zstd_sys::ZSTD_isError(n) } == 0
+    }
 }
 
 #[cfg(test)]

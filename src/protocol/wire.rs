@@ -823,10 +823,12 @@ mod tests {
     /// word is `child_member` since protocol 2, checked against the member range.)
     #[test]
     fn decode_rejects_nonzero_reserved_payload_words() {
-        let crash: [u8; 32] = [
+        let mut crash: [u8; 32] = [
             85, 83, 87, 80, 3, 0, 103, 0, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 0, 0, 4, 0, 0, 0,
             0, 0, 0, 0, 0, 0,
         ];
+        // Found at protocol 3; the same packet at the current version.
+        crash[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
         let e = Msg::decode(&crash).unwrap_err();
         assert_eq!(
             e,

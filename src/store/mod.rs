@@ -48,8 +48,8 @@ pub use disk::DiskFile;
 #[cfg(test)]
 pub(crate) use encode::text_page;
 pub use encode::{
-    encode, recompress, same_filled_word, Encoded, LZ4_MAX_LEN_BYTES, RECOMPRESS_LEVEL_MAX,
-    SCRATCH_BYTES,
+    encode, recompress, same_filled_word, Encoded, OwnedPageDecoder, Recompress, RecompressScratch,
+    LZ4HC_LEVEL_MAX, LZ4_MAX_LEN_BYTES, SCRATCH_BYTES, ZSTD_LEVEL_MAX,
 };
 pub use handle::{Handle, PageKind};
 pub use shared::SharedStore;

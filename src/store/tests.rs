@@ -4,7 +4,8 @@
 
 use super::slab::{slots_per_chunk, RAW_CLASS_IDX};
 use super::*;
-use crate::protocol::store_layout::{decode_payload, StoreView};
+use crate::protocol::store_layout::StoreView;
+use crate::store::OwnedPageDecoder;
 use proptest::prelude::*;
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
@@ -485,7 +486,6 @@ fn read_store_file(store: &Store) -> HashMap<u64, Page> {
 /// [`read_store_file`] as the shim of family member `member` reads it (only its records);
 /// `None` reads every record.
 fn read_store_file_of(store: &Store, member: Option<u8>) -> HashMap<u64, Page> {
-    use crate::protocol::store_layout::decode_page;
     use std::os::fd::AsRawFd;
     let file = store.file().expect("durable");
     let len = file.metadata().unwrap().len() as usize;
@@ -511,7 +511,11 @@ fn read_store_file_of(store: &Store, member: Option<u8>) -> HashMap<u64, Page> {
                 return;
             }
             let mut out: Page = Box::new([0u8; PAGE_SIZE]);
-            assert!(decode_page(&p, &mut out), "page at {:#x} decodes", p.addr);
+            assert!(
+                OwnedPageDecoder::new().get().decode_page(&p, &mut out),
+                "page at {:#x} decodes",
+                p.addr
+            );
             assert!(found.insert(p.addr, out).is_none(), "one record per page");
         });
     }
@@ -766,7 +770,9 @@ fn demoted_pages_read_back_exactly_and_free_their_slots() {
             std::os::unix::fs::FileExt::read_exact_at(&file, &mut payload, p.disk_off.unwrap())
                 .unwrap();
             let mut out: Page = Box::new([0u8; PAGE_SIZE]);
-            assert!(decode_payload(p.raw, &payload, &mut out));
+            assert!(OwnedPageDecoder::new()
+                .get()
+                .decode_payload(p.raw, &payload, &mut out));
             assert_eq!(out, pages[i]);
             seen += 1;
         })
@@ -1176,7 +1182,7 @@ fn compaction_moves_only_the_members_own_unpinned_movable_blobs() {
 }
 
 /// One round of idle-time recompression as the monitor runs it: candidates under the lock,
-/// lz4hc without it, each shorter blob put back. Renames the replaced pages in `model`;
+/// zstd and lz4hc (alternately, so the store holds both) without it, each shorter blob put back. Renames the replaced pages in `model`;
 /// returns (offered, replaced).
 fn recompress_model(
     store: &mut Store,
@@ -1190,18 +1196,18 @@ fn recompress_model(
         &mut |addr, h| model.get(&addr).is_some_and(|(mh, _)| *mh == h),
         &mut arena,
     );
-    let (mut page, mut check, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+    let mut s = RecompressScratch::new();
     let mut replaced = 0;
-    for c in &cands {
+    for (i, c) in cands.iter().enumerate() {
         let payload = &arena[c.off..c.off + c.len_bytes];
-        let Some(len) = recompress(payload, 9, c.fits_below(), &mut page, &mut check, &mut out)
-        else {
+        let codec = [Recompress::Zstd(3), Recompress::Lz4hc(9)][i % 2];
+        let Some(len) = recompress(payload, codec, c.fits_below(), &mut s) else {
             store.withdraw_candidate(c.handle);
             continue;
         };
         let mut published = false;
         let new = store
-            .replace_blob(0, c.handle, c.addr, &out[..len], &mut || published = true)
+            .replace_blob(0, c.handle, c.addr, &s.out[..len], &mut || published = true)
             .expect("a shorter blob of a live page");
         assert!(published);
         assert!(len < c.len_bytes);
@@ -1308,18 +1314,16 @@ fn recompression_leaves_shared_and_changed_blobs_alone() {
         store.recompress_candidates(0, usize::MAX, &mut |addr, _| addr != at(2), &mut arena);
     let offered: Vec<u64> = cands.iter().map(|c| c.addr).collect();
     assert_eq!(offered, (3..8).map(at).collect::<Vec<_>>());
-    let (mut page, mut check, mut out) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE], Vec::new());
+    let mut s = RecompressScratch::new();
     let mut shorter = |c: &RecompressCandidate| {
         let len = recompress(
             &arena[c.off..c.off + c.len_bytes],
-            9,
+            Recompress::Zstd(3),
             c.fits_below(),
-            &mut page,
-            &mut check,
-            &mut out,
+            &mut s,
         )
         .expect("text shrinks");
-        out[..len].to_vec()
+        s.out[..len].to_vec()
     };
     let new: Vec<Vec<u8>> = cands.iter().map(&mut shorter).collect();
     let stats = store.stats();
