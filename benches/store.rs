@@ -250,7 +250,7 @@ fn report_recompression() {
                 cpu += t.elapsed();
                 if let Some(len) = len {
                     let new = store
-                        .replace_blob(0, cand.handle, cand.addr, &s.out[..len], &mut || {})
+                        .replace_blob(0, cand.handle, cand.addr, &s.out[..len], &mut |_| {})
                         .unwrap();
                     handles.insert(cand.addr, new);
                 }

@@ -76,6 +76,20 @@ pub const KEYS: &[&str] = &[
     "max_cold_age",
 ];
 
+/// Keys of earlier versions and what replaced them, so an old config file gets a precise
+/// error instead of "unknown key".
+pub const RENAMED_KEYS: &[(&str, &str)] = &[(
+    "recompress_level",
+    "recompress = \"lz4hc:LEVEL\" (the same encoder; \"none\" for level 0; or \"zstd:LEVEL\")",
+)];
+
+fn renamed(key: &str) -> Option<&'static str> {
+    RENAMED_KEYS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, now)| *now)
+}
+
 /// How pages leave and re-enter the program. Key `backend`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -314,6 +328,14 @@ impl Overrides {
             Ok(n) => Value::Integer(n),
             Err(_) => Value::String(value.to_string()),
         };
+        if let Some(now) = renamed(key) {
+            return Err(ConfigError::RenamedKey {
+                path: PathBuf::from("<override>"),
+                line: None,
+                key: key.to_string(),
+                now,
+            });
+        }
         self.set_value(key, &v).map_err(|e| match e {
             KeyError::Unknown => ConfigError::UnknownKey {
                 path: PathBuf::from("<override>"),
@@ -488,6 +510,14 @@ pub enum ConfigError {
         line: usize,
         column: usize,
         reason: String,
+    },
+    /// A key of an earlier version, replaced by another ([`RENAMED_KEYS`]).
+    #[error("{}{}: key \"{key}\" was replaced: write {now}", path.display(), LineSuffix(*line))]
+    RenamedKey {
+        path: PathBuf,
+        line: Option<usize>,
+        key: String,
+        now: &'static str,
     },
     /// A key that uswap does not know (a typo, or a section header).
     #[error(
@@ -713,6 +743,14 @@ fn parse_layer(path: &Path, text: &str) -> Result<Overrides, ConfigError> {
     // First pass: syntax, and unknown keys with a message that lists the known ones.
     let table: toml::Table = toml::from_str(text).map_err(syntax)?;
     if let Some(key) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        if let Some(now) = renamed(key) {
+            return Err(ConfigError::RenamedKey {
+                path: path.to_path_buf(),
+                line: find_key_line(text, key),
+                key: key.clone(),
+                now,
+            });
+        }
         return Err(ConfigError::UnknownKey {
             path: path.to_path_buf(),
             line: find_key_line(text, key),
@@ -997,9 +1035,12 @@ fn check_batch_pages(v: u32) -> Result<u32, KeyError> {
     in_range(v, 1, crate::protocol::shm::MAX_BATCH_PAGES as u32)
 }
 
-/// Default idle-time recompression: zstd level 3 makes heap-like pages about 28 % smaller
-/// than lz4 for ~17 µs of idle CPU per page (BENCHMARKS.md, "zstd for cold blobs").
-pub const DEFAULT_RECOMPRESS: Recompress = Recompress::Zstd(3);
+/// Default idle-time recompression: lz4hc level 3 makes heap-like pages about 10 % smaller
+/// than lz4 for ~25 µs of idle CPU per page, and they decode faster. zstd saves about three
+/// times as much, but a recompressed page that faults back soon costs ~4 µs more to decode,
+/// and in `bench/run` (programs that refault most of their cold pages within seconds) that
+/// cost more time than it saved memory (BENCHMARKS.md, "zstd for cold blobs").
+pub const DEFAULT_RECOMPRESS: Recompress = Recompress::Lz4hc(3);
 
 const RECOMPRESS_FORMS: &str =
     "\"none\", \"zstd\", \"zstd:LEVEL\" (1..=19), \"lz4hc\" or \"lz4hc:LEVEL\" (1..=12)";

@@ -766,5 +766,18 @@ fn recompress_forms_and_refusals() {
             "{bad}: {msg}"
         );
     }
-    assert_eq!(ProgramConfig::default().recompress, Recompress::Zstd(3));
+    assert_eq!(ProgramConfig::default().recompress, Recompress::Lz4hc(3));
+    // The key it replaced is named with its replacement, in a file and as an override.
+    let msg = error_for("recompress_level = 9\n");
+    assert!(
+        msg.contains(
+            "foo.toml:1: key \"recompress_level\" was replaced: write recompress = \"lz4hc:LEVEL\""
+        ),
+        "{msg}"
+    );
+    let msg = over
+        .set_str("recompress_level", "9")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("was replaced: write recompress"), "{msg}");
 }

@@ -11,7 +11,8 @@
 //!   moved for this client so far;
 //! - `recompress:published` (control thread): idle-time recompression has published a
 //!   blob's shorter copy and its record, and not yet zeroed the old record (layout write
-//!   order, step 8);
+//!   order, step 8); the length is the payload bytes recompression saved for this client so
+//!   far, this blob's included (so the store holds hundreds of recompressed blobs by then);
 //! - `fork:hello` (server thread): a forked child's `Hello` has arrived, its snapshot not yet
 //!   claimed; the child has registered its memory with its own userfaultfd and finds no monitor
 //!   (a restarted one would not know its token), so it brings its pages home itself.

@@ -286,8 +286,8 @@ impl Client {
                     store.withdraw_candidate(c.handle);
                     continue;
                 };
-                match store.replace_blob(member, c.handle, c.addr, payload, &mut || {
-                    super::die::point("recompress:published")
+                match store.replace_blob(member, c.handle, c.addr, payload, &mut |saved| {
+                    super::die::point_over("recompress:published", saved)
                 }) {
                     Ok(new) => moves.push((c.addr, c.handle, new)),
                     // No room for the smaller slot: the blob stays as it is.

@@ -986,10 +986,12 @@ impl Store {
     }
 
     /// Idle-time recompression, second half: replaces member `member`'s blob `old` of the page
-    /// at `addr` by `payload`, a shorter lz4 block of the same page that fits a smaller size
-    /// class (the caller recompressed and checked it; its page map names the page by `old`
-    /// under the lock it holds). Layout write order, step 8: the new payload and the *same*
-    /// record but its length are published in the new slot first, `published()` is called,
+    /// at `addr` by `payload`, a shorter lz4 block or zstd frame of the same page that fits a
+    /// smaller size class (the caller recompressed and checked it; its page map names the
+    /// page by `old` under the lock it holds). Layout write order, step 8: the new payload and
+    /// the *same* record but its length are published in the new slot first,
+    /// `published(bytes)` is called with the payload bytes recompression saved so far, this
+    /// blob's included (for the kill tests' death point),
     /// and only then is the old slot freed; a reader in between finds the page twice, with
     /// the same contents. Returns the new handle; on error nothing changed (a full store,
     /// or `old` is not a sole-owned memory blob of that page, or the payload would not
@@ -1000,7 +1002,7 @@ impl Store {
         old: Handle,
         addr: u64,
         payload: &[u8],
-        published: &mut dyn FnMut(),
+        published: &mut dyn FnMut(u64),
     ) -> Result<Handle, StoreError> {
         let bits = old.to_bits();
         let corrupt = |reason| StoreError::CorruptHandle { bits, reason };
@@ -1027,9 +1029,9 @@ impl Store {
         };
         let new_loc = self.slabs.store(new_class, payload, addr, owners)?;
         self.slabs.settle(new_loc);
-        published();
-        self.slabs.free(slot).map_err(corrupt)?;
         let old_len = u64::from(old_loc.len_bytes);
+        published(self.counters.recompress_bytes_saved + old_len - payload.len() as u64);
+        self.slabs.free(slot).map_err(corrupt)?;
         self.counters.account(PageKind::Lz4, false, old_len, -1);
         self.counters
             .account(PageKind::Lz4, false, payload.len() as u64, 1);

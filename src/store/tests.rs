@@ -1207,7 +1207,9 @@ fn recompress_model(
         };
         let mut published = false;
         let new = store
-            .replace_blob(0, c.handle, c.addr, &s.out[..len], &mut || published = true)
+            .replace_blob(0, c.handle, c.addr, &s.out[..len], &mut |_| {
+                published = true
+            })
             .expect("a shorter blob of a live page");
         assert!(published);
         assert!(len < c.len_bytes);
@@ -1327,7 +1329,7 @@ fn recompression_leaves_shared_and_changed_blobs_alone() {
     };
     let new: Vec<Vec<u8>> = cands.iter().map(&mut shorter).collect();
     let stats = store.stats();
-    let mut never = || panic!("nothing may be published");
+    let mut never = |_: u64| panic!("nothing may be published");
     // A shared blob, and a blob never offered (page 2).
     assert!(store
         .replace_blob(0, handles[0], at(0), &new[0], &mut never)
@@ -1367,7 +1369,7 @@ fn recompression_leaves_shared_and_changed_blobs_alone() {
     // The last one is replaced.
     let mut published = false;
     let h = store
-        .replace_blob(0, cands[4].handle, cands[4].addr, &new[4], &mut || {
+        .replace_blob(0, cands[4].handle, cands[4].addr, &new[4], &mut |_| {
             published = true
         })
         .unwrap();
