@@ -269,9 +269,13 @@ fn idle_recompression_shrinks_the_store_and_keeps_every_byte() -> R {
         let replaced = store["recompressed"].as_u64().unwrap_or(0);
         let saved = store["recompress_bytes_saved"].as_u64().unwrap_or(0);
         let cpu_s = c["recompress_cpu_s"].as_f64().unwrap_or(0.0);
-        if replaced < 1000 || saved < replaced * 64 || cpu_s <= 0.0 {
+        let offered = c["recompress_offered"].as_u64().unwrap_or(0);
+        // Nearly every blob of these pages fits a smaller class; a worker that stopped
+        // shrinking after its first refusal (a zstd context left mid-frame, found by
+        // bench/run: 0 of 180k blobs in the next program) replaces few of those offered.
+        if replaced < 1000 || replaced * 2 < offered || saved < replaced * 64 || cpu_s <= 0.0 {
             return Err(format!(
-                "{set}: idle recompression did too little: {replaced} blobs replaced, {saved} bytes saved, {cpu_s} s of CPU\n{}",
+                "{set}: idle recompression did too little: {replaced} of {offered} blobs offered replaced, {saved} bytes saved, {cpu_s} s of CPU\n{}",
                 r.describe()
             )
             .into());

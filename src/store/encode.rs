@@ -158,6 +158,10 @@ pub fn recompress(
         Recompress::Zstd(level) => {
             use zstd_safe::CParameter;
             let z = &mut s.zstd;
+            // A compression that failed (the output did not fit: the usual case for a blob
+            // that would not shrink) leaves the context mid-frame, where it refuses every
+            // parameter change and every later frame: start each blob from a clean session.
+            z.reset(zstd_safe::ResetDirective::SessionOnly).ok()?;
             for p in [
                 CParameter::CompressionLevel(level.clamp(1, ZSTD_LEVEL_MAX) as i32),
                 CParameter::ChecksumFlag(false),
@@ -399,6 +403,14 @@ mod tests {
             );
         }
         assert_eq!(recompress(&fast, Recompress::Off, 4096, &mut s), None);
+        // Giving up leaves the scratch (and zstd's context) usable: the next blob shrinks.
+        for codec in CODECS {
+            assert_eq!(recompress(&fast, codec, 64, &mut s), None);
+            assert!(
+                recompress(&fast, codec, fast.len(), &mut s).is_some(),
+                "{codec:?} after a blob that did not fit"
+            );
+        }
     }
 
     /// A decoder refuses a workspace that is too small or misaligned, and a zstd frame that
