@@ -240,8 +240,8 @@ fn store_compaction_gives_chunks_back_and_keeps_every_byte() -> R {
 }
 
 /// Idle-time recompression: while the program rests, the monitor's idle-priority thread
-/// recompresses its stored blobs and the shorter ones replace the old, with zstd and with
-/// lz4hc (the default); every page the program touches afterwards (each is checked, decoded by
+/// recompresses its stored blobs and the shorter ones replace the old, with zstd (the default)
+/// and with lz4hc; every page the program touches afterwards (each is checked, decoded by
 /// the fault path) reads back exactly. With `recompress = none` nothing is recompressed.
 fn idle_recompression_shrinks_the_store_and_keeps_every_byte() -> R {
     let prog = [

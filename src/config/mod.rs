@@ -1035,12 +1035,12 @@ fn check_batch_pages(v: u32) -> Result<u32, KeyError> {
     in_range(v, 1, crate::protocol::shm::MAX_BATCH_PAGES as u32)
 }
 
-/// Default idle-time recompression: lz4hc level 3 makes heap-like pages about 10 % smaller
-/// than lz4 for ~25 µs of idle CPU per page, and they decode faster. zstd saves about three
-/// times as much, but a recompressed page that faults back soon costs ~4 µs more to decode,
-/// and in `bench/run` (programs that refault most of their cold pages within seconds) that
-/// cost more time than it saved memory (BENCHMARKS.md, "zstd for cold blobs").
-pub const DEFAULT_RECOMPRESS: Recompress = Recompress::Lz4hc(3);
+/// Default idle-time recompression: zstd level 3 makes heap-like pages about 28 % smaller than
+/// lz4 for ~17 µs of idle CPU per page; a recompressed page that faults back costs ~4 µs more
+/// to decode. In `bench/run` it met every "bytes held at the end ≤ zram" target where lz4hc
+/// level 3 (10 % smaller, decodes faster) missed redis's, for a slower random-touch phase
+/// (BENCHMARKS.md, "zstd for cold blobs").
+pub const DEFAULT_RECOMPRESS: Recompress = Recompress::Zstd(3);
 
 const RECOMPRESS_FORMS: &str =
     "\"none\", \"zstd\", \"zstd:LEVEL\" (1..=19), \"lz4hc\" or \"lz4hc:LEVEL\" (1..=12)";

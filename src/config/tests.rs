@@ -766,7 +766,7 @@ fn recompress_forms_and_refusals() {
             "{bad}: {msg}"
         );
     }
-    assert_eq!(ProgramConfig::default().recompress, Recompress::Lz4hc(3));
+    assert_eq!(ProgramConfig::default().recompress, Recompress::Zstd(3));
     // The key it replaced is named with its replacement, in a file and as an override.
     let msg = error_for("recompress_level = 9\n");
     assert!(
