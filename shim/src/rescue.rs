@@ -76,9 +76,9 @@ fn guard(off: usize, len: usize) -> &'static mut [u8] {
     let base = SHIM.guard_base.load(Ordering::Relaxed);
     assert!(base != 0 && off + len <= GUARD_BYTES);
     // SAFETY: the guardian mapping is made in `init`, never unmapped, and its scratch part is
-    // used by the guardian thread alone (or, in a forked child, by its fork handler while it is
-    // the child's only thread, on the child's copy); the regions at the fixed offsets do not overlap and
-    // each has one user at a time.
+    // used by the guardian thread alone (or, in a forked child, by its fork handler while it
+    // is the child's only thread, on the child's copy); the regions at the fixed offsets do
+    // not overlap and each has one user at a time.
     unsafe { std::slice::from_raw_parts_mut((base + off) as *mut u8, len) }
 }
 

@@ -12,13 +12,15 @@
 //! - `recompress:published` (control thread): idle-time recompression has published a
 //!   blob's shorter copy and its record, and not yet zeroed the old record (layout write
 //!   order, step 8); the length is the payload bytes recompression saved for this client so
-//!   far, this blob's included (so the store holds hundreds of recompressed blobs by then);
+//!   far, this blob's included (`recompress:published>65536`: about a hundred zstd frames
+//!   are in the store by then);
 //! - `fork:hello` (server thread): a forked child's `Hello` has arrived, its snapshot not yet
 //!   claimed; the child has registered its memory with its own userfaultfd and finds no monitor
 //!   (a restarted one would not know its token), so it brings its pages home itself.
 //!
 //! Only events over at least 256 KiB count; `<point>=<bytes>` picks events of exactly that
-//! length (a thread's exit unmaps its 8 MiB stack, for one).
+//! length (a thread's exit unmaps its 8 MiB stack, for one), `<point>><bytes>` any of at
+//! least that length.
 //!
 //! Unset (the normal case), [`point`] is one load of an initialised `OnceLock`.
 //!
@@ -46,12 +48,15 @@ pub fn point(point: &str) {
 
 /// Kills this process with SIGKILL (no unwinding, no cleanup: as `kill -9` would) if
 /// `USWAP_TEST_DIE` names `point` and the event spans at least 256 KiB (or, with
-/// `point=N`, exactly N bytes).
+/// `point=N`, exactly N bytes; with `point>N`, at least N bytes).
 pub fn point_over(point: &str, len_bytes: u64) {
     let Some(want) = configured() else { return };
-    let hit = match want.split_once('=') {
-        Some((name, n)) => name == point && n.parse() == Ok(len_bytes),
-        None => want == point && len_bytes >= MIN_LEN_BYTES,
+    let hit = if let Some((name, n)) = want.split_once('=') {
+        name == point && n.parse() == Ok(len_bytes)
+    } else if let Some((name, n)) = want.split_once('>') {
+        name == point && n.parse().is_ok_and(|n: u64| len_bytes >= n)
+    } else {
+        want == point && len_bytes >= MIN_LEN_BYTES
     };
     if hit {
         die(point, len_bytes);

@@ -347,7 +347,7 @@ mod tests {
             let c = done.cands[i];
             assert!(len < c.len_bytes);
             let mut back = [0u8; crate::PAGE_SIZE];
-            assert!(crate::store::OwnedPageDecoder::new().get().decode_payload(
+            assert!(crate::store::OwnedPageDecoder::new().decode_payload(
                 false,
                 &done.out[off..off + len],
                 &mut back

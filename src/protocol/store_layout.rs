@@ -38,12 +38,13 @@
 //! there at the fork. A page faulted back into one member loses that member's bit; the slot is
 //! freed when no bit is left. A shared page the program moves (`mremap`) is first copied to a
 //! slot of its own. Each member's shim is told its member index and, on a rescue, brings home
-//! only the records carrying its bit. A payload of the raw
-//! class ([`RAW_CLASS_IDX`]) is the page itself; any other decompresses to exactly one page
-//! and is either one lz4 block or (version 4) one zstd frame, which begins with the zstd magic
-//! number [`ZSTD_MAGIC`] (an lz4 block of a whole page never does: its first sequence would
-//! copy from 253 or more bytes back, before the start of the page). See [`PageDecoder`]. Pages that are all zero bytes have no record: once a range is
-//! unregistered from userfaultfd, a missing page reads as zeros, which is their content.
+//! only the records carrying its bit. A payload of the raw class ([`RAW_CLASS_IDX`]) is the
+//! page itself; any other decompresses to exactly one page and is either one lz4 block or
+//! (version 4) one zstd frame, which begins with the zstd magic number [`ZSTD_MAGIC`] (an lz4
+//! block of a whole page never does: its first sequence would copy from 253 or more bytes
+//! back, before the start of the page). See [`PageDecoder`]. Pages that are all zero bytes
+//! have no record: once a range is unregistered from userfaultfd, a missing page reads as
+//! zeros, which is their content.
 //!
 //! Order of writes (crash consistency: the monitor may die between any two):
 //! 1. a new chunk: the file is grown (`ftruncate`) first, then its class byte is set;
@@ -66,10 +67,10 @@
 //!    page with the same bytes; it brings the page home once (the second copy fails with
 //!    EEXIST), and an adopting monitor keeps one and frees the other.
 //! 8. a page recompressed (idle time: its lz4 block replaced by a shorter lz4 block or zstd
-//!    frame of the same page, in a smaller class): the new payload is written to a slot of the smaller
-//!    class, then its record (the old one with the new length; release), and only then is
-//!    the old slot's record zeroed. As in step 7, a reader may find both; the two decode to
-//!    the same page, so it does not matter which one it brings home or keeps.
+//!    frame of the same page, in a smaller class): the new payload is written to a slot of
+//!    the smaller class, then its record (the old one with the new length; release), and
+//!    only then is the old slot's record zeroed. As in step 7, a reader may find both; the
+//!    two decode to the same page, so it does not matter which one it brings home or keeps.
 //!
 //! So a reader sees, for every page, either a complete record with its payload (in the store
 //! file or, for a disk chunk, already in the disk file), or no record while another copy

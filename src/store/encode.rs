@@ -194,14 +194,15 @@ pub(crate) fn fill_word(out: &mut [u8; PAGE_SIZE], word: u64) {
 
 thread_local! {
     /// Each monitor thread's zstd decompression context (allocated once per thread).
-    static DECODER: std::cell::RefCell<OwnedPageDecoder> = std::cell::RefCell::new(OwnedPageDecoder::new());
+    static DECODER: std::cell::RefCell<OwnedPageDecoder> =
+        std::cell::RefCell::new(OwnedPageDecoder::new());
 }
 
 /// Decompresses one payload (lz4 block or zstd frame) into `out`; `Err(detail)` unless it
 /// yields exactly one page.
 pub(crate) fn decompress(payload: &[u8], out: &mut [u8; PAGE_SIZE]) -> Result<(), String> {
     let zstd = payload.starts_with(&ZSTD_MAGIC);
-    if DECODER.with(|d| d.borrow_mut().get().decode_payload(false, payload, out)) {
+    if DECODER.with(|d| d.borrow_mut().decode_payload(false, payload, out)) {
         return Ok(());
     }
     Err(format!(
@@ -232,8 +233,19 @@ impl OwnedPageDecoder {
         OwnedPageDecoder { decoder, workspace }
     }
 
-    pub fn get(&mut self) -> &mut PageDecoder<'static> {
-        &mut self.decoder
+    /// [`PageDecoder::decode_payload`]. (The decoder itself is not lent out: it borrows the
+    /// workspace as `'static`, and one swapped out of here would outlive it.)
+    pub fn decode_payload(&mut self, raw: bool, payload: &[u8], out: &mut [u8; PAGE_SIZE]) -> bool {
+        self.decoder.decode_payload(raw, payload, out)
+    }
+
+    /// [`PageDecoder::decode_page`].
+    pub fn decode_page(
+        &mut self,
+        page: &crate::protocol::store_layout::StoredPage<'_>,
+        out: &mut [u8; PAGE_SIZE],
+    ) -> bool {
+        self.decoder.decode_page(page, out)
     }
 }
 

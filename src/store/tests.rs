@@ -512,7 +512,7 @@ fn read_store_file_of(store: &Store, member: Option<u8>) -> HashMap<u64, Page> {
             }
             let mut out: Page = Box::new([0u8; PAGE_SIZE]);
             assert!(
-                OwnedPageDecoder::new().get().decode_page(&p, &mut out),
+                OwnedPageDecoder::new().decode_page(&p, &mut out),
                 "page at {:#x} decodes",
                 p.addr
             );
@@ -770,9 +770,7 @@ fn demoted_pages_read_back_exactly_and_free_their_slots() {
             std::os::unix::fs::FileExt::read_exact_at(&file, &mut payload, p.disk_off.unwrap())
                 .unwrap();
             let mut out: Page = Box::new([0u8; PAGE_SIZE]);
-            assert!(OwnedPageDecoder::new()
-                .get()
-                .decode_payload(p.raw, &payload, &mut out));
+            assert!(OwnedPageDecoder::new().decode_payload(p.raw, &payload, &mut out));
             assert_eq!(out, pages[i]);
             seen += 1;
         })
@@ -1182,7 +1180,8 @@ fn compaction_moves_only_the_members_own_unpinned_movable_blobs() {
 }
 
 /// One round of idle-time recompression as the monitor runs it: candidates under the lock,
-/// zstd and lz4hc (alternately, so the store holds both) without it, each shorter blob put back. Renames the replaced pages in `model`;
+/// zstd and lz4hc (alternately, so the store holds both) without it, each shorter blob put
+/// back. Renames the replaced pages in `model`;
 /// returns (offered, replaced).
 fn recompress_model(
     store: &mut Store,

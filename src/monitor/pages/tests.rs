@@ -170,9 +170,9 @@ impl Sim {
                     }
                     None => p.payload.to_vec(),
                 };
-                assert!(crate::store::OwnedPageDecoder::new()
-                    .get()
-                    .decode_payload(p.raw, &payload, &mut out));
+                assert!(
+                    crate::store::OwnedPageDecoder::new().decode_payload(p.raw, &payload, &mut out)
+                );
                 assert!(
                     found.insert(p.addr, value_of(&out)).is_none(),
                     "two records for {:#x}",
