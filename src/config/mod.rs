@@ -83,11 +83,15 @@ pub const RENAMED_KEYS: &[(&str, &str)] = &[(
     "recompress = \"lz4hc:LEVEL\" (the same encoder; \"none\" for level 0; or \"zstd:LEVEL\")",
 )];
 
-fn renamed(key: &str) -> Option<&'static str> {
-    RENAMED_KEYS
-        .iter()
-        .find(|(k, _)| *k == key)
-        .map(|(_, now)| *now)
+/// The error for `key` if it is one of [`RENAMED_KEYS`].
+fn renamed_key_error(path: &Path, line: Option<usize>, key: &str) -> Option<ConfigError> {
+    let (_, now) = RENAMED_KEYS.iter().find(|(k, _)| *k == key)?;
+    Some(ConfigError::RenamedKey {
+        path: path.to_path_buf(),
+        line,
+        key: key.to_string(),
+        now,
+    })
 }
 
 /// How pages leave and re-enter the program. Key `backend`.
@@ -328,13 +332,8 @@ impl Overrides {
             Ok(n) => Value::Integer(n),
             Err(_) => Value::String(value.to_string()),
         };
-        if let Some(now) = renamed(key) {
-            return Err(ConfigError::RenamedKey {
-                path: PathBuf::from("<override>"),
-                line: None,
-                key: key.to_string(),
-                now,
-            });
+        if let Some(e) = renamed_key_error(Path::new("<override>"), None, key) {
+            return Err(e);
         }
         self.set_value(key, &v).map_err(|e| match e {
             KeyError::Unknown => ConfigError::UnknownKey {
@@ -743,13 +742,8 @@ fn parse_layer(path: &Path, text: &str) -> Result<Overrides, ConfigError> {
     // First pass: syntax, and unknown keys with a message that lists the known ones.
     let table: toml::Table = toml::from_str(text).map_err(syntax)?;
     if let Some(key) = table.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        if let Some(now) = renamed(key) {
-            return Err(ConfigError::RenamedKey {
-                path: path.to_path_buf(),
-                line: find_key_line(text, key),
-                key: key.clone(),
-                now,
-            });
+        if let Some(e) = renamed_key_error(path, find_key_line(text, key), key) {
+            return Err(e);
         }
         return Err(ConfigError::UnknownKey {
             path: path.to_path_buf(),
@@ -1074,13 +1068,9 @@ fn check_recompress(r: Recompress) -> Result<Recompress, KeyError> {
         Recompress::Zstd(l) => ("zstd", l, crate::store::ZSTD_LEVEL_MAX),
         Recompress::Lz4hc(l) => ("lz4hc", l, crate::store::LZ4HC_LEVEL_MAX),
     };
-    if (1..=max).contains(&level) {
-        Ok(r)
-    } else {
-        Err(KeyError::Invalid(format!(
-            "{codec} level {level} is out of range (allowed 1..={max})"
-        )))
-    }
+    in_range(level, 1, max)
+        .map(|_| r)
+        .map_err(|e| KeyError::Invalid(format!("{codec} level {}", e.reason())))
 }
 
 fn check_run_pages(v: u32) -> Result<u32, KeyError> {

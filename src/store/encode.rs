@@ -105,11 +105,23 @@ pub struct RecompressScratch {
 
 impl RecompressScratch {
     pub fn new() -> RecompressScratch {
+        use zstd_safe::CParameter;
+        let mut zstd = zstd_safe::CCtx::create();
+        // Frame parameters for every blob (a session reset keeps them; only the level is set
+        // per blob).
+        for p in [
+            CParameter::ChecksumFlag(false),
+            CParameter::ContentSizeFlag(true),
+            CParameter::DictIdFlag(false),
+        ] {
+            zstd.set_parameter(p)
+                .expect("a fresh zstd context takes frame parameters");
+        }
         RecompressScratch {
             page: Box::new([0; PAGE_SIZE]),
             check: Box::new([0; PAGE_SIZE]),
             out: Vec::new(),
-            zstd: zstd_safe::CCtx::create(),
+            zstd,
         }
     }
 }
@@ -162,14 +174,10 @@ pub fn recompress(
             // that would not shrink) leaves the context mid-frame, where it refuses every
             // parameter change and every later frame: start each blob from a clean session.
             z.reset(zstd_safe::ResetDirective::SessionOnly).ok()?;
-            for p in [
-                CParameter::CompressionLevel(level.clamp(1, ZSTD_LEVEL_MAX) as i32),
-                CParameter::ChecksumFlag(false),
-                CParameter::ContentSizeFlag(true),
-                CParameter::DictIdFlag(false),
-            ] {
-                z.set_parameter(p).ok()?;
-            }
+            z.set_parameter(CParameter::CompressionLevel(
+                level.clamp(1, ZSTD_LEVEL_MAX) as i32
+            ))
+            .ok()?;
             z.compress2(&mut s.out[..], &s.page[..]).ok()?
         }
     };
