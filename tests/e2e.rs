@@ -339,6 +339,83 @@ fn fill_verify_rss_settles_below_budget_plus_slack() -> R {
     }
 }
 
+/// A refault storm (three sequential re-reads of 192 MiB under a 48 MiB budget, prefetching
+/// 64 pages a fault) brings pages back faster than they can be evicted. With the throttle on
+/// (config `throttle`), faults are held back while resident memory is over the line (the
+/// budget and 8 MiB here) and it stays near it; with `throttle = 0s` nothing is held back.
+/// Every page reads back exactly either way.
+fn throttle_holds_a_refault_storm_near_the_budget() -> R {
+    const MIB: u64 = 1 << 20;
+    let line = 56 * MIB;
+    let prog = [
+        workload(),
+        "bench",
+        "--mib",
+        "192",
+        "--pattern",
+        "seq",
+        "--touches",
+        "147456",
+        "--idle-ms",
+        "300",
+        "--linger-ms",
+        "0",
+    ];
+    let run = |tag, throttle: &str| {
+        let t = format!("throttle={throttle}");
+        let r = run_under_uswap(
+            tag,
+            "48M",
+            &["--set", "prefetch_pages=64", "--set", &t],
+            &prog,
+        );
+        r.ok_with_eviction(20_000)?;
+        if !r.stdout.contains("mismatches=0") {
+            return Err(format!("pages read back wrong\n{}", r.describe()).into());
+        }
+        Ok::<_, Failed>(r)
+    };
+    let off = run("throttle-off", "0s")?;
+    if off.get("faults_throttled") != 0 {
+        return Err(format!("throttle = 0s held faults back\n{}", off.describe()).into());
+    }
+    let on = run("throttle-on", "20ms")?;
+    let (peak_off, peak_on) = (
+        off.get("peak_rss_anon_bytes"),
+        on.get("peak_rss_anon_bytes"),
+    );
+    eprintln!(
+        "peak RssAnon: {} MiB without the throttle, {} MiB with it (line {} MiB); {} faults \
+         held back",
+        peak_off / MIB,
+        peak_on / MIB,
+        line / MIB,
+        on.get("faults_throttled")
+    );
+    // A tick of refaults (samples are 10 ms apart) and the program's unmanaged memory.
+    let slack = 24 * MIB;
+    if peak_on > line + slack {
+        return Err(format!(
+            "with the throttle, RssAnon peaked at {} MiB, over the line {} MiB + {} MiB\n{}",
+            peak_on / MIB,
+            line / MIB,
+            slack / MIB,
+            on.describe()
+        )
+        .into());
+    }
+    if peak_off > line + slack && on.get("faults_throttled") == 0 {
+        return Err(format!(
+            "without the throttle RssAnon went to {} MiB, yet with it no fault was held \
+             back\n{}",
+            peak_off / MIB,
+            on.describe()
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// Adaptive prefetch: a forward, a reverse and a strided scan and zipfian touches with writes
 /// over evicted memory read back every byte (the workload checks each page it touches), the
 /// scans get their pages prefetched and settled as used, and the zipfian touches bring back
@@ -2434,6 +2511,10 @@ fn main() {
         Trial::test(
             "fill_verify_rss_settles_below_budget_plus_slack",
             fill_verify_rss_settles_below_budget_plus_slack,
+        ),
+        Trial::test(
+            "throttle_holds_a_refault_storm_near_the_budget",
+            throttle_holds_a_refault_storm_near_the_budget,
         ),
         workload_test(
             "read_syscall_into_evicted_buffer_is_served",

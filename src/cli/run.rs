@@ -292,8 +292,8 @@ fn print_summary(r: &ClientReport, wall: Duration) {
     }
     if r.over_budget_spells > 0 {
         eprintln!(
-            "  over budget   {} spells over the budget by more than an eighth (prefetch held back during them)",
-            r.over_budget_spells
+            "  over budget   {} spells over the budget by more than an eighth (prefetch held back during them); {} faults held back for {:.2} s in all",
+            r.over_budget_spells, r.faults_throttled, r.throttle_s
         );
     }
     if let Some(saved) = r.saved_at_peak_bytes() {

@@ -61,6 +61,7 @@ pub const KEYS: &[&str] = &[
     "fill_ahead_pages",
     "prefetch_pages",
     "fault_spin",
+    "throttle",
     "min_region",
     "max_store",
     "disk_dir",
@@ -151,6 +152,10 @@ pub struct ProgramConfig {
     /// Longest spin of the fault thread for the next fault after serving one (adaptive
     /// below it); zero = never spin. Key `fault_spin`.
     pub fault_spin: Duration,
+    /// Longest time a fault is held back while resident memory is well over the budget (an
+    /// eighth of it and 32 MiB), so the program stops outrunning eviction; zero = never hold
+    /// a fault back. Key `throttle`.
+    pub throttle: Duration,
     /// Anonymous regions smaller than this are not managed. Key `min_region`.
     pub min_region_bytes: u64,
     /// Per-program store quota; `None` = no quota. Key `max_store`.
@@ -199,6 +204,7 @@ impl Default for ProgramConfig {
             fill_ahead_pages: 256,
             prefetch_pages: 16,
             fault_spin: DEFAULT_FAULT_SPIN,
+            throttle: DEFAULT_THROTTLE,
             min_region_bytes: 256 << 10,
             max_store_bytes: None,
             disk_dir: None,
@@ -245,6 +251,10 @@ impl ProgramConfig {
         line(
             "fault_spin",
             format!("\"{}\"", format_duration(self.fault_spin)),
+        );
+        line(
+            "throttle",
+            format!("\"{}\"", format_duration(self.throttle)),
         );
         line(
             "min_region",
@@ -305,6 +315,7 @@ pub struct Overrides {
     pub fill_ahead_pages: Option<u32>,
     pub prefetch_pages: Option<u32>,
     pub fault_spin: Option<Duration>,
+    pub throttle: Option<Duration>,
     pub min_region_bytes: Option<u64>,
     /// `Some(None)` = `"none"` (no quota).
     pub max_store_bytes: Option<Option<u64>>,
@@ -365,6 +376,7 @@ impl Overrides {
             "fill_ahead_pages" => self.fill_ahead_pages = Some(check_fill_ahead(u32_value(v)?)?),
             "prefetch_pages" => self.prefetch_pages = Some(check_prefetch(u32_value(v)?)?),
             "fault_spin" => self.fault_spin = Some(check_fault_spin(duration_value(v)?)?),
+            "throttle" => self.throttle = Some(check_throttle(duration_value(v)?)?),
             "min_region" => self.min_region_bytes = Some(size_value(v)?),
             "max_store" => self.max_store_bytes = Some(check_max_store(opt_size_value(v)?)?),
             "disk_dir" => self.disk_dir = Some(check_disk_dir(opt_path_value(v)?)?),
@@ -426,6 +438,9 @@ impl Overrides {
         if let Some(v) = self.fault_spin {
             check_fault_spin(v).map_err(|r| err("fault_spin", r.reason()))?;
         }
+        if let Some(v) = self.throttle {
+            check_throttle(v).map_err(|r| err("throttle", r.reason()))?;
+        }
         if let Some(v) = self.max_store_bytes {
             check_max_store(v).map_err(|r| err("max_store", r.reason()))?;
         }
@@ -473,6 +488,7 @@ impl Overrides {
         put(&mut cfg.fill_ahead_pages, &self.fill_ahead_pages);
         put(&mut cfg.prefetch_pages, &self.prefetch_pages);
         put(&mut cfg.fault_spin, &self.fault_spin);
+        put(&mut cfg.throttle, &self.throttle);
         put(&mut cfg.min_region_bytes, &self.min_region_bytes);
         put(&mut cfg.max_store_bytes, &self.max_store_bytes);
         put(&mut cfg.disk_dir, &self.disk_dir);
@@ -594,6 +610,7 @@ struct RawConfig {
     fill_ahead_pages: Option<Spanned<Value>>,
     prefetch_pages: Option<Spanned<Value>>,
     fault_spin: Option<Spanned<Value>>,
+    throttle: Option<Spanned<Value>>,
     min_region: Option<Spanned<Value>>,
     max_store: Option<Spanned<Value>>,
     disk_dir: Option<Spanned<Value>>,
@@ -611,7 +628,7 @@ struct RawConfig {
 
 impl RawConfig {
     /// The fields paired with their key names, in [`KEYS`] order.
-    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 23] {
+    fn into_fields(self) -> [(&'static str, Option<Spanned<Value>>); 24] {
         [
             ("budget", self.budget),
             ("cooling", self.cooling),
@@ -623,6 +640,7 @@ impl RawConfig {
             ("fill_ahead_pages", self.fill_ahead_pages),
             ("prefetch_pages", self.prefetch_pages),
             ("fault_spin", self.fault_spin),
+            ("throttle", self.throttle),
             ("min_region", self.min_region),
             ("max_store", self.max_store),
             ("disk_dir", self.disk_dir),
@@ -1090,6 +1108,13 @@ pub const DEFAULT_FAULT_SPIN: Duration = Duration::from_micros(50);
 
 fn check_fault_spin(d: Duration) -> Result<Duration, KeyError> {
     duration_in_range(d, Duration::ZERO, Duration::from_millis(1))
+}
+
+/// Default of key `throttle`.
+pub const DEFAULT_THROTTLE: Duration = Duration::from_millis(2);
+
+fn check_throttle(d: Duration) -> Result<Duration, KeyError> {
+    duration_in_range(d, Duration::ZERO, Duration::from_millis(100))
 }
 
 fn check_window(v: u64) -> Result<u64, KeyError> {

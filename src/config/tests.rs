@@ -736,6 +736,33 @@ fn policy_keys_bad_overrides_are_refused() {
     assert!(err.to_string().contains("key \"promotion_slo\""), "{err}");
 }
 
+/// `throttle`: a duration up to 100 ms, "0s" turns it off; the default is 2 ms.
+#[test]
+fn throttle_parses_layers_and_refuses_out_of_range() {
+    let (cfg, _) = load_program_config(None, "app", None, &Overrides::default()).unwrap();
+    assert_eq!(cfg.throttle, Duration::from_millis(2));
+    let dir = dir_with(&[("app.toml", "throttle = \"0s\"\n")]);
+    let (cfg, _) =
+        load_program_config(Some(dir.path()), "app", None, &Overrides::default()).unwrap();
+    assert_eq!(cfg.throttle, Duration::ZERO);
+    let mut over = Overrides::default();
+    over.set_str("throttle", "20ms").unwrap();
+    let (cfg, _) = load_program_config(Some(dir.path()), "app", None, &over).unwrap();
+    assert_eq!(cfg.throttle, Duration::from_millis(20), "the override wins");
+    let msg = error_for("throttle = \"1s\"\n");
+    assert!(
+        msg.contains("foo.toml:1: key \"throttle\": 1s is out of range (allowed 0ns..=100ms)"),
+        "{msg}"
+    );
+    let msg = error_for("throttle = 2\n");
+    assert!(
+        msg.contains("key \"throttle\": expected a duration string with a unit"),
+        "{msg}"
+    );
+    let err = over.set_str("throttle", "soon").unwrap_err();
+    assert!(err.to_string().contains("key \"throttle\""), "{err}");
+}
+
 /// `recompress` takes a codec and an optional level; each bad form is named in the error.
 #[test]
 fn recompress_forms_and_refusals() {

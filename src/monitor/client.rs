@@ -184,6 +184,11 @@ pub struct Client {
     /// a sixteenth and 16 MiB): faults bring back only the faulting page, so refaults do not outrun
     /// eviction (the kernel throttles a cgroup over its limit with direct reclaim instead).
     pub over_budget: AtomicBool,
+    /// Resident memory between samples, and whether eviction is under way: the fault thread
+    /// holds faults back over [`Client::throttle_line_bytes`] (`monitor/rss.rs`).
+    pub rss: super::rss::RssGauge,
+    /// Config `throttle` on and a budget: the line above which faults are held back.
+    pub throttle_line_bytes: Option<u64>,
     /// Faults served as of the last compaction tick (compaction: a client that served none
     /// since is at rest, and its store is compacted down to the last chunk).
     pub compact_faults_mark: AtomicU64,
@@ -526,6 +531,10 @@ impl Client {
             next_seq: 0,
             paused: false,
         };
+        let throttle_line_bytes = cfg
+            .budget_bytes
+            .filter(|_| !cfg.throttle.is_zero())
+            .map(super::rss::throttle_line_bytes);
         let client = Client {
             id,
             pid,
@@ -553,6 +562,8 @@ impl Client {
             limits,
             agent_stalled: AtomicBool::new(false),
             over_budget: AtomicBool::new(false),
+            rss: super::rss::RssGauge::default(),
+            throttle_line_bytes,
             compact_faults_mark: AtomicU64::new(0),
             recompress_jobs: Mutex::new(Default::default()),
             recompress_faults_mark: AtomicU64::new(0),
@@ -1020,15 +1031,21 @@ impl Client {
     fn tick(&self) {
         let win = self.win();
         // Fresh RSS figure for the next tick.
-        self.request_agent(shm::REQ_RSS);
         let rss_seq = win.rss_seq().load(Ordering::Acquire);
-        let rss = win.rss_anon_bytes().load(Ordering::Relaxed);
+        let sampled = win.rss_anon_bytes().load(Ordering::Relaxed);
         if rss_seq != self.last_rss_seq.swap(rss_seq, Ordering::Relaxed) {
-            self.counters.rss_anon_bytes.store(rss, Ordering::Relaxed);
+            self.rss.on_sample(sampled, &self.counters);
+            self.counters
+                .rss_anon_bytes
+                .store(sampled, Ordering::Relaxed);
             self.counters
                 .peak_rss_anon_bytes
-                .fetch_max(rss, Ordering::Relaxed);
+                .fetch_max(sampled, Ordering::Relaxed);
         }
+        self.rss.on_request(&self.counters);
+        self.request_agent(shm::REQ_RSS);
+        // The sample a tick old, plus the monitor's own traffic since (`monitor/rss.rs`).
+        let rss = self.rss.estimate_bytes(&self.counters);
         self.counters
             .fault_rate
             .sample(Counters::get(&self.counters.faults));
@@ -1072,11 +1089,19 @@ impl Client {
             self.watch_agent();
         }
         let proactive = self.state.lock().controller.proactive();
+        let mut posted_pages = 0;
         if (self.cfg.budget_bytes.is_some() || proactive)
             && !self.agent_stalled.load(Ordering::Relaxed)
         {
-            self.evict(rss, decision.proactive_pages);
+            posted_pages = self.evict(rss, decision.proactive_pages);
         }
+        // Throttle: only while eviction is under way, so holding the program back lets it
+        // catch up (a paused or stalled eviction, or nothing left to evict, holds nothing).
+        let under_way = !self.agent_stalled.load(Ordering::Relaxed) && {
+            let st = self.state.lock();
+            !st.paused && (posted_pages > 0 || !st.inflight.is_empty())
+        };
+        self.rss.on_tick(&self.counters, under_way);
         self.counters.agent_busy_ns.store(
             win.agent_busy_ns().load(Ordering::Relaxed),
             Ordering::Relaxed,
@@ -1180,8 +1205,8 @@ impl Client {
 
     /// Trial-evicts what the budget asks for (hard: at full rate, from the oldest hot pages if
     /// no cold candidate is left) or, under the budget, the controller's `proactive_pages`
-    /// (cold candidates only).
-    fn evict(&self, rss: u64, proactive_pages: u64) {
+    /// (cold candidates only). Returns the pages posted.
+    fn evict(&self, rss: u64, proactive_pages: u64) -> u64 {
         let win = self.win();
         // Busy pages of these batches may be made the program's own again (see
         // `ForkedChildren`); not on the cross-mm backend, which moves without the agent.
@@ -1200,7 +1225,7 @@ impl Client {
                     == 0
                     && proactive_pages == 0)
             {
-                return;
+                return 0;
             }
         }
         // Regions are registered by the agent, with the exact bounds of each VMA it has just
@@ -1215,7 +1240,7 @@ impl Client {
         }
         let mut st = self.state.lock();
         if st.paused || st.inflight.len() >= shm::RING_LEN {
-            return;
+            return 0;
         }
         let inflight_pages = st.pages.counts().moving;
         let hard = st.policy.eviction_target_pages(rss, inflight_pages);
@@ -1226,6 +1251,7 @@ impl Client {
             (proactive_pages, false)
         };
         let batch_pages = (self.cfg.batch_pages as usize).min(shm::MAX_BATCH_PAGES);
+        let mut total_posted = 0u64;
         let now_ms = self.now_ms();
         while want > 0 && st.inflight.len() < shm::RING_LEN {
             // Cross-mm moves each run without the lock: a pause (a fork, or a detach that has
@@ -1306,6 +1332,7 @@ impl Client {
                 break;
             }
             let posted = slots_in_order.len() as u64;
+            total_posted += posted;
             if !over_budget {
                 Counters::add(&self.counters.pages_proactive, posted);
             }
@@ -1335,6 +1362,7 @@ impl Client {
         }
         drop(st);
         signal(self.req_efd.as_raw_fd());
+        total_posted
     }
 
     /// Cross-mm backend: moves the pages of `runs` (marked `Moving` in batch `seq`) straight
@@ -1926,6 +1954,8 @@ impl Client {
             window_resident_bytes,
             window_trimmed_bytes: g(&c.window_trimmed_bytes),
             over_budget_spells: g(&c.over_budget_spells),
+            faults_throttled: g(&c.faults_throttled),
+            throttle_s: g(&c.throttle_ns) as f64 / 1e9,
             compact_max_us: g(&c.compact_max_ns) as f64 / 1e3,
             recompress_offered: g(&c.recompress_offered),
             recompress_cpu_s: g(&c.recompress_ns) as f64 / 1e9,

@@ -19,6 +19,7 @@ pub mod pagetrace;
 pub mod prefetch;
 pub mod recompress;
 pub mod regions;
+pub mod rss;
 pub mod server;
 pub mod spin;
 pub mod stats;

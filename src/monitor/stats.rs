@@ -92,6 +92,10 @@ pub struct Counters {
     pub window_trimmed_bytes: AtomicU64,
     /// Times resident memory went well over the budget (prefetch held back meanwhile).
     pub over_budget_spells: AtomicU64,
+    /// Faults held back (config `throttle`) while resident memory was well over the budget,
+    /// and their total time held, in ns.
+    pub faults_throttled: AtomicU64,
+    pub throttle_ns: AtomicU64,
     /// Largest (evicted bytes - bytes uswap held for them) seen at a tick.
     pub peak_saved_bytes: AtomicU64,
     /// CPU time (user + system) of the client's fault and control threads, set when they end.
@@ -469,6 +473,11 @@ pub struct ClientReport {
     /// prefetch is held back for the rest of each such spell.
     #[serde(default)]
     pub over_budget_spells: u64,
+    /// Faults held back during those spells (config `throttle`), and their total time held.
+    #[serde(default)]
+    pub faults_throttled: u64,
+    #[serde(default)]
+    pub throttle_s: f64,
     /// Cross-mm: runs given durable copies, and the longest (the most a monitor death could
     /// catch in flight), in µs.
     pub shadow_runs: u64,

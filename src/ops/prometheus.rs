@@ -143,6 +143,16 @@ const SERIES: &[Series] = &[
         "Times resident memory went over the budget by more than an eighth (prefetch held back).",
         |r| r.over_budget_spells as f64,
     ),
+    counter(
+        "uswap_client_faults_throttled_total",
+        "Faults held back (config throttle) while resident memory was well over the budget.",
+        |r| r.faults_throttled as f64,
+    ),
+    counter(
+        "uswap_client_throttle_seconds_total",
+        "Time those faults were held back.",
+        |r| r.throttle_s,
+    ),
     gauge(
         "uswap_client_compression_ratio",
         "Bytes compressed over bytes kept, over the program's life.",
