@@ -1034,6 +1034,11 @@ impl Client {
         let rss_seq = win.rss_seq().load(Ordering::Acquire);
         let sampled = win.rss_anon_bytes().load(Ordering::Relaxed);
         if rss_seq != self.last_rss_seq.swap(rss_seq, Ordering::Relaxed) {
+            // The agent reads RssAnon after the batches it has just answered: count their
+            // moved pages before the sample, or the estimate takes them off twice (in the
+            // TCG VM the fault thread was often batches behind, and the estimate sat ~50 MiB
+            // under the truth).
+            super::fault::complete_batches(self);
             self.rss.on_sample(sampled, &self.counters);
             self.counters
                 .rss_anon_bytes
@@ -1203,6 +1208,19 @@ impl Client {
         }
     }
 
+    /// Regions are registered by the agent, with the exact bounds of each VMA it has just
+    /// read (a stale range from here could split a program mapping). Asked once; regions it
+    /// reports registered become evictable with the snapshot that follows, and the agent
+    /// keeps registering new regions at every scan from then on.
+    fn request_registration(&self) {
+        if !self.register_requested.load(Ordering::Relaxed)
+            && self.state.lock().regions.any_unregistered()
+        {
+            self.register_requested.store(true, Ordering::Relaxed);
+            self.request_agent(shm::REQ_REGISTER);
+        }
+    }
+
     /// Trial-evicts what the budget asks for (hard: at full rate, from the oldest hot pages if
     /// no cold candidate is left) or, under the budget, the controller's `proactive_pages`
     /// (cold candidates only). Returns the pages posted.
@@ -1228,16 +1246,7 @@ impl Client {
                 return 0;
             }
         }
-        // Regions are registered by the agent, with the exact bounds of each VMA it has just
-        // read (a stale range from here could split a program mapping). Ask once; regions it
-        // reports registered become evictable with the snapshot that follows.
-        if !self.register_requested.load(Ordering::Relaxed)
-            && self.state.lock().regions.any_unregistered()
-        {
-            // The agent keeps registering new regions at every scan from now on.
-            self.register_requested.store(true, Ordering::Relaxed);
-            self.request_agent(shm::REQ_REGISTER);
-        }
+        self.request_registration();
         let mut st = self.state.lock();
         if st.paused || st.inflight.len() >= shm::RING_LEN {
             return 0;

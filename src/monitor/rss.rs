@@ -10,10 +10,14 @@
 //! this VM), so a figure a tick old lets resident memory run far past the budget before
 //! anything reacts. The estimate adds what the monitor itself brought in (zero-filled and
 //! restored pages) since the sample was asked for, and takes off what was moved out since it
-//! arrived. Both errors are on the high side: pages brought in between the request and the
-//! agent's read count twice, pages moved out between the read and the arrival are not taken
-//! off; memory the program gives back itself (munmap, MADV_DONTNEED) shows at the next
-//! sample. A high estimate holds a fault back a little early; it never lets memory through.
+//! arrived (the control thread first counts every batch the agent has answered, since the
+//! agent reads RssAnon after answering them). Those errors are on the high side: pages
+//! brought in between the request and the agent's read count twice, pages moved out between
+//! the read and the arrival are not taken off; memory the program gives back itself (munmap,
+//! MADV_DONTNEED) shows at the next sample. A high estimate holds a fault back a little
+//! early. What it cannot see is growth the monitor does not serve: a page written after a
+//! zero-page fill, memory touched before its region was registered; that shows at the next
+//! sample, and the line's slack allows for it.
 //!
 //! The throttle (config `throttle`): while the estimate is over the line (budget plus an
 //! eighth of it, at least [`THROTTLE_SLACK_MIN_BYTES`]) and eviction is under way, the
