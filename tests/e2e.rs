@@ -68,6 +68,39 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
+/// The `uswap-workload` client's rows of a `--trace` file, one line per sample, for a failure
+/// message.
+fn trace_table(path: &std::path::Path) -> String {
+    const MIB: f64 = (1u64 << 20) as f64;
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return format!("(no trace at {})", path.display());
+    };
+    let mut out = String::from("t_s rss_mib store_mib evicted restored faults p99_us\n");
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let Some(c) = v["clients"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload"))
+        else {
+            continue;
+        };
+        let f = |k: &str| c[k].as_f64().unwrap_or(0.0);
+        out += &format!(
+            "{:.2} {:.1} {:.1} {} {} {} {:.0}\n",
+            v["t_s"].as_f64().unwrap_or(0.0),
+            f("rss_anon_bytes") / MIB,
+            f("store_uncompressed_bytes") / MIB,
+            f("pages_evicted"),
+            f("pages_restored"),
+            f("faults"),
+            f("fault_p99_us"),
+        );
+    }
+    out
+}
+
 struct Run {
     out: Output,
     stdout: String,
@@ -342,8 +375,10 @@ fn fill_verify_rss_settles_below_budget_plus_slack() -> R {
 /// A refault storm (three sequential re-reads of 192 MiB under a 48 MiB budget, prefetching
 /// 64 pages a fault) brings pages back faster than they can be evicted. With the throttle on
 /// (config `throttle`), faults are held back while resident memory is over the line (the
-/// budget and 8 MiB here) and it stays near it; with `throttle = 0s` nothing is held back.
-/// Every page reads back exactly either way.
+/// budget and 8 MiB here) and it stays near it, from the fill (once the region is registered)
+/// through the re-reads; with `throttle = 0s` nothing is held back. Every page reads back
+/// exactly either way. The runs write a trace every 10 ms, printed on failure (and with
+/// `USWAP_E2E_TRACE=1`), to tell the fill's peak from the re-reads'.
 fn throttle_holds_a_refault_storm_near_the_budget() -> R {
     const MIB: u64 = 1 << 20;
     let line = 56 * MIB;
@@ -361,12 +396,23 @@ fn throttle_holds_a_refault_storm_near_the_budget() -> R {
         "--linger-ms",
         "0",
     ];
+    let trace_dir = tmpdir("throttle-trace");
     let run = |tag, throttle: &str| {
         let t = format!("throttle={throttle}");
+        let trace = trace_dir.join(format!("{tag}.jsonl"));
         let r = run_under_uswap(
             tag,
             "48M",
-            &["--set", "prefetch_pages=64", "--set", &t],
+            &[
+                "--set",
+                "prefetch_pages=64",
+                "--set",
+                &t,
+                "--trace",
+                trace.to_str().expect("utf-8 path"),
+                "--trace-interval-ms",
+                "10",
+            ],
             &prog,
         );
         r.ok_with_eviction(20_000)?;
@@ -392,15 +438,26 @@ fn throttle_holds_a_refault_storm_near_the_budget() -> R {
         line / MIB,
         on.get("faults_throttled")
     );
-    // A tick of refaults (samples are 10 ms apart) and the program's unmanaged memory.
+    if std::env::var_os("USWAP_E2E_TRACE").is_some() {
+        eprintln!(
+            "--- trace with the throttle\n{}--- trace without\n{}",
+            trace_table(&trace_dir.join("throttle-on.jsonl")),
+            trace_table(&trace_dir.join("throttle-off.jsonl"))
+        );
+    }
+    // A tick of refaults (samples are 10 ms apart), the fill between the region's
+    // registration and the first answered batch, and the program's unmanaged memory.
     let slack = 24 * MIB;
     if peak_on > line + slack {
         return Err(format!(
-            "with the throttle, RssAnon peaked at {} MiB, over the line {} MiB + {} MiB\n{}",
+            "with the throttle, RssAnon peaked at {} MiB, over the line {} MiB + {} MiB\n{}\n\
+             --- trace with the throttle\n{}\n--- trace without\n{}",
             peak_on / MIB,
             line / MIB,
             slack / MIB,
-            on.describe()
+            on.describe(),
+            trace_table(&trace_dir.join("throttle-on.jsonl")),
+            trace_table(&trace_dir.join("throttle-off.jsonl")),
         )
         .into());
     }
@@ -2512,28 +2569,10 @@ fn main() {
             "fill_verify_rss_settles_below_budget_plus_slack",
             fill_verify_rss_settles_below_budget_plus_slack,
         ),
-        {
-            let t = Trial::test(
-                "throttle_holds_a_refault_storm_near_the_budget",
-                throttle_holds_a_refault_storm_near_the_budget,
-            );
-            // Known open problem: in the TCG VM, on the stock backend, the throttle does not
-            // bound the storm (peaks of 88-108 MiB against 76-85 without it; BENCHMARKS.md,
-            // "Holding the budget under a refault storm"). It does on this host on both
-            // backends and in the VM on cross-mm, where the test runs.
-            if std::env::var_os("USWAP_E2E_IN_VM").is_some()
-                && std::env::var("USWAP_E2E_BACKEND").as_deref() == Ok("stock")
-            {
-                eprintln!(
-                    "note: throttle_holds_a_refault_storm_near_the_budget is ignored on the \
-                     stock backend in the TCG VM: the throttle does not bound the storm there \
-                     yet (known, BENCHMARKS.md)"
-                );
-                t.with_ignored_flag(true)
-            } else {
-                t
-            }
-        },
+        Trial::test(
+            "throttle_holds_a_refault_storm_near_the_budget",
+            throttle_holds_a_refault_storm_near_the_budget,
+        ),
         workload_test(
             "read_syscall_into_evicted_buffer_is_served",
             &["read-syscall", "--mib", "32", "--idle-ms", "1500"],

@@ -1106,7 +1106,7 @@ impl Client {
             let st = self.state.lock();
             !st.paused && (posted_pages > 0 || !st.inflight.is_empty())
         };
-        self.rss.on_tick(&self.counters, under_way);
+        self.rss.on_tick(&self.counters, under_way, Instant::now());
         self.counters.agent_busy_ns.store(
             win.agent_busy_ns().load(Ordering::Relaxed),
             Ordering::Relaxed,
@@ -1206,6 +1206,16 @@ impl Client {
                 u.bytes.fetch_sub(old - mapped_bytes, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Faults bring in the faulting page alone (no fill-ahead, no prefetch): resident memory
+    /// is well over the budget ([`Client::over_budget`]) or, with the throttle on, over its
+    /// line. Otherwise each fault released by the throttle would still bring in up to
+    /// `fill_ahead_pages` (1 MiB by default), and a program filling new memory would outrun
+    /// eviction between the line and `over_budget`'s 32 MiB.
+    pub(super) fn one_page_per_fault(&self) -> bool {
+        self.over_budget.load(Ordering::Relaxed)
+            || self.rss.over_line(&self.counters, self.throttle_line_bytes)
     }
 
     /// Regions are registered by the agent, with the exact bounds of each VMA it has just

@@ -657,10 +657,9 @@ fn serve_once(
         .regions
         .containing(addr)
         .map_or((addr, addr + PAGE_BYTES), |r| (r.start, r.end));
-    // Well over the budget: fresh memory one page per fault too, as prefetch below (a
-    // program filling new memory would otherwise bring in `fill_ahead_pages` per fault, held
-    // back or not).
-    let fill_ahead_pages = if client.over_budget.load(Ordering::Relaxed) {
+    // Well over the budget or the throttle line: fresh memory one page per fault too, as
+    // prefetch below (see `Client::one_page_per_fault`).
+    let fill_ahead_pages = if client.one_page_per_fault() {
         1
     } else {
         client.cfg.fill_ahead_pages as u64
@@ -722,8 +721,9 @@ fn serve_once(
                 p
             });
             // `buf` holds the faulting page and up to `prefetch_pages` others.
-            // Well over the budget: the faulting page alone (see `Client::over_budget`).
-            let cap_pages = if client.over_budget.load(Ordering::Relaxed) {
+            // Well over the budget or the throttle line: the faulting page alone (see
+            // `Client::one_page_per_fault`).
+            let cap_pages = if client.one_page_per_fault() {
                 0
             } else {
                 (buf.len() / PAGE_SIZE) as u64 - 1

@@ -22,12 +22,21 @@
 //! The throttle (config `throttle`): while the estimate is over the line (budget plus an
 //! eighth of it, at least [`THROTTLE_SLACK_MIN_BYTES`]) and eviction is under way, the
 //! fault thread holds new faults back until the estimate is under the line again, for
-//! `throttle` at most. "Under way" means batches are posted or in flight and, since the
-//! last tick, eviction moved pages, at least as many as it was refused. This is what the
+//! `throttle` at most. "Under way" means batches are posted or in flight and eviction made
+//! progress within [`PROGRESS_WINDOW`]: a tick at which it had moved pages since the one
+//! before, at least as many as it was refused, or at which it started (a tick at which it was
+//! refused more ends the progress at once, and only a new start gives the benefit of the
+//! doubt again). The window, not the last tick alone, because the agent answers in
+//! batches: on the stock backend in the TCG VM a batch of thousands of pages came back every
+//! 0.25-0.5 s, and a per-tick test held nothing between them while a fill ran 20 MiB past
+//! the line. This is what the
 //! kernel does to a cgroup over `memory.high`: the faulting task waits while reclaim catches
 //! up, instead of memory running ahead of it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use super::stats::Counters;
 use crate::PAGE_SIZE;
@@ -37,6 +46,10 @@ const PAGE_BYTES: u64 = PAGE_SIZE as u64;
 /// Smallest slack over the budget before faults are held back: a small program's own
 /// unmanaged memory (stacks, the shim's) is not worth a stall.
 pub const THROTTLE_SLACK_MIN_BYTES: u64 = 8 << 20;
+
+/// How long after eviction last made progress it still counts as under way (see the module
+/// doc).
+pub const PROGRESS_WINDOW: Duration = Duration::from_secs(1);
 
 /// The line above which faults are held back, for a budget.
 pub fn throttle_line_bytes(budget_bytes: u64) -> u64 {
@@ -72,6 +85,10 @@ pub struct RssGauge {
     /// `pages_out` and the pages eviction could not take (busy, failed) at the last tick.
     tick_moved: AtomicU64,
     tick_refused: AtomicU64,
+    /// The last tick at which eviction made progress or started (control thread only).
+    progress_at: Mutex<Option<Instant>>,
+    /// `under_way` at the last tick.
+    was_under_way: AtomicBool,
 }
 
 impl RssGauge {
@@ -104,20 +121,36 @@ impl RssGauge {
             .saturating_sub(moved_out * PAGE_BYTES)
     }
 
-    /// Each tick: `under_way` (batches posted or in flight, not paused, the agent answering).
-    /// Faults are held back only while eviction also moved pages since the last tick, at
-    /// least as many as it was refused: pages it cannot take (shared with a forked child
-    /// during a BGSAVE, pinned) do not get lower by holding the program back.
-    pub fn on_tick(&self, c: &Counters, under_way: bool) {
+    /// Each tick, at `now`: `under_way` (batches posted or in flight, not paused, the agent
+    /// answering). Faults are held back only while eviction also made progress within
+    /// [`PROGRESS_WINDOW`]: moved pages, at least as many as it was refused. Pages it cannot
+    /// take (shared with a forked child during a BGSAVE, pinned) do not get lower by holding
+    /// the program back.
+    pub fn on_tick(&self, c: &Counters, under_way: bool, now: Instant) {
         let moved = pages_out(c);
         let refused = Counters::get(&c.pages_busy) + Counters::get(&c.pages_failed);
         let moved_since = moved.saturating_sub(self.tick_moved.swap(moved, Ordering::Relaxed));
         let refused_since =
             refused.saturating_sub(self.tick_refused.swap(refused, Ordering::Relaxed));
-        self.evicting.store(
-            under_way && moved_since > 0 && moved_since >= refused_since,
-            Ordering::Relaxed,
-        );
+        let mut progress_at = self.progress_at.lock();
+        if refused_since > moved_since {
+            *progress_at = None;
+        } else if moved_since > 0 || (under_way && !self.was_under_way.load(Ordering::Relaxed)) {
+            // Progress, or eviction starting: its first batch gets the benefit of the doubt
+            // for a window (a program filling fresh memory between the registration of its
+            // region and the first answered batch otherwise ran 10-15 MiB past the line).
+            *progress_at = Some(now);
+        }
+        self.was_under_way.store(under_way, Ordering::Relaxed);
+        let recent =
+            progress_at.is_some_and(|t| now.saturating_duration_since(t) <= PROGRESS_WINDOW);
+        self.evicting.store(under_way && recent, Ordering::Relaxed);
+    }
+
+    /// Whether the estimate is over `line_bytes` (fresh memory and prefetch are then one page
+    /// per fault, see `monitor/fault.rs`).
+    pub fn over_line(&self, c: &Counters, line_bytes: Option<u64>) -> bool {
+        line_bytes.is_some_and(|line| self.estimate_bytes(c) > line)
     }
 
     /// Whether a fault read now should be held back: over the line, with eviction under way.
@@ -181,33 +214,58 @@ mod tests {
         let line = throttle_line_bytes(budget);
         assert_eq!(line, budget + (32 << 20));
         assert_eq!(throttle_line_bytes(32 << 20), (32 + 8) << 20);
-        g.on_sample(line + 2 * PAGE_BYTES, &c);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        g.on_sample(line + 100 * PAGE_BYTES, &c);
+        assert!(g.over_line(&c, Some(line)));
+        assert!(!g.over_line(&c, None));
         assert!(!g.should_hold(&c, Some(line)), "no eviction under way");
-        // Under way, but nothing moved since the last tick (a batch just posted).
-        g.on_tick(&c, true);
-        assert!(!g.should_hold(&c, Some(line)), "nothing moved yet");
+        // Eviction starts: its first batch gets the benefit of the doubt for a window.
+        g.on_tick(&c, true, at(0));
+        assert!(g.should_hold(&c, Some(line)), "first batch on its way");
+        g.on_tick(&c, true, at(PROGRESS_WINDOW.as_millis() as u64 + 1));
+        assert!(!g.should_hold(&c, Some(line)), "first batch never answered");
+        g.on_tick(&c, false, at(1005));
         bump(&c.pages_moved, 1);
-        g.on_tick(&c, true);
+        g.on_tick(&c, true, at(1010));
         assert!(g.should_hold(&c, Some(line)));
         assert!(!g.should_hold(&c, None), "no budget");
-        // Moved, but refused more than it moved (a forked child shares the pages).
-        bump(&c.pages_moved, 2);
-        bump(&c.pages_busy, 3);
-        g.on_tick(&c, true);
-        assert!(!g.should_hold(&c, Some(line)), "eviction mostly refused");
-        bump(&c.pages_moved, 3);
-        bump(&c.pages_busy, 1);
-        g.on_tick(&c, false);
+        // The agent answers in batches: ticks without a completion keep holding, within the
+        // window.
+        g.on_tick(&c, true, at(1020));
+        g.on_tick(&c, true, at(1500));
+        assert!(g.should_hold(&c, Some(line)), "a batch is on its way");
+        g.on_tick(&c, false, at(1510));
         assert!(!g.should_hold(&c, Some(line)), "paused or stalled");
-        bump(&c.pages_busy, 1);
-        g.on_tick(&c, true);
+        g.on_tick(&c, true, at(1520));
+        assert!(g.should_hold(&c, Some(line)), "under way again");
+        g.on_tick(&c, true, at(1520 + PROGRESS_WINDOW.as_millis() as u64 + 1));
         assert!(
             !g.should_hold(&c, Some(line)),
-            "moved nothing since the last tick"
+            "no progress for longer than the window"
         );
+        bump(&c.pages_moved, 2);
+        g.on_tick(&c, true, at(3000));
+        assert!(g.should_hold(&c, Some(line)));
+        // Moved, but refused more than it moved (a forked child shares the pages): the
+        // progress ends at once.
+        bump(&c.pages_moved, 2);
+        bump(&c.pages_busy, 3);
+        g.on_tick(&c, true, at(3010));
+        assert!(!g.should_hold(&c, Some(line)), "eviction mostly refused");
+        g.on_tick(&c, true, at(3020));
+        assert!(
+            !g.should_hold(&c, Some(line)),
+            "still no progress since, and no new start"
+        );
+        bump(&c.pages_moved, 3);
+        bump(&c.pages_busy, 1);
+        g.on_tick(&c, true, at(3030));
+        assert!(g.should_hold(&c, Some(line)));
         g.on_sample(line + PAGE_BYTES, &c);
         bump(&c.pages_moved, 1);
-        g.on_tick(&c, true);
+        g.on_tick(&c, true, at(3040));
         assert!(!g.should_hold(&c, Some(line)), "at the line");
+        assert!(!g.over_line(&c, Some(line)));
     }
 }
