@@ -28,10 +28,9 @@
 //! refused more ends the progress at once, and only a new start gives the benefit of the
 //! doubt again). The window, not the last tick alone, because the agent answers in
 //! batches: on the stock backend in the TCG VM a batch of thousands of pages came back every
-//! 0.25-0.5 s, and a per-tick test held nothing between them while a fill ran 20 MiB past
-//! the line. This is what the
-//! kernel does to a cgroup over `memory.high`: the faulting task waits while reclaim catches
-//! up, instead of memory running ahead of it.
+//! 0.25-0.5 s, and a per-tick test held nothing between them while a fill ran 10 MiB past
+//! the line. This is what the kernel does to a cgroup over `memory.high`: the faulting task
+//! waits while reclaim catches up, instead of memory running ahead of it.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -123,9 +122,9 @@ impl RssGauge {
 
     /// Each tick, at `now`: `under_way` (batches posted or in flight, not paused, the agent
     /// answering). Faults are held back only while eviction also made progress within
-    /// [`PROGRESS_WINDOW`]: moved pages, at least as many as it was refused. Pages it cannot
-    /// take (shared with a forked child during a BGSAVE, pinned) do not get lower by holding
-    /// the program back.
+    /// [`PROGRESS_WINDOW`]: moved pages, at least as many as it was refused, or started.
+    /// Pages it cannot take (shared with a forked child during a BGSAVE, pinned) do not get
+    /// lower by holding the program back.
     pub fn on_tick(&self, c: &Counters, under_way: bool, now: Instant) {
         let moved = pages_out(c);
         let refused = Counters::get(&c.pages_busy) + Counters::get(&c.pages_failed);
@@ -138,7 +137,7 @@ impl RssGauge {
         } else if moved_since > 0 || (under_way && !self.was_under_way.load(Ordering::Relaxed)) {
             // Progress, or eviction starting: its first batch gets the benefit of the doubt
             // for a window (a program filling fresh memory between the registration of its
-            // region and the first answered batch otherwise ran 10-15 MiB past the line).
+            // region and the first answered batch otherwise ran 5-8 MiB past the line here).
             *progress_at = Some(now);
         }
         self.was_under_way.store(under_way, Ordering::Relaxed);
