@@ -75,7 +75,7 @@ fn trace_table(path: &std::path::Path) -> String {
     let Ok(text) = std::fs::read_to_string(path) else {
         return format!("(no trace at {})", path.display());
     };
-    let mut out = String::from("t_s rss_mib store_mib evicted restored faults p99_us\n");
+    let mut out = String::from("t_s rss_mib stored_mib evicted restored faults p99_us\n");
     for line in text.lines() {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;

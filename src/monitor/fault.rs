@@ -659,7 +659,8 @@ fn serve_once(
         .map_or((addr, addr + PAGE_BYTES), |r| (r.start, r.end));
     // Well over the budget or the throttle line: fresh memory one page per fault too, as
     // prefetch below (see `Client::one_page_per_fault`).
-    let fill_ahead_pages = if client.one_page_per_fault() {
+    let one_page = client.one_page_per_fault();
+    let fill_ahead_pages = if one_page {
         1
     } else {
         client.cfg.fill_ahead_pages as u64
@@ -723,7 +724,7 @@ fn serve_once(
             // `buf` holds the faulting page and up to `prefetch_pages` others.
             // Well over the budget or the throttle line: the faulting page alone (see
             // `Client::one_page_per_fault`).
-            let cap_pages = if client.one_page_per_fault() {
+            let cap_pages = if one_page {
                 0
             } else {
                 (buf.len() / PAGE_SIZE) as u64 - 1
