@@ -1068,7 +1068,30 @@ impl Client {
             }
         }
         let decision = self.policy_tick(rss);
-        self.compress_cooled(decision.cold_age_ms);
+        // Stock backend: while the control thread compresses, the agent moves the next pages
+        // into the slots each chunk frees (`refill`), so eviction runs on both CPUs at once
+        // instead of in turns, and a small window keeps up. This tick's posts share one rate
+        // cap.
+        let mut evict_left_pages = self.state.lock().policy.rate_cap_pages();
+        let mut posted_pages = 0;
+        let refill = !self.cross_mm.load(Ordering::Relaxed) && self.cfg.budget_bytes.is_some();
+        let batch_pages = u64::from(self.cfg.batch_pages).min(shm::MAX_BATCH_PAGES as u64);
+        let mut freed_pages = 0u64;
+        let mut after_chunk = |released: u64| {
+            freed_pages += released;
+            if !refill || freed_pages < batch_pages || evict_left_pages == 0 {
+                return;
+            }
+            freed_pages = 0;
+            if self.agent_stalled.load(Ordering::Relaxed) {
+                return;
+            }
+            let rss = self.rss.estimate_bytes(&self.counters);
+            let n = self.evict(rss, 0, evict_left_pages);
+            posted_pages += n;
+            evict_left_pages = evict_left_pages.saturating_sub(n);
+        };
+        self.compress_cooled_then(decision.cold_age_ms, &mut after_chunk);
         if self.demote_cold() {
             // Room was made: the pages the full store refused are stored now, not a tick later.
             self.compress_cooled(decision.cold_age_ms);
@@ -1094,11 +1117,13 @@ impl Client {
             self.watch_agent();
         }
         let proactive = self.state.lock().controller.proactive();
-        let mut posted_pages = 0;
         if (self.cfg.budget_bytes.is_some() || proactive)
             && !self.agent_stalled.load(Ordering::Relaxed)
+            && evict_left_pages > 0
         {
-            posted_pages = self.evict(rss, decision.proactive_pages);
+            // The estimate again: pages moved out or brought in since the tick began.
+            let rss = self.rss.estimate_bytes(&self.counters);
+            posted_pages += self.evict(rss, decision.proactive_pages, evict_left_pages);
         }
         // Throttle: only while eviction is under way, so holding the program back lets it
         // catch up (a paused or stalled eviction, or nothing left to evict, holds nothing).
@@ -1234,7 +1259,9 @@ impl Client {
     /// Trial-evicts what the budget asks for (hard: at full rate, from the oldest hot pages if
     /// no cold candidate is left) or, under the budget, the controller's `proactive_pages`
     /// (cold candidates only). Returns the pages posted.
-    fn evict(&self, rss: u64, proactive_pages: u64) -> u64 {
+    /// Chooses and posts up to `cap_pages` pages (what is left of this tick's rate cap) for
+    /// eviction; returns how many were posted.
+    fn evict(&self, rss: u64, proactive_pages: u64, cap_pages: u64) -> u64 {
         let win = self.win();
         // Busy pages of these batches may be made the program's own again (see
         // `ForkedChildren`); not on the cross-mm backend, which moves without the agent.
@@ -1264,11 +1291,12 @@ impl Client {
         let inflight_pages = st.pages.counts().moving;
         let hard = st.policy.eviction_target_pages(rss, inflight_pages);
         // Over budget: the limit holds, hot pages included. Under it: proactive, cold only.
-        let (mut want, over_budget) = if hard > 0 {
+        let (want, over_budget) = if hard > 0 {
             (hard, true)
         } else {
             (proactive_pages, false)
         };
+        let mut want = want.min(cap_pages);
         let batch_pages = (self.cfg.batch_pages as usize).min(shm::MAX_BATCH_PAGES);
         let mut total_posted = 0u64;
         let now_ms = self.now_ms();
@@ -1626,6 +1654,12 @@ impl Client {
     /// Pages untouched in the window for `cold_age_ms` (the controller's cold age, at least
     /// `cooling`) are cold.
     pub(super) fn compress_cooled(&self, cold_age_ms: u64) {
+        self.compress_cooled_then(cold_age_ms, &mut |_| ());
+    }
+
+    /// [`Self::compress_cooled`], calling `after_chunk` with the slots each chunk gave back,
+    /// without the client's lock held.
+    fn compress_cooled_then(&self, cold_age_ms: u64, after_chunk: &mut dyn FnMut(u64)) {
         let now_ms = self.now_ms();
         let cooling_ms = cold_age_ms;
         let mut todo = Vec::new();
@@ -1674,6 +1708,7 @@ impl Client {
         // pages it refuses stay cooled, at the front of the window's FIFO, and no more are
         // compressed in vain this pass.
         let disk_tier = self.disk.is_some();
+        let mut refill_time = Duration::ZERO;
         let mut ptrs: Vec<*const [u8; PAGE_SIZE]> = Vec::new();
         for (chunk_idx, chunk) in todo.chunks(256).enumerate() {
             let mut refused_full = false;
@@ -1780,12 +1815,19 @@ impl Client {
                     };
                 }
             }
+            let released_pages = released.len() as u64;
             released.clear();
             if refused_full {
                 break;
             }
+            let t_refill = Instant::now();
+            after_chunk(released_pages);
+            refill_time += t_refill.elapsed();
         }
-        Counters::add(&self.counters.compress_ns, t0.elapsed().as_nanos() as u64);
+        Counters::add(
+            &self.counters.compress_ns,
+            t0.elapsed().saturating_sub(refill_time).as_nanos() as u64,
+        );
     }
 
     /// Stock backend: gives back the memory of free window slots beyond a reserve of 4 MiB
