@@ -72,30 +72,24 @@ fn tmpdir(tag: &str) -> PathBuf {
 /// message.
 fn trace_table(path: &std::path::Path) -> String {
     const MIB: f64 = (1u64 << 20) as f64;
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return format!("(no trace at {})", path.display());
+    let samples = match uswap::ops::trace::read(path) {
+        Ok(s) => s,
+        Err(e) => return format!("(no trace: {e:#})"),
     };
     let mut out = String::from("t_s rss_mib stored_mib evicted restored faults p99_us\n");
-    for line in text.lines() {
-        let Ok(v) = serde_json::from_str::<Value>(line) else {
+    for s in &samples {
+        let Some(c) = s.clients.iter().find(|c| c.name == "uswap-workload") else {
             continue;
         };
-        let Some(c) = v["clients"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["name"] == "uswap-workload"))
-        else {
-            continue;
-        };
-        let f = |k: &str| c[k].as_f64().unwrap_or(0.0);
         out += &format!(
             "{:.2} {:.1} {:.1} {} {} {} {:.0}\n",
-            v["t_s"].as_f64().unwrap_or(0.0),
-            f("rss_anon_bytes") / MIB,
-            f("store_uncompressed_bytes") / MIB,
-            f("pages_evicted"),
-            f("pages_restored"),
-            f("faults"),
-            f("fault_p99_us"),
+            s.t_s,
+            c.rss_anon_bytes as f64 / MIB,
+            c.store_uncompressed_bytes as f64 / MIB,
+            c.pages_evicted,
+            c.pages_restored,
+            c.faults,
+            c.fault_p99_us,
         );
     }
     out

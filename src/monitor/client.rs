@@ -1068,25 +1068,38 @@ impl Client {
             }
         }
         let decision = self.policy_tick(rss);
-        // Stock backend: while the control thread compresses, the agent moves the next pages
-        // into the slots each chunk frees (`refill`), so eviction runs on both CPUs at once
-        // instead of in turns, and a small window keeps up. This tick's posts share one rate
-        // cap.
+        // Stock backend, while the program is half way from its budget to the throttle line
+        // (a fill or a refault storm): the agent moves the next pages into the slots each
+        // compressed chunk frees while this thread compresses on, so eviction runs on both
+        // CPUs at once instead of in turns, and the program stays clear of the line (where
+        // its faults lose prefetch and wait). This tick's posts share one rate cap. Refilling
+        // at any excess made the random workload's touches a fifth slower: each post's sweep
+        // holds the lock its faults need, and the program near its budget gains nothing.
         let mut evict_left_pages = self.state.lock().policy.rate_cap_pages();
         let mut posted_pages = 0;
-        let refill = !self.cross_mm.load(Ordering::Relaxed) && self.cfg.budget_bytes.is_some();
+        let refill_line = self
+            .cfg
+            .budget_bytes
+            .filter(|_| !self.cross_mm.load(Ordering::Relaxed))
+            .map(super::rss::refill_line_bytes);
         let batch_pages = u64::from(self.cfg.batch_pages).min(shm::MAX_BATCH_PAGES as u64);
         let mut freed_pages = 0u64;
         let mut after_chunk = |released: u64| {
             freed_pages += released;
-            if !refill || freed_pages < batch_pages || evict_left_pages == 0 {
+            let Some(refill_line) = refill_line else {
                 return;
-            }
-            freed_pages = 0;
-            if self.agent_stalled.load(Ordering::Relaxed) {
+            };
+            if freed_pages < batch_pages
+                || evict_left_pages == 0
+                || self.agent_stalled.load(Ordering::Relaxed)
+            {
                 return;
             }
             let rss = self.rss.estimate_bytes(&self.counters);
+            if rss <= refill_line {
+                return;
+            }
+            freed_pages = 0;
             let n = self.evict(rss, 0, evict_left_pages);
             posted_pages += n;
             evict_left_pages = evict_left_pages.saturating_sub(n);
@@ -1846,10 +1859,11 @@ impl Client {
         }
         let runs = {
             let st = self.state.lock();
-            // An empty window (nothing moving in or cooling) keeps no reserve: a program at
-            // rest is held at its store alone.
+            // Only eviction at work keeps a reserve: with nothing moving in and no eviction
+            // under way at the last tick, a program at rest is held at its store and its
+            // cooling pages alone.
             let counts = st.pages.counts();
-            let reserve = if counts.moving + counts.window == 0 {
+            let reserve = if counts.moving == 0 && !self.rss.was_under_way() {
                 0
             } else {
                 WINDOW_TRIM_RESERVE_SLOTS

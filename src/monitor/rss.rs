@@ -55,6 +55,12 @@ pub fn throttle_line_bytes(budget_bytes: u64) -> u64 {
     budget_bytes + (budget_bytes / 8).max(THROTTLE_SLACK_MIN_BYTES)
 }
 
+/// The line above which the control thread posts eviction between compressed chunks, not
+/// only at its tick: half way from the budget to the throttle line.
+pub fn refill_line_bytes(budget_bytes: u64) -> u64 {
+    budget_bytes + (budget_bytes / 8).max(THROTTLE_SLACK_MIN_BYTES) / 2
+}
+
 /// Pages the monitor has brought into the program (zero-filled or restored) and moved out
 /// of it, over its life.
 fn pages_in(c: &Counters) -> u64 {
@@ -146,6 +152,11 @@ impl RssGauge {
         self.evicting.store(under_way && recent, Ordering::Relaxed);
     }
 
+    /// Whether eviction was under way at the last tick (see [`Self::on_tick`]).
+    pub fn was_under_way(&self) -> bool {
+        self.was_under_way.load(Ordering::Relaxed)
+    }
+
     /// Whether the estimate is over `line_bytes` (fresh memory and prefetch are then one page
     /// per fault, see `monitor/fault.rs`).
     pub fn over_line(&self, c: &Counters, line_bytes: Option<u64>) -> bool {
@@ -188,6 +199,16 @@ mod tests {
         // Never below zero.
         bump(&c.pages_moved, 1000);
         assert_eq!(g.estimate_bytes(&c), 0);
+    }
+
+    #[test]
+    fn the_refill_line_is_half_way_from_the_budget_to_the_throttle_line() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(refill_line_bytes(256 * MIB), 272 * MIB);
+        assert_eq!(throttle_line_bytes(256 * MIB), 288 * MIB);
+        // Small budgets: the slack's floor (8 MiB), halved.
+        assert_eq!(refill_line_bytes(16 * MIB), 20 * MIB);
+        assert_eq!(throttle_line_bytes(16 * MIB), 24 * MIB);
     }
 
     #[test]
