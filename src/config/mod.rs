@@ -200,7 +200,7 @@ impl Default for ProgramConfig {
             batch_pages: 512,
             recompress: DEFAULT_RECOMPRESS,
             run_pages: 64,
-            window_bytes: 32 << 20,
+            window_bytes: 16 << 20,
             fill_ahead_pages: 256,
             prefetch_pages: 16,
             fault_spin: DEFAULT_FAULT_SPIN,
