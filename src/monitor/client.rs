@@ -1271,9 +1271,8 @@ impl Client {
 
     /// Trial-evicts what the budget asks for (hard: at full rate, from the oldest hot pages if
     /// no cold candidate is left) or, under the budget, the controller's `proactive_pages`
-    /// (cold candidates only). Returns the pages posted.
-    /// Chooses and posts up to `cap_pages` pages (what is left of this tick's rate cap) for
-    /// eviction; returns how many were posted.
+    /// (cold candidates only); at most `cap_pages`, what is left of this tick's rate cap.
+    /// Returns the pages posted.
     fn evict(&self, rss: u64, proactive_pages: u64, cap_pages: u64) -> u64 {
         let win = self.win();
         // Busy pages of these batches may be made the program's own again (see
