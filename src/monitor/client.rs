@@ -371,13 +371,18 @@ pub fn drain(fd: RawFd) {
     unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
 }
 
+/// Pages per eviction batch: the config's, within what one batch descriptor holds.
+fn batch_pages(cfg: &ProgramConfig) -> u32 {
+    cfg.batch_pages.min(shm::MAX_BATCH_PAGES as u32)
+}
+
 fn policy_params(cfg: &ProgramConfig) -> PolicyParams {
     PolicyParams {
         budget_bytes: cfg.budget_bytes,
         cooling: cfg.cooling,
         tick: cfg.tick,
         max_evict_bytes_per_sec: cfg.max_evict_bytes_per_sec,
-        batch_pages: cfg.batch_pages.min(shm::MAX_BATCH_PAGES as u32),
+        batch_pages: batch_pages(cfg),
         run_pages: cfg.run_pages,
         hot_ttl: cfg.hot_ttl,
     }
@@ -1082,7 +1087,7 @@ impl Client {
             .budget_bytes
             .filter(|_| !self.cross_mm.load(Ordering::Relaxed))
             .map(super::rss::refill_line_bytes);
-        let batch_pages = u64::from(self.cfg.batch_pages).min(shm::MAX_BATCH_PAGES as u64);
+        let batch_pages = u64::from(batch_pages(&self.cfg));
         let mut freed_pages = 0u64;
         let mut after_chunk = |released: u64| {
             freed_pages += released;
@@ -1309,7 +1314,7 @@ impl Client {
             (proactive_pages, false)
         };
         let mut want = want.min(cap_pages);
-        let batch_pages = (self.cfg.batch_pages as usize).min(shm::MAX_BATCH_PAGES);
+        let batch_pages = batch_pages(&self.cfg) as usize;
         let mut total_posted = 0u64;
         let now_ms = self.now_ms();
         while want > 0 && st.inflight.len() < shm::RING_LEN {
