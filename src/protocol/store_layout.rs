@@ -14,9 +14,12 @@
 //! | [`CLASS_TABLE_OFF`] + i (1 byte)         | chunk `i`'s kind and size class, see below     |
 //! | [`EXTENTS_OFF`] + i × [`EXTENT_BYTES`]   | chunk `i`'s extent                             |
 //!
-//! An extent is [`RECORDS_PER_CHUNK`] 8-byte **records** (one per slot, [`RECORDS_BYTES`]),
-//! then [`CHUNK_BYTES`] of slots. Slot `s` of a chunk of class `c` starts at
-//! `RECORDS_BYTES + s × slot_bytes(c)`; raw slots are page-aligned. A record is 0 when its
+//! An extent is [`CHUNK_BYTES`]: [`slots_per_chunk`]`(c)` 8-byte **records** (one per slot),
+//! then the slots. Slot `s` of a chunk of class `c` starts at [`slot_off`]`(c, s)` =
+//! [`records_bytes`]`(c) + s × slot_bytes(c)`: right after the records for an lz4 class, at the
+//! chunk's second page for the raw class (raw slots are page-aligned). Records and slots share
+//! the extent (version 5), so a chunk's records cost 8 bytes per slot, not a page. A record is
+//! 0 when its
 //! slot holds nothing, else `owners << 48 | page_addr | (len_bytes - 1)`: the program address
 //! of the page the slot holds (page-aligned, nonzero, below 2^48), the payload length
 //! (1..=4096), and the set of programs the page belongs to (bit `m` = family member `m`, see
@@ -89,8 +92,9 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::PAGE_SIZE;
 
 pub const STORE_MAGIC: u64 = 0x524f_5453_5057_5355; // "USWPSTOR"
-/// Version 4: a payload may be a zstd frame (idle-time recompression).
-pub const STORE_VERSION: u32 = 4;
+/// Version 4: a payload may be a zstd frame (idle-time recompression). Version 5: records share
+/// the extent with the slots, and lz4 classes are 32 bytes apart.
+pub const STORE_VERSION: u32 = 5;
 
 /// The first four bytes of a zstd frame (RFC 8878, magic number 0xFD2FB528 little-endian).
 pub const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
@@ -107,10 +111,10 @@ pub const MAX_OWNERS: usize = 16;
 /// Highest page address a record can name, exclusive.
 pub const ADDR_LIMIT: u64 = 1 << OWNER_SHIFT;
 
-/// Bytes of one chunk's slots.
+/// Bytes of one chunk's extent: its records, then its slots.
 pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Step between lz4 size classes, in bytes.
-pub const CLASS_STEP_BYTES: usize = 64;
+pub const CLASS_STEP_BYTES: usize = 32;
 /// Largest lz4 payload kept compressed; anything longer is stored raw.
 pub const LZ4_MAX_LEN_BYTES: usize = PAGE_SIZE * 3 / 4;
 /// Number of lz4 size classes.
@@ -119,13 +123,12 @@ pub const LZ4_CLASSES: usize = LZ4_MAX_LEN_BYTES / CLASS_STEP_BYTES;
 pub const RAW_CLASS_IDX: u8 = LZ4_CLASSES as u8;
 /// Number of size classes, raw included.
 pub const NUM_CLASSES: usize = LZ4_CLASSES + 1;
-/// One record per possible slot (the smallest class has this many slots).
-pub const RECORDS_PER_CHUNK: usize = CHUNK_BYTES / CLASS_STEP_BYTES;
 pub const RECORD_BYTES: usize = 8;
-pub const RECORDS_BYTES: usize = RECORDS_PER_CHUNK * RECORD_BYTES;
-/// Bytes of one chunk's extent in the file: records, then slots.
-pub const EXTENT_BYTES: usize = RECORDS_BYTES + CHUNK_BYTES;
-/// Most chunks of a durable store (256 GiB of slots).
+/// Most slots (and records) a chunk of any class has: the smallest class has this many.
+pub const RECORDS_PER_CHUNK: usize = slots_per_chunk(0);
+/// Bytes of one chunk's extent in the file (the records are inside it, see the module doc).
+pub const EXTENT_BYTES: usize = CHUNK_BYTES;
+/// Most chunks of a durable store (256 GiB of extents).
 pub const MAX_CHUNKS: usize = 1 << 20;
 pub const HEADER_BYTES: usize = 4096;
 pub const CLASS_TABLE_OFF: usize = HEADER_BYTES;
@@ -133,8 +136,9 @@ pub const EXTENTS_OFF: usize = CLASS_TABLE_OFF + MAX_CHUNKS;
 
 const _: () = assert!(EXTENTS_OFF % PAGE_SIZE == 0 && EXTENT_BYTES % PAGE_SIZE == 0);
 const _: () = assert!(
-    RECORDS_BYTES % PAGE_SIZE == 0,
-    "raw slots stay page-aligned"
+    records_bytes(RAW_CLASS_IDX) == PAGE_SIZE
+        && slots_per_chunk(RAW_CLASS_IDX) * RECORD_BYTES <= PAGE_SIZE,
+    "raw slots stay page-aligned, their records fit the first page"
 );
 const _: () = assert!(LZ4_CLASSES * CLASS_STEP_BYTES == LZ4_MAX_LEN_BYTES);
 
@@ -156,9 +160,24 @@ pub const fn slot_bytes(class_idx: u8) -> usize {
     }
 }
 
-/// Slots in one chunk of a class.
+/// Slots in one chunk of a class: as many as fit with their records (raw: the records take
+/// the first page, so the slots stay page-aligned).
 pub const fn slots_per_chunk(class_idx: u8) -> usize {
-    CHUNK_BYTES / slot_bytes(class_idx)
+    if class_idx == RAW_CLASS_IDX {
+        CHUNK_BYTES / PAGE_SIZE - 1
+    } else {
+        CHUNK_BYTES / (slot_bytes(class_idx) + RECORD_BYTES)
+    }
+}
+
+/// Bytes at the start of a chunk's extent before its first slot: its records (raw: the whole
+/// first page).
+pub const fn records_bytes(class_idx: u8) -> usize {
+    if class_idx == RAW_CLASS_IDX {
+        PAGE_SIZE
+    } else {
+        slots_per_chunk(class_idx) * RECORD_BYTES
+    }
 }
 
 /// Offset of chunk `chunk_idx`'s extent in the file.
@@ -168,7 +187,7 @@ pub const fn extent_off(chunk_idx: usize) -> usize {
 
 /// Offset of slot `slot_idx` within an extent.
 pub const fn slot_off(class_idx: u8, slot_idx: usize) -> usize {
-    RECORDS_BYTES + slot_idx * slot_bytes(class_idx)
+    records_bytes(class_idx) + slot_idx * slot_bytes(class_idx)
 }
 
 /// Offset in the disk file of slot `slot_idx` of disk chunk `chunk_idx` of class `class_idx`.
@@ -613,7 +632,10 @@ mod tests {
             disk_slot_off(3, RAW_CLASS_IDX, 2),
             (3 * CHUNK_BYTES + 2 * PAGE_SIZE) as u64
         );
-        assert_eq!(disk_slot_off(1, 0, 5), (CHUNK_BYTES + 5 * 64) as u64);
+        assert_eq!(
+            disk_slot_off(1, 0, 5),
+            (CHUNK_BYTES + 5 * CLASS_STEP_BYTES) as u64
+        );
     }
 
     #[test]
@@ -624,24 +646,46 @@ mod tests {
         // SAFETY: `words` is `len` bytes, 8-aligned, alive and only used through this view
         // and the header slice, one at a time.
         write_header(unsafe { std::slice::from_raw_parts_mut(base, HEADER_BYTES) });
+        // Class 4: 160-byte slots.
         // SAFETY: as above.
-        unsafe { *base.add(CLASS_TABLE_OFF + 1) = class_byte(2, true) };
+        unsafe { *base.add(CLASS_TABLE_OFF + 1) = class_byte(4, true) };
         // SAFETY: as above.
         let v = unsafe { StoreView::new(base, len) }.unwrap();
         assert_eq!(v.chunk_class(1), None, "not a memory chunk");
-        assert_eq!(v.chunk_kind(1), Some(ChunkKind::Disk(2)));
+        assert_eq!(v.chunk_kind(1), Some(ChunkKind::Disk(4)));
         v.set_record(1, 7, record(0x9000, 150, 1));
         let mut found = Vec::new();
         v.for_each_page(|p| found.push((p.addr, p.len_bytes, p.disk_off, p.payload.len())));
-        assert_eq!(found, vec![(0x9000, 150, Some(disk_slot_off(1, 2, 7)), 0)]);
+        assert_eq!(found, vec![(0x9000, 150, Some(disk_slot_off(1, 4, 7)), 0)]);
     }
 
     #[test]
     fn geometry() {
         assert_eq!(slots_per_chunk(0), RECORDS_PER_CHUNK);
-        assert_eq!(slots_per_chunk(RAW_CLASS_IDX), CHUNK_BYTES / PAGE_SIZE);
+        assert_eq!(slots_per_chunk(RAW_CLASS_IDX), CHUNK_BYTES / PAGE_SIZE - 1);
         assert_eq!(slot_off(RAW_CLASS_IDX, 3) % PAGE_SIZE, 0);
-        assert_eq!(EXTENT_BYTES, 288 * 1024);
+        assert_eq!(EXTENT_BYTES, 256 * 1024);
+        // Every class's records and slots fit its extent, and its slots follow its records.
+        for class_idx in 0..NUM_CLASSES as u8 {
+            let slots = slots_per_chunk(class_idx);
+            assert!(
+                (1..=RECORDS_PER_CHUNK).contains(&slots),
+                "class {class_idx}"
+            );
+            assert!(records_bytes(class_idx) >= slots * RECORD_BYTES);
+            assert!(
+                slot_off(class_idx, slots) <= EXTENT_BYTES,
+                "class {class_idx}"
+            );
+            // No room is left for one more slot with its record.
+            if class_idx != RAW_CLASS_IDX {
+                let more = (slots + 1) * (slot_bytes(class_idx) + RECORD_BYTES);
+                assert!(more > CHUNK_BYTES, "class {class_idx}");
+            }
+        }
+        // The classes of a ~2 KiB blob (most of a heap's pages) lose under 1 % to records.
+        let c = (2048 / CLASS_STEP_BYTES - 1) as u8;
+        assert!(slots_per_chunk(c) * slot_bytes(c) * 100 >= 99 * CHUNK_BYTES);
     }
 
     #[test]

@@ -10,14 +10,14 @@
 //!
 //! Bit layout (bit 0 is the least significant):
 //!
-//! | bits    | same-filled page (`bit 59 == 0`)        | blob page (`bit 59 == 1`)                  |
-//! |---------|-----------------------------------------|--------------------------------------------|
-//! | 0..=12  | word: 0 = the zero word, else word-table | `len_bytes` of the payload (1..=4096)      |
-//! | 13..=31 |   index + 1 (bits 0..=31)               | 13..=24 `slot_idx` in the chunk (12 bits)  |
-//! | 32..=52 | must be zero                            | 25..=52 `chunk_idx` (28 bits)              |
-//! | 53..=58 | must be zero                            | `class_idx` (6 bits); [`RAW_CLASS_IDX`] = raw |
-//! | 59      | 0                                       | 1                                          |
-//! | 60..=63 | always zero                             | always zero                                |
+//! | bits    | blob page (`bit 59 == 1`)                    | same-filled page (`bit 59 == 0`)  |
+//! |---------|----------------------------------------------|-----------------------------------|
+//! | 0..=12  | `len_bytes` of the payload (1..=4096)        | 0..=31: the word: 0 = the zero    |
+//! | 13..=25 | `slot_idx` in the chunk (13 bits)            | word, else word-table index + 1   |
+//! | 26..=51 | `chunk_idx` (26 bits)                        | 32..=58: must be zero             |
+//! | 52..=58 | `class_idx` (7 bits); [`RAW_CLASS_IDX`] = raw |                                   |
+//! | 59      | 1                                            | 0                                 |
+//! | 60..=63 | always zero                                  | always zero                       |
 //!
 //! So every handle fits in 61 bits (bits 61..=63 are free for the monitor's own flags), and
 //! [`Handle::kind`] is total: any bit pattern names some kind; the store rejects patterns
@@ -27,12 +27,12 @@ use super::slab::RAW_CLASS_IDX;
 
 /// Width of the payload length field; 13 bits hold 0..=8191, enough for a whole page.
 pub(crate) const LEN_BITS: u32 = 13;
-/// Width of the slot index within a chunk: a chunk holds at most 4096 slots.
-pub(crate) const SLOT_BITS: u32 = 12;
-/// Width of the chunk index: 2^28 chunks of 256 KiB = 64 TiB of slabs.
-pub(crate) const CHUNK_BITS: u32 = 28;
+/// Width of the slot index within a chunk: a chunk holds at most 8192 slots.
+pub(crate) const SLOT_BITS: u32 = 13;
+/// Width of the chunk index: 2^26 chunks of 256 KiB = 16 TiB of slabs.
+pub(crate) const CHUNK_BITS: u32 = 26;
 /// Width of the size-class index.
-pub(crate) const CLASS_BITS: u32 = 6;
+pub(crate) const CLASS_BITS: u32 = 7;
 
 const LEN_SHIFT: u32 = 0;
 const SLOT_SHIFT: u32 = LEN_SHIFT + LEN_BITS;
@@ -155,7 +155,7 @@ impl Handle {
                 word_ref: self.0 as u32,
             });
         }
-        // Each field is masked to at most 28 bits, so the narrowing casts are lossless.
+        // Each field is masked to at most 26 bits, so the narrowing casts are lossless.
         Some(Decoded::Blob(BlobLoc {
             class_idx: field(self.0, CLASS_SHIFT, CLASS_BITS) as u8,
             chunk_idx: field(self.0, CHUNK_SHIFT, CHUNK_BITS) as u32,

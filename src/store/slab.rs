@@ -1,8 +1,8 @@
 //! Size-class slabs: fixed-size slots carved out of large mappings, with one durable record
 //! per slot.
 //!
-//! Owns: the chunks (one mapping of [`EXTENT_BYTES`] each: the slots of [`CHUNK_BYTES`], all of
-//! one size class, preceded by their records; see [`crate::protocol::store_layout`]), the
+//! Owns: the chunks (one mapping of [`EXTENT_BYTES`] each: the slots of one size class,
+//! preceded by their records; see [`crate::protocol::store_layout`]), the
 //! per-chunk used-slot bitmaps, the per-class lists of chunks with a free slot, and the byte
 //! quota on mapped memory. Chunks live either in anonymous mappings or, for a durable store,
 //! at fixed offsets of one memfd (the store file) whose descriptor the program's shim also
@@ -21,8 +21,8 @@
 //! store, memfd_create, ftruncate and fallocate(PUNCH_HOLE) on the store file and the disk
 //! file.
 //!
-//! Size classes: slots of 64, 128, ..., 3072 bytes for lz4 payloads (64-byte steps, so at most
-//! 63 bytes of a slot go unused), and one class of 4096-byte slots for raw pages.
+//! Size classes: slots of 32, 64, ..., 3072 bytes for lz4 payloads (32-byte steps, so at most
+//! 31 bytes of a slot go unused), and one class of 4096-byte slots for raw pages.
 
 use std::collections::HashSet;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -45,7 +45,7 @@ const BITS_PER_WORD: usize = u64::BITS as usize;
 const NOT_PARTIAL: u32 = u32::MAX;
 
 const _: () = assert!(NUM_CLASSES <= 1 << super::handle::CLASS_BITS);
-const _: () = assert!(CHUNK_BYTES / CLASS_STEP_BYTES <= MAX_SLOT_IDX as usize + 1);
+const _: () = assert!(layout::RECORDS_PER_CHUNK <= MAX_SLOT_IDX as usize + 1);
 const _: () = assert!(CHUNK_BYTES / PAGE_SIZE * PAGE_SIZE == CHUNK_BYTES);
 const _: () = assert!(super::encode::LZ4_MAX_LEN_BYTES == layout::LZ4_MAX_LEN_BYTES);
 
@@ -55,7 +55,7 @@ pub fn lz4_class_for_len(len_bytes: usize) -> Option<u8> {
     if len_bytes == 0 || len_bytes > layout::LZ4_MAX_LEN_BYTES {
         return None;
     }
-    // < LZ4_CLASSES <= 64, so it fits in u8.
+    // < LZ4_CLASSES <= 128, so it fits in u8.
     Some(len_bytes.div_ceil(CLASS_STEP_BYTES) as u8 - 1)
 }
 
@@ -205,14 +205,7 @@ struct Chunk {
 
 impl Chunk {
     fn new(class_idx: u8, map: MmapMut, on_disk: bool) -> Chunk {
-        debug_assert_eq!(
-            map.len(),
-            if on_disk {
-                layout::RECORDS_BYTES
-            } else {
-                EXTENT_BYTES
-            }
-        );
+        debug_assert_eq!(map.len(), Slabs::map_len(class_idx, on_disk));
         let slots = slots_per_chunk(class_idx);
         let words = slots.div_ceil(BITS_PER_WORD);
         let mut used_bitmap = vec![0u64; words].into_boxed_slice();
@@ -235,8 +228,9 @@ impl Chunk {
 
     /// The record of slot `slot_idx` (see the layout doc).
     fn record(&self, slot_idx: usize) -> &AtomicU64 {
-        assert!(slot_idx < layout::RECORDS_PER_CHUNK);
-        // SAFETY: records are the first RECORDS_BYTES of the page-aligned extent mapping, so
+        assert!(slot_idx < slots_per_chunk(self.class_idx));
+        // SAFETY: records are the first `records_bytes(class)` of the page-aligned extent
+        // mapping (which maps at least them, see `Slabs::map_len`), so
         // this is in bounds and 8-byte aligned; the mapping lives as long as `self`.
         unsafe { &*(self.map.as_ptr().add(slot_idx * layout::RECORD_BYTES) as *const AtomicU64) }
     }
@@ -313,6 +307,8 @@ pub(crate) struct Slabs {
     /// Disk chunks, and the slot bytes of their slots in use (reserved included).
     disk_chunks: u64,
     disk_used_slot_bytes: u64,
+    /// Bytes of the store file mapped for the records of disk chunks.
+    disk_records_bytes: u64,
     max_disk_bytes: Option<u64>,
     /// Disk slots freed so far: a reader that read a disk payload without the lock and finds
     /// this unchanged knows no disk slot was reused meanwhile.
@@ -354,6 +350,7 @@ impl Slabs {
             disk: None,
             disk_chunks: 0,
             disk_used_slot_bytes: 0,
+            disk_records_bytes: 0,
             max_disk_bytes: None,
             disk_frees: 0,
             pinned: HashSet::new(),
@@ -420,7 +417,7 @@ impl Slabs {
                 .file
                 .as_mut()
                 .expect("set above")
-                .map_extent(chunk_idx as u32, Slabs::map_len(on_disk))
+                .map_extent(chunk_idx as u32, Slabs::map_len(class_idx, on_disk))
                 .map_err(|e| e.to_string())?;
             let mut chunk = Chunk::new(class_idx, map, on_disk);
             for slot_idx in 0..slots_per_chunk(class_idx) {
@@ -452,7 +449,7 @@ impl Slabs {
                 slabs.partial[list].push(chunk_idx as u32);
             }
             slabs.chunks.push(Some(chunk));
-            slabs.count_chunk_added(on_disk);
+            slabs.count_chunk_added(class_idx, on_disk);
         }
         // Chunks the dead monitor left empty are given back now.
         let empty: Vec<u32> = slabs
@@ -601,10 +598,11 @@ impl Slabs {
         })
     }
 
-    /// Bytes of a chunk's extent that are mapped: a disk chunk maps its records only.
-    fn map_len(on_disk: bool) -> usize {
+    /// Bytes of a chunk's extent that are mapped: a disk chunk maps its records only (the
+    /// pages that hold them).
+    fn map_len(class_idx: u8, on_disk: bool) -> usize {
         if on_disk {
-            layout::RECORDS_BYTES
+            layout::records_bytes(class_idx).next_multiple_of(PAGE_SIZE)
         } else {
             EXTENT_BYTES
         }
@@ -619,10 +617,11 @@ impl Slabs {
         }
     }
 
-    /// Counts a chunk added to the tier (here and in the process-wide totals).
-    fn count_chunk_added(&mut self, on_disk: bool) {
+    /// Counts a chunk of `class_idx` added to the tier (here and in the process-wide totals).
+    fn count_chunk_added(&mut self, class_idx: u8, on_disk: bool) {
         if on_disk {
             self.disk_chunks += 1;
+            self.disk_records_bytes += Self::map_len(class_idx, true) as u64;
             ALL_DISK_BYTES.fetch_add(CHUNK_BYTES as u64, Ordering::Relaxed);
         } else {
             self.live_chunks += 1;
@@ -650,7 +649,7 @@ impl Slabs {
             None if self.chunks.len() < max_chunks => self.chunks.len() as u32,
             None => return Err(StoreError::Full),
         };
-        let map_len = Self::map_len(on_disk);
+        let map_len = Self::map_len(class_idx, on_disk);
         let map = match &mut self.file {
             Some(f) => f.map_extent(chunk_idx, map_len)?,
             None => MmapMut::map_anon(map_len).map_err(StoreError::Map)?,
@@ -668,7 +667,7 @@ impl Slabs {
             self.chunks.push(None);
         }
         self.chunks[chunk_idx as usize] = Some(chunk);
-        self.count_chunk_added(on_disk);
+        self.count_chunk_added(class_idx, on_disk);
         Ok(chunk_idx)
     }
 
@@ -830,6 +829,7 @@ impl Slabs {
         self.bitmap_words -= chunk.used_bitmap.len() as u64;
         if chunk.on_disk {
             self.disk_chunks -= 1;
+            self.disk_records_bytes -= chunk.map.len() as u64;
             ALL_DISK_BYTES.fetch_sub(CHUNK_BYTES as u64, Ordering::Relaxed);
         } else {
             self.live_chunks -= 1;
@@ -1120,7 +1120,7 @@ impl Slabs {
     /// the records of disk chunks, which live in the store file's memory).
     pub fn metadata_bytes(&self) -> u64 {
         let table = self.chunks.capacity() * std::mem::size_of::<Option<Chunk>>()
-            + self.disk_chunks as usize * layout::RECORDS_BYTES;
+            + self.disk_records_bytes as usize;
         let free = self.free_chunk_idxs.capacity() * std::mem::size_of::<u32>();
         let partial: usize = self.partial.iter().map(|p| p.capacity() * 4).sum::<usize>()
             + self.partial.capacity() * std::mem::size_of::<Vec<u32>>();
@@ -1201,11 +1201,12 @@ mod tests {
     use crate::store::LZ4_MAX_LEN_BYTES;
 
     #[test]
-    fn lz4_class_for_len_rounds_up_to_64_bytes() {
+    fn lz4_class_for_len_rounds_up_to_32_bytes() {
         assert_eq!(lz4_class_for_len(0), None);
         assert_eq!(lz4_class_for_len(1), Some(0));
-        assert_eq!(lz4_class_for_len(64), Some(0));
-        assert_eq!(lz4_class_for_len(65), Some(1));
+        assert_eq!(lz4_class_for_len(32), Some(0));
+        assert_eq!(lz4_class_for_len(33), Some(1));
+        assert_eq!(lz4_class_for_len(2049), Some(64));
         assert_eq!(
             lz4_class_for_len(LZ4_MAX_LEN_BYTES),
             Some(RAW_CLASS_IDX - 1)
@@ -1219,11 +1220,12 @@ mod tests {
 
     #[test]
     fn chunk_tail_bits_never_allocated() {
-        // 1088-byte class: 240 slots, so the last bitmap word is partly tail.
+        // 1088-byte class: 239 slots (with their records), so the last bitmap word is partly
+        // tail.
         let class_idx = lz4_class_for_len(1088).unwrap();
         let mut chunk = Chunk::new(class_idx, MmapMut::map_anon(EXTENT_BYTES).unwrap(), false);
         let slots = slots_per_chunk(class_idx);
-        assert_eq!(slots, 240);
+        assert_eq!(slots, 239);
         for want in 0..slots {
             assert_eq!(chunk.take_slot(), Some(want));
         }
@@ -1241,7 +1243,9 @@ mod tests {
         assert_eq!(s.live_chunks(), 1);
         assert_eq!(s.free(a), Err("chunk not mapped"));
         s.check_invariants();
-        let c = s.store(5, &[3; 300], 0x3000, 1).unwrap();
+        let c = s
+            .store(lz4_class_for_len(300).unwrap(), &[3; 300], 0x3000, 1)
+            .unwrap();
         assert_eq!(c.chunk_idx, a.chunk_idx, "freed chunk index reused");
         assert_eq!(s.read(b, 10).unwrap(), &[2; 10]);
         s.check_invariants();

