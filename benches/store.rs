@@ -164,6 +164,11 @@ fn report_once() {
             / (s.bytes_out - s.pages_raw * PAGE_SIZE as u64) as f64,
     );
     eprintln!(
+        "  bytes_in/(store file resident + metadata) {:.3} (resident {:.1} MiB)",
+        s.bytes_in as f64 / (s.resident_bytes + store.metadata_bytes()) as f64,
+        s.resident_bytes as f64 / (1 << 20) as f64,
+    );
+    eprintln!(
         "  metadata per stored page {meta_per_page:.3} bytes (8-byte handle + {} store bytes), \
          slab mapped {} MiB, fragmentation {:.4} (slot rounding {:.4})",
         store.metadata_bytes(),
