@@ -1385,3 +1385,35 @@ fn recompression_leaves_shared_and_changed_blobs_alone() {
     }
     store.slabs.check_invariants();
 }
+
+/// A monitor of another build meets a store file of an older layout (a daemon upgraded while
+/// its programs ran): it refuses with both versions named and changes nothing, so the
+/// program's own shim, which reads that layout, can still bring every page home.
+#[test]
+fn adoption_refuses_another_layout_version_and_leaves_the_file_alone() {
+    use std::os::unix::fs::FileExt;
+    let mut store = durable_store();
+    let page = text_page(7);
+    let h = store.put(&page, 0x7100_0000_0000).unwrap();
+    let file = store.file().unwrap();
+    // The version field (bytes 8..12 of the header) of the layout before this one.
+    let old = (crate::protocol::store_layout::STORE_VERSION - 1).to_le_bytes();
+    file.write_at(&old, 8).unwrap();
+    let err = Store::adopt(file.try_clone().unwrap(), None, None)
+        .err()
+        .expect("another layout version is refused");
+    let want = format!(
+        "layout version {}, this build reads {}",
+        crate::protocol::store_layout::STORE_VERSION - 1,
+        crate::protocol::store_layout::STORE_VERSION
+    );
+    assert!(err.contains(&want), "{err}");
+    // Nothing was changed: the page reads back, and once the file says this build's
+    // version again, an adoption finds the page with its record.
+    assert_eq!(&read_back(&store, h), &page);
+    let now = crate::protocol::store_layout::STORE_VERSION.to_le_bytes();
+    file.write_at(&now, 8).unwrap();
+    let (_, pages) = Store::adopt(file.try_clone().unwrap(), None, None).unwrap();
+    assert_eq!(pages.len(), 1);
+    assert_eq!(pages[0].0, 0x7100_0000_0000);
+}
