@@ -182,7 +182,14 @@ fn progress_line(reports: &[ClientReport], pid: i32, elapsed: Duration) -> Strin
 fn print_summary(r: &ClientReport, wall: Duration) {
     let budget = r.budget_bytes.map_or("none".to_string(), mib);
     let st = &r.store;
-    let held = st.slab_bytes_mapped + r.pages_in_window * 4096;
+    // What `bench/run` counts as held: the store file's allocated pages (older monitors: the
+    // slab chunks mapped) and the window's resident pages.
+    let store_bytes = if st.resident_bytes > 0 {
+        st.resident_bytes
+    } else {
+        st.slab_bytes_mapped
+    };
+    let held = store_bytes + r.window_resident_bytes;
     eprintln!(
         "uswap: {} (pid {}) ran {:.1} s",
         r.name,

@@ -1123,8 +1123,9 @@ impl Client {
             let c = st.pages.counts();
             let out_of_ram = (c.window + c.stored) * PAGE_BYTES;
             let stats = st.store.stats();
+            // The store file's allocated pages (a chunk's untouched tail is not memory).
             let held = c.window * PAGE_BYTES
-                + stats.slab_bytes_mapped
+                + stats.resident_bytes
                 + stats.metadata_bytes
                 + st.pages.metadata_bytes();
             self.counters

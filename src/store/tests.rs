@@ -1399,9 +1399,9 @@ fn adoption_refuses_another_layout_version_and_leaves_the_file_alone() {
     // The version field (bytes 8..12 of the header) of the layout before this one.
     let old = (crate::protocol::store_layout::STORE_VERSION - 1).to_le_bytes();
     file.write_at(&old, 8).unwrap();
-    let err = Store::adopt(file.try_clone().unwrap(), None, None)
-        .err()
-        .expect("another layout version is refused");
+    let Err(err) = Store::adopt(file.try_clone().unwrap(), None, None) else {
+        panic!("another layout version must be refused");
+    };
     let want = format!(
         "layout version {}, this build reads {}",
         crate::protocol::store_layout::STORE_VERSION - 1,
