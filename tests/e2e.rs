@@ -509,8 +509,8 @@ fn prefetch_streams_serve_exact_bytes_and_adapt() -> R {
             prefetched > 2 * faults && hits * 10 >= prefetched * 8
         } else {
             // Scattered faults: a fault near a recent one (likely in a region of 8192 pages)
-            // starts a stream that prefetches one page; fixed prefetch brought back 16 per
-            // fault.
+            // starts a stream, which prefetches only once a third fault confirms its stride;
+            // fixed prefetch brought back 16 per fault.
             prefetched * 4 <= faults
         };
         if !adapted {

@@ -3,10 +3,13 @@
 //! A small table of *streams* per client, fed with the page index of every fault on an evicted
 //! page. A stream is a constant stride (in pages, either sign: +1 sequential, -1 reverse, ±k
 //! strided, |k| ≤ [`MAX_STRIDE_PAGES`]) seen in consecutive faults. Its window (pages to bring
-//! back ahead of the fault, along the stride) starts at 1 and doubles, up to the cap
-//! (`prefetch_pages`), each time the stream's next fault lands past the span the fault thread
-//! went through for it (pages it prefetched, or skipped as present): the program walked
-//! through those pages, so they were used (*hits*). A fault inside that span means a page was
+//! back ahead of the fault, along the stride) starts at 0: two nearby faults are a guess, and
+//! a program whose accesses touch two or three unrelated nearby pages each (redis: a dict
+//! entry, a key, a value) makes such pairs all the time. The window becomes 1 when a third
+//! fault confirms the stride, then doubles, up to the cap (`prefetch_pages`), each time the
+//! stream's next fault lands past the span the fault thread went through for it (pages it
+//! prefetched, or skipped as present): the program walked through those pages, so they were
+//! used (*hits*). A fault inside that span means a page was
 //! evicted again before the program got to it: the window was too large, it is halved, and the
 //! prefetched pages from the faulting one on are counted as *waste*. A stream that is not continued is eventually replaced (least recently
 //! used first) and its last window counts as waste. A fault that continues no stream and has
@@ -126,7 +129,11 @@ impl Detector {
             if steps > s.covered_steps as i64 {
                 // Past everything prefetched: all of it was walked through.
                 hit_pages += out;
-                s.window_pages = (s.window_pages.max(1) * 2).min(self.cap_pages);
+                s.window_pages = match s.window_pages {
+                    // The stride is confirmed (or confirmed again after a halving to 0).
+                    0 => 1,
+                    w => (w * 2).min(self.cap_pages),
+                };
             } else {
                 // A fault inside the span it took care of: a prefetched page evicted again
                 // before it was reached (or one that was on its way out then). The pages
@@ -157,7 +164,7 @@ impl Detector {
                     self.streams[slot] = Some(Stream {
                         last_page: page,
                         stride_pages,
-                        window_pages: 1,
+                        window_pages: 0,
                         outstanding_pages: 0,
                         covered_steps: 0,
                         id,
@@ -281,7 +288,8 @@ mod tests {
             d.prefetched(&plan, plan.pages, plan.pages);
             p += plan.pages as u64 + 1;
         }
-        assert_eq!(windows, vec![0, 1, 2, 4, 8, 16, 16, 16]);
+        // No stream at the first fault; a stream at the second, confirmed at the third.
+        assert_eq!(windows, vec![0, 0, 1, 2, 4, 8, 16, 16]);
         let (faults, pre, hit, waste) = run(&mut Detector::new(16), 0..10_000);
         assert!(faults < 700, "{faults} faults for 10000 sequential pages");
         assert_eq!(pre + faults, 10_000);
@@ -311,9 +319,16 @@ mod tests {
         let mut d = Detector::new(8);
         assert_eq!(d.on_fault(100).pages, 0);
         let plan = d.on_fault(104);
-        assert_eq!((plan.stride_pages, plan.pages), (4, 1));
+        assert_eq!(
+            (plan.stride_pages, plan.pages),
+            (4, 0),
+            "a guess: no prefetch yet"
+        );
+        d.prefetched(&plan, 0, 0);
+        let plan = d.on_fault(108);
+        assert_eq!((plan.stride_pages, plan.pages), (4, 1), "confirmed");
         d.prefetched(&plan, 1, 1);
-        let plan = d.on_fault(112);
+        let plan = d.on_fault(116);
         assert_eq!((plan.stride_pages, plan.pages), (4, 2));
     }
 
@@ -326,6 +341,43 @@ mod tests {
         assert!(
             pre * 100 < faults,
             "random access prefetched {pre} pages for {faults} faults"
+        );
+    }
+
+    /// Each access faults on two unrelated pages close to each other, as a redis GET does on
+    /// a dict entry and a value (different allocator runs a few pages apart): every pair
+    /// looks like a stride once. Before a third fault confirmed a stride, each pair started a
+    /// stream that prefetched a page, and redis had 420k prefetched pages for 1.5k used.
+    #[test]
+    fn prefetch_pairs_of_nearby_unrelated_faults_prefetch_nothing() {
+        let mut d = Detector::new(16);
+        let mut seed = 7u64;
+        // The whole heap is evicted: every proposed page that is not back yet comes back.
+        let mut present = std::collections::HashSet::new();
+        let (mut faults, mut pre) = (0u64, 0u64);
+        for _ in 0..20_000 {
+            let p = 1_000 + rng(&mut seed) % 1_000_000;
+            let off = 1 + rng(&mut seed) % MAX_STRIDE_PAGES as u64;
+            for page in [p, p + off] {
+                if !present.insert(page) {
+                    continue;
+                }
+                faults += 1;
+                let plan = d.on_fault(page);
+                let mut n = 0;
+                for k in 1..=plan.pages as i64 {
+                    if present.insert((page as i64 + k * plan.stride_pages) as u64) {
+                        n += 1;
+                    }
+                }
+                d.prefetched(&plan, plan.pages, n);
+                pre += n as u64;
+            }
+        }
+        assert!(faults > 35_000, "{faults} faults");
+        assert!(
+            pre * 200 < faults,
+            "{pre} pages prefetched for {faults} faults in unrelated pairs"
         );
     }
 
@@ -375,11 +427,15 @@ mod tests {
         for s in 0..STREAMS as u64 {
             let base = s * 1_000_000;
             d.on_fault(base);
-            let plan = d.on_fault(base + 1);
+            let guess = d.on_fault(base + 1);
+            d.prefetched(&guess, 0, 0);
+            let plan = d.on_fault(base + 2);
+            assert_eq!(plan.pages, 1);
             d.prefetched(&plan, plan.pages, plan.pages);
             total_pre += plan.pages as u64;
         }
         assert_eq!(d.outstanding_pages(), total_pre);
+        assert_eq!(total_pre, STREAMS as u64);
         let mut waste = 0;
         for s in 0..STREAMS as u64 {
             let base = 50_000_000 + s * 1_000_000;
@@ -412,7 +468,10 @@ mod tests {
     fn prefetch_stale_report_for_replaced_stream_is_ignored() {
         let mut d = Detector::new(4);
         d.on_fault(0);
-        let old = d.on_fault(1);
+        let guess = d.on_fault(1);
+        d.prefetched(&guess, 0, 0);
+        let old = d.on_fault(2);
+        assert_eq!(old.pages, 1);
         for s in 1..=STREAMS as u64 {
             d.on_fault(s * 1_000_000);
             d.on_fault(s * 1_000_000 + 1);
