@@ -19,11 +19,10 @@
 //! [`records_bytes`]`(c) + s × slot_bytes(c)`: right after the records for an lz4 class, at the
 //! chunk's second page for the raw class (raw slots are page-aligned). Records and slots share
 //! the extent (version 5), so a chunk's records cost 8 bytes per slot, not a page. A record is
-//! 0 when its
-//! slot holds nothing, else `owners << 48 | page_addr | (len_bytes - 1)`: the program address
-//! of the page the slot holds (page-aligned, nonzero, below 2^48), the payload length
-//! (1..=4096), and the set of programs the page belongs to (bit `m` = family member `m`, see
-//! below; never empty).
+//! 0 when its slot holds nothing, else `owners << 48 | page_addr | (len_bytes - 1)`: the
+//! program address of the page the slot holds (page-aligned, nonzero, below 2^48), the payload
+//! length (1..=4096), and the set of programs the page belongs to (bit `m` = family member
+//! `m`, see below; never empty).
 //!
 //! A class-table byte is 0 when chunk `i` does not exist, `c + 1` for a chunk of class `c` whose
 //! slots are in the extent (a *memory chunk*), and [`DISK_CHUNK_FLAG`]` | (c + 1)` for a *disk
