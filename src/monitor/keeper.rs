@@ -17,7 +17,7 @@
 //! exits. Only then do the sockets close, and each shim's guardian brings those pages home from
 //! the window with the rest (or a restarted monitor adopts the program).
 //!
-//! Owns: the static table of cross-mm clients ([`register`]/[`unregister`], the slot of the
+//! Owns: the static table of cross-mm clients ([`register`]/`unregister`, the slot of the
 //! run in flight), and the keeper process. Must not: allocate, take locks, touch thread-local
 //! storage or call libc functions that set `errno` in the keeper (it runs on the creating
 //! thread's TLS, in an address space whose other threads may have died holding any lock):
@@ -66,7 +66,7 @@ static TABLE: [Entry; MAX_ENTRIES] = [const {
 static LISTENERS: [std::sync::atomic::AtomicI32; 8] =
     [const { std::sync::atomic::AtomicI32::new(-1) }; 8];
 
-/// Notes a listening socket of the monitor (see [`LISTENERS`]).
+/// Notes a listening socket of the monitor (see `LISTENERS`).
 pub fn note_listener(fd: i32) {
     for l in &LISTENERS {
         if l.compare_exchange(-1, fd, Ordering::AcqRel, Ordering::Relaxed)

@@ -4,13 +4,13 @@
 //! smaller size class takes less memory. Compaction gives the emptied chunks back.
 //!
 //! Each tick, a client's control thread (1) puts in place the results of its jobs that are
-//! done, under its lock, at most [`INSTALL_BATCH`] per hold, and only for pages its page map
+//! done, under its lock, at most `INSTALL_BATCH` per hold, and only for pages its page map
 //! still names by the handle the job read and whose slot was never freed since (the store's
 //! *offer*; a slot reused by the same page with the same handle is not mistaken for the
 //! blob that was read); (2) keeps up to [`JOBS_IN_FLIGHT`] jobs queued, each up to
 //! [`JOB_BLOBS`] blobs whose payloads it copied under its lock
 //! (`Store::recompress_candidates`). While the program faults (more than
-//! [`QUIET_FAULTS_PER_TICK`] in a tick) no job goes in and one comes out per tick: its
+//! `QUIET_FAULTS_PER_TICK` in a tick) no job goes in and one comes out per tick: its
 //! faults do not queue behind these lock holds, and its wake-ups do not wait behind a worker
 //! that took a CPU the program would have found idle (a redis GET loop, whose client and
 //! server leave both CPUs idle half of the time, went from 16.6k to 12.2k GETs/s when the

@@ -57,7 +57,7 @@ pub struct MonitorOptions {
 }
 
 /// Connections of one uid that may wait for their first packet at once; more are refused at
-/// once (each holds a thread for up to [`FIRST_PACKET_TIMEOUT_S`]).
+/// once (each holds a thread for up to `FIRST_PACKET_TIMEOUT_S`).
 pub const MAX_PENDING_PER_UID: usize = 16;
 /// How long a new connection may take to send its first packet, in seconds.
 const FIRST_PACKET_TIMEOUT_S: i64 = 5;

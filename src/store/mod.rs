@@ -215,7 +215,7 @@ impl Store {
     }
 
     /// A durable store over `file`, the store file of a monitor that died (handed over by the
-    /// program that holds it too; see [`Slabs::adopt`] for what is checked). Returns the store
+    /// program that holds it too; see `Slabs::adopt` for what is checked). Returns the store
     /// and every page in it as (page address, owner set, handle).
     /// With `disk` (the disk file the program handed over too, validated by
     /// [`DiskFile::adopt`], and the bound on the disk tier), a store with pages on disk is
@@ -880,7 +880,7 @@ impl Store {
             .sum()
     }
 
-    /// Compaction (see [`Slabs::compact_class`]; layout write order, step 7): blobs of member
+    /// Compaction (see `Slabs::compact_class`; layout write order, step 7): blobs of member
     /// `member` alone are moved out of the sparsest memory chunks of each size class into
     /// free slots of its other chunks, and the chunks so emptied are given back. A blob moves
     /// only if `movable(addr, handle)` (the caller's page map still names the page at `addr`
@@ -945,7 +945,7 @@ impl Store {
 
     /// Idle-time recompression, first half (under the caller's lock): up to `max` lz4 blobs
     /// in memory that member `member` alone owns and that were never offered in their slot
-    /// (see [`Slabs::unsettled`]), each only if `movable(addr, handle)` (the caller's page map
+    /// (see `Slabs::unsettled`), each only if `movable(addr, handle)` (the caller's page map
     /// names the page by that handle). Their payloads are appended to `arena`, so the caller
     /// can recompress them without the lock ([`encode::recompress`]) and then
     /// [`Store::replace_blob`] each under it again (or [`Store::withdraw_candidate`] it). Each
