@@ -9,11 +9,12 @@
 //! fault confirms the stride, then doubles, up to the cap (`prefetch_pages`), each time the
 //! stream's next fault lands past the span the fault thread went through for it (pages it
 //! prefetched, or skipped as present): the program walked through those pages, so they were
-//! used (*hits*). A fault inside that span means a page was
-//! evicted again before the program got to it: the window was too large, it is halved, and the
-//! prefetched pages from the faulting one on are counted as *waste*. A stream that is not continued is eventually replaced (least recently
-//! used first) and its last window counts as waste. A fault that continues no stream and has
-//! no recent neighbour within [`MAX_STRIDE_PAGES`] (random access) prefetches nothing.
+//! used (*hits*). A fault inside that span means a page was evicted again before the program
+//! got to it: the window was too large, it is halved, and the prefetched pages from the
+//! faulting one on are counted as *waste*. A stream that is not continued is eventually
+//! replaced (least recently used first) and its last window counts as waste. A fault that
+//! continues no stream and has no recent neighbour within [`MAX_STRIDE_PAGES`] (random
+//! access) prefetches nothing.
 //!
 //! So every prefetched page is accounted exactly once as hit or waste, or is still
 //! outstanding in a live stream.
