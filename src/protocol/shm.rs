@@ -5,7 +5,7 @@
 //!
 //! | offset                  | what                                                        |
 //! |-------------------------|-------------------------------------------------------------|
-//! | 0 .. 4096               | `Control` header: sequence numbers, epoch, agent reports  |
+//! | 0 .. 4096               | `Control` header: sequence numbers, epoch, agent reports    |
 //! | 4096 × (1 + i)          | batch descriptor `i` of the ring (`RING_LEN` of them)        |
 //! | `JOURNAL_OFF`           | event journal: the monitor's last read of the userfaultfd    |
 //! | `DATA_OFF` + 4096 × k   | page slot `k`: the bytes of one evicted page                 |
