@@ -88,6 +88,9 @@ pub(crate) struct Shim {
     /// High-numbered duplicates of sock, uffd, req_efd, done_efd (in that order), to tell
     /// whether the program closed one of ours and reused its number (see [`fds_ok`]).
     pub refs: [AtomicI32; 4],
+    /// The inode of our socket to the monitor (sockfs inodes are unique while the socket
+    /// lives): tells whether `refs[FD_SOCK]` is still our socket after a detach.
+    pub sock_ino: AtomicU64,
 }
 
 pub(crate) static SHIM: Shim = Shim {
@@ -125,6 +128,7 @@ pub(crate) static SHIM: Shim = Shim {
         AtomicI32::new(-1),
         AtomicI32::new(-1),
     ],
+    sock_ino: AtomicU64::new(0),
 };
 
 /// The shim's own anonymous memory (agent stack, staging, scratch, the guardian's memory) as
@@ -245,6 +249,40 @@ fn same_inode(a: i32, b: i32) -> bool {
     }
 }
 
+/// The inode of the descriptor `fd`, or 0 if it is not open.
+fn inode_of(fd: i32) -> u64 {
+    // SAFETY: fstat into a zeroed stat buffer on our stack.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstat(fd, &mut st) != 0 {
+            return 0;
+        }
+        st.st_ino
+    }
+}
+
+/// Records the inode of our socket's high-numbered duplicate (at start, and after an
+/// adoption put a new monitor's socket under the same numbers).
+pub(crate) fn record_sock_ino() {
+    SHIM.sock_ino.store(
+        inode_of(SHIM.refs[FD_SOCK].load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
+}
+
+/// After a detach: makes sure the monitor sees the end of our stream. A program that closed
+/// only the socket's number leaves our high-numbered duplicate open, and the monitor would go
+/// on managing a program whose shim no longer talks to it. Shut down only if that number
+/// still holds our socket (same inode): the program may have reused it.
+fn hang_up_monitor() {
+    let r = SHIM.refs[FD_SOCK].load(Ordering::Relaxed);
+    let ino = SHIM.sock_ino.load(Ordering::Relaxed);
+    if r >= 0 && ino != 0 && inode_of(r) == ino {
+        // SAFETY: shutdown of our own socket (checked by inode just above).
+        unsafe { libc::shutdown(r, libc::SHUT_RDWR) };
+    }
+}
+
 /// Makes the high-numbered duplicates (at 512 or above, close-on-exec).
 fn make_refs() -> Result<(), &'static str> {
     for i in [FD_SOCK, FD_UFFD, FD_REQ, FD_DONE] {
@@ -256,6 +294,7 @@ fn make_refs() -> Result<(), &'static str> {
         }
         SHIM.refs[i].store(d, Ordering::Relaxed);
     }
+    record_sock_ino();
     // SAFETY: getpid has no preconditions.
     let pid = unsafe { libc::getpid() };
     let kcmp = same_file(
@@ -777,7 +816,7 @@ extern "C" fn fork_prepare() {
         // The guardian brought every page home and unregistered everything: nothing to do.
         DETACHED if SHIM.rescue_done.load(Ordering::Acquire) => return,
         DETACHED if WAS_MANAGED.load(Ordering::Relaxed) => {
-            touch_all_anonymous();
+            detached_fork_prepare();
             return;
         }
         _ => return,
@@ -785,9 +824,8 @@ extern "C" fn fork_prepare() {
     sock_lock(true);
     FORK_LOCKED.store(true, Ordering::Relaxed);
     if !fds_ok(&[FD_SOCK]) {
-        // The program closed our socket: the monitor is handing every page back; touching
-        // them waits for that.
-        touch_all_anonymous();
+        // The program closed our socket: the monitor is handing every page back.
+        detached_fork_prepare();
         return;
     }
     let mut ok = None;
@@ -941,6 +979,46 @@ fn wait_for_rescue(adoptions: u64) -> Rescued {
         unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
     }
     Rescued::Neither
+}
+
+/// How long a detached shim's fork waits for its ranges to be unregistered (the monitor's
+/// hand-back waits up to `agent_timeout` for batches in flight; the guardian's rescue starts
+/// `rescue_after` after the monitor is gone).
+const DETACHED_FORK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Before a fork once the shim has detached (the program closed our descriptors). The child
+/// has no userfaultfd, so every page must be present in the parent at the fork. Reading the
+/// pages is not enough while any range is still registered: until the monitor has read the end
+/// of our stream it keeps evicting, and the cross-mm backend moves pages out without our agent,
+/// so a page read now could be gone again at the fork. The monitor unregisters every range
+/// once it has handed every page back (the guardian does after a rescue): wait for that, then
+/// read everything (a no-op by then, unless a range was never registered). If the ranges stay
+/// registered, the child exits (70) rather than run on a partial copy.
+fn detached_fork_prepare() {
+    hang_up_monitor();
+    let mut buf = [0u8; 16 * 1024];
+    let t0 = std::time::Instant::now();
+    loop {
+        match maps::any_manageable_registered(&mut buf) {
+            Some(false) => break,
+            // No smaps (a kernel without CONFIG_PROC_PAGE_MONITOR): read and hope, as before.
+            None => break,
+            Some(true) if t0.elapsed() >= DETACHED_FORK_WAIT => {
+                FORK_UNSAFE.store(true, Ordering::Relaxed);
+                raw::eprint_line(&[b"uswap: the monitor did not let go of the program before the fork: the child exits (70) rather than run on a partial copy"]);
+                return;
+            }
+            Some(true) => {
+                let ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 2_000_000,
+                };
+                // SAFETY: nanosleep with a valid timespec on our stack.
+                unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+            }
+        }
+    }
+    touch_all_anonymous();
 }
 
 /// Faults in every page of every anonymous region outside the shim's own memory, so every

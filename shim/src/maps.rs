@@ -1,6 +1,7 @@
-//! Reading the program's own `/proc/self/maps` and `/proc/self/status` without allocating, to
-//! find the anonymous regions worth managing (including the ones libc maps for itself, whose
-//! `mmap`/`brk` calls never pass through our interposers) and the resident anonymous size.
+//! Reading the program's own `/proc/self/maps`, `/proc/self/smaps` and `/proc/self/status`
+//! without allocating, to find the anonymous regions worth managing (including the ones libc
+//! maps for itself, whose `mmap`/`brk` calls never pass through our interposers), whether any
+//! is still registered with a userfaultfd, and the resident anonymous size.
 //!
 //! Owns: parsing. Must not: allocate or touch memory outside the caller's buffers (runs on the
 //! agent thread).
@@ -70,7 +71,37 @@ fn open_proc(path: &core::ffi::CStr) -> i32 {
 /// Calls `f` for each line of /proc/self/maps, streaming through `buf` (which must be larger
 /// than the longest line). Returns false if the file could not be read.
 pub fn for_each_mapping(buf: &mut [u8], mut f: impl FnMut(&MapLine<'_>)) -> bool {
-    let fd = open_proc(c"/proc/self/maps");
+    for_each_line(c"/proc/self/maps", buf, |line| {
+        if let Some(l) = parse_line(line) {
+            f(&l);
+        }
+    })
+}
+
+/// Whether some manageable mapping that a fork copies is still registered with a userfaultfd
+/// for missing pages (`um`, and not `dc`, among its /proc/self/smaps VmFlags). The shim's
+/// staging area is registered too, but MADV_DONTFORK (`dc`): the child gets none of it.
+/// `None` if smaps could not be read.
+pub fn any_manageable_registered(buf: &mut [u8]) -> Option<bool> {
+    let mut current_manageable = false;
+    let mut found = false;
+    let ok = for_each_line(c"/proc/self/smaps", buf, |line| {
+        if let Some(l) = parse_line(line) {
+            current_manageable = l.is_manageable();
+        } else if let Some(flags) = line.strip_prefix(b"VmFlags:") {
+            let has = |flag: &[u8]| flags.split(|c| *c == b' ').any(|f| f == flag);
+            if current_manageable && has(b"um") && !has(b"dc") {
+                found = true;
+            }
+        }
+    });
+    ok.then_some(found)
+}
+
+/// Calls `f` for each line of the file at `path`, streaming through `buf` (which must be
+/// larger than the longest line). Returns false if the file could not be read.
+fn for_each_line(path: &core::ffi::CStr, buf: &mut [u8], mut f: impl FnMut(&[u8])) -> bool {
+    let fd = open_proc(path);
     if fd < 0 {
         return false;
     }
@@ -91,17 +122,13 @@ pub fn for_each_mapping(buf: &mut [u8], mut f: impl FnMut(&MapLine<'_>)) -> bool
         let mut line_start = 0;
         for i in have..end {
             if buf[i] == b'\n' {
-                if let Some(l) = parse_line(&buf[line_start..i]) {
-                    f(&l);
-                }
+                f(&buf[line_start..i]);
                 line_start = i + 1;
             }
         }
         if n == 0 {
             if line_start < end {
-                if let Some(l) = parse_line(&buf[line_start..end]) {
-                    f(&l);
-                }
+                f(&buf[line_start..end]);
             }
             break;
         }

@@ -262,6 +262,7 @@ fn adopt(r: &mut Rescue) -> Result<(), NotAdopted> {
         }
     }
     close(sock);
+    crate::record_sock_ino();
     drop((req, done, win));
     let old_base = SHIM.window_base.swap(base as usize, Ordering::AcqRel);
     let old_len = SHIM.window_len.swap(window_len, Ordering::AcqRel);

@@ -706,16 +706,19 @@ fn cmd_garbage_to_monitor(o: &Opts) -> Result<String, String> {
 /// Behaves like a program that daemonises: after its memory was evicted it closes every
 /// descriptor above stderr (closefrom), opens pipes that reuse those numbers, maps and unmaps
 /// memory (which makes the shim want to signal its agent) and checks that nothing foreign was
-/// written into or read out of its pipes, then verifies every page.
+/// written into or read out of its pipes, then verifies every page. `--close-below N` closes
+/// only the numbers under N (default 1024): with 512, the shim's high-numbered duplicates stay
+/// open, as in a program that closes only the low numbers it thinks it inherited.
 fn cmd_close_all_fds(o: &Opts) -> Result<String, String> {
     let (len, _npages) = o.mib()?;
     let idle_ms = o.num("idle-ms", 1500)?;
+    let close_below = o.num("close-below", 1024)?.clamp(4, 1 << 20) as i32;
     let mut m = Mapping::anon(len)?;
     fill_timed(&mut m, 0, 1, "region");
     idle(idle_ms);
     print_rss();
     let mut closed = 0;
-    for fd in 3..1024 {
+    for fd in 3..close_below {
         // SAFETY: closing descriptors of this process, as a daemon's closefrom(3) does.
         if unsafe { libc::close(fd) } == 0 {
             closed += 1;
@@ -2877,7 +2880,7 @@ usage: uswap-workload <subcommand> [options]     (sizes in MiB; --idle-ms defaul
   fill-rate        --mib N [--repeat K]
   fault-latency    --mib N [--idle-ms M] [--pattern seq|random] [--touches K] [--only-evicted]
   garbage-to-monitor --mib N [--idle-ms M]
-  close-all-fds    --mib N [--idle-ms M] [--fork]
+  close-all-fds    --mib N [--idle-ms M] [--fork] [--close-below FD]
   chaos            --mib N [--secs S] [--threads T] [--fork-ms MS (a thread forks every MS)]
   bench            --mib N [--idle-ms M] [--pattern seq|rev|stride|random|zipf] [--touches K]
                    [--threshold-ns T] [--theta X] [--write-pct P] [--linger-ms L]
@@ -2931,7 +2934,7 @@ fn run(args: &[String]) -> Result<String, String> {
         )?),
         "output-echo" => cmd_output_echo(args),
         "garbage-to-monitor" => cmd_garbage_to_monitor(&parse(&[], &[])?),
-        "close-all-fds" => cmd_close_all_fds(&parse(&[], &["fork"])?),
+        "close-all-fds" => cmd_close_all_fds(&parse(&["close-below"], &["fork"])?),
         "chaos" => cmd_chaos(&parse(&["secs", "threads", "fork-ms"], &[])?),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
