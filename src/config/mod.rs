@@ -1104,7 +1104,7 @@ fn check_prefetch(v: u32) -> Result<u32, KeyError> {
 }
 
 /// Default of key `fault_spin`.
-pub const DEFAULT_FAULT_SPIN: Duration = Duration::from_micros(50);
+pub const DEFAULT_FAULT_SPIN: Duration = Duration::from_micros(200);
 
 fn check_fault_spin(d: Duration) -> Result<Duration, KeyError> {
     duration_in_range(d, Duration::ZERO, Duration::from_millis(1))
