@@ -401,7 +401,10 @@ impl Monitor {
 
     /// Live and recently finished clients: live ones first, then finished ones, oldest first.
     pub fn reports(&self) -> Vec<ClientReport> {
-        let mut v: Vec<ClientReport> = self.clients.lock().iter().map(|c| c.report(true)).collect();
+        // Both locks held (clients first, as `run_client` takes them): a client moving from
+        // live to finished meanwhile shows up once, not twice or not at all.
+        let live = self.clients.lock();
+        let mut v: Vec<ClientReport> = live.iter().map(|c| c.report(true)).collect();
         v.extend(self.finished.lock().iter().cloned());
         v
     }
@@ -858,11 +861,18 @@ impl Monitor {
         client.log_summary();
         super::pagetrace::dump(client.id, client.pid);
         let report = client.report(false);
-        self.clients.lock().retain(|c| c.id != client.id);
-        let mut fin = self.finished.lock();
-        fin.push_back(report);
-        while fin.len() > self.opts.keep_finished.max(1) {
-            fin.pop_front();
+        {
+            // From live to finished in one step under the clients lock (then the finished
+            // lock, the order `reports` takes them in): a reader sees the client in exactly one
+            // of the two lists. Before, `uswap run` could see no live client, read the
+            // reports in between and write a stats file without its program.
+            let mut live = self.clients.lock();
+            live.retain(|c| c.id != client.id);
+            let mut fin = self.finished.lock();
+            fin.push_back(report);
+            while fin.len() > self.opts.keep_finished.max(1) {
+                fin.pop_front();
+            }
         }
         // Dropping the last Arc frees the window, the store and the descriptor.
         drop(client);
