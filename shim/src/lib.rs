@@ -238,27 +238,21 @@ fn same_file(pid: i32, a: i32, b: i32) -> libc::c_long {
 
 /// Whether two descriptors of ours refer to the same inode (the weaker check without kcmp).
 fn same_inode(a: i32, b: i32) -> bool {
-    // SAFETY: fstat into zeroed stat buffers on our stack.
+    matches!((file_id(a), file_id(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// The (device, inode) of descriptor `fd`; `None` if it is not open.
+fn file_id(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: fstat into a zeroed stat buffer on our stack.
     unsafe {
-        let mut sa: libc::stat = std::mem::zeroed();
-        let mut sb: libc::stat = std::mem::zeroed();
-        libc::fstat(a, &mut sa) == 0
-            && libc::fstat(b, &mut sb) == 0
-            && sa.st_dev == sb.st_dev
-            && sa.st_ino == sb.st_ino
+        let mut st: libc::stat = std::mem::zeroed();
+        (libc::fstat(fd, &mut st) == 0).then_some((st.st_dev, st.st_ino))
     }
 }
 
 /// The inode of the descriptor `fd`, or 0 if it is not open.
 fn inode_of(fd: i32) -> u64 {
-    // SAFETY: fstat into a zeroed stat buffer on our stack.
-    unsafe {
-        let mut st: libc::stat = std::mem::zeroed();
-        if libc::fstat(fd, &mut st) != 0 {
-            return 0;
-        }
-        st.st_ino
-    }
+    file_id(fd).map_or(0, |(_, ino)| ino)
 }
 
 /// Records the inode of our socket's high-numbered duplicate (at start, and after an
