@@ -1116,6 +1116,7 @@ impl Client {
         }
         self.recompress_tick();
         self.compact_store();
+        self.punch_store_slack();
         self.trim_window();
         self.limits.forks.sweep();
         {

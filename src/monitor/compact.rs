@@ -31,8 +31,40 @@ const MIN_COMPACTABLE_CHUNKS_AT_REST: u64 = 1;
 const BATCH_MOVES: usize = 128;
 /// Blobs moved per tick at most.
 const MAX_MOVES_PER_TICK: usize = 8192;
+/// Free pages inside chunks are given back once this many bytes of them wait: below it, a
+/// page freed is likely taken again by the next slot of its class before a pass would pay.
+const MIN_SLACK_BYTES: u64 = 128 * 1024;
+/// Runs of free pages punched under one hold of the client's lock (one fallocate each).
+const BATCH_PUNCH_RUNS: usize = 32;
+/// Runs punched per tick at most.
+const MAX_PUNCH_RUNS_PER_TICK: usize = 1024;
 
 impl Client {
+    /// Gives back the pages inside the store's chunks that hold nothing live (`Store::
+    /// punch_slack`): what compaction cannot, since it frees whole chunks only and a size
+    /// class keeps its last, partly used ones. Returns the pages given back.
+    pub(super) fn punch_store_slack(&self) -> u64 {
+        let mut pages = 0;
+        let mut runs = 0;
+        while runs < MAX_PUNCH_RUNS_PER_TICK {
+            let st = self.state.lock();
+            let mut store = st.store.lock();
+            if store.slack_bytes() < MIN_SLACK_BYTES {
+                break;
+            }
+            let n = store.punch_slack(BATCH_PUNCH_RUNS);
+            pages += n;
+            runs += BATCH_PUNCH_RUNS;
+            if n == 0 {
+                break;
+            }
+        }
+        if pages > 0 {
+            debug!(client = self.id, pages, "store: free pages given back");
+        }
+        pages
+    }
+
     /// One tick's compaction (see the module doc); returns the chunks given back.
     pub(super) fn compact_store(&self) -> u64 {
         let mut freed = 0;

@@ -108,6 +108,16 @@ const SERIES: &[Series] = &[
         "Memory the program's store file holds (its allocated pages).",
         |r| r.store.resident_bytes as f64,
     ),
+    gauge(
+        "uswap_client_store_slack_bytes",
+        "Pages inside the store's chunks that hold nothing live, not given back yet.",
+        |r| r.store.slack_bytes as f64,
+    ),
+    counter(
+        "uswap_client_store_punched_bytes_total",
+        "Bytes of free pages inside chunks the store gave back.",
+        |r| r.store.punched_bytes as f64,
+    ),
     counter(
         "uswap_client_store_compaction_moves_total",
         "Blobs store compaction moved out of sparse chunks.",

@@ -866,6 +866,17 @@ impl Store {
         }
     }
 
+    /// Gives back the memory of pages inside memory chunks that hold no slot in use and no
+    /// record (`Slabs::punch_slack`), at most `max_runs` runs of them; returns the pages.
+    pub fn punch_slack(&mut self, max_runs: usize) -> u64 {
+        self.slabs.punch_slack(max_runs)
+    }
+
+    /// Bytes of such pages not given back yet.
+    pub fn slack_bytes(&self) -> u64 {
+        self.slabs.slack_bytes()
+    }
+
     /// Slot bytes the store's memory chunks could give back by compaction: per size class,
     /// the chunks mapped beyond those its slots in use need. O(chunks).
     pub fn compactable_bytes(&self) -> u64 {
@@ -1090,6 +1101,8 @@ impl Store {
             recompressed: c.recompressed,
             recompress_bytes_saved: c.recompress_bytes_saved,
             resident_bytes: self.slabs.resident_bytes(),
+            slack_bytes: self.slabs.slack_bytes(),
+            punched_bytes: self.slabs.punched_bytes(),
             disk_sync_reads: self
                 .disk_sync_reads
                 .load(std::sync::atomic::Ordering::Relaxed),

@@ -41,6 +41,15 @@ pub use layout::{
 };
 
 const BITS_PER_WORD: usize = u64::BITS as usize;
+/// Pages of one extent: one bit each in a chunk's page masks.
+const PAGES_PER_CHUNK: usize = EXTENT_BYTES / PAGE_SIZE;
+const _: () = assert!(PAGES_PER_CHUNK <= u64::BITS as usize);
+
+/// Mask of pages `first..=last`.
+fn page_mask(first: usize, last: usize) -> u64 {
+    debug_assert!(first <= last && last < PAGES_PER_CHUNK);
+    (u64::MAX >> (u64::BITS as usize - 1 - last)) & (u64::MAX << first)
+}
 /// `Chunk::partial_pos` of a chunk that is full (on no partial list).
 const NOT_PARTIAL: u32 = u32::MAX;
 
@@ -141,24 +150,40 @@ impl StoreFile {
 
     /// Gives an empty extent's memory back (layout write order, step 5: after its class byte).
     fn punch(&self, chunk_idx: u32) {
-        let off = layout::extent_off(chunk_idx as usize) as i64;
+        if let Err(e) = self.punch_range(chunk_idx, 0, EXTENT_BYTES) {
+            tracing::warn!(
+                chunk_idx,
+                error = %e,
+                "store: punching an empty chunk out of the store file failed (memory stays charged)"
+            );
+        }
+    }
+
+    /// Frees the pages of `len_bytes` at `off_bytes` in chunk `chunk_idx`'s extent; they must
+    /// hold no live record and no slot in use (the file keeps its size, the pages read as
+    /// zeros).
+    fn punch_range(
+        &self,
+        chunk_idx: u32,
+        off_bytes: usize,
+        len_bytes: usize,
+    ) -> std::io::Result<()> {
+        debug_assert!(off_bytes % PAGE_SIZE == 0 && off_bytes + len_bytes <= EXTENT_BYTES);
+        let off = (layout::extent_off(chunk_idx as usize) + off_bytes) as i64;
         // SAFETY: fallocate on our own memfd; PUNCH_HOLE|KEEP_SIZE changes no size and frees
-        // only the extent's pages, which hold no live record.
+        // only the given pages of the extent, which the caller checked hold nothing live.
         let rc = unsafe {
             libc::fallocate(
                 self.file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off,
-                EXTENT_BYTES as i64,
+                len_bytes as i64,
             )
         };
         if rc != 0 {
-            tracing::warn!(
-                chunk_idx,
-                error = %std::io::Error::last_os_error(),
-                "store: punching an empty chunk out of the store file failed (memory stays charged)"
-            );
+            return Err(std::io::Error::last_os_error());
         }
+        Ok(())
     }
 }
 
@@ -201,6 +226,12 @@ struct Chunk {
     class_idx: u8,
     /// Index in `Slabs::partial[class_idx]`, or [`NOT_PARTIAL`] while the chunk is full.
     partial_pos: u32,
+    /// Bit `p` set = page `p` of the extent may hold memory: a slot on it was taken since
+    /// the page was last punched (or the chunk was adopted). Memory chunks only.
+    written_pages: u64,
+    /// Bit `p` set = page `p` is written, holds no record and no slot in use overlaps it:
+    /// memory [`Slabs::punch_slack`] can give back. A subset of `written_pages`.
+    slack_pages: u64,
 }
 
 impl Chunk {
@@ -223,7 +254,45 @@ impl Chunk {
             unsettled_slots: 0,
             class_idx,
             partial_pos: NOT_PARTIAL,
+            written_pages: 0,
+            slack_pages: 0,
         }
+    }
+
+    /// The pages of the extent that slot `slot_idx`'s bytes lie on, as a mask.
+    fn slot_pages(&self, slot_idx: usize) -> u64 {
+        let range = self.slot_range(slot_idx, slot_bytes(self.class_idx));
+        let first = range.start / PAGE_SIZE;
+        let last = (range.end - 1) / PAGE_SIZE;
+        page_mask(first, last)
+    }
+
+    /// Whether page `page_idx` of the extent holds no record and no byte of a slot in use.
+    fn page_is_slack(&self, page_idx: usize) -> bool {
+        let records_end = layout::records_bytes(self.class_idx);
+        let start = page_idx * PAGE_SIZE;
+        if start < records_end {
+            return false;
+        }
+        let sb = slot_bytes(self.class_idx);
+        let slots = slots_per_chunk(self.class_idx);
+        let first = (start - records_end) / sb;
+        let last = ((start + PAGE_SIZE - 1 - records_end) / sb).min(slots.saturating_sub(1));
+        (first..=last).all(|s| s >= slots || !self.is_used(s))
+    }
+
+    /// The slack of the written pages in `mask` (see `slack_pages`), recomputed.
+    fn slack_of(&self, mask: u64) -> u64 {
+        let mut slack = 0;
+        let mut left = mask & self.written_pages;
+        while left != 0 {
+            let page_idx = left.trailing_zeros() as usize;
+            left &= left - 1;
+            if self.page_is_slack(page_idx) {
+                slack |= 1 << page_idx;
+            }
+        }
+        slack
     }
 
     /// The record of slot `slot_idx` (see the layout doc).
@@ -321,6 +390,11 @@ pub(crate) struct Slabs {
     /// [`Slabs::offer`]): a separate set from `pinned`, so neither user can mistake the
     /// other's mark for its own.
     offered: HashSet<SlotLoc>,
+    /// Pages of memory chunks that hold nothing live and were not given back yet (the sum of
+    /// the chunks' `slack_pages`).
+    slack_pages: u64,
+    /// Bytes [`Slabs::punch_slack`] gave back over the store's life.
+    punched_bytes: u64,
 }
 
 /// Index of the partial list of class `class_idx` in memory or on disk.
@@ -356,6 +430,8 @@ impl Slabs {
             pinned: HashSet::new(),
             settle_cursor: 0,
             offered: HashSet::new(),
+            slack_pages: 0,
+            punched_bytes: 0,
         }
     }
 
@@ -443,6 +519,13 @@ impl Slabs {
                 slabs.chunks.push(None);
             }
             slabs.bitmap_words += chunk.used_bitmap.len() as u64;
+            if !on_disk {
+                // Which pages the dead monitor wrote is unknown: all of them, as far as we
+                // know; the free ones among them are slack at once.
+                chunk.written_pages = page_mask(0, PAGES_PER_CHUNK - 1);
+                chunk.slack_pages = chunk.slack_of(u64::MAX);
+                slabs.slack_pages += u64::from(chunk.slack_pages.count_ones());
+            }
             if !chunk.is_full() {
                 let list = plist(class_idx, on_disk);
                 chunk.partial_pos = slabs.partial[list].len() as u32;
@@ -584,6 +667,13 @@ impl Slabs {
         let slot_idx = chunk
             .take_slot()
             .expect("a chunk on a partial list has a free slot");
+        if !on_disk {
+            let pages = chunk.slot_pages(slot_idx);
+            chunk.written_pages |= pages;
+            let reused = chunk.slack_pages & pages;
+            chunk.slack_pages &= !pages;
+            self.slack_pages -= u64::from(reused.count_ones());
+        }
         if chunk.is_full() {
             let popped = self.partial[list].pop();
             debug_assert_eq!(popped, Some(chunk_idx));
@@ -792,6 +882,11 @@ impl Slabs {
         chunk.set_settled(slot_idx, true);
         chunk.used_bitmap[slot_idx / BITS_PER_WORD] &= !(1 << (slot_idx % BITS_PER_WORD));
         chunk.used_slots -= 1;
+        if !chunk.on_disk && chunk.used_slots > 0 {
+            let freed = chunk.slack_of(chunk.slot_pages(slot_idx)) & !chunk.slack_pages;
+            chunk.slack_pages |= freed;
+            self.slack_pages += u64::from(freed.count_ones());
+        }
         if chunk.on_disk {
             self.disk_used_slot_bytes -= slot_bytes(loc.class_idx) as u64;
             // A reserved slot (no record yet) was never named by a handle: no reader can
@@ -826,6 +921,7 @@ impl Slabs {
             .take()
             .expect("releasing a live chunk");
         debug_assert_eq!(chunk.used_slots, 0);
+        self.slack_pages -= u64::from(chunk.slack_pages.count_ones());
         self.bitmap_words -= chunk.used_bitmap.len() as u64;
         if chunk.on_disk {
             self.disk_chunks -= 1;
@@ -1073,6 +1169,77 @@ impl Slabs {
         (moves, freed)
     }
 
+    /// Gives back the memory of slack pages (see `Chunk::slack_pages`): each run of them in a
+    /// chunk is punched out of the store file (or, for an anonymous store, discarded with
+    /// MADV_DONTNEED), at most `max_runs` runs per call. Returns the pages given back. The
+    /// caller holds whatever excludes every other use of the slabs (the store's lock), so no
+    /// slot on such a page is taken meanwhile; a page punched and then taken again is
+    /// allocated anew (zeroed) by the write that fills the slot.
+    pub fn punch_slack(&mut self, max_runs: usize) -> u64 {
+        let mut runs = 0;
+        let mut pages = 0u64;
+        let mut failed = false;
+        for chunk_idx in 0..self.chunks.len() {
+            if runs >= max_runs || self.slack_pages == 0 {
+                break;
+            }
+            let Some(chunk) = self.chunks[chunk_idx].as_mut() else {
+                continue;
+            };
+            while chunk.slack_pages != 0 && runs < max_runs {
+                let first = chunk.slack_pages.trailing_zeros() as usize;
+                let len = (chunk.slack_pages >> first).trailing_ones() as usize;
+                let mask = page_mask(first, first + len - 1);
+                let (off, len_bytes) = (first * PAGE_SIZE, len * PAGE_SIZE);
+                let res = match &self.file {
+                    Some(f) => f.punch_range(chunk_idx as u32, off, len_bytes),
+                    // SAFETY: the range lies in this chunk's mapping and holds no slot in use
+                    // and no record (slack), so no reference into it is live; its pages read
+                    // as zeros afterwards, which nothing reads before a slot there is written.
+                    None => unsafe {
+                        chunk.map.unchecked_advise_range(
+                            memmap2::UncheckedAdvice::DontNeed,
+                            off,
+                            len_bytes,
+                        )
+                    },
+                };
+                runs += 1;
+                chunk.slack_pages &= !mask;
+                self.slack_pages -= len as u64;
+                match res {
+                    Ok(()) => {
+                        chunk.written_pages &= !mask;
+                        pages += len as u64;
+                    }
+                    // The pages stay written (and charged); they are not tried again until
+                    // a slot on them is used and freed.
+                    Err(e) if !failed => {
+                        failed = true;
+                        tracing::warn!(
+                            chunk_idx,
+                            error = %e,
+                            "store: giving back free pages of a chunk failed (memory stays charged)"
+                        );
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        self.punched_bytes += pages * PAGE_SIZE as u64;
+        pages
+    }
+
+    /// Bytes of slack pages not given back yet (see [`Slabs::punch_slack`]).
+    pub fn slack_bytes(&self) -> u64 {
+        self.slack_pages * PAGE_SIZE as u64
+    }
+
+    /// Bytes [`Slabs::punch_slack`] gave back over the store's life.
+    pub fn punched_bytes(&self) -> u64 {
+        self.punched_bytes
+    }
+
     /// Memory the store holds: for a durable store the store file's allocated pages (one
     /// fstat), else the chunks mapped.
     pub fn resident_bytes(&self) -> u64 {
@@ -1136,6 +1303,7 @@ impl Slabs {
         let mut used_bytes = 0;
         let mut disk_bytes = 0;
         let mut words = 0;
+        let mut slack = 0;
         for (idx, chunk) in self.chunks.iter().enumerate() {
             let Some(chunk) = chunk else {
                 assert!(self.free_chunk_idxs.contains(&(idx as u32)));
@@ -1154,6 +1322,20 @@ impl Slabs {
                 "chunk {idx}: bits past the last slot are settled"
             );
             assert!(chunk.used_slots > 0, "empty chunk {idx} still mapped");
+            if chunk.on_disk {
+                assert_eq!(
+                    chunk.slack_pages, 0,
+                    "chunk {idx}: a disk chunk has no slack"
+                );
+            } else {
+                assert_eq!(chunk.slack_pages & !chunk.written_pages, 0, "chunk {idx}");
+                assert_eq!(
+                    chunk.slack_pages,
+                    chunk.slack_of(u64::MAX),
+                    "chunk {idx}: slack is the written pages with nothing live"
+                );
+                slack += u64::from(chunk.slack_pages.count_ones());
+            }
             let bytes = counted as u64 * slot_bytes(chunk.class_idx) as u64;
             if chunk.on_disk {
                 disk += 1;
@@ -1184,6 +1366,7 @@ impl Slabs {
         assert_eq!(used_bytes, self.used_slot_bytes);
         assert_eq!(disk_bytes, self.disk_used_slot_bytes);
         assert_eq!(words, self.bitmap_words);
+        assert_eq!(slack, self.slack_pages);
         let partial_total: usize = self.partial.iter().map(Vec::len).sum();
         let partial_live = self
             .chunks

@@ -91,6 +91,13 @@ pub struct StoreStats {
     /// bytes mapped.
     #[serde(default)]
     pub resident_bytes: u64,
+    /// Pages of memory chunks holding nothing live (their slots freed by faults) that are
+    /// still allocated, waiting for the next give-back pass.
+    #[serde(default)]
+    pub slack_bytes: u64,
+    /// Bytes of such pages given back (punched out of the store file), since creation.
+    #[serde(default)]
+    pub punched_bytes: u64,
 }
 
 impl StoreStats {
