@@ -1171,7 +1171,8 @@ impl Slabs {
 
     /// Gives back the memory of slack pages (see `Chunk::slack_pages`): each run of them in a
     /// chunk is punched out of the store file (or, for an anonymous store, discarded with
-    /// MADV_DONTNEED), at most `max_runs` runs per call. Returns the pages given back. The
+    /// MADV_DONTNEED), at most `max_runs` runs per call; the chunk each class fills next is
+    /// left alone (its holes are taken again first). Returns the pages given back. The
     /// caller holds whatever excludes every other use of the slabs (the store's lock), so no
     /// slot on such a page is taken meanwhile; a page punched and then taken again is
     /// allocated anew (zeroed) by the write that fills the slot.
@@ -1186,6 +1187,13 @@ impl Slabs {
             let Some(chunk) = self.chunks[chunk_idx].as_mut() else {
                 continue;
             };
+            // The chunk its class takes its next slots from (lowest first) refills its holes
+            // soonest: punching them would only have them allocated again.
+            if chunk.slack_pages == 0
+                || self.partial[plist(chunk.class_idx, false)].last() == Some(&(chunk_idx as u32))
+            {
+                continue;
+            }
             while chunk.slack_pages != 0 && runs < max_runs {
                 let first = chunk.slack_pages.trailing_zeros() as usize;
                 let len = (chunk.slack_pages >> first).trailing_ones() as usize;

@@ -1181,17 +1181,20 @@ fn slack_pages_are_given_back_and_every_page_reads_back() {
     assert_eq!(before.slack_bytes, slack);
     let file_before = blocks(&store);
     let pages = store.punch_slack(usize::MAX);
-    assert_eq!(pages * PAGE_SIZE as u64, slack);
-    assert_eq!(store.slack_bytes(), 0);
+    let punched = pages * PAGE_SIZE as u64;
+    // Each class's next chunk keeps its holes (they are refilled first); the rest is punched.
+    assert!(punched * 2 > slack, "most slack is punched: {punched} of {slack}");
+    assert_eq!(store.slack_bytes(), slack - punched);
+    assert_eq!(store.punch_slack(usize::MAX), 0, "what is left is in next chunks");
     let after = store.stats();
-    assert_eq!(after.punched_bytes, slack);
+    assert_eq!(after.punched_bytes, punched);
     assert_eq!(after.chunks, before.chunks, "punching unmaps no chunk");
     // A slot's last page counts as written when taken, though a short payload may not reach
     // it: a few of the punched pages may not have been allocated.
     let given_back = file_before - blocks(&store);
     assert!(
-        given_back <= slack && given_back + 16 * PAGE_SIZE as u64 >= slack,
-        "the store file gives back the slack: {given_back} bytes of {slack}"
+        given_back <= punched && given_back + 16 * PAGE_SIZE as u64 >= punched,
+        "the store file gives back what was punched: {given_back} bytes of {punched}"
     );
     check_against_model(&store, &model);
     let want = blob_pages(&model);
@@ -1222,8 +1225,10 @@ fn slack_pages_are_given_back_and_every_page_reads_back() {
         assert_eq!(&read_back(&adopted, h), &model[&addr].1);
     }
     adopted.slabs.check_invariants();
-    adopted.punch_slack(usize::MAX);
-    assert_eq!(adopted.slack_bytes(), 0);
+    let slack = adopted.slack_bytes();
+    assert!(slack > 0, "the removals left slack in the adopted file");
+    assert!(adopted.punch_slack(usize::MAX) > 0);
+    assert!(adopted.slack_bytes() < slack);
     adopted.slabs.check_invariants();
 }
 
