@@ -1183,9 +1183,16 @@ fn slack_pages_are_given_back_and_every_page_reads_back() {
     let pages = store.punch_slack(usize::MAX);
     let punched = pages * PAGE_SIZE as u64;
     // Each class's next chunk keeps its holes (they are refilled first); the rest is punched.
-    assert!(punched * 2 > slack, "most slack is punched: {punched} of {slack}");
+    assert!(
+        punched * 2 > slack,
+        "most slack is punched: {punched} of {slack}"
+    );
     assert_eq!(store.slack_bytes(), slack - punched);
-    assert_eq!(store.punch_slack(usize::MAX), 0, "what is left is in next chunks");
+    assert_eq!(
+        store.punch_slack(usize::MAX),
+        0,
+        "what is left is in next chunks"
+    );
     let after = store.stats();
     assert_eq!(after.punched_bytes, punched);
     assert_eq!(after.chunks, before.chunks, "punching unmaps no chunk");
