@@ -50,6 +50,9 @@ fn page_mask(first: usize, last: usize) -> u64 {
     debug_assert!(first <= last && last < PAGES_PER_CHUNK);
     (u64::MAX >> (u64::BITS as usize - 1 - last)) & (u64::MAX << first)
 }
+/// Slack pages [`Slabs::punch_slack`] leaves in the chunk its class fills next: the lowest
+/// ones, which the next slots of the class take again first.
+const KEEP_NEXT_SLACK_PAGES: usize = 4;
 /// `Chunk::partial_pos` of a chunk that is full (on no partial list).
 const NOT_PARTIAL: u32 = u32::MAX;
 
@@ -1171,8 +1174,9 @@ impl Slabs {
 
     /// Gives back the memory of slack pages (see `Chunk::slack_pages`): each run of them in a
     /// chunk is punched out of the store file (or, for an anonymous store, discarded with
-    /// MADV_DONTNEED), at most `max_runs` runs per call; the chunk each class fills next is
-    /// left alone (its holes are taken again first). Returns the pages given back. The
+    /// MADV_DONTNEED), at most `max_runs` runs per call; in the chunk each class fills next,
+    /// its lowest [`KEEP_NEXT_SLACK_PAGES`] slack pages are left (they are taken again first).
+    /// Returns the pages given back. The
     /// caller holds whatever excludes every other use of the slabs (the store's lock), so no
     /// slot on such a page is taken meanwhile; a page punched and then taken again is
     /// allocated anew (zeroed) by the write that fills the slot.
@@ -1187,16 +1191,20 @@ impl Slabs {
             let Some(chunk) = self.chunks[chunk_idx].as_mut() else {
                 continue;
             };
-            // The chunk its class takes its next slots from (lowest first) refills its holes
-            // soonest: punching them would only have them allocated again.
-            if chunk.slack_pages == 0
-                || self.partial[plist(chunk.class_idx, false)].last() == Some(&(chunk_idx as u32))
-            {
+            if chunk.slack_pages == 0 {
                 continue;
             }
-            while chunk.slack_pages != 0 && runs < max_runs {
-                let first = chunk.slack_pages.trailing_zeros() as usize;
-                let len = (chunk.slack_pages >> first).trailing_ones() as usize;
+            // The chunk its class takes its next slots from (lowest first) refills its lowest
+            // holes first: punching those would only have them allocated again.
+            let mut eligible = chunk.slack_pages;
+            if self.partial[plist(chunk.class_idx, false)].last() == Some(&(chunk_idx as u32)) {
+                for _ in 0..KEEP_NEXT_SLACK_PAGES {
+                    eligible &= eligible.wrapping_sub(1);
+                }
+            }
+            while eligible != 0 && runs < max_runs {
+                let first = eligible.trailing_zeros() as usize;
+                let len = (eligible >> first).trailing_ones() as usize;
                 let mask = page_mask(first, first + len - 1);
                 let (off, len_bytes) = (first * PAGE_SIZE, len * PAGE_SIZE);
                 let res = match &self.file {
@@ -1213,6 +1221,7 @@ impl Slabs {
                     },
                 };
                 runs += 1;
+                eligible &= !mask;
                 chunk.slack_pages &= !mask;
                 self.slack_pages -= len as u64;
                 match res {

@@ -1182,7 +1182,7 @@ fn slack_pages_are_given_back_and_every_page_reads_back() {
     let file_before = blocks(&store);
     let pages = store.punch_slack(usize::MAX);
     let punched = pages * PAGE_SIZE as u64;
-    // Each class's next chunk keeps its holes (they are refilled first); the rest is punched.
+    // Each class's next chunk keeps its lowest holes (refilled first); the rest is punched.
     assert!(
         punched * 2 > slack,
         "most slack is punched: {punched} of {slack}"
