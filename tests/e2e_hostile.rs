@@ -871,10 +871,7 @@ fn bait(a: &Attached, pages: usize) -> Result<Map, Failed> {
         }],
     )?;
     let win = a.win();
-    win.rss_anon_bytes()
-        .store(1 << 30, std::sync::atomic::Ordering::Relaxed);
-    win.rss_seq()
-        .fetch_add(1, std::sync::atomic::Ordering::Release);
+    win.publish_rss(1 << 30, 0);
     Ok(m)
 }
 
@@ -1070,10 +1067,7 @@ fn foreign_pid_and_regions_only_ever_reach_the_clients_own_mm() -> R {
     d.wait_log("Hello claims another pid")?;
     a.regions(1, &entries)?;
     let win = a.win();
-    win.rss_anon_bytes()
-        .store(1 << 30, std::sync::atomic::Ordering::Relaxed);
-    win.rss_seq()
-        .fetch_add(1, std::sync::atomic::Ordering::Release);
+    win.publish_rss(1 << 30, 0);
     // The monitor posts batches for those addresses to the impostor's own (absent) agent.
     let c = wait_client(&d.socket, me, 10, "posted", |c| {
         c["pages_posted"].as_u64().unwrap_or(0) > 0

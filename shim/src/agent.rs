@@ -217,9 +217,10 @@ fn agent_loop() {
         let mut busy = Busy::default();
         let worked = run_batches(&win, &mut busy);
         if requests & shm::REQ_RSS != 0 {
+            // The batches answered so far are out of the figure read next.
+            let done_seq = win.done_seq().load(Ordering::Acquire);
             if let Some(rss) = maps::rss_anon_bytes(scratch(STATUS_OFF, STATUS_LEN)) {
-                win.rss_anon_bytes().store(rss, Ordering::Relaxed);
-                win.rss_seq().fetch_add(1, Ordering::Release);
+                win.publish_rss(rss, done_seq);
             }
         }
         let now = raw::monotonic_ns();

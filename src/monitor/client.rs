@@ -123,6 +123,10 @@ pub struct State {
     pub region_stats: RegionStats,
     /// Batches posted and not yet completed: (seq, slot per page in order).
     pub inflight: std::collections::VecDeque<(u64, Vec<u32>)>,
+    /// For the last completed batches: (seq + 1, pages moved out over the client's life once
+    /// that batch was counted). An RSS sample the agent read with `done_seq` = D is exact
+    /// against the mark for D (`RssGauge::on_sample_at`).
+    pub out_marks: std::collections::VecDeque<(u64, u64)>,
     pub next_seq: u64,
     /// Eviction paused (fork in progress, or detaching).
     pub paused: bool,
@@ -541,6 +545,7 @@ impl Client {
             controller: PressureController::new(controller_params(&cfg)),
             region_stats: RegionStats::default(),
             inflight: Default::default(),
+            out_marks: Default::default(),
             next_seq: 0,
             paused: false,
         };
@@ -1044,15 +1049,31 @@ impl Client {
     fn tick(&self) {
         let win = self.win();
         // Fresh RSS figure for the next tick.
-        let rss_seq = win.rss_seq().load(Ordering::Acquire);
-        let sampled = win.rss_anon_bytes().load(Ordering::Relaxed);
-        if rss_seq != self.last_rss_seq.swap(rss_seq, Ordering::Relaxed) {
+        if let Some((rss_seq, sampled, done_at_read)) = win
+            .read_rss()
+            .filter(|&(seq, _, _)| seq != self.last_rss_seq.load(Ordering::Relaxed))
+        {
+            self.last_rss_seq.store(rss_seq, Ordering::Relaxed);
             // The agent reads RssAnon after the batches it has just answered: count their
             // moved pages before the sample, or the estimate takes them off twice (in the
             // TCG VM the fault thread was often batches behind, and the estimate sat ~50 MiB
             // under the truth).
             super::fault::complete_batches(self);
-            self.rss.on_sample(sampled, &self.counters);
+            // And no more than those: batches answered (and counted by the fault thread)
+            // after the read must still be taken off, or the estimate stays high by what
+            // eviction moved in up to a tick (~10 MiB in a seq re-read) and eviction
+            // overshoots the budget's low-water mark by as much.
+            let mark = {
+                let st = self.state.lock();
+                st.out_marks
+                    .iter()
+                    .find(|&&(end, _)| end == done_at_read)
+                    .map(|&(_, out)| out)
+            };
+            match mark {
+                Some(out) => self.rss.on_sample_at(sampled, out, &self.counters),
+                None => self.rss.on_sample(sampled, &self.counters),
+            }
             self.counters
                 .rss_anon_bytes
                 .store(sampled, Ordering::Relaxed);

@@ -572,8 +572,17 @@ pub(super) fn complete_batches(client: &Client) {
                 ((r as u64) << 8) | entered as u64,
             );
         }
+        let out = Counters::get(&client.counters.pages_moved);
+        st.out_marks.push_back((seq + 1, out));
+        if st.out_marks.len() > OUT_MARKS {
+            st.out_marks.pop_front();
+        }
     }
 }
+
+/// Completed batches whose moved-out count is remembered for the RSS estimate (a tick sees
+/// at most a few dozen batches complete).
+const OUT_MARKS: usize = 64;
 
 enum Served {
     /// `refault`: served from the window or the store (a stall caused by eviction);

@@ -10,10 +10,17 @@
 //! this VM), so a figure a tick old lets resident memory run far past the budget before
 //! anything reacts. The estimate adds what the monitor itself brought in (zero-filled and
 //! restored pages) since the sample was asked for, and takes off what was moved out since it
-//! arrived (the control thread first counts every batch the agent has answered, since the
-//! agent reads RssAnon after answering them). Those errors are on the high side: pages
-//! brought in between the request and the agent's read count twice, pages moved out between
-//! the read and the arrival are not taken off; memory the program gives back itself (munmap,
+//! was read: the agent publishes with the sample the `done_seq` it had answered up to
+//! (`Window::publish_rss`, a sequence lock), and the monitor remembers how many pages had
+//! been moved out once each recent batch was counted, so the batches answered after the read
+//! (which the fault thread may have counted before the sample is looked at, up to a tick
+//! later) are still taken off. Until that mark, a seq re-read's estimate stayed high by what
+//! eviction moved out in up to a tick, and eviction overshot the budget's low-water mark by
+//! as much (RSS settled ~6 MiB under it, and the store held ~3 MiB more). Where no batch
+//! mark applies (the cross-mm backend moves without batches) the mark is the count at the
+//! arrival. The errors left are on the high side: pages brought in between the request and
+//! the agent's read count twice, and on the cross-mm backend pages moved out between the read
+//! and the arrival are not taken off; memory the program gives back itself (munmap,
 //! MADV_DONTNEED) shows at the next sample. A high estimate holds a fault back a little
 //! early. What it cannot see is growth the monitor does not serve: a page written after a
 //! zero-page fill, memory touched before its region was registered; that shows at the next
@@ -118,6 +125,15 @@ impl RssGauge {
         self.base_bytes.store(rss_bytes, Ordering::Relaxed);
     }
 
+    /// A sample of `rss_bytes` has arrived that the agent read when `out_mark_pages` pages
+    /// had been moved out (the count once the batches it had answered were counted): what
+    /// moved out after the read, even if counted before the sample arrived, is taken off.
+    pub fn on_sample_at(&self, rss_bytes: u64, out_mark_pages: u64, c: &Counters) {
+        self.on_sample(rss_bytes, c);
+        self.out_mark
+            .store(out_mark_pages.min(pages_out(c)), Ordering::Relaxed);
+    }
+
     /// The estimate now, in bytes.
     pub fn estimate_bytes(&self, c: &Counters) -> u64 {
         let brought_in = pages_in(c).saturating_sub(self.in_mark.load(Ordering::Relaxed));
@@ -209,6 +225,28 @@ mod tests {
         // Small budgets: the slack's floor (8 MiB), halved.
         assert_eq!(refill_line_bytes(16 * MIB), 20 * MIB);
         assert_eq!(throttle_line_bytes(16 * MIB), 24 * MIB);
+    }
+
+    /// A sample read after the batches that moved 3 pages, arriving when batches answered
+    /// after the read had moved 4 more: those 4 are taken off, not lost in the mark.
+    #[test]
+    fn a_sample_marked_at_its_read_takes_off_what_moved_after_it() {
+        let c = Counters::default();
+        let g = RssGauge::default();
+        g.on_request(&c);
+        bump(&c.pages_moved, 3);
+        // The agent reads 100 pages here; then 4 more leave and are counted.
+        bump(&c.pages_moved, 4);
+        g.on_sample_at(100 * PAGE_BYTES, 3, &c);
+        assert_eq!(g.estimate_bytes(&c), 96 * PAGE_BYTES);
+        // The plain arrival would have missed them.
+        let g2 = RssGauge::default();
+        g2.on_request(&c);
+        g2.on_sample(100 * PAGE_BYTES, &c);
+        assert_eq!(g2.estimate_bytes(&c), 100 * PAGE_BYTES);
+        // A mark past the count (a confused agent) is clamped: nothing is added back.
+        g.on_sample_at(100 * PAGE_BYTES, 1_000, &c);
+        assert_eq!(g.estimate_bytes(&c), 100 * PAGE_BYTES);
     }
 
     #[test]

@@ -70,7 +70,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 pub const SHM_MAGIC: u64 = 0x5553_5741_5057_494e; // "USWAPWIN"
-pub const SHM_VERSION: u32 = 3;
+pub const SHM_VERSION: u32 = 4;
 pub const SLOT_BYTES: usize = 4096;
 /// Batch descriptors in the ring.
 pub const RING_LEN: usize = 8;
@@ -161,6 +161,7 @@ const OFF_INFLIGHT_RUN: usize = 120;
 const OFF_INFLIGHT_MOVED: usize = 128;
 const OFF_INFLIGHT_STATE: usize = 136;
 const OFF_AGENT_UNSHARED: usize = 144;
+const OFF_RSS_DONE_SEQ: usize = 152;
 const OFF_EVENT_LOG: usize = 512;
 const _: () = assert!(OFF_EVENT_LOG + EVENT_LOG_LEN * 24 <= 4096);
 const J_STATE: usize = JOURNAL_OFF;
@@ -284,6 +285,37 @@ impl Window {
     }
     pub fn rss_seq(&self) -> &AtomicU64 {
         self.u64_at(OFF_RSS_SEQ)
+    }
+    /// The agent's `done_seq` when it read the RssAnon in `rss_anon_bytes`: the batches
+    /// answered before that read. The monitor counts exactly those batches' moves as already
+    /// out of the sample.
+    pub fn rss_done_seq(&self) -> &AtomicU64 {
+        self.u64_at(OFF_RSS_DONE_SEQ)
+    }
+
+    /// Agent side: publishes an RssAnon sample of `rss_bytes`, read after the batches below
+    /// `done_seq` were answered. `rss_seq` is a sequence lock: odd while the two fields are
+    /// written, so a reader never pairs one sample's figure with another's `done_seq`.
+    pub fn publish_rss(&self, rss_bytes: u64, done_seq: u64) {
+        self.rss_seq().fetch_add(1, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Release);
+        self.rss_done_seq().store(done_seq, Ordering::Relaxed);
+        self.rss_anon_bytes().store(rss_bytes, Ordering::Relaxed);
+        self.rss_seq().fetch_add(1, Ordering::Release);
+    }
+
+    /// Monitor side: the last complete sample as (its `rss_seq`, RssAnon bytes, `done_seq`
+    /// at the read); `None` while one is being written (or the writer's sequence is odd for
+    /// good: an agent that stopped half way publishes nothing more).
+    pub fn read_rss(&self) -> Option<(u64, u64, u64)> {
+        let seq = self.rss_seq().load(Ordering::Acquire);
+        if seq % 2 == 1 {
+            return None;
+        }
+        let rss_bytes = self.rss_anon_bytes().load(Ordering::Relaxed);
+        let done_seq = self.rss_done_seq().load(Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::Acquire);
+        (self.rss_seq().load(Ordering::Relaxed) == seq).then_some((seq, rss_bytes, done_seq))
     }
     pub fn requests(&self) -> &AtomicU32 {
         self.u32_at(OFF_REQUESTS)
@@ -639,6 +671,13 @@ mod tests {
             w.log_event(0, 1, true);
         }
         assert_eq!(w.events_overlap(0, 0x2000, 0x2001), None);
+        // RSS samples: none at first (sequence 0, even: an empty sample), then each publish
+        // is read whole with its done_seq; a writer stopped half way (odd) yields nothing.
+        assert_eq!(w.read_rss(), Some((0, 0, 0)));
+        w.publish_rss(123 << 12, 7);
+        assert_eq!(w.read_rss(), Some((2, 123 << 12, 7)));
+        w.rss_seq().fetch_add(1, Ordering::Relaxed);
+        assert_eq!(w.read_rss(), None);
         // SAFETY: allocated above with the same layout.
         unsafe { std::alloc::dealloc(base, layout) };
     }
