@@ -1079,6 +1079,24 @@ fn min_chunks(store: &Store) -> u64 {
         .sum()
 }
 
+/// Inserts the pages `range` (shapes 2..4 in turn, seeds `i * seed_mul`) at `at(i)`, each
+/// also into `model`.
+fn insert_pages(
+    store: &mut Store,
+    model: &mut HashMap<u64, (Handle, Page)>,
+    at: impl Fn(u64) -> u64,
+    range: std::ops::Range<u64>,
+    seed_mul: u64,
+) {
+    let mut scratch = Vec::new();
+    for i in range {
+        let page = page_of_shape(2 + (i % 3) as u8, i * seed_mul);
+        let enc = encode(&page, &mut scratch);
+        let h = store.insert(enc, &page, at(i)).unwrap();
+        model.insert(at(i), (h, page));
+    }
+}
+
 /// The program faulted most of its pages back at random: compaction moves the rest into as
 /// few chunks as their classes need, gives the others back (memory and file), and every page
 /// reads back, through the store and through the store file a rescue would read.
@@ -1087,13 +1105,7 @@ fn compaction_gives_back_sparse_chunks_and_every_page_reads_back() {
     let mut store = durable_store();
     let at = |i: u64| 0x6600_0000_0000u64 + i * PAGE_SIZE as u64;
     let mut model: HashMap<u64, (Handle, Page)> = HashMap::new();
-    let mut scratch = Vec::new();
-    for i in 0..6000u64 {
-        let page = page_of_shape(2 + (i % 3) as u8, i * 7919);
-        let enc = encode(&page, &mut scratch);
-        let h = store.insert(enc, &page, at(i)).unwrap();
-        model.insert(at(i), (h, page));
-    }
+    insert_pages(&mut store, &mut model, at, 0..6000, 7919);
     let mut rng = Rng(42);
     let keys: Vec<u64> = model.keys().copied().collect();
     for k in keys {
@@ -1158,13 +1170,7 @@ fn slack_pages_are_given_back_and_every_page_reads_back() {
     let mut store = durable_store();
     let at = |i: u64| 0x6700_0000_0000u64 + i * PAGE_SIZE as u64;
     let mut model: HashMap<u64, (Handle, Page)> = HashMap::new();
-    let mut scratch = Vec::new();
-    for i in 0..6000u64 {
-        let page = page_of_shape(2 + (i % 3) as u8, i * 104_729);
-        let enc = encode(&page, &mut scratch);
-        let h = store.insert(enc, &page, at(i)).unwrap();
-        model.insert(at(i), (h, page));
-    }
+    insert_pages(&mut store, &mut model, at, 0..6000, 104_729);
     assert_eq!(store.slack_bytes(), 0, "a store only filled has no slack");
     // A sequential re-read: every page in the first half of each run of 64 comes back.
     for i in (0..6000u64).filter(|i| i % 64 < 32) {
@@ -1207,12 +1213,7 @@ fn slack_pages_are_given_back_and_every_page_reads_back() {
     let want = blob_pages(&model);
     assert_eq!(read_store_file(&store), want, "one record per live page");
     // New pages take the punched slots again, and read back.
-    for i in 6000..9000u64 {
-        let page = page_of_shape(2 + (i % 3) as u8, i * 104_729);
-        let enc = encode(&page, &mut scratch);
-        let h = store.insert(enc, &page, at(i)).unwrap();
-        model.insert(at(i), (h, page));
-    }
+    insert_pages(&mut store, &mut model, at, 6000..9000, 104_729);
     check_against_model(&store, &model);
     assert!(
         store.stats().chunks <= before.chunks + 2,
